@@ -1,0 +1,1 @@
+"""SLO-driven provisioning over heterogeneous accelerators."""

@@ -1,0 +1,148 @@
+"""Model configuration: the subset of a Hugging Face ``config.json`` that the
+Llama-family forward pass needs, plus the built-in configs.
+
+`ModelConfig.from_hf_dict` understands LlamaForCausalLM, MistralForCausalLM and
+Qwen2ForCausalLM configs and rejects anything else with a clear error, so an
+unsupported checkpoint fails before a single tensor is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+class ConfigError(ValueError):
+    """A model config that Sluice cannot serve; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling: ``"linear"`` or ``"llama3"`` (Hugging Face semantics)."""
+
+    kind: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        archs = d.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ConfigError(
+                f"{source}: unsupported architecture {archs or d.get('model_type')!r}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        for field in ("vocab_size", "hidden_size", "intermediate_size",
+                      "num_hidden_layers", "num_attention_heads"):
+            if not isinstance(d.get(field), int) or d[field] <= 0:
+                raise ConfigError(f"{source}: field {field!r} must be a positive integer, got {d.get(field)!r}")
+        if d.get("mlp_bias"):
+            raise ConfigError(f"{source}: field 'mlp_bias' = true is not supported")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{source}: field 'hidden_act' must be 'silu', got {d['hidden_act']!r}")
+        num_heads = d["num_attention_heads"]
+        num_kv_heads = d.get("num_key_value_heads") or num_heads
+        if num_heads % num_kv_heads:
+            raise ConfigError(f"{source}: num_attention_heads {num_heads} is not a multiple of "
+                              f"num_key_value_heads {num_kv_heads}")
+        head_dim = d.get("head_dim") or d["hidden_size"] // num_heads
+        attention_bias = bool(d.get("attention_bias", False))
+        qwen2 = arch == "Qwen2ForCausalLM"
+        sliding = d.get("sliding_window")
+        if qwen2 and not d.get("use_sliding_window", False):
+            sliding = None
+        eos = d.get("eos_token_id")
+        # transformers >= 5 writes `rope_parameters` (theta included); older, `rope_scaling`.
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        return cls(
+            architecture=arch,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6 if qwen2 else 1e-5),
+            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+            rope_scaling=_parse_rope_scaling(rope, source),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=qwen2 or attention_bias,
+            o_bias=attention_bias and not qwen2,
+            sliding_window=sliding,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=as_id_tuple(eos),
+        )
+
+
+def as_id_tuple(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def _parse_rope_scaling(d: dict[str, Any] | None, source: str) -> RopeScaling | None:
+    if not d:
+        return None
+    kind = d.get("rope_type", d.get("type"))
+    if kind == "default":
+        return None
+    if kind not in ("linear", "llama3"):
+        raise ConfigError(f"{source}: field 'rope_scaling' type {kind!r} is not supported "
+                          "(supported: linear, llama3)")
+    if kind == "linear":
+        return RopeScaling("linear", float(d["factor"]))
+    return RopeScaling(
+        "llama3",
+        float(d["factor"]),
+        float(d.get("low_freq_factor", 1.0)),
+        float(d.get("high_freq_factor", 4.0)),
+        int(d.get("original_max_position_embeddings", 8192)),
+    )
+
+
+# Built-in configs with seeded random weights (no files needed).
+TINY = ModelConfig(
+    architecture="LlamaForCausalLM", vocab_size=259, hidden_size=128, intermediate_size=352,
+    num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=2048,
+    rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=256, eos_token_ids=(257,),
+)
+
+SMOLLM2_135M = ModelConfig(
+    architecture="LlamaForCausalLM", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+    num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, max_position_embeddings=8192,
+    rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5,
+    bos_token_id=256, eos_token_ids=(257,),
+)
+
+BUILTIN_CONFIGS: dict[str, ModelConfig] = {"tiny": TINY, "smollm2-135m-random": SMOLLM2_135M}

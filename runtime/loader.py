@@ -1,0 +1,113 @@
+"""`load_model`: a built-in model name or a Hugging Face checkpoint directory
+to a ready `Model` (config, parameters on the device, tokenizer).
+
+Built-in names (`sluice.runtime.config.BUILTIN_CONFIGS`) need no files: seeded
+random weights and the byte-level tokenizer. A directory needs ``config.json``,
+safetensors weights and ``tokenizer.json``; ``generation_config.json`` supplies
+EOS ids when present.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sluice.runtime import checkpoint
+from sluice.runtime.attention import AttentionMetadata
+from sluice.runtime.config import BUILTIN_CONFIGS, ModelConfig, as_id_tuple
+from sluice.runtime.kv_cache import KVCacheSpec
+from sluice.runtime.model import Params, compute_logits, forward, init_params
+from sluice.runtime.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def default_dtype() -> jnp.dtype:
+    """float32 on CPU, bfloat16 on accelerators."""
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+
+
+@dataclasses.dataclass
+class Model:
+    name: str
+    config: ModelConfig
+    params: Params
+    tokenizer: Tokenizer
+    dtype: jnp.dtype
+    eos_token_ids: tuple[int, ...]
+    from_cache: bool = False
+
+    def logits(self, token_ids: list[int], block_size: int = 16) -> np.ndarray:
+        """Full-sequence logits [len, vocab] (float32) of one token sequence."""
+        n = len(token_ids)
+        spec = KVCacheSpec.for_model(self.config, -(-n // block_size), block_size, self.dtype)
+        meta = single_sequence_metadata(n, 0, spec.num_blocks, block_size)
+        hidden, _ = forward(self.params, self.config, jnp.asarray(token_ids, jnp.int32),
+                            jnp.arange(n, dtype=jnp.int32), spec.allocate(), meta)
+        return np.asarray(compute_logits(self.params, hidden))
+
+
+def single_sequence_metadata(kv_len: int, start: int, num_pages: int,
+                             block_size: int) -> AttentionMetadata:
+    """Metadata for one sequence whose pages are 0..num_pages-1 and whose new
+    tokens are positions ``start..kv_len-1``."""
+    return AttentionMetadata(
+        slot_mapping=jnp.arange(start, kv_len, dtype=jnp.int32),
+        query_start_loc=jnp.asarray([0, kv_len - start], jnp.int32),
+        seq_lens=jnp.asarray([kv_len], jnp.int32),
+        block_tables=jnp.arange(num_pages, dtype=jnp.int32)[None, :],
+        num_seqs=jnp.asarray(1, jnp.int32),
+        max_query_len=kv_len - start,
+    )
+
+
+def load_model(model: str | Path, dtype: str | jnp.dtype | None = None, seed: int = 0,
+               cache_dir: Path | None = None, use_cache: bool = True,
+               progress: bool = True) -> Model:
+    """Load a built-in model by name or a Hugging Face checkpoint directory."""
+    dtype = jnp.dtype(dtype) if dtype is not None else default_dtype()
+    name = str(model)
+    if name in BUILTIN_CONFIGS:
+        cfg = BUILTIN_CONFIGS[name]
+        return Model(name, cfg, init_params(cfg, seed, dtype), Tokenizer.byte_level(), dtype,
+                     cfg.eos_token_ids)
+    path = Path(model)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model: {name!r} is neither a built-in model "
+                                f"({', '.join(BUILTIN_CONFIGS)}) nor a directory")
+    cfg = ModelConfig.from_hf_dict(_read_json(path / "config.json", required=True),
+                                   str(path / "config.json"))
+    gen = _read_json(path / "generation_config.json", required=False)
+    eos = as_id_tuple(gen.get("eos_token_id")) or cfg.eos_token_ids
+    tokenizer = Tokenizer.from_dir(path, eos)
+    if use_cache:
+        params, from_cache = _load_cached(path, cfg, dtype, cache_dir, progress)
+    else:
+        params, from_cache = checkpoint.load_safetensors(path, cfg, dtype, progress), False
+    return Model(path.name, cfg, params, tokenizer, dtype, eos or tokenizer.eos_token_ids,
+                 from_cache)
+
+
+def _load_cached(path, cfg, dtype, cache_dir, progress):
+    try:
+        return checkpoint.load_checkpoint(path, cfg, dtype, cache_dir, progress)
+    except OSError as e:  # unwritable cache: still serve, just convert every start
+        log.warning("orbax cache unavailable (%s); loading without it", e)
+        return checkpoint.load_safetensors(path, cfg, dtype, progress), False
+
+
+def _read_json(path: Path, required: bool) -> dict:
+    if not path.is_file():
+        if required:
+            raise FileNotFoundError(f"{path}: file not found")
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from e

@@ -1,0 +1,1 @@
+"""Per-instance and global scheduling (built on the engine's scheduler interface)."""
