@@ -91,6 +91,13 @@ def _target(name: str, cfg: ModelConfig) -> tuple[str, int | None, bool] | None:
     return "", None, False  # unknown
 
 
+def _hf_name(leaf: str, layer: int | None) -> str:
+    """The Hugging Face tensor name of one of our leaves (for error messages)."""
+    if layer is None:
+        return next(n for n, (lf, _) in _TOP_MAP.items() if lf == leaf)
+    return f"model.layers.{layer}." + next(n for n, (lf, _) in _LAYER_MAP.items() if lf == leaf)
+
+
 def _plan(files: list[Path], cfg: ModelConfig) -> dict[Path, list[tuple[str, str, int | None, bool]]]:
     """Validate all headers; map each file to (hf name, leaf, layer, transpose) entries."""
     shapes = param_shapes(cfg)
@@ -126,7 +133,7 @@ def _plan(files: list[Path], cfg: ModelConfig) -> dict[Path, list[tuple[str, str
     if missing:
         leaf, layer = missing[0]
         raise CheckpointError(f"{files[0].parent}: checkpoint lacks {len(missing)} tensors, "
-                              f"first: {leaf}" + (f" of layer {layer}" if layer is not None else ""))
+                              f"first: {_hf_name(leaf, layer)!r}")
     return plan
 
 

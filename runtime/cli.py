@@ -1,48 +1,118 @@
-"""The ``sluice`` command line."""
+"""The ``sluice`` command line: ``sluice generate`` and ``sluice bench throughput``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-from sluice.runtime.generate import greedy_generate
-from sluice.runtime.loader import load_model
+from sluice.runtime.benchmark import random_prompts, throughput
+from sluice.runtime.llm import LLM
+from sluice.runtime.sampling_params import SamplingParams
+
+GiB = 1 << 30
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny",
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny",
                    help="built-in model name (tiny, smollm2-135m-random) or a Hugging Face "
                         "checkpoint directory (default: tiny)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="weight and activation dtype (default: float32 on CPU, bfloat16 "
                         "on GPU/TPU)")
-    p.add_argument("--seed", type=int, default=0,
+    g.add_argument("--model-seed", type=int, default=0,
                    help="seed of the random weights of built-in models (default: 0)")
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    g.add_argument("--max-num-seqs", type=int, default=64,
+                   help="most sequences running at once (default: 64)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="token budget of one engine step; longer prompts are prefilled in "
+                        "chunks (default: 512)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output (default: the model's context, at most 2048)")
+    g.add_argument("--kv-cache-memory", type=float, default=None,
+                   help="GiB for the KV cache pool (default: 90%% of free accelerator memory; "
+                        "on CPU what --max-num-seqs full-length sequences need, at most 2 GiB)")
+    g.add_argument("--no-prefix-caching", action="store_true",
+                   help="disable automatic prefix caching")
+    g.add_argument("--attention-backend", default="reference",
+                   help="attention implementation (default: reference)")
+    g.add_argument("--no-warmup", action="store_true",
+                   help="skip compiling every shape bucket at start-up")
+
+
+def _make_llm(args: argparse.Namespace) -> LLM:
+    return LLM(args.model, dtype=args.dtype, seed=args.model_seed,
+               block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens,
+               max_model_len=args.max_model_len,
+               kv_cache_memory=None if args.kv_cache_memory is None
+               else int(args.kv_cache_memory * GiB),
+               enable_prefix_caching=not args.no_prefix_caching,
+               attention_backend=args.attention_backend, warmup=not args.no_warmup)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sluice", description="Sluice LLM serving runtime")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate a greedy continuation of a prompt")
+
+    gen = sub.add_parser("generate", help="generate continuations of prompts")
     _add_model_args(gen)
-    gen.add_argument("--prompt", required=True, help="prompt text")
+    _add_engine_args(gen)
+    gen.add_argument("--prompt", action="append", required=True,
+                     help="prompt text (repeat for a batch)")
     gen.add_argument("--max-tokens", type=int, default=32,
-                     help="maximum number of tokens to generate (default: 32)")
+                     help="most tokens to generate per prompt (default: 32)")
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="sampling temperature; 0 is greedy (default: 0)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1)")
+    gen.add_argument("--top-k", type=int, default=0, help="top-k sampling; 0 disables (default: 0)")
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    tp = bench_sub.add_parser("throughput", help="offline generation throughput")
+    _add_model_args(tp)
+    _add_engine_args(tp)
+    tp.add_argument("--num-prompts", type=int, default=32, help="number of requests (default: 32)")
+    tp.add_argument("--input-len", type=int, default=128, help="prompt tokens (default: 128)")
+    tp.add_argument("--output-len", type=int, default=128, help="generated tokens (default: 128)")
+    tp.add_argument("--output-json", default=None, help="write the result to this JSON file")
     return parser
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    model = load_model(args.model, dtype=args.dtype, seed=args.seed)
-    ids = model.tokenizer.encode(args.prompt)
-    out = greedy_generate(model, ids, args.max_tokens)
-    print(args.prompt + model.tokenizer.decode(out))
+    llm = _make_llm(args)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                            ignore_eos=args.ignore_eos)
+    for prompt, out in zip(args.prompt, llm.generate(args.prompt, params)):
+        print(prompt + out.outputs[0].text)
+    return 0
+
+
+def cmd_bench_throughput(args: argparse.Namespace) -> int:
+    llm = _make_llm(args)
+    prompts = random_prompts(args.num_prompts, args.input_len, llm.model.config.vocab_size)
+    result = {"model": args.model, **throughput(llm, prompts, args.output_len)}
+    print(json.dumps(result, indent=2))
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    command = cmd_generate if args.command == "generate" else cmd_bench_throughput
     try:
-        return {"generate": cmd_generate}[args.command](args)
+        return command(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"sluice: error: {e}", file=sys.stderr)
         return 2

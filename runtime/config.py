@@ -75,9 +75,7 @@ class ModelConfig:
         head_dim = d.get("head_dim") or d["hidden_size"] // num_heads
         attention_bias = bool(d.get("attention_bias", False))
         qwen2 = arch == "Qwen2ForCausalLM"
-        sliding = d.get("sliding_window")
-        if qwen2 and not d.get("use_sliding_window", False):
-            sliding = None
+        sliding = _qwen2_sliding_window(d, source) if qwen2 else d.get("sliding_window")
         eos = d.get("eos_token_id")
         # transformers >= 5 writes `rope_parameters` (theta included); older, `rope_scaling`.
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
@@ -101,6 +99,24 @@ class ModelConfig:
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=as_id_tuple(eos),
         )
+
+
+def _qwen2_sliding_window(d: dict[str, Any], source: str) -> int | None:
+    """Qwen2 slides only layers ``>= max_window_layers`` (or those ``layer_types``
+    marks), and only with ``use_sliding_window``; one window for all layers or none."""
+    window = d.get("sliding_window")
+    if not d.get("use_sliding_window", False) or window is None:
+        return None
+    n = d["num_hidden_layers"]
+    types = d.get("layer_types") or [
+        "sliding_attention" if i >= d.get("max_window_layers", 28) else "full_attention"
+        for i in range(n)]
+    if all(t == "full_attention" for t in types):
+        return None
+    if all(t == "sliding_attention" for t in types):
+        return window
+    raise ConfigError(f"{source}: field 'layer_types' mixes sliding-window and full attention "
+                      f"layers ({types}); only all-or-none sliding windows are supported")
 
 
 def as_id_tuple(value: Any) -> tuple[int, ...]:

@@ -8,8 +8,11 @@ weights are stacked on a leading layer axis so the layers run as one
 ``forward(params, cfg, token_ids, positions, kv_cache, meta)`` is pure: it
 writes the step's keys/values into the paged pool, attends through the
 `sluice.runtime.attention` interface and returns the final-normed hidden states
-of every token plus the updated pool. ``compute_logits`` projects selected rows
-to vocabulary logits in float32.
+of every token plus the updated pool. ``meta`` is one `AttentionMetadata` or a
+tuple of them covering consecutive row ranges (each group's rows are as many as
+its ``slot_mapping``), so the engine can give decode rows and prefill chunks
+their own padded shapes. ``compute_logits`` projects selected rows to
+vocabulary logits in float32.
 """
 
 from __future__ import annotations
@@ -75,17 +78,22 @@ def _linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array
 
 @functools.partial(jax.jit, static_argnames=("cfg", "backend"), donate_argnames=("kv_cache",))
 def forward(params: Params, cfg: ModelConfig, token_ids: jax.Array, positions: jax.Array,
-            kv_cache: jax.Array, meta: AttentionMetadata,
+            kv_cache: jax.Array, meta: AttentionMetadata | tuple[AttentionMetadata, ...],
             backend: str = "reference") -> tuple[jax.Array, jax.Array]:
     """Run all layers over a ragged batch; returns (normed hidden [T, H], kv_cache)."""
     return forward_unjitted(params, cfg, token_ids, positions, kv_cache, meta, backend)
 
 
 def forward_unjitted(params: Params, cfg: ModelConfig, token_ids: jax.Array,
-                     positions: jax.Array, kv_cache: jax.Array, meta: AttentionMetadata,
+                     positions: jax.Array, kv_cache: jax.Array,
+                     meta: AttentionMetadata | tuple[AttentionMetadata, ...],
                      backend: str = "reference") -> tuple[jax.Array, jax.Array]:
     """`forward` without its own jit, for callers that jit a larger step around it."""
     attn = get_backend(backend)
+    groups = meta if isinstance(meta, tuple) else (meta,)
+    bounds = np.cumsum([0] + [g.slot_mapping.shape[0] for g in groups])
+    if bounds[-1] != token_ids.shape[0]:
+        raise ValueError(f"meta: groups cover {bounds[-1]} rows, batch has {token_ids.shape[0]}")
     T = token_ids.shape[0]
     inv_freq = jnp.asarray(inverse_frequencies(cfg), jnp.float32)
     scale = 1.0 / float(np.sqrt(cfg.head_dim))
@@ -99,8 +107,13 @@ def forward_unjitted(params: Params, cfg: ModelConfig, token_ids: jax.Array,
         k = _linear(x, lp["wk"], lp.get("bk")).reshape(T, cfg.num_kv_heads, cfg.head_dim)
         v = _linear(x, lp["wv"], lp.get("bv")).reshape(T, cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        cache = attn.write_kv(cache, idx, k, v, meta.slot_mapping)
-        o = attn.attend(q, cache, idx, meta, scale=scale, sliding_window=cfg.sliding_window)
+        outs = []
+        for g, lo, hi in zip(groups, bounds[:-1], bounds[1:]):
+            cache = attn.write_kv(cache, idx, k[lo:hi], v[lo:hi], g.slot_mapping)
+        for g, lo, hi in zip(groups, bounds[:-1], bounds[1:]):
+            outs.append(attn.attend(q[lo:hi], cache, idx, g, scale=scale,
+                                    sliding_window=cfg.sliding_window))
+        o = outs[0] if len(outs) == 1 else jnp.concatenate(outs)
         h = h + _linear(o.reshape(T, -1), lp["wo"], lp.get("bo"))
         x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
         h = h + (jax.nn.silu(x @ lp["w_gate"]) * (x @ lp["w_up"])) @ lp["w_down"]

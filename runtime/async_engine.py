@@ -1,0 +1,111 @@
+"""`AsyncEngine`: the engine behind an asyncio interface, for web servers.
+
+``generate(prompt, params, request_id=...)`` validates at once (raising
+``ValueError``) and returns an async iterator of streamed `RequestOutput`s;
+closing the iterator early (a client disconnect) aborts the request.
+``abort(request_id)`` aborts explicitly. All engine calls happen on one worker
+thread, between steps, so the engine itself stays single-threaded and the event
+loop never blocks on a model step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import itertools
+from typing import AsyncIterator
+
+from sluice.runtime.engine import Group, LLMEngine, Prompt
+from sluice.runtime.outputs import RequestOutput
+from sluice.runtime.sampling_params import SamplingParams
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, "sluice-engine")
+        self._streams: dict[str, asyncio.Queue] = {}
+        # Filled on the event loop, drained on the worker: deques are thread-safe.
+        self._adds: collections.deque[Group] = collections.deque()
+        self._aborts: collections.deque[str] = collections.deque()
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._ids = itertools.count()
+
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
+                       request_id: str | None = None, priority: int = 0,
+                       client: str | None = None) -> AsyncIterator[RequestOutput]:
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._streams:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        group = self.engine.prepare(request_id, prompt, params, priority, client)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = queue
+        self._adds.append(group)
+        self._ensure_loop()
+        return self._stream(request_id, queue)
+
+    async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request; unknown or finished ids are a no-op."""
+        if self._streams.pop(request_id, None) is not None:
+            self._aborts.append(request_id)
+            self._ensure_loop()
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._wakeup = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        self._wakeup.set()
+
+    def _apply_pending(self) -> None:
+        while self._adds:
+            self.engine.enqueue(self._adds.popleft())
+        while self._aborts:
+            self.engine.abort_request(self._aborts.popleft())
+
+    def _step(self) -> list[RequestOutput]:
+        self._apply_pending()
+        return self.engine.step() if self.engine.has_unfinished_requests() else []
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not (self._adds or self._aborts or self.engine.has_unfinished_requests()):
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._step)
+            except Exception as e:  # a failed step fails its requests, not the server
+                self._fail_all(e)
+                continue
+            for out in outputs:
+                queue = self._streams.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)
+                    if out.finished:
+                        del self._streams[out.request_id]
+
+    def _fail_all(self, error: Exception) -> None:
+        for rid, queue in list(self._streams.items()):
+            queue.put_nowait(RuntimeError(f"engine step failed: {error}"))
+            self._aborts.append(rid)
+        self._streams.clear()
+
+    async def shutdown(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,169 @@
+"""Incremental detokenization: generated token ids -> streamable text, with stop strings.
+
+Interface::
+
+    d = IncrementalDetokenizer(tokenizer, prompt_ids, stop=["\\n\\n"])
+    for token_id in generated:
+        if d.add_token(token_id):       # True: a stop string matched (finish_reason "stop")
+            break
+        send(d.take_delta())            # text that is safe to stream now
+    send(d.take_delta(finished=True))   # everything that is left
+    d.text, d.stop_reason               # the whole output, the stop string that matched
+
+Why not ``tokenizer.decode(token_id)`` per token: one token may be part of a
+character (byte-level BPE and byte-fallback vocabularies spell é, 你 or an emoji
+in 2-4 tokens, each of which decodes to U+FFFD on its own), and a token's text
+may depend on the token before it (SentencePiece ``▁`` pieces lose their leading
+space when they come first in a decode). So each step decodes a short *window*
+-- a few tokens of already-emitted context plus the tokens not yet read -- and
+emits what the window's text adds to the context's text (the prefix/read-offset
+method vLLM and TGI use). Trailing U+FFFD means a character is still being spelled
+out: the text before it is emitted, the rest waits for more tokens. Once a window
+ends in a complete character, the tokens just read become the next context, so
+each step costs a decode of a few tokens, not of the whole output. The prompt's
+last tokens are the first context, so the first generated token decodes as it
+does inside the whole sequence.
+
+``tokenizers.decoders.DecodeStream`` (0.23) does the same windowing, but it never
+releases a trailing incomplete or invalid byte sequence (there is no flush, and
+its state is not readable), so an output that ends mid-character would lose its
+last bytes, and it withholds the whole text of a token that ends mid-character.
+
+Deltas are exact -- their concatenation is the text a full decode gives -- for
+decoders whose text for a prefix of the ids is a prefix of the text for all of
+them: byte-level BPE, Metaspace, SentencePiece with byte fallback (as long as
+runs of byte tokens are valid UTF-8). Text already streamed is never taken
+back, so a decoder that rewrites earlier text (e.g. WordPiece's cleanup of
+``" n't"``) can differ from a full decode there.
+
+Stop strings are looked for in the newly added text plus the ``len(stop) - 1``
+characters before it, so a match across token boundaries is found at the token
+that completes it (the earliest-ending match wins; among those, the longest).
+``take_delta`` withholds the longest end of the text that could still grow
+into a stop string, so streamed text never has to be taken back when the
+stop string is cut off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sluice.runtime.tokenizer import Tokenizer
+
+REPLACEMENT = "\ufffd"
+# Prompt tokens decoded as context for the first generated token; the context is
+# extended backwards (up to the maximum) while it would start inside a character.
+PROMPT_CONTEXT_TOKENS = 5
+MAX_PROMPT_CONTEXT_TOKENS = 32
+
+
+class IncrementalDetokenizer:
+    """Decodes one request's generated tokens incrementally; see the module docstring."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], *,
+                 stop: Sequence[str] = (), include_stop_str_in_output: bool = False,
+                 skip_special_tokens: bool = True):
+        if any(not s for s in stop):
+            raise ValueError("stop: stop strings must not be empty")
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._stop = tuple(stop)
+        self._include_stop = include_stop_str_in_output
+        prompt = list(prompt_token_ids)
+        # The window: context tokens (already emitted), then tokens not yet read.
+        self._window = prompt[self._context_start(prompt):]
+        self._read = len(self._window)  # index of the first unread token in the window
+        self._read_chars = len(self._decode(self._window))  # window text already emitted
+        self._text = ""
+        self._sent = 0  # characters of text returned by take_delta
+        self.stop_reason: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The output text so far (cut at the stop string once one has matched)."""
+        return self._text
+
+    def add_token(self, token_id: int) -> bool:
+        """Feed one generated token; True when a stop string has just matched."""
+        if self.stop_reason is not None:
+            raise RuntimeError("add_token: a stop string has already matched")
+        self._window.append(token_id)
+        return self._append(self._decode_new_text(flush=False))
+
+    def take_delta(self, finished: bool = False) -> str:
+        """The text not yet returned that is safe to stream.
+
+        While not finished, a character still being spelled out and the end of
+        the text that could begin a stop string are withheld. ``finished=True``
+        releases everything, including a trailing incomplete or invalid byte
+        sequence (as U+FFFD, as a full decode gives it).
+        """
+        if finished and self.stop_reason is None:
+            self._append(self._decode_new_text(flush=True))
+        end = len(self._text)
+        if not finished and self.stop_reason is None:
+            end -= self._partial_stop_len()
+        delta = self._text[self._sent:end]
+        self._sent = max(self._sent, end)
+        return delta
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+
+    def _context_start(self, prompt: list[int]) -> int:
+        """Where the prompt context starts: a few tokens back, not inside a character."""
+        start = max(0, len(prompt) - PROMPT_CONTEXT_TOKENS)
+        lowest = max(0, len(prompt) - MAX_PROMPT_CONTEXT_TOKENS)
+        while start > lowest and self._decode(prompt[start:]).startswith(REPLACEMENT):
+            start -= 1
+        return start
+
+    def _decode_new_text(self, flush: bool) -> str:
+        """Decode the window and return the text it adds; slide it when complete."""
+        text = self._decode(self._window)
+        complete = not text.endswith(REPLACEMENT)
+        if not (complete or flush):
+            text = text.rstrip(REPLACEMENT)  # a character is still being spelled out
+        new = text[self._read_chars:]
+        if complete and new:
+            self._slide_window()
+        else:
+            self._read_chars = max(self._read_chars, len(text))
+        return new
+
+    def _slide_window(self) -> None:
+        """The tokens just read become the context for the next ones."""
+        self._window = self._window[self._read:]
+        self._read = len(self._window)
+        self._read_chars = len(self._decode(self._window))
+
+    def _append(self, new: str) -> bool:
+        """Add decoded text and look for a stop string ending in it; True on a match."""
+        if not new:
+            return False
+        start = len(self._text)
+        self._text += new
+        return self._match_stop(start)
+
+    def _match_stop(self, start: int) -> bool:
+        """Cut the text at the first stop string that ends after ``start``."""
+        matches = []  # (end, -length, position, stop string)
+        for s in self._stop:
+            i = self._text.find(s, max(0, start - len(s) + 1))
+            if i != -1:
+                matches.append((i + len(s), -len(s), i, s))
+        if not matches:
+            return False
+        end, _, i, s = min(matches)
+        self.stop_reason = s
+        self._text = self._text[:end if self._include_stop else i]
+        return True
+
+    def _partial_stop_len(self) -> int:
+        """Length of the longest end of the text that is a proper prefix of a stop string."""
+        return max((_longest_prefix_at_end(self._text, s) for s in self._stop), default=0)
+
+
+def _longest_prefix_at_end(text: str, s: str) -> int:
+    """Largest k < len(s) such that ``text`` ends with ``s[:k]`` (0 if none)."""
+    return next((k for k in range(len(s) - 1, 0, -1) if text.endswith(s[:k])), 0)

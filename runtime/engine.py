@@ -1,0 +1,270 @@
+"""The engine: one step = schedule, build one ragged batch, run one jitted
+forward, sample, update request state.
+
+Interface (used by `LLM`, `AsyncEngine` and the server):
+
+- ``prepare(request_id, prompt, params, ...) -> Group``: validate and tokenize
+  (raises ``ValueError`` naming the field; queues nothing);
+- ``enqueue(group)``, or ``add_request(...)`` = prepare + enqueue;
+- ``step() -> list[RequestOutput]``: outputs of the requests that advanced;
+- ``abort_request(request_id)``: unknown ids are a no-op;
+- ``stats() -> EngineStats``.
+
+The engine is single-threaded: call it from one thread (AsyncEngine does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from sluice.runtime.block_manager import BlockManager
+from sluice.runtime.detokenizer import IncrementalDetokenizer
+from sluice.runtime.kv_cache import KVCacheSpec, num_blocks_for_budget
+from sluice.runtime.loader import Model
+from sluice.runtime.model_runner import ModelRunner, StepRow
+from sluice.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from sluice.runtime.request import Request, TokenLogprobs
+from sluice.runtime.sampling_params import SamplingParams
+from sluice.scheduler.local import LocalScheduler, Policy
+
+log = logging.getLogger(__name__)
+
+Prompt = str | dict[str, Any]
+
+CPU_KV_CACHE_CAP = 2 << 30  # bytes; CPU pools default to what max_num_seqs full contexts need, at most this
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None  # default: the model's context, at most 2048
+    kv_cache_memory: int | None = None  # bytes for the KV pool; default: see `_num_blocks`
+    memory_fraction: float = 0.9  # of free accelerator memory, when kv_cache_memory is unset
+    enable_prefix_caching: bool = True
+    attention_backend: str = "reference"
+    warmup: bool = True
+    seed: int | None = None  # draws seeds for unseeded requests; None = nondeterministic
+
+
+@dataclasses.dataclass
+class Group:
+    """One user request: ``n`` sibling `Request`s sharing a prompt."""
+
+    request_id: str
+    prompt: str | None
+    requests: list[Request]
+
+    @property
+    def finished(self) -> bool:
+        return all(r.is_finished for r in self.requests)
+
+
+@dataclasses.dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_free_blocks: int
+    num_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+
+
+class LLMEngine:
+    def __init__(self, model: Model, config: EngineConfig | None = None,
+                 policy: Policy | None = None):
+        self.model = model
+        self.config = config = config or EngineConfig()
+        self.max_model_len = _max_model_len(model, config)
+        num_blocks = self._num_blocks()
+        self.block_manager = BlockManager(num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = LocalScheduler(self.block_manager, config.max_num_seqs,
+                                        config.max_num_batched_tokens, policy)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.max_num_seqs,
+                                  config.max_num_batched_tokens, self.max_model_len,
+                                  config.attention_backend)
+        self.groups: dict[str, Group] = {}
+        self._rng = np.random.default_rng(config.seed)
+        if config.warmup:
+            self.runner.warmup()
+
+    def _num_blocks(self) -> int:
+        c, cfg = self.config, self.model.config
+        budget = c.kv_cache_memory
+        if budget is None:
+            budget = _free_device_memory(c.memory_fraction)
+        if budget is None:  # CPU: enough for every sequence at full length, capped
+            per_seq = KVCacheSpec.for_model(cfg, -(-self.max_model_len // c.block_size),
+                                            c.block_size, self.model.dtype)
+            budget = min(CPU_KV_CACHE_CAP, c.max_num_seqs * per_seq.num_blocks
+                         * per_seq.bytes_per_block)
+        n = num_blocks_for_budget(cfg, budget, c.block_size, self.model.dtype)
+        need = -(-self.max_model_len // c.block_size)
+        if n < need:
+            raise ValueError(f"kv_cache_memory: {n} blocks cannot hold one sequence of "
+                             f"max_model_len={self.max_model_len} ({need} blocks)")
+        return n
+
+    # -- requests -------------------------------------------------------------
+
+    def prepare(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
+                priority: int = 0, client: str | None = None) -> Group:
+        """Validate and tokenize a request without queueing it."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError("sampling_params: must be a SamplingParams")
+        if request_id in self.groups:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        text, ids = self._tokenize(prompt)
+        max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
+        requests = []
+        for i in range(params.n):
+            seed = params.seed + i if params.seed is not None else int(self._rng.integers(2**31))
+            detok = IncrementalDetokenizer(
+                self.model.tokenizer, ids, stop=params.stop or [],
+                include_stop_str_in_output=params.include_stop_str_in_output,
+                skip_special_tokens=params.skip_special_tokens)
+            rid = request_id if params.n == 1 else f"{request_id}-{i}"
+            requests.append(Request(rid, request_id, i, list(ids), params, seed, detok,
+                                    max_tokens, self.model.eos_token_ids, priority, client))
+        return Group(request_id, text, requests)
+
+    def enqueue(self, group: Group) -> None:
+        if group.request_id in self.groups:
+            raise ValueError(f"request_id: {group.request_id!r} is already in use")
+        self.groups[group.request_id] = group
+        for req in group.requests:
+            self.scheduler.add(req)
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
+                    priority: int = 0, client: str | None = None) -> None:
+        self.enqueue(self.prepare(request_id, prompt, params, priority, client))
+
+    def abort_request(self, request_id: str) -> None:
+        """Abort a request (all its completions) and free its blocks; unknown ids: no-op."""
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return
+        now = time.monotonic()
+        for req in group.requests:
+            if not req.is_finished:
+                self.scheduler.abort(req.request_id)
+                req.abort(now)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: must not be empty")
+            text, ids = prompt, self.model.tokenizer.encode(prompt)
+        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            text, ids = None, prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ValueError("prompt_token_ids: must be a list of integers")
+            ids = list(ids)
+            bad = [t for t in ids if not 0 <= t < self.model.config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt_token_ids: token id {bad[0]} is outside the vocabulary "
+                                 f"[0, {self.model.config.vocab_size})")
+        else:
+            raise ValueError("prompt: must be a string or {'prompt_token_ids': [...]}")
+        if not ids:
+            raise ValueError("prompt: must not be empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(ids)} tokens leave no room to generate within "
+                             f"max_model_len={self.max_model_len}")
+        return text, ids
+
+    # -- the step -------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        now = time.monotonic()
+        rows = [StepRow(req, n, self.block_manager.block_table(req.request_id))
+                for req, n in sched.scheduled]
+        for req, _ in sched.scheduled:
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+        tokens, logprobs, top_ids, top_lps = self.runner.execute(rows)
+        now = time.monotonic()
+        touched: dict[str, Group] = {}
+        for i, (req, n) in enumerate(sched.scheduled):
+            req.num_computed_tokens += n
+            self.block_manager.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
+            if req.num_computed_tokens < req.num_tokens:
+                continue  # a prefill chunk that does not finish the prompt samples nothing
+            self._append(req, i, tokens, logprobs, top_ids, top_lps, now)
+            touched[req.parent_id] = self.groups[req.parent_id]
+        return [self._output(g) for g in touched.values()]
+
+    def _append(self, req: Request, i: int, tokens, logprobs, top_ids, top_lps, now) -> None:
+        token = int(tokens[i])
+        if req.params.logprobs is not None:
+            k = req.params.logprobs
+            top = {int(t): float(lp) for t, lp in zip(top_ids[i][:k], top_lps[i][:k])}
+            req.logprobs.append(TokenLogprobs(token, float(logprobs[i]), top))
+        req.append_token(token, now)
+        if req.is_finished:
+            self.scheduler.finish(req)
+
+    def _output(self, group: Group) -> RequestOutput:
+        finished = group.finished
+        if finished:
+            del self.groups[group.request_id]
+        completions, metrics = [], []
+        for r in group.requests:
+            delta = r.detokenizer.take_delta(finished=r.is_finished)
+            r.emitted_text += delta
+            completions.append(CompletionOutput(
+                r.index, r.emitted_text, list(r.output_token_ids),
+                list(r.logprobs) if r.params.logprobs is not None else None,
+                r.finish_reason, r.stop_reason, delta))
+            metrics.append(RequestMetrics(r.arrival_time, r.first_scheduled_time,
+                                          r.first_token_time, list(r.token_times),
+                                          r.finished_time, r.num_preemptions,
+                                          r.num_cached_tokens))
+        first = group.requests[0]
+        return RequestOutput(group.request_id, group.prompt, list(first.prompt_token_ids),
+                             completions, finished, metrics)
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, bm.usage,
+                           bm.num_free_blocks, bm.num_blocks, bm.prefix_cache_queries,
+                           bm.prefix_cache_hits, self.scheduler.num_preemptions)
+
+
+def _max_model_len(model: Model, config: EngineConfig) -> int:
+    limit = model.config.max_position_embeddings
+    if config.max_model_len is None:
+        return min(limit, 2048)
+    if not 1 < config.max_model_len <= limit:
+        raise ValueError(f"max_model_len: must be in (1, {limit}], got {config.max_model_len}")
+    return config.max_model_len
+
+
+def _free_device_memory(fraction: float) -> int | None:
+    """Bytes of accelerator memory to use for the pool; None on CPU."""
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return None
+    stats = dev.memory_stats() or {}
+    limit, used = stats.get("bytes_limit"), stats.get("bytes_in_use", 0)
+    if not limit:
+        return None
+    return int((limit - used) * fraction)

@@ -1,0 +1,98 @@
+"""Per-request state the engine, scheduler and block manager share.
+
+A `Request` is one sequence being generated (a user request with ``n > 1``
+becomes ``n`` requests with a common ``parent_id``). ``num_computed_tokens``
+counts tokens whose KV is in the cache; the scheduler advances it, recompute
+preemption resets it to 0, and a request samples a token in any step that
+brings it up to ``num_tokens``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+
+from sluice.runtime.detokenizer import IncrementalDetokenizer
+from sluice.runtime.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass
+class TokenLogprobs:
+    """Log-probability of a chosen token and the top alternatives at that step."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float]
+
+
+@dataclasses.dataclass
+class Request:
+    request_id: str
+    parent_id: str
+    index: int  # completion index within the parent (0..n-1)
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int
+    detokenizer: IncrementalDetokenizer
+    max_tokens: int  # params.max_tokens capped by the context left after the prompt
+    eos_token_ids: tuple[int, ...] = ()
+    priority: int = 0
+    client: str | None = None
+    arrival_time: float = dataclasses.field(default_factory=time.monotonic)
+    output_token_ids: list[int] = dataclasses.field(default_factory=list)
+    emitted_text: str = ""  # text already handed to the caller (streaming)
+    logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    token_times: list[float] = dataclasses.field(default_factory=list)
+    finished_time: float | None = None
+    num_preemptions: int = 0
+    num_cached_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def append_token(self, token_id: int, now: float) -> None:
+        """Record a sampled token and decide whether the request is done."""
+        self.output_token_ids.append(token_id)
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.token_times.append(now)
+        p = self.params
+        if self.detokenizer.add_token(token_id):
+            self._finish("stop", self.detokenizer.stop_reason, now)
+        elif not p.ignore_eos and token_id in self.eos_token_ids:
+            self._finish("stop", None, now)
+        elif p.stop_token_ids and token_id in p.stop_token_ids:
+            self._finish("stop", token_id, now)
+        elif len(self.output_token_ids) >= self.max_tokens:
+            self._finish("length", None, now)
+
+    def abort(self, now: float) -> None:
+        self._finish("abort", None, now)
+
+    def _finish(self, reason: str, stop_reason: int | str | None, now: float) -> None:
+        self.status = RequestStatus.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+        self.finished_time = now

@@ -1,0 +1,155 @@
+"""Per-instance scheduler: which requests run in the next engine step, and how
+many tokens each.
+
+Interface used by the engine (`sluice.runtime.engine`):
+
+- ``add(request)``, ``abort(request_id) -> Request | None``,
+  ``finish(request)`` (frees its blocks), ``schedule() -> SchedulerOutput``;
+- counters ``num_waiting``, ``num_running``, ``has_unfinished``.
+
+Each step has a token budget (``max_num_batched_tokens``) and a sequence cap
+(``max_num_seqs``). Running requests are served first (a decode costs one token,
+an unfinished prompt gets the next chunk), then waiting requests are admitted
+in policy order while budget, sequence slots and KV blocks last. When blocks run
+out, the policy names a running request to preempt by recompute: its blocks are
+freed and it returns to the front of the waiting queue; it resumes from the
+prefix cache and its seeded sampler state, so its output does not change.
+
+A `Policy` decides the two orders; `FCFSPolicy` is the default (arrival order,
+preempt the most recently admitted). Later policies plug in here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+from sluice.runtime.block_manager import BlockManager
+from sluice.runtime.request import Request, RequestStatus
+
+
+class Policy(Protocol):
+    def next_waiting(self, waiting: list[Request]) -> Request:
+        """The waiting request to admit next."""
+
+    def victim(self, running: list[Request]) -> Request:
+        """The running request to preempt when blocks run out."""
+
+
+class FCFSPolicy:
+    """First come, first served; the latest admitted is preempted first."""
+
+    def next_waiting(self, waiting: list[Request]) -> Request:
+        return waiting[0]
+
+    def victim(self, running: list[Request]) -> Request:
+        return running[-1]
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    scheduled: list[tuple[Request, int]]  # (request, number of new tokens)
+    preempted: list[Request]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+
+class LocalScheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int,
+                 max_num_batched_tokens: int, policy: Policy | None = None):
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.policy = policy or FCFSPolicy()
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Remove a request wherever it is; unknown ids return None."""
+        for queue in (self.waiting, self.running):
+            for req in queue:
+                if req.request_id == request_id:
+                    queue.remove(req)
+                    self.bm.free(request_id)
+                    return req
+        return None
+
+    def finish(self, request: Request) -> None:
+        self.running.remove(request)
+        self.bm.free(request.request_id)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        preempted: list[Request] = []
+        for req in list(self.running):
+            if budget == 0:
+                break
+            if req not in self.running:  # preempted as a victim earlier in this loop
+                continue
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if self._reserve(req, n, scheduled, preempted):
+                scheduled.append((req, n))
+                budget -= n
+        if not preempted:
+            budget = self._admit(budget, scheduled)
+        return SchedulerOutput(scheduled, preempted)
+
+    def _reserve(self, req: Request, n: int, scheduled: list, preempted: list) -> bool:
+        """Get blocks for ``n`` more tokens of a running request, preempting others
+        (never ones already scheduled this step) as needed; False if ``req``
+        itself had to go."""
+        while not self.bm.allocate_slots(req.request_id, req.num_computed_tokens + n):
+            taken = {id(r) for r, _ in scheduled}
+            candidates = [r for r in self.running if id(r) not in taken]
+            victim = self.policy.victim(candidates)
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.bm.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.waiting.insert(0, req)
+        self.num_preemptions += 1
+
+    def _admit(self, budget: int, scheduled: list[tuple[Request, int]]) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.policy.next_waiting(self.waiting)
+            req.num_cached_tokens = self.bm.begin(req.request_id, req.all_token_ids)
+            req.num_computed_tokens = req.num_cached_tokens
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.bm.allocate_slots(req.request_id, req.num_computed_tokens + n):
+                self.bm.free(req.request_id)
+                req.num_computed_tokens = 0
+                break
+            self.waiting.remove(req)
+            self.running.append(req)
+            req.status = RequestStatus.RUNNING
+            scheduled.append((req, n))
+            budget -= n
+        return budget

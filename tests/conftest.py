@@ -1,0 +1,131 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints written with `transformers`.
+
+Every checkpoint is hidden 64, 2 layers, vocabulary 300 (the byte-level
+tokenizer's 259 ids plus spare rows), with all weights (norms and biases
+included) drawn at a scale that makes greedy continuations non-trivial.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+VOCAB = 300
+BOS_ID, EOS_ID = 256, 257  # the byte-level tokenizer's <s> and </s>
+
+_BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+             bos_token_id=BOS_ID, eos_token_id=EOS_ID, tie_word_embeddings=False)
+
+# name -> (HF class name, config overrides, save_pretrained max_shard_size or None)
+CHECKPOINTS: dict[str, tuple[str, dict, str | None]] = {
+    # GQA 4:1, tied embeddings, llama3 rope scaling with all three frequency bands
+    # (original context 64 with head_dim 16: wavelengths 6..19000), in 9 shards.
+    "llama_gqa_tied_llama3_sharded": ("LlamaForCausalLM", dict(
+        num_key_value_heads=1, tie_word_embeddings=True, rope_theta=10000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+        "40KB"),
+    # Plain multi-head attention, linear rope scaling, q/k/v/o bias, explicit head_dim
+    # (4 heads x 32 != hidden 64), a non-default rope theta.
+    "llama_linear_bias_headdim": ("LlamaForCausalLM", dict(
+        num_key_value_heads=4, head_dim=32, attention_bias=True,
+        rope_scaling={"rope_type": "linear", "factor": 2.5, "rope_theta": 50000.0}), None),
+    # Sliding window (8) much shorter than the test sequences.
+    "mistral_sliding": ("MistralForCausalLM", dict(sliding_window=8), None),
+    # q/k/v bias, GQA 4:2, in several shards. Sliding window switched on but, with
+    # max_window_layers = num layers, applied to no layer (HF semantics).
+    "qwen2_bias_sharded": ("Qwen2ForCausalLM", dict(
+        rope_theta=1000000.0, use_sliding_window=True, sliding_window=8, max_window_layers=2),
+        "60KB"),
+    # Qwen2 with a sliding window on every layer (max_window_layers 0), tied embeddings.
+    "qwen2_sliding_tied": ("Qwen2ForCausalLM", dict(
+        num_key_value_heads=1, use_sliding_window=True, sliding_window=6, max_window_layers=0,
+        tie_word_embeddings=True), None),
+}
+
+
+def hf_model_class(arch: str):
+    import transformers
+    return getattr(transformers, arch)
+
+
+def hf_config(arch: str, overrides: dict):
+    import transformers
+    cfg_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    kw = {**_BASE, **overrides}
+    rope = kw.pop("rope_scaling", None)
+    theta = kw.pop("rope_theta", None)
+    cfg = cfg_cls(**kw)
+    params = dict(cfg.rope_parameters or {})
+    if theta is not None:
+        params["rope_theta"] = theta
+    if rope is not None:
+        params.update(rope)
+    if params:
+        cfg.rope_parameters = params
+    return cfg
+
+
+def build_hf_model(arch: str, overrides: dict, seed: int = 0):
+    """A random HF model in eval mode, eager attention, weights at a useful scale."""
+    import torch
+    torch.manual_seed(seed)
+    cfg = hf_config(arch, overrides)
+    cfg._attn_implementation = "eager"
+    model = hf_model_class(arch)(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+            else:
+                p.normal_(0.0, 0.15)
+    return model
+
+
+def save_checkpoint(model, path: Path, max_shard_size: str | None = None) -> Path:
+    from sluice.runtime.tokenizer import Tokenizer
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kw)
+    Tokenizer.byte_level().hf.save(str(path / "tokenizer.json"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """``hf_checkpoint(name) -> (hf_model, path)``, built once per session."""
+    built: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in built:
+            arch, overrides, shard = CHECKPOINTS[name]
+            model = build_hf_model(arch, overrides)
+            path = save_checkpoint(model, tmp_path_factory.mktemp(name), shard)
+            built[name] = (model, path)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture
+def small_checkpoint(hf_checkpoint, tmp_path):
+    """A private, writable copy of a small single-file Llama checkpoint."""
+    _, src = hf_checkpoint("llama_linear_bias_headdim")
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_json(path: Path, **changes) -> None:
+    d = json.loads(path.read_text())
+    for k, v in changes.items():
+        if v is None:
+            d.pop(k, None)
+        else:
+            d[k] = v
+    path.write_text(json.dumps(d, indent=2))

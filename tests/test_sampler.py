@@ -1,0 +1,282 @@
+"""SamplingParams validation and the device sampler against numpy references.
+
+Every random draw uses fixed seeds, so the statistical checks are deterministic.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sluice.runtime.sampler import SamplingTensors, apply_filters, apply_penalties, sample
+from sluice.runtime.sampling_params import SamplingParams
+
+V = 300  # more than one 256-token block of the draw, more than the 128 top-k candidates
+
+_sample = jax.jit(sample, static_argnames=("all_greedy", "do_penalties", "do_filters",
+                                           "num_logprobs"))
+_filters = jax.jit(apply_filters)
+_penalties = jax.jit(apply_penalties)
+
+
+def flags(params: list[SamplingParams], num_logprobs: int = 0) -> dict:
+    return dict(
+        all_greedy=all(p.is_greedy for p in params),
+        do_penalties=any(p.repetition_penalty != 1 or p.presence_penalty != 0
+                         or p.frequency_penalty != 0 for p in params),
+        do_filters=any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params),
+        num_logprobs=num_logprobs)
+
+
+def run(logits: np.ndarray, rows: list[tuple], pad_rows: int = 8, num_logprobs: int = 0,
+        **overrides):
+    """Sample ``rows`` (build tuples) over ``logits``, padded to at least ``pad_rows``
+    rows (few shapes, few compiles); returns numpy outputs for ``rows``."""
+    params = [r[0] for r in rows]
+    kw = {**flags(params, num_logprobs), **overrides}
+    S = max(pad_rows, len(rows))
+    logits = np.vstack([logits, np.zeros((S - len(logits), logits.shape[1]), np.float32)])
+    t = SamplingTensors.build(rows, S, logits.shape[1], kw["do_penalties"])
+    out = _sample(jnp.asarray(logits, jnp.float32), t, **kw)
+    return jax.tree_util.tree_map(lambda a: np.asarray(a)[:len(rows)], out)
+
+
+def random_logits(rows: int, seed: int, scale: float = 3.0) -> np.ndarray:
+    return (scale * np.random.default_rng(seed).standard_normal((rows, V))).astype(np.float32)
+
+
+# --- SamplingParams -----------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -1), ("temperature", "1"), ("temperature", True), ("temperature", float("nan")),
+    ("temperature", float("inf")), ("top_p", 0), ("top_p", 1.5), ("top_p", None),
+    ("top_k", -2), ("top_k", 2.0), ("top_k", True), ("min_p", -0.1), ("min_p", 1.01),
+    ("repetition_penalty", 0), ("repetition_penalty", -1.0), ("presence_penalty", 2.5),
+    ("presence_penalty", -2.01), ("frequency_penalty", 3), ("max_tokens", 0),
+    ("max_tokens", 1.0), ("n", 0), ("n", "2"), ("seed", 1.5), ("seed", False),
+    ("logprobs", -1), ("logprobs", 21), ("logprobs", 1.0), ("stop", ""), ("stop", ["a", ""]),
+    ("stop", [1]), ("stop", 5), ("stop_token_ids", [-1]), ("stop_token_ids", ["a"]),
+    ("stop_token_ids", [True]), ("stop_token_ids", 3), ("ignore_eos", 1),
+    ("include_stop_str_in_output", "no"), ("skip_special_tokens", None),
+])
+def test_invalid_params_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        SamplingParams(**{field: value})
+
+
+def test_params_normalization():
+    p = SamplingParams(temperature=1, stop="END", top_k=-1, seed=-3, logprobs=0)
+    assert p.temperature == 1.0 and isinstance(p.temperature, float)
+    assert p.stop == ["END"] and p.stop_token_ids == []
+    assert SamplingParams(stop=("a", "b"), stop_token_ids=(2,)).stop == ["a", "b"]
+    assert SamplingParams().stop == [] and not SamplingParams().is_greedy
+    assert SamplingParams(temperature=0).is_greedy
+    assert SamplingParams(temperature=5e-6).is_greedy
+    with pytest.raises(ValueError, match=r"^temperature: must be >= 0, got -1$"):
+        SamplingParams(temperature=-1)
+
+
+# --- SamplingTensors.build -----------------------------------------------------------
+
+def test_build_pads_rows_and_token_lists():
+    rows = [(SamplingParams(top_k=-1, temperature=0.5), 2**32 + 7, 3, [1, 2, 3], []),
+            (SamplingParams(repetition_penalty=1.5), -1, 0, list(range(17)), [4] * 5)]
+    t = SamplingTensors.build(rows, 4, V, with_penalty_tokens=True)
+    assert t.prompt_tokens.shape == (4, 32) and t.output_tokens.shape == (4, 16)
+    np.testing.assert_array_equal(np.asarray(t.prompt_tokens)[0, :4], [1, 2, 3, V])
+    assert (np.asarray(t.prompt_tokens)[2:] == V).all()
+    np.testing.assert_array_equal(np.asarray(t.top_k), [0, 0, 0, 0])
+    np.testing.assert_array_equal(np.asarray(t.seeds), [7, 2**32 - 1, 0, 0])
+    np.testing.assert_array_equal(np.asarray(t.temperature), [0.5, 1.0, 0.0, 0.0])
+    assert t.seeds.dtype == jnp.uint32 and t.steps.dtype == jnp.int32
+    lean = SamplingTensors.build(rows, 2, V, with_penalty_tokens=False)
+    assert lean.prompt_tokens.shape == (2, 1) and lean.output_tokens.shape == (2, 1)
+    with pytest.raises(ValueError, match="^pad_rows: "):
+        SamplingTensors.build(rows, 1, V, True)
+
+
+# --- greedy and filters ---------------------------------------------------------------
+
+def test_greedy_is_argmax_and_all_greedy_path_agrees():
+    logits = random_logits(6, seed=1)
+    logits[2, [10, 20]] = logits[2].max() + 1  # a tie: the first index wins
+    rows = [(SamplingParams(temperature=0), i, 0, [], []) for i in range(6)]
+    expected = np.argmax(logits, -1)
+    for all_greedy in (True, False):
+        out = run(logits, rows, all_greedy=all_greedy, do_filters=not all_greedy)
+        np.testing.assert_array_equal(out.token_ids, expected)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(top_k=1, temperature=2.0),
+                                    SamplingParams(top_p=1e-6, temperature=2.0),
+                                    SamplingParams(min_p=1.0, temperature=2.0)])
+def test_degenerate_filters_equal_greedy(params):
+    logits = random_logits(8, seed=2, scale=0.5)  # flat: sampling would rarely hit argmax
+    out = run(logits, [(params, i, i, [], []) for i in range(8)])
+    np.testing.assert_array_equal(out.token_ids, np.argmax(logits, -1))
+
+
+def reference_keep(x: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+    """vLLM-style sort-based filtering of one row of scaled logits, in float64."""
+    x = x.astype(np.float64)
+    keep = np.ones_like(x, bool)
+    if 0 < top_k < len(x):
+        keep &= x >= np.sort(x)[::-1][top_k - 1]
+    p = np.where(keep, np.exp(x - x.max()), 0.0)
+    if top_p < 1:
+        order = np.argsort(-p, kind="stable")
+        j = np.argmax(np.cumsum(p[order]) >= top_p * p.sum())
+        keep &= p >= p[order[j]]
+    return keep & (p >= min_p)
+
+
+def test_filters_match_sort_based_reference():
+    rng = np.random.default_rng(3)
+    settings = [(0, 1.0, 0.0), (5, 1.0, 0.0), (128, 1.0, 0.0), (200, 1.0, 0.0), (V, 1.0, 0.0),
+                (0, 0.5, 0.0), (0, 0.97, 0.0), (40, 0.9, 0.0), (250, 0.99, 0.0), (0, 1.0, 0.2),
+                (0, 1.0, 0.01), (20, 0.8, 0.05), (1, 0.5, 0.5), (0, 0.999, 0.0)]
+    rows, logits = [], []
+    for i, (k, p, m) in enumerate(settings * 3):
+        scale = (0.2, 1.0, 4.0)[i // len(settings)]  # flat rows need the full-range search
+        x = scale * rng.standard_normal(V)
+        x[rng.integers(V, size=4)] = x.max()  # ties at the top
+        logits.append(x)
+        rows.append((SamplingParams(top_k=k, top_p=p, min_p=m), i, 0, [], []))
+    logits = np.asarray(logits, np.float32)
+    t = SamplingTensors.build(rows, len(rows), V, False)
+    kept = np.asarray(_filters(jnp.asarray(logits), t)) > -np.inf
+    for row, (params, *_) in enumerate(rows):
+        expected = reference_keep(logits[row], params.top_k, params.top_p, params.min_p)
+        np.testing.assert_array_equal(kept[row], expected, err_msg=f"row {row}: {params}")
+
+
+# --- penalties --------------------------------------------------------------------------
+
+def reference_penalties(x: np.ndarray, p: SamplingParams, prompt: list[int],
+                        output: list[int]) -> np.ndarray:
+    x = x.astype(np.float64).copy()
+    seen = sorted(set(prompt) | set(output))
+    x[seen] = np.where(x[seen] > 0, x[seen] / p.repetition_penalty,
+                       x[seen] * p.repetition_penalty)
+    counts = np.bincount(output, minlength=len(x))
+    return x - p.frequency_penalty * counts - p.presence_penalty * (counts > 0)
+
+
+def test_penalties_match_reference_and_ignore_padding():
+    rng = np.random.default_rng(4)
+    logits = random_logits(5, seed=5)
+    rows = []
+    for i, (rep, pres, freq) in enumerate([(1.3, 0.0, 0.0), (0.7, 0.5, 0.0), (1.0, -1.0, 0.4),
+                                           (2.0, 1.5, -0.5), (1.0, 0.0, 0.0)]):
+        prompt = rng.integers(1, V - 1, size=3 + 9 * i).tolist()
+        output = rng.integers(1, V - 1, size=2 * i).tolist() + [prompt[0]] * 2
+        rows.append((SamplingParams(repetition_penalty=rep, presence_penalty=pres,
+                                    frequency_penalty=freq), i, len(output), prompt, output))
+    t = SamplingTensors.build(rows, 6, V, True)
+    got = np.asarray(_penalties(jnp.asarray(np.vstack([logits, logits[:1]])), t))
+    for i, (p, _, _, prompt, output) in enumerate(rows):
+        np.testing.assert_allclose(got[i], reference_penalties(logits[i], p, prompt, output),
+                                   rtol=1e-6, atol=1e-6)
+    # Padding (id V) must not reach the first or last real token, which no row uses.
+    np.testing.assert_array_equal(got[:5, [0, V - 1]], logits[:, [0, V - 1]])
+    np.testing.assert_array_equal(got[4], logits[4])  # neutral settings: bit-identical
+
+
+def test_penalties_steer_greedy_choice():
+    logits = np.zeros((1, V), np.float32)
+    logits[0, 7], logits[0, 9] = 2.0, 1.5
+    rows = [(SamplingParams(temperature=0, repetition_penalty=2.0), 0, 1, [7], [])]
+    assert run(logits, rows).token_ids[0] == 9  # 2.0 / 2 < 1.5
+
+
+# --- seeded randomness -----------------------------------------------------------------
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent():
+    logits = random_logits(1, seed=6, scale=0.5).repeat(8, 0)
+    rows = [(SamplingParams(temperature=1.0), 1234, step, [], []) for step in range(8)]
+    a, b = run(logits, rows).token_ids, run(logits, rows).token_ids
+    np.testing.assert_array_equal(a, b)
+    assert len(set(a.tolist())) > 4  # steps differ
+    other = [(p, 99, step, ids, out) for p, _, step, ids, out in rows]
+    assert (run(logits, other).token_ids != a).sum() > 4  # so do seeds
+
+
+@pytest.mark.parametrize("target", [
+    SamplingParams(temperature=0.8),
+    SamplingParams(temperature=1.3, top_k=50, top_p=0.9, min_p=0.01),
+    SamplingParams(temperature=1.0, top_p=0.995),  # nucleus beyond the top-k candidates
+    SamplingParams(temperature=0.9, repetition_penalty=1.2, frequency_penalty=0.3),
+])
+def test_row_token_is_independent_of_batch_and_position(target):
+    others = [SamplingParams(temperature=0), SamplingParams(top_k=3),
+              SamplingParams(top_p=0.5, presence_penalty=1.0), SamplingParams(min_p=0.2),
+              SamplingParams(repetition_penalty=1.5), SamplingParams(temperature=0.3),
+              SamplingParams(top_k=200, frequency_penalty=-1.0)]
+    prompt, output = [5, 6, 7, 5], [8, 9]
+    batch_logits = random_logits(8, seed=7, scale=0.7)
+    for step in range(6):
+        me = (target, 42, step, prompt, output)
+        alone = run(batch_logits[5:6], [me], pad_rows=1).token_ids[0]
+        rows = [(p, 1000 + i, step, [i + 1] * 3, [i + 2]) for i, p in enumerate(others)]
+        rows.insert(5, me)  # the batch needs penalties and filters; alone, ``target`` may not
+        assert run(batch_logits, rows).token_ids[5] == alone, f"step {step}"
+
+
+def chi_square(counts: np.ndarray, probs: np.ndarray) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def draw_counts(logits: np.ndarray, params: SamplingParams, n: int) -> np.ndarray:
+    rows = [(params, 2024, step, [], []) for step in range(n)]
+    tokens = run(np.repeat(logits[None], n, 0), rows).token_ids
+    return np.bincount(tokens, minlength=logits.shape[0])
+
+
+def test_empirical_distribution_matches_softmax():
+    logits = np.array([1.0, 0.5, 0.0, -0.5, 2.0, 1.5, -3.0, 0.2], np.float32)
+    counts = draw_counts(logits, SamplingParams(temperature=0.7), 8000)
+    probs = np.exp(logits / 0.7) / np.exp(logits / 0.7).sum()
+    assert chi_square(counts, probs) < 30  # 7 degrees of freedom: p ~ 1e-4
+
+
+def test_empirical_distribution_across_blocks():
+    logits = np.full(600, -np.inf, np.float32)  # three 256-token blocks, the last partial
+    live = np.array([0, 5, 255, 256, 300, 511, 512, 599])
+    logits[live] = [0.3, -0.2, 1.0, 0.0, 0.7, -1.0, 0.5, 0.1]
+    counts = draw_counts(logits, SamplingParams(), 8000)
+    assert counts[np.setdiff1d(np.arange(600), live)].sum() == 0
+    probs = np.exp(logits[live]) / np.exp(logits[live]).sum()
+    assert chi_square(counts[live], probs) < 30
+
+
+def test_empirical_distribution_after_top_k_top_p():
+    logits = np.array([2.0, 1.6, 1.2, 0.8, 0.4, 0.0, -0.4, -0.8], np.float32)
+    counts = draw_counts(logits, SamplingParams(top_k=5, top_p=0.85), 8000)
+    p = np.exp(logits[:5]) / np.exp(logits[:5]).sum()  # top-k renormalized
+    keep = np.cumsum(p) - p < 0.85  # smallest prefix reaching 0.85
+    assert keep.sum() == 4 and counts[~np.r_[keep, [False] * 3]].sum() == 0
+    assert chi_square(counts[:4], p[:4] / p[:4].sum()) < 25  # 3 degrees of freedom
+
+
+# --- logprobs -----------------------------------------------------------------------------
+
+def test_logprobs_are_raw_log_softmax_with_sorted_top_ids():
+    logits = random_logits(4, seed=8)
+    rows = [(SamplingParams(temperature=0), 0, 0, [], []),
+            (SamplingParams(temperature=0.5, top_k=10, repetition_penalty=1.5), 1, 0, [3], []),
+            (SamplingParams(temperature=1.5, presence_penalty=2.0), 2, 1, [], [4]),
+            (SamplingParams(), 3, 0, [], [])]
+    out = run(logits, rows, num_logprobs=5)
+    x = logits.astype(np.float64)
+    log_softmax = x - x.max(-1, keepdims=True)
+    log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+    np.testing.assert_allclose(out.logprobs, log_softmax[np.arange(4), out.token_ids], atol=1e-5)
+    np.testing.assert_array_equal(out.top_ids, np.argsort(-logits, -1)[:, :5])
+    np.testing.assert_allclose(out.top_logprobs,
+                               np.take_along_axis(log_softmax, out.top_ids, -1), atol=1e-5)
+    assert (np.diff(out.top_logprobs, axis=-1) <= 0).all()
+    assert out.top_ids.dtype == np.int32
+    assert run(logits, rows).top_ids.shape == (4, 0)
