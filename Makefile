@@ -21,7 +21,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 run: install
-	$(VENV)/bin/sluice generate --model tiny --prompt "The quick brown fox" --max-tokens 48
+	$(VENV)/bin/sluice generate --model tiny --no-warmup --prompt "The quick brown fox" --max-tokens 48
 
 test: install-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)

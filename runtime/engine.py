@@ -45,6 +45,7 @@ class EngineConfig:
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
+    max_prefill_seqs: int = 4  # prompt chunks per step
     max_model_len: int | None = None  # default: the model's context, at most 2048
     kv_cache_memory: int | None = None  # bytes for the KV pool; default: see `_num_blocks`
     memory_fraction: float = 0.9  # of free accelerator memory, when kv_cache_memory is unset
@@ -89,10 +90,11 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = LocalScheduler(self.block_manager, config.max_num_seqs,
-                                        config.max_num_batched_tokens, policy)
+                                        config.max_num_batched_tokens,
+                                        config.max_prefill_seqs, policy)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.max_num_seqs,
-                                  config.max_num_batched_tokens, self.max_model_len,
-                                  config.attention_backend)
+                                  config.max_num_batched_tokens, config.max_prefill_seqs,
+                                  self.max_model_len, config.attention_backend)
         self.groups: dict[str, Group] = {}
         self._rng = np.random.default_rng(config.seed)
         if config.warmup:

@@ -1,10 +1,9 @@
 """Turns a scheduled step into padded device arrays and runs the jitted model.
 
 A step's requests split into two row groups: decode rows (one new token that
-completes the sequence) first, then prefill chunks. Each group is padded to
-power-of-two buckets (sequences, tokens, longest chunk, pages per sequence), so
-the set of compiled shapes is finite and known; `warmup` compiles the
-decode-only and single-prefill shapes up front. The KV pool is donated into
+completes the sequence) first, then prompt chunks. Each step is padded to one
+`StepShape` from a small, enumerable set (`ModelRunner.shapes`), so the number
+of compiled programs is bounded and known; `warmup` compiles them all. The KV pool is donated into
 every call, so the step never copies it.
 
 Interface: ``execute(batch) -> (token_ids, logprobs, top_ids, top_logprobs)``
@@ -67,32 +66,67 @@ _sample = jax.jit(sample, static_argnames=("all_greedy", "do_penalties", "do_fil
                                            "num_logprobs"))
 
 
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """A step's padded shape; one compiled program each.
+
+    Decode-only steps: ``decode_seqs`` rows, no prefill group. Steps with prompt
+    chunks: a decode group of the full ``max_num_seqs`` (possibly all padding)
+    plus a prefill group of ``prefill_seqs`` sequences and ``prefill_tokens``
+    rows. ``pages`` is the block-table width of both groups.
+    """
+
+    decode_seqs: int
+    prefill_seqs: int
+    prefill_tokens: int
+    pages: int
+
+    def groups(self) -> list[tuple[int, int, int]]:
+        """(sequences, rows, max query rows) of each row group."""
+        out = [(self.decode_seqs, self.decode_seqs, 1)]
+        if self.prefill_seqs:
+            out.append((self.prefill_seqs, self.prefill_tokens, self.prefill_tokens))
+        return out
+
+
 class ModelRunner:
     def __init__(self, model: Model, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int, backend: str = "reference"):
+                 max_num_batched_tokens: int, max_prefill_seqs: int, max_model_len: int,
+                 backend: str = "reference"):
         self.model = model
         self.spec = KVCacheSpec.for_model(model.config, num_blocks, block_size, model.dtype)
         self.kv_cache = self.spec.allocate()
         self.backend = backend
-        self.max_pages = -(-max_model_len // block_size)
+        self.max_num_seqs = max_num_seqs
+        max_pages = -(-max_model_len // block_size)
         self.seq_buckets = pow2_buckets(1, max_num_seqs)
+        self.prefill_seq_buckets = tuple(sorted({1, max_prefill_seqs}))
         self.token_buckets = pow2_buckets(16, max(16, max_num_batched_tokens))
-        self.page_buckets = pow2_buckets(1, self.max_pages)
+        # At most four widths: padding to the next one at most doubles attention reads.
+        self.page_buckets = pow2_buckets(max(1, max_pages // 8), max_pages)
 
-    def warmup_shapes(self) -> list[tuple[tuple[int, int, int, int], ...]]:
-        """Group shapes (seqs, tokens, max query, pages) compiled at start-up: every
-        decode-only bucket and every single-sequence prefill bucket."""
-        decode = [((s, s, 1, p),) for s in self.seq_buckets for p in self.page_buckets]
-        prefill = [((1, t, t, p),) for t in self.token_buckets for p in self.page_buckets
-                   if t <= p * self.spec.block_size]
-        return decode + prefill
+    def shapes(self) -> list[StepShape]:
+        """Every shape a step can take (all compiled by `warmup`)."""
+        decode = [StepShape(s, 0, 0, p) for s in self.seq_buckets for p in self.page_buckets]
+        mixed = [StepShape(self.max_num_seqs, s, t, p) for s in self.prefill_seq_buckets
+                 for t in self.token_buckets if s <= t for p in self.page_buckets]
+        return decode + mixed
+
+    def shape_for(self, decode: list[StepRow], prefill: list[StepRow]) -> StepShape:
+        pages = bucket(max(len(r.block_table) for r in decode + prefill), self.page_buckets)
+        if not prefill:
+            return StepShape(bucket(len(decode), self.seq_buckets), 0, 0, pages)
+        return StepShape(self.max_num_seqs, bucket(len(prefill), self.prefill_seq_buckets),
+                         bucket(sum(r.num_new_tokens for r in prefill), self.token_buckets),
+                         pages)
 
     def warmup(self) -> None:
-        """Compile the start-up shapes (padding-only inputs: the pool is untouched)."""
-        for shapes in tqdm(self.warmup_shapes(), desc="compiling", unit="shape"):
-            metas = tuple(_padding_group(self.spec, *s) for s in shapes)
-            n_tok = sum(s[1] for s in shapes)
-            n_seq = sum(s[0] for s in shapes)
+        """Compile every step shape (padding-only inputs: the pool is untouched)."""
+        for shape in tqdm(self.shapes(), desc="compiling", unit="shape"):
+            metas = tuple(_padding_group(self.spec, n, t, q, shape.pages)
+                          for n, t, q in shape.groups())
+            n_tok = sum(t for _, t, _ in shape.groups())
+            n_seq = sum(n for n, _, _ in shape.groups())
             logits, self.kv_cache = _forward_logits(
                 self.model.params, self.kv_cache, jnp.zeros(n_tok, jnp.int32),
                 jnp.zeros(n_tok, jnp.int32), metas, jnp.zeros(n_seq, jnp.int32),
@@ -101,15 +135,11 @@ class ModelRunner:
 
     # -- batch construction -------------------------------------------------
 
-    def _group(self, rows: list[StepRow], tokens: list[int], positions: list[int],
-               decode: bool) -> AttentionMetadata:
-        """Pad one row group and append its tokens/positions; returns its metadata."""
+    def _group(self, rows: list[StepRow], dims: tuple[int, int, int], pages: int,
+               tokens: list[int], positions: list[int]) -> AttentionMetadata:
+        """Pad one row group to ``dims`` and append its tokens/positions."""
         bs = self.spec.block_size
-        n_seqs = bucket(len(rows), self.seq_buckets)
-        n_tok = n_seqs if decode else bucket(sum(r.num_new_tokens for r in rows),
-                                             self.token_buckets)
-        max_q = 1 if decode else bucket(max(r.num_new_tokens for r in rows), self.token_buckets)
-        pages = bucket(max(len(r.block_table) for r in rows), self.page_buckets)
+        n_seqs, n_tok, max_q = dims
         slots = np.full(n_tok, self.spec.num_slots, np.int32)
         qsl = np.zeros(n_seqs + 1, np.int32)
         seq_lens = np.zeros(n_seqs, np.int32)
@@ -128,39 +158,34 @@ class ModelRunner:
             seq_lens[i] = first + n
             tables[i, :len(table)] = table
         qsl[len(rows) + 1:] = start
-        pad = n_tok - start
-        tokens.extend([0] * pad)
-        positions.extend([0] * pad)
+        tokens.extend([0] * (n_tok - start))
+        positions.extend([0] * (n_tok - start))
         return AttentionMetadata(jnp.asarray(slots), jnp.asarray(qsl), jnp.asarray(seq_lens),
                                  jnp.asarray(tables), jnp.asarray(len(rows), jnp.int32), max_q)
 
     def _build(self, decode: list[StepRow], prefill: list[StepRow]):
         """Device inputs for the step. Sample rows list the last query row of every
-        real sequence (decode group first), then padding rows up to the sum of the
-        groups' sequence buckets."""
+        real sequence (decode group first), then padding rows."""
+        shape = self.shape_for(decode, prefill)
         tokens: list[int] = []
         positions: list[int] = []
-        metas, sample_rows = [], []
-        num_padded_seqs = 0
-        for rows, is_decode in ((decode, True), (prefill, False)):
-            if not rows:
-                continue
+        metas, real_rows, pad_rows = [], [], []
+        for rows, dims in zip((decode, prefill), shape.groups()):
             offset = len(tokens)
-            meta = self._group(rows, tokens, positions, is_decode)
+            meta = self._group(rows, dims, shape.pages, tokens, positions)
             ends = np.asarray(meta.query_start_loc)[1:len(rows) + 1] - 1
-            sample_rows.extend((offset + ends).tolist())
-            num_padded_seqs += meta.seq_lens.shape[0]
+            real_rows.extend((offset + ends).tolist())
+            pad_rows.extend([offset] * (dims[0] - len(rows)))
             metas.append(meta)
-        sample_rows += [0] * (num_padded_seqs - len(sample_rows))
         return (jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32), tuple(metas),
-                jnp.asarray(sample_rows, jnp.int32))
+                jnp.asarray(real_rows + pad_rows, jnp.int32))
 
     # -- execution ----------------------------------------------------------
 
     def execute(self, batch: list[StepRow]) -> tuple[np.ndarray, ...]:
         """Run one step; returns per-row (token, logprob, top ids, top logprobs)."""
-        decode = [r for r in batch if _is_decode(r)]
-        prefill = [r for r in batch if not _is_decode(r)]
+        decode = [r for r in batch if r.request.is_decode(r.num_new_tokens)]
+        prefill = [r for r in batch if not r.request.is_decode(r.num_new_tokens)]
         token_ids, positions, metas, sample_rows = self._build(decode, prefill)
         logits, self.kv_cache = _forward_logits(
             self.model.params, self.kv_cache, token_ids, positions, metas, sample_rows,
@@ -183,16 +208,12 @@ class ModelRunner:
             logits, tensors,
             all_greedy=all(p.is_greedy for p in params),
             do_penalties=do_penalties,
-            do_filters=any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params),
+            do_filters=any(not p.is_greedy and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0)
+                           for p in params),
             num_logprobs=max((p.logprobs or 0) for p in params))
         n = len(rows)
         return tuple(np.asarray(a)[:n] for a in
                      (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs))
-
-
-def _is_decode(row: StepRow) -> bool:
-    req = row.request
-    return row.num_new_tokens == 1 and req.num_computed_tokens + 1 == req.num_tokens
 
 
 def _padding_group(spec: KVCacheSpec, n_seqs: int, n_tok: int, max_q: int,

@@ -68,6 +68,10 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def is_decode(self, num_new_tokens: int) -> bool:
+        """One new token that completes the sequence: a decode, not a prompt chunk."""
+        return num_new_tokens == 1 and self.num_computed_tokens + 1 == self.num_tokens
+
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED

@@ -7,8 +7,9 @@ Interface used by the engine (`sluice.runtime.engine`):
   ``finish(request)`` (frees its blocks), ``schedule() -> SchedulerOutput``;
 - counters ``num_waiting``, ``num_running``, ``has_unfinished``.
 
-Each step has a token budget (``max_num_batched_tokens``) and a sequence cap
-(``max_num_seqs``). Running requests are served first (a decode costs one token,
+Each step has a token budget (``max_num_batched_tokens``), a sequence cap
+(``max_num_seqs``) and a cap on prompt chunks (``max_prefill_seqs``, which keeps
+the model runner's padded prefill shapes few). Running requests are served first (a decode costs one token,
 an unfinished prompt gets the next chunk), then waiting requests are admitted
 in policy order while budget, sequence slots and KV blocks last. When blocks run
 out, the policy names a running request to preempt by recompute: its blocks are
@@ -58,10 +59,12 @@ class SchedulerOutput:
 
 class LocalScheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
-                 max_num_batched_tokens: int, policy: Policy | None = None):
+                 max_num_batched_tokens: int, max_prefill_seqs: int = 4,
+                 policy: Policy | None = None):
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_prefill_seqs = max_prefill_seqs
         self.policy = policy or FCFSPolicy()
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -101,17 +104,22 @@ class LocalScheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
         preempted: list[Request] = []
+        prefills = 0
         for req in list(self.running):
             if budget == 0:
                 break
             if req not in self.running:  # preempted as a victim earlier in this loop
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            is_prefill = not req.is_decode(n)
+            if is_prefill and prefills == self.max_prefill_seqs:
+                continue
             if self._reserve(req, n, scheduled, preempted):
                 scheduled.append((req, n))
                 budget -= n
+                prefills += is_prefill
         if not preempted:
-            budget = self._admit(budget, scheduled)
+            self._admit(budget, prefills, scheduled)
         return SchedulerOutput(scheduled, preempted)
 
     def _reserve(self, req: Request, n: int, scheduled: list, preempted: list) -> bool:
@@ -137,8 +145,9 @@ class LocalScheduler:
         self.waiting.insert(0, req)
         self.num_preemptions += 1
 
-    def _admit(self, budget: int, scheduled: list[tuple[Request, int]]) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+    def _admit(self, budget: int, prefills: int, scheduled: list[tuple[Request, int]]) -> None:
+        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+               and prefills < self.max_prefill_seqs):
             req = self.policy.next_waiting(self.waiting)
             req.num_cached_tokens = self.bm.begin(req.request_id, req.all_token_ids)
             req.num_computed_tokens = req.num_cached_tokens
@@ -152,4 +161,5 @@ class LocalScheduler:
             req.status = RequestStatus.RUNNING
             scheduled.append((req, n))
             budget -= n
-        return budget
+            prefills += 1
+

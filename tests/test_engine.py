@@ -235,9 +235,8 @@ def test_async_engine_streams_and_aborts(tiny):
 def test_warmup_compiles_buckets(tiny):
     engine = make_engine(tiny, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64,
                          warmup=True)
-    shapes = engine.runner.warmup_shapes()
-    # 3 sequence buckets x 3 page buckets for decode; prefill 16 tokens on 1/2/4 pages and
-    # 32 tokens on 2/4 pages.
-    assert len(shapes) == 9 + 5
+    # Decode: 3 sequence buckets x 3 page widths; with prompt chunks: 2 prefill-seq
+    # buckets x 2 token buckets x 3 page widths.
+    assert len(engine.runner.shapes()) == 9 + 12
     out = run_all(engine, ["abc"], [SamplingParams(max_tokens=3, **GREEDY)])
     assert len(out[0].outputs[0].token_ids) == 3
