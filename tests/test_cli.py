@@ -8,6 +8,8 @@ decoder's.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from sluice.runtime import greedy_generate, load_model
@@ -76,3 +78,21 @@ def test_usage_errors_exit_2(capsys):
         main(["generate", "--model", "tiny"])  # --prompt is required
     assert info.value.code == 2
     assert "--prompt" in capsys.readouterr().err
+
+
+def test_bench_throughput_writes_json(tmp_path, capsys):
+    out_file = tmp_path / "tp.json"
+    rc = main(["bench", "throughput", "--model", "tiny", "--num-prompts", "3", "--input-len", "8",
+               "--output-len", "4", "--max-model-len", "256", "--output-json", str(out_file),
+               *FAST])
+    assert rc == 0
+    result = json.loads(out_file.read_text())
+    assert result["num_prompts"] == 3 and result["output_tokens"] == 12
+    assert result["output_tokens_per_s"] > 0
+    assert json.loads(capsys.readouterr().out) == result
+
+
+def test_bad_engine_flag_value_returns_2(capsys):
+    assert main(["generate", "--model", "tiny", "--prompt", "Hi", "--max-model-len", "1",
+                 *FAST]) == 2
+    assert "max_model_len" in capsys.readouterr().err
