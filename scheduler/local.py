@@ -149,6 +149,8 @@ class LocalScheduler:
         while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
                and prefills < self.max_prefill_seqs):
             req = self.policy.next_waiting(self.waiting)
+            if not self._may_fit(req, budget):
+                break
             req.num_cached_tokens = self.bm.begin(req.request_id, req.all_token_ids)
             req.num_computed_tokens = req.num_cached_tokens
             n = min(req.num_tokens - req.num_computed_tokens, budget)
@@ -162,4 +164,12 @@ class LocalScheduler:
             scheduled.append((req, n))
             budget -= n
             prefills += 1
+
+    def _may_fit(self, req: Request, budget: int) -> bool:
+        """Cheap read-only check before `begin`, so a request that cannot get its
+        blocks is not admitted and rolled back (and counted as a cache query) every step."""
+        cached = self.bm.lookup_prefix(req.all_token_ids)
+        n = min(req.num_tokens - cached, budget)
+        block = self.bm.block_size
+        return -(-(cached + n) // block) - cached // block <= self.bm.num_free_blocks
 
