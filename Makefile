@@ -21,7 +21,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 run: install
-	$(VENV)/bin/sluice generate --model tiny --no-warmup --prompt "The quick brown fox" --max-tokens 48
+	$(VENV)/bin/sluice serve --model tiny --no-warmup --max-model-len 512
 
 test: install-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)

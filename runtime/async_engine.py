@@ -3,7 +3,9 @@
 ``generate(prompt, params, request_id=...)`` validates at once (raising
 ``ValueError``) and returns an async iterator of streamed `RequestOutput`s;
 closing the iterator early (a client disconnect) aborts the request.
-``abort(request_id)`` aborts explicitly. All engine calls happen on one worker
+``abort(request_id)`` aborts explicitly; ``stats()`` is the engine's
+`EngineStats` as of the last step, snapshotted on the worker thread so readers
+on the event loop never see a half-updated engine. All engine calls happen on one worker
 thread, between steps, so the engine itself stays single-threaded and the event
 loop never blocks on a model step.
 """
@@ -16,7 +18,7 @@ import concurrent.futures
 import itertools
 from typing import AsyncIterator
 
-from sluice.runtime.engine import Group, LLMEngine, Prompt
+from sluice.runtime.engine import EngineStats, Group, LLMEngine, Prompt
 from sluice.runtime.outputs import RequestOutput
 from sluice.runtime.sampling_params import SamplingParams
 
@@ -32,6 +34,7 @@ class AsyncEngine:
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._ids = itertools.count()
+        self._stats = engine.stats()
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None, priority: int = 0,
@@ -77,9 +80,14 @@ class AsyncEngine:
         while self._aborts:
             self.engine.abort_request(self._aborts.popleft())
 
+    def stats(self) -> EngineStats:
+        return self._stats
+
     def _step(self) -> list[RequestOutput]:
         self._apply_pending()
-        return self.engine.step() if self.engine.has_unfinished_requests() else []
+        outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+        self._stats = self.engine.stats()
+        return outputs
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

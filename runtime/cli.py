@@ -1,14 +1,20 @@
-"""The ``sluice`` command line: ``sluice generate`` and ``sluice bench throughput``."""
+"""The ``sluice`` command line: ``sluice generate``, ``sluice serve`` (the
+OpenAI-compatible HTTP server) and ``sluice bench throughput``."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import logging
+import os
+import shlex
 import sys
 
 from sluice.runtime.benchmark import random_prompts, throughput
 from sluice.runtime.llm import LLM
 from sluice.runtime.sampling_params import SamplingParams
+from sluice.runtime.server import ServerConfig, bind_socket, run_server
 
 GiB = 1 << 30
 
@@ -75,6 +81,28 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
 
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    _add_model_args(srv)
+    _add_engine_args(srv)
+    g = srv.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: 127.0.0.1, this machine only)")
+    g.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one "
+                   "(default: 8000)")
+    g.add_argument("--api-key", default=os.environ.get("SLUICE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on API routes (default: "
+                        "$SLUICE_API_KEY; unset: no check)")
+    g.add_argument("--served-model-name", default=None,
+                   help="model name clients send and responses report (default: --model)")
+    g.add_argument("--max-waiting", type=int, default=None,
+                   help="most requests queued without output yet; more get 429 with "
+                        "Retry-After (default: unbounded)")
+    g.add_argument("--max-body-bytes", type=int, default=4 << 20,
+                   help="largest request body; larger ones get 413 (default: 4 MiB)")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests may run after SIGTERM before they are "
+                        "aborted (default: 30)")
+
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     tp = bench_sub.add_parser("throughput", help="offline generation throughput")
@@ -97,6 +125,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.max_waiting is not None and args.max_waiting < 0:
+        raise ValueError(f"max_waiting: must be >= 0, got {args.max_waiting}")
+    if args.max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes: must be >= 1, got {args.max_body_bytes}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+    sock = bind_socket(args.host, args.port)  # fail on a taken port before loading the model
+    llm = _make_llm(args)
+    name = args.served_model_name or args.model
+    config = ServerConfig(name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                          max_waiting=args.max_waiting)
+
+    def ready(host: str, port: int) -> None:
+        url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+        body = json.dumps({"model": name, "prompt": "The quick brown fox", "max_tokens": 16})
+        auth = ' -H "Authorization: Bearer $SLUICE_API_KEY"' if args.api_key else ""
+        print(f"sluice: serving {name} at {url}\n"
+              f"curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
+              f"-d {shlex.quote(body)}", flush=True)
+
+    asyncio.run(run_server(llm.engine, config, sock, args.shutdown_timeout, ready))
+    return 0
+
+
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
     llm = _make_llm(args)
     prompts = random_prompts(args.num_prompts, args.input_len, llm.model.config.vocab_size)
@@ -110,10 +163,11 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = cmd_generate if args.command == "generate" else cmd_bench_throughput
+    command = {"generate": cmd_generate, "serve": cmd_serve,
+               "bench": cmd_bench_throughput}[args.command]
     try:
         return command(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, OSError) as e:
         print(f"sluice: error: {e}", file=sys.stderr)
         return 2
 
