@@ -1,5 +1,6 @@
 """The ``sluice`` command line: ``sluice generate``, ``sluice serve`` (the
-OpenAI-compatible HTTP server) and ``sluice bench throughput``."""
+OpenAI-compatible HTTP server), ``sluice bench throughput`` and ``sluice
+provision`` (defined in `sluice.provision.cli`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sys
 from sluice.runtime.benchmark import random_prompts, throughput
 from sluice.runtime.llm import LLM
 from sluice.runtime.sampling_params import SamplingParams
+from sluice.provision import cli as provision_cli
 from sluice.runtime.server import ServerConfig, bind_socket, run_server
 
 GiB = 1 << 30
@@ -112,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--input-len", type=int, default=128, help="prompt tokens (default: 128)")
     tp.add_argument("--output-len", type=int, default=128, help="generated tokens (default: 128)")
     tp.add_argument("--output-json", default=None, help="write the result to this JSON file")
+
+    provision_cli.add_parser(sub)
     return parser
 
 
@@ -163,8 +167,8 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"generate": cmd_generate, "serve": cmd_serve,
-               "bench": cmd_bench_throughput}[args.command]
+    command = {"generate": cmd_generate, "serve": cmd_serve, "bench": cmd_bench_throughput,
+               "provision": provision_cli.run}[args.command]
     try:
         return command(args)
     except (ValueError, FileNotFoundError, OSError) as e:

@@ -1,0 +1,160 @@
+"""``sluice provision``: the cheapest fleet that meets an SLO, or Mélange's answer form.
+
+Interface (wired into ``sluice`` by `sluice.runtime.cli`):
+
+- ``add_parser(subparsers)``: adds the ``provision`` subcommand and its flags.
+- ``run(args) -> int``: exit status; 0 when a plan was found, 1 when the
+  workload cannot be fully served (the plan is still printed and written).
+
+Two modes::
+
+    sluice provision --workload W.json --slo tpot=0.05,ttft_p99=2 [--catalog C] [--profiles P]
+    sluice provision --melange FILE
+
+The first prints a table (types with their profile source, counts, $/hour,
+routing, simulated SLO attainment) and writes the plan as JSON (``--output``).
+The second reads Mélange's solver input and prints Mélange's result form,
+``{"TYPE": count, ..., "cost": $/hour}``, solved with Mélange's settings (no
+headroom, the file's ``slice_factor``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from sluice.provision.catalog import load_catalog
+from sluice.provision.perfmodel import model_spec
+from sluice.provision.planner import Options, Plan, solve
+from sluice.provision.profiles import (load_melange, load_profiles, merge, modelled_profiles,
+                                       save_profiles)
+from sluice.provision.simulate import verify
+from sluice.provision.workload import Buckets, Workload, load_workload, parse_slo
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "provision", help="cheapest mix of accelerator types that meets an SLO",
+        description="Plan the cost-minimal set of instances (GPU and TPU types) that serves a "
+                    "workload within its SLO: profiles per type and request-size bucket "
+                    "(modelled from the catalog, imported, or measured), an integer program "
+                    "(HiGHS), and a discrete-event simulation that checks the plan.")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--workload", help="workload JSON file (format: sluice.provision.workload)")
+    mode.add_argument("--melange", help="Mélange solver input JSON; prints Mélange's result form")
+    p.add_argument("--slo", help="SLO terms, e.g. tpot=0.05,ttft_p99=2 (seconds; _pNN = "
+                                 "percentile, none = mean); required with --workload")
+    p.add_argument("--catalog", help="JSON file overriding/extending the built-in accelerator "
+                                     "catalog (prices, new types)")
+    p.add_argument("--profiles", help="profile file (Sluice's or Mélange's gpu_info) whose types "
+                                      "replace or add to the modelled ones")
+    p.add_argument("--types", help="comma-separated catalog types to consider (default: all)")
+    p.add_argument("--spot", action="store_true", help="price with spot instead of on-demand")
+    p.add_argument("--headroom", type=float, default=0.1,
+                   help="over-provisioning fraction on every slice's load (default: 0.1)")
+    p.add_argument("--slice-factor", type=int, default=8,
+                   help="slices per bucket (default: 8)")
+    p.add_argument("--cap", action="append", default=[], metavar="TYPE=N",
+                   help="at most N instances of TYPE (repeatable)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="$/hour cap; the plan then maximises the served rate")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the simulation (and the re-solve with more headroom)")
+    p.add_argument("--sim-duration", type=float, default=60.0,
+                   help="simulated seconds of traffic (default: 60)")
+    p.add_argument("--save-profiles", help="also write the profiles used to this file")
+    p.add_argument("--output", default="provision_plan.json",
+                   help="where to write the plan JSON (default: provision_plan.json)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _melange(args) if args.melange else _provision(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"sluice provision: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _melange(args: argparse.Namespace) -> int:
+    m = load_melange(args.melange)
+    plan = solve(m.profiles, m.distribution * m.total_request_rate,
+                 Options(slice_factor=m.slice_factor, headroom=0.0))
+    if plan.status != "optimal":
+        print(json.dumps(None))
+        return 1
+    result = {p.name: plan.counts.get(p.name, 0) for p in m.profiles}
+    result["cost"] = plan.cost
+    print(json.dumps(result))
+    with open(args.output, "w") as f:
+        json.dump(result, f, indent=2)
+    return 0 if plan.feasible else 1
+
+
+def _caps(items: list[str]) -> dict[str, int]:
+    caps = {}
+    for item in items:
+        name, sep, n = item.rpartition("=")
+        if not sep or not name or not n.isdigit():
+            raise ValueError(f"--cap: expected TYPE=N, got {item!r}")
+        caps[name] = int(n)
+    return caps
+
+
+def _provision(args: argparse.Namespace) -> int:
+    if not args.slo:
+        raise ValueError("--slo is required with --workload")
+    slo = parse_slo(args.slo)
+    workload = load_workload(args.workload)
+    catalog = load_catalog(args.catalog)
+    types = args.types.split(",") if args.types else None
+    for t in types or []:
+        if t not in catalog:
+            raise ValueError(f"--types: {t!r} is not in the catalog ({', '.join(catalog)})")
+    profiles = modelled_profiles(catalog, model_spec(workload.model), workload.buckets, slo,
+                                 spot=args.spot, types=types)
+    if args.profiles:
+        profiles = merge(profiles, load_profiles(args.profiles, workload.buckets))
+    if args.save_profiles:
+        save_profiles(args.save_profiles, workload.buckets, profiles)
+    options = Options(slice_factor=args.slice_factor, headroom=args.headroom,
+                      caps=_caps(args.cap), budget=args.budget)
+    plan = (solve(profiles, workload.rates, options) if args.no_verify
+            else verify(profiles, workload, slo, options, duration_s=args.sim_duration))
+    sources = {p.name: p.source for p in profiles}
+    print(table(plan, workload, sources, {p.name: p.cost for p in profiles}))
+    out = {"workload": args.workload, "slo": str(slo), "spot": args.spot,
+           "plan": plan.to_json(workload.buckets, sources)}
+    with open(args.output, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"plan written to {args.output}")
+    return 0 if plan.feasible else 1
+
+
+def table(plan: Plan, workload: Workload, sources: dict[str, str],
+          prices: dict[str, float]) -> str:
+    b: Buckets = workload.buckets
+    lines = [f"status: {plan.status}   cost: ${plan.cost:.2f}/hour   headroom: "
+             f"{plan.headroom:.0%}   served: {plan.served:.3g}/{workload.rate:.3g} req/s",
+             f"{'type':<14}{'source':<10}{'count':>6}{'$/h each':>10}{'$/h':>10}{'load':>8}"]
+    for name, n in sorted(plan.counts.items()):
+        lines.append(f"{name:<14}{sources[name]:<10}{n:>6}{prices[name]:>10.3f}"
+                     f"{n * prices[name]:>10.2f}{plan.loads[name]:>8.2f}")
+    lines.append("routing (fraction of each bucket's rate per type):")
+    for bucket, w in sorted(plan.routing.items()):
+        mix = ", ".join(f"{t} {f:.2f}" for t, f in sorted(w.items()))
+        lines.append(f"  {b.label(*bucket):<28}{workload.rates[bucket]:>8.3g} req/s  {mix}")
+    for bucket in plan.infeasible_buckets:
+        lines.append(f"  {b.label(*bucket):<28} no type can serve this bucket within the SLO")
+    a = plan.attainment
+    if a:
+        terms = [f"{k} {a[k]['statistic']} {a[k]['value']:.3g}s (target {a[k]['target']:g}s)"
+                 for k in ("ttft", "tpot") if k in a]
+        lines.append(f"simulated ({a['requests']} requests, {a['duration_s']:g}s): "
+                     f"{'SLO met' if a['met'] else 'SLO MISSED'}; " + "; ".join(terms)
+                     + f"; requests within every threshold {a['fraction_ok']:.1%}")
+        if a["unverified_rate"]:
+            lines.append(f"  {a['unverified_rate']:.3g} req/s go to types without a step-time "
+                         "model (imported/measured) and were not simulated")
+    return "\n".join(lines)
