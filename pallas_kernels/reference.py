@@ -44,10 +44,11 @@ def ragged_paged_attention(q: jax.Array, cache: jax.Array, layer: jax.Array | in
     max_q = meta.max_query_len
     max_kv = pages * block_size
 
-    # Gather each sequence's pages: [S, P*B, Hkv, D].
-    kv = cache[meta.block_tables, layer]  # [S, P, 2, B, Hkv, D]
-    keys = kv[:, :, 0].reshape(num_seqs, max_kv, num_kv_heads, head_dim).astype(jnp.float32)
-    values = kv[:, :, 1].reshape(num_seqs, max_kv, num_kv_heads, head_dim).astype(jnp.float32)
+    # Gather each sequence's pages: [S, P*B, Hkv, D] (keys and values separately,
+    # which avoids slicing a gathered [S, P, 2, ...] copy).
+    keys = cache[meta.block_tables, layer, 0].reshape(num_seqs, max_kv, num_kv_heads, head_dim)
+    values = cache[meta.block_tables, layer, 1].reshape(num_seqs, max_kv, num_kv_heads, head_dim)
+    keys, values = keys.astype(jnp.float32), values.astype(jnp.float32)
 
     # Gather each sequence's queries into a padded [S, max_q] layout.
     starts = meta.query_start_loc[:-1]
@@ -82,3 +83,14 @@ def ragged_paged_attention(q: jax.Array, cache: jax.Array, layer: jax.Array | in
     result = jnp.zeros((num_tokens, num_q_heads, head_dim), jnp.float32)
     result = result.at[flat_rows].set(out, mode="drop")
     return result.astype(q.dtype)
+
+
+def gather_blocks(cache: jax.Array, block_ids: jax.Array) -> jax.Array:
+    """Copy blocks ``block_ids`` [N] (all layers, keys and values) into a staging
+    buffer [N, num_layers, 2, block_size, kv_heads, head_dim], in list order."""
+    return cache[block_ids]
+
+
+def scatter_blocks(cache: jax.Array, block_ids: jax.Array, staging: jax.Array) -> jax.Array:
+    """Inverse of `gather_blocks`: write staging row ``i`` to block ``block_ids[i]``."""
+    return cache.at[block_ids].set(staging.astype(cache.dtype))
