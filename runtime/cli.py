@@ -48,8 +48,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "on CPU what --max-num-seqs full-length sequences need, at most 2 GiB)")
     g.add_argument("--no-prefix-caching", action="store_true",
                    help="disable automatic prefix caching")
-    g.add_argument("--attention-backend", default="reference",
-                   help="attention implementation (default: reference)")
+    g.add_argument("--attention-backend", default="pallas",
+                   help="attention implementation: pallas (Pallas kernels on GPU/TPU, the "
+                        "chunked pure-JAX path on CPU), chunked, reference, or "
+                        "pallas-interpret / pallas-tpu-interpret (kernels in interpret mode, "
+                        "for testing) (default: pallas)")
     g.add_argument("--no-warmup", action="store_true",
                    help="skip compiling every shape bucket at start-up")
 

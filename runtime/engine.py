@@ -50,7 +50,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes for the KV pool; default: see `_num_blocks`
     memory_fraction: float = 0.9  # of free accelerator memory, when kv_cache_memory is unset
     enable_prefix_caching: bool = True
-    attention_backend: str = "reference"
+    attention_backend: str = "pallas"  # kernels on GPU/TPU, the chunked pure-JAX path on CPU
     warmup: bool = True
     seed: int | None = None  # draws seeds for unseeded requests; None = nondeterministic
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from sluice.runtime.attention import AttentionMetadata
+from sluice.runtime.attention import AttentionMetadata, get_backend
 from sluice.runtime.kv_cache import KVCacheSpec
 from sluice.runtime.loader import Model
 from sluice.runtime.model import compute_logits, forward_unjitted
@@ -102,8 +102,11 @@ class ModelRunner:
         self.seq_buckets = pow2_buckets(1, max_num_seqs)
         self.prefill_seq_buckets = tuple(sorted({1, max_prefill_seqs}))
         self.token_buckets = pow2_buckets(16, max(16, max_num_batched_tokens))
-        # At most four widths: padding to the next one at most doubles attention reads.
-        self.page_buckets = pow2_buckets(max(1, max_pages // 8), max_pages)
+        if get_backend(backend).cost_grows_with_table_width:
+            # At most four widths: padding to the next one at most doubles attention reads.
+            self.page_buckets = pow2_buckets(max(1, max_pages // 8), max_pages)
+        else:
+            self.page_buckets = (max_pages,)
 
     def shapes(self) -> list[StepShape]:
         """Every shape a step can take (all compiled by `warmup`)."""

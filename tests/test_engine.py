@@ -51,7 +51,8 @@ def reference(model, prompts, max_tokens):
     dict(max_num_batched_tokens=32),                            # chunked prefill
     dict(kv_cache_memory=20 * 32 * 1024, max_model_len=160),    # tiny pool: forced preemption
     dict(max_num_seqs=3),                                       # queueing
-], ids=["batched", "chunked", "preempt", "queued"])
+    dict(attention_backend="reference"),                        # the reference attention
+], ids=["batched", "chunked", "preempt", "queued", "reference-backend"])
 def test_greedy_matches_one_at_a_time(tiny, engine_kw):
     prompts = random_prompts(8, 1, 90)
     max_tokens = [5 + 3 * i for i in range(8)]
@@ -235,8 +236,12 @@ def test_async_engine_streams_and_aborts(tiny):
 def test_warmup_compiles_buckets(tiny):
     engine = make_engine(tiny, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64,
                          warmup=True)
-    # Decode: 3 sequence buckets x 3 page widths; with prompt chunks: 2 prefill-seq
-    # buckets x 2 token buckets x 3 page widths.
-    assert len(engine.runner.shapes()) == 9 + 12
+    # Decode: 3 sequence buckets; with prompt chunks: 2 prefill-seq buckets x 2 token
+    # buckets; one table width (the default backend reads only live pages).
+    assert len(engine.runner.shapes()) == 3 + 4
+    # The reference reads every page of the table, so it gets 3 widths.
+    reference = make_engine(tiny, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64,
+                            attention_backend="reference")
+    assert len(reference.runner.shapes()) == 3 * 3 + 4 * 3
     out = run_all(engine, ["abc"], [SamplingParams(max_tokens=3, **GREEDY)])
     assert len(out[0].outputs[0].token_ids) == 3

@@ -1,5 +1,5 @@
-"""`pallas_kernels.reference` against a naive dense per-sequence numpy
-implementation, on random ragged paged batches built to be awkward: decode rows
+"""`pallas_kernels.reference` (and `pallas_kernels.chunked`, the CPU path that
+must agree with it) against a naive dense per-sequence numpy implementation, on random ragged paged batches built to be awkward: decode rows
 mixed with prefill chunks, KV lengths off block boundaries, shuffled
 non-contiguous pages, padding sequences and padding tokens, and every slot no
 live sequence owns (other layers included) filled with NaN."""
@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sluice.pallas_kernels import chunked
 from sluice.pallas_kernels.metadata import AttentionMetadata
 from sluice.pallas_kernels.reference import ragged_paged_attention, write_kv
 
@@ -120,10 +121,13 @@ def naive_attention(b: Batch, *, scale, sliding_window=None, soft_cap=None) -> n
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "soft_cap"))
-def _attend(q, cache, layer, meta, scale, sliding_window, soft_cap):
-    return ragged_paged_attention(q, cache, layer, meta, scale=scale,
-                                  sliding_window=sliding_window, soft_cap=soft_cap)
+IMPLS = {"reference": ragged_paged_attention, "chunked": chunked.ragged_paged_attention}
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "soft_cap", "impl"))
+def _attend(q, cache, layer, meta, scale, sliding_window, soft_cap, impl="reference"):
+    return IMPLS[impl](q, cache, layer, meta, scale=scale, sliding_window=sliding_window,
+                       soft_cap=soft_cap)
 
 
 _write = jax.jit(write_kv)
@@ -140,13 +144,14 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("impl", sorted(IMPLS))
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_attention_matches_naive(case):
+def test_attention_matches_naive(case, impl):
     block_size, num_kv_heads, group, window, cap = CASES[case]
     b = make_batch(case, block_size=block_size, num_kv_heads=num_kv_heads, group=group)
     scale = HEAD_DIM ** -0.5
     out = np.asarray(_attend(jnp.asarray(b.q), jnp.asarray(b.cache_full),
-                             jnp.asarray(LAYER, jnp.int32), b.meta, scale, window, cap))
+                             jnp.asarray(LAYER, jnp.int32), b.meta, scale, window, cap, impl))
     assert out.shape == b.q.shape and out.dtype == np.float32
     assert np.isfinite(out).all()
     expected = naive_attention(b, scale=scale, sliding_window=window, soft_cap=cap)
