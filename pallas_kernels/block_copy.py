@@ -1,0 +1,210 @@
+"""KV block gather/scatter in Pallas: the copy behind preemption swap and migration.
+
+Interface::
+
+    gather_blocks_{gpu,tpu}(cache, groups, num_staged, *, interpret=False) -> staging
+    scatter_blocks_{gpu,tpu}(cache, groups, staging, *, interpret=False) -> cache
+
+A block is one contiguous slab ``cache[b]`` = ``[num_layers, 2, block_size,
+kv_heads, head_dim]``. ``groups`` is int32 ``[G, 2]`` of ``(start, length)``
+runs of consecutive blocks, as `BlockManager.block_groups` returns them
+(`groups_array` pads a list to a fixed ``G`` with zero-length runs, so the
+number of compiled programs stays bounded). Runs are staged back to back in
+list order: staging row ``i`` holds the ``i``-th block of the concatenated
+runs, i.e. the same result as `reference.gather_blocks(cache, ids)` with
+``ids`` the runs expanded. Staging rows past the total length are unspecified
+on gather and ignored on scatter. Scatter updates the pool in place (aliased).
+
+How a run moves:
+
+- TPU: a run is a byte range contiguous in both the pool and the staging
+  buffer, so it moves as DMAs of whole runs, HBM to HBM. A DMA's size must be
+  static (dynamic-size DMA slices are neither lowerable nor interpretable), so a
+  run of length ``n`` is issued as one DMA per set bit of ``n`` (sizes 2^k
+  blocks, at most ``log2(max_group_len) + 1``); a run whose length is a power of
+  two is exactly one DMA. All DMAs of a run are in flight together.
+- GPU (Triton): one launch for the whole list; each program copies one
+  contiguous tile of one block slab, and consecutive programs cover a run's
+  consecutive bytes, so a run streams as one coalesced range.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+from sluice.pallas_kernels.platform import tpu_interpret_params
+
+GPU_TILE = 4096  # elements per Triton program (largest power of two dividing the slab, at most)
+
+
+def groups_array(groups: Sequence[tuple[int, int]], max_groups: int) -> jax.Array:
+    """Pad ``(start, length)`` runs to an int32 ``[max_groups, 2]`` array."""
+    if len(groups) > max_groups:
+        raise ValueError(f"groups: {len(groups)} runs exceed max_groups={max_groups}")
+    out = np.zeros((max_groups, 2), np.int32)
+    out[:len(groups)] = np.asarray(groups, np.int32).reshape(-1, 2)
+    return jnp.asarray(out)
+
+
+def expand_groups(groups: Sequence[tuple[int, int]]) -> np.ndarray:
+    """The block ids the runs stand for, in staging order."""
+    return np.asarray([b for start, n in groups for b in range(start, start + n)], np.int32)
+
+
+def _offsets(groups: jax.Array) -> jax.Array:
+    lengths = groups[:, 1]
+    return (jnp.cumsum(lengths) - lengths).astype(jnp.int32)
+
+
+# -- GPU (Pallas Triton) --------------------------------------------------------
+
+
+def staging_sources(groups: jax.Array, num_rows: int) -> jax.Array:
+    """For each staging row, the pool block it mirrors, or -1 past the total."""
+    ends = jnp.cumsum(groups[:, 1])
+    rows = jnp.arange(num_rows, dtype=jnp.int32)
+    g = jnp.minimum(jnp.searchsorted(ends, rows, side="right"), groups.shape[0] - 1)
+    src = groups[g, 0] + rows - (ends[g] - groups[g, 1])
+    return jnp.where(rows < ends[-1], src, -1).astype(jnp.int32)
+
+
+def _tile(slab: int) -> int:
+    return min(GPU_TILE, slab & -slab)
+
+
+def _gpu_gather_kernel(tile: int, src_ref, cache_ref, out_ref):
+    row, i = pl.program_id(0), pl.program_id(1)
+    src = src_ref[row]
+
+    @pl.when(src >= 0)
+    def _():
+        cols = pl.ds(i * tile, tile)
+        out_ref[row, cols] = cache_ref[src, cols]
+
+
+def _gpu_scatter_kernel(tile: int, src_ref, staging_ref, cache_in_ref, cache_ref):
+    del cache_in_ref  # aliased to cache_ref
+    row, i = pl.program_id(0), pl.program_id(1)
+    dst = src_ref[row]
+
+    @pl.when(dst >= 0)
+    def _():
+        cols = pl.ds(i * tile, tile)
+        cache_ref[dst, cols] = staging_ref[row, cols]
+
+
+def gather_blocks_gpu(cache: jax.Array, groups: jax.Array, num_staged: int, *,
+                      interpret: bool = False) -> jax.Array:
+    flat = cache.reshape(cache.shape[0], -1)  # free: a block is one contiguous slab
+    tile = _tile(flat.shape[1])
+    whole = pl.no_block_spec
+    out = pl.pallas_call(
+        functools.partial(_gpu_gather_kernel, tile),
+        out_shape=jax.ShapeDtypeStruct((num_staged, flat.shape[1]), cache.dtype),
+        grid=(num_staged, flat.shape[1] // tile),
+        in_specs=[whole, whole],
+        out_specs=whole,
+        compiler_params=pltriton.CompilerParams(num_warps=4),
+        interpret=interpret,
+        name="sluice_gather_blocks",
+    )(staging_sources(groups, num_staged), flat)
+    return out.reshape((num_staged,) + cache.shape[1:])
+
+
+def scatter_blocks_gpu(cache: jax.Array, groups: jax.Array, staging: jax.Array, *,
+                       interpret: bool = False) -> jax.Array:
+    flat = cache.reshape(cache.shape[0], -1)
+    staged = staging.astype(cache.dtype).reshape(staging.shape[0], -1)
+    tile = _tile(flat.shape[1])
+    whole = pl.no_block_spec
+    out = pl.pallas_call(
+        functools.partial(_gpu_scatter_kernel, tile),
+        out_shape=jax.ShapeDtypeStruct(flat.shape, cache.dtype),
+        grid=(staged.shape[0], flat.shape[1] // tile),
+        in_specs=[whole] * 3,
+        out_specs=whole,
+        input_output_aliases={2: 0},
+        compiler_params=pltriton.CompilerParams(num_warps=4),
+        interpret=interpret,
+        name="sluice_scatter_blocks",
+    )(staging_sources(groups, staged.shape[0]), staged, flat)
+    return out.reshape(cache.shape)
+
+
+# -- TPU (Mosaic) ---------------------------------------------------------------
+
+
+def _run_copies(num_bits: int, start, length, offset, src_hbm, dst_hbm, sems,
+                to_staging: bool) -> None:
+    """DMA one run as power-of-two pieces (one per set bit of its length)."""
+    pieces = []
+    for k in range(num_bits):
+        size = 1 << k
+        done = (length >> (k + 1)) << (k + 1)  # blocks covered by the higher bits
+        src_at, dst_at = start + done, offset + done
+        if not to_staging:
+            src_at, dst_at = dst_at, src_at
+        pieces.append(((length >> k) & 1 == 1,
+                       pltpu.make_async_copy(src_hbm.at[pl.ds(src_at, size)],
+                                             dst_hbm.at[pl.ds(dst_at, size)], sems.at[k])))
+    for present, copy in pieces:
+        pl.when(present)(copy.start)
+    for present, copy in pieces:
+        pl.when(present)(copy.wait)
+
+
+def _tpu_gather_kernel(num_bits, groups_ref, offsets_ref, cache_hbm, out_hbm, sems):
+    g = pl.program_id(0)
+    _run_copies(num_bits, groups_ref[g, 0], groups_ref[g, 1], offsets_ref[g], cache_hbm,
+                out_hbm, sems, to_staging=True)
+
+
+def _tpu_scatter_kernel(num_bits, groups_ref, offsets_ref, staging_hbm, cache_in_hbm,
+                        cache_hbm, sems):
+    del cache_in_hbm  # aliased to cache_hbm
+    g = pl.program_id(0)
+    _run_copies(num_bits, groups_ref[g, 0], groups_ref[g, 1], offsets_ref[g], staging_hbm,
+                cache_hbm, sems, to_staging=False)
+
+
+def _tpu_call(kernel, num_bits: int, num_groups: int, num_inputs: int, out_shape, aliases,
+              interpret: bool):
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2,
+        grid=(num_groups,),
+        in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * num_inputs,
+        out_specs=pl.BlockSpec(memory_space=pl.ANY),
+        scratch_shapes=[pltpu.SemaphoreType.DMA((num_bits,))],
+    )
+    return pl.pallas_call(
+        functools.partial(kernel, num_bits), out_shape=out_shape, grid_spec=grid_spec,
+        input_output_aliases=aliases,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
+        interpret=tpu_interpret_params() if interpret else False,
+        name=kernel.__name__.strip("_"),
+    )
+
+
+def gather_blocks_tpu(cache: jax.Array, groups: jax.Array, num_staged: int, *,
+                      interpret: bool = False) -> jax.Array:
+    groups = groups.astype(jnp.int32)
+    call = _tpu_call(_tpu_gather_kernel, num_staged.bit_length(), groups.shape[0], 1,
+                     jax.ShapeDtypeStruct((num_staged,) + cache.shape[1:], cache.dtype), {},
+                     interpret)
+    return call(groups, _offsets(groups), cache)
+
+
+def scatter_blocks_tpu(cache: jax.Array, groups: jax.Array, staging: jax.Array, *,
+                       interpret: bool = False) -> jax.Array:
+    groups = groups.astype(jnp.int32)
+    call = _tpu_call(_tpu_scatter_kernel, staging.shape[0].bit_length(), groups.shape[0], 2,
+                     jax.ShapeDtypeStruct(cache.shape, cache.dtype), {3: 0}, interpret)
+    return call(groups, _offsets(groups), staging.astype(cache.dtype), cache)

@@ -1,0 +1,270 @@
+"""Ragged paged attention in Pallas: one call for a mixed decode/prefill batch.
+
+Interface (same as `reference.ragged_paged_attention`, plus ``interpret``)::
+
+    ragged_paged_attention_{gpu,tpu}(q, cache, layer, meta, *, scale,
+                                     sliding_window=None, soft_cap=None,
+                                     interpret=False) -> [T, q_heads, head_dim]
+
+Work split. The flattened query rows are cut into fixed tiles of ``BQ`` rows,
+regardless of sequence boundaries, and the grid is ``(tiles, kv_heads)``. A
+tile may span several sequences (many decode rows, or the end of one prefill
+chunk and the start of the next); the program loops over exactly the
+sequences that own rows of its tile (ranges computed by a tiny XLA pre-pass)
+and, for each, over only the KV pages its rows can see (causal upper bound,
+sliding-window lower bound). Each query row accumulates only from its own
+sequence, so every row gets one online-softmax (float32) state no matter how
+the tile is shared, and padding rows end with zero weight and return zeros.
+This keeps the grid static for every batch shape, needs no per-sequence
+padding of queries, and reads each sequence's KV once per tile.
+
+The ``G`` query heads sharing a KV head are processed together: the wrapper
+lays queries out as ``[kv_heads, rows * G', head_dim]`` (``G'`` = G rounded up
+to a power of two, extra heads zero) so a tile is one 2-D ``[BQ * G', D]``
+operand and the kernel needs no in-kernel reshapes.
+
+Masking rules that make stray data harmless: scores are selected with
+``where`` (never added to a bias), and value rows past ``seq_lens`` are zeroed
+before the probability matmul, so NaN in unused slots cannot leak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+from sluice.pallas_kernels.metadata import AttentionMetadata
+from sluice.pallas_kernels.platform import next_power_of_2, tpu_interpret_params
+
+# Target query rows (BQ * G') per tile: small for decode-only groups (the
+# matmuls are tiny and memory-bound), larger for prefill chunks.
+DECODE_TILE_ROWS = 16
+PREFILL_TILE_ROWS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Compile-time parameters of one kernel instance."""
+
+    tile_tokens: int        # BQ: query tokens per tile
+    group: int              # G': query heads per KV head, padded to a power of two
+    block_size: int
+    pages: int              # block-table width
+    scale: float
+    sliding_window: int | None
+    soft_cap: float | None
+
+    @property
+    def rows(self) -> int:
+        return self.tile_tokens * self.group
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tiles:
+    """Per-call inputs shared by both variants."""
+
+    q: jax.Array            # [Hkv, Tpad * G', D]
+    layer: jax.Array        # [1]
+    query_start_loc: jax.Array
+    seq_lens: jax.Array
+    block_tables: jax.Array  # [S * P], flattened (1-D scalar table)
+    seq_lo: jax.Array       # [tiles] first sequence owning rows of the tile
+    seq_hi: jax.Array       # [tiles] one past the last one (live sequences only)
+
+
+def _plan(q: jax.Array, cache: jax.Array, layer, meta: AttentionMetadata, scale: float,
+          sliding_window: int | None, soft_cap: float | None) -> tuple[_Static, _Tiles]:
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = cache.shape[4]
+    group = num_q_heads // num_kv_heads
+    gp = next_power_of_2(group)
+    target = DECODE_TILE_ROWS if meta.max_query_len == 1 else PREFILL_TILE_ROWS
+    # A power of two, at least 8 rows (TPU sublanes), no larger than needed.
+    bq = min(max(1, target // gp, 8 // math.gcd(gp, 8)),
+             max(next_power_of_2(num_tokens), 8 // math.gcd(gp, 8)))
+    tiles = -(-num_tokens // bq)
+    static = _Static(bq, gp, cache.shape[3], meta.block_tables.shape[1], float(scale),
+                     sliding_window, None if soft_cap is None else float(soft_cap))
+
+    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)
+    qg = jnp.pad(qg, ((0, tiles * bq - num_tokens), (0, 0), (0, gp - group), (0, 0)))
+    qg = qg.transpose(1, 0, 2, 3).reshape(num_kv_heads, tiles * bq * gp, head_dim)
+
+    qsl = meta.query_start_loc.astype(jnp.int32)
+    starts = jnp.arange(tiles, dtype=jnp.int32) * bq
+    seq_lo = jnp.searchsorted(qsl[1:], starts, side="right").astype(jnp.int32)
+    seq_hi = jnp.searchsorted(qsl[:-1], starts + bq, side="left").astype(jnp.int32)
+    seq_hi = jnp.minimum(seq_hi, meta.num_seqs.astype(jnp.int32))
+    inputs = _Tiles(qg, jnp.asarray(layer, jnp.int32).reshape(1), qsl,
+                    meta.seq_lens.astype(jnp.int32),
+                    meta.block_tables.astype(jnp.int32).reshape(-1), seq_lo, seq_hi)
+    return static, inputs
+
+
+def _unplan(out: jax.Array, q: jax.Array) -> jax.Array:
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = out.shape[0]
+    group = num_q_heads // num_kv_heads
+    out = out.reshape(num_kv_heads, -1, next_power_of_2(group), head_dim)
+    return out[:, :num_tokens, :group].transpose(1, 0, 2, 3).reshape(q.shape)
+
+
+def _attend_tile(st: _Static, tile, q: jax.Array, qsl_ref, seq_lens_ref, tables_ref,
+                 seq_lo, seq_hi, load_page: Callable) -> jax.Array:
+    """Online-softmax attention of one tile's rows ``q`` [M, D]; returns f32 [M, D].
+
+    ``load_page(page, kv)`` returns one page's keys (kv=0) or values
+    (kv=1) for this program's KV head as ``[block_size, head_dim]``.
+    """
+    rows, head_dim = q.shape
+    bs = st.block_size
+    first_row = tile * st.tile_tokens
+    # Token row of each of the M tile rows, as a column [M, 1].
+    row = first_row + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // st.group
+    kv_col = jax.lax.broadcasted_iota(jnp.int32, (1, bs), 1)
+    kv_row = jax.lax.broadcasted_iota(jnp.int32, (bs, 1), 0)
+    precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+
+    def seq_body(s, carry):
+        q_start, q_end, seq_len = qsl_ref[s], qsl_ref[s + 1], seq_lens_ref[s]
+        ctx = seq_len - (q_end - q_start)  # position of the sequence's first query row
+        r_lo = jnp.maximum(q_start, first_row)
+        r_hi = jnp.minimum(q_end, first_row + st.tile_tokens)
+        kv_hi = jnp.where(r_hi > r_lo, ctx + r_hi - q_start, 0)  # causal bound
+        kv_lo = jnp.int32(0)
+        if st.sliding_window is not None:
+            kv_lo = jnp.clip(ctx + r_lo - q_start - st.sliding_window + 1, 0, kv_hi)
+        in_seq = (row >= q_start) & (row < q_end)
+        q_pos = ctx + row - q_start  # [M, 1]
+
+        def page_body(p, carry):
+            m, l, acc = carry
+            page = tables_ref[s * st.pages + p]
+            k, v = load_page(page, 0), load_page(page, 1)
+            kv_pos = p * bs + kv_col  # [1, B]
+            mask = in_seq & (kv_pos <= q_pos)
+            if st.sliding_window is not None:
+                mask &= kv_pos > q_pos - st.sliding_window
+            scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                                         preferred_element_type=jnp.float32) * st.scale
+            if st.soft_cap is not None:
+                scores = st.soft_cap * jnp.tanh(scores / st.soft_cap)
+            scores = jnp.where(mask, scores, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(scores, axis=1, keepdims=True))
+            shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            alpha = jnp.exp(m - shift)
+            probs = jnp.where(mask, jnp.exp(scores - shift), 0.0)
+            v = jnp.where(p * bs + kv_row < seq_len, v, jnp.zeros_like(v))
+            pv = jax.lax.dot_general(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                     precision=precision, preferred_element_type=jnp.float32)
+            return m_new, alpha * l + jnp.sum(probs, axis=1, keepdims=True), alpha * acc + pv
+
+        return jax.lax.fori_loop(kv_lo // bs, (kv_hi + bs - 1) // bs, page_body, carry)
+
+    init = (jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
+            jnp.zeros((rows, head_dim), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(seq_lo, seq_hi, seq_body, init)
+    return acc / jnp.where(l > 0, l, 1.0)
+
+
+# -- GPU (Pallas Triton) --------------------------------------------------------
+
+
+def _gpu_kernel(st: _Static, layer_ref, qsl_ref, seq_lens_ref, tables_ref, seq_lo_ref,
+                seq_hi_ref, q_ref, cache_ref, o_ref):
+    tile, head = pl.program_id(0), pl.program_id(1)
+    layer = layer_ref[0]
+
+    def load_page(page, kv):
+        return cache_ref[page, layer, kv, :, head, :]
+
+    out = _attend_tile(st, tile, q_ref[...], qsl_ref, seq_lens_ref, tables_ref,
+                       seq_lo_ref[tile], seq_hi_ref[tile], load_page)
+    o_ref[...] = out.astype(o_ref.dtype)
+
+
+def ragged_paged_attention_gpu(q: jax.Array, cache: jax.Array, layer, meta: AttentionMetadata,
+                               *, scale: float, sliding_window: int | None = None,
+                               soft_cap: float | None = None,
+                               interpret: bool = False) -> jax.Array:
+    """Pallas-Triton variant. Compiled, ``head_dim`` and ``block_size`` must be
+    powers of two and ``block_size >= 16`` (Triton block and dot shapes)."""
+    st, t = _plan(q, cache, layer, meta, scale, sliding_window, soft_cap)
+    head_dim, block_size = q.shape[2], cache.shape[3]
+    if not interpret and (head_dim & (head_dim - 1) or block_size & (block_size - 1)
+                          or block_size < 16):
+        raise ValueError(f"pallas GPU attention needs power-of-two head_dim and block_size "
+                         f">= 16; got head_dim={head_dim}, block_size={block_size}")
+    num_kv_heads, total_rows, _ = t.q.shape
+    tiles = total_rows // st.rows
+    whole = pl.no_block_spec
+    tile_spec = pl.BlockSpec((None, st.rows, head_dim), lambda i, h: (h, i, 0))
+    out = pl.pallas_call(
+        functools.partial(_gpu_kernel, st),
+        out_shape=jax.ShapeDtypeStruct(t.q.shape, q.dtype),
+        grid=(tiles, num_kv_heads),
+        in_specs=[whole] * 6 + [tile_spec, whole],
+        out_specs=tile_spec,
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="sluice_ragged_paged_attention",
+    )(t.layer, t.query_start_loc, t.seq_lens, t.block_tables, t.seq_lo, t.seq_hi, t.q, cache)
+    return _unplan(out, q)
+
+
+# -- TPU (Mosaic) ---------------------------------------------------------------
+
+
+def _tpu_kernel(st: _Static, layer_ref, qsl_ref, seq_lens_ref, tables_ref, seq_lo_ref,
+                seq_hi_ref, q_ref, cache_hbm, o_ref, kv_buf, sems):
+    tile, head = pl.program_id(0), pl.program_id(1)
+    layer = layer_ref[0]
+
+    def load_page(page, kv):
+        copy = pltpu.make_async_copy(cache_hbm.at[page, layer, kv, :, head, :], kv_buf.at[kv],
+                                     sems.at[kv])
+        copy.start()
+        copy.wait()
+        return kv_buf[kv]
+
+    out = _attend_tile(st, tile, q_ref[...], qsl_ref, seq_lens_ref, tables_ref,
+                       seq_lo_ref[tile], seq_hi_ref[tile], load_page)
+    o_ref[...] = out.astype(o_ref.dtype)
+
+
+def ragged_paged_attention_tpu(q: jax.Array, cache: jax.Array, layer, meta: AttentionMetadata,
+                               *, scale: float, sliding_window: int | None = None,
+                               soft_cap: float | None = None,
+                               interpret: bool = False) -> jax.Array:
+    """Mosaic-TPU variant: scalar tables in SMEM (scalar prefetch), the KV pool
+    left in HBM and each page DMA'd into VMEM (one page per step, not yet
+    double-buffered)."""
+    st, t = _plan(q, cache, layer, meta, scale, sliding_window, soft_cap)
+    num_kv_heads, total_rows, head_dim = t.q.shape
+    tiles = total_rows // st.rows
+    tile_spec = pl.BlockSpec((None, st.rows, head_dim), lambda i, h, *_: (h, i, 0))
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=6,
+        grid=(tiles, num_kv_heads),
+        in_specs=[tile_spec, pl.BlockSpec(memory_space=pl.ANY)],
+        out_specs=tile_spec,
+        scratch_shapes=[pltpu.VMEM((2, st.block_size, head_dim), cache.dtype),
+                        pltpu.SemaphoreType.DMA((2,))],
+    )
+    out = pl.pallas_call(
+        functools.partial(_tpu_kernel, st),
+        out_shape=jax.ShapeDtypeStruct(t.q.shape, q.dtype),
+        grid_spec=grid_spec,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        interpret=tpu_interpret_params() if interpret else False,
+        name="sluice_ragged_paged_attention",
+    )(t.layer, t.query_start_loc, t.seq_lens, t.block_tables, t.seq_lo, t.seq_hi, t.q, cache)
+    return _unplan(out, q)
