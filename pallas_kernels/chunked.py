@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from sluice.pallas_kernels.metadata import AttentionMetadata
+from sluice.pallas_kernels.reference import padded_queries, scatter_rows
 
 PAGES_PER_CHUNK = 4
 
@@ -23,7 +24,7 @@ def ragged_paged_attention(q: jax.Array, cache: jax.Array, layer: jax.Array | in
                            meta: AttentionMetadata, *, scale: float,
                            sliding_window: int | None = None,
                            soft_cap: float | None = None) -> jax.Array:
-    num_tokens, num_q_heads, head_dim = q.shape
+    _, num_q_heads, head_dim = q.shape
     num_seqs, pages = meta.block_tables.shape
     block_size, num_kv_heads = cache.shape[3], cache.shape[4]
     group = num_q_heads // num_kv_heads
@@ -32,13 +33,7 @@ def ragged_paged_attention(q: jax.Array, cache: jax.Array, layer: jax.Array | in
     tables = jnp.pad(meta.block_tables, ((0, 0), (0, -pages % ppc)))
     chunk = ppc * block_size
 
-    starts = meta.query_start_loc[:-1]
-    q_lens = meta.query_start_loc[1:] - starts
-    i = jnp.arange(max_q)
-    q_valid = i[None, :] < q_lens[:, None]  # [S, Qm]
-    rows = jnp.where(q_valid, starts[:, None] + i[None, :], 0)
-    qs = q[rows].astype(jnp.float32).reshape(num_seqs, max_q, num_kv_heads, group, head_dim)
-    q_pos = meta.seq_lens[:, None] - q_lens[:, None] + i[None, :]  # [S, Qm]
+    qs, q_valid, rows, q_pos = padded_queries(q, meta, num_kv_heads)
 
     def body(carry):
         c, m, l, acc = carry
@@ -72,7 +67,4 @@ def ragged_paged_attention(q: jax.Array, cache: jax.Array, layer: jax.Array | in
     _, _, l, acc = jax.lax.while_loop(lambda carry: carry[0] < num_chunks, body, init)
     out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [S, Hkv, G, Qm, D]
     out = jnp.moveaxis(out, 3, 1).reshape(num_seqs, max_q, num_q_heads, head_dim)
-
-    flat_rows = jnp.where(q_valid, rows, num_tokens)
-    result = jnp.zeros((num_tokens, num_q_heads, head_dim), jnp.float32)
-    return result.at[flat_rows].set(out, mode="drop").astype(q.dtype)
+    return scatter_rows(out, q_valid, rows, q)

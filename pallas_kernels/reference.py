@@ -37,10 +37,9 @@ def ragged_paged_attention(q: jax.Array, cache: jax.Array, layer: jax.Array | in
     Each sequence's queries are the last ``qlen`` positions of its ``seq_lens``
     tokens. Computed in float32; returns q's dtype. Padding rows return zeros.
     """
-    num_tokens, num_q_heads, head_dim = q.shape
+    _, num_q_heads, head_dim = q.shape
     num_seqs, pages = meta.block_tables.shape
     block_size, num_kv_heads = cache.shape[3], cache.shape[4]
-    group = num_q_heads // num_kv_heads
     max_q = meta.max_query_len
     max_kv = pages * block_size
 
@@ -50,15 +49,7 @@ def ragged_paged_attention(q: jax.Array, cache: jax.Array, layer: jax.Array | in
     values = cache[meta.block_tables, layer, 1].reshape(num_seqs, max_kv, num_kv_heads, head_dim)
     keys, values = keys.astype(jnp.float32), values.astype(jnp.float32)
 
-    # Gather each sequence's queries into a padded [S, max_q] layout.
-    starts = meta.query_start_loc[:-1]
-    q_lens = meta.query_start_loc[1:] - starts
-    i = jnp.arange(max_q)
-    q_valid = i[None, :] < q_lens[:, None]  # [S, Qm]
-    rows = jnp.where(q_valid, starts[:, None] + i[None, :], 0)
-    qs = q[rows].astype(jnp.float32).reshape(num_seqs, max_q, num_kv_heads, group, head_dim)
-
-    q_pos = meta.seq_lens[:, None] - q_lens[:, None] + i[None, :]  # [S, Qm]
+    qs, q_valid, rows, q_pos = padded_queries(q, meta, num_kv_heads)
     kv_pos = jnp.arange(max_kv)
     kv_valid = kv_pos[None, :] < meta.seq_lens[:, None]  # [S, K]
     mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & kv_valid[:, None, :] & q_valid[:, :, None]
@@ -76,12 +67,33 @@ def ragged_paged_attention(q: jax.Array, cache: jax.Array, layer: jax.Array | in
     probs = jnp.where(mask, jnp.exp(scores - jnp.where(jnp.isfinite(row_max), row_max, 0.0)), 0.0)
     denom = jnp.sum(probs, axis=-1, keepdims=True)
     probs = probs / jnp.where(denom > 0, denom, 1.0)
-    out = jnp.einsum("shgqk,skhd->sqhgd", probs, values).reshape(num_seqs, max_q, num_q_heads, head_dim)
+    out = jnp.einsum("shgqk,skhd->sqhgd", probs, values)
+    return scatter_rows(out.reshape(num_seqs, max_q, num_q_heads, head_dim), q_valid, rows, q)
 
-    # Scatter back to the flat rows; padding rows stay zero.
-    flat_rows = jnp.where(q_valid, rows, num_tokens)
-    result = jnp.zeros((num_tokens, num_q_heads, head_dim), jnp.float32)
-    result = result.at[flat_rows].set(out, mode="drop")
+
+def padded_queries(q: jax.Array, meta: AttentionMetadata, num_kv_heads: int):
+    """Each sequence's query rows in a padded layout.
+
+    Returns (queries [S, Qm, kv_heads, group, D] float32, valid [S, Qm], flat row
+    of each slot [S, Qm], KV position of each slot [S, Qm]).
+    """
+    num_seqs = meta.seq_lens.shape[0]
+    starts = meta.query_start_loc[:-1]
+    q_lens = meta.query_start_loc[1:] - starts
+    i = jnp.arange(meta.max_query_len)
+    valid = i[None, :] < q_lens[:, None]
+    rows = jnp.where(valid, starts[:, None] + i[None, :], 0)
+    qs = q[rows].astype(jnp.float32).reshape(num_seqs, meta.max_query_len, num_kv_heads, -1,
+                                             q.shape[-1])
+    return qs, valid, rows, meta.seq_lens[:, None] - q_lens[:, None] + i[None, :]
+
+
+def scatter_rows(out: jax.Array, valid: jax.Array, rows: jax.Array, q: jax.Array) -> jax.Array:
+    """Padded per-sequence outputs [S, Qm, H, D] back to q's flat rows and dtype;
+    padding rows are zero."""
+    num_tokens = q.shape[0]
+    flat_rows = jnp.where(valid, rows, num_tokens)
+    result = jnp.zeros(q.shape, jnp.float32).at[flat_rows].set(out, mode="drop")
     return result.astype(q.dtype)
 
 
