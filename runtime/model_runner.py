@@ -124,7 +124,9 @@ class ModelRunner:
                          pages)
 
     def warmup(self) -> None:
-        """Compile every step shape (padding-only inputs: the pool is untouched)."""
+        """Compile every step shape (padding-only inputs: the pool is untouched) and,
+        for each, the greedy and plain-temperature samplers. Sampler variants with
+        top-k/top-p/min-p, penalties or logprobs compile on first use."""
         for shape in tqdm(self.shapes(), desc="compiling", unit="shape"):
             metas = tuple(_padding_group(self.spec, n, t, q, shape.pages)
                           for n, t, q in shape.groups())
@@ -134,7 +136,11 @@ class ModelRunner:
                 self.model.params, self.kv_cache, jnp.zeros(n_tok, jnp.int32),
                 jnp.zeros(n_tok, jnp.int32), metas, jnp.zeros(n_seq, jnp.int32),
                 cfg=self.model.config, backend=self.backend)
-            logits.block_until_ready()
+            tensors = SamplingTensors.build([], n_seq, self.model.config.vocab_size, False)
+            for greedy in (True, False):
+                jax.block_until_ready(_sample(logits, tensors, all_greedy=greedy,
+                                              do_penalties=False, do_filters=False,
+                                              num_logprobs=0))
 
     # -- batch construction -------------------------------------------------
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from sluice.runtime import LLM, AsyncEngine, SamplingParams, greedy_generate, load_model
+from sluice.runtime import model_runner
 from sluice.runtime.engine import EngineConfig, LLMEngine
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -243,5 +244,13 @@ def test_warmup_compiles_buckets(tiny):
     reference = make_engine(tiny, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64,
                             attention_backend="reference")
     assert len(reference.runner.shapes()) == 3 * 3 + 4 * 3
-    out = run_all(engine, ["abc"], [SamplingParams(max_tokens=3, **GREEDY)])
-    assert len(out[0].outputs[0].token_ids) == 3
+    # After warm-up, greedy and temperature sampling over varied batches compile nothing.
+    compiled = (model_runner._forward_logits._cache_size(), model_runner._sample._cache_size())
+    prompts = ["abc", "a much longer prompt that needs two chunks of the budget", "x", "yz", "q"]
+    params = [SamplingParams(max_tokens=3 + i, **GREEDY) if i % 2 else
+              SamplingParams(max_tokens=3 + i, temperature=1.0, seed=i, ignore_eos=True)
+              for i in range(5)]
+    out = run_all(engine, prompts, params)
+    assert [len(o.outputs[0].token_ids) for o in out] == [3, 4, 5, 6, 7]
+    assert (model_runner._forward_logits._cache_size(),
+            model_runner._sample._cache_size()) == compiled
