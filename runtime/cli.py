@@ -46,6 +46,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", type=float, default=None,
                    help="GiB for the KV cache pool (default: 90%% of free accelerator memory; "
                         "on CPU what --max-num-seqs full-length sequences need, at most 2 GiB)")
+    g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "fair"],
+                   help="admission order: fcfs, priority (request `priority`, lower first, "
+                        "preempting lower-priority running requests), or fair (virtual token "
+                        "counters per client) (default: fcfs)")
     g.add_argument("--no-prefix-caching", action="store_true",
                    help="disable automatic prefix caching")
     g.add_argument("--attention-backend", default="pallas",
@@ -65,6 +69,7 @@ def _make_llm(args: argparse.Namespace) -> LLM:
                kv_cache_memory=None if args.kv_cache_memory is None
                else int(args.kv_cache_memory * GiB),
                enable_prefix_caching=not args.no_prefix_caching,
+               scheduling_policy=args.scheduling_policy,
                attention_backend=args.attention_backend, warmup=not args.no_warmup)
 
 

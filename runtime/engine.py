@@ -8,6 +8,7 @@ Interface (used by `LLM`, `AsyncEngine` and the server):
 - ``enqueue(group)``, or ``add_request(...)`` = prepare + enqueue;
 - ``step() -> list[RequestOutput]``: outputs of the requests that advanced;
 - ``abort_request(request_id)``: unknown ids are a no-op;
+- ``set_priority(request_id, priority)``: re-rank a request at runtime;
 - ``stats() -> EngineStats``.
 
 The engine is single-threaded: call it from one thread (AsyncEngine does).
@@ -31,7 +32,8 @@ from sluice.runtime.model_runner import ModelRunner, StepRow
 from sluice.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sluice.runtime.request import Request, TokenLogprobs
 from sluice.runtime.sampling_params import SamplingParams
-from sluice.scheduler.local import LocalScheduler, Policy
+from sluice.scheduler.local import LocalScheduler
+from sluice.scheduler.policies import Policy, make_policy
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes for the KV pool; default: see `_num_blocks`
     memory_fraction: float = 0.9  # of free accelerator memory, when kv_cache_memory is unset
     enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"  # fcfs | priority | fair (sluice.scheduler.policies)
+    max_preemptions: int = 4  # times a request may be displaced by higher-priority work
     attention_backend: str = "pallas"  # kernels on GPU/TPU, the chunked pure-JAX path on CPU
     warmup: bool = True
     seed: int | None = None  # draws seeds for unseeded requests; None = nondeterministic
@@ -91,7 +95,9 @@ class LLMEngine:
                                           config.enable_prefix_caching)
         self.scheduler = LocalScheduler(self.block_manager, config.max_num_seqs,
                                         config.max_num_batched_tokens,
-                                        config.max_prefill_seqs, policy)
+                                        config.max_prefill_seqs,
+                                        policy or make_policy(config.scheduling_policy),
+                                        config.max_preemptions)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.max_num_seqs,
                                   config.max_num_batched_tokens, config.max_prefill_seqs,
                                   self.max_model_len, config.attention_backend)
@@ -162,6 +168,15 @@ class LLMEngine:
             if not req.is_finished:
                 self.scheduler.abort(req.request_id)
                 req.abort(now)
+
+    def set_priority(self, request_id: str, priority: int) -> None:
+        """Change a request's priority while it waits or runs (an admin call); the
+        scheduler acts on it from the next step. Unknown ids: no-op."""
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority: must be an integer, got {priority!r}")
+        group = self.groups.get(request_id)
+        for req in group.requests if group else ():
+            req.priority = priority
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished

@@ -16,35 +16,18 @@ out, the policy names a running request to preempt by recompute: its blocks are
 freed and it returns to the front of the waiting queue; it resumes from the
 prefix cache and its seeded sampler state, so its output does not change.
 
-A `Policy` decides the two orders; `FCFSPolicy` is the default (arrival order,
-preempt the most recently admitted). Later policies plug in here.
+A `Policy` (`sluice.scheduler.policies`: FCFS, priority, fair) orders the
+waiting queue, picks preemption victims, and may let a waiting request displace
+a running one (priority scheduling); a request is displaced at most
+``max_preemptions`` times, so it cannot thrash.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
-
 from sluice.runtime.block_manager import BlockManager
 from sluice.runtime.request import Request, RequestStatus
-
-
-class Policy(Protocol):
-    def next_waiting(self, waiting: list[Request]) -> Request:
-        """The waiting request to admit next."""
-
-    def victim(self, running: list[Request]) -> Request:
-        """The running request to preempt when blocks run out."""
-
-
-class FCFSPolicy:
-    """First come, first served; the latest admitted is preempted first."""
-
-    def next_waiting(self, waiting: list[Request]) -> Request:
-        return waiting[0]
-
-    def victim(self, running: list[Request]) -> Request:
-        return running[-1]
+from sluice.scheduler.policies import FCFSPolicy, Policy
 
 
 @dataclasses.dataclass
@@ -60,12 +43,13 @@ class SchedulerOutput:
 class LocalScheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
                  max_num_batched_tokens: int, max_prefill_seqs: int = 4,
-                 policy: Policy | None = None):
+                 policy: Policy | None = None, max_preemptions: int = 4):
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_prefill_seqs = max_prefill_seqs
         self.policy = policy or FCFSPolicy()
+        self.max_preemptions = max_preemptions
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -83,6 +67,7 @@ class LocalScheduler:
         return bool(self.waiting or self.running)
 
     def add(self, request: Request) -> None:
+        self.policy.on_add(request, self.waiting + self.running)
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
 
@@ -105,6 +90,7 @@ class LocalScheduler:
         scheduled: list[tuple[Request, int]] = []
         preempted: list[Request] = []
         prefills = 0
+        displaced = self._displace_for_waiting()
         for req in list(self.running):
             if budget == 0:
                 break
@@ -118,9 +104,28 @@ class LocalScheduler:
                 scheduled.append((req, n))
                 budget -= n
                 prefills += is_prefill
-        if not preempted:
+        if not preempted:  # under memory pressure, admit nobody new this step
             self._admit(budget, prefills, scheduled)
-        return SchedulerOutput(scheduled, preempted)
+        self.policy.account(scheduled)
+        return SchedulerOutput(scheduled, displaced + preempted)
+
+    def _displace_for_waiting(self) -> list[Request]:
+        """Preempt running requests the policy ranks below the next waiting one,
+        while that one cannot be admitted (no sequence slot or no blocks)."""
+        displaced = []
+        while self.waiting and self.running:
+            head = self.policy.next_waiting(self.waiting)
+            blocked = (len(self.running) >= self.max_num_seqs
+                       or not self._may_fit(head, self.max_num_batched_tokens))
+            movable = [r for r in self.running if r.num_preemptions < self.max_preemptions]
+            if not blocked or not movable:
+                break
+            victim = self.policy.victim(movable)
+            if not self.policy.outranks(head, victim):
+                break
+            self._preempt(victim)
+            displaced.append(victim)
+        return displaced
 
     def _reserve(self, req: Request, n: int, scheduled: list, preempted: list) -> bool:
         """Get blocks for ``n`` more tokens of a running request, preempting others

@@ -1,0 +1,123 @@
+"""Scheduling policies for `sluice.scheduler.local.LocalScheduler`.
+
+A policy orders the waiting queue, names the running request to preempt when
+blocks run out, says whether a waiting request may displace a running one
+(``outranks``), and is told what each step served (``account``):
+
+- `FCFSPolicy`: arrival order; the latest admitted is preempted first; no
+  displacement.
+- `PriorityPolicy`: the request ``priority`` field, lower value first (vLLM's
+  convention), then arrival; a waiting request displaces a running one of
+  strictly worse priority (the scheduler bounds how often one request can be
+  displaced). Priorities may change while requests run.
+- `FairPolicy`: virtual token counters per client (Sheng et al., "Fairness in
+  Serving Large Language Models", OSDI 2024): each client's counter grows by
+  ``w_in`` per prompt token and ``w_out`` per generated token, divided by the
+  client's weight; the waiting request of the least-served client goes first,
+  and a client that returns after being idle is lifted to the least counter
+  among active clients, so idle time is not banked. It never displaces running
+  requests (fairness comes from admission order), which keeps context switches
+  to those memory pressure forces.
+"""
+
+from __future__ import annotations
+
+from sluice.runtime.request import Request
+
+
+class Policy:
+    """FCFS behaviour; subclasses override what they change."""
+
+    name = "fcfs"
+
+    def next_waiting(self, waiting: list[Request]) -> Request:
+        """The waiting request to admit next."""
+        return waiting[0]
+
+    def victim(self, running: list[Request]) -> Request:
+        """The running request to preempt when blocks run out."""
+        return running[-1]
+
+    def outranks(self, waiting: Request, running: Request) -> bool:
+        """Whether ``waiting`` should displace ``running`` when it cannot be admitted."""
+        return False
+
+    def on_add(self, request: Request, active: list[Request]) -> None:
+        """A request arrived; ``active`` are the others waiting or running."""
+
+    def account(self, scheduled: list[tuple[Request, int]]) -> None:
+        """A step was scheduled: (request, new tokens) pairs."""
+
+
+class FCFSPolicy(Policy):
+    pass
+
+
+class PriorityPolicy(Policy):
+    name = "priority"
+
+    def next_waiting(self, waiting: list[Request]) -> Request:
+        return min(waiting, key=lambda r: (r.priority, r.arrival_time))
+
+    def victim(self, running: list[Request]) -> Request:
+        return max(running, key=lambda r: (r.priority, r.arrival_time))
+
+    def outranks(self, waiting: Request, running: Request) -> bool:
+        return waiting.priority < running.priority
+
+
+class FairPolicy(Policy):
+    name = "fair"
+
+    def __init__(self, w_in: float = 1.0, w_out: float = 2.0,
+                 weights: dict[str, float] | None = None):
+        if w_in < 0 or w_out < 0:
+            raise ValueError(f"fairness weights: w_in and w_out must be >= 0, got {w_in}, {w_out}")
+        if weights and any(w <= 0 for w in weights.values()):
+            raise ValueError("client weights: every weight must be > 0")
+        self.w_in, self.w_out = w_in, w_out
+        self.weights = dict(weights or {})
+        self.counters: dict[str, float] = {}
+
+    @staticmethod
+    def client(request: Request) -> str:
+        return request.client or ""
+
+    def counter(self, request: Request) -> float:
+        return self.counters.get(self.client(request), 0.0)
+
+    def on_add(self, request: Request, active: list[Request]) -> None:
+        me = self.client(request)
+        others = {self.client(r) for r in active} - {me}
+        if me in {self.client(r) for r in active} or not others:
+            self.counters.setdefault(me, 0.0)
+            return
+        floor = min(self.counters.get(c, 0.0) for c in others)
+        self.counters[me] = max(self.counters.get(me, 0.0), floor)
+
+    def next_waiting(self, waiting: list[Request]) -> Request:
+        return min(waiting, key=lambda r: (self.counter(r), r.arrival_time))
+
+    def victim(self, running: list[Request]) -> Request:
+        return max(running, key=lambda r: (self.counter(r), r.arrival_time))
+
+    def account(self, scheduled: list[tuple[Request, int]]) -> None:
+        for req, n in scheduled:
+            cost = 0.0
+            if req.first_scheduled_time is None:  # the prompt is charged once
+                cost += self.w_in * len(req.prompt_token_ids)
+            if req.num_computed_tokens + n == req.num_tokens:  # this step samples a token
+                cost += self.w_out
+            c = self.client(req)
+            self.counters[c] = self.counters.get(c, 0.0) + cost / self.weights.get(c, 1.0)
+
+
+POLICIES = {p.name: p for p in (FCFSPolicy, PriorityPolicy, FairPolicy)}
+
+
+def make_policy(name: str) -> Policy:
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"scheduling_policy: unknown policy {name!r}; "
+                         f"choose from {sorted(POLICIES)}") from None
