@@ -178,13 +178,14 @@ def copy_sweep(platform: str, quick: bool, reps: int) -> list[dict]:
         staged = n_runs * run
         staging = jnp.ones((staged,) + cache.shape[1:], dtype)
         nbytes = 2 * staging.size * staging.dtype.itemsize
-        paths = {"reference": dispatch._REFERENCE}
+        ids = jnp.asarray(block_copy.expand_groups(groups_list))
+        paths = {"reference": (jax.jit(lambda c: reference.gather_blocks(c, ids)),
+                               jax.jit(lambda c, g, s: reference.scatter_blocks(c, ids, s)))}
         if accel:
-            paths["pallas"] = dispatch._VARIANTS[platform]
-        for name, ops in paths.items():
-            gather = jax.jit(ops.gather, static_argnums=2)
-            scatter = jax.jit(ops.scatter)
-            for op, run_op in (("gather", lambda: gather(cache, groups, staged)),
+            paths["pallas"] = (jax.jit(lambda c: dispatch.gather_blocks(c, groups, staged)),
+                               jax.jit(dispatch.scatter_blocks))
+        for name, (gather, scatter) in paths.items():
+            for op, run_op in (("gather", lambda: gather(cache)),
                                ("scatter", lambda: scatter(cache, groups, staging))):
                 seconds = timeit(run_op, reps=reps)
                 rows.append(dict(op=op, path=name, runs=n_runs, blocks=staged, seconds=seconds,
