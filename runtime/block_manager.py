@@ -74,7 +74,7 @@ def _chain_hash(parent: bytes, token_ids: Sequence[int]) -> bytes:
     return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
 
 
-def _runs(blocks: Iterable[int]) -> Iterator[tuple[int, int]]:
+def contiguous_runs(blocks: Iterable[int]) -> Iterator[tuple[int, int]]:
     """Maximal runs ``(start, length)`` of consecutive ascending ids, in order."""
     start = length = 0
     for block in blocks:
@@ -263,7 +263,7 @@ class BlockManager:
                     self._evictable[block] = None
                 else:
                     released.append(block)
-        for start, length in _runs(reversed(released)):
+        for start, length in contiguous_runs(reversed(released)):
             self._free.add(start, length)
 
     def block_table(self, seq_id: Hashable) -> list[int]:
@@ -272,7 +272,7 @@ class BlockManager:
 
     def block_groups(self, seq_id: Hashable) -> list[tuple[int, int]]:
         """The table as maximal contiguous runs ``(start, length)``, in table order."""
-        return list(_runs(self._seq(seq_id).blocks))
+        return list(contiguous_runs(self._seq(seq_id).blocks))
 
     def reset_prefix_cache(self) -> None:
         """Forget every unreferenced cached block (referenced ones stay cached)."""

@@ -50,6 +50,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="admission order: fcfs, priority (request `priority`, lower first, "
                         "preempting lower-priority running requests), or fair (virtual token "
                         "counters per client) (default: fcfs)")
+    g.add_argument("--swap-space", type=float, default=0.0,
+                   help="GiB of host memory for the KV of preempted requests; 0 preempts by "
+                        "recompute (default: 0)")
     g.add_argument("--no-prefix-caching", action="store_true",
                    help="disable automatic prefix caching")
     g.add_argument("--attention-backend", default="pallas",
@@ -70,6 +73,7 @@ def _make_llm(args: argparse.Namespace) -> LLM:
                else int(args.kv_cache_memory * GiB),
                enable_prefix_caching=not args.no_prefix_caching,
                scheduling_policy=args.scheduling_policy,
+               swap_space=int(args.swap_space * GiB),
                attention_backend=args.attention_backend, warmup=not args.no_warmup)
 
 

@@ -32,6 +32,7 @@ from sluice.runtime.model_runner import ModelRunner, StepRow
 from sluice.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sluice.runtime.request import Request, TokenLogprobs
 from sluice.runtime.sampling_params import SamplingParams
+from sluice.runtime.swap import HostSwapSpace
 from sluice.scheduler.local import LocalScheduler
 from sluice.scheduler.policies import Policy, make_policy
 
@@ -54,6 +55,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"  # fcfs | priority | fair (sluice.scheduler.policies)
     max_preemptions: int = 4  # times a request may be displaced by higher-priority work
+    swap_space: int = 0  # bytes of host memory for swapped-out KV; 0 = preempt by recompute
     attention_backend: str = "pallas"  # kernels on GPU/TPU, the chunked pure-JAX path on CPU
     warmup: bool = True
     seed: int | None = None  # draws seeds for unseeded requests; None = nondeterministic
@@ -82,6 +84,8 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    num_swapped: int = 0  # waiting requests whose KV is in host memory
+    num_swap_outs: int = 0
 
 
 class LLMEngine:
@@ -97,7 +101,7 @@ class LLMEngine:
                                         config.max_num_batched_tokens,
                                         config.max_prefill_seqs,
                                         policy or make_policy(config.scheduling_policy),
-                                        config.max_preemptions)
+                                        config.max_preemptions, self._swap_space(num_blocks))
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.max_num_seqs,
                                   config.max_num_batched_tokens, config.max_prefill_seqs,
                                   self.max_model_len, config.attention_backend)
@@ -122,6 +126,15 @@ class LLMEngine:
             raise ValueError(f"kv_cache_memory: {n} blocks cannot hold one sequence of "
                              f"max_model_len={self.max_model_len} ({need} blocks)")
         return n
+
+    def _swap_space(self, num_blocks: int) -> HostSwapSpace | None:
+        if self.config.swap_space < 0:
+            raise ValueError(f"swap_space: must be >= 0, got {self.config.swap_space}")
+        if self.config.swap_space == 0:
+            return None
+        spec = KVCacheSpec.for_model(self.model.config, num_blocks, self.config.block_size,
+                                     self.model.dtype)
+        return HostSwapSpace.for_budget(spec, self.config.swap_space)
 
     # -- requests -------------------------------------------------------------
 
@@ -209,6 +222,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        self._swap(sched)
         if not sched.scheduled:
             return []
         now = time.monotonic()
@@ -228,6 +242,16 @@ class LLMEngine:
             self._append(req, i, tokens, logprobs, top_ids, top_lps, now)
             touched[req.parent_id] = self.groups[req.parent_id]
         return [self._output(g) for g in touched.values()]
+
+    def _swap(self, sched) -> None:
+        """Move swapped KV before the step: outs first, since an in may reuse the
+        blocks an out just vacated (device work runs in dispatch order)."""
+        space = self.scheduler.swap_space
+        for _, runs, host in sched.swap_out:
+            space.store(host, self.runner.copy_out(runs))
+        for _, runs, host in sched.swap_in:
+            self.runner.copy_in(runs, space.load(host))
+            space.release(host)
 
     def _append(self, req: Request, i: int, tokens, logprobs, top_ids, top_lps, now) -> None:
         token = int(tokens[i])
@@ -263,7 +287,9 @@ class LLMEngine:
         bm = self.block_manager
         return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, bm.usage,
                            bm.num_free_blocks, bm.num_blocks, bm.prefix_cache_queries,
-                           bm.prefix_cache_hits, self.scheduler.num_preemptions)
+                           bm.prefix_cache_hits, self.scheduler.num_preemptions,
+                           sum(r.swapped_blocks is not None for r in self.scheduler.waiting),
+                           self.scheduler.num_swap_outs)
 
 
 def _max_model_len(model: Model, config: EngineConfig) -> int:

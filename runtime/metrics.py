@@ -10,8 +10,8 @@ one process, e.g. in tests) and exposes:
   token) / (tokens - 1)), ``e2e_request_latency_seconds`` (arrival to finish),
   ``request_queue_time_seconds`` (arrival to first scheduled);
 - gauges, refreshed from `EngineStats` on every scrape: ``num_requests_running``,
-  ``num_requests_waiting``, ``num_requests_swapped`` (always 0: recompute
-  preemption never swaps), ``kv_cache_usage_perc`` (fraction, 0..1);
+  ``num_requests_waiting``, ``num_requests_swapped`` (waiting requests whose
+  KV is in host swap space), ``kv_cache_usage_perc`` (fraction, 0..1);
 - counters: ``prompt_tokens``, ``generation_tokens``,
   ``request_success{finished_reason}`` (per completion, as vLLM counts),
   and, mirrored from the engine's cumulative stats on every scrape,
@@ -70,7 +70,7 @@ class ServerMetrics:
         self.queue = hist("request_queue_time_seconds", "Arrival to first scheduled.", _E2E)
         self.running = gauge("num_requests_running", "Sequences running.")
         self.waiting = gauge("num_requests_waiting", "Sequences waiting.")
-        self.swapped = gauge("num_requests_swapped", "Sequences swapped to host (never).")
+        self.swapped = gauge("num_requests_swapped", "Sequences swapped to host memory.")
         self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (0-1).")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
@@ -108,7 +108,7 @@ class ServerMetrics:
     def render(self, stats: EngineStats) -> bytes:
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
-        self.swapped.set(0)
+        self.swapped.set(stats.num_swapped)
         self.kv_usage.set(stats.kv_usage)
         for name, counter in (("num_preemptions", self.preemptions),
                               ("prefix_cache_queries", self.prefix_queries),

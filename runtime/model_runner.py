@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from sluice.pallas_kernels import block_copy, dispatch
 from sluice.runtime.attention import AttentionMetadata, get_backend
 from sluice.runtime.kv_cache import KVCacheSpec
 from sluice.runtime.loader import Model
@@ -205,6 +206,22 @@ class ModelRunner:
         idx = np.asarray([where[id(r)] for r in batch], np.int64)
         return tuple(a[idx] for a in out)
 
+    # -- block copies (swap) --------------------------------------------------
+
+    def copy_out(self, groups: list[tuple[int, int]]) -> np.ndarray:
+        """The blocks of ``groups`` (runs of consecutive blocks), staged to host memory."""
+        n = sum(length for _, length in groups)
+        arr = block_copy.groups_array(groups, _staging_rows(len(groups)))
+        return np.asarray(dispatch.gather_blocks(self.kv_cache, arr, _staging_rows(n)))[:n]
+
+    def copy_in(self, groups: list[tuple[int, int]], blocks: np.ndarray) -> None:
+        """Write host ``blocks`` into the runs ``groups`` of the device pool."""
+        n = blocks.shape[0]
+        staging = np.zeros((_staging_rows(n),) + blocks.shape[1:], blocks.dtype)
+        staging[:n] = blocks
+        arr = block_copy.groups_array(groups, _staging_rows(len(groups)))
+        self.kv_cache = dispatch.scatter_blocks(self.kv_cache, arr, jnp.asarray(staging))
+
     def _sample(self, logits: jax.Array, rows: list[StepRow]) -> tuple[np.ndarray, ...]:
         params = [r.request.params for r in rows]
         do_penalties = any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
@@ -232,3 +249,9 @@ def _padding_group(spec: KVCacheSpec, n_seqs: int, n_tok: int, max_q: int,
                              jnp.zeros(n_seqs + 1, jnp.int32), jnp.zeros(n_seqs, jnp.int32),
                              jnp.zeros((n_seqs, pages), jnp.int32), jnp.asarray(0, jnp.int32),
                              max_q)
+
+
+def _staging_rows(n: int) -> int:
+    """Staging buffers are padded to powers of two to bound compiled copies."""
+    return 1 << max(0, (n - 1).bit_length())
+

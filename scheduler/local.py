@@ -25,15 +25,21 @@ a running one (priority scheduling); a request is displaced at most
 from __future__ import annotations
 
 import dataclasses
-from sluice.runtime.block_manager import BlockManager
+from sluice.runtime.block_manager import BlockManager, contiguous_runs
 from sluice.runtime.request import Request, RequestStatus
+from sluice.runtime.swap import HostSwapSpace
 from sluice.scheduler.policies import FCFSPolicy, Policy
+
+# (request, device block runs, host swap blocks) of one swap copy.
+SwapCopy = tuple[Request, list[tuple[int, int]], list[int]]
 
 
 @dataclasses.dataclass
 class SchedulerOutput:
     scheduled: list[tuple[Request, int]]  # (request, number of new tokens)
     preempted: list[Request]
+    swap_out: list[SwapCopy] = dataclasses.field(default_factory=list)  # before the step
+    swap_in: list[SwapCopy] = dataclasses.field(default_factory=list)  # after swap_out
 
     @property
     def num_tokens(self) -> int:
@@ -43,13 +49,18 @@ class SchedulerOutput:
 class LocalScheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
                  max_num_batched_tokens: int, max_prefill_seqs: int = 4,
-                 policy: Policy | None = None, max_preemptions: int = 4):
+                 policy: Policy | None = None, max_preemptions: int = 4,
+                 swap_space: HostSwapSpace | None = None):
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_prefill_seqs = max_prefill_seqs
         self.policy = policy or FCFSPolicy()
         self.max_preemptions = max_preemptions
+        self.swap_space = swap_space
+        self.num_swap_outs = 0
+        self._swap_out: list[SwapCopy] = []
+        self._swap_in: list[SwapCopy] = []
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -78,6 +89,9 @@ class LocalScheduler:
                 if req.request_id == request_id:
                     queue.remove(req)
                     self.bm.free(request_id)
+                    if req.swapped_blocks is not None:
+                        self.swap_space.release(req.swapped_blocks)
+                        req.swapped_blocks = None
                     return req
         return None
 
@@ -87,6 +101,7 @@ class LocalScheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
+        self._swap_out, self._swap_in = [], []
         scheduled: list[tuple[Request, int]] = []
         preempted: list[Request] = []
         prefills = 0
@@ -107,7 +122,7 @@ class LocalScheduler:
         if not preempted:  # under memory pressure, admit nobody new this step
             self._admit(budget, prefills, scheduled)
         self.policy.account(scheduled)
-        return SchedulerOutput(scheduled, displaced + preempted)
+        return SchedulerOutput(scheduled, displaced + preempted, self._swap_out, self._swap_in)
 
     def _displace_for_waiting(self) -> list[Request]:
         """Preempt running requests the policy ranks below the next waiting one,
@@ -142,13 +157,44 @@ class LocalScheduler:
         return True
 
     def _preempt(self, req: Request) -> None:
+        """Swap the request out if swap space allows, else drop its KV (recompute)."""
         self.running.remove(req)
+        if not self._swap_out_blocks(req):
+            req.num_computed_tokens = 0
         self.bm.free(req.request_id)
-        req.num_computed_tokens = 0
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.waiting.insert(0, req)
         self.num_preemptions += 1
+
+    def _swap_out_blocks(self, req: Request) -> bool:
+        """Reserve host blocks for the request's computed KV and queue the copy."""
+        n = -(-req.num_computed_tokens // self.bm.block_size)
+        if self.swap_space is None or n == 0:
+            return False
+        host = self.swap_space.reserve(n)
+        if host is None:  # swap space exhausted: recompute instead
+            return False
+        runs = list(contiguous_runs(self.bm.block_table(req.request_id)[:n]))
+        self._swap_out.append((req, runs, host))
+        req.swapped_blocks = host
+        self.num_swap_outs += 1
+        return True
+
+    def _begin(self, req: Request) -> None:
+        """Register a request with the block manager: a swapped one keeps its
+        computed tokens (they come back from host memory), others take prefix hits."""
+        if req.swapped_blocks is not None:
+            self.bm.begin(req.request_id, [])
+        else:
+            req.num_cached_tokens = self.bm.begin(req.request_id, req.all_token_ids)
+            req.num_computed_tokens = req.num_cached_tokens
+
+    def _swap_in_blocks(self, req: Request) -> None:
+        host = req.swapped_blocks
+        table = self.bm.block_table(req.request_id)[:len(host)]
+        self._swap_in.append((req, list(contiguous_runs(table)), host))
+        req.swapped_blocks = None
 
     def _admit(self, budget: int, prefills: int, scheduled: list[tuple[Request, int]]) -> None:
         while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
@@ -156,13 +202,15 @@ class LocalScheduler:
             req = self.policy.next_waiting(self.waiting)
             if not self._may_fit(req, budget):
                 break
-            req.num_cached_tokens = self.bm.begin(req.request_id, req.all_token_ids)
-            req.num_computed_tokens = req.num_cached_tokens
+            self._begin(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.bm.allocate_slots(req.request_id, req.num_computed_tokens + n):
                 self.bm.free(req.request_id)
-                req.num_computed_tokens = 0
+                if req.swapped_blocks is None:
+                    req.num_computed_tokens = 0
                 break
+            if req.swapped_blocks is not None:
+                self._swap_in_blocks(req)
             self.waiting.remove(req)
             self.running.append(req)
             req.status = RequestStatus.RUNNING
@@ -173,8 +221,12 @@ class LocalScheduler:
     def _may_fit(self, req: Request, budget: int) -> bool:
         """Cheap read-only check before `begin`, so a request that cannot get its
         blocks is not admitted and rolled back (and counted as a cache query) every step."""
-        cached = self.bm.lookup_prefix(req.all_token_ids)
-        n = min(req.num_tokens - cached, budget)
         block = self.bm.block_size
-        return -(-(cached + n) // block) - cached // block <= self.bm.num_free_blocks
+        if req.swapped_blocks is not None:  # all its blocks are new
+            start, reused = req.num_computed_tokens, 0
+        else:
+            start = self.bm.lookup_prefix(req.all_token_ids)
+            reused = start // block
+        n = min(req.num_tokens - start, budget)
+        return -(-(start + n) // block) - reused <= self.bm.num_free_blocks
 

@@ -53,7 +53,9 @@ def reference(model, prompts, max_tokens):
     dict(kv_cache_memory=20 * 32 * 1024, max_model_len=160),    # tiny pool: forced preemption
     dict(max_num_seqs=3),                                       # queueing
     dict(attention_backend="reference"),                        # the reference attention
-], ids=["batched", "chunked", "preempt", "queued", "reference-backend"])
+    dict(kv_cache_memory=20 * 32 * 1024, max_model_len=160,     # preemption by swapping
+         swap_space=64 * 32 * 1024),
+], ids=["batched", "chunked", "preempt", "queued", "reference-backend", "swap"])
 def test_greedy_matches_one_at_a_time(tiny, engine_kw):
     prompts = random_prompts(8, 1, 90)
     max_tokens = [5 + 3 * i for i in range(8)]
@@ -67,6 +69,10 @@ def test_greedy_matches_one_at_a_time(tiny, engine_kw):
     if "kv_cache_memory" in engine_kw:
         assert engine.stats().num_preemptions > 0
         assert any(o.metrics[0].num_preemptions > 0 for o in outs)
+        assert (engine.stats().num_swap_outs > 0) == ("swap_space" in engine_kw)
+    if "swap_space" in engine_kw:
+        space = engine.scheduler.swap_space
+        assert space.num_free_blocks == space.num_blocks
     assert engine.block_manager.num_free_blocks == free0 == engine.block_manager.num_blocks
 
 
@@ -154,15 +160,16 @@ def test_bad_input_raises_before_queueing(tiny):
 
 
 def test_random_requests_with_aborts_leak_nothing(tiny):
+    # A small swap space: some preemptions swap, others find it full and recompute.
     engine = make_engine(tiny, kv_cache_memory=24 * 32 * 1024, max_model_len=96,
-                         max_num_seqs=16, max_num_batched_tokens=64)
+                         max_num_seqs=16, max_num_batched_tokens=64, swap_space=2 * 32 * 1024)
     rng = random.Random(0)
     live: set[str] = set()
     finished = 0
     for i in range(1000):
         n = rng.randint(1, 40)
         prompt = {"prompt_token_ids": [rng.randrange(256) for _ in range(n)]}
-        params = SamplingParams(max_tokens=rng.randint(1, 6), temperature=rng.choice([0.0, 1.0]),
+        params = SamplingParams(max_tokens=rng.randint(1, 20), temperature=rng.choice([0.0, 1.0]),
                                 seed=i, n=rng.choice([1, 1, 2]))
         engine.add_request(str(i), prompt, params)
         live.add(str(i))
@@ -183,6 +190,9 @@ def test_random_requests_with_aborts_leak_nothing(tiny):
     assert not live
     assert finished > 500
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    stats = engine.stats()
+    assert 0 < stats.num_swap_outs < stats.num_preemptions
+    assert engine.scheduler.swap_space.num_free_blocks == engine.scheduler.swap_space.num_blocks
 
 
 def test_llm_api_and_chat(tiny):
