@@ -63,6 +63,10 @@ def _forward_logits(params, kv_cache, token_ids, positions, metas, sample_rows, 
     return compute_logits(params, hidden[sample_rows]), kv_cache
 
 
+_gather_blocks = jax.jit(dispatch.gather_blocks, static_argnums=2)
+# The pool is donated so a swap-in writes its blocks in place, not into a copy.
+_scatter_blocks = jax.jit(dispatch.scatter_blocks, donate_argnums=0)
+
 _sample = jax.jit(sample, static_argnames=("all_greedy", "do_penalties", "do_filters",
                                            "num_logprobs"))
 
@@ -212,15 +216,17 @@ class ModelRunner:
         """The blocks of ``groups`` (runs of consecutive blocks), staged to host memory."""
         n = sum(length for _, length in groups)
         arr = block_copy.groups_array(groups, _staging_rows(len(groups)))
-        return np.asarray(dispatch.gather_blocks(self.kv_cache, arr, _staging_rows(n)))[:n]
+        return np.asarray(_gather_blocks(self.kv_cache, arr, _staging_rows(n)))[:n]
 
     def copy_in(self, groups: list[tuple[int, int]], blocks: np.ndarray) -> None:
         """Write host ``blocks`` into the runs ``groups`` of the device pool."""
         n = blocks.shape[0]
-        staging = np.zeros((_staging_rows(n),) + blocks.shape[1:], blocks.dtype)
-        staging[:n] = blocks
+        staging = blocks
+        if _staging_rows(n) != n:
+            staging = np.zeros((_staging_rows(n),) + blocks.shape[1:], blocks.dtype)
+            staging[:n] = blocks
         arr = block_copy.groups_array(groups, _staging_rows(len(groups)))
-        self.kv_cache = dispatch.scatter_blocks(self.kv_cache, arr, jnp.asarray(staging))
+        self.kv_cache = _scatter_blocks(self.kv_cache, arr, jnp.asarray(staging))
 
     def _sample(self, logits: jax.Array, rows: list[StepRow]) -> tuple[np.ndarray, ...]:
         params = [r.request.params for r in rows]
