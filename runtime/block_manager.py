@@ -186,6 +186,14 @@ class BlockManager:
         """Tokens of ``token_ids`` whose KV is cached (what ``begin`` would reuse)."""
         return len(self._cached_prefix(token_ids)) * self.block_size
 
+    def admission_cost(self, token_ids: Sequence[int], num_tokens: int) -> int:
+        """Free-pool blocks that ``begin(token_ids)`` then ``allocate_slots(num_tokens)``
+        would consume: new blocks, plus prefix hits that are now evictable (taking
+        them removes them from the free count). Read-only."""
+        hits = self._cached_prefix(token_ids)
+        new = max(0, -(-num_tokens // self.block_size) - len(hits))
+        return new + sum(self._refcount[block] == 0 for _, block in hits)
+
     def begin(self, seq_id: Hashable, token_ids: Sequence[int]) -> int:
         """Start a sequence on its cached prefix; returns the number of cached tokens.
 

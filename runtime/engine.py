@@ -247,11 +247,21 @@ class LLMEngine:
         """Move swapped KV before the step: outs first, since an in may reuse the
         blocks an out just vacated (device work runs in dispatch order)."""
         space = self.scheduler.swap_space
-        for _, runs, host in sched.swap_out:
-            space.store(host, self.runner.copy_out(runs))
-        for _, runs, host in sched.swap_in:
-            self.runner.copy_in(runs, space.load(host))
-            space.release(host)
+        pending = list(sched.swap_out)
+        try:
+            while pending:
+                _, runs, host = pending[0]
+                space.store(host, self.runner.copy_out(runs))
+                pending.pop(0)
+            for _, runs, host in sched.swap_in:
+                self.runner.copy_in(runs, space.load(host))
+        finally:  # even if a copy fails, no host block leaks and no KV is trusted unstored
+            for req, _, host in pending:
+                space.release(host)
+                req.swapped_blocks = None
+                req.num_computed_tokens = 0
+            for _, _, host in sched.swap_in:
+                space.release(host)
 
     def _append(self, req: Request, i: int, tokens, logprobs, top_ids, top_lps, now) -> None:
         token = int(tokens[i])

@@ -150,8 +150,9 @@ class ModelRunner:
     # -- batch construction -------------------------------------------------
 
     def _group(self, rows: list[StepRow], dims: tuple[int, int, int], pages: int,
-               tokens: list[int], positions: list[int]) -> AttentionMetadata:
-        """Pad one row group to ``dims`` and append its tokens/positions."""
+               tokens: list[int], positions: list[int]) -> tuple[AttentionMetadata, np.ndarray]:
+        """Pad one row group to ``dims`` and append its tokens/positions; returns its
+        metadata and its host copy of ``query_start_loc``."""
         bs = self.spec.block_size
         n_seqs, n_tok, max_q = dims
         slots = np.full(n_tok, self.spec.num_slots, np.int32)
@@ -174,8 +175,9 @@ class ModelRunner:
         qsl[len(rows) + 1:] = start
         tokens.extend([0] * (n_tok - start))
         positions.extend([0] * (n_tok - start))
-        return AttentionMetadata(jnp.asarray(slots), jnp.asarray(qsl), jnp.asarray(seq_lens),
+        meta = AttentionMetadata(jnp.asarray(slots), jnp.asarray(qsl), jnp.asarray(seq_lens),
                                  jnp.asarray(tables), jnp.asarray(len(rows), jnp.int32), max_q)
+        return meta, qsl
 
     def _build(self, decode: list[StepRow], prefill: list[StepRow]):
         """Device inputs for the step. Sample rows list the last query row of every
@@ -186,8 +188,8 @@ class ModelRunner:
         metas, real_rows, pad_rows = [], [], []
         for rows, dims in zip((decode, prefill), shape.groups()):
             offset = len(tokens)
-            meta = self._group(rows, dims, shape.pages, tokens, positions)
-            ends = np.asarray(meta.query_start_loc)[1:len(rows) + 1] - 1
+            meta, qsl = self._group(rows, dims, shape.pages, tokens, positions)
+            ends = qsl[1:len(rows) + 1] - 1
             real_rows.extend((offset + ends).tolist())
             pad_rows.extend([offset] * (dims[0] - len(rows)))
             metas.append(meta)

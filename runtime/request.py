@@ -58,6 +58,7 @@ class Request:
     token_times: list[float] = dataclasses.field(default_factory=list)
     finished_time: float | None = None
     num_preemptions: int = 0
+    num_displacements: int = 0  # preemptions by higher-priority work (bounded)
     swapped_blocks: list[int] | None = None  # host swap-space blocks while swapped out
     num_cached_tokens: int = 0
 

@@ -19,7 +19,8 @@ prefix cache and its seeded sampler state, so its output does not change.
 A `Policy` (`sluice.scheduler.policies`: FCFS, priority, fair) orders the
 waiting queue, picks preemption victims, and may let a waiting request displace
 a running one (priority scheduling); a request is displaced at most
-``max_preemptions`` times, so it cannot thrash.
+``max_preemptions`` times (preemptions forced by memory pressure do not count),
+so it cannot thrash.
 """
 
 from __future__ import annotations
@@ -130,15 +131,17 @@ class LocalScheduler:
         displaced = []
         while self.waiting and self.running:
             head = self.policy.next_waiting(self.waiting)
-            blocked = (len(self.running) >= self.max_num_seqs
-                       or not self._may_fit(head, self.max_num_batched_tokens))
-            movable = [r for r in self.running if r.num_preemptions < self.max_preemptions]
-            if not blocked or not movable:
+            movable = [r for r in self.running if r.num_displacements < self.max_preemptions]
+            if not movable:
                 break
             victim = self.policy.victim(movable)
             if not self.policy.outranks(head, victim):
                 break
+            if (len(self.running) < self.max_num_seqs
+                    and self._may_fit(head, self.max_num_batched_tokens)):
+                break  # the head gets in without displacing anyone
             self._preempt(victim)
+            victim.num_displacements += 1
             displaced.append(victim)
         return displaced
 
@@ -221,12 +224,11 @@ class LocalScheduler:
     def _may_fit(self, req: Request, budget: int) -> bool:
         """Cheap read-only check before `begin`, so a request that cannot get its
         blocks is not admitted and rolled back (and counted as a cache query) every step."""
-        block = self.bm.block_size
         if req.swapped_blocks is not None:  # all its blocks are new
-            start, reused = req.num_computed_tokens, 0
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            need = -(-(req.num_computed_tokens + n) // self.bm.block_size)
         else:
-            start = self.bm.lookup_prefix(req.all_token_ids)
-            reused = start // block
-        n = min(req.num_tokens - start, budget)
-        return -(-(start + n) // block) - reused <= self.bm.num_free_blocks
-
+            cached = self.bm.lookup_prefix(req.all_token_ids)
+            n = min(req.num_tokens - cached, budget)
+            need = self.bm.admission_cost(req.all_token_ids, cached + n)
+        return need <= self.bm.num_free_blocks

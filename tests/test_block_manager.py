@@ -380,3 +380,18 @@ class BlockManagerMachine(RuleBasedStateMachine):
 TestBlockManagerMachine = BlockManagerMachine.TestCase
 TestBlockManagerMachine.settings = settings(max_examples=100, stateful_step_count=100,
                                             deadline=None)
+
+
+def test_admission_cost_counts_evictable_hits():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    tokens = list(range(13))  # 3 full blocks can be cached (the 13th token stays uncached)
+    bm.begin("a", tokens)
+    assert bm.allocate_slots("a", 13)
+    bm.commit("a", tokens, 13)
+    bm.free("a")  # its 3 hashed blocks are now evictable, still counted as free
+    assert bm.num_free_blocks == 8
+    # Re-admitting needs 1 new block for tokens 12..13 plus the 3 evictable hits it takes.
+    assert bm.admission_cost(tokens + [99], 14) == 1 + 3
+    bm.begin("b", tokens[:8] + [50, 51, 52, 53, 54])  # shares 2 blocks, now referenced
+    assert bm.admission_cost(tokens + [99], 14) == 1 + 1
+    assert bm.prefix_cache_queries == 13 + 13  # admission_cost queried nothing

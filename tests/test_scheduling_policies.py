@@ -120,8 +120,11 @@ def test_fair_policy_lifts_returning_client():
     policy.counters = {"a": 100.0, "b": 40.0, "idle": 5.0}
     policy.on_add(req("idle"), [req("a"), req("b")])
     assert policy.counters["idle"] == 40.0  # lifted to the least active counter
-    policy.on_add(req("a"), [req("a")])  # already active: unchanged
+    policy.on_add(req("a"), [req("a"), req("b")])  # already active: not lifted or lowered
     assert policy.counters["a"] == 100.0
+    policy.counters["b"] = 500.0
+    policy.on_add(req("b"), [req("a"), req("b")])
+    assert policy.counters["b"] == 500.0
 
 
 def test_bad_policy_values():
