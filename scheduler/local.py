@@ -107,7 +107,7 @@ class LocalScheduler:
         preempted: list[Request] = []
         prefills = 0
         displaced = self._displace_for_waiting()
-        for req in list(self.running):
+        for req in self.policy.order(list(self.running)):
             if budget == 0:
                 break
             if req not in self.running:  # preempted as a victim earlier in this loop

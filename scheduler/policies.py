@@ -42,6 +42,11 @@ class Policy:
         """Whether ``waiting`` should displace ``running`` when it cannot be admitted."""
         return False
 
+    def order(self, running: list[Request]) -> list[Request]:
+        """The order running requests get budget and blocks in a step (the most
+        important first, so memory pressure preempts the least important)."""
+        return running
+
     def on_add(self, request: Request, active: list[Request]) -> None:
         """A request arrived; ``active`` are the others waiting or running."""
 
@@ -64,6 +69,9 @@ class PriorityPolicy(Policy):
 
     def outranks(self, waiting: Request, running: Request) -> bool:
         return waiting.priority < running.priority
+
+    def order(self, running: list[Request]) -> list[Request]:
+        return sorted(running, key=lambda r: (r.priority, r.arrival_time))
 
 
 class FairPolicy(Policy):

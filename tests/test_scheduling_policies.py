@@ -134,3 +134,32 @@ def test_bad_policy_values():
         FairPolicy(w_in=-1)
     with pytest.raises(ValueError, match="client weights"):
         FairPolicy(weights={"x": 0})
+
+
+@pytest.mark.parametrize("swap", [False, True], ids=["recompute", "swap"])
+def test_priority_under_memory_pressure_keeps_outputs(tiny, swap):
+    """A tiny pool forces preemption: the low-priority requests are the ones that
+    lose their KV (or swap it out), the urgent one is never preempted, and every
+    greedy output equals the one-at-a-time reference."""
+    kw = dict(swap_space=64 * 32 * 1024) if swap else {}
+    engine = engine_for(tiny, "priority", max_num_seqs=4, kv_cache_memory=10 * 32 * 1024,
+                        **kw)
+    prompts = {f"low{i}": [10 + i] * 20 for i in range(3)}
+    for rid, p in prompts.items():
+        engine.add_request(rid, {"prompt_token_ids": p}, SamplingParams(max_tokens=30, **GREEDY),
+                           priority=5)
+    for _ in range(3):
+        engine.step()
+    prompts["urgent"] = [3] * 20
+    engine.add_request("urgent", {"prompt_token_ids": prompts["urgent"]},
+                       SamplingParams(max_tokens=30, **GREEDY), priority=0)
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert outs["urgent"].metrics[0].num_preemptions == 0
+    assert sum(o.metrics[0].num_preemptions for o in outs.values()) > 0
+    assert (engine.stats().num_swap_outs > 0) == swap
+    for rid, o in outs.items():
+        assert o.outputs[0].token_ids == greedy_generate(tiny, prompts[rid], 30,
+                                                         stop_at_eos=False), rid
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
