@@ -62,13 +62,14 @@ class Request:
     swapped_blocks: list[int] | None = None  # host swap-space blocks while swapped out
     num_cached_tokens: int = 0
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+    def __post_init__(self) -> None:
+        # Prompt + output, kept up to date by `append_token` rather than rebuilt
+        # by the runner and block manager on every step.
+        self.all_token_ids: list[int] = self.prompt_token_ids + self.output_token_ids
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
 
     def is_decode(self, num_new_tokens: int) -> bool:
         """One new token that completes the sequence: a decode, not a prompt chunk."""
@@ -81,6 +82,7 @@ class Request:
     def append_token(self, token_id: int, now: float) -> None:
         """Record a sampled token and decide whether the request is done."""
         self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
         if self.first_token_time is None:
             self.first_token_time = now
         self.token_times.append(now)

@@ -166,6 +166,8 @@ def test_random_requests_with_aborts_leak_nothing(tiny):
     rng = random.Random(0)
     live: set[str] = set()
     finished = 0
+    greedy: dict[str, list[int]] = {}  # greedy single completions: request id -> prompt
+    preempted: dict[str, list[int]] = {}  # those that finished after a preemption -> output
     for i in range(1000):
         n = rng.randint(1, 40)
         prompt = {"prompt_token_ids": [rng.randrange(256) for _ in range(n)]}
@@ -173,26 +175,37 @@ def test_random_requests_with_aborts_leak_nothing(tiny):
                                 seed=i, n=rng.choice([1, 1, 2]))
         engine.add_request(str(i), prompt, params)
         live.add(str(i))
+        if params.is_greedy and params.n == 1:
+            greedy[str(i)] = prompt["prompt_token_ids"]
         if rng.random() < 0.3:
             victim = rng.choice(sorted(live))
             engine.abort_request(victim)
             live.discard(victim)
         if rng.random() < 0.5:
-            for out in engine.step():
-                if out.finished:
-                    live.discard(out.request_id)
-                    finished += 1
+            finished += _collect(engine.step(), live, greedy, preempted)
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                live.discard(out.request_id)
-                finished += 1
+        finished += _collect(engine.step(), live, greedy, preempted)
     assert not live
     assert finished > 500
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     stats = engine.stats()
     assert 0 < stats.num_swap_outs < stats.num_preemptions
     assert engine.scheduler.swap_space.num_free_blocks == engine.scheduler.swap_space.num_blocks
+    # Preempted (swapped or recomputed) greedy requests still match the reference.
+    assert len(preempted) >= 5
+    for rid, tokens in sorted(preempted.items())[:8]:
+        assert tokens == greedy_generate(tiny, greedy[rid], len(tokens), stop_at_eos=False), rid
+
+
+def _collect(outputs, live: set[str], greedy: dict, preempted: dict) -> int:
+    """Mark finished requests; keep greedy outputs that survived a preemption."""
+    done = [o for o in outputs if o.finished]
+    for o in done:
+        live.discard(o.request_id)
+        if o.request_id in greedy and o.metrics[0].num_preemptions and \
+                o.outputs[0].finish_reason == "length":
+            preempted[o.request_id] = o.outputs[0].token_ids
+    return len(done)
 
 
 def test_llm_api_and_chat(tiny):
