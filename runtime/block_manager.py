@@ -274,6 +274,10 @@ class BlockManager:
         for start, length in contiguous_runs(reversed(released)):
             self._free.add(start, length)
 
+    def __contains__(self, seq_id: Hashable) -> bool:
+        """Whether the sequence has a table (begun and not freed)."""
+        return seq_id in self._seqs
+
     def block_table(self, seq_id: Hashable) -> list[int]:
         """The sequence's block ids, in token order (a copy)."""
         return list(self._seq(seq_id).blocks)

@@ -1,6 +1,7 @@
 """The ``sluice`` command line: ``sluice generate``, ``sluice serve`` (the
 OpenAI-compatible HTTP server), ``sluice bench throughput`` and ``sluice
-provision`` (defined in `sluice.provision.cli`)."""
+provision`` (defined in `sluice.provision.cli`), ``sluice rag build-index``
+(`sluice.rag.cli`)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,17 @@ import os
 import shlex
 import sys
 
+from sluice.runtime.async_engine import AsyncEngine
 from sluice.runtime.benchmark import random_prompts, throughput
+from sluice.runtime.engine import EngineConfig
 from sluice.runtime.llm import LLM
+from sluice.runtime.loader import load_model
 from sluice.runtime.sampling_params import SamplingParams
 from sluice.provision import cli as provision_cli
+from sluice.rag import cli as rag_cli
 from sluice.runtime.server import ServerConfig, bind_socket, run_server
+from sluice.scheduler.async_cluster import AsyncCluster, local_cluster
+from sluice.scheduler.cluster import DISPATCH_POLICIES, ClusterConfig
 
 GiB = 1 << 30
 
@@ -53,6 +60,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--swap-space", type=float, default=0.0,
                    help="GiB of host memory for the KV of preempted requests; 0 preempts by "
                         "recompute (default: 0)")
+    g.add_argument("--preemption-mode", default="auto", choices=["auto", "swap"],
+                   help="with --swap-space: swap only when copying is estimated cheaper than "
+                        "recomputing (auto), or whenever host blocks are free (default: auto)")
+    g.add_argument("--swap-copy", default="grouped", choices=["grouped", "per_block"],
+                   help="swap copies by block groups, or one copy per block (a baseline)")
+    g.add_argument("--no-async-swap", action="store_true",
+                   help="finish swap-out copies on the engine thread")
+    g.add_argument("--no-kv-reuse", action="store_true",
+                   help="do not keep finished conversations' KV in the swap space")
     g.add_argument("--no-prefix-caching", action="store_true",
                    help="disable automatic prefix caching")
     g.add_argument("--attention-backend", default="pallas",
@@ -64,17 +80,36 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="skip compiling every shape bucket at start-up")
 
 
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                max_model_len=args.max_model_len,
+                kv_cache_memory=None if args.kv_cache_memory is None
+                else int(args.kv_cache_memory * GiB),
+                enable_prefix_caching=not args.no_prefix_caching,
+                scheduling_policy=args.scheduling_policy,
+                swap_space=int(args.swap_space * GiB), preemption_mode=args.preemption_mode,
+                swap_copy=args.swap_copy, async_swap=not args.no_async_swap,
+                kv_reuse=not args.no_kv_reuse,
+                attention_backend=args.attention_backend, warmup=not args.no_warmup)
+
+
 def _make_llm(args: argparse.Namespace) -> LLM:
-    return LLM(args.model, dtype=args.dtype, seed=args.model_seed,
-               block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens,
-               max_model_len=args.max_model_len,
-               kv_cache_memory=None if args.kv_cache_memory is None
-               else int(args.kv_cache_memory * GiB),
-               enable_prefix_caching=not args.no_prefix_caching,
-               scheduling_policy=args.scheduling_policy,
-               swap_space=int(args.swap_space * GiB),
-               attention_backend=args.attention_backend, warmup=not args.no_warmup)
+    return LLM(args.model, dtype=args.dtype, seed=args.model_seed, **_engine_kwargs(args))
+
+
+def _make_cluster(args: argparse.Namespace) -> AsyncCluster:
+    """``--instances N``: N engines under the global scheduler, one per device
+    in this process, or one per Ray actor with ``--ray``."""
+    engine_config = EngineConfig(**_engine_kwargs(args))
+    config = ClusterConfig(dispatch=args.dispatch, migrate=not args.no_migration)
+    if args.ray:
+        from sluice.scheduler.ray_instance import ModelSpec, ray_cluster  # imports Ray
+        spec = ModelSpec(args.model, args.dtype, args.model_seed)
+        return AsyncCluster(ray_cluster(spec, engine_config, args.instances, config,
+                                        args.ray_address))
+    model = load_model(args.model, dtype=args.dtype, seed=args.model_seed)
+    return AsyncCluster(local_cluster(model, engine_config, args.instances, config))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may run after SIGTERM before they are "
                         "aborted (default: 30)")
+    g.add_argument("--instances", type=int, default=1,
+                   help="engines behind the global scheduler, one per device (default: 1; "
+                        "on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+    g.add_argument("--dispatch", default="freest", choices=list(DISPATCH_POLICIES),
+                   help="with --instances > 1: how requests are placed (default: freest)")
+    g.add_argument("--no-migration", action="store_true",
+                   help="with --instances > 1: never live-migrate running requests")
+    g.add_argument("--ray", action="store_true",
+                   help="run each instance in a Ray actor (a local Ray cluster unless "
+                        "--ray-address is given)")
+    g.add_argument("--ray-address", default=None,
+                   help="address of an existing Ray cluster (with --ray)")
+    g.add_argument("--rag-index", default=None,
+                   help="serve POST /v1/rag/query over this `sluice rag build-index` directory")
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -128,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--output-json", default=None, help="write the result to this JSON file")
 
     provision_cli.add_parser(sub)
+    rag_cli.add_parser(sub)
     return parser
 
 
@@ -149,10 +199,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
     sock = bind_socket(args.host, args.port)  # fail on a taken port before loading the model
-    llm = _make_llm(args)
+    many = args.instances != 1 or args.ray
+    front = _make_cluster(args) if many else AsyncEngine(_make_llm(args).engine)
     name = args.served_model_name or args.model
     config = ServerConfig(name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                          max_waiting=args.max_waiting)
+                          max_waiting=args.max_waiting, rag_index=args.rag_index)
 
     def ready(host: str, port: int) -> None:
         url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
@@ -162,7 +213,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
               f"-d {shlex.quote(body)}", flush=True)
 
-    asyncio.run(run_server(llm.engine, config, sock, args.shutdown_timeout, ready))
+    asyncio.run(run_server(front, config, sock, args.shutdown_timeout, ready))
     return 0
 
 
@@ -180,7 +231,7 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = {"generate": cmd_generate, "serve": cmd_serve, "bench": cmd_bench_throughput,
-               "provision": provision_cli.run}[args.command]
+               "provision": provision_cli.run, "rag": rag_cli.run}[args.command]
     try:
         return command(args)
     except (ValueError, FileNotFoundError, OSError) as e:

@@ -78,6 +78,15 @@ class IncrementalDetokenizer:
         self._sent = 0  # characters of text returned by take_delta
         self.stop_reason: str | None = None
 
+    def __getstate__(self) -> dict:
+        """Pickled without the tokenizer (a request moving to another process
+        carries only its own state); the receiver calls `bind`."""
+        return {**self.__dict__, "_tokenizer": None}
+
+    def bind(self, tokenizer: Tokenizer) -> None:
+        """Attach the (same) tokenizer after a move to another engine."""
+        self._tokenizer = tokenizer
+
     @property
     def text(self) -> str:
         """The output text so far (cut at the stop string once one has matched)."""

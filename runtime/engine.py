@@ -9,7 +9,12 @@ Interface (used by `LLM`, `AsyncEngine` and the server):
 - ``step() -> list[RequestOutput]``: outputs of the requests that advanced;
 - ``abort_request(request_id)``: unknown ids are a no-op;
 - ``set_priority(request_id, priority)``: re-rank a request at runtime;
-- ``stats() -> EngineStats``.
+- ``stats() -> EngineStats``;
+- ``migration``: the `MigrationEndpoint` that moves running requests (KV and
+  state) between engines (`sluice.runtime.migration`).
+
+``EngineConfig.device`` pins an engine to one JAX device (its own copy of the
+parameters and its KV pool live there), so several engines can share a process.
 
 The engine is single-threaded: call it from one thread (AsyncEngine does).
 """
@@ -19,26 +24,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any
 
 import jax
-import numpy as np
 
 from sluice.runtime.block_manager import BlockManager
-from sluice.runtime.detokenizer import IncrementalDetokenizer
+from sluice.runtime.intake import Group, Intake, Prompt
 from sluice.runtime.kv_cache import KVCacheSpec, num_blocks_for_budget
 from sluice.runtime.loader import Model
+from sluice.runtime.migration import MigrationEndpoint
 from sluice.runtime.model_runner import ModelRunner, StepRow
 from sluice.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sluice.runtime.request import Request, TokenLogprobs
 from sluice.runtime.sampling_params import SamplingParams
-from sluice.runtime.swap import HostSwapSpace
+from sluice.runtime.swap import HostSwapSpace, SwapExecutor
 from sluice.scheduler.local import LocalScheduler
 from sluice.scheduler.policies import Policy, make_policy
 
 log = logging.getLogger(__name__)
-
-Prompt = str | dict[str, Any]
 
 CPU_KV_CACHE_CAP = 2 << 30  # bytes; CPU pools default to what max_num_seqs full contexts need, at most this
 
@@ -56,22 +58,14 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"  # fcfs | priority | fair (sluice.scheduler.policies)
     max_preemptions: int = 4  # times a request may be displaced by higher-priority work
     swap_space: int = 0  # bytes of host memory for swapped-out KV; 0 = preempt by recompute
+    preemption_mode: str = "auto"  # with swap space: auto (cheaper of swap/recompute) | swap
+    swap_copy: str = "grouped"  # grouped (block groups) | per_block (one copy per block)
+    async_swap: bool = True  # device->host copies finish on a worker thread, off the step
+    kv_reuse: bool = True  # finished conversations' KV stays in the swap space (multi-turn reuse)
     attention_backend: str = "pallas"  # kernels on GPU/TPU, the chunked pure-JAX path on CPU
     warmup: bool = True
     seed: int | None = None  # draws seeds for unseeded requests; None = nondeterministic
-
-
-@dataclasses.dataclass
-class Group:
-    """One user request: ``n`` sibling `Request`s sharing a prompt."""
-
-    request_id: str
-    prompt: str | None
-    requests: list[Request]
-
-    @property
-    def finished(self) -> bool:
-        return all(r.is_finished for r in self.requests)
+    device: jax.Device | None = None  # the device the engine runs on; None = the default
 
 
 @dataclasses.dataclass
@@ -91,9 +85,11 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, model: Model, config: EngineConfig | None = None,
                  policy: Policy | None = None):
-        self.model = model
         self.config = config = config or EngineConfig()
-        self.max_model_len = _max_model_len(model, config)
+        if config.device is not None:
+            model = dataclasses.replace(model, params=jax.device_put(model.params, config.device))
+        self.model = model
+        self.max_model_len = resolve_max_model_len(model, config)
         num_blocks = self._num_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           config.enable_prefix_caching)
@@ -104,9 +100,12 @@ class LLMEngine:
                                         config.max_preemptions, self._swap_space(num_blocks))
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.max_num_seqs,
                                   config.max_num_batched_tokens, config.max_prefill_seqs,
-                                  self.max_model_len, config.attention_backend)
+                                  self.max_model_len, config.attention_backend,
+                                  config.device)
+        self.swapper = self._swap_executor()
         self.groups: dict[str, Group] = {}
-        self._rng = np.random.default_rng(config.seed)
+        self.migration = MigrationEndpoint(self)
+        self.intake = Intake(model, self.max_model_len, config.seed)
         if config.warmup:
             self.runner.warmup()
 
@@ -136,40 +135,43 @@ class LLMEngine:
                                      self.model.dtype)
         return HostSwapSpace.for_budget(spec, self.config.swap_space)
 
+    def _swap_executor(self) -> SwapExecutor | None:
+        c, space = self.config, self.scheduler.swap_space
+        if c.preemption_mode not in ("auto", "swap"):
+            raise ValueError(f"preemption_mode: must be 'auto' or 'swap', "
+                             f"got {c.preemption_mode!r}")
+        if space is None:
+            return None
+        swapper = SwapExecutor(self.runner, space, c.swap_copy, c.async_swap)
+        self.scheduler.configure_swap(swapper, c.preemption_mode, c.kv_reuse)
+        return swapper
+
     # -- requests -------------------------------------------------------------
 
     def prepare(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
-                priority: int = 0, client: str | None = None) -> Group:
-        """Validate and tokenize a request without queueing it."""
-        params = params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError("sampling_params: must be a SamplingParams")
+                priority: int = 0, client: str | None = None,
+                conversation: str | None = None) -> Group:
+        """Validate and tokenize a request without queueing it. ``conversation``
+        keys multi-turn KV reuse (the next turn's prompt extends this one's)."""
         if request_id in self.groups:
             raise ValueError(f"request_id: {request_id!r} is already in use")
-        text, ids = self._tokenize(prompt)
-        max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
-        requests = []
-        for i in range(params.n):
-            seed = params.seed + i if params.seed is not None else int(self._rng.integers(2**31))
-            detok = IncrementalDetokenizer(
-                self.model.tokenizer, ids, stop=params.stop or [],
-                include_stop_str_in_output=params.include_stop_str_in_output,
-                skip_special_tokens=params.skip_special_tokens)
-            rid = request_id if params.n == 1 else f"{request_id}-{i}"
-            requests.append(Request(rid, request_id, i, list(ids), params, seed, detok,
-                                    max_tokens, self.model.eos_token_ids, priority, client))
-        return Group(request_id, text, requests)
+        group = self.intake.prepare(request_id, prompt, params, priority, client)
+        for req in group.requests:
+            req.conversation = conversation
+        return group
 
     def enqueue(self, group: Group) -> None:
         if group.request_id in self.groups:
             raise ValueError(f"request_id: {group.request_id!r} is already in use")
         self.groups[group.request_id] = group
         for req in group.requests:
-            self.scheduler.add(req)
+            if not req.is_finished:  # a re-dispatched group may carry finished siblings
+                self.scheduler.add(req)
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
-                    priority: int = 0, client: str | None = None) -> None:
-        self.enqueue(self.prepare(request_id, prompt, params, priority, client))
+                    priority: int = 0, client: str | None = None,
+                    conversation: str | None = None) -> None:
+        self.enqueue(self.prepare(request_id, prompt, params, priority, client, conversation))
 
     def abort_request(self, request_id: str) -> None:
         """Abort a request (all its completions) and free its blocks; unknown ids: no-op."""
@@ -180,6 +182,7 @@ class LLMEngine:
         for req in group.requests:
             if not req.is_finished:
                 self.scheduler.abort(req.request_id)
+                self.block_manager.free(req.request_id)  # a request suspended for migration
                 req.abort(now)
 
     def set_priority(self, request_id: str, priority: int) -> None:
@@ -193,30 +196,6 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished
-
-    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt: must not be empty")
-            text, ids = prompt, self.model.tokenizer.encode(prompt)
-        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            text, ids = None, prompt["prompt_token_ids"]
-            if not isinstance(ids, (list, tuple)) or not all(
-                    isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                raise ValueError("prompt_token_ids: must be a list of integers")
-            ids = list(ids)
-            bad = [t for t in ids if not 0 <= t < self.model.config.vocab_size]
-            if bad:
-                raise ValueError(f"prompt_token_ids: token id {bad[0]} is outside the vocabulary "
-                                 f"[0, {self.model.config.vocab_size})")
-        else:
-            raise ValueError("prompt: must be a string or {'prompt_token_ids': [...]}")
-        if not ids:
-            raise ValueError("prompt: must not be empty")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt: {len(ids)} tokens leave no room to generate within "
-                             f"max_model_len={self.max_model_len}")
-        return text, ids
 
     # -- the step -------------------------------------------------------------
 
@@ -232,6 +211,8 @@ class LLMEngine:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
         tokens, logprobs, top_ids, top_lps = self.runner.execute(rows)
+        if self.swapper is not None:  # per-token compute time, for swap-vs-recompute estimates
+            self.swapper.cost.observe_step(sched.num_tokens, time.monotonic() - now)
         now = time.monotonic()
         touched: dict[str, Group] = {}
         for i, (req, n) in enumerate(sched.scheduled):
@@ -244,24 +225,12 @@ class LLMEngine:
         return [self._output(g) for g in touched.values()]
 
     def _swap(self, sched) -> None:
-        """Move swapped KV before the step: outs first, since an in may reuse the
-        blocks an out just vacated (device work runs in dispatch order)."""
-        space = self.scheduler.swap_space
-        pending = list(sched.swap_out)
-        try:
-            while pending:
-                _, runs, host = pending[0]
-                space.store(host, self.runner.copy_out(runs))
-                pending.pop(0)
-            for _, runs, host in sched.swap_in:
-                self.runner.copy_in(runs, space.load(host))
-        finally:  # even if a copy fails, no host block leaks and no KV is trusted unstored
-            for req, _, host in pending:
-                space.release(host)
-                req.swapped_blocks = None
-                req.num_computed_tokens = 0
-            for _, _, host in sched.swap_in:
-                space.release(host)
+        """Move swapped KV before the step (`SwapExecutor.run`: outs first, since an
+        in may reuse the blocks an out just vacated). A failed copy is handed back
+        to the scheduler, so no host block leaks and no KV is trusted unstored."""
+        if self.swapper is not None:
+            self.swapper.run(sched.swap_out, sched.swap_in, sched.host_release,
+                             self.scheduler.swap_out_failed, self.scheduler.swap_in_failed)
 
     def _append(self, req: Request, i: int, tokens, logprobs, top_ids, top_lps, now) -> None:
         token = int(tokens[i])
@@ -302,7 +271,8 @@ class LLMEngine:
                            self.scheduler.num_swap_outs)
 
 
-def _max_model_len(model: Model, config: EngineConfig) -> int:
+def resolve_max_model_len(model: Model, config: EngineConfig) -> int:
+    """The context limit an engine with ``config`` serves (validated)."""
     limit = model.config.max_position_embeddings
     if config.max_model_len is None:
         return min(limit, 2048)

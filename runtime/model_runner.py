@@ -97,10 +97,11 @@ class StepShape:
 class ModelRunner:
     def __init__(self, model: Model, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_prefill_seqs: int, max_model_len: int,
-                 backend: str = "reference"):
+                 backend: str = "reference", device: jax.Device | None = None):
         self.model = model
+        self.device = device
         self.spec = KVCacheSpec.for_model(model.config, num_blocks, block_size, model.dtype)
-        self.kv_cache = self.spec.allocate()
+        self.kv_cache = self.spec.allocate(device)
         self.backend = backend
         self.max_num_seqs = max_num_seqs
         max_pages = -(-max_model_len // block_size)
@@ -130,8 +131,10 @@ class ModelRunner:
 
     def warmup(self) -> None:
         """Compile every step shape (padding-only inputs: the pool is untouched) and,
-        for each, the greedy and plain-temperature samplers. Sampler variants with
-        top-k/top-p/min-p, penalties or logprobs compile on first use."""
+        for each, the greedy and plain-temperature samplers, plus the fixed-size
+        block copy of live migration. Sampler variants with top-k/top-p/min-p,
+        penalties or logprobs compile on first use."""
+        self.copy_in([], self.gather([], COPY_CHUNK_BLOCKS), COPY_CHUNK_BLOCKS)  # copies nothing
         for shape in tqdm(self.shapes(), desc="compiling", unit="shape"):
             metas = tuple(_padding_group(self.spec, n, t, q, shape.pages)
                           for n, t, q in shape.groups())
@@ -216,18 +219,30 @@ class ModelRunner:
 
     def copy_out(self, groups: list[tuple[int, int]]) -> np.ndarray:
         """The blocks of ``groups`` (runs of consecutive blocks), staged to host memory."""
-        n = sum(length for _, length in groups)
-        arr = block_copy.groups_array(groups, _staging_rows(len(groups)))
-        return np.asarray(_gather_blocks(self.kv_cache, arr, _staging_rows(n)))[:n]
+        return np.asarray(self.gather(groups))
 
-    def copy_in(self, groups: list[tuple[int, int]], blocks: np.ndarray) -> None:
-        """Write host ``blocks`` into the runs ``groups`` of the device pool."""
-        n = blocks.shape[0]
-        staging = blocks
-        if _staging_rows(n) != n:
-            staging = np.zeros((_staging_rows(n),) + blocks.shape[1:], blocks.dtype)
-            staging[:n] = blocks
+    def gather(self, groups: list[tuple[int, int]], rows: int | None = None) -> jax.Array:
+        """The blocks of ``groups`` as one array on this runner's device (for a
+        device-to-device copy, e.g. live migration). ``rows`` fixes the staging
+        shape (rows past the blocks are unspecified), so one compiled copy
+        serves every chunk of up to ``rows`` blocks; default: exactly the blocks."""
+        n = sum(length for _, length in groups)
+        if rows is not None:
+            return _gather_blocks(self.kv_cache, block_copy.groups_array(groups, rows), rows)
         arr = block_copy.groups_array(groups, _staging_rows(len(groups)))
+        return _gather_blocks(self.kv_cache, arr, _staging_rows(n))[:n]
+
+    def copy_in(self, groups: list[tuple[int, int]], blocks: np.ndarray | jax.Array,
+                rows: int | None = None) -> None:
+        """Write ``blocks`` (host or any device; rows past the runs' total are
+        ignored) into the runs ``groups`` of the pool; ``rows`` as in `gather`."""
+        n = blocks.shape[0]
+        size = rows if rows is not None else _staging_rows(n)
+        staging = jax.device_put(blocks, self.device) if self.device is not None else blocks
+        if size != n:
+            staging = jnp.pad(jnp.asarray(staging), [(0, size - n)] + [(0, 0)] * (blocks.ndim - 1))
+        max_groups = rows if rows is not None else _staging_rows(len(groups))
+        arr = block_copy.groups_array(groups, max_groups)
         self.kv_cache = _scatter_blocks(self.kv_cache, arr, jnp.asarray(staging))
 
     def _sample(self, logits: jax.Array, rows: list[StepRow]) -> tuple[np.ndarray, ...]:
@@ -257,6 +272,11 @@ def _padding_group(spec: KVCacheSpec, n_seqs: int, n_tok: int, max_q: int,
                              jnp.zeros(n_seqs + 1, jnp.int32), jnp.zeros(n_seqs, jnp.int32),
                              jnp.zeros((n_seqs, pages), jnp.int32), jnp.asarray(0, jnp.int32),
                              max_q)
+
+
+# Rows of the fixed staging buffer chunked copies (live migration) use: one
+# compiled gather and scatter per device serve any number of blocks.
+COPY_CHUNK_BLOCKS = 32
 
 
 def _staging_rows(n: int) -> int:

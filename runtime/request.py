@@ -60,6 +60,11 @@ class Request:
     num_preemptions: int = 0
     num_displacements: int = 0  # preemptions by higher-priority work (bounded)
     swapped_blocks: list[int] | None = None  # host swap-space blocks while swapped out
+    # Host swap-space blocks (one reference each) holding valid copies of the KV of
+    # this request's first len(host_blocks) blocks: reused by a later swap-out or resume.
+    host_blocks: list[int] = dataclasses.field(default_factory=list)
+    conversation: str | None = None  # multi-turn KV reuse key (sluice.runtime.swap)
+    waiting_since: float | None = None  # when it last entered the waiting queue (scheduler)
     num_cached_tokens: int = 0
 
     def __post_init__(self) -> None:
@@ -95,6 +100,22 @@ class Request:
             self._finish("stop", token_id, now)
         elif len(self.output_token_ids) >= self.max_tokens:
             self._finish("length", None, now)
+
+    def replay(self, output_token_ids: list[int], emitted_text: str,
+               finish_reason: str | None = None, stop_reason: int | str | None = None) -> None:
+        """Restore the output a caller has already seen (re-dispatch after the
+        instance serving it died): the tokens, the detokenizer's state, the
+        streamed text and, for a completion that had finished, its end. The KV
+        is recomputed wherever the request runs next."""
+        for token_id in output_token_ids:
+            self.output_token_ids.append(token_id)
+            self.all_token_ids.append(token_id)
+            if self.detokenizer.stop_reason is None:
+                self.detokenizer.add_token(token_id)
+        self.detokenizer.take_delta(finished=finish_reason is not None)
+        self.emitted_text = emitted_text
+        if finish_reason is not None:
+            self._finish(finish_reason, stop_reason, time.monotonic())
 
     def abort(self, now: float) -> None:
         self._finish("abort", None, now)

@@ -7,7 +7,8 @@ Endpoints: ``POST /v1/completions`` and ``/v1/chat/completions`` (JSON, or
 server-sent events ending in ``data: [DONE]`` when ``stream`` is true),
 ``POST /v1/embeddings``, ``GET /v1/models[/{id}]``, ``POST /tokenize``,
 ``POST /detokenize``, ``GET /health``, ``GET /version``, ``GET /metrics``
-(Prometheus, see `sluice.runtime.metrics`). Schemas and the request ->
+(Prometheus, see `sluice.runtime.metrics`), and ``POST /v1/rag/query`` when
+``ServerConfig.rag_index`` names a RAG index (`sluice.rag.http`). Schemas and the request ->
 `SamplingParams` mapping live in `sluice.runtime.openai_protocol`.
 
 Why these behaviours:
@@ -45,7 +46,7 @@ import logging
 import signal
 import socket
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 import uvicorn
 from starlette.applications import Starlette
@@ -64,6 +65,9 @@ from sluice.runtime.openai_protocol import APIError
 from sluice.runtime.outputs import RequestOutput
 from sluice.runtime.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from sluice.scheduler.async_cluster import AsyncCluster
+
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("sluice.access")
 
@@ -77,6 +81,7 @@ class ServerConfig:
     max_body_bytes: int = 4 << 20
     max_waiting: int | None = None  # None: unbounded
     retry_after_s: int = 1
+    rag_index: str | None = None  # a `sluice rag build-index` directory: POST /v1/rag/query
 
 
 @dataclasses.dataclass
@@ -114,6 +119,10 @@ class OpenAIServer:
             Route("/version", self._endpoint(self.version), methods=["GET"]),
             Route("/metrics", self._endpoint(self.prometheus), methods=["GET"]),
         ]
+        if config.rag_index is not None:
+            from sluice.rag.http import load_rag_service, rag_routes
+            routes += rag_routes(load_rag_service(config.rag_index, engine, config.model_name),
+                                 self._endpoint, self._body)
         app = Starlette(routes=routes, lifespan=self._lifespan,
                         exception_handlers={HTTPException: _http_exception})
         self.app = _Guard(app, config)
@@ -594,11 +603,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def run_server(engine: LLMEngine, config: ServerConfig, sock: socket.socket,
+async def run_server(engine: AsyncEngine | AsyncCluster, config: ServerConfig, sock: socket.socket,
                      shutdown_timeout: float = 30.0,
                      on_ready: Callable[[str, int], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then shut down gracefully (see module docstring)."""
-    server = OpenAIServer(AsyncEngine(engine), config)
+    server = OpenAIServer(engine, config)
     uv = uvicorn.Server(uvicorn.Config(server.app, log_config=None, access_log=False,
                                        timeout_graceful_shutdown=shutdown_timeout,
                                        lifespan="on"))

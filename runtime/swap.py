@@ -1,18 +1,73 @@
-"""Host-memory swap space for preempted requests' KV blocks.
+"""Host-memory swap space for KV blocks, and the copies that fill and drain it.
 
 `HostSwapSpace` is a numpy pool of blocks shaped like the device pool's
 (``[num_blocks, num_layers, 2, block_size, kv_heads, head_dim]``) with a free
-list. The scheduler reserves and releases host blocks (bookkeeping only); the
-engine moves the data with the model runner's block gather/scatter, staging
-whole block groups at a time. Exhaustion is not an error: ``reserve`` returns
-None and the scheduler falls back to recompute.
+list and a reference count per block. The scheduler reserves, retains and
+releases host blocks (bookkeeping only); `SwapExecutor` moves the data. A host
+block may be referenced by several owners at once: a swapped-out request, a
+running request that keeps the host copy of its full blocks (so a later
+swap-out copies only the blocks that changed), and a conversation entry.
+
+Multi-turn KV reuse: when a request carrying a ``conversation`` id finishes,
+its full blocks stay in host memory under that id (``remember``), in a bounded
+least-recently-used table: ``reserve`` evicts the least recently used entries
+when it runs short. The conversation's next turn (``match``) takes the longest
+block-aligned prefix of its prompt that equals the stored tokens, and copies
+in only those blocks instead of recomputing them. Exhaustion is not an error:
+``reserve`` returns None and the scheduler falls back to recompute.
+
+`SwapExecutor` runs a step's copies (engine thread, before the forward):
+
+- ``grouped`` mode moves each contiguous run of device blocks as a few
+  static-size slices of the block-major pool (a run of ``n`` blocks is one
+  slice per set bit of ``n``, so the compiled copies stay few); ``per_block``
+  mode, the baseline of `bench/preemption.py`, issues one synchronous copy per
+  block, as per-block swap implementations do.
+- Asynchronous swap-out (``async_out``): the slices are dispatched on the
+  engine thread (JAX orders them before any later write to the pool, so the
+  device blocks can be reused at once: no block is overwritten while a copy
+  from it is in flight), and a worker thread waits for them and stores them into
+  the host pool. A swap-in from host blocks whose store is still pending waits
+  for it first; a single worker keeps stores to one host block in order.
+- Swap-ins are complete (``block_until_ready``) before the step's forward, so
+  a request resumes only after its swap-in completes.
+
+`SwapCostModel` estimates the time to swap a request (bytes / measured copy
+bandwidth plus a per-copy overhead) and to recompute it (tokens x measured
+prefill time per token), both exponential moving averages started from priors;
+the scheduler asks it per preempted request (``preemption_mode="auto"``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sluice.runtime.kv_cache import KVCacheSpec
+
+if TYPE_CHECKING:
+    from sluice.runtime.model_runner import ModelRunner
+
+COPY_MODES = ("grouped", "per_block")
+# Largest slice of one grouped copy. Bounding the staging buffers lets the
+# allocator recycle them: on CPU, a fresh 100 MB staging buffer costs more in
+# page faults than the copy itself (measured: bench/RESULTS.md, preemption).
+MAX_PIECE_BYTES = 8 << 20
+
+
+@dataclasses.dataclass
+class _Conversation:
+    tokens: list[int]  # the tokens whose KV the blocks hold (whole blocks)
+    blocks: list[int]
 
 
 class HostSwapSpace:
@@ -20,8 +75,13 @@ class HostSwapSpace:
         if num_blocks < 1:
             raise ValueError(f"swap_space: must hold at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
+        self.block_size = spec.block_size
+        self.bytes_per_block = spec.bytes_per_block
         self.blocks = np.zeros((num_blocks,) + spec.shape[1:], np.dtype(spec.dtype))
         self._free = list(range(num_blocks - 1, -1, -1))
+        self._refs = [0] * num_blocks
+        self.conversations: OrderedDict[str, _Conversation] = OrderedDict()  # LRU first
+        self.num_conversation_evictions = 0
 
     @classmethod
     def for_budget(cls, spec: KVCacheSpec, budget_bytes: int) -> "HostSwapSpace":
@@ -32,16 +92,300 @@ class HostSwapSpace:
         return len(self._free)
 
     def reserve(self, n: int) -> list[int] | None:
-        """``n`` host blocks, or None (nothing reserved) if too few are free."""
+        """``n`` host blocks (one reference each), evicting least recently used
+        conversations as needed; None (nothing reserved) if still too few."""
+        while n > len(self._free) and self.conversations:
+            _, entry = self.conversations.popitem(last=False)
+            self.release(entry.blocks)
+            self.num_conversation_evictions += 1
         if n > len(self._free):
             return None
-        return [self._free.pop() for _ in range(n)]
+        ids = [self._free.pop() for _ in range(n)]
+        for i in ids:
+            self._refs[i] = 1
+        return ids
 
-    def release(self, ids: list[int]) -> None:
-        self._free.extend(reversed(ids))
+    def retain(self, ids: Sequence[int]) -> None:
+        for i in ids:
+            if self._refs[i] <= 0:
+                raise ValueError(f"host block {i} is free")
+            self._refs[i] += 1
+
+    def release(self, ids: Sequence[int]) -> None:
+        """Drop one reference on each block; unreferenced blocks become free."""
+        for i in reversed(ids):
+            if self._refs[i] <= 0:
+                raise ValueError(f"host block {i} released more often than reserved")
+            self._refs[i] -= 1
+            if self._refs[i] == 0:
+                self._free.append(i)
+
+    # -- conversations (multi-turn reuse) ------------------------------------
+
+    def remember(self, conversation: str, tokens: Sequence[int], blocks: list[int]) -> None:
+        """Keep ``blocks`` (holding the KV of ``tokens``, whole blocks) under the
+        conversation id; takes over the caller's references. Replaces an older entry."""
+        old = self.conversations.pop(conversation, None)
+        if old is not None:
+            self.release(old.blocks)
+        if blocks:
+            self.conversations[conversation] = _Conversation(
+                list(tokens[:len(blocks) * self.block_size]), list(blocks))
+
+    def forget(self, conversation: str) -> None:
+        old = self.conversations.pop(conversation, None)
+        if old is not None:
+            self.release(old.blocks)
+
+    def match(self, conversation: str | None, token_ids: Sequence[int],
+              max_blocks: int) -> list[int]:
+        """Host blocks of the longest block-aligned prefix (at most ``max_blocks``)
+        of ``token_ids`` stored for the conversation; not retained. Marks it used."""
+        entry = self.conversations.get(conversation) if conversation is not None else None
+        if entry is None:
+            return []
+        self.conversations.move_to_end(conversation)
+        size, n = self.block_size, min(max_blocks, len(entry.blocks))
+        m = 0
+        while m < n and entry.tokens[m * size:(m + 1) * size] == list(
+                token_ids[m * size:(m + 1) * size]):
+            m += 1
+        return entry.blocks[:m]
+
+    # -- data ------------------------------------------------------------------
 
     def store(self, ids: list[int], staging: np.ndarray) -> None:
         self.blocks[ids] = staging[:len(ids)]
 
     def load(self, ids: list[int]) -> np.ndarray:
-        return self.blocks[ids]
+        return self.blocks[ids]  # fancy indexing: a fresh array, safe to hand to the device
+
+
+# -- copies ----------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _slice_blocks(cache: jax.Array, start: jax.Array, n: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(cache, start, n, 0)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _update_blocks(cache: jax.Array, start: jax.Array, blocks: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(cache, blocks.astype(cache.dtype), start, 0)
+
+
+def _pieces(runs: Sequence[tuple[int, int]], per_block: bool,
+            max_piece: int = 1 << 30) -> list[tuple[int, int]]:
+    """(start, size) slices covering the runs in order: one per block, or, for
+    each run, ``max_piece``-block slices (a power of two) then one per set bit
+    of the remainder (sizes are powers of two, so compiled copies stay few)."""
+    out = []
+    for start, length in runs:
+        if per_block:
+            out.extend((start + i, 1) for i in range(length))
+            continue
+        off = 0
+        while length - off >= max_piece:
+            out.append((start + off, max_piece))
+            off += max_piece
+        rest = length - off
+        for bit in reversed(range(rest.bit_length())):
+            size = 1 << bit
+            if rest & size:
+                out.append((start + off, size))
+                off += size
+    return out
+
+
+@dataclasses.dataclass
+class SwapStats:
+    num_swap_outs: int = 0      # copies to host (preemptions and conversation saves)
+    num_swap_ins: int = 0
+    blocks_out: int = 0
+    blocks_in: int = 0
+    copy_calls: int = 0         # device copy operations issued
+    stall_s: float = 0.0        # engine-thread time spent in copies or waiting for them
+
+    def bytes(self, bytes_per_block: int) -> dict[str, int]:
+        return {"out": self.blocks_out * bytes_per_block, "in": self.blocks_in * bytes_per_block}
+
+
+class SwapCostModel:
+    """Running estimates of copy and recompute time (exponential moving averages)."""
+
+    def __init__(self, bytes_per_block: int, copy_bytes_per_s: float = 4e9,
+                 prefill_s_per_token: float = 2e-4, overhead_s: float = 2e-4,
+                 alpha: float = 0.2, min_step_tokens: int = 32):
+        self.bytes_per_block = bytes_per_block
+        self.copy_bytes_per_s = copy_bytes_per_s
+        self.prefill_s_per_token = prefill_s_per_token
+        self.overhead_s = overhead_s
+        self.alpha = alpha
+        self.min_step_tokens = min_step_tokens
+        self.num_copy_samples = 0
+        self.num_step_samples = 0
+
+    def observe_copy(self, num_bytes: int, seconds: float) -> None:
+        if num_bytes <= 0 or seconds <= 0:
+            return
+        a = self.alpha
+        self.copy_bytes_per_s = (1 - a) * self.copy_bytes_per_s + a * num_bytes / seconds
+        self.num_copy_samples += 1
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        """A forward step over ``num_tokens`` tokens; only prefill-sized steps count."""
+        if num_tokens < self.min_step_tokens or seconds <= 0:
+            return
+        a = self.alpha
+        self.prefill_s_per_token = (1 - a) * self.prefill_s_per_token + a * seconds / num_tokens
+        self.num_step_samples += 1
+
+    def swap_seconds(self, blocks_out: int, blocks_in: int) -> float:
+        return (2 * self.overhead_s
+                + (blocks_out + blocks_in) * self.bytes_per_block / self.copy_bytes_per_s)
+
+    def recompute_seconds(self, num_tokens: int) -> float:
+        return num_tokens * self.prefill_s_per_token
+
+    def prefer_swap(self, blocks_out: int, blocks_in: int, num_tokens: int) -> bool:
+        return self.swap_seconds(blocks_out, blocks_in) < self.recompute_seconds(num_tokens)
+
+
+# (request, device block runs, host blocks) of one copy; see sluice.scheduler.local.
+SwapCopy = tuple[Any, list[tuple[int, int]], list[int]]
+
+
+class SwapExecutor:
+    """Runs swap copies between a `ModelRunner`'s pool and a `HostSwapSpace`."""
+
+    def __init__(self, runner: "ModelRunner", space: HostSwapSpace, mode: str = "grouped",
+                 async_out: bool = True, cost: SwapCostModel | None = None):
+        if mode not in COPY_MODES:
+            raise ValueError(f"swap_copy: must be one of {COPY_MODES}, got {mode!r}")
+        self.runner, self.space, self.mode = runner, space, mode
+        self.async_out = async_out
+        self.cost = cost or SwapCostModel(space.bytes_per_block)
+        self.stats = SwapStats()
+        self._pending: dict[int, Future] = {}  # host block -> its latest in-flight store
+        self._lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(1, "sluice-swap") if async_out else None
+        fit = max(1, MAX_PIECE_BYTES // space.bytes_per_block)
+        self.max_piece = 1 << (fit.bit_length() - 1)  # a power of two
+
+    # -- the step's copies ----------------------------------------------------
+
+    def run(self, swap_out: list[SwapCopy], swap_in: list[SwapCopy],
+            release: list[int] = (), on_out_failure: Callable[[SwapCopy], None] | None = None,
+            on_in_failure: Callable[[SwapCopy], None] | None = None) -> None:
+        """Outs first (an in may reuse device blocks an out just vacated; device
+        work runs in dispatch order), then ins, complete before returning; then
+        drop the host references in ``release``. A copy that fails is handed to
+        the failure callback, so nothing leaks and no KV is trusted unstored."""
+        if not (swap_out or swap_in or release):
+            return
+        pending = list(swap_out)
+        try:
+            while pending:
+                self.copy_out(pending[0][1], pending[0][2])
+                pending.pop(0)
+            if swap_in:
+                t0 = time.perf_counter()
+                n = 0
+                for _, runs, host in swap_in:
+                    self.copy_in(runs, host)
+                    n += len(host)
+                t1 = time.perf_counter()
+                jax.block_until_ready(self.runner.kv_cache)
+                self.stats.stall_s += time.perf_counter() - t1
+                self.cost.observe_copy(n * self.space.bytes_per_block, time.perf_counter() - t0)
+        except BaseException:
+            for copy in pending:
+                if on_out_failure:
+                    on_out_failure(copy)
+            for copy in swap_in:
+                if on_in_failure:
+                    on_in_failure(copy)
+            raise
+        finally:
+            if release:
+                self.space.release(release)
+
+    def copy_out(self, runs: list[tuple[int, int]], host: list[int]) -> None:
+        """Device runs -> host blocks (same order); asynchronous if configured.
+        Engine-thread time spent here counts as stall."""
+        start = time.perf_counter()
+        try:
+            self._copy_out(runs, host)
+        finally:
+            self.stats.stall_s += time.perf_counter() - start
+
+    def _copy_out(self, runs: list[tuple[int, int]], host: list[int]) -> None:
+        pieces = _pieces(runs, self.mode == "per_block", self.max_piece)
+        self.stats.num_swap_outs += 1
+        self.stats.blocks_out += len(host)
+        self.stats.copy_calls += len(pieces)
+        if self.mode == "per_block" or not self.async_out:
+            t0 = time.perf_counter()
+            off = 0
+            for start, size in pieces:  # each piece fetched before the next is issued
+                self.space.store(host[off:off + size],
+                                 np.asarray(_slice_blocks(self.runner.kv_cache, start, size)))
+                off += size
+            self.cost.observe_copy(len(host) * self.space.bytes_per_block,
+                                   time.perf_counter() - t0)
+            return
+        kv = self.runner.kv_cache
+        staged = [_slice_blocks(kv, start, size) for start, size in pieces]  # dispatch only
+        future = self._worker.submit(self._store, list(host), staged)
+        with self._lock:
+            for h in host:
+                self._pending[h] = future
+
+    def _store(self, host: list[int], staged: list[jax.Array]) -> None:
+        t0 = time.perf_counter()
+        off = 0
+        for a in staged:  # piece by piece: no staging buffer as large as the whole copy
+            self.space.store(host[off:off + a.shape[0]], np.asarray(a))
+            off += a.shape[0]
+        self.cost.observe_copy(len(host) * self.space.bytes_per_block, time.perf_counter() - t0)
+
+    def copy_in(self, runs: list[tuple[int, int]], host: list[int]) -> None:
+        """Host blocks -> device runs (waits for pending stores into them first).
+        Engine-thread time spent here counts as stall."""
+        start = time.perf_counter()
+        try:
+            self._copy_in(runs, host)
+        finally:
+            self.stats.stall_s += time.perf_counter() - start
+
+    def _copy_in(self, runs: list[tuple[int, int]], host: list[int]) -> None:
+        self.wait(host)
+        device = getattr(self.runner, "device", None)
+        pieces = _pieces(runs, self.mode == "per_block", self.max_piece)
+        off = 0
+        for start, size in pieces:
+            blocks = self.space.load(host[off:off + size])  # a fresh array per piece
+            part = jax.device_put(blocks, device) if device is not None else jnp.asarray(blocks)
+            self.runner.kv_cache = _update_blocks(self.runner.kv_cache, start, part)
+            if self.mode == "per_block":
+                jax.block_until_ready(self.runner.kv_cache)  # synchronous, block by block
+            off += size
+        self.stats.num_swap_ins += 1
+        self.stats.blocks_in += len(host)
+        self.stats.copy_calls += len(pieces)
+
+    def wait(self, host: Sequence[int] | None = None) -> None:
+        """Block until the pending stores into ``host`` (default: all) are done."""
+        with self._lock:
+            keys = self._pending.keys() if host is None else host
+            futures = {id(f): f for f in (self._pending.get(h) for h in keys) if f is not None}
+        for f in futures.values():
+            f.result()
+        with self._lock:  # forget finished stores
+            for h in [h for h, f in self._pending.items() if f.done() and f.exception() is None]:
+                del self._pending[h]
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self.wait()
+            self._worker.shutdown(wait=True)

@@ -5,6 +5,8 @@ Interface used by the engine (`sluice.runtime.engine`):
 
 - ``add(request)``, ``abort(request_id) -> Request | None``,
   ``finish(request)`` (frees its blocks), ``schedule() -> SchedulerOutput``;
+- ``configure_swap(swapper, mode, kv_reuse)``; ``swap_out_failed(copy)`` and
+  ``swap_in_failed(copy)`` when the engine's copy of a `SchedulerOutput` fails;
 - counters ``num_waiting``, ``num_running``, ``has_unfinished``.
 
 Each step has a token budget (``max_num_batched_tokens``), a sequence cap
@@ -12,9 +14,16 @@ Each step has a token budget (``max_num_batched_tokens``), a sequence cap
 the model runner's padded prefill shapes few). Running requests are served first (a decode costs one token,
 an unfinished prompt gets the next chunk), then waiting requests are admitted
 in policy order while budget, sequence slots and KV blocks last. When blocks run
-out, the policy names a running request to preempt by recompute: its blocks are
-freed and it returns to the front of the waiting queue; it resumes from the
-prefix cache and its seeded sampler state, so its output does not change.
+out, the policy names a running request to preempt: its blocks are freed and it
+returns to the front of the waiting queue. With a host swap space
+(`sluice.runtime.swap`), its KV is swapped out (only the blocks not already in
+host memory are copied) and copied back in on resume; in ``auto`` mode the
+swap happens only when the swap space's cost model estimates the copies to be
+cheaper than recomputing; otherwise (or when the swap space is full) it is
+recomputed, from the prefix cache and any host copies it kept. Either way its
+seeded sampler state is unchanged, so its output does not change. A finished
+request with a ``conversation`` id leaves its full blocks in host memory, and
+the conversation's next turn copies them in instead of recomputing them.
 
 A `Policy` (`sluice.scheduler.policies`: FCFS, priority, fair) orders the
 waiting queue, picks preemption victims, and may let a waiting request displace
@@ -26,9 +35,11 @@ so it cannot thrash.
 from __future__ import annotations
 
 import dataclasses
+import time
+
 from sluice.runtime.block_manager import BlockManager, contiguous_runs
 from sluice.runtime.request import Request, RequestStatus
-from sluice.runtime.swap import HostSwapSpace
+from sluice.runtime.swap import HostSwapSpace, SwapExecutor
 from sluice.scheduler.policies import FCFSPolicy, Policy
 
 # (request, device block runs, host swap blocks) of one swap copy.
@@ -41,6 +52,7 @@ class SchedulerOutput:
     preempted: list[Request]
     swap_out: list[SwapCopy] = dataclasses.field(default_factory=list)  # before the step
     swap_in: list[SwapCopy] = dataclasses.field(default_factory=list)  # after swap_out
+    host_release: list[int] = dataclasses.field(default_factory=list)  # host refs to drop after
 
     @property
     def num_tokens(self) -> int:
@@ -59,7 +71,14 @@ class LocalScheduler:
         self.policy = policy or FCFSPolicy()
         self.max_preemptions = max_preemptions
         self.swap_space = swap_space
+        self.swapper: SwapExecutor | None = None  # set by `configure_swap`
+        self.preemption_mode = "swap"
+        self.kv_reuse = False
         self.num_swap_outs = 0
+        self.num_recomputes = 0  # preemptions that dropped the KV
+        self.num_reused_blocks = 0  # blocks copied in from host memory instead of recomputed
+        self._release: list[int] = []
+        self._swapping_in: set[int] = set()  # ids of requests with a copy-in this step
         self._swap_out: list[SwapCopy] = []
         self._swap_in: list[SwapCopy] = []
         self.waiting: list[Request] = []
@@ -78,9 +97,18 @@ class LocalScheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def configure_swap(self, swapper: SwapExecutor, mode: str = "auto",
+                       kv_reuse: bool = True) -> None:
+        """Attach the copier of the swap space. ``mode`` "auto" swaps a preempted
+        request only when its cost model estimates the copies to be cheaper than
+        recomputing (else "swap": whenever host blocks are free); ``kv_reuse``
+        keeps finished conversations' KV in host memory for their next turn."""
+        self.swapper, self.preemption_mode, self.kv_reuse = swapper, mode, kv_reuse
+
     def add(self, request: Request) -> None:
         self.policy.on_add(request, self.waiting + self.running)
         request.status = RequestStatus.WAITING
+        request.waiting_since = time.monotonic()
         self.waiting.append(request)
 
     def abort(self, request_id: str) -> Request | None:
@@ -90,19 +118,71 @@ class LocalScheduler:
                 if req.request_id == request_id:
                     queue.remove(req)
                     self.bm.free(request_id)
-                    if req.swapped_blocks is not None:
-                        self.swap_space.release(req.swapped_blocks)
-                        req.swapped_blocks = None
+                    self._drop_host(req)
                     return req
         return None
 
+    def detach(self, request: Request) -> None:
+        """Stop scheduling a running request without touching its blocks (it is
+        being migrated); `attach` puts it back, here or on another instance. Its
+        host copies (ids in this instance's swap space) are dropped."""
+        self.running.remove(request)
+        self._drop_host(request)
+
+    def attach(self, request: Request, index: int | None = None) -> None:
+        """Run a request whose KV is already in this instance's blocks."""
+        request.status = RequestStatus.RUNNING
+        self.running.insert(len(self.running) if index is None else index, request)
+
     def finish(self, request: Request) -> None:
         self.running.remove(request)
+        self._save_conversation(request)
         self.bm.free(request.request_id)
+
+    def _drop_host(self, req: Request) -> None:
+        if req.host_blocks:
+            self.swap_space.release(req.host_blocks)
+        req.host_blocks = []
+        req.swapped_blocks = None
+
+    def _save_conversation(self, req: Request) -> None:
+        """Keep a finished turn's full blocks in host memory under its conversation
+        id, copying only the blocks not there already (the copy is issued now,
+        before its device blocks are freed)."""
+        if not (self.kv_reuse and self.swapper is not None and req.conversation is not None):
+            self._drop_host(req)
+            return
+        table = self.bm.block_table(req.request_id)
+        full = min(req.num_computed_tokens // self.bm.block_size, len(table))
+        keep = req.host_blocks[:full]
+        self.swap_space.release(req.host_blocks[full:])
+        req.host_blocks = []
+        host = self.swap_space.reserve(full - len(keep))
+        if host is None:  # no room for the rest: keep the part already in host memory
+            host = []
+        elif host:
+            self.swapper.copy_out(list(contiguous_runs(table[len(keep):full])), host)
+        self.swap_space.remember(req.conversation, req.all_token_ids, keep + host)
+
+    def swap_out_failed(self, copy: SwapCopy) -> None:
+        """A swap-out copy did not happen: the request recomputes instead."""
+        req = copy[0]
+        self._drop_host(req)
+        req.num_computed_tokens = 0
+
+    def swap_in_failed(self, copy: SwapCopy) -> None:
+        """A swap-in copy did not happen: the request recomputes from the start
+        (its table stays; recompute rewrites it)."""
+        req = copy[0]
+        self._drop_host(req)
+        req.num_computed_tokens = 0
+        if req.conversation is not None:
+            self.swap_space.forget(req.conversation)
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
-        self._swap_out, self._swap_in = [], []
+        self._swap_out, self._swap_in, self._release = [], [], []
+        self._swapping_in = set()
         scheduled: list[tuple[Request, int]] = []
         preempted: list[Request] = []
         prefills = 0
@@ -123,7 +203,8 @@ class LocalScheduler:
         if not preempted:  # under memory pressure, admit nobody new this step
             self._admit(budget, prefills, scheduled)
         self.policy.account(scheduled)
-        return SchedulerOutput(scheduled, displaced + preempted, self._swap_out, self._swap_in)
+        return SchedulerOutput(scheduled, displaced + preempted, self._swap_out, self._swap_in,
+                               self._release)
 
     def _displace_for_waiting(self) -> list[Request]:
         """Preempt running requests the policy ranks below the next waiting one,
@@ -163,41 +244,106 @@ class LocalScheduler:
         """Swap the request out if swap space allows, else drop its KV (recompute)."""
         self.running.remove(req)
         if not self._swap_out_blocks(req):
-            req.num_computed_tokens = 0
+            req.num_computed_tokens = 0  # its host copies, if any, stay for the resume
+            self.num_recomputes += 1
         self.bm.free(req.request_id)
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
+        req.waiting_since = time.monotonic()
         self.waiting.insert(0, req)
         self.num_preemptions += 1
 
     def _swap_out_blocks(self, req: Request) -> bool:
-        """Reserve host blocks for the request's computed KV and queue the copy."""
+        """Reserve host blocks for the request's computed KV and queue the copy of
+        the blocks not already in host memory; False = recompute instead (no
+        swap space, too little of it, or recompute estimated cheaper)."""
         n = -(-req.num_computed_tokens // self.bm.block_size)
         if self.swap_space is None or n == 0:
             return False
-        host = self.swap_space.reserve(n)
+        keep = req.host_blocks[:n]
+        new = n - len(keep)
+        if (self.preemption_mode == "auto" and self.swapper is not None
+                and not self.swapper.cost.prefer_swap(new, n, req.num_computed_tokens)):
+            return False
+        host = self._reserve_host(new, req)
         if host is None:  # swap space exhausted: recompute instead
             return False
-        runs = list(contiguous_runs(self.bm.block_table(req.request_id)[:n]))
-        self._swap_out.append((req, runs, host))
-        req.swapped_blocks = host
+        if new:
+            table = self.bm.block_table(req.request_id)
+            self._swap_out.append((req, list(contiguous_runs(table[len(keep):n])), host))
+        self.swap_space.release(req.host_blocks[n:])
+        req.host_blocks = keep + host
+        req.swapped_blocks = list(req.host_blocks)
         self.num_swap_outs += 1
         return True
 
-    def _begin(self, req: Request) -> None:
+    def _reserve_host(self, n: int, req: Request) -> list[int] | None:
+        """``n`` host blocks; on shortage, running requests give up the host copies
+        they keep only for reuse (not ones being copied in this step)."""
+        if n == 0:
+            return []
+        host = self.swap_space.reserve(n)
+        kept = [r for r in self.waiting if r.swapped_blocks is None] + self.running[::-1]
+        for other in kept:
+            if host is not None:
+                break
+            if other is req or not other.host_blocks or id(other) in self._swapping_in:
+                continue
+            self.swap_space.release(other.host_blocks)
+            other.host_blocks = []
+            host = self.swap_space.reserve(n)
+        return host
+
+    def _begin(self, req: Request) -> list[int] | None:
         """Register a request with the block manager: a swapped one keeps its
-        computed tokens (they come back from host memory), others take prefix hits."""
+        computed tokens (they come back from host memory), others take prefix hits
+        and then host copies that extend them (its own, kept from before a
+        recompute preemption, or its conversation's previous turn). Returns those
+        host blocks (covering the table from block 0), or None."""
         if req.swapped_blocks is not None:
             self.bm.begin(req.request_id, [])
-        else:
-            req.num_cached_tokens = self.bm.begin(req.request_id, req.all_token_ids)
-            req.num_computed_tokens = req.num_cached_tokens
+            return None
+        req.num_cached_tokens = self.bm.begin(req.request_id, req.all_token_ids)
+        req.num_computed_tokens = req.num_cached_tokens
+        host = self._host_prefix(req)
+        if host is not None:
+            req.num_computed_tokens = len(host) * self.bm.block_size
+        return host
+
+    def _host_prefix(self, req: Request) -> list[int] | None:
+        if self.swap_space is None:
+            return None
+        limit = (req.num_tokens - 1) // self.bm.block_size  # one token must be computed
+        host = req.host_blocks[:limit]
+        if not host and self.kv_reuse and req.conversation is not None:
+            host = self.swap_space.match(req.conversation, req.all_token_ids, limit)
+        if len(host) * self.bm.block_size <= req.num_cached_tokens:
+            return None  # the device prefix cache has at least as much
+        return host
+
+    def _reuse_in(self, req: Request, host: list[int]) -> None:
+        """Queue the copy-in of host blocks past the device prefix hits."""
+        first = req.num_cached_tokens // self.bm.block_size
+        if not req.host_blocks:  # the conversation's blocks: take references
+            self.swap_space.retain(host)
+            req.host_blocks = list(host)
+        table = self.bm.block_table(req.request_id)[first:len(host)]
+        self._swap_in.append((req, list(contiguous_runs(table)), host[first:]))
+        self._swapping_in.add(id(req))
+        self.num_reused_blocks += len(host) - first
+        req.num_cached_tokens = len(host) * self.bm.block_size
 
     def _swap_in_blocks(self, req: Request) -> None:
         host = req.swapped_blocks
         table = self.bm.block_table(req.request_id)[:len(host)]
         self._swap_in.append((req, list(contiguous_runs(table)), host))
+        self._swapping_in.add(id(req))
         req.swapped_blocks = None
+        # Keep the host copies of full blocks (they never change) so a later swap-out
+        # copies only new blocks; a partial last block will change. Without reuse, keep none.
+        full = req.num_computed_tokens // self.bm.block_size if self.kv_reuse else 0
+        self._release.extend(req.host_blocks[full:])
+        req.host_blocks = req.host_blocks[:full]
 
     def _admit(self, budget: int, prefills: int, scheduled: list[tuple[Request, int]]) -> None:
         while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
@@ -205,7 +351,7 @@ class LocalScheduler:
             req = self.policy.next_waiting(self.waiting)
             if not self._may_fit(req, budget):
                 break
-            self._begin(req)
+            reuse = self._begin(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.bm.allocate_slots(req.request_id, req.num_computed_tokens + n):
                 self.bm.free(req.request_id)
@@ -214,6 +360,8 @@ class LocalScheduler:
                 break
             if req.swapped_blocks is not None:
                 self._swap_in_blocks(req)
+            elif reuse is not None:
+                self._reuse_in(req, reuse)
             self.waiting.remove(req)
             self.running.append(req)
             req.status = RequestStatus.RUNNING

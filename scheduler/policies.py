@@ -9,7 +9,11 @@ blocks run out, says whether a waiting request may displace a running one
 - `PriorityPolicy`: the request ``priority`` field, lower value first (vLLM's
   convention), then arrival; a waiting request displaces a running one of
   strictly worse priority (the scheduler bounds how often one request can be
-  displaced). Priorities may change while requests run.
+  displaced). Priorities may change while requests run. Optional aging
+  (``aging_s``): a waiting request's effective priority improves by one level
+  per ``aging_s`` seconds it has waited (since arrival or its last
+  preemption), which bounds how long a preempted or low-priority request
+  starves; off by default (strict priority).
 - `FairPolicy`: virtual token counters per client (Sheng et al., "Fairness in
   Serving Large Language Models", OSDI 2024): each client's counter grows by
   ``w_in`` per prompt token and ``w_out`` per generated token, divided by the
@@ -21,6 +25,8 @@ blocks run out, says whether a waiting request may displace a running one
 """
 
 from __future__ import annotations
+
+import time
 
 from sluice.runtime.request import Request
 
@@ -61,14 +67,27 @@ class FCFSPolicy(Policy):
 class PriorityPolicy(Policy):
     name = "priority"
 
+    def __init__(self, aging_s: float | None = None):
+        if aging_s is not None and aging_s <= 0:
+            raise ValueError(f"aging_s: must be > 0, got {aging_s}")
+        self.aging_s = aging_s
+
+    def effective(self, request: Request, now: float | None = None) -> float:
+        """The priority a waiting request competes with (aged, if aging is on)."""
+        if self.aging_s is None or request.waiting_since is None:
+            return request.priority
+        now = time.monotonic() if now is None else now
+        return request.priority - (now - request.waiting_since) / self.aging_s
+
     def next_waiting(self, waiting: list[Request]) -> Request:
-        return min(waiting, key=lambda r: (r.priority, r.arrival_time))
+        now = time.monotonic()
+        return min(waiting, key=lambda r: (self.effective(r, now), r.arrival_time))
 
     def victim(self, running: list[Request]) -> Request:
         return max(running, key=lambda r: (r.priority, r.arrival_time))
 
     def outranks(self, waiting: Request, running: Request) -> bool:
-        return waiting.priority < running.priority
+        return self.effective(waiting) < running.priority
 
     def order(self, running: list[Request]) -> list[Request]:
         return sorted(running, key=lambda r: (r.priority, r.arrival_time))

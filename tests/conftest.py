@@ -12,8 +12,14 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
-from hypothesis import settings
+# Several CPU devices, so multi-instance tests put each instance on its own device
+# (set before anything imports jax).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=4").strip()
+
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 # CI runs property tests with a fixed seed, so a submission's result does not depend on
 # luck; developers' runs stay randomized and keep finding new cases.

@@ -96,3 +96,18 @@ def test_bad_engine_flag_value_returns_2(capsys):
     assert main(["generate", "--model", "tiny", "--prompt", "Hi", "--max-model-len", "1",
                  *FAST]) == 2
     assert "max_model_len" in capsys.readouterr().err
+
+
+def test_generate_with_swap_flags_matches_default(capsys):
+    """The preemption flags reach the engine: a pool too small for both prompts
+    forces preemption by swap (per-block copies, synchronous), output unchanged."""
+    args = ["generate", "--model", "tiny", "--prompt", "swap me " * 10, "--prompt",
+            "and me " * 10, "--max-tokens", "60", "--ignore-eos", *FAST]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    # 14 blocks of 16 tokens (32 KiB each for tiny): one request fits, not both.
+    small = ["--kv-cache-memory", str(14 * 32 * 1024 / 2**30), "--max-model-len", "192",
+             "--swap-space", "0.01", "--preemption-mode", "swap", "--swap-copy", "per_block",
+             "--no-async-swap", "--no-kv-reuse"]
+    assert main(args + small) == 0
+    assert capsys.readouterr().out == plain

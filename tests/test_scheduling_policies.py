@@ -163,3 +163,28 @@ def test_priority_under_memory_pressure_keeps_outputs(tiny, swap):
         assert o.outputs[0].token_ids == greedy_generate(tiny, prompts[rid], 30,
                                                          stop_at_eos=False), rid
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_priority_aging_bounds_starvation():
+    import time
+
+    from sluice.runtime.request import Request
+    from sluice.scheduler.policies import PriorityPolicy
+
+    def req(priority, waited, arrival=0.0):
+        r = Request.__new__(Request)
+        r.priority, r.arrival_time = priority, arrival
+        r.waiting_since = time.monotonic() - waited
+        return r
+
+    strict, aged = PriorityPolicy(), PriorityPolicy(aging_s=1.0)
+    old_low, new_high = req(5, 10.0), req(1, 0.0, arrival=1.0)
+    running = req(2, 0.0)
+    running.waiting_since = None  # running: not aged
+    assert strict.next_waiting([old_low, new_high]) is new_high
+    assert aged.next_waiting([old_low, new_high]) is old_low  # 5 - 10 s / 1 s < 1
+    assert not strict.outranks(old_low, running)
+    assert aged.outranks(old_low, running)
+    assert not aged.outranks(req(5, 0.5), running)  # 4.5 is still worse than 2
+    with pytest.raises(ValueError, match="aging_s"):
+        PriorityPolicy(aging_s=0)

@@ -1,0 +1,95 @@
+"""Request intake: validate and tokenize a prompt into a `Group` of `Request`s.
+
+The engine uses it for ``prepare``; the multi-instance front end uses its own
+(`sluice.scheduler.cluster`), so requests are built once, before dispatch, with
+their sampling seeds fixed: a request re-dispatched after its instance died, or
+migrated, samples exactly what it would have sampled where it started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from sluice.runtime.detokenizer import IncrementalDetokenizer
+from sluice.runtime.loader import Model
+from sluice.runtime.request import Request
+from sluice.runtime.sampling_params import SamplingParams
+
+Prompt = str | dict[str, Any]
+
+
+@dataclasses.dataclass
+class Group:
+    """One user request: ``n`` sibling `Request`s sharing a prompt."""
+
+    request_id: str
+    prompt: str | None
+    requests: list[Request]
+
+    @property
+    def finished(self) -> bool:
+        return all(r.is_finished for r in self.requests)
+
+
+class Intake:
+    def __init__(self, model: Model, max_model_len: int, seed: int | None = None):
+        self.model = model
+        self.max_model_len = max_model_len
+        self._rng = np.random.default_rng(seed)
+
+    def prepare(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
+                priority: int = 0, client: str | None = None,
+                seeds: Sequence[int] | None = None) -> Group:
+        """Validate and tokenize (raising ``ValueError`` naming the field). ``seeds``
+        (one per completion) rebuilds a request exactly; by default seeded params
+        give ``seed + i`` and unseeded ones draw from this intake's generator."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError("sampling_params: must be a SamplingParams")
+        text, ids = self._tokenize(prompt)
+        max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
+        requests = []
+        for i in range(params.n):
+            if seeds is not None:
+                seed = seeds[i]
+            elif params.seed is not None:
+                seed = params.seed + i
+            else:
+                seed = int(self._rng.integers(2**31))
+            detok = IncrementalDetokenizer(
+                self.model.tokenizer, ids, stop=params.stop or [],
+                include_stop_str_in_output=params.include_stop_str_in_output,
+                skip_special_tokens=params.skip_special_tokens)
+            rid = request_id if params.n == 1 else f"{request_id}-{i}"
+            requests.append(Request(rid, request_id, i, list(ids), params, seed, detok,
+                                    max_tokens, self.model.eos_token_ids, priority, client))
+        return Group(request_id, text, requests)
+
+    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: must not be empty")
+            text, ids = prompt, self.model.tokenizer.encode(prompt)
+        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            text, ids = None, prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ValueError("prompt_token_ids: must be a list of integers")
+            ids = list(ids)
+            bad = [t for t in ids if not 0 <= t < self.model.config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt_token_ids: token id {bad[0]} is outside the vocabulary "
+                                 f"[0, {self.model.config.vocab_size})")
+        else:
+            raise ValueError("prompt: must be a string or {'prompt_token_ids': [...]}")
+        if not ids:
+            raise ValueError("prompt: must not be empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(ids)} tokens leave no room to generate within "
+                             f"max_model_len={self.max_model_len}")
+        return text, ids
+

@@ -1,0 +1,111 @@
+"""`AsyncCluster`: a `Cluster` behind the asyncio interface of `AsyncEngine`, so
+the HTTP server serves many instances exactly as it serves one.
+
+``generate(prompt, params, request_id=..., priority=..., client=...)``
+validates at once (``ValueError``) and returns an async iterator of
+`RequestOutput`s (closing it early aborts the request); ``abort``, ``stats``
+(the instances' engine stats summed) and ``shutdown`` as in `AsyncEngine`.
+``engine`` is the cluster's `Intake`: the model and ``max_model_len`` the
+server reads from an engine.
+
+`local_cluster` builds one from a model: ``n`` instances, one per JAX device
+(round-robin when there are fewer devices; on CPU,
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` gives N devices).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+from typing import AsyncIterator
+
+import jax
+
+from sluice.runtime.engine import (EngineConfig, EngineStats, LLMEngine, Prompt,
+                                   resolve_max_model_len)
+from sluice.runtime.intake import Intake
+from sluice.runtime.loader import Model
+from sluice.runtime.outputs import RequestOutput
+from sluice.runtime.sampling_params import SamplingParams
+from sluice.scheduler.cluster import Cluster, ClusterConfig
+from sluice.scheduler.instance import DeathSink, LocalInstance, OutputSink
+
+
+class LocalLauncher:
+    """Starts `LocalInstance`s on this process's devices (the cluster's scaling actuator)."""
+
+    def __init__(self, model: Model, config: EngineConfig):
+        self.model = model
+        self.config = config
+        self._count = itertools.count()
+
+    def launch(self, on_outputs: OutputSink, on_death: DeathSink) -> LocalInstance:
+        i = next(self._count)
+        devices = jax.devices()
+        config = dataclasses.replace(self.config, device=devices[i % len(devices)])
+        return LocalInstance(f"instance-{i}", LLMEngine(self.model, config), on_outputs, on_death)
+
+    def terminate(self, instance: LocalInstance) -> None:
+        instance.stop()
+
+
+def local_cluster(model: Model, engine_config: EngineConfig, num_instances: int,
+                  cluster_config: ClusterConfig | None = None) -> Cluster:
+    """``num_instances`` engines on this process's devices under one `Cluster`."""
+    if num_instances < 1:
+        raise ValueError(f"instances: must be >= 1, got {num_instances}")
+    launcher = LocalLauncher(model, engine_config)
+    intake = Intake(model, resolve_max_model_len(model, engine_config), engine_config.seed)
+    return Cluster(lambda out, death: [launcher.launch(out, death) for _ in range(num_instances)],
+                   intake, cluster_config, launcher)
+
+
+class AsyncCluster:
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+        self.engine = cluster.intake
+        self._ids = itertools.count()
+        self._streams: set[str] = set()
+        cluster.start()
+
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
+                       request_id: str | None = None, priority: int = 0,
+                       client: str | None = None) -> AsyncIterator[RequestOutput]:
+        request_id = request_id or f"req-{next(self._ids)}"
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        self.cluster.submit(request_id, prompt, params,
+                            lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
+                            priority, client)
+        self._streams.add(request_id)
+        return self._stream(request_id, queue)
+
+    async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+        finally:
+            self._streams.discard(request_id)
+            if not finished:
+                self.cluster.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self.cluster.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        """The live instances' engine stats, summed (``kv_usage`` over all blocks)."""
+        parts = [r.stats for r in self.cluster.stats().instances.values()
+                 if r.alive and r.stats is not None]
+        totals = {f.name: sum(getattr(s, f.name) for s in parts)
+                  for f in dataclasses.fields(EngineStats)}
+        totals["kv_usage"] = 1.0 - totals["num_free_blocks"] / max(1, totals["num_blocks"])
+        return EngineStats(**totals)
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(self.cluster.shutdown)

@@ -1,0 +1,395 @@
+"""The global scheduler: many instances behind one request interface.
+
+It sees only per-instance `LoadReport`s. Its load metric is *freeness*: free KV
+blocks minus reserved headroom, over the batch size (`freeness`); blocks that
+waiting requests need count as used, so a queued large request makes its
+instance look full and pushes other requests out (de-fragmentation); requests
+with priority < 0 reserve ``high_priority_headroom`` blocks each, so they get
+room to grow; a draining instance is infinitely loaded.
+
+Policies (`ClusterConfig`):
+
+- dispatch: ``freest`` (default), ``least-loaded`` (fewest requests) or
+  ``round-robin``;
+- migration (every ``interval_s``): pair the least free instances (freeness
+  below ``migrate_below``, or draining) with the freest (above
+  ``migrate_above``) and live-migrate one request from each source
+  (``migration_choice``: ``last`` admitted, ``shortest`` or ``longest``);
+- scaling: average freeness below ``scale_out_below`` launches an instance,
+  above ``scale_in_above`` drains the least loaded one (it takes no new work,
+  its requests migrate away) and terminates it when empty -- through a
+  pluggable `Launcher`.
+
+A dead instance's requests are re-dispatched to survivors and recomputed from
+the output their callers have already seen, with the same sampling seeds, so
+clients get a completed response, not an error.
+
+A ``router`` (`sluice.scheduler.fleet.FleetActuator`, driven by the
+provisioner's re-planner) may restrict a request to instances of one
+accelerator type; ``add_instance`` and ``drain`` resize the fleet.
+
+Interface: ``submit(request_id, prompt, params, sink, priority, client)``
+(validates at once, raising ``ValueError``; ``sink`` receives every
+`RequestOutput`), ``abort(request_id)``, ``tick()`` (one round of the
+migration and scaling policies; a background thread calls it when started with
+``start()``), ``stats()``, ``shutdown()``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import itertools
+import logging
+import math
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+from sluice.runtime.intake import Group, Intake, Prompt
+from sluice.runtime.outputs import RequestOutput
+from sluice.runtime.sampling_params import SamplingParams
+from sluice.scheduler.instance import DeathSink, Instance, LoadReport, OutputSink
+from sluice.scheduler.migration import MigrationResult, migrate
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[RequestOutput | Exception], None]  # an Exception ends the stream
+DISPATCH_POLICIES = ("freest", "least-loaded", "round-robin")
+MIGRATION_CHOICES = ("last", "shortest", "longest")
+
+
+@dataclasses.dataclass
+class ClusterConfig:
+    dispatch: str = "freest"
+    migrate: bool = True
+    migration_choice: str = "last"
+    interval_s: float = 0.05
+    high_priority_headroom: int = 16  # blocks reserved per high-priority request
+    migrate_below: float = 4.0  # freeness (blocks per running request) of a source
+    migrate_above: float = 16.0  # freeness of a destination
+    max_stages: int = 64  # copy calls before the stop-and-copy (each <= CHUNK_BLOCKS blocks)
+    stop_blocks: int = 2
+    autoscale: bool = False
+    scale_out_below: float = 2.0
+    scale_in_above: float = 64.0
+    min_instances: int = 1
+    max_instances: int = 8
+
+    def __post_init__(self) -> None:
+        if self.dispatch not in DISPATCH_POLICIES:
+            raise ValueError(f"dispatch: must be one of {DISPATCH_POLICIES}, got {self.dispatch!r}")
+        if self.migration_choice not in MIGRATION_CHOICES:
+            raise ValueError(f"migration_choice: must be one of {MIGRATION_CHOICES}, "
+                             f"got {self.migration_choice!r}")
+        if not 1 <= self.min_instances <= self.max_instances:
+            raise ValueError("min_instances, max_instances: need 1 <= min <= max")
+
+
+class Launcher(Protocol):
+    """Starts and stops instances for scaling (local devices, Ray actors, a fleet)."""
+
+    def launch(self, on_outputs: OutputSink, on_death: DeathSink) -> Instance: ...
+    def terminate(self, instance: Instance) -> None: ...
+
+
+def freeness(report: LoadReport, high_priority_headroom: int = 0) -> float:
+    """(free blocks - waiting demand - headroom) / batch size; -inf when draining or dead."""
+    if report.draining or not report.alive:
+        return -math.inf
+    free = (report.num_free_blocks - report.demand_blocks
+            - high_priority_headroom * report.num_high_priority)
+    return free / max(1, report.num_running)
+
+
+@dataclasses.dataclass
+class _Record:
+    """What the cluster keeps per request to route output and re-dispatch it."""
+
+    prompt: Prompt
+    params: SamplingParams
+    priority: int
+    client: str | None
+    seeds: list[int]
+    sink: Sink
+    arrival_time: float
+    owner: str = ""
+    last: RequestOutput | None = None
+
+
+@dataclasses.dataclass
+class ClusterStats:
+    instances: dict[str, LoadReport]
+    num_requests: int
+    num_migrations: int
+    num_failed_migrations: int
+    num_redispatched: int
+
+
+class Cluster:
+    def __init__(self, instances: list[Instance] | Callable[[OutputSink, DeathSink], list[Instance]],
+                 intake: Intake, config: ClusterConfig | None = None,
+                 launcher: Launcher | None = None):
+        """``instances``: a factory called with this cluster's output and death
+        sinks (instances report to it), or instances already wired to
+        `on_outputs` / `on_death`."""
+        self.config = config or ClusterConfig()
+        self.intake = intake
+        self.launcher = launcher
+        self._lock = threading.RLock()
+        self._records: dict[str, _Record] = {}
+        self._migrating: dict[str, tuple[str, str]] = {}  # request -> (source, destination)
+        self._busy: set[str] = set()  # instances in a migration
+        self._rr = itertools.count()
+        self._executor = concurrent.futures.ThreadPoolExecutor(4, "sluice-migrate")
+        self.migrations: list[MigrationResult] = []
+        self.num_redispatched = 0
+        made = instances(self.on_outputs, self.on_death) if callable(instances) else instances
+        self.instances: dict[str, Instance] = {i.name: i for i in made}
+        # Restricts where a new group may go (the fleet actuator's per-bucket
+        # routing); None or an empty answer: anywhere.
+        self.router: Callable[[Group], set[str] | None] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- requests -------------------------------------------------------------
+
+    def submit(self, request_id: str, prompt: Prompt, params: SamplingParams | None,
+               sink: Sink, priority: int = 0, client: str | None = None) -> None:
+        """Validate, then dispatch to an instance; raises ``ValueError`` on bad input."""
+        with self._lock:
+            if request_id in self._records:
+                raise ValueError(f"request_id: {request_id!r} is already in use")
+            group = self.intake.prepare(request_id, prompt, params, priority, client)
+            self._records[request_id] = _Record(
+                prompt, group.requests[0].params, priority, client,
+                [r.seed for r in group.requests], sink, group.requests[0].arrival_time)
+            self._dispatch(request_id, group)
+
+    def abort(self, request_id: str) -> None:
+        """Abort wherever the request is (also mid-migration); unknown ids: no-op."""
+        with self._lock:
+            rec = self._records.pop(request_id, None)
+            if rec is None:
+                return
+            names = {rec.owner, *self._migrating.get(request_id, ())}
+        for name in names:
+            inst = self.instances.get(name)
+            if inst is not None and inst.alive:
+                inst.abort(request_id)
+
+    def set_priority(self, request_id: str, priority: int) -> None:
+        with self._lock:
+            rec = self._records.get(request_id)
+            if rec is None:
+                return
+            rec.priority = priority
+            inst = self.instances.get(rec.owner)
+        if inst is not None:
+            inst.set_priority(request_id, priority)
+
+    def add_instance(self, instance: Instance) -> None:
+        """Serve with one more instance (wired to `on_outputs` / `on_death`)."""
+        with self._lock:
+            self.instances[instance.name] = instance
+
+    def _dispatch(self, request_id: str, group: Group) -> None:
+        allowed = self.router(group) if self.router is not None else None
+        name = self._choose_instance(allowed)
+        self._records[request_id].owner = name
+        inst = self.instances[name]
+        inst.submit(group)
+        if not inst.alive:  # died in between: its death handler may have missed this one
+            self._redispatch(name)
+
+    def _choose_instance(self, allowed: set[str] | None = None) -> str:
+        reports = [i.report() for i in self.instances.values()]
+        open_ = [r for r in reports if r.alive and not r.draining]
+        if allowed and any(r.name in allowed for r in open_):
+            open_ = [r for r in open_ if r.name in allowed]
+        if not open_:
+            raise RuntimeError("no live instance to dispatch to")
+        policy = self.config.dispatch
+        if policy == "round-robin":
+            return open_[next(self._rr) % len(open_)].name
+        if policy == "least-loaded":
+            return min(open_, key=lambda r: (r.num_requests, r.demand_blocks)).name
+        return max(open_, key=lambda r: freeness(r, self.config.high_priority_headroom)).name
+
+    # -- instance callbacks ---------------------------------------------------
+
+    def on_outputs(self, name: str, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            with self._lock:
+                rec = self._records.get(out.request_id)
+                if rec is None:
+                    continue
+                rec.last = out
+                if out.finished:
+                    del self._records[out.request_id]
+            rec.sink(out)
+
+    def on_death(self, name: str, error: BaseException) -> None:
+        log.warning("instance %s died (%s); re-dispatching its requests", name, error)
+        self._redispatch(name)
+
+    def _redispatch(self, dead: str) -> None:
+        """Recompute the dead instance's requests elsewhere, from what callers saw."""
+        with self._lock:
+            if not any(i.alive for i in self.instances.values()):
+                for rid in [r for r, rec in self._records.items() if rec.owner == dead]:
+                    self._fail(rid, RuntimeError("every instance has died"))
+                return
+            for rid, rec in list(self._records.items()):
+                if rec.owner == dead and rid not in self._migrating:
+                    self._dispatch(rid, self._revive(rid, rec))
+                    self.num_redispatched += 1
+
+    def _revive(self, rid: str, rec: _Record):
+        group = self.intake.prepare(rid, rec.prompt, rec.params, rec.priority, rec.client,
+                                    seeds=rec.seeds)
+        for req in group.requests:
+            req.arrival_time = rec.arrival_time
+        if rec.last is not None:
+            for req, done in zip(group.requests, rec.last.outputs):
+                req.replay(done.token_ids, done.text, done.finish_reason, done.stop_reason)
+        return group
+
+    def _fail(self, rid: str, error: Exception) -> None:
+        rec = self._records.pop(rid)
+        rec.sink(error)
+
+    # -- the global policies --------------------------------------------------
+
+    def start(self) -> None:
+        """Run `tick` every ``interval_s`` on a background thread."""
+        self._thread = threading.Thread(target=self._run, name="sluice-global", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.config.interval_s):
+            try:
+                self.tick()
+            except Exception:  # a policy bug must not stop serving
+                log.exception("global scheduling round failed")
+
+    def tick(self) -> None:
+        """One round: migrations to balance and drain, then scaling."""
+        reports = {n: i.report() for n, i in self.instances.items() if i.alive}
+        self._retire_drained(reports)
+        if self.config.migrate:
+            for src, dst, rid in self._plan_migrations(reports):
+                self._start_migration(src, dst, rid)
+        if self.config.autoscale and self.launcher is not None:
+            self._scale(reports)
+
+    def _plan_migrations(self, reports: dict[str, LoadReport]) -> list[tuple[str, str, str]]:
+        cfg = self.config
+        with self._lock:
+            idle = {n: r for n, r in reports.items() if n not in self._busy}
+            moving = set(self._migrating)
+        free = {n: freeness(r, cfg.high_priority_headroom) for n, r in idle.items()}
+        sources = sorted((n for n in idle if (free[n] < cfg.migrate_below or idle[n].draining)
+                          and idle[n].candidates), key=free.get)
+        dests = sorted((n for n in idle if free[n] > cfg.migrate_above), key=free.get,
+                       reverse=True)
+        plan = []
+        for src, dst in zip(sources, dests):
+            if src == dst or free[dst] <= free[src]:
+                break
+            candidates = [c for c in idle[src].candidates if c[0] not in moving]
+            rid = _choose_request(candidates, cfg.migration_choice)
+            if rid is not None and _fits(idle[dst], dict(candidates)[rid]):
+                plan.append((src, dst, rid))
+        return plan
+
+    def _start_migration(self, src: str, dst: str, rid: str) -> None:
+        with self._lock:
+            if rid not in self._records or src in self._busy or dst in self._busy:
+                return
+            self._migrating[rid] = (src, dst)
+            self._busy.update((src, dst))
+        self._executor.submit(self._migrate, src, dst, rid)
+
+    def _migrate(self, src: str, dst: str, rid: str) -> MigrationResult:
+        try:
+            result = migrate(self.instances[src], self.instances[dst], rid,
+                             max_stages=self.config.max_stages,
+                             stop_blocks=self.config.stop_blocks)
+        finally:
+            with self._lock:
+                self._migrating.pop(rid, None)
+                self._busy.difference_update((src, dst))
+        with self._lock:
+            self.migrations.append(result)
+            rec = self._records.get(rid)
+            if result.ok and rec is not None:
+                rec.owner = dst
+            elif result.ok:  # aborted by its client during the migration
+                self.instances[dst].abort(rid)
+            owner = self.instances.get(rec.owner) if rec is not None else None
+            if owner is not None and not owner.alive:  # died while we held the request
+                self._redispatch(owner.name)
+        return result
+
+    def _retire_drained(self, reports: dict[str, LoadReport]) -> None:
+        for name, r in reports.items():
+            with self._lock:
+                empty = (r.draining and r.num_requests == 0 and name not in self._busy
+                         and not any(rec.owner == name for rec in self._records.values()))
+                if not empty:
+                    continue
+                inst = self.instances.pop(name)
+            if self.launcher is not None:
+                self.launcher.terminate(inst)
+            else:
+                inst.stop()
+
+    def _scale(self, reports: dict[str, LoadReport]) -> None:
+        cfg = self.config
+        open_ = [r for r in reports.values() if not r.draining]
+        if not open_:
+            return
+        avg = sum(freeness(r, cfg.high_priority_headroom) for r in open_) / len(open_)
+        if avg < cfg.scale_out_below and len(open_) < cfg.max_instances:
+            self.add_instance(self.launcher.launch(self.on_outputs, self.on_death))
+        elif avg > cfg.scale_in_above and len(open_) > cfg.min_instances:
+            self.drain(min(open_, key=lambda r: r.num_requests).name)
+
+    def drain(self, name: str) -> None:
+        """Stop sending work to an instance; its requests migrate away, then it goes."""
+        self.instances[name].draining = True
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def stats(self) -> ClusterStats:
+        with self._lock:
+            ok = sum(m.ok for m in self.migrations)
+            return ClusterStats({n: i.report() for n, i in self.instances.items()},
+                                len(self._records), ok, len(self.migrations) - ok,
+                                self.num_redispatched)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._executor.shutdown(wait=True)
+        for inst in list(self.instances.values()):
+            if inst.alive:
+                inst.stop()
+
+
+def _choose_request(candidates: list[tuple[str, int]], choice: str) -> str | None:
+    if not candidates:
+        return None
+    if choice == "shortest":
+        return min(candidates, key=lambda c: c[1])[0]
+    if choice == "longest":
+        return max(candidates, key=lambda c: c[1])[0]
+    return candidates[-1][0]
+
+
+def _fits(dst: LoadReport, num_tokens: int) -> bool:
+    """Whether the destination has room for the request and a little growth."""
+    need = -(-(num_tokens + 1) // dst.block_size) + 1
+    return dst.num_free_blocks - dst.demand_blocks >= need

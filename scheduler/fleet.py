@@ -1,0 +1,73 @@
+"""The provisioner's scale actuator over a `Cluster`: a fleet of instances of
+several accelerator types, resized by `sluice.provision.replan.Replanner`.
+
+``FleetActuator(cluster, launchers, buckets)`` implements the `ScaleActuator`
+protocol: ``counts()`` is the open (not draining) instances per type;
+``apply(diff)`` launches ``diff.add`` at once and drains ``diff.remove`` (the
+least loaded instances of each type: they take no new requests, their running
+ones live-migrate away, and the cluster stops them once empty); ``route``
+installs per-bucket routing weights, after which each new request goes to an
+instance of a type drawn with its bucket's weights (the cluster's dispatch
+policy picks among that type's instances). The replanner observes requests
+through ``observe`` on the same object, fed by the cluster's dispatch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sluice.provision.replan import FleetDiff, Routing
+from sluice.provision.workload import Buckets
+from sluice.runtime.intake import Group
+from sluice.scheduler.cluster import Cluster, Launcher
+
+
+class FleetActuator:
+    def __init__(self, cluster: Cluster, launchers: dict[str, Launcher], buckets: Buckets,
+                 seed: int = 0):
+        self.cluster = cluster
+        self.launchers = launchers
+        self.buckets = buckets
+        self.type_of: dict[str, str] = {}  # instance name -> accelerator type
+        self.routing: Routing = {}
+        self._rng = np.random.default_rng(seed)
+        cluster.router = self.eligible
+
+    def adopt(self, type_name: str, names: list[str]) -> None:
+        """Declare the type of instances the cluster started with."""
+        self.type_of.update({n: type_name for n in names})
+
+    def counts(self) -> dict[str, int]:
+        counts = {t: 0 for t in self.launchers}
+        for name, inst in self.cluster.instances.items():
+            if inst.alive and not inst.draining and name in self.type_of:
+                counts[self.type_of[name]] += 1
+        return counts
+
+    def apply(self, diff: FleetDiff) -> None:
+        for type_name, n in diff.add.items():
+            for _ in range(n):
+                inst = self.launchers[type_name].launch(self.cluster.on_outputs,
+                                                        self.cluster.on_death)
+                self.type_of[inst.name] = type_name
+                self.cluster.add_instance(inst)
+        for type_name, n in diff.remove.items():
+            open_ = [i.report() for name, i in self.cluster.instances.items()
+                     if self.type_of.get(name) == type_name and i.alive and not i.draining]
+            for report in sorted(open_, key=lambda r: r.num_requests)[:n]:
+                self.cluster.drain(report.name)
+
+    def route(self, routing: Routing) -> None:
+        self.routing = routing
+
+    def eligible(self, group: Group) -> set[str] | None:
+        """Instances a new request may go to under the routing (None: any)."""
+        req = group.requests[0]
+        cell = self.buckets.index(len(req.prompt_token_ids), req.max_tokens)
+        weights = self.routing.get(cell) if cell is not None else None
+        if not weights:
+            return None
+        types, w = zip(*[(t, x) for t, x in weights.items() if x > 0])
+        chosen = types[self._rng.choice(len(types), p=np.asarray(w) / sum(w))]
+        names = {n for n, t in self.type_of.items() if t == chosen}
+        return names or None

@@ -1,0 +1,238 @@
+"""Instances as Ray actors: the same `Instance` interface across processes and hosts.
+
+Each actor loads the model itself and runs a `LocalInstance` (an engine on its
+own thread) inside the actor process; the driver-side `RayInstance` forwards
+calls to it and long-polls for outputs and load reports on a thread of its own,
+so the global scheduler (`sluice.scheduler.cluster`) cannot tell it from a
+local instance. Migration data (KV chunks, request state) crosses processes
+through Ray's object store; the request's detokenizer travels without its
+tokenizer and is re-bound on arrival. An actor that crashes (its process dies)
+surfaces as a `ray.exceptions.RayActorError` on the poll, which the instance
+reports through ``on_death``: the cluster re-dispatches its requests.
+
+``ray_cluster(model, engine_config, n, address=None)`` starts ``n`` actors (on
+an existing cluster when ``address`` is given, else a local one).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import itertools
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from sluice.runtime.engine import EngineConfig, LLMEngine, resolve_max_model_len
+from sluice.runtime.intake import Group, Intake
+from sluice.runtime.loader import load_model
+from sluice.runtime.migration import Handover, KVChunk
+from sluice.runtime.outputs import RequestOutput
+from sluice.scheduler.cluster import Cluster, ClusterConfig
+from sluice.scheduler.instance import DeathSink, LoadReport, LocalInstance, OutputSink
+
+POLL_S = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """How an actor loads the model: `load_model` arguments, picklable."""
+
+    model: str | Path
+    dtype: str | None = None
+    seed: int = 0
+
+
+class EngineActor:
+    """The actor body: a `LocalInstance` whose outputs wait here to be polled."""
+
+    def __init__(self, name: str, spec: ModelSpec, config: EngineConfig):
+        self.model = load_model(spec.model, dtype=spec.dtype, seed=spec.seed, progress=False)
+        self._cv = threading.Condition()
+        self._outputs: list[RequestOutput] = []
+        self._death: str | None = None
+        self.instance = LocalInstance(name, LLMEngine(self.model, config), self._collect,
+                                      self._died)
+
+    def _collect(self, name: str, outputs: list[RequestOutput]) -> None:
+        with self._cv:
+            self._outputs.extend(outputs)
+            self._cv.notify_all()
+
+    def _died(self, name: str, error: BaseException) -> None:
+        with self._cv:
+            self._death = f"{type(error).__name__}: {error}"
+            self._cv.notify_all()
+
+    def poll(self, timeout: float) -> tuple[list[RequestOutput], LoadReport, str | None]:
+        """Outputs since the last poll (waiting up to ``timeout`` for some), the
+        load report, and the error that killed the engine, if any."""
+        with self._cv:
+            self._cv.wait_for(lambda: self._outputs or self._death, timeout)
+            outputs, self._outputs = self._outputs, []
+            death = self._death
+        return outputs, self.instance.report(), death
+
+    def submit(self, group: Group) -> None:
+        for req in group.requests:
+            req.detokenizer.bind(self.model.tokenizer)
+        self.instance.submit(group)
+
+    def abort(self, request_id: str) -> None:
+        self.instance.abort(request_id)
+
+    def set_priority(self, request_id: str, priority: int) -> None:
+        self.instance.set_priority(request_id, priority)
+
+    def set_draining(self, draining: bool) -> None:
+        self.instance.draining = draining
+
+    def call(self, method: str, *args: Any) -> Any:
+        """A migration call (see `Instance`), run between steps; device arrays
+        come back as numpy so they can leave the process."""
+        return _to_host(getattr(self.instance, method)(*args).result())
+
+    def crash(self) -> None:
+        """Kill the actor's process (failure injection in tests)."""
+        os._exit(1)
+
+    def stop(self) -> None:
+        self.instance.stop()
+
+
+def _to_host(value: Any) -> Any:
+    if isinstance(value, KVChunk):
+        return value.to_host()
+    if isinstance(value, Handover):
+        return dataclasses.replace(value, tail=[c.to_host() for c in value.tail])
+    return value
+
+
+class RayInstance:
+    """Driver-side proxy of an `EngineActor` (the `Instance` interface)."""
+
+    def __init__(self, name: str, actor: Any, on_outputs: OutputSink, on_death: DeathSink):
+        self.name = name
+        self.actor = actor
+        self._draining = False
+        self._on_outputs = on_outputs
+        self._on_death = on_death
+        self._error: BaseException | None = None
+        self._stopping = False
+        _, self._report, _ = ray.get(actor.poll.remote(0.0))
+        self._thread = threading.Thread(target=self._poll, name=f"sluice-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._error is None and not self._stopping
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._draining = value
+        self.actor.set_draining.remote(value)
+
+    def report(self) -> LoadReport:
+        return dataclasses.replace(self._report, draining=self._draining, alive=self.alive)
+
+    def submit(self, group: Group) -> None:
+        self.actor.submit.remote(group)
+
+    def abort(self, request_id: str) -> None:
+        self.actor.abort.remote(request_id)
+
+    def set_priority(self, request_id: str, priority: int) -> None:
+        self.actor.set_priority.remote(request_id, priority)
+
+    def _call(self, method: str, *args: Any) -> concurrent.futures.Future:
+        return self.actor.call.remote(method, *args).future()
+
+    def epoch(self, request_id):
+        return self._call("epoch", request_id)
+
+    def export_kv(self, request_id, first_block, epoch):
+        return self._call("export_kv", request_id, first_block, epoch)
+
+    def suspend(self, request_id, first_block, epoch):
+        return self._call("suspend", request_id, first_block, epoch)
+
+    def release(self, request_id):
+        return self._call("release", request_id)
+
+    def resume(self, request_id):
+        return self._call("resume", request_id)
+
+    def import_kv(self, request_id, chunk):
+        return self._call("import_kv", request_id, chunk)
+
+    def adopt(self, handover):
+        return self._call("adopt", handover)
+
+    def cancel(self, request_id):
+        return self._call("cancel", request_id)
+
+    def kill(self) -> None:
+        self.actor.crash.remote()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._thread.join()
+        try:
+            ray.get(self.actor.stop.remote())
+        except ray.exceptions.RayActorError:
+            pass
+        ray.kill(self.actor)
+
+    def _poll(self) -> None:
+        while not self._stopping:
+            try:
+                outputs, self._report, death = ray.get(self.actor.poll.remote(POLL_S))
+            except ray.exceptions.RayActorError as error:
+                death, outputs = f"actor died: {error}", []
+            if outputs:
+                self._on_outputs(self.name, outputs)
+            if death is not None:
+                self._error = RuntimeError(death)
+                self._on_death(self.name, self._error)
+                return
+
+
+class RayLauncher:
+    """Starts `EngineActor`s (the cluster's scaling actuator on Ray)."""
+
+    def __init__(self, spec: ModelSpec, config: EngineConfig, num_gpus: float = 0.0):
+        self.spec = spec
+        self.config = config
+        self._actor_class = ray.remote(num_cpus=0, num_gpus=num_gpus,
+                                       max_concurrency=8)(EngineActor)
+        self._count = itertools.count()
+
+    def launch(self, on_outputs: OutputSink, on_death: DeathSink) -> RayInstance:
+        name = f"ray-{next(self._count)}"
+        actor = self._actor_class.remote(name, self.spec, self.config)
+        return RayInstance(name, actor, on_outputs, on_death)
+
+    def terminate(self, instance: RayInstance) -> None:
+        instance.stop()
+
+
+def ray_cluster(spec: ModelSpec, config: EngineConfig, num_instances: int,
+                cluster_config: ClusterConfig | None = None, address: str | None = None,
+                num_gpus: float = 0.0) -> Cluster:
+    """``num_instances`` engine actors under one `Cluster` (Ray started if needed)."""
+    if num_instances < 1:
+        raise ValueError(f"instances: must be >= 1, got {num_instances}")
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    model = load_model(spec.model, dtype=spec.dtype, seed=spec.seed, progress=False)
+    intake = Intake(model, resolve_max_model_len(model, config), config.seed)
+    launcher = RayLauncher(spec, config, num_gpus)
+    return Cluster(lambda out, death: [launcher.launch(out, death) for _ in range(num_instances)],
+                   intake, cluster_config, launcher)

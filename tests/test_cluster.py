@@ -1,0 +1,460 @@
+"""Multi-instance serving: live migration keeps outputs token-identical and
+loses nothing; the global scheduler's dispatch, balancing, draining, scaling
+and crash recovery. Instances run on separate CPU devices (conftest forces 4)."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import httpx
+import jax
+import pytest
+
+from sluice.runtime import SamplingParams, load_model
+from sluice.runtime.engine import EngineConfig, LLMEngine
+from sluice.runtime.intake import Intake
+from sluice.scheduler.cluster import Cluster, ClusterConfig, freeness
+from sluice.scheduler.instance import LoadReport, LocalInstance
+from sluice.scheduler.migration import migrate
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+ENGINE = dict(block_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=512,
+              warmup=False, kv_cache_memory=400 * 4 * 1024)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny", dtype="float32")
+
+
+class Collector:
+    """Output sink: keeps every output per request; `wait` until all finished."""
+
+    def __init__(self):
+        self.outputs: dict[str, list] = {}
+        self.instances: dict[str, set] = {}
+        self.cv = threading.Condition()
+
+    def on_outputs(self, name, outputs):
+        for out in outputs:
+            self.sink(out, name)
+
+    def sink(self, out, name=None):
+        with self.cv:
+            rid = out.request_id if not isinstance(out, Exception) else "error"
+            self.outputs.setdefault(rid, []).append(out)
+            self.instances.setdefault(rid, set()).add(name)
+            self.cv.notify_all()
+
+    def finished(self, rid):
+        outs = self.outputs.get(rid, [])
+        return bool(outs) and getattr(outs[-1], "finished", False)
+
+    def wait(self, rids, timeout=180):
+        with self.cv:
+            assert self.cv.wait_for(lambda: all(self.finished(r) for r in rids), timeout), \
+                {r: len(self.outputs.get(r, [])) for r in rids}
+
+    def wait_tokens(self, rid, n, timeout=120):
+        with self.cv:
+            assert self.cv.wait_for(lambda: self.outputs.get(rid) and len(
+                self.outputs[rid][-1].outputs[0].token_ids) >= n, timeout)
+
+    def text(self, rid, i=0):
+        return "".join(o.outputs[i].delta for o in self.outputs[rid])
+
+
+def engine(model, device=0, **kw):
+    return LLMEngine(model, EngineConfig(**{**ENGINE, **kw, "device": jax.devices()[device]}))
+
+
+def reference(model, jobs):
+    """Outputs of a single engine that never migrates: {id: final RequestOutput}."""
+    eng = LLMEngine(model, EngineConfig(**ENGINE))
+    for rid, prompt, params in jobs:
+        eng.add_request(rid, prompt, params)
+    done = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
+def free_blocks_restored(instances):
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        reports = [i.report() for i in instances]
+        if all(r.num_free_blocks == r.num_blocks and r.num_requests == 0 for r in reports):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=400, **GREEDY),
+    SamplingParams(max_tokens=400, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True),
+    SamplingParams(max_tokens=400, temperature=0.0, stop=["zz"], seed=1),
+], ids=["greedy", "seeded", "stop-string"])
+def test_live_migration_is_token_identical(tiny, params):
+    prompt = "live migration must not change a single token"
+    want = reference(tiny, [("r", prompt, params)])["r"]
+    col = Collector()
+    a = LocalInstance("a", engine(tiny, 0), col.on_outputs)
+    b = LocalInstance("b", engine(tiny, 1), col.on_outputs)
+    try:
+        a.submit(a.engine.prepare("r", prompt, params))
+        col.wait_tokens("r", 20)
+        first = migrate(a, b, "r")
+        assert first.ok, first
+        assert first.stages >= 2 and first.blocks_copied >= 5
+        if not col.finished("r"):
+            back = migrate(b, a, "r")  # and back again (or it finished: "gone")
+            assert back.ok or back.reason == "gone", back
+        col.wait(["r"])
+        got = col.outputs["r"][-1]
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        assert got.outputs[0].text == want.outputs[0].text == col.text("r")
+        assert got.outputs[0].finish_reason == want.outputs[0].finish_reason
+        assert col.instances["r"] >= {"a", "b"}
+        assert a.engine.migration.num_out >= 1 and b.engine.migration.num_in >= 1
+        assert free_blocks_restored([a, b])
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_migration_aborts_cleanly(tiny):
+    col = Collector()
+    a = LocalInstance("a", engine(tiny, 0), col.on_outputs)
+    # A destination too small for the request: the migration must abort, the
+    # request stays and finishes on the source, unchanged.
+    small = LocalInstance("s", engine(tiny, 2, kv_cache_memory=35 * 8 * 1024, max_model_len=128),
+                          col.on_outputs)
+    params = SamplingParams(max_tokens=200, **GREEDY)
+    want = reference(tiny, [("r", "abc" * 30, params)])["r"]
+    try:
+        a.submit(a.engine.prepare("r", "abc" * 30, params))
+        col.wait_tokens("r", 60)
+        res = migrate(a, small, "r")
+        assert not res.ok and res.reason.startswith("no room"), res
+        assert migrate(a, small, "nonexistent").reason == "not movable"
+        two = a.engine.prepare("pair", "n > 1 groups do not move",
+                               SamplingParams(n=2, max_tokens=40, **GREEDY))
+        a.submit(two)
+        time.sleep(0.5)
+        assert migrate(a, small, "pair-0").reason == "not movable"
+        col.wait(["r", "pair"])
+        assert col.outputs["r"][-1].outputs[0].token_ids == want.outputs[0].token_ids
+        assert col.instances["r"] == {"a"}
+        assert migrate(a, small, "r").reason == "not movable"  # finished
+        assert free_blocks_restored([a, small])
+    finally:
+        a.stop()
+        small.stop()
+
+
+def test_abort_during_migration_leaks_nothing(tiny):
+    col = Collector()
+    cluster = Cluster(lambda out, death: [LocalInstance(n, engine(tiny, d), out, death)
+                                          for n, d in (("a", 0), ("b", 1))],
+                      Intake(tiny, 512, seed=0), ClusterConfig(migrate=False))
+    try:
+        cluster.submit("r", "to be aborted in flight", SamplingParams(max_tokens=200, **GREEDY),
+                       col.sink)
+        col.wait_tokens("r", 8)
+        src = cluster._records["r"].owner
+        dst = "b" if src == "a" else "a"
+        cluster._start_migration(src, dst, "r")
+        cluster.abort("r")
+        cluster._executor.submit(lambda: None).result()
+        time.sleep(0.3)
+        assert free_blocks_restored(cluster.instances.values())
+    finally:
+        cluster.shutdown()
+
+
+def test_migration_storm_loses_nothing(tiny):
+    """Random migrations and aborts while 12 requests run on 4 instances."""
+    rng = random.Random(0)
+    jobs = [(f"q{i}", "".join(rng.choice("abcdefgh ") for _ in range(rng.randint(3, 60))),
+             SamplingParams(max_tokens=rng.randint(80, 300), **GREEDY)) for i in range(12)]
+    want = reference(tiny, jobs)
+    col = Collector()
+    cluster = Cluster(lambda out, death: [LocalInstance(f"i{d}", engine(
+                          tiny, d, kv_cache_memory=800 * 8 * 1024), out, death) for d in range(4)],
+                      Intake(tiny, 512, seed=0), ClusterConfig(dispatch="round-robin",
+                                                               migrate=False))
+    aborted = {"q3", "q8"}
+    try:
+        for rid, prompt, params in jobs:
+            cluster.submit(rid, prompt, params, col.sink)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not all(
+                col.finished(r) for r, _, _ in jobs if r not in aborted):
+            reports = {n: i.report() for n, i in cluster.instances.items()}
+            src = rng.choice(list(reports))
+            if reports[src].candidates:
+                rid = rng.choice(reports[src].candidates)[0]
+                dst = rng.choice([n for n in reports if n != src])
+                cluster._start_migration(src, dst, rid)
+            for rid in aborted & set(col.outputs):
+                cluster.abort(rid)
+            time.sleep(0.05)
+        col.wait([r for r, _, _ in jobs if r not in aborted], timeout=60)
+        cluster._executor.submit(lambda: None).result()
+        for rid, _, _ in jobs:
+            if rid not in aborted:
+                got = col.outputs[rid][-1].outputs[0]
+                assert got.token_ids == want[rid].outputs[0].token_ids, rid
+                assert col.text(rid) == want[rid].outputs[0].text
+        reasons = [m.reason for m in cluster.migrations]
+        assert len(reasons) >= 3 and "migrated" in reasons, reasons
+        assert set(reasons) <= {"migrated", "gone", "not movable", "no room"}, reasons
+        assert free_blocks_restored(cluster.instances.values())
+        assert not cluster._records.keys() - aborted
+    finally:
+        cluster.shutdown()
+
+
+def report(**kw):
+    base = dict(name="x", num_blocks=100, num_free_blocks=60, num_running=4, num_waiting=0,
+                demand_blocks=0, num_high_priority=0, draining=False, alive=True, block_size=16)
+    return LoadReport(**{**base, **kw})
+
+
+def test_freeness():
+    assert freeness(report()) == 15.0
+    assert freeness(report(demand_blocks=40)) == 5.0  # a queued request counts as usage
+    assert freeness(report(demand_blocks=100)) < 0
+    assert freeness(report(num_high_priority=1), high_priority_headroom=20) == 10.0
+    assert freeness(report(draining=True)) == float("-inf")
+    assert freeness(report(alive=False)) == float("-inf")
+    assert freeness(report(num_running=0)) == 60.0
+
+
+class FakeInstance:
+    """Records submissions; reports a fixed load (dispatch tests need no engine)."""
+
+    def __init__(self, name, **load):
+        self.name, self.draining, self.alive = name, False, True
+        self.load, self.groups = load, []
+
+    def report(self):
+        return report(name=self.name, draining=self.draining, **self.load)
+
+    def submit(self, group):
+        self.groups.append(group.request_id)
+
+    def stop(self):
+        pass
+
+
+@pytest.mark.parametrize("policy,expect", [("freest", "c"), ("least-loaded", "b"),
+                                           ("round-robin", "a")])
+def test_dispatch_policies(tiny, policy, expect):
+    insts = [FakeInstance("a", num_free_blocks=10, num_running=1),
+             FakeInstance("b", num_free_blocks=50, num_running=0, demand_blocks=45),
+             FakeInstance("c", num_free_blocks=90, num_running=3)]
+    cluster = Cluster(insts, Intake(tiny, 512, seed=0), ClusterConfig(dispatch=policy))
+    cluster.submit("r", "hi", SamplingParams(max_tokens=4), lambda out: None)
+    assert [i.name for i in insts if i.groups] == [expect]
+    insts[2].draining = True  # never dispatch to a draining instance
+    cluster.submit("s", "hi", SamplingParams(max_tokens=4), lambda out: None)
+    assert "s" not in insts[2].groups
+    with pytest.raises(ValueError, match="request_id"):
+        cluster.submit("s", "hi", None, lambda out: None)
+    with pytest.raises(ValueError, match="prompt"):
+        cluster.submit("t", "", None, lambda out: None)
+    with pytest.raises(ValueError, match="dispatch"):
+        ClusterConfig(dispatch="random")
+
+
+def test_balancing_migrates_from_full_to_free(tiny):
+    """All requests land on one instance; the global scheduler spreads them."""
+    col = Collector()
+    cfg = ClusterConfig(dispatch="round-robin", migrate=True, migrate_below=20,
+                        migrate_above=20, interval_s=0.02)
+    made = []
+
+    def instances(out, death):
+        made.extend([LocalInstance("full", engine(tiny, 0, kv_cache_memory=64 * 8 * 1024,
+                                                       max_model_len=128),
+                                   out, death),
+                     LocalInstance("free", engine(tiny, 1), out, death)])
+        made[1].draining = True  # closed for dispatch until the requests are in
+        return made
+    cluster = Cluster(instances, Intake(tiny, 512, seed=0), cfg)
+    jobs = [(f"b{i}", f"balance me {i}", SamplingParams(max_tokens=110, **GREEDY))
+            for i in range(6)]
+    want = reference(tiny, jobs)
+    try:
+        for rid, prompt, params in jobs:
+            cluster.submit(rid, prompt, params, col.sink)
+        col.wait_tokens("b0", 2)
+        made[1].draining = False
+        cluster.start()
+        col.wait([r for r, _, _ in jobs])
+        cluster.shutdown()  # waits for migrations in flight
+        assert any(m.source == "full" and m.destination == "free" and m.ok
+                   for m in cluster.migrations)
+        for rid, _, _ in jobs:
+            assert col.outputs[rid][-1].outputs[0].token_ids == want[rid].outputs[0].token_ids
+        assert free_blocks_restored(made)
+    finally:
+        cluster.shutdown()
+
+
+def test_dead_instance_requests_complete_elsewhere(tiny):
+    col = Collector()
+    cluster = Cluster(lambda out, death: [LocalInstance(f"i{d}", engine(tiny, d), out, death)
+                                          for d in range(2)],
+                      Intake(tiny, 512, seed=0), ClusterConfig(dispatch="round-robin",
+                                                               migrate=False))
+    jobs = [(f"d{i}", f"survive a crash {i}", SamplingParams(max_tokens=60, **GREEDY))
+            for i in range(3)] + [("s", "seeded too", SamplingParams(
+                max_tokens=60, temperature=1.0, seed=3, ignore_eos=True))]
+    want = reference(tiny, jobs)
+    try:
+        for rid, prompt, params in jobs:
+            cluster.submit(rid, prompt, params, col.sink)
+        col.wait_tokens("d0", 10)
+        victim = cluster._records["d0"].owner
+        cluster.instances[victim].kill()
+        col.wait([r for r, _, _ in jobs])
+        assert cluster.num_redispatched >= 1
+        assert "error" not in col.outputs
+        for rid, _, _ in jobs:
+            assert col.outputs[rid][-1].outputs[0].token_ids == want[rid].outputs[0].token_ids
+            assert col.text(rid) == want[rid].outputs[0].text
+        survivor = [i for n, i in cluster.instances.items() if n != victim]
+        assert free_blocks_restored(survivor)
+    finally:
+        cluster.shutdown()
+
+
+def test_async_cluster_serves_and_sums_stats(tiny):
+    """The asyncio front the HTTP server uses: streams complete, early close aborts."""
+    import asyncio
+
+    from sluice.scheduler.async_cluster import AsyncCluster, local_cluster
+
+    want = reference(tiny, [("x", "async cluster", SamplingParams(max_tokens=30, **GREEDY))])
+    front = AsyncCluster(local_cluster(tiny, EngineConfig(**ENGINE), 2))
+
+    async def run():
+        outs = [o async for o in await front.generate(
+            "async cluster", SamplingParams(max_tokens=30, **GREEDY), request_id="x")]
+        stream = await front.generate("closed early", SamplingParams(max_tokens=300, **GREEDY))
+        async for _ in stream:
+            break
+        await stream.aclose()
+        with pytest.raises(ValueError, match="max_tokens"):
+            await front.generate("bad", SamplingParams(max_tokens=0))
+        await asyncio.sleep(0.3)
+        stats = front.stats()
+        await front.shutdown()
+        return outs, stats
+    outs, stats = asyncio.run(run())
+    assert outs[-1].outputs[0].token_ids == want["x"].outputs[0].token_ids
+    assert stats.num_blocks == 2 * front.cluster.instances["instance-0"].report().num_blocks
+    assert stats.num_free_blocks == stats.num_blocks and stats.num_running == 0
+
+
+@pytest.mark.slow
+def test_serve_instances_over_http():
+    """`sluice serve --instances 2`: the OpenAI client gets the single-engine
+    output; /metrics sums the instances."""
+    import openai
+    from test_server_process import start_server
+
+    proc, url, _ = start_server("--instances", "2", "--block-size", "4")
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        got = [client.completions.create(model="tiny", prompt=f"two instances {i}",
+                                         max_tokens=20, temperature=0,
+                                         extra_body={"ignore_eos": True})
+               for i in range(3)]
+        model = load_model("tiny")
+        want = reference(model, [(str(i), f"two instances {i}",
+                                  SamplingParams(max_tokens=20, **GREEDY)) for i in range(3)])
+        assert [g.choices[0].text for g in got] == [want[str(i)].outputs[0].text
+                                                     for i in range(3)]
+        metrics = httpx.get(url + "/metrics").text
+        assert "sluice:num_requests_running" in metrics
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="tiny", prompt="", max_tokens=5)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_drain_migrates_requests_away_then_retires(tiny):
+    col = Collector()
+    made = []
+
+    def instances(out, death):
+        made.extend(LocalInstance(n, engine(tiny, d), out, death) for n, d in (("a", 0), ("b", 1)))
+        made[1].draining = True  # everything starts on "a"
+        return made
+    cluster = Cluster(instances, Intake(tiny, 512, seed=0),
+                      ClusterConfig(interval_s=0.02, migrate_below=-1.0, migrate_above=0.0))
+    jobs = [(f"m{i}", f"drain me {i}", SamplingParams(max_tokens=450, **GREEDY))
+            for i in range(2)]
+    want = reference(tiny, jobs)
+    try:
+        for rid, prompt, params in jobs:
+            cluster.submit(rid, prompt, params, col.sink)
+        col.wait_tokens("m1", 5)
+        made[1].draining = False
+        cluster.drain("a")
+        cluster.start()
+        col.wait([r for r, _, _ in jobs])
+        deadline = time.monotonic() + 10
+        while "a" in cluster.instances and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "a" not in cluster.instances  # retired once empty
+        assert not made[0].alive
+        moved = {m.request_id for m in cluster.migrations if m.ok}
+        for rid, _, _ in jobs:
+            assert col.outputs[rid][-1].outputs[0].token_ids == want[rid].outputs[0].token_ids
+        assert moved, [m.reason for m in cluster.migrations]
+    finally:
+        cluster.shutdown()
+
+
+class FakeLauncher:
+    def __init__(self, prefix):
+        self.prefix, self.n = prefix, 0
+
+    def launch(self, on_outputs, on_death):
+        self.n += 1
+        return FakeInstance(f"{self.prefix}{self.n}", num_free_blocks=90, num_running=0)
+
+    def terminate(self, instance):
+        pass
+
+
+def test_fleet_actuator_applies_plans_and_routes(tiny):
+    from sluice.provision.replan import FleetDiff
+    from sluice.provision.workload import Buckets
+    from sluice.scheduler.fleet import FleetActuator
+
+    cluster = Cluster([FakeInstance("l4-0", num_free_blocks=50, num_running=2)],
+                      Intake(tiny, 512, seed=0))
+    fleet = FleetActuator(cluster, {"L4": FakeLauncher("l4-"), "H100": FakeLauncher("h100-")},
+                          Buckets((0, 64, 512), (0, 64, 512)))
+    fleet.adopt("L4", ["l4-0"])
+    assert fleet.counts() == {"L4": 1, "H100": 0}
+    fleet.apply(FleetDiff({"H100": 2}, {}, {"L4": 1, "H100": 2}, 1.0, 2.0, "scale_up"))
+    assert fleet.counts() == {"L4": 1, "H100": 2}
+    fleet.route({(0, 0): {"L4": 1.0}, (1, 1): {"H100": 1.0}})
+    cluster.submit("short", "hi", SamplingParams(max_tokens=10), lambda out: None)
+    cluster.submit("long", "x" * 100, SamplingParams(max_tokens=100), lambda out: None)
+    placed = {rid: n for n, i in cluster.instances.items() for rid in i.groups}
+    assert placed["short"] == "l4-0" and placed["long"].startswith("h100-")
+    fleet.apply(FleetDiff({}, {"H100": 1}, {"L4": 1, "H100": 1}, 2.0, 1.5, "cheaper"))
+    assert fleet.counts() == {"L4": 1, "H100": 1}
+    assert sum(i.draining for i in cluster.instances.values()) == 1

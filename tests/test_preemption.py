@@ -1,0 +1,274 @@
+"""Preemption by swap and recompute (issue 6): block-group copies, asynchronous
+swap-out, swap-vs-recompute by estimated cost, multi-turn KV reuse, and the
+invariant that greedy outputs do not change under preemption storms."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sluice.runtime import SamplingParams, greedy_generate, load_model
+from sluice.runtime.engine import EngineConfig, LLMEngine
+from sluice.runtime.kv_cache import KVCacheSpec
+from sluice.runtime.model_runner import ModelRunner
+from sluice.runtime.swap import (HostSwapSpace, SwapCostModel, SwapExecutor, _pieces,
+                                 _update_blocks)
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+BLOCK = 32 * 1024  # bytes of one tiny-model KV block (16 tokens)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny", dtype="float32")
+
+
+def engine_for(model, **kw) -> LLMEngine:
+    kw.setdefault("scheduling_policy", "priority")
+    return LLMEngine(model, EngineConfig(warmup=False, max_model_len=128, seed=0, **kw))
+
+
+# -- copies ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_piece", [1 << 30, 4])
+def test_pieces_cover_runs_in_order(max_piece):
+    runs = [(3, 13), (40, 1), (50, 8), (70, 0)]
+    for per_block in (False, True):
+        pieces = _pieces(runs, per_block, max_piece)
+        covered = [b for s, n in pieces for b in range(s, s + n)]
+        assert covered == [b for s, n in runs for b in range(s, s + n)]
+        assert all(n & (n - 1) == 0 and n <= max_piece for _, n in pieces)
+        if per_block:
+            assert all(n == 1 for _, n in pieces)
+    assert len(_pieces([(0, 13)], False)) == 3  # 8 + 4 + 1
+
+
+@pytest.mark.parametrize("mode,async_out", [("grouped", True), ("grouped", False),
+                                            ("per_block", False)])
+def test_copies_round_trip_while_device_blocks_are_reused(tiny, mode, async_out):
+    """Swap out, overwrite the vacated device blocks at once (as a new request
+    would), then swap back into other blocks: the bytes come back unchanged."""
+    runner = ModelRunner(tiny, 32, 16, max_num_seqs=1, max_num_batched_tokens=16,
+                         max_prefill_seqs=1, max_model_len=128)
+    rng = np.random.default_rng(0)
+    runner.kv_cache = jnp.asarray(rng.standard_normal(runner.spec.shape, np.float32))
+    original = np.asarray(runner.kv_cache)
+    space = HostSwapSpace(runner.spec, 16)
+    ex = SwapExecutor(runner, space, mode, async_out)
+    runs = [(2, 5), (9, 3)]
+    host = space.reserve(8)
+    ex.run([(None, runs, host)], [])
+    junk = jnp.full((8,) + runner.spec.shape[1:], 7.0, runner.spec.dtype)
+    runner.kv_cache = _update_blocks(runner.kv_cache, 2, junk)  # reuse before the store lands
+    ex.run([], [(None, [(20, 8)], host)], release=host)
+    restored = np.asarray(runner.kv_cache)
+    ids = [2, 3, 4, 5, 6, 9, 10, 11]
+    np.testing.assert_array_equal(restored[20:28], original[ids])
+    assert space.num_free_blocks == 16
+    assert ex.stats.blocks_out == ex.stats.blocks_in == 8
+    assert ex.stats.copy_calls == (16 if mode == "per_block" else 5)  # 4+1, 2+1 out; 8 in
+    ex.close()
+
+
+# -- host swap space -----------------------------------------------------------------
+
+
+def test_host_space_refcounts_and_conversation_lru(tiny):
+    spec = KVCacheSpec.for_model(tiny.config, 8, 16, tiny.dtype)
+    space = HostSwapSpace(spec, 6)
+    a = space.reserve(3)
+    space.retain(a[:2])
+    space.release(a)
+    assert space.num_free_blocks == 4  # two still referenced
+    space.release(a[:2])
+    assert space.num_free_blocks == 6
+    with pytest.raises(ValueError, match="released"):
+        space.release(a[:1])
+    tokens = list(range(100))
+    space.remember("x", tokens, space.reserve(3))  # holds tokens 0..47
+    space.remember("y", tokens[::-1], space.reserve(2))
+    assert space.match("x", tokens[:40] + [999] * 20, 10) == space.conversations["x"].blocks[:2]
+    assert len(space.match("x", tokens, 2)) == 2  # capped
+    assert space.match("x", [5] + tokens[1:], 10) == []
+    assert space.match("nobody", tokens, 10) == []
+    # "x" was used last, so the next shortage evicts "y" first.
+    got = space.reserve(3)
+    assert got is not None and "y" not in space.conversations and "x" in space.conversations
+    assert space.reserve(4) is None or "x" not in space.conversations
+    assert space.num_conversation_evictions >= 1
+
+
+def test_cost_model_estimates_follow_measurements():
+    cost = SwapCostModel(bytes_per_block=1 << 20, copy_bytes_per_s=1e9, prefill_s_per_token=1e-4,
+                         overhead_s=0.0, alpha=0.5, min_step_tokens=32)
+    assert cost.prefer_swap(10, 10, 1000)  # 20 MB at 1 GB/s = 21 ms < 100 ms of prefill
+    cost.observe_step(8, 1.0)  # too few tokens: a decode step, ignored
+    assert cost.prefill_s_per_token == 1e-4
+    for _ in range(20):
+        cost.observe_copy(1 << 20, 0.1)  # 10 MB/s measured
+    assert cost.copy_bytes_per_s < 2e7
+    assert not cost.prefer_swap(10, 10, 1000)
+    for _ in range(20):
+        cost.observe_step(100, 100.0)  # 1 s per token
+    assert cost.prefer_swap(10, 10, 1000)
+
+
+# -- engine invariants -----------------------------------------------------------------
+
+
+def _storm(engine: LLMEngine, prompts: dict[str, list[int]], max_tokens: int, seed: int,
+           aborts: int = 0) -> dict[str, list[int]]:
+    """Run requests while re-prioritising random live ones every step."""
+    rng = np.random.default_rng(seed)
+    ids = list(prompts)
+    for i, rid in enumerate(ids[:len(ids) // 2]):
+        engine.add_request(rid, {"prompt_token_ids": prompts[rid]},
+                           SamplingParams(max_tokens=max_tokens, **GREEDY), priority=i % 3,
+                           client=f"c{i % 2}")
+    pending = ids[len(ids) // 2:]
+    aborted: set[str] = set()
+    outs: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests() or pending:
+        if pending and rng.random() < 0.3:
+            rid = pending.pop(0)
+            engine.add_request(rid, {"prompt_token_ids": prompts[rid]},
+                               SamplingParams(max_tokens=max_tokens, **GREEDY),
+                               priority=int(rng.integers(3)))
+        live = [r for r in ids if r not in outs and r not in pending and r not in aborted]
+        for rid in rng.choice(live, size=min(3, len(live)), replace=False) if live else []:
+            engine.set_priority(str(rid), int(rng.integers(5)))
+        if aborts and live and rng.random() < 0.05:
+            rid = str(rng.choice(live))
+            engine.abort_request(rid)
+            aborted.add(rid)
+            aborts -= 1
+        for o in engine.step():
+            if o.finished:
+                outs[o.request_id] = o.outputs[0].token_ids
+    assert set(outs) | aborted == set(ids)  # nothing lost
+    return outs
+
+
+STORMS = {
+    "recompute": dict(),
+    "swap-per-block-sync": dict(swap_space=64 * BLOCK, preemption_mode="swap",
+                                swap_copy="per_block", async_swap=False),
+    "swap-grouped-async": dict(swap_space=64 * BLOCK, preemption_mode="swap"),
+    "swap-exhausted": dict(swap_space=3 * BLOCK, preemption_mode="swap"),
+    "auto": dict(swap_space=64 * BLOCK),
+}
+
+
+@pytest.mark.parametrize("name", list(STORMS))
+def test_greedy_outputs_survive_preemption_storms(tiny, name):
+    engine = engine_for(tiny, max_num_seqs=4, max_num_batched_tokens=64,
+                        kv_cache_memory=12 * BLOCK, max_preemptions=100, **STORMS[name])
+    rng = np.random.default_rng(1)
+    prompts = {f"r{i}": rng.integers(0, 250, int(rng.integers(10, 40))).tolist()
+               for i in range(10)}
+    outs = _storm(engine, prompts, 24, seed=2, aborts=2)
+    for rid, tokens in outs.items():
+        assert tokens == greedy_generate(tiny, prompts[rid], 24, stop_at_eos=False), rid
+    sched = engine.scheduler
+    assert sched.num_preemptions > 5
+    if name == "recompute":
+        assert engine.swapper is None and sched.num_recomputes == sched.num_preemptions
+    elif name.startswith("swap"):
+        assert sched.num_swap_outs > 0
+        assert (sched.num_recomputes > 0) == (name == "swap-exhausted")
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    if engine.swapper is not None:
+        engine.swapper.close()
+        space = sched.swap_space
+        assert space.num_free_blocks == space.num_blocks  # no conversations: nothing kept
+
+
+def test_auto_mode_chooses_by_estimated_cost(tiny):
+    def run(**cost):
+        engine = engine_for(tiny, max_num_seqs=4, max_num_batched_tokens=64,
+                            kv_cache_memory=12 * BLOCK, max_preemptions=100,
+                            swap_space=64 * BLOCK, preemption_mode="auto")
+        c = engine.swapper.cost
+        c.alpha = 0.0  # freeze the estimates at the given values
+        for k, v in cost.items():
+            setattr(c, k, v)
+        prompts = {f"r{i}": [i + 1] * 30 for i in range(6)}
+        outs = _storm(engine, prompts, 16, seed=3)
+        for rid, tokens in outs.items():
+            assert tokens == greedy_generate(tiny, prompts[rid], 16, stop_at_eos=False)
+        return engine.scheduler
+
+    slow_copies = run(copy_bytes_per_s=1.0)
+    assert slow_copies.num_preemptions > 0 and slow_copies.num_swap_outs == 0
+    slow_prefill = run(prefill_s_per_token=10.0)
+    assert slow_prefill.num_swap_outs > 0 and slow_prefill.num_recomputes == 0
+
+
+# -- multi-turn reuse --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_next_turn_copies_in_the_conversation_kv(tiny, reuse):
+    engine = engine_for(tiny, max_num_seqs=1, swap_space=32 * BLOCK, preemption_mode="swap",
+                        kv_reuse=reuse)
+    sched, stats = engine.scheduler, engine.swapper.stats
+    turn1 = list(range(1, 41))
+    engine.add_request("t1", {"prompt_token_ids": turn1}, SamplingParams(max_tokens=20, **GREEDY),
+                       conversation="conv")
+    out1 = _drain(engine)["t1"]
+    engine.swapper.wait()
+    engine.block_manager.reset_prefix_cache()  # the device copy is gone: only host memory has it
+    turn2 = turn1 + out1 + [7, 8, 9, 10, 11, 12]
+    engine.add_request("t2", {"prompt_token_ids": turn2}, SamplingParams(max_tokens=30, **GREEDY),
+                       priority=5, conversation="conv")
+    for _ in range(4):
+        engine.step()
+    saved = 59 // 16  # turn 1 finished with 59 tokens' KV written: 3 full blocks
+    assert sched.num_reused_blocks == (saved if reuse else 0)
+    # A higher-priority request displaces turn 2: its swap-out copies only the
+    # blocks not already in host memory.
+    req = sched.running[0]
+    before = stats.blocks_out
+    engine.add_request("urgent", {"prompt_token_ids": [3] * 20},
+                       SamplingParams(max_tokens=4, **GREEDY), priority=0)
+    engine.step()
+    assert req.swapped_blocks is not None
+    total = -(-req.num_computed_tokens // 16)
+    assert stats.blocks_out - before == total - (saved if reuse else 0)
+    outs = _drain(engine)
+    assert outs["t2"] == greedy_generate(tiny, turn2, 30, stop_at_eos=False)
+    assert outs["urgent"] == greedy_generate(tiny, [3] * 20, 4, stop_at_eos=False)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    engine.swapper.wait()
+    space = sched.swap_space
+    assert ("conv" in space.conversations) == reuse
+    space.forget("conv")
+    assert space.num_free_blocks == space.num_blocks
+    engine.swapper.close()
+
+
+def test_conversation_lru_is_bounded_and_reuse_survives_eviction_of_others(tiny):
+    engine = engine_for(tiny, max_num_seqs=2, swap_space=6 * BLOCK, preemption_mode="swap")
+    space = engine.scheduler.swap_space
+    prompts = {f"conv{i}": [i + 1] * 50 for i in range(4)}  # 3 full blocks each once done
+    for cid, p in prompts.items():
+        engine.add_request(cid, {"prompt_token_ids": p}, SamplingParams(max_tokens=4, **GREEDY),
+                           conversation=cid)
+        _drain(engine)
+    engine.swapper.wait()
+    assert len(space.conversations) == 2  # 6 host blocks hold two conversations
+    assert list(space.conversations) == ["conv2", "conv3"]  # the least recently used went
+    assert space.num_conversation_evictions == 2
+    for cid in list(space.conversations):
+        space.forget(cid)
+    assert space.num_free_blocks == space.num_blocks
+    engine.swapper.close()
+
+
+def _drain(engine: LLMEngine) -> dict[str, list[int]]:
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+    return outs
