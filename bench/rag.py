@@ -1,0 +1,388 @@
+"""RAG benchmark (issue 9): retrieval quality, answer quality, per-configuration latency and
+cost, and SLO attainment of the dynamic re-orchestration policy vs static configurations.
+
+Run from the repository root::
+
+    .venv/bin/python bench/rag.py            # full run
+    .venv/bin/python bench/rag.py --quick    # smaller sample, fewer configurations
+
+Parts:
+
+1. Retrieval: recall@1/5/10 and MRR of the ``bm25``, ``dense`` and ``hybrid`` retrievers on
+   every answerable question of ``bench/data/squad2-dev-subset.json``.
+2. Answers: exact match / token F1 of the extractive answerer on a fixed sample of answerable
+   questions (every n-th in id order) for a set of pipeline configurations, each measured
+   with ``sluice.rag.profiling.measure`` after the embedder's JIT shapes are compiled
+   (``warm_up``), giving each configuration's measured p95 latency and mean cost.
+3. SLO attainment: a DISCRETE-EVENT SIMULATION driven by the measured service times. Queries
+   arrive as Poisson streams, one per query class (``DEFAULT_CLASSES`` of the RAG service,
+   class mix from the intent classifier on the sample); each class has its own FIFO queue and
+   one server. The arrival rate doubles half way through. A query's service time and cost
+   are drawn from the measured per-query samples of the configuration it runs. Policies: the
+   ``ReOrchestrator`` (dynamic) and every measured configuration used statically for all
+   classes. Same random numbers for every policy.
+
+Writes ``bench/results/rag.json``, ``bench/results/rag_pareto.png`` and
+``bench/results/rag_slo.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+
+import jax  # noqa: E402
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from sluice.rag.config import EXTRACTIVE, PipelineConfig  # noqa: E402
+from sluice.rag.corpus import LabelledQuestion, load_squad  # noqa: E402
+from sluice.rag.cost import MINILM, CostModel, ModelTier  # noqa: E402
+from sluice.rag.embedder import Embedder  # noqa: E402
+from sluice.rag.index import RETRIEVERS, RetrievalIndex  # noqa: E402
+from sluice.rag.intent import IntentClassifier  # noqa: E402
+from sluice.rag.pipeline import RagPipeline  # noqa: E402
+from sluice.rag.profiling import Measurement, measure, warm_up  # noqa: E402
+from sluice.rag.retrieval import evaluate  # noqa: E402
+from sluice.rag.service import DEFAULT_CLASSES  # noqa: E402
+from sluice.rag.sla import Planner, Profile, QueryClass, ReOrchestrator, pareto_front  # noqa: E402
+
+DATA = ROOT / "data" / "squad2-dev-subset.json"
+RESULTS = ROOT / "results"
+UTILISATION = 0.6      # each class's planned configuration's server load before the swing
+ATTAINMENT_TARGET = 0.99
+RECALL5_TARGET = 0.9
+BIN_S = 10.0           # width of the attainment-over-time bins
+
+
+def candidate_configs(quick: bool) -> list[PipelineConfig]:
+    """The configurations profiled: cheap one-passage lookups up to reranked multi-agent."""
+    vote3 = (EXTRACTIVE,) * 3
+    configs = [PipelineConfig("bm25", 1), PipelineConfig("dense", 1),
+               PipelineConfig("hybrid", 1), PipelineConfig("bm25", 3),
+               PipelineConfig("hybrid", 3, True), PipelineConfig("hybrid", 5, True, vote3, 32,
+                                                                  "vote")]
+    return configs[::2] + configs[-1:] if quick else configs
+
+
+# --- 1. retrieval ---------------------------------------------------------------------------
+
+def retrieval_metrics(index: RetrievalIndex,
+                      questions: list[LabelledQuestion]) -> dict[str, dict[str, float]]:
+    """recall@1/5/10 and MRR per retriever over ``questions``."""
+    return {name: evaluate(index.retriever(name), questions, (1, 5, 10)) for name in RETRIEVERS}
+
+
+# --- 2. answers, latency, cost --------------------------------------------------------------
+
+def profile_configs(pipeline: RagPipeline, configs: list[PipelineConfig],
+                    sample: list[LabelledQuestion]) -> list[Measurement]:
+    """Measure every configuration on ``sample`` (one unmeasured warm-up query each)."""
+    out = []
+    for config in configs:
+        pipeline.run_sync(sample[0].question, config)
+        start = time.perf_counter()
+        m = measure(pipeline, config, sample)
+        print(f"  {config.name:32s} EM {m.exact_match:.3f} F1 {m.f1:.3f} "
+              f"p95 {m.profile.latency_p95_s * 1e3:7.1f} ms  cost {m.profile.cost_usd:.3e} $ "
+              f"({time.perf_counter() - start:.1f} s)", flush=True)
+        out.append(m)
+    return out
+
+
+# --- 3. discrete-event simulation -----------------------------------------------------------
+
+@dataclass
+class SimQuery:
+    cls: str
+    arrival: float
+    u: float               # uniform draw that picks the service-time/cost sample
+    latency: float = 0.0
+    cost: float = 0.0
+    config: str = ""
+
+
+def arrivals(rates: dict[str, float], seconds: float, seed: int) -> list[SimQuery]:
+    """Poisson arrivals per class at ``rates`` for the first half, doubled for the second."""
+    rng = np.random.default_rng(seed)
+    queries = []
+    for cls, rate in rates.items():
+        t = 0.0
+        while True:
+            t += rng.exponential(1.0 / (rate if t < seconds / 2 else 2 * rate))
+            if t >= seconds:
+                break
+            queries.append(SimQuery(cls, t, float(rng.random())))
+    return sorted(queries, key=lambda q: q.arrival)
+
+
+def draw(measurement: Measurement, u: float) -> tuple[float, float]:
+    """A measured (service time, cost) pair of one query, picked by ``u`` in [0, 1)."""
+    i = min(int(u * len(measurement.latencies_s)), len(measurement.latencies_s) - 1)
+    return measurement.latencies_s[i], measurement.costs_usd[i]
+
+
+def simulate_class(queries: list[SimQuery], policy: ReOrchestrator | Profile,
+                   by_name: dict[str, Measurement]) -> None:
+    """One class's FIFO queue with one server; fills each query's latency, cost, config.
+    A dynamic policy is told of every completion and consulted on every arrival."""
+    dynamic = isinstance(policy, ReOrchestrator)
+    free_at, in_system = 0.0, []   # heap of (finish time, latency) of unfinished queries
+    for q in queries:
+        while in_system and in_system[0][0] <= q.arrival:
+            _, latency = heapq.heappop(in_system)
+            if dynamic:
+                policy.observe(q.cls, latency, len(in_system))
+        if dynamic:
+            policy.update(q.cls, len(in_system))
+            profile = policy.profile_for(q.cls)
+        else:
+            profile = policy
+        service, q.cost = draw(by_name[profile.config.name], q.u)
+        free_at = max(q.arrival, free_at) + service
+        q.latency, q.config = free_at - q.arrival, profile.config.name
+        heapq.heappush(in_system, (free_at, q.latency))
+
+
+def run_policy(queries: list[SimQuery], policy_factory, classes: dict[str, QueryClass],
+               by_name: dict[str, Measurement]) -> list[SimQuery]:
+    """Simulate every class's queue under a fresh policy; returns copies of the queries."""
+    policy = policy_factory()
+    done = []
+    for cls in classes:
+        own = [SimQuery(q.cls, q.arrival, q.u) for q in queries if q.cls == cls]
+        simulate_class(own, policy, by_name)
+        done.extend(own)
+    return sorted(done, key=lambda q: q.arrival)
+
+
+def summarise(queries: list[SimQuery], classes: dict[str, QueryClass],
+              seconds: float) -> dict:
+    """Attainment overall / per class / per half / per time bin, mean cost, configs used."""
+    def met(q: SimQuery) -> bool:
+        return q.latency <= classes[q.cls].slo.latency_p95_s
+
+    def frac(qs: list[SimQuery]) -> float | None:
+        return sum(map(met, qs)) / len(qs) if qs else None
+
+    bins = np.arange(0.0, seconds, BIN_S)
+    per_class = {}
+    for cls in classes:
+        own = [q for q in queries if q.cls == cls]
+        per_class[cls] = {"queries": len(own), "attainment": frac(own),
+                          "latency_p95_s": float(np.percentile([q.latency for q in own], 95)),
+                          "mean_cost_usd": float(np.mean([q.cost for q in own]))}
+    used: dict[str, int] = {}
+    for q in queries:
+        used[q.config] = used.get(q.config, 0) + 1
+    return {"queries": len(queries), "attainment": frac(queries),
+            "attainment_first_half": frac([q for q in queries if q.arrival < seconds / 2]),
+            "attainment_second_half": frac([q for q in queries if q.arrival >= seconds / 2]),
+            "mean_cost_usd": float(np.mean([q.cost for q in queries])),
+            "per_class": per_class, "configs_used": used,
+            "attainment_over_time": [frac([q for q in queries if b <= q.arrival < b + BIN_S])
+                                     for b in bins]}
+
+
+def class_rates(planner: Planner, classes: dict[str, QueryClass], mix: dict[str, float],
+                by_name: dict[str, Measurement]) -> dict[str, float]:
+    """Per-class base arrival rate: the class's planned configuration at ``UTILISATION``
+    (from its measured mean service time), then scaled so the class mix matches ``mix``."""
+    service = {c: by_name[planner.choose(classes[c].slo).config.name].profile.latency_mean_s
+               for c in classes}
+    # The class whose queue saturates first sets the total rate.
+    total = min(UTILISATION / (service[c] * mix[c]) for c in classes if mix[c] > 0)
+    return {c: total * mix[c] for c in classes if mix[c] > 0}
+
+
+def meets_quality_cost(profile: Profile, classes: dict[str, QueryClass]) -> bool:
+    return all(profile.quality >= c.slo.min_quality and profile.cost_usd <= c.slo.max_cost
+               for c in classes.values())
+
+
+def slo_simulation(measurements: list[Measurement], classes: dict[str, QueryClass],
+                   mix: dict[str, float], seconds: float, seed: int) -> dict:
+    """Dynamic vs every static configuration under the doubling load (simulated)."""
+    by_name = {m.profile.config.name: m for m in measurements}
+    planner = Planner([m.profile for m in measurements])
+    rates = class_rates(planner, classes, mix, by_name)
+    classes = {c: classes[c] for c in rates}
+    queries = arrivals(rates, seconds, seed)
+    dynamic = summarise(run_policy(queries, lambda: ReOrchestrator(planner, classes),
+                                   classes, by_name), classes, seconds)
+    static = {}
+    for m in measurements:
+        s = summarise(run_policy(queries, lambda m=m: m.profile, classes, by_name),
+                      classes, seconds)
+        s["meets_quality_and_cost"] = meets_quality_cost(m.profile, classes)
+        s["meets_all_slos"] = s["meets_quality_and_cost"] and all(
+            pc["attainment"] >= ATTAINMENT_TARGET for pc in s["per_class"].values())
+        static[m.profile.config.name] = s
+    ok = [n for n, s in static.items() if s["meets_all_slos"]]
+    cheapest = min(ok, key=lambda n: static[n]["mean_cost_usd"]) if ok else None
+    return {"kind": "discrete-event simulation driven by measured per-query service times "
+                    "and costs (not live serving)",
+            "seconds": seconds, "seed": seed, "base_rates_qps": rates,
+            "load": "Poisson per class, rate doubles at t = seconds / 2",
+            "utilisation_before_swing": UTILISATION,
+            "planned": {c: planner.choose(classes[c].slo).config.name for c in classes},
+            "classes": {c: {"slo": classes[c].slo.to_dict(), "mix": mix[c]} for c in classes},
+            "dynamic": dynamic, "static": static, "cheapest_static_meeting_all_slos": cheapest}
+
+
+# --- plots ----------------------------------------------------------------------------------
+
+def plot_pareto(measurements: list[Measurement], path: Path) -> None:
+    """Latency p95 vs cost per configuration, colour = F1; the Pareto front ringed."""
+    profiles = [m.profile for m in measurements]
+    front = {p.config.name for p in pareto_front(profiles)}
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    sc = ax.scatter([p.latency_p95_s * 1e3 for p in profiles], [p.cost_usd for p in profiles],
+                    c=[p.quality for p in profiles], cmap="viridis", s=70, zorder=3)
+    for p in profiles:
+        if p.config.name in front:
+            ax.scatter(p.latency_p95_s * 1e3, p.cost_usd, s=200, facecolors="none",
+                       edgecolors="red", zorder=4)
+        ax.annotate(f"{p.config.name}\nF1 {p.quality:.2f}", (p.latency_p95_s * 1e3, p.cost_usd),
+                    fontsize=7, xytext=(4, 4), textcoords="offset points")
+    fig.colorbar(sc, label="F1 (quality)")
+    ax.set_xlabel("p95 latency (ms, measured, unloaded)")
+    ax.set_ylabel("mean cost per query ($)")
+    ax.set_title("Quality-cost-latency of RAG configurations (red ring: Pareto front)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_attainment(sim: dict, path: Path) -> None:
+    """Fraction of queries meeting their latency SLO per time bin: dynamic vs static."""
+    fig, ax = plt.subplots(figsize=(9, 5))
+    bins = np.arange(len(sim["dynamic"]["attainment_over_time"])) * BIN_S
+    shown = {sim["cheapest_static_meeting_all_slos"], *sim["planned"].values()} - {None}
+    ax.plot(bins, sim["dynamic"]["attainment_over_time"], lw=2.5, color="black",
+            label=f"dynamic (ReOrchestrator), cost {sim['dynamic']['mean_cost_usd']:.2e} $/q")
+    for name in sorted(shown):
+        s = sim["static"][name]
+        ax.plot(bins, s["attainment_over_time"], lw=1.2, alpha=0.8,
+                label=f"static {name}, cost {s['mean_cost_usd']:.2e} $/q")
+    ax.axvline(sim["seconds"] / 2, ls="--", color="grey", label="arrival rate doubles")
+    ax.axhline(ATTAINMENT_TARGET, ls=":", color="red", label="99% target")
+    ax.set_xlabel("simulated time (s)")
+    ax.set_ylabel(f"fraction meeting class latency SLO ({BIN_S:g} s bins)")
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_title("SLO attainment under a load swing (simulation, measured service times)")
+    ax.legend(fontsize=7, loc="lower left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- main -----------------------------------------------------------------------------------
+
+def class_mix(classifier: IntentClassifier, sample: list[LabelledQuestion]) -> dict[str, float]:
+    """Share of each class among the sample's questions, by the intent classifier."""
+    labels = [classifier.classify(q.question) for q in sample]
+    return {c: labels.count(c) / len(labels) for c in classifier.classes}
+
+
+def targets(retrieval: dict, sim: dict) -> dict:
+    cheapest = sim["cheapest_static_meeting_all_slos"]
+    dyn = sim["dynamic"]
+    cost_ok = cheapest is not None and (
+        dyn["mean_cost_usd"] <= sim["static"][cheapest]["mean_cost_usd"])
+    return {"dense_recall@5": retrieval["dense"]["recall@5"],
+            "dense_recall@5_met": retrieval["dense"]["recall@5"] >= RECALL5_TARGET,
+            "dynamic_attainment": dyn["attainment"],
+            "dynamic_attainment_met": dyn["attainment"] >= ATTAINMENT_TARGET,
+            "dynamic_cost_not_above_cheapest_static_met": cost_ok}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="30-question sample, 4 configurations, 200 simulated seconds")
+    ap.add_argument("--sample", type=int, default=None, help="answer-quality sample size")
+    ap.add_argument("--sim-seconds", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=RESULTS / "rag.json")
+    args = ap.parse_args()
+    n_sample = args.sample or (30 if args.quick else 100)
+    seconds = args.sim_seconds or (200.0 if args.quick else 600.0)
+    t0 = time.perf_counter()
+
+    corpus = load_squad(DATA)
+    answerable = sorted(corpus.answerable(), key=lambda q: q.id)
+    sample = answerable[::max(1, len(answerable) // n_sample)][:n_sample]
+    embedder = Embedder.load()
+    print("warming up the embedder (compiling every padded shape) ...", flush=True)
+    warm_up(embedder)
+    index = RetrievalIndex.build(corpus, embedder)
+    print(f"corpus: {len(corpus.passages)} passages, {len(answerable)} answerable questions "
+          f"({time.perf_counter() - t0:.1f} s)", flush=True)
+
+    retrieval = retrieval_metrics(index, answerable)
+    for name, m in retrieval.items():
+        print(f"  {name:7s} " + "  ".join(f"{k} {v:.3f}" for k, v in m.items()))
+
+    pipeline = RagPipeline(index, CostModel({EXTRACTIVE: ModelTier(EXTRACTIVE, MINILM)}))
+    print(f"profiling configurations on {len(sample)} answerable questions ...", flush=True)
+    measurements = profile_configs(pipeline, candidate_configs(args.quick), sample)
+
+    mix = class_mix(IntentClassifier(embedder), sample)
+    print("SLO simulation (discrete-event, driven by measured service times) ...", flush=True)
+    sim = slo_simulation(measurements, DEFAULT_CLASSES, mix, seconds, args.seed)
+    report_sim(sim)
+
+    result = {"command": " ".join(["bench/rag.py", *sys.argv[1:]]),
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                          "python": platform.python_version(), "jax": jax.__version__,
+                          "jax_backend": jax.default_backend()},
+              "data": {"file": str(DATA.relative_to(ROOT.parent)),
+                       "passages": len(corpus.passages), "answerable": len(answerable),
+                       "answer_sample": len(sample)},
+              "retrieval": retrieval,
+              "configurations": [{**m.profile.to_dict(), "exact_match": m.exact_match,
+                                  "f1": m.f1} for m in measurements],
+              "pareto_front": [p.config.name for p in
+                               pareto_front([m.profile for m in measurements])],
+              "simulation": sim, "targets": targets(retrieval, sim),
+              "wall_s": time.perf_counter() - t0}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    plot_pareto(measurements, args.out.parent / "rag_pareto.png")
+    plot_attainment(sim, args.out.parent / "rag_slo.png")
+    print(json.dumps(result["targets"], indent=1))
+    print(f"wrote {args.out} and plots ({result['wall_s']:.0f} s)")
+
+
+def report_sim(sim: dict) -> None:
+    """Print the simulation's dynamic vs static table."""
+    print(f"  [SIMULATION driven by measured service times] base rates "
+          f"{ {c: round(r, 2) for c, r in sim['base_rates_qps'].items()} } q/s, doubled at "
+          f"t={sim['seconds'] / 2:g} s; planned {sim['planned']}")
+    rows = [("dynamic", sim["dynamic"])] + [(f"static {n}", s) for n, s in sim["static"].items()]
+    for name, s in rows:
+        flag = "" if name == "dynamic" else (" meets all SLOs" if s["meets_all_slos"] else "")
+        print(f"  {name:40s} attainment {s['attainment']:.4f} "
+              f"(1st half {s['attainment_first_half']:.3f}, 2nd {s['attainment_second_half']:.3f})"
+              f"  cost {s['mean_cost_usd']:.3e} $/q{flag}")
+    print(f"  cheapest static meeting all SLOs: {sim['cheapest_static_meeting_all_slos']}")
+
+
+if __name__ == "__main__":
+    main()
