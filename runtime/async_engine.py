@@ -16,11 +16,29 @@ import asyncio
 import collections
 import concurrent.futures
 import itertools
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 from sluice.runtime.engine import EngineStats, Group, LLMEngine, Prompt
 from sluice.runtime.outputs import RequestOutput
 from sluice.runtime.sampling_params import SamplingParams
+
+
+async def stream_outputs(queue: asyncio.Queue,
+                         abandon: Callable[[], Awaitable[None]]) -> AsyncIterator[RequestOutput]:
+    """Yield a request's outputs from ``queue`` up to the finished one (an
+    exception put in the queue is raised); a consumer that stops early (a client
+    disconnect) triggers ``abandon()``, which aborts the request."""
+    finished = False
+    try:
+        while not finished:
+            out = await queue.get()
+            if isinstance(out, BaseException):
+                raise out
+            finished = out.finished
+            yield out
+    finally:
+        if not finished:
+            await abandon()
 
 
 class AsyncEngine:
@@ -47,20 +65,7 @@ class AsyncEngine:
         self._streams[request_id] = queue
         self._adds.append(group)
         self._ensure_loop()
-        return self._stream(request_id, queue)
-
-    async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while not finished:
-                out = await queue.get()
-                if isinstance(out, BaseException):
-                    raise out
-                finished = out.finished
-                yield out
-        finally:
-            if not finished:
-                await self.abort(request_id)
+        return stream_outputs(queue, lambda: self.abort(request_id))
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; unknown or finished ids are a no-op."""

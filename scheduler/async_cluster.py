@@ -22,6 +22,7 @@ from typing import AsyncIterator
 
 import jax
 
+from sluice.runtime.async_engine import stream_outputs
 from sluice.runtime.engine import (EngineConfig, EngineStats, LLMEngine, Prompt,
                                    resolve_max_model_len)
 from sluice.runtime.intake import Intake
@@ -66,7 +67,6 @@ class AsyncCluster:
         self.cluster = cluster
         self.engine = cluster.intake
         self._ids = itertools.count()
-        self._streams: set[str] = set()
         cluster.start()
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
@@ -78,22 +78,7 @@ class AsyncCluster:
         self.cluster.submit(request_id, prompt, params,
                             lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
                             priority, client)
-        self._streams.add(request_id)
-        return self._stream(request_id, queue)
-
-    async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while not finished:
-                out = await queue.get()
-                if isinstance(out, BaseException):
-                    raise out
-                finished = out.finished
-                yield out
-        finally:
-            self._streams.discard(request_id)
-            if not finished:
-                self.cluster.abort(request_id)
+        return stream_outputs(queue, lambda: self.abort(request_id))
 
     async def abort(self, request_id: str) -> None:
         self.cluster.abort(request_id)
