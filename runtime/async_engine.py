@@ -16,11 +16,14 @@ import asyncio
 import collections
 import concurrent.futures
 import itertools
+import logging
 from typing import AsyncIterator, Awaitable, Callable
 
 from sluice.runtime.engine import EngineStats, Group, LLMEngine, Prompt
 from sluice.runtime.outputs import RequestOutput
 from sluice.runtime.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 async def stream_outputs(queue: asyncio.Queue,
@@ -103,6 +106,7 @@ class AsyncEngine:
             try:
                 outputs = await loop.run_in_executor(self._executor, self._step)
             except Exception as e:  # a failed step fails its requests, not the server
+                log.exception("engine step failed")
                 self._fail_all(e)
                 continue
             for out in outputs:

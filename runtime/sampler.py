@@ -159,8 +159,12 @@ def apply_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
     seen = jnp.zeros((S, V), bool).at[rows, t.prompt_tokens].set(True, mode="drop") | generated
     rep = t.repetition_penalty[:, None]
     x = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
-    return (x - t.frequency_penalty[:, None] * counts
-            - t.presence_penalty[:, None] * generated.astype(jnp.float32))
+    x = (x - t.frequency_penalty[:, None] * counts
+         - t.presence_penalty[:, None] * generated.astype(jnp.float32))
+    # An extreme penalty (e.g. 1e-30, which is > 0 and so valid) overflows to inf;
+    # inf - inf would make the softmax NaN, so keep every logit finite.
+    big = jnp.finfo(x.dtype).max
+    return jnp.clip(x, -big, big)
 
 
 def apply_filters(x: jax.Array, t: SamplingTensors) -> jax.Array:

@@ -191,6 +191,22 @@ def test_penalties_steer_greedy_choice():
     assert run(logits, rows).token_ids[0] == 9  # 2.0 / 2 < 1.5
 
 
+@pytest.mark.parametrize("penalty", [3.3e-274, 1e-30, 1e30])
+def test_extreme_repetition_penalty_still_samples_valid_tokens(penalty):
+    """Valid (> 0) penalties that overflow float32 once applied: sampled tokens stay
+    in the vocabulary (a CI fuzz run found inf - inf making the draw garbage)."""
+    logits = random_logits(4, seed=11)
+    rows = [(SamplingParams(temperature=t, repetition_penalty=penalty, top_p=p), 5, 0,
+             [3, 7, 200], [7]) for t, p in ((1.0, 1.0), (0.7, 0.9), (0.0, 1.0), (1.5, 0.5))]
+    out = run(logits, rows)
+    assert ((out.token_ids >= 0) & (out.token_ids < V)).all(), out.token_ids
+    assert np.isfinite(out.logprobs).all()
+    if penalty < 1:  # dividing a seen positive logit by ~0 makes it the certain choice
+        seen_positive = [t for t in (3, 7, 200) if logits[0, t] > 0]
+        if seen_positive:
+            assert out.token_ids[0] in seen_positive
+
+
 # --- seeded randomness -----------------------------------------------------------------
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent():
