@@ -1,1 +1,11 @@
-"""Per-instance and global scheduling (built on the engine's scheduler interface)."""
+"""Scheduling, per instance and across instances.
+
+- `local` and `policies`: the per-instance scheduler below the engine (FCFS,
+  priority, fair; swap or recompute preemption).
+- `instance`, `ray_instance`: one engine behind the `Instance` interface, on a
+  local device or in a Ray actor.
+- `migration`: the live-migration driver between two instances.
+- `cluster`: the global scheduler above the engines (dispatch, migration
+  policy, draining, scaling, crash recovery); `async_cluster` puts it behind
+  `AsyncEngine`'s interface for the server; `fleet` lets the provisioner resize it.
+"""
