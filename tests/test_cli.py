@@ -111,3 +111,7 @@ def test_generate_with_swap_flags_matches_default(capsys):
              "--no-async-swap", "--no-kv-reuse"]
     assert main(args + small) == 0
     assert capsys.readouterr().out == plain
+    from sluice.runtime.cli import _engine_kwargs, build_parser
+    kw = _engine_kwargs(build_parser().parse_args(args + small))
+    assert (kw["preemption_mode"], kw["swap_copy"], kw["async_swap"], kw["kv_reuse"]) == \
+        ("swap", "per_block", False, False)

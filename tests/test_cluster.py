@@ -162,15 +162,20 @@ def test_abort_during_migration_leaks_nothing(tiny):
                                           for n, d in (("a", 0), ("b", 1))],
                       Intake(tiny, 512, seed=0), ClusterConfig(migrate=False))
     try:
-        cluster.submit("r", "to be aborted in flight", SamplingParams(max_tokens=200, **GREEDY),
+        cluster.submit("r", "to be aborted in flight", SamplingParams(max_tokens=480, **GREEDY),
                        col.sink)
         col.wait_tokens("r", 8)
         src = cluster._records["r"].owner
         dst = "b" if src == "a" else "a"
         cluster._start_migration(src, dst, "r")
         cluster.abort("r")
-        cluster._executor.submit(lambda: None).result()
-        time.sleep(0.3)
+        cluster._executor.shutdown(wait=True)  # the migration has ended, either way
+        # Gone from both engines at once, not just after it would have finished.
+        deadline = time.monotonic() + 1.0
+        while any("r" in i.engine.groups for i in cluster.instances.values()):
+            assert time.monotonic() < deadline, "aborted request still served"
+            time.sleep(0.02)
+        assert not col.finished("r")
         assert free_blocks_restored(cluster.instances.values())
     finally:
         cluster.shutdown()
