@@ -9,6 +9,7 @@ Interface (wired into ``sluice`` by `sluice.runtime.cli`):
 Two modes::
 
     sluice provision --workload W.json --slo tpot=0.05,ttft_p99=2 [--catalog C] [--profiles P]
+                     [--calibrate]
     sluice provision --melange FILE
 
 The first prints a table (types with their profile source, counts, $/hour,
@@ -24,6 +25,7 @@ import argparse
 import json
 import sys
 
+from sluice.provision.calibrate import calibrate
 from sluice.provision.catalog import load_catalog
 from sluice.provision.perfmodel import model_spec
 from sluice.provision.planner import Options, Plan, solve
@@ -49,6 +51,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                      "catalog (prices, new types)")
     p.add_argument("--profiles", help="profile file (Sluice's or Mélange's gpu_info) whose types "
                                       "replace or add to the modelled ones")
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit the roofline model's efficiencies to the measured profiles in "
+                        "--profiles (types named as in the catalog) and re-model every type "
+                        "with them (source 'calibrated')")
     p.add_argument("--types", help="comma-separated catalog types to consider (default: all)")
     p.add_argument("--spot", action="store_true", help="price with spot instead of on-demand")
     p.add_argument("--headroom", type=float, default=0.1,
@@ -112,10 +118,18 @@ def _provision(args: argparse.Namespace) -> int:
     for t in types or []:
         if t not in catalog:
             raise ValueError(f"--types: {t!r} is not in the catalog ({', '.join(catalog)})")
-    profiles = modelled_profiles(catalog, model_spec(workload.model), workload.buckets, slo,
-                                 spot=args.spot, types=types)
-    if args.profiles:
-        profiles = merge(profiles, load_profiles(args.profiles, workload.buckets))
+    given = load_profiles(args.profiles, workload.buckets) if args.profiles else []
+    if args.calibrate and not any(p.source == "measured" for p in given):
+        raise ValueError("--calibrate: needs --profiles with at least one measured profile")
+    model = model_spec(workload.model)
+    if args.calibrate:
+        profiles, cal = calibrate(catalog, model, workload.buckets, slo, given, args.spot, types)
+        print(cal if cal else "--calibrate: no measured profile names a catalog type; "
+              "profiles stay uncalibrated")
+    else:
+        profiles = modelled_profiles(catalog, model, workload.buckets, slo, spot=args.spot,
+                                     types=types)
+    profiles = merge(profiles, given)
     if args.save_profiles:
         save_profiles(args.save_profiles, workload.buckets, profiles)
     options = Options(slice_factor=args.slice_factor, headroom=args.headroom,
@@ -137,9 +151,9 @@ def table(plan: Plan, workload: Workload, sources: dict[str, str],
     b: Buckets = workload.buckets
     lines = [f"status: {plan.status}   cost: ${plan.cost:.2f}/hour   headroom: "
              f"{plan.headroom:.0%}   served: {plan.served:.3g}/{workload.rate:.3g} req/s",
-             f"{'type':<14}{'source':<10}{'count':>6}{'$/h each':>10}{'$/h':>10}{'load':>8}"]
+             f"{'type':<14}{'source':<12}{'count':>6}{'$/h each':>10}{'$/h':>10}{'load':>8}"]
     for name, n in sorted(plan.counts.items()):
-        lines.append(f"{name:<14}{sources[name]:<10}{n:>6}{prices[name]:>10.3f}"
+        lines.append(f"{name:<14}{sources[name]:<12}{n:>6}{prices[name]:>10.3f}"
                      f"{n * prices[name]:>10.2f}{plan.loads[name]:>8.2f}")
     lines.append("routing (fraction of each bucket's rate per type):")
     for bucket, w in sorted(plan.routing.items()):

@@ -15,15 +15,18 @@ Interface:
 
 The model (documented here, used by modelled profiles and by the simulator):
 
+- The efficiencies are per instance (``Instance.bw_eff``, ``flop_eff``,
+  ``overhead_s``; defaults ``BW_EFF``, ``FLOP_EFF``, ``STEP_OVERHEAD_S``), so that
+  `sluice.provision.calibrate` can fit them to measured profiles.
 - Per chip, usable memory = ``MEMORY_FRACTION`` x memory; weights
   (params x bytes_per_param) are split evenly over the chips; the rest is KV pool.
 - One engine step runs every running sequence's decode token plus up to
   ``token_budget`` - decodes prompt tokens (chunked prefill). Its time is
-  ``STEP_OVERHEAD_S + decode + prefill + all-reduce``: decode =
-  max(bytes / (BW_EFF x bandwidth), decode flops / (FLOP_EFF x peak)) with
+  ``overhead_s + decode + prefill + all-reduce``: decode =
+  max(bytes / (bw_eff x bandwidth), decode flops / (flop_eff x peak)) with
   bytes = weights + KV of every sequence's context and decode flops = 2 x params
   x decodes + 4 x layers x hidden x context; prefill = (2 x params x prompt
-  tokens + 2 x layers x hidden x sum of chunk^2) / (FLOP_EFF x peak), added,
+  tokens + 2 x layers x hidden x sum of chunk^2) / (flop_eff x peak), added,
   not overlapped (a prompt chunk is compute-bound and stalls its step's decodes;
   folding it into the max() under-estimates mean TPOT); the all-reduce moves
   2 x layers x tokens x hidden x 2 bytes x 2(chips-1)/chips over the interconnect.
@@ -104,6 +107,9 @@ class Instance:
     model: ModelSpec
     token_budget: int = 2048
     max_seqs: int = 256
+    bw_eff: float = BW_EFF  # fraction of peak memory bandwidth a decode step reaches
+    flop_eff: float = FLOP_EFF  # fraction of peak bf16 FLOP/s
+    overhead_s: float = STEP_OVERHEAD_S  # fixed cost of every engine step
 
     @property
     def name(self) -> str:
@@ -131,8 +137,8 @@ class Instance:
         tokens = decode_seqs + prefill_tokens  # through the all-reduces
         sq = prefill_tokens ** 2 if prefill_sq is None else prefill_sq
         bytes_ = m.weight_bytes + (context_tokens + prefill_tokens) * m.kv_bytes_per_token
-        flop_rate = FLOP_EFF * a.bf16_tflops * 1e12 * self.chips
-        decode_t = max(bytes_ / (BW_EFF * a.memory_bandwidth_gbs * 1e9 * self.chips),
+        flop_rate = self.flop_eff * a.bf16_tflops * 1e12 * self.chips
+        decode_t = max(bytes_ / (self.bw_eff * a.memory_bandwidth_gbs * 1e9 * self.chips),
                        (2 * m.params * decode_seqs + 4 * m.layers * m.hidden * context_tokens)
                        / flop_rate)
         prefill_t = (2 * m.params * prefill_tokens + 2 * m.layers * m.hidden * sq) / flop_rate
@@ -140,7 +146,7 @@ class Instance:
         if self.chips > 1:
             moved = 2 * m.layers * tokens * m.hidden * 2 * 2 * (self.chips - 1) / self.chips
             comm_t = moved / (a.interconnect_gbs * 1e9)
-        return STEP_OVERHEAD_S + decode_t + prefill_t + comm_t
+        return self.overhead_s + decode_t + prefill_t + comm_t
 
     def _steady(self, rate: float, i: float, o: float, t: float) -> tuple[float, float, float]:
         """(step time, concurrent decodes, prefill share of the budget) at rate and step t."""
@@ -192,12 +198,13 @@ class Instance:
 
 
 def instances_for(acc: Accelerator, model: ModelSpec, min_kv_fraction: float = 0.1,
-                  **engine: int) -> list[Instance]:
+                  **fields: float) -> list[Instance]:
     """The shapes of ``acc`` (fewest chips first) whose KV pool is at least
-    ``min_kv_fraction`` of usable memory once the weights are loaded."""
+    ``min_kv_fraction`` of usable memory once the weights are loaded. ``fields``:
+    other `Instance` fields (engine limits, efficiencies)."""
     out = []
     for chips in acc.chips_per_instance:
-        inst = Instance(acc, chips, model, **engine)
+        inst = Instance(acc, chips, model, **fields)
         usable = MEMORY_FRACTION * acc.memory_gb * 1e9 * chips
         if inst.kv_pool_bytes >= min_kv_fraction * usable:
             out.append(inst)

@@ -8,10 +8,11 @@ Interface:
   req/s for bucket (i, j); 0 means the type cannot serve that bucket (memory or
   SLO) and the planner never routes it there. ``instance`` is the step-time model
   (`sluice.provision.perfmodel.Instance`) when there is one; the simulator needs it.
-- ``modelled_profiles(catalog, model, buckets, slo, spot=False, types=None)``:
-  one profile per catalog type from the roofline model, on the fewest chips
-  (tensor parallel) that hold the model and serve at least one bucket within the
-  SLO; types with no such shape are left out.
+- ``modelled_profiles(catalog, model, buckets, slo, spot=False, types=None,
+  tuning=None, source="modelled")``: one profile per catalog type from the
+  roofline model, on the fewest chips (tensor parallel) that hold the model and
+  serve at least one bucket within the SLO; types with no such shape are left
+  out. ``tuning`` overrides the model's efficiencies (calibration).
 - ``load_melange(path) -> MelangeInput``: Mélange's solver input
   (``gpu_info: {name: {cost, tputs}}``, ``workload_distribution``,
   ``total_request_rate``, ``slice_factor``); profiles come back ``imported``.
@@ -33,7 +34,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -71,18 +72,21 @@ class MelangeInput:
 
 
 def modelled_profiles(catalog: dict[str, Accelerator], model: ModelSpec, buckets: Buckets,
-                      slo: SLO, spot: bool = False,
-                      types: Sequence[str] | None = None) -> list[TypeProfile]:
+                      slo: SLO, spot: bool = False, types: Sequence[str] | None = None,
+                      tuning: Mapping[str, float] | None = None,
+                      source: str = "modelled") -> list[TypeProfile]:
+    """``tuning``: `Instance` fields (``bw_eff``, ``flop_eff``, ``overhead_s``)
+    replacing the model's defaults, e.g. from `sluice.provision.calibrate`."""
     out = []
     for name in types or list(catalog):
-        shapes = instances_for(catalog[name], model)
+        shapes = instances_for(catalog[name], model, **(tuning or {}))
         for inst in shapes:  # fewest chips that serve some bucket within the SLO
             tputs = np.zeros(buckets.shape)
             for i, j in np.ndindex(*buckets.shape):
                 tputs[i, j] = inst.max_rate(*buckets.representative(i, j), slo,
                                             *buckets.upper(i, j))
             if tputs.any():
-                out.append(TypeProfile(inst.name, inst.price(spot), tputs, "modelled", inst))
+                out.append(TypeProfile(inst.name, inst.price(spot), tputs, source, inst))
                 break
     return out
 

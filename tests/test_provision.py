@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from sluice.runtime.cli import main as sluice_main
+from sluice.provision.calibrate import calibrate, combine, fit
 from sluice.provision.catalog import CatalogError, load_catalog
 from sluice.provision.perfmodel import Instance, model_spec
 from sluice.provision.planner import Options, solve
@@ -311,3 +312,63 @@ def test_replanner_scales_up_at_once_and_down_after_patience():
     last = history[-1]
     assert last.cost_after < last.cost_before
     assert {k: v for k, v in act.fleet.items() if v} == last.target
+
+
+def _rates(inst, buckets, slo):
+    return np.array([[inst.max_rate(*buckets.representative(i, j), slo, *buckets.upper(i, j))
+                      for j in range(buckets.shape[1])] for i in range(buckets.shape[0])])
+
+
+def test_calibration_recovers_efficiencies_and_transfers_to_other_types():
+    cat, model = load_catalog(), model_spec("llama-3-8b")
+    buckets = Buckets((0, 128, 512, 2048), (0, 64, 256))
+    truth = dict(bw_eff=0.35, flop_eff=0.2, overhead_s=0.012)
+    measured = TypeProfile("H100", cat["H100"].price(),
+                           _rates(Instance(cat["H100"], 1, model, **truth), buckets, SLO_40),
+                           "measured")
+    cal = fit(Instance(cat["H100"], 1, model), measured, buckets, SLO_40)
+    assert cal.measured == ("H100",) and cal.error < 0.05 and cal.buckets == 6
+    profiles, combined = calibrate(cat, model, buckets, SLO_40, [measured], types=["A100-80GB"])
+    assert combined == combine([cal])
+    (a100,) = profiles
+    assert a100.source == "calibrated"
+    real = _rates(Instance(cat["A100-80GB"], 1, model, **truth), buckets, SLO_40)
+    served = real > 0
+    assert ((a100.tputs > 0) == served).all()
+    assert np.allclose(a100.tputs[served], real[served], rtol=0.1)
+    # the uncalibrated model is far off on this hardware, so the check above has teeth
+    (plain,) = modelled_profiles(cat, model, buckets, SLO_40, types=["A100-80GB"])
+    assert np.abs(np.log(plain.tputs[served] / real[served])).max() > np.log(1.5)
+
+
+def test_calibration_without_measurements_is_explicit():
+    cat, model = load_catalog(), model_spec("llama-3-8b")
+    buckets = Buckets((0, 128), (0, 64))
+    never = TypeProfile("H100", 1.0, [[0.0]], "measured")
+    with pytest.raises(ValueError, match="no bucket has a measured rate"):
+        fit(Instance(cat["H100"], 1, model), never, buckets, SLO_40)
+    profiles, cal = calibrate(cat, model, buckets, SLO_40,
+                              [TypeProfile("mybox", 1.0, [[2.0]], "measured")], types=["L4"])
+    assert cal is None and {p.source for p in profiles} == {"modelled"}
+
+
+def test_cli_calibrate_from_measured_profile(tmp_path, capsys):
+    cat, model = load_catalog(), model_spec("llama-3-8b")
+    wl = tmp_path / "w.json"
+    wl.write_text(json.dumps({"model": "llama-3-8b", "rate": 4, "requests": [[100, 50], [300, 100]],
+                              "input_edges": [0, 128, 512], "output_edges": [0, 64, 256]}))
+    buckets = Buckets((0, 128, 512), (0, 64, 256))
+    slo = parse_slo("tpot=0.05")
+    slow = _rates(Instance(cat["H100"], 1, model, bw_eff=0.3, overhead_s=0.01), buckets, slo)
+    assert (slow > 0).all()
+    save_profiles(tmp_path / "m.json", buckets, [TypeProfile("H100", 1.0, slow, "measured")])
+    argv = ["provision", "--workload", str(wl), "--slo", "tpot=0.05", "--types", "L4,L40S,H100",
+            "--profiles", str(tmp_path / "m.json"), "--no-verify",
+            "--output", str(tmp_path / "plan.json")]
+    assert _cli(argv + ["--calibrate"]) == 0
+    text = capsys.readouterr().out
+    assert "calibrated from H100 (measured)" in text
+    sources = json.loads((tmp_path / "plan.json").read_text())["plan"]["sources"]
+    assert set(sources.values()) <= {"calibrated", "measured"}
+    assert _cli(argv[:7] + ["--calibrate", "--output", str(tmp_path / "p2.json")]) == 2
+    assert "needs --profiles with at least one measured profile" in capsys.readouterr().err
