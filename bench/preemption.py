@@ -24,7 +24,10 @@ workload (same seeds):
   resume in FCFS (arrival) order ahead of the rest;
 - ``sluice``: block-group copies, device->host copies on a worker thread,
   swap-vs-recompute chosen per request from measured costs, multi-turn KV reuse
-  in the host swap space, priority-ordered resumption;
+  in the host swap space, priority-ordered resumption with a resume deadline
+  (``--resume-deadline``: a turn preempted mid-generation that has waited that
+  long resumes first, `PriorityPolicy(resume_deadline_s=...)`);
+- ``sluice-strict``: as ``sluice`` with strict priority resumption (no deadline);
 - ``sluice-fcfs-resume``: Sluice's mechanisms with the baseline's resumption
   order (separates the mechanisms from the scheduling order);
 - ``sluice-aging``: as ``sluice``, with priority aging (``--aging``);
@@ -182,7 +185,8 @@ SLUICE = dict(swap_copy="grouped", async_swap=True, kv_reuse=True, preemption_mo
 # name -> (engine options, policy factory given the args)
 CONFIGS = {
     "baseline": (BASELINE, lambda a: FCFSResumePolicy()),
-    "sluice": (SLUICE, lambda a: PriorityPolicy()),
+    "sluice": (SLUICE, lambda a: PriorityPolicy(resume_deadline_s=a.resume_deadline)),
+    "sluice-strict": (SLUICE, lambda a: PriorityPolicy()),
     # Sluice's mechanisms with the baseline's resumption order: isolates the copy path,
     # swap-vs-recompute and KV reuse from the scheduling order.
     "sluice-fcfs-resume": (SLUICE, lambda a: FCFSResumePolicy()),
@@ -434,8 +438,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--swap-blocks", type=int, default=2048)
     ap.add_argument("--max-preemptions", type=int, default=8)
     ap.add_argument("--priority-every", type=int, default=40)
-    ap.add_argument("--configs", default="baseline,sluice,sluice-fcfs-resume,sluice-aging,"
-                    "sluice-fair", help=f"comma-separated, from {sorted(CONFIGS)}")
+    ap.add_argument("--resume-deadline", type=float, default=0.1,
+                    help="sluice config: seconds before a preempted turn resumes first")
+    ap.add_argument("--configs", default="baseline,sluice,sluice-strict,sluice-fcfs-resume,"
+                                         "sluice-aging,sluice-fair",
+                    help=f"comma-separated, from {sorted(CONFIGS)}")
     ap.add_argument("--aging", type=float, default=0.1,
                     help="sluice-aging: seconds of waiting per priority level gained")
     ap.add_argument("--seed", type=int, default=0)

@@ -57,6 +57,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="admission order: fcfs, priority (request `priority`, lower first, "
                         "preempting lower-priority running requests), or fair (virtual token "
                         "counters per client) (default: fcfs)")
+    g.add_argument("--resume-deadline", type=float, default=None, metavar="SECONDS",
+                   help="with --scheduling-policy priority: a request preempted in "
+                        "mid-generation that has waited this long resumes before new requests, "
+                        "bounding the pause between its tokens (default: strict priority)")
     g.add_argument("--swap-space", type=float, default=0.0,
                    help="GiB of host memory for the KV of preempted requests; 0 preempts by "
                         "recompute (default: 0)")
@@ -87,7 +91,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
                 kv_cache_memory=None if args.kv_cache_memory is None
                 else int(args.kv_cache_memory * GiB),
                 enable_prefix_caching=not args.no_prefix_caching,
-                scheduling_policy=args.scheduling_policy,
+                scheduling_policy=args.scheduling_policy, resume_deadline_s=args.resume_deadline,
                 swap_space=int(args.swap_space * GiB), preemption_mode=args.preemption_mode,
                 swap_copy=args.swap_copy, async_swap=not args.no_async_swap,
                 kv_reuse=not args.no_kv_reuse,

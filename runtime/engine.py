@@ -57,6 +57,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"  # fcfs | priority | fair (sluice.scheduler.policies)
     max_preemptions: int = 4  # times a request may be displaced by higher-priority work
+    # priority policy: a request preempted mid-generation resumes first after this long
+    resume_deadline_s: float | None = None
     swap_space: int = 0  # bytes of host memory for swapped-out KV; 0 = preempt by recompute
     preemption_mode: str = "auto"  # with swap space: auto (cheaper of swap/recompute) | swap
     swap_copy: str = "grouped"  # grouped (block groups) | per_block (one copy per block)
@@ -96,7 +98,8 @@ class LLMEngine:
         self.scheduler = LocalScheduler(self.block_manager, config.max_num_seqs,
                                         config.max_num_batched_tokens,
                                         config.max_prefill_seqs,
-                                        policy or make_policy(config.scheduling_policy),
+                                        policy or make_policy(config.scheduling_policy,
+                                                              config.resume_deadline_s),
                                         config.max_preemptions, self._swap_space(num_blocks))
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.max_num_seqs,
                                   config.max_num_batched_tokens, config.max_prefill_seqs,

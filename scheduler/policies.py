@@ -13,7 +13,11 @@ blocks run out, says whether a waiting request may displace a running one
   (``aging_s``): a waiting request's effective priority improves by one level
   per ``aging_s`` seconds it has waited (since arrival or its last
   preemption), which bounds how long a preempted or low-priority request
-  starves; off by default (strict priority).
+  starves; off by default (strict priority). Optional resume deadline
+  (``resume_deadline_s``): a request preempted in mid-generation that has waited
+  that long is admitted before anything else (longest-paused first), without
+  displacing running requests, which bounds the pause a preemption puts between
+  two of its tokens while new requests keep their priority order; off by default.
 - `FairPolicy`: virtual token counters per client (Sheng et al., "Fairness in
   Serving Large Language Models", OSDI 2024): each client's counter grows by
   ``w_in`` per prompt token and ``w_out`` per generated token, divided by the
@@ -67,10 +71,12 @@ class FCFSPolicy(Policy):
 class PriorityPolicy(Policy):
     name = "priority"
 
-    def __init__(self, aging_s: float | None = None):
-        if aging_s is not None and aging_s <= 0:
-            raise ValueError(f"aging_s: must be > 0, got {aging_s}")
+    def __init__(self, aging_s: float | None = None, resume_deadline_s: float | None = None):
+        for name, value in (("aging_s", aging_s), ("resume_deadline_s", resume_deadline_s)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name}: must be > 0, got {value}")
         self.aging_s = aging_s
+        self.resume_deadline_s = resume_deadline_s
 
     def effective(self, request: Request, now: float | None = None) -> float:
         """The priority a waiting request competes with (aged, if aging is on)."""
@@ -81,7 +87,17 @@ class PriorityPolicy(Policy):
 
     def next_waiting(self, waiting: list[Request]) -> Request:
         now = time.monotonic()
+        overdue = self._overdue(waiting, now)
+        if overdue:
+            return min(overdue, key=lambda r: r.waiting_since)
         return min(waiting, key=lambda r: (self.effective(r, now), r.arrival_time))
+
+    def _overdue(self, waiting: list[Request], now: float) -> list[Request]:
+        """Preempted mid-generation and paused for at least the resume deadline."""
+        if self.resume_deadline_s is None:
+            return []
+        return [r for r in waiting if r.output_token_ids and r.waiting_since is not None
+                and now - r.waiting_since >= self.resume_deadline_s]
 
     def victim(self, running: list[Request]) -> Request:
         return max(running, key=lambda r: (r.priority, r.arrival_time))
@@ -142,9 +158,13 @@ class FairPolicy(Policy):
 POLICIES = {p.name: p for p in (FCFSPolicy, PriorityPolicy, FairPolicy)}
 
 
-def make_policy(name: str) -> Policy:
-    try:
-        return POLICIES[name]()
-    except KeyError:
+def make_policy(name: str, resume_deadline_s: float | None = None) -> Policy:
+    """The policy ``name``; ``resume_deadline_s`` applies to ``priority`` only."""
+    if name not in POLICIES:
         raise ValueError(f"scheduling_policy: unknown policy {name!r}; "
-                         f"choose from {sorted(POLICIES)}") from None
+                         f"choose from {sorted(POLICIES)}")
+    if name == PriorityPolicy.name:
+        return PriorityPolicy(resume_deadline_s=resume_deadline_s)
+    if resume_deadline_s is not None:
+        raise ValueError(f"resume_deadline_s: applies to the priority policy, not {name!r}")
+    return POLICIES[name]()

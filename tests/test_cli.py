@@ -115,3 +115,17 @@ def test_generate_with_swap_flags_matches_default(capsys):
     kw = _engine_kwargs(build_parser().parse_args(args + small))
     assert (kw["preemption_mode"], kw["swap_copy"], kw["async_swap"], kw["kv_reuse"]) == \
         ("swap", "per_block", False, False)
+
+
+def test_resume_deadline_flag_reaches_the_policy():
+    from sluice.runtime.cli import _engine_kwargs, build_parser
+    from sluice.scheduler.policies import make_policy
+
+    args = ["generate", "--model", "tiny", "--prompt", "x", "--scheduling-policy", "priority",
+            "--resume-deadline", "0.25"]
+    kw = _engine_kwargs(build_parser().parse_args(args))
+    assert kw["resume_deadline_s"] == 0.25
+    assert make_policy(kw["scheduling_policy"], kw["resume_deadline_s"]).resume_deadline_s == 0.25
+    # a deadline with a policy it does not apply to is refused before any work
+    assert main(["generate", "--model", "tiny", "--prompt", "x", "--resume-deadline", "1",
+                 *FAST]) != 0

@@ -188,3 +188,44 @@ def test_priority_aging_bounds_starvation():
     assert not aged.outranks(req(5, 0.5), running)  # 4.5 is still worse than 2
     with pytest.raises(ValueError, match="aging_s"):
         PriorityPolicy(aging_s=0)
+
+
+@pytest.mark.parametrize("deadline", [None, 0.05], ids=["strict", "resume-deadline"])
+def test_resume_deadline_bounds_a_preempted_requests_pause(tiny, deadline):
+    """Strict priority leaves a preempted request behind every newer urgent one; with
+    a resume deadline it comes back first once it has waited that long, without
+    displacing the running request, and outputs stay the reference's. (One
+    displacement per request, so the resumed request is not displaced again.)"""
+    import time
+
+    engine = engine_for(tiny, "priority", resume_deadline_s=deadline, max_preemptions=1)
+    prompts = {"low": [1, 2, 3, 4], "high1": [9, 8, 7], "high2": [5, 6, 7]}
+    engine.add_request("low", {"prompt_token_ids": prompts["low"]},
+                       SamplingParams(max_tokens=12, **GREEDY), priority=5)
+    for _ in range(3):
+        engine.step()
+    for rid in ("high1", "high2"):
+        engine.add_request(rid, {"prompt_token_ids": prompts[rid]},
+                           SamplingParams(max_tokens=6, **GREEDY), priority=0)
+    engine.step()  # high1 displaces low
+    time.sleep(0.06)  # low has now waited past the deadline
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    expected = ["high1", "low", "high2"] if deadline else ["high1", "high2", "low"]
+    assert list(outs) == expected
+    assert outs["low"].metrics[0].num_preemptions == 1
+    assert outs["high1"].metrics[0].num_preemptions == 0
+    for rid, o in outs.items():
+        n = 12 if rid == "low" else 6
+        assert o.outputs[0].token_ids == greedy_generate(tiny, prompts[rid], n,
+                                                         stop_at_eos=False), rid
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_resume_deadline_values():
+    assert make_policy("priority", 0.5).resume_deadline_s == 0.5
+    with pytest.raises(ValueError, match="resume_deadline_s: must be > 0"):
+        make_policy("priority", 0.0)
+    with pytest.raises(ValueError, match="resume_deadline_s: applies to the priority policy"):
+        make_policy("fair", 1.0)
