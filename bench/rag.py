@@ -16,11 +16,15 @@ Parts:
    (``warm_up``), giving each configuration's measured p95 latency and mean cost.
 3. SLO attainment: a DISCRETE-EVENT SIMULATION driven by the measured service times. Queries
    arrive as Poisson streams, one per query class (``DEFAULT_CLASSES`` of the RAG service,
-   class mix from the intent classifier on the sample); each class has its own FIFO queue and
-   one server. The arrival rate doubles half way through. A query's service time and cost
-   are drawn from the measured per-query samples of the configuration it runs. Policies: the
-   ``ReOrchestrator`` (dynamic) and every measured configuration used statically for all
-   classes. Same random numbers for every policy.
+   class mix from the intent classifier on the sample); each class has its own FIFO queue over
+   a pool of servers. The arrival rate doubles half way through. A query's service time and
+   cost are drawn from the measured per-query samples of the configuration it runs.
+   Policies: dynamic = the ``ReOrchestrator`` (configuration) plus ``sluice.rag.capacity``
+   (servers per class follow the arrival rate; a new server serves ``STARTUP_S`` after it is
+   asked for), and every measured configuration used statically for all classes on the
+   fewest fixed servers per class (1 to ``MAX_STATIC_SERVERS``) that meet all SLOs. Cost:
+   mean $ per query (the per-query price of ``sluice.rag.cost``) and server-seconds
+   provisioned (idle time included). Same random numbers for every policy.
 
 Writes ``bench/results/rag.json``, ``bench/results/rag_pareto.png`` and
 ``bench/results/rag_slo.png``.
@@ -48,6 +52,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from sluice.rag.capacity import Capacity  # noqa: E402
 from sluice.rag.config import EXTRACTIVE, PipelineConfig  # noqa: E402
 from sluice.rag.corpus import LabelledQuestion, load_squad  # noqa: E402
 from sluice.rag.cost import MINILM, CostModel, ModelTier  # noqa: E402
@@ -66,6 +71,8 @@ UTILISATION = 0.6      # each class's planned configuration's server load before
 ATTAINMENT_TARGET = 0.99
 RECALL5_TARGET = 0.9
 BIN_S = 10.0           # width of the attainment-over-time bins
+STARTUP_S = 5.0        # a server added by the capacity policy serves this long after asked
+MAX_STATIC_SERVERS = 8  # static configurations try 1..8 fixed servers per class
 
 
 def candidate_configs(quick: bool) -> list[PipelineConfig]:
@@ -136,42 +143,71 @@ def draw(measurement: Measurement, u: float) -> tuple[float, float]:
 
 
 def simulate_class(queries: list[SimQuery], policy: ReOrchestrator | Profile,
-                   by_name: dict[str, Measurement]) -> None:
-    """One class's FIFO queue with one server; fills each query's latency, cost, config.
-    A dynamic policy is told of every completion and consulted on every arrival."""
+                   by_name: dict[str, Measurement], servers: int = 1,
+                   capacity: Capacity | None = None) -> float:
+    """One class's FIFO queue over a pool of servers (each query goes to the server free
+    first); fills each query's latency, cost and config and returns the server-seconds
+    provisioned. A dynamic policy is told of every completion and consulted on every
+    arrival; with ``capacity`` the pool follows its replica count (a new server takes
+    ``STARTUP_S`` to come up, and is paid for from the moment it is asked for; only idle
+    servers are removed)."""
     dynamic = isinstance(policy, ReOrchestrator)
-    free_at, in_system = 0.0, []   # heap of (finish time, latency) of unfinished queries
+    pool = [0.0] * servers         # when each server is next free
+    born = [0.0] * servers         # when each server was asked for
+    server_s, in_system = 0.0, []  # heap of (finish time, latency) of unfinished queries
     for q in queries:
         while in_system and in_system[0][0] <= q.arrival:
             _, latency = heapq.heappop(in_system)
             if dynamic:
-                policy.observe(q.cls, latency, len(in_system))
+                policy.observe(q.cls, latency, len(in_system), len(pool))
         if dynamic:
-            policy.update(q.cls, len(in_system))
-            profile = policy.profile_for(q.cls)
-        else:
-            profile = policy
+            policy.update(q.cls, len(in_system), len(pool))
+        profile = policy.profile_for(q.cls) if dynamic else policy
+        if capacity is not None:
+            capacity.arrival(q.cls, q.arrival)
+            server_s += _resize(pool, born, capacity.wanted(q.cls, q.arrival, profile), q.arrival)
         service, q.cost = draw(by_name[profile.config.name], q.u)
-        free_at = max(q.arrival, free_at) + service
-        q.latency, q.config = free_at - q.arrival, profile.config.name
-        heapq.heappush(in_system, (free_at, q.latency))
+        i = int(np.argmin(pool))
+        pool[i] = max(q.arrival, pool[i]) + service
+        q.latency, q.config = pool[i] - q.arrival, profile.config.name
+        heapq.heappush(in_system, (pool[i], q.latency))
+    end = max(pool + [q.arrival for q in queries[-1:]])
+    return server_s + sum(end - b for b in born)
+
+
+def _resize(pool: list[float], born: list[float], wanted: int, now: float) -> float:
+    """Grow the pool to ``wanted`` or shrink it by its idle servers; returns the
+    server-seconds of the servers removed."""
+    while len(pool) < wanted:
+        pool.append(now + STARTUP_S)
+        born.append(now)
+    idle = [i for i in range(len(pool)) if pool[i] <= now]
+    drop = set(idle[:max(0, len(pool) - wanted)])
+    pool[:] = [t for i, t in enumerate(pool) if i not in drop]
+    removed = sum(now - born[i] for i in drop)
+    born[:] = [b for i, b in enumerate(born) if i not in drop]
+    return removed
 
 
 def run_policy(queries: list[SimQuery], policy_factory, classes: dict[str, QueryClass],
-               by_name: dict[str, Measurement]) -> list[SimQuery]:
-    """Simulate every class's queue under a fresh policy; returns copies of the queries."""
+               by_name: dict[str, Measurement], servers: int = 1,
+               capacity_factory=None) -> tuple[list[SimQuery], float]:
+    """Simulate every class's queue under a fresh policy; returns copies of the queries
+    and the server-seconds of all classes."""
     policy = policy_factory()
-    done = []
+    capacity = capacity_factory() if capacity_factory else None
+    done, server_s = [], 0.0
     for cls in classes:
         own = [SimQuery(q.cls, q.arrival, q.u) for q in queries if q.cls == cls]
-        simulate_class(own, policy, by_name)
+        server_s += simulate_class(own, policy, by_name, servers, capacity)
         done.extend(own)
-    return sorted(done, key=lambda q: q.arrival)
+    return sorted(done, key=lambda q: q.arrival), server_s
 
 
-def summarise(queries: list[SimQuery], classes: dict[str, QueryClass],
-              seconds: float) -> dict:
-    """Attainment overall / per class / per half / per time bin, mean cost, configs used."""
+def summarise(queries: list[SimQuery], classes: dict[str, QueryClass], seconds: float,
+              server_s: float) -> dict:
+    """Attainment overall / per class / per half / per time bin, mean cost, configs used,
+    server-seconds provisioned."""
     def met(q: SimQuery) -> bool:
         return q.latency <= classes[q.cls].slo.latency_p95_s
 
@@ -192,6 +228,7 @@ def summarise(queries: list[SimQuery], classes: dict[str, QueryClass],
             "attainment_first_half": frac([q for q in queries if q.arrival < seconds / 2]),
             "attainment_second_half": frac([q for q in queries if q.arrival >= seconds / 2]),
             "mean_cost_usd": float(np.mean([q.cost for q in queries])),
+            "server_seconds": server_s, "mean_servers": server_s / seconds,
             "per_class": per_class, "configs_used": used,
             "attainment_over_time": [frac([q for q in queries if b <= q.arrival < b + BIN_S])
                                      for b in bins]}
@@ -215,29 +252,38 @@ def meets_quality_cost(profile: Profile, classes: dict[str, QueryClass]) -> bool
 
 def slo_simulation(measurements: list[Measurement], classes: dict[str, QueryClass],
                    mix: dict[str, float], seconds: float, seed: int) -> dict:
-    """Dynamic vs every static configuration under the doubling load (simulated)."""
+    """Dynamic (configuration + capacity) vs every static configuration, each on the fewest
+    fixed servers per class that meet all SLOs (up to ``MAX_STATIC_SERVERS``), under the
+    doubling load (simulated)."""
     by_name = {m.profile.config.name: m for m in measurements}
     planner = Planner([m.profile for m in measurements])
     rates = class_rates(planner, classes, mix, by_name)
     classes = {c: classes[c] for c in rates}
     queries = arrivals(rates, seconds, seed)
-    dynamic = summarise(run_policy(queries, lambda: ReOrchestrator(planner, classes),
-                                   classes, by_name), classes, seconds)
+    bounds = {c: classes[c].slo.latency_p95_s for c in classes}
+    dynamic = summarise(*run_policy(queries, lambda: ReOrchestrator(planner, classes), classes,
+                                    by_name, capacity_factory=lambda: Capacity(bounds)),
+                        classes, seconds)
     static = {}
     for m in measurements:
-        s = summarise(run_policy(queries, lambda m=m: m.profile, classes, by_name),
-                      classes, seconds)
-        s["meets_quality_and_cost"] = meets_quality_cost(m.profile, classes)
-        s["meets_all_slos"] = s["meets_quality_and_cost"] and all(
-            pc["attainment"] >= ATTAINMENT_TARGET for pc in s["per_class"].values())
+        for servers in range(1, MAX_STATIC_SERVERS + 1):
+            s = summarise(*run_policy(queries, lambda m=m: m.profile, classes, by_name, servers),
+                          classes, seconds)
+            s["servers_per_class"] = servers
+            s["meets_quality_and_cost"] = meets_quality_cost(m.profile, classes)
+            s["meets_all_slos"] = s["meets_quality_and_cost"] and all(
+                pc["attainment"] >= ATTAINMENT_TARGET for pc in s["per_class"].values())
+            if s["meets_all_slos"]:
+                break
         static[m.profile.config.name] = s
     ok = [n for n, s in static.items() if s["meets_all_slos"]]
-    cheapest = min(ok, key=lambda n: static[n]["mean_cost_usd"]) if ok else None
+    cheapest = min(ok, key=lambda n: (static[n]["mean_cost_usd"], static[n]["server_seconds"])
+                   ) if ok else None
     return {"kind": "discrete-event simulation driven by measured per-query service times "
                     "and costs (not live serving)",
             "seconds": seconds, "seed": seed, "base_rates_qps": rates,
             "load": "Poisson per class, rate doubles at t = seconds / 2",
-            "utilisation_before_swing": UTILISATION,
+            "utilisation_before_swing": UTILISATION, "server_startup_s": STARTUP_S,
             "planned": {c: planner.choose(classes[c].slo).config.name for c in classes},
             "classes": {c: {"slo": classes[c].slo.to_dict(), "mix": mix[c]} for c in classes},
             "dynamic": dynamic, "static": static, "cheapest_static_meeting_all_slos": cheapest}
@@ -273,12 +319,15 @@ def plot_attainment(sim: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 5))
     bins = np.arange(len(sim["dynamic"]["attainment_over_time"])) * BIN_S
     shown = {sim["cheapest_static_meeting_all_slos"], *sim["planned"].values()} - {None}
-    ax.plot(bins, sim["dynamic"]["attainment_over_time"], lw=2.5, color="black",
-            label=f"dynamic (ReOrchestrator), cost {sim['dynamic']['mean_cost_usd']:.2e} $/q")
+    d = sim["dynamic"]
+    ax.plot(bins, d["attainment_over_time"], lw=2.5, color="black",
+            label=f"dynamic (ReOrchestrator + capacity), cost {d['mean_cost_usd']:.2e} $/q, "
+                  f"{d['mean_servers']:.1f} servers")
     for name in sorted(shown):
         s = sim["static"][name]
         ax.plot(bins, s["attainment_over_time"], lw=1.2, alpha=0.8,
-                label=f"static {name}, cost {s['mean_cost_usd']:.2e} $/q")
+                label=f"static {name} x{s['servers_per_class']}/class, cost "
+                      f"{s['mean_cost_usd']:.2e} $/q, {s['mean_servers']:.1f} servers")
     ax.axvline(sim["seconds"] / 2, ls="--", color="grey", label="arrival rate doubles")
     ax.axhline(ATTAINMENT_TARGET, ls=":", color="red", label="99% target")
     ax.set_xlabel("simulated time (s)")
@@ -305,11 +354,14 @@ def targets(retrieval: dict, sim: dict) -> dict:
     dyn = sim["dynamic"]
     cost_ok = cheapest is not None and (
         dyn["mean_cost_usd"] <= sim["static"][cheapest]["mean_cost_usd"])
+    servers_ok = cheapest is not None and (
+        dyn["server_seconds"] <= sim["static"][cheapest]["server_seconds"])
     return {"dense_recall@5": retrieval["dense"]["recall@5"],
             "dense_recall@5_met": retrieval["dense"]["recall@5"] >= RECALL5_TARGET,
             "dynamic_attainment": dyn["attainment"],
             "dynamic_attainment_met": dyn["attainment"] >= ATTAINMENT_TARGET,
-            "dynamic_cost_not_above_cheapest_static_met": cost_ok}
+            "dynamic_cost_not_above_cheapest_static_met": cost_ok,
+            "dynamic_server_seconds_not_above_cheapest_static": servers_ok}
 
 
 def main() -> None:
@@ -377,10 +429,12 @@ def report_sim(sim: dict) -> None:
           f"t={sim['seconds'] / 2:g} s; planned {sim['planned']}")
     rows = [("dynamic", sim["dynamic"])] + [(f"static {n}", s) for n, s in sim["static"].items()]
     for name, s in rows:
-        flag = "" if name == "dynamic" else (" meets all SLOs" if s["meets_all_slos"] else "")
+        flag = "" if name == "dynamic" else (
+            f" x{s['servers_per_class']} servers" + (" meets all SLOs" if s["meets_all_slos"]
+                                                     else ""))
         print(f"  {name:40s} attainment {s['attainment']:.4f} "
               f"(1st half {s['attainment_first_half']:.3f}, 2nd {s['attainment_second_half']:.3f})"
-              f"  cost {s['mean_cost_usd']:.3e} $/q{flag}")
+              f"  cost {s['mean_cost_usd']:.3e} $/q, {s['server_seconds']:.0f} server-s{flag}")
     print(f"  cheapest static meeting all SLOs: {sim['cheapest_static_meeting_all_slos']}")
 
 

@@ -1,4 +1,4 @@
-"""``POST /v1/rag/query`` for the Sluice server.
+"""``POST /v1/rag/query`` and ``GET /v1/rag/status`` for the Sluice server.
 
 Body: ``{"question": str, "class"?: str, "slo"?: {"min_quality"?, "latency_p95_s"?,
 "max_cost"?}}``. Response: ``RagAnswer.to_dict()``: the answer, cited passage ids, the class,
@@ -6,8 +6,10 @@ the configuration used (its name and knobs), measured latency and cost, and toke
 tier. Bad input (invalid JSON, a missing or empty question, an unknown class, a malformed or
 impossible SLO) is a 400 OpenAI error object whose ``param`` names the field and whose message
 says what is achievable; the server's own wrapper turns anything else into a 500.
+``GET /v1/rag/status``: ``{"classes": RagService.status()}`` (per class: configuration in
+use, arrival rate, replicas wanted, SLO).
 
-``rag_routes(service, wrap)`` returns the Starlette route; ``wrap`` is the server's endpoint
+``rag_routes(service, wrap)`` returns the Starlette routes; ``wrap`` is the server's endpoint
 wrapper (error objects, logging). ``load_rag_service(index_dir, engine, model_name)`` builds
 the ``RagService`` a server uses: the extractive tier plus the served model as a generative
 tier, generating through the server's own ``AsyncEngine``.
@@ -60,7 +62,11 @@ def rag_routes(service: RagService, wrap: Callable[[Handler], Handler],
             raise _bad(str(e)) from None
         return JSONResponse(answer.to_dict())
 
-    return [Route("/v1/rag/query", wrap(query), methods=["POST"])]
+    async def status(request: Request) -> Response:
+        return JSONResponse({"classes": service.status()})
+
+    return [Route("/v1/rag/query", wrap(query), methods=["POST"]),
+            Route("/v1/rag/status", wrap(status), methods=["GET"])]
 
 
 def load_rag_service(index_dir: str | Path, engine: AsyncEngine, model_name: str) -> RagService:

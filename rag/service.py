@@ -10,7 +10,12 @@
    saying what is achievable; without one the ``ReOrchestrator`` supplies the class's current
    configuration;
 4. the ``RagPipeline`` runs it; the finished query's latency and the number of queries in
-   flight feed the re-orchestrator.
+   flight feed the re-orchestrator, and every query's arrival feeds `Capacity`.
+
+``service.status()`` is, per class, the configuration the re-orchestrator runs now, the
+observed arrival rate and the replicas (`sluice.rag.capacity`) the class needs to keep its
+latency SLO at that rate with that configuration: what ``GET /v1/rag/status`` reports, for
+an operator or an autoscaler to act on (this process does not start replicas itself).
 
 It returns a ``RagAnswer`` (answer, cited passage ids, class, configuration, latency, cost,
 tokens); ``to_dict`` is the HTTP response body.
@@ -26,11 +31,13 @@ without a generative model still plans over the extractive ones.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sluice.rag.capacity import Capacity
 from sluice.rag.config import EXTRACTIVE, PipelineConfig
 from sluice.rag.cost import MINILM, CostModel, ModelTier
 from sluice.rag.embedder import Embedder
@@ -104,6 +111,7 @@ class RagService:
         self.pipeline, self.classifier, self.classes = pipeline, classifier, dict(classes)
         self.planner = Planner(usable)
         self.orchestrator = ReOrchestrator(self.planner, self.classes, workers=workers)
+        self.capacity = Capacity({n: c.slo.latency_p95_s for n, c in self.classes.items()})
         self.in_flight = 0
 
     @classmethod
@@ -141,6 +149,7 @@ class RagService:
     async def query(self, question: str, query_class: str | None = None,
                     slo: SLO | Mapping[str, Any] | None = None) -> RagAnswer:
         query_class, config, orchestrated = self.resolve(question, query_class, slo)
+        self.capacity.arrival(query_class, time.monotonic())
         self.in_flight += 1
         try:
             result = await self.pipeline.run(question, config)
@@ -150,3 +159,14 @@ class RagService:
             self.orchestrator.observe(query_class, result.latency_s, self.in_flight)
         return RagAnswer(result.answer, result.passage_ids, query_class, config,
                          result.latency_s, result.cost_usd, result.tokens)
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        now = time.monotonic()
+        out = {}
+        for name in self.classes:
+            profile = self.orchestrator.profile_for(name)
+            out[name] = {"config": profile.config.name,
+                         "arrival_rate_qps": self.capacity.rate(name, now),
+                         "replicas_wanted": self.capacity.wanted(name, now, profile),
+                         "slo": self.classes[name].slo.to_dict()}
+        return out

@@ -21,7 +21,9 @@
   configuration. ``observe(cls, latency_s, queue_depth)`` records a finished query;
   ``config_for(cls)`` returns the configuration to use now. Pressure on a class is the larger
   of its recent observed p95 latency (last ``window`` queries) and a queueing forecast,
-  (queue depth / ``workers`` + 1) x the current profile's p95 service latency, both as a
+  (queue depth / workers + 1) x the current profile's p95 service latency (workers: the
+  constructor's, or the class's current server count when `sluice.rag.capacity` scales
+  it), both as a
   fraction of the class's latency bound. Above ``high`` the class steps to the next faster
   fallback at once; it steps back toward the planned (cheaper) configuration only after
   ``hold`` consecutive observations in which both the current pressure and the forecast for
@@ -221,34 +223,39 @@ class ReOrchestrator:
     def config_for(self, cls: str) -> PipelineConfig:
         return self.profile_for(cls).config
 
-    def pressure(self, cls: str, queue_depth: int, level: int | None = None) -> float:
+    def pressure(self, cls: str, queue_depth: int, level: int | None = None,
+                 workers: int | None = None) -> float:
         """Forecast or observed p95 latency as a fraction of the class's latency bound, for
-        the configuration at ``level`` of the class's ladder (default: the current one)."""
+        the configuration at ``level`` of the class's ladder (default: the current one) on
+        ``workers`` servers (default: the constructor's)."""
         state = self._state(cls)
         level = state.level if level is None else level
         bound = self.classes[cls].slo.latency_p95_s
-        forecast = (queue_depth / self.workers + 1) * state.ladder[level].latency_p95_s
+        workers = workers or self.workers
+        forecast = (queue_depth / workers + 1) * state.ladder[level].latency_p95_s
         observed = (float(np.percentile(state.latencies, 95))
                     if state.latencies and level == state.level else 0.0)
         return max(forecast, observed) / bound
 
-    def observe(self, cls: str, latency_s: float, queue_depth: int) -> None:
+    def observe(self, cls: str, latency_s: float, queue_depth: int,
+                workers: int | None = None) -> None:
         state = self._state(cls)
         state.latencies.append(latency_s)
         while len(state.latencies) > self.window:
             state.latencies.popleft()
-        self.update(cls, queue_depth)
+        self.update(cls, queue_depth, workers)
 
-    def update(self, cls: str, queue_depth: int) -> None:
-        """Re-decide ``cls``'s level from the current pressure (also called on arrivals)."""
+    def update(self, cls: str, queue_depth: int, workers: int | None = None) -> None:
+        """Re-decide ``cls``'s level from the current pressure (also called on arrivals);
+        ``workers``: the servers the class has now, when capacity follows load."""
         state = self._state(cls)
-        pressure = self.pressure(cls, queue_depth)
+        pressure = self.pressure(cls, queue_depth, workers=workers)
         if pressure > self.high and state.level + 1 < len(state.ladder):
             state.level += 1
             state.calm = 0
             state.latencies.clear()  # judge the new configuration on its own latencies
         elif (state.level > 0 and pressure < self.low
-              and self.pressure(cls, queue_depth, state.level - 1) < self.low):
+              and self.pressure(cls, queue_depth, state.level - 1, workers) < self.low):
             state.calm += 1
             if state.calm >= self.hold:
                 state.level -= 1

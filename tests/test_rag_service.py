@@ -129,6 +129,14 @@ def test_rag_query_route(client: TestClient) -> None:
     body = r.json()
     assert body["configuration"]["agents"] == ["extractive", "tiny"]
     assert body["usage"]["tiny"]["prompt_tokens"] > 0
+    # Both arrivals count towards their classes' load; the status says what each class
+    # runs and how many replicas it needs at that load.
+    r = client.get("/v1/rag/status")
+    assert r.status_code == 200, r.text
+    status = r.json()["classes"]
+    assert status["lookup"]["config"] == "dense-k3-1xextractive"
+    assert status["lookup"]["arrival_rate_qps"] > 0 and status["analytical"]["arrival_rate_qps"] > 0
+    assert all(c["replicas_wanted"] >= 1 for c in status.values())
 
 
 @pytest.mark.parametrize("payload,param,message", [
