@@ -204,7 +204,7 @@ def run_policy(queries: list[SimQuery], policy_factory, classes: dict[str, Query
     return sorted(done, key=lambda q: q.arrival), server_s
 
 
-def summarise(queries: list[SimQuery], classes: dict[str, QueryClass], seconds: float,
+def summarise(classes: dict[str, QueryClass], seconds: float, queries: list[SimQuery],
               server_s: float) -> dict:
     """Attainment overall / per class / per half / per time bin, mean cost, configs used,
     server-seconds provisioned."""
@@ -261,14 +261,14 @@ def slo_simulation(measurements: list[Measurement], classes: dict[str, QueryClas
     classes = {c: classes[c] for c in rates}
     queries = arrivals(rates, seconds, seed)
     bounds = {c: classes[c].slo.latency_p95_s for c in classes}
-    dynamic = summarise(*run_policy(queries, lambda: ReOrchestrator(planner, classes), classes,
-                                    by_name, capacity_factory=lambda: Capacity(bounds)),
-                        classes, seconds)
+    dynamic = summarise(classes, seconds, *run_policy(
+        queries, lambda: ReOrchestrator(planner, classes), classes, by_name,
+        capacity_factory=lambda: Capacity(bounds)))
     static = {}
     for m in measurements:
         for servers in range(1, MAX_STATIC_SERVERS + 1):
-            s = summarise(*run_policy(queries, lambda m=m: m.profile, classes, by_name, servers),
-                          classes, seconds)
+            s = summarise(classes, seconds, *run_policy(queries, lambda m=m: m.profile,
+                                                        classes, by_name, servers))
             s["servers_per_class"] = servers
             s["meets_quality_and_cost"] = meets_quality_cost(m.profile, classes)
             s["meets_all_slos"] = s["meets_quality_and_cost"] and all(

@@ -14,10 +14,13 @@ Interface:
 
 - ``erlang_c(servers, offered_load) -> float``: probability an arrival waits (1 when the
   queue is unstable).
-- ``wait_p95(servers, rate, service_mean_s) -> float``: 95th-percentile wait in seconds
-  (inf when unstable).
-- ``replicas_needed(rate, service_mean_s, service_p95_s, bound_s, margin, max_replicas)``.
-- ``Capacity(bounds, window_s=20, hold_s=30, margin=0.8, max_replicas=64)``: ``bounds``
+- ``wait_p95(servers, rate, service_mean_s, service_cv2=1) -> float``: 95th-percentile
+  wait in seconds (inf when unstable); ``service_cv2`` = 1 is exponential service (M/M/c),
+  other values scale the wait by (1 + cv^2) / 2 (Allen-Cunneen's M/G/c approximation).
+- ``replicas_needed(rate, service_mean_s, service_p95_s, bound_s, margin, max_replicas,
+  service_cv2)``.
+- ``Capacity(bounds, window_s=20, hold_s=30, margin=0.8, max_replicas=64,
+  service_cv2=1)``: ``bounds``
   maps class -> latency bound (s). ``arrival(cls, t)`` records an arrival at time ``t``;
   ``rate(cls, t)``; ``wanted(cls, t, profile) -> int`` replicas for the class now, given the
   `Profile` (service times) it currently runs.
@@ -46,8 +49,11 @@ def erlang_c(servers: int, offered_load: float) -> float:
     return b / (1 - rho * (1 - b))
 
 
-def wait_p95(servers: int, rate: float, service_mean_s: float) -> float:
-    """P(wait > t) = C exp(-(c mu - lambda) t), solved for the 5% tail."""
+def wait_p95(servers: int, rate: float, service_mean_s: float,
+             service_cv2: float = 1.0) -> float:
+    """P(wait > t) = C exp(-(c mu - lambda) t), solved for the 5% tail; for service times
+    that are not exponential the wait is scaled by (1 + cv^2) / 2 (Allen-Cunneen), cv^2
+    being the squared coefficient of variation of the service time."""
     if rate <= 0:
         return 0.0
     mu = 1.0 / service_mean_s
@@ -56,34 +62,35 @@ def wait_p95(servers: int, rate: float, service_mean_s: float) -> float:
     c = erlang_c(servers, rate * service_mean_s)
     if c <= P95_TAIL:
         return 0.0
-    return math.log(c / P95_TAIL) / (servers * mu - rate)
+    return math.log(c / P95_TAIL) / (servers * mu - rate) * (1 + service_cv2) / 2
 
 
 def replicas_needed(rate: float, service_mean_s: float, service_p95_s: float, bound_s: float,
-                    margin: float = 0.8, max_replicas: int = 64) -> int:
+                    margin: float = 0.8, max_replicas: int = 64,
+                    service_cv2: float = 1.0) -> int:
     """Fewest servers whose p95 wait + p95 service fits in ``margin`` x ``bound_s``; when
     the service alone does not fit, the fewest that make waiting rarer than 5%."""
     slack = max(margin * bound_s - service_p95_s, 0.0)
     for c in range(1, max_replicas + 1):
-        if wait_p95(c, rate, service_mean_s) <= slack:
+        if wait_p95(c, rate, service_mean_s, service_cv2) <= slack:
             return c
     return max_replicas
 
 
 class Capacity:
     def __init__(self, bounds: Mapping[str, float], window_s: float = 20.0, hold_s: float = 30.0,
-                 margin: float = 0.8, max_replicas: int = 64):
+                 margin: float = 0.8, max_replicas: int = 64, service_cv2: float = 1.0):
         if window_s <= 0 or hold_s < 0 or not 0 < margin <= 1 or max_replicas < 1:
             raise ValueError("capacity: need window_s > 0, hold_s >= 0, 0 < margin <= 1, "
                              "max_replicas >= 1")
         self.bounds = dict(bounds)
         self.window_s, self.hold_s = window_s, hold_s
         self.margin, self.max_replicas = margin, max_replicas
+        self.service_cv2 = service_cv2
         self._arrivals: dict[str, deque[float]] = {c: deque() for c in self.bounds}
         self._replicas = {c: 1 for c in self.bounds}
         self._calm_since: dict[str, float | None] = {c: None for c in self.bounds}
         self._calm_peak = {c: 1 for c in self.bounds}
-        self._start: float | None = None
 
     def _queue(self, cls: str) -> deque[float]:
         if cls not in self._arrivals:
@@ -91,20 +98,20 @@ class Capacity:
         return self._arrivals[cls]
 
     def arrival(self, cls: str, t: float) -> None:
-        self._start = t if self._start is None else self._start
         self._queue(cls).append(t)
 
     def rate(self, cls: str, t: float) -> float:
-        """Arrivals per second over the last ``window_s`` (or since the first arrival)."""
+        """Arrivals per second over the last ``window_s`` (a full window even at start-up,
+        where a shorter one would turn the first few arrivals into a burst)."""
         q = self._queue(cls)
         while q and q[0] < t - self.window_s:
             q.popleft()
-        span = min(self.window_s, t - self._start) if self._start is not None else 0.0
-        return len(q) / span if span > 0 else 0.0
+        return len(q) / self.window_s
 
     def wanted(self, cls: str, t: float, profile: Profile) -> int:
         need = replicas_needed(self.rate(cls, t), profile.latency_mean_s, profile.latency_p95_s,
-                               self.bounds[cls], self.margin, self.max_replicas)
+                               self.bounds[cls], self.margin, self.max_replicas,
+                               self.service_cv2)
         if need >= self._replicas[cls]:
             self._replicas[cls], self._calm_since[cls] = need, None
             return need

@@ -21,6 +21,9 @@ def test_erlang_c_known_values() -> None:
     # M/M/1: P(W > t) = rho exp(-(mu - lambda) t)
     assert wait_p95(1, 0.6, 1.0) == pytest.approx(math.log(0.6 / 0.05) / 0.4)
     assert wait_p95(2, 5.0, 1.0) == math.inf
+    # Allen-Cunneen: less variable service waits proportionally less
+    assert wait_p95(3, 2.4, 1.0, service_cv2=0.25) == pytest.approx(
+        wait_p95(3, 2.4, 1.0) * 0.625)
 
 
 def simulated_waits(servers: int, rate: float, mean_s: float, n: int = 40000,
