@@ -95,6 +95,9 @@ class LLMEngine:
         num_blocks = self._num_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           config.enable_prefix_caching)
+        if policy is not None and config.resume_deadline_s is not None:
+            raise ValueError("resume_deadline_s: set it on the policy passed in, not in the "
+                             "config (the config's is for the policy it builds)")
         self.scheduler = LocalScheduler(self.block_manager, config.max_num_seqs,
                                         config.max_num_batched_tokens,
                                         config.max_prefill_seqs,

@@ -65,6 +65,7 @@ class Request:
     host_blocks: list[int] = dataclasses.field(default_factory=list)
     conversation: str | None = None  # multi-turn KV reuse key (sluice.runtime.swap)
     waiting_since: float | None = None  # when it last entered the waiting queue (scheduler)
+    running_since: float | None = None  # when it was last admitted to run (scheduler)
     num_cached_tokens: int = 0
 
     def __post_init__(self) -> None:

@@ -186,7 +186,7 @@ class LocalScheduler:
         scheduled: list[tuple[Request, int]] = []
         preempted: list[Request] = []
         prefills = 0
-        displaced = self._displace_for_waiting()
+        displaced, claimant = self._displace_for_waiting()
         for req in self.policy.order(list(self.running)):
             if budget == 0:
                 break
@@ -201,18 +201,22 @@ class LocalScheduler:
                 budget -= n
                 prefills += is_prefill
         if not preempted:  # under memory pressure, admit nobody new this step
-            self._admit(budget, prefills, scheduled)
+            self._admit(budget, prefills, scheduled, claimant)
         self.policy.account(scheduled)
         return SchedulerOutput(scheduled, displaced + preempted, self._swap_out, self._swap_in,
                                self._release)
 
-    def _displace_for_waiting(self) -> list[Request]:
-        """Preempt running requests the policy ranks below the next waiting one,
-        while that one cannot be admitted (no sequence slot or no blocks)."""
-        displaced = []
+    def _displace_for_waiting(self) -> tuple[list[Request], Request | None]:
+        """Preempt running requests the policy ranks below its displacer (a waiting
+        request), while that one cannot be admitted (no sequence slot or no blocks).
+        Returns the displaced and, if any, the request they made room for."""
+        displaced: list[Request] = []
+        head = None
         while self.waiting and self.running:
-            head = self.policy.next_waiting(self.waiting)
-            movable = [r for r in self.running if r.num_displacements < self.max_preemptions]
+            head = self.policy.displacer(self.waiting)
+            now = time.monotonic()
+            movable = [r for r in self.running if r.num_displacements < self.max_preemptions
+                       and not self.policy.protected(r, now)]
             if not movable:
                 break
             victim = self.policy.victim(movable)
@@ -224,7 +228,7 @@ class LocalScheduler:
             self._preempt(victim)
             victim.num_displacements += 1
             displaced.append(victim)
-        return displaced
+        return displaced, head if displaced else None
 
     def _reserve(self, req: Request, n: int, scheduled: list, preempted: list) -> bool:
         """Get blocks for ``n`` more tokens of a running request, preempting others
@@ -345,10 +349,14 @@ class LocalScheduler:
         self._release.extend(req.host_blocks[full:])
         req.host_blocks = req.host_blocks[:full]
 
-    def _admit(self, budget: int, prefills: int, scheduled: list[tuple[Request, int]]) -> None:
+    def _admit(self, budget: int, prefills: int, scheduled: list[tuple[Request, int]],
+               claimant: Request | None = None) -> None:
+        """Admit waiting requests in policy order; ``claimant`` (the request running
+        ones were displaced for) goes first."""
         while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
                and prefills < self.max_prefill_seqs):
-            req = self.policy.next_waiting(self.waiting)
+            req = claimant if claimant in self.waiting else self.policy.next_waiting(self.waiting)
+            claimant = None
             if not self._may_fit(req, budget):
                 break
             reuse = self._begin(req)
@@ -365,6 +373,7 @@ class LocalScheduler:
             self.waiting.remove(req)
             self.running.append(req)
             req.status = RequestStatus.RUNNING
+            req.running_since = time.monotonic()
             scheduled.append((req, n))
             budget -= n
             prefills += 1

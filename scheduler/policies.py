@@ -17,7 +17,9 @@ blocks run out, says whether a waiting request may displace a running one
   (``resume_deadline_s``): a request preempted in mid-generation that has waited
   that long is admitted before anything else (longest-paused first), without
   displacing running requests, which bounds the pause a preemption puts between
-  two of its tokens while new requests keep their priority order; off by default.
+  two of its tokens while new requests keep their priority order; once resumed,
+  a preempted request is protected from displacement for as long again, so it
+  is not bounced out after a token; off by default.
 - `FairPolicy`: virtual token counters per client (Sheng et al., "Fairness in
   Serving Large Language Models", OSDI 2024): each client's counter grows by
   ``w_in`` per prompt token and ``w_out`` per generated token, divided by the
@@ -50,6 +52,14 @@ class Policy:
 
     def outranks(self, waiting: Request, running: Request) -> bool:
         """Whether ``waiting`` should displace ``running`` when it cannot be admitted."""
+        return False
+
+    def displacer(self, waiting: list[Request]) -> Request:
+        """The waiting request displacements are made for (it then takes the room)."""
+        return self.next_waiting(waiting)
+
+    def protected(self, running: Request, now: float) -> bool:
+        """Whether ``running`` may not be displaced now."""
         return False
 
     def order(self, running: list[Request]) -> list[Request]:
@@ -90,7 +100,17 @@ class PriorityPolicy(Policy):
         overdue = self._overdue(waiting, now)
         if overdue:
             return min(overdue, key=lambda r: r.waiting_since)
+        return self.displacer(waiting)
+
+    def displacer(self, waiting: list[Request]) -> Request:
+        """Priority order: the resume deadline claims free room, never displaces."""
+        now = time.monotonic()
         return min(waiting, key=lambda r: (self.effective(r, now), r.arrival_time))
+
+    def protected(self, running: Request, now: float) -> bool:
+        return (self.resume_deadline_s is not None and running.num_preemptions > 0
+                and running.running_since is not None
+                and now - running.running_since < self.resume_deadline_s)
 
     def _overdue(self, waiting: list[Request], now: float) -> list[Request]:
         """Preempted mid-generation and paused for at least the resume deadline."""

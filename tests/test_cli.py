@@ -117,7 +117,7 @@ def test_generate_with_swap_flags_matches_default(capsys):
         ("swap", "per_block", False, False)
 
 
-def test_resume_deadline_flag_reaches_the_policy():
+def test_resume_deadline_flag_reaches_the_policy(capsys):
     from sluice.runtime.cli import _engine_kwargs, build_parser
     from sluice.scheduler.policies import make_policy
 
@@ -126,6 +126,7 @@ def test_resume_deadline_flag_reaches_the_policy():
     kw = _engine_kwargs(build_parser().parse_args(args))
     assert kw["resume_deadline_s"] == 0.25
     assert make_policy(kw["scheduling_policy"], kw["resume_deadline_s"]).resume_deadline_s == 0.25
-    # a deadline with a policy it does not apply to is refused before any work
+    # a deadline with a policy it does not apply to is refused with a clear error
     assert main(["generate", "--model", "tiny", "--prompt", "x", "--resume-deadline", "1",
-                 *FAST]) != 0
+                 *FAST]) == 2
+    assert "resume_deadline_s: applies to the priority policy" in capsys.readouterr().err

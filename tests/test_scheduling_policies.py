@@ -190,15 +190,15 @@ def test_priority_aging_bounds_starvation():
         PriorityPolicy(aging_s=0)
 
 
-@pytest.mark.parametrize("deadline", [None, 0.05], ids=["strict", "resume-deadline"])
+@pytest.mark.parametrize("deadline", [None, 0.5], ids=["strict", "resume-deadline"])
 def test_resume_deadline_bounds_a_preempted_requests_pause(tiny, deadline):
     """Strict priority leaves a preempted request behind every newer urgent one; with
     a resume deadline it comes back first once it has waited that long, without
-    displacing the running request, and outputs stay the reference's. (One
-    displacement per request, so the resumed request is not displaced again.)"""
+    displacing the running request, and is then not displaced again for as long
+    (so it finishes here); outputs stay the reference's."""
     import time
 
-    engine = engine_for(tiny, "priority", resume_deadline_s=deadline, max_preemptions=1)
+    engine = engine_for(tiny, "priority", resume_deadline_s=deadline)
     prompts = {"low": [1, 2, 3, 4], "high1": [9, 8, 7], "high2": [5, 6, 7]}
     engine.add_request("low", {"prompt_token_ids": prompts["low"]},
                        SamplingParams(max_tokens=12, **GREEDY), priority=5)
@@ -208,7 +208,7 @@ def test_resume_deadline_bounds_a_preempted_requests_pause(tiny, deadline):
         engine.add_request(rid, {"prompt_token_ids": prompts[rid]},
                            SamplingParams(max_tokens=6, **GREEDY), priority=0)
     engine.step()  # high1 displaces low
-    time.sleep(0.06)  # low has now waited past the deadline
+    time.sleep(0.55)  # low has now waited past the deadline
     outs = {}
     while engine.has_unfinished_requests():
         outs.update({o.request_id: o for o in engine.step() if o.finished})
@@ -220,6 +220,28 @@ def test_resume_deadline_bounds_a_preempted_requests_pause(tiny, deadline):
         n = 12 if rid == "low" else 6
         assert o.outputs[0].token_ids == greedy_generate(tiny, prompts[rid], n,
                                                          stop_at_eos=False), rid
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_displacement_serves_the_request_it_was_made_for(tiny):
+    """An overdue preempted request claims free room but never displaces; a more
+    urgent waiting request still displaces a running one, and takes its slot."""
+    import time
+
+    engine = engine_for(tiny, "priority", resume_deadline_s=0.05)
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    engine.add_request("low", {"prompt_token_ids": [1, 2, 3]}, params, priority=5)
+    engine.step()
+    engine.add_request("mid", {"prompt_token_ids": [4, 5, 6]}, params, priority=3)
+    engine.step()  # mid displaces low
+    time.sleep(0.06)  # low is overdue
+    engine.add_request("top", {"prompt_token_ids": [7, 8, 9]}, params, priority=0)
+    engine.step()  # top displaces mid and runs; low does not take the freed slot
+    assert [r.request_id for r in engine.scheduler.running] == ["top"]
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert list(outs)[0] == "top" and set(outs) == {"top", "mid", "low"}
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
