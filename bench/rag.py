@@ -159,9 +159,9 @@ def simulate_class(queries: list[SimQuery], policy: ReOrchestrator | Profile,
         while in_system and in_system[0][0] <= q.arrival:
             _, latency = heapq.heappop(in_system)
             if dynamic:
-                policy.observe(q.cls, latency, len(in_system), len(pool))
+                policy.observe(q.cls, latency, len(in_system), _serving(born, q.arrival))
         if dynamic:
-            policy.update(q.cls, len(in_system), len(pool))
+            policy.update(q.cls, len(in_system), _serving(born, q.arrival))
         profile = policy.profile_for(q.cls) if dynamic else policy
         if capacity is not None:
             capacity.arrival(q.cls, q.arrival)
@@ -173,6 +173,12 @@ def simulate_class(queries: list[SimQuery], policy: ReOrchestrator | Profile,
         heapq.heappush(in_system, (pool[i], q.latency))
     end = max(pool + [q.arrival for q in queries[-1:]])
     return server_s + sum(end - b for b in born)
+
+
+def _serving(born: list[float], now: float) -> int:
+    """Servers up by ``now`` (the initial ones, born at 0, are up from the start;
+    servers still starting do not count)."""
+    return max(1, sum(b == 0.0 or b + STARTUP_S <= now for b in born))
 
 
 def _resize(pool: list[float], born: list[float], wanted: int, now: float) -> float:
@@ -273,8 +279,8 @@ def slo_simulation(measurements: list[Measurement], classes: dict[str, QueryClas
             s["meets_quality_and_cost"] = meets_quality_cost(m.profile, classes)
             s["meets_all_slos"] = s["meets_quality_and_cost"] and all(
                 pc["attainment"] >= ATTAINMENT_TARGET for pc in s["per_class"].values())
-            if s["meets_all_slos"]:
-                break
+            if s["meets_all_slos"] or not s["meets_quality_and_cost"]:
+                break  # more servers cannot fix quality or cost
         static[m.profile.config.name] = s
     ok = [n for n, s in static.items() if s["meets_all_slos"]]
     cheapest = min(ok, key=lambda n: (static[n]["mean_cost_usd"], static[n]["server_seconds"])

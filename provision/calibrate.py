@@ -76,16 +76,23 @@ def fit(instance: Instance, measured: TypeProfile, buckets: Buckets, slo: SLO) -
                          "nothing to calibrate from")
     target = np.log([measured.tputs[c] for c in cells])
 
-    def errors(x: np.ndarray) -> np.ndarray:
+    def rates(x: np.ndarray) -> np.ndarray:
         inst = _with(instance, x)
-        rates = [inst.max_rate(*buckets.representative(*c), slo, *buckets.upper(*c))
-                 for c in cells]
+        return np.array([inst.max_rate(*buckets.representative(*c), slo, *buckets.upper(*c))
+                         for c in cells])
+
+    def errors(x: np.ndarray) -> np.ndarray:
         # A bucket the model cannot serve at all counts as a 1000x miss, not -inf.
-        return np.log(np.maximum(rates, np.exp(target) * 1e-3)) - target
+        return np.log(np.maximum(rates(x), np.exp(target) * 1e-3)) - target
 
     x0 = np.log([getattr(instance, name) for name in _BOUNDS])
     res = minimize(lambda x: float(np.mean(errors(x) ** 2)), x0, method="Nelder-Mead",
                    options={"xatol": 1e-3, "fatol": 1e-5, "maxfev": 400})
+    unserved = [buckets.label(*c) for c, r in zip(cells, rates(res.x)) if r == 0]
+    if unserved:
+        raise ValueError(f"profile {measured.name!r}: measured rates in {', '.join(unserved)}, "
+                         f"but {instance.name} cannot serve them with any efficiency (memory "
+                         "or SLO); is the profile named after the right type and chip count?")
     best = _with(instance, res.x)
     return Calibration(best.bw_eff, best.flop_eff, best.overhead_s,
                        float(np.sqrt(np.mean(errors(res.x) ** 2))), len(cells), (measured.name,))

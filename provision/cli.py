@@ -126,6 +126,8 @@ def _provision(args: argparse.Namespace) -> int:
         profiles, cal = calibrate(catalog, model, workload.buckets, slo, given, args.spot, types)
         print(cal if cal else "--calibrate: no measured profile names a catalog type; "
               "profiles stay uncalibrated")
+        # modelled entries of the file (e.g. from --save-profiles) would undo the fit
+        given = [p for p in given if p.source not in ("modelled", "calibrated")]
     else:
         profiles = modelled_profiles(catalog, model, workload.buckets, slo, spot=args.spot,
                                      types=types)

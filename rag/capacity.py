@@ -70,9 +70,12 @@ def replicas_needed(rate: float, service_mean_s: float, service_p95_s: float, bo
                     service_cv2: float = 1.0) -> int:
     """Fewest servers whose p95 wait + p95 service fits in ``margin`` x ``bound_s``; when
     the service alone does not fit, the fewest that make waiting rarer than 5%."""
+    if not service_mean_s > 0:
+        raise ValueError(f"service_mean_s: must be > 0, got {service_mean_s}")
     slack = max(margin * bound_s - service_p95_s, 0.0)
     for c in range(1, max_replicas + 1):
-        if wait_p95(c, rate, service_mean_s, service_cv2) <= slack:
+        wait = wait_p95(c, rate, service_mean_s, service_cv2)
+        if math.isfinite(wait) and wait <= slack:  # a stable queue, even with no bound
             return c
     return max_replicas
 
@@ -80,9 +83,10 @@ def replicas_needed(rate: float, service_mean_s: float, service_p95_s: float, bo
 class Capacity:
     def __init__(self, bounds: Mapping[str, float], window_s: float = 20.0, hold_s: float = 30.0,
                  margin: float = 0.8, max_replicas: int = 64, service_cv2: float = 1.0):
-        if window_s <= 0 or hold_s < 0 or not 0 < margin <= 1 or max_replicas < 1:
+        if (window_s <= 0 or hold_s < 0 or not 0 < margin <= 1 or max_replicas < 1
+                or service_cv2 < 0):
             raise ValueError("capacity: need window_s > 0, hold_s >= 0, 0 < margin <= 1, "
-                             "max_replicas >= 1")
+                             "max_replicas >= 1, service_cv2 >= 0")
         self.bounds = dict(bounds)
         self.window_s, self.hold_s = window_s, hold_s
         self.margin, self.max_replicas = margin, max_replicas
@@ -99,14 +103,18 @@ class Capacity:
 
     def arrival(self, cls: str, t: float) -> None:
         self._queue(cls).append(t)
+        self._trim(cls, t)
+
+    def _trim(self, cls: str, t: float) -> None:
+        q = self._queue(cls)
+        while q and q[0] < t - self.window_s:
+            q.popleft()
 
     def rate(self, cls: str, t: float) -> float:
         """Arrivals per second over the last ``window_s`` (a full window even at start-up,
         where a shorter one would turn the first few arrivals into a burst)."""
-        q = self._queue(cls)
-        while q and q[0] < t - self.window_s:
-            q.popleft()
-        return len(q) / self.window_s
+        self._trim(cls, t)
+        return len(self._queue(cls)) / self.window_s
 
     def wanted(self, cls: str, t: float, profile: Profile) -> int:
         need = replicas_needed(self.rate(cls, t), profile.latency_mean_s, profile.latency_p95_s,
