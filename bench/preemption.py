@@ -179,6 +179,10 @@ class FCFSResumePolicy(PriorityPolicy):
             return min(swapped, key=lambda r: r.arrival_time)
         return super().next_waiting(waiting)
 
+    def displacer(self, waiting: list[Request]) -> Request:
+        # The same head displaces: while a swapped request waits, nothing newer does.
+        return self.next_waiting(waiting)
+
 
 BASELINE = dict(swap_copy="per_block", async_swap=False, kv_reuse=False, preemption_mode="swap")
 SLUICE = dict(swap_copy="grouped", async_swap=True, kv_reuse=True, preemption_mode="auto")

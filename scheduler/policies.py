@@ -100,11 +100,13 @@ class PriorityPolicy(Policy):
         overdue = self._overdue(waiting, now)
         if overdue:
             return min(overdue, key=lambda r: r.waiting_since)
-        return self.displacer(waiting)
+        return self._first_by_priority(waiting, now)
 
     def displacer(self, waiting: list[Request]) -> Request:
         """Priority order: the resume deadline claims free room, never displaces."""
-        now = time.monotonic()
+        return self._first_by_priority(waiting, time.monotonic())
+
+    def _first_by_priority(self, waiting: list[Request], now: float) -> Request:
         return min(waiting, key=lambda r: (self.effective(r, now), r.arrival_time))
 
     def protected(self, running: Request, now: float) -> bool:
