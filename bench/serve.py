@@ -309,12 +309,12 @@ async def bench_in_process(args, reqs, slos) -> list[dict]:
 
 def _engine_kw(args) -> dict[str, Any]:
     return dict(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                warmup=False)
+                warmup=True)
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "sluice.runtime.cli", "serve", "--model", args.model,
-           "--port", "0", "--no-warmup", "--max-num-seqs", str(args.max_num_seqs),
+           "--port", "0", "--max-num-seqs", str(args.max_num_seqs),
            "--max-model-len", str(args.max_model_len)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + 300
