@@ -5,13 +5,17 @@ Run from the repository root::
 
     .venv/bin/python bench/rag.py            # full run
     .venv/bin/python bench/rag.py --quick    # smaller sample, fewer configurations
+    .venv/bin/python bench/rag.py --generator /path/to/checkpoint   # also generative answers
 
 Parts:
 
 1. Retrieval: recall@1/5/10 and MRR of the ``bm25``, ``dense`` and ``hybrid`` retrievers on
    every answerable question of ``bench/data/squad2-dev-subset.json``.
-2. Answers: exact match / token F1 of the extractive answerer on a fixed sample of answerable
-   questions (every n-th in id order) for a set of pipeline configurations, each measured
+2. Answers: exact match / token F1 of the extractive answerer (and, with ``--generator M``,
+   of answerer agents generating with model ``M`` served by Sluice: a checkpoint directory
+   or a built-in name; one agent, and extractive + two generative agents with a judge) on a
+   fixed sample of answerable questions (every n-th in id order) for a set of pipeline
+   configurations, each measured
    with ``sluice.rag.profiling.measure`` after the embedder's JIT shapes are compiled
    (``warm_up``), giving each configuration's measured p95 latency and mean cost.
 3. SLO attainment: a DISCRETE-EVENT SIMULATION driven by the measured service times. Queries
@@ -55,14 +59,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 from sluice.rag.capacity import Capacity  # noqa: E402
 from sluice.rag.config import EXTRACTIVE, PipelineConfig  # noqa: E402
 from sluice.rag.corpus import LabelledQuestion, load_squad  # noqa: E402
-from sluice.rag.cost import MINILM, CostModel, ModelTier  # noqa: E402
+from sluice.rag.cost import MINILM, CostModel, ModelTier, spec_from_config  # noqa: E402
 from sluice.rag.embedder import Embedder  # noqa: E402
+from sluice.rag.generation import LLMGenerator  # noqa: E402
 from sluice.rag.index import RETRIEVERS, RetrievalIndex  # noqa: E402
 from sluice.rag.intent import IntentClassifier  # noqa: E402
 from sluice.rag.pipeline import RagPipeline  # noqa: E402
 from sluice.rag.profiling import Measurement, measure, warm_up  # noqa: E402
 from sluice.rag.retrieval import evaluate  # noqa: E402
 from sluice.rag.service import DEFAULT_CLASSES  # noqa: E402
+from sluice.runtime.llm import LLM  # noqa: E402
 from sluice.rag.sla import Planner, Profile, QueryClass, ReOrchestrator, pareto_front  # noqa: E402
 
 DATA = ROOT / "data" / "squad2-dev-subset.json"
@@ -75,14 +81,27 @@ STARTUP_S = 5.0        # a server added by the capacity policy serves this long 
 MAX_STATIC_SERVERS = 8  # static configurations try 1..8 fixed servers per class
 
 
-def candidate_configs(quick: bool) -> list[PipelineConfig]:
-    """The configurations profiled: cheap one-passage lookups up to reranked multi-agent."""
+def candidate_configs(quick: bool, generator: str | None = None) -> list[PipelineConfig]:
+    """The configurations profiled: cheap one-passage lookups up to reranked multi-agent,
+    plus generative answerers when a generator tier is served."""
     vote3 = (EXTRACTIVE,) * 3
     configs = [PipelineConfig("bm25", 1), PipelineConfig("dense", 1),
                PipelineConfig("hybrid", 1), PipelineConfig("bm25", 3),
                PipelineConfig("hybrid", 3, True), PipelineConfig("hybrid", 5, True, vote3, 32,
                                                                   "vote")]
-    return configs[::2] + configs[-1:] if quick else configs
+    configs = configs[::2] + configs[-1:] if quick else configs
+    if generator is not None:
+        configs += [PipelineConfig("hybrid", 3, False, (generator,), 16),
+                    PipelineConfig("hybrid", 3, False, (EXTRACTIVE, generator, generator), 16,
+                                   "judge")]
+    return configs
+
+
+def generator_tier(model: str) -> tuple[str, LLMGenerator, ModelTier]:
+    """A Sluice-served generative answerer tier for ``model`` (path or built-in name)."""
+    llm = LLM(model, max_model_len=1024)
+    name = Path(model).name or model
+    return name, LLMGenerator(llm), ModelTier(name, spec_from_config(name, llm.engine.model.config))
 
 
 # --- 1. retrieval ---------------------------------------------------------------------------
@@ -377,6 +396,9 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=None, help="answer-quality sample size")
     ap.add_argument("--sim-seconds", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--generator", default=None,
+                    help="also profile generative answerers on this model (checkpoint directory "
+                         "or built-in name), served by Sluice")
     ap.add_argument("--out", type=Path, default=RESULTS / "rag.json")
     args = ap.parse_args()
     n_sample = args.sample or (30 if args.quick else 100)
@@ -397,9 +419,13 @@ def main() -> None:
     for name, m in retrieval.items():
         print(f"  {name:7s} " + "  ".join(f"{k} {v:.3f}" for k, v in m.items()))
 
-    pipeline = RagPipeline(index, CostModel({EXTRACTIVE: ModelTier(EXTRACTIVE, MINILM)}))
+    tiers, generators, generator = {EXTRACTIVE: ModelTier(EXTRACTIVE, MINILM)}, {}, None
+    if args.generator:
+        generator, gen, tier = generator_tier(args.generator)
+        tiers[generator], generators[generator] = tier, gen
+    pipeline = RagPipeline(index, CostModel(tiers), generators)
     print(f"profiling configurations on {len(sample)} answerable questions ...", flush=True)
-    measurements = profile_configs(pipeline, candidate_configs(args.quick), sample)
+    measurements = profile_configs(pipeline, candidate_configs(args.quick, generator), sample)
 
     mix = class_mix(IntentClassifier(embedder), sample)
     print("SLO simulation (discrete-event, driven by measured service times) ...", flush=True)
