@@ -27,7 +27,8 @@ def test_ray_instances_migrate_and_survive_a_crash():
         for rid, prompt, params in jobs:
             cluster.submit(rid, prompt, params, col.sink)
         # Block copies compile on first use in each actor, so a first try may chase
-        # a request that finishes before the copies converge: retry on fresh ones.
+        # a request that finishes before the copies converge, or soon after: retry on
+        # fresh ones until a migrated request is still running on its new instance.
         for attempt in range(6):
             rid = f"m{attempt}"
             params = SamplingParams(max_tokens=480, **GREEDY)
@@ -40,10 +41,12 @@ def test_ray_instances_migrate_and_survive_a_crash():
                 cluster._records[rid].owner = dst
                 jobs.append((rid, f"migrate me {attempt}", params))
                 want.update(reference(cluster.intake.model, [jobs[-1]]))
-                break
+                if not col.finished(rid):
+                    break
         assert result.ok, result
         assert result.stages >= 2
         # Crash the actor now serving the migrated request: it completes elsewhere.
+        assert not col.finished(rid)
         cluster.instances[dst].kill()
         col.wait([r for r, _, _ in jobs])
         assert cluster.num_redispatched >= 1
