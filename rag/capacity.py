@@ -22,8 +22,9 @@ Interface:
 - ``Capacity(bounds, window_s=20, hold_s=30, margin=0.8, max_replicas=64,
   service_cv2=1)``: ``bounds``
   maps class -> latency bound (s). ``arrival(cls, t)`` records an arrival at time ``t``;
-  ``rate(cls, t)``; ``wanted(cls, t, profile) -> int`` replicas for the class now, given the
-  `Profile` (service times) it currently runs.
+  ``rate(cls, t)``; ``wanted(cls, t, profile) -> int`` re-decides the class's replicas now,
+  given the `Profile` (service times) it currently runs; ``current(cls)`` reads the last
+  decision without changing anything.
 """
 
 from __future__ import annotations
@@ -115,6 +116,10 @@ class Capacity:
         where a shorter one would turn the first few arrivals into a burst)."""
         self._trim(cls, t)
         return len(self._queue(cls)) / self.window_s
+
+    def current(self, cls: str) -> int:
+        self._queue(cls)  # validates the class
+        return self._replicas[cls]
 
     def wanted(self, cls: str, t: float, profile: Profile) -> int:
         need = replicas_needed(self.rate(cls, t), profile.latency_mean_s, profile.latency_p95_s,

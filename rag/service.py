@@ -13,8 +13,8 @@
    flight feed the re-orchestrator, and every query's arrival feeds `Capacity`.
 
 ``service.status()`` is, per class, the configuration the re-orchestrator runs now, the
-observed arrival rate and the replicas (`sluice.rag.capacity`) the class needs to keep its
-latency SLO at that rate with that configuration: what ``GET /v1/rag/status`` reports, for
+observed arrival rate and the replicas (`sluice.rag.capacity`, re-decided at every arrival)
+the class needs to keep its latency SLO at that rate with that configuration: what ``GET /v1/rag/status`` reports, for
 an operator or an autoscaler to act on (this process does not start replicas itself).
 
 It returns a ``RagAnswer`` (answer, cited passage ids, class, configuration, latency, cost,
@@ -149,7 +149,9 @@ class RagService:
     async def query(self, question: str, query_class: str | None = None,
                     slo: SLO | Mapping[str, Any] | None = None) -> RagAnswer:
         query_class, config, orchestrated = self.resolve(question, query_class, slo)
-        self.capacity.arrival(query_class, time.monotonic())
+        now = time.monotonic()
+        self.capacity.arrival(query_class, now)
+        self.capacity.wanted(query_class, now, self.orchestrator.profile_for(query_class))
         self.in_flight += 1
         try:
             result = await self.pipeline.run(question, config)
@@ -167,6 +169,6 @@ class RagService:
             profile = self.orchestrator.profile_for(name)
             out[name] = {"config": profile.config.name,
                          "arrival_rate_qps": self.capacity.rate(name, now),
-                         "replicas_wanted": self.capacity.wanted(name, now, profile),
+                         "replicas_wanted": self.capacity.current(name),
                          "slo": self.classes[name].slo.to_dict()}
         return out

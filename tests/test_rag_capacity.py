@@ -73,7 +73,7 @@ def test_capacity_scales_up_at_once_and_down_after_hold() -> None:
         t += 0.1
         cap.arrival("c", t)
     high = cap.wanted("c", t, prof)
-    assert high > low
+    assert high > low and cap.current("c") == high
     for _ in range(20):  # back to 2/s: no scale-down before hold_s of calm
         t += 0.5
         cap.arrival("c", t)
