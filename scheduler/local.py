@@ -26,10 +26,11 @@ request with a ``conversation`` id leaves its full blocks in host memory, and
 the conversation's next turn copies them in instead of recomputing them.
 
 A `Policy` (`sluice.scheduler.policies`: FCFS, priority, fair) orders the
-waiting queue, picks preemption victims, and may let a waiting request displace
-a running one (priority scheduling); a request is displaced at most
-``max_preemptions`` times (preemptions forced by memory pressure do not count),
-so it cannot thrash.
+waiting queue, picks preemption victims, and may let a waiting request (its
+``displacer``) displace running ones that are not ``protected`` (priority
+scheduling); the room freed goes to that request first. A request is displaced
+at most ``max_preemptions`` times (preemptions forced by memory pressure do not
+count), so it cannot thrash.
 """
 
 from __future__ import annotations
