@@ -1,6 +1,7 @@
 """`AsyncEngine`: the engine behind an asyncio interface, for web servers.
 
-``generate(prompt, params, request_id=...)`` validates at once (raising
+``generate(prompt, params, request_id=..., priority=, client=, conversation=)``
+validates at once (raising
 ``ValueError``) and returns an async iterator of streamed `RequestOutput`s;
 closing the iterator early (a client disconnect) aborts the request.
 ``abort(request_id)`` aborts explicitly; ``stats()`` is the engine's
@@ -59,11 +60,12 @@ class AsyncEngine:
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None, priority: int = 0,
-                       client: str | None = None) -> AsyncIterator[RequestOutput]:
+                       client: str | None = None,
+                       conversation: str | None = None) -> AsyncIterator[RequestOutput]:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request_id: {request_id!r} is already in use")
-        group = self.engine.prepare(request_id, prompt, params, priority, client)
+        group = self.engine.prepare(request_id, prompt, params, priority, client, conversation)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
         self._adds.append(group)

@@ -161,10 +161,8 @@ class LLMEngine:
         keys multi-turn KV reuse (the next turn's prompt extends this one's)."""
         if request_id in self.groups:
             raise ValueError(f"request_id: {request_id!r} is already in use")
-        group = self.intake.prepare(request_id, prompt, params, priority, client)
-        for req in group.requests:
-            req.conversation = conversation
-        return group
+        return self.intake.prepare(request_id, prompt, params, priority, client,
+                                   conversation=conversation)
 
     def enqueue(self, group: Group) -> None:
         if group.request_id in self.groups:

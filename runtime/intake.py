@@ -43,13 +43,21 @@ class Intake:
 
     def prepare(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
                 priority: int = 0, client: str | None = None,
-                seeds: Sequence[int] | None = None) -> Group:
+                seeds: Sequence[int] | None = None, conversation: str | None = None) -> Group:
         """Validate and tokenize (raising ``ValueError`` naming the field). ``seeds``
         (one per completion) rebuilds a request exactly; by default seeded params
-        give ``seed + i`` and unseeded ones draw from this intake's generator."""
+        give ``seed + i`` and unseeded ones draw from this intake's generator.
+        ``conversation`` keys multi-turn KV reuse (the next turn's prompt extends
+        this one's); it needs a single completion (n = 1)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling_params: must be a SamplingParams")
+        if conversation is not None and (not isinstance(conversation, str) or not conversation
+                                         or len(conversation) > 1024):
+            raise ValueError("conversation: must be a non-empty string of at most 1024 characters")
+        if conversation is not None and params.n != 1:
+            raise ValueError(f"conversation: needs n = 1 (one completion to continue), "
+                             f"got n = {params.n}")
         text, ids = self._tokenize(prompt)
         max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
         requests = []
@@ -66,7 +74,8 @@ class Intake:
                 skip_special_tokens=params.skip_special_tokens)
             rid = request_id if params.n == 1 else f"{request_id}-{i}"
             requests.append(Request(rid, request_id, i, list(ids), params, seed, detok,
-                                    max_tokens, self.model.eos_token_ids, priority, client))
+                                    max_tokens, self.model.eos_token_ids, priority, client,
+                                    conversation=conversation))
         return Group(request_id, text, requests)
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:

@@ -9,7 +9,10 @@ OpenAI fields keep working); known fields that Sluice cannot honour (tools,
 non-text content parts) are a 400 naming the field instead of being ignored.
 Beyond OpenAI's fields, requests take vLLM's extras ``top_k``, ``min_p``,
 ``repetition_penalty``, ``ignore_eos``, ``priority``, ``stop_token_ids``,
-``skip_special_tokens`` and ``include_stop_str_in_output``.
+``skip_special_tokens`` and ``include_stop_str_in_output``, and Sluice's
+``conversation_id`` (multi-turn KV reuse: a turn whose prompt extends the
+previous turn's, under the same id and ``user``, copies that turn's KV back
+from host memory instead of recomputing it; needs ``--swap-space``).
 
 `APIError` is the one exception the server turns into an HTTP error: it carries
 the status and the OpenAI error object ``{"error": {"message", "type", "param",
@@ -79,6 +82,7 @@ class _Sampling(_Request):
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     priority: int = 0
+    conversation_id: str | None = Field(None, min_length=1, max_length=200)
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False

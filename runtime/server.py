@@ -167,7 +167,8 @@ class OpenAIServer:
                            code="model_not_found")
 
     async def _start(self, request: Request, rid: str, prompts: list, params: SamplingParams,
-                     priority: int, user: str | None, prompt_param: str) -> list[_Job]:
+                     req: proto.CompletionRequest | proto.ChatCompletionRequest,
+                     prompt_param: str) -> list[_Job]:
         """Admit and queue one engine request per prompt (all or none)."""
         limit = self.config.max_waiting
         if limit is not None and self.num_waiting + len(prompts) > limit:
@@ -175,12 +176,18 @@ class OpenAIServer:
                            f"(limit {limit}); retry later", "rate_limit_error",
                            code="rate_limit_exceeded",
                            headers={"Retry-After": str(self.config.retry_after_s)})
+        if req.conversation_id is not None and len(prompts) != 1:
+            raise APIError(400, "conversation_id: needs a single prompt", param="conversation_id")
+        # A conversation is the client's own: ids of different users never share KV.
+        conversation = None if req.conversation_id is None else \
+            f"{req.user or ''}/{req.conversation_id}"
         jobs: list[_Job] = []
         try:
             for i, prompt in enumerate(prompts):
                 job_id = rid if len(prompts) == 1 else f"{rid}-{i}"
                 stream = await self.engine.generate(prompt, params, request_id=job_id,
-                                                    priority=priority, client=user)
+                                                    priority=req.priority, client=req.user,
+                                                    conversation=conversation)
                 jobs.append(_Job(job_id, stream, params.n))
                 self.num_waiting += 1
         except ValueError as e:
@@ -188,6 +195,8 @@ class OpenAIServer:
             err = proto.value_error(e)
             if err.param in ("prompt", "prompt_token_ids"):
                 err.param = prompt_param
+            elif err.param == "conversation":
+                err.param = "conversation_id"
             raise err from None
         request.state.request_id = rid
         return jobs
@@ -274,7 +283,7 @@ class OpenAIServer:
         params = req.sampling_params(self.max_model_len)
         prompts = req.prompts()
         rid = proto.new_id("cmpl")
-        jobs = await self._start(request, rid, prompts, params, req.priority, req.user, "prompt")
+        jobs = await self._start(request, rid, prompts, params, req, "prompt")
         created = proto.now()
         if req.stream:
             return _SSEResponse(self._completion_chunks(request, req, jobs, rid, created),
@@ -346,8 +355,7 @@ class OpenAIServer:
         params = req.sampling_params(self.max_model_len)
         prompt = {"prompt_token_ids": req.render(self.tokenizer)}
         rid = proto.new_id("chatcmpl")
-        jobs = await self._start(request, rid, [prompt], params, req.priority, req.user,
-                                 "messages")
+        jobs = await self._start(request, rid, [prompt], params, req, "messages")
         created = proto.now()
         if req.stream:
             return _SSEResponse(self._chat_chunks(request, req, jobs[0], rid, created),

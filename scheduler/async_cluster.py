@@ -71,13 +71,14 @@ class AsyncCluster:
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None, priority: int = 0,
-                       client: str | None = None) -> AsyncIterator[RequestOutput]:
+                       client: str | None = None,
+                       conversation: str | None = None) -> AsyncIterator[RequestOutput]:
         request_id = request_id or f"req-{next(self._ids)}"
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         self.cluster.submit(request_id, prompt, params,
                             lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
-                            priority, client)
+                            priority, client, conversation)
         return stream_outputs(queue, lambda: self.abort(request_id))
 
     async def abort(self, request_id: str) -> None:

@@ -20,6 +20,11 @@ Policies (`ClusterConfig`):
   its requests migrate away) and terminates it when empty -- through a
   pluggable `Launcher`.
 
+A request may carry a ``conversation`` id (multi-turn KV reuse): its turns are
+dispatched to the instance where the previous turn finished, which keeps that
+turn's KV in host memory (the last ``MAX_CONVERSATION_HOMES`` conversations
+are remembered), unless that instance is gone, draining or not allowed.
+
 A dead instance's requests are re-dispatched to survivors and recomputed from
 the output their callers have already seen, with the same sampling seeds, so
 clients get a completed response, not an error.
@@ -28,7 +33,7 @@ A ``router`` (`sluice.scheduler.fleet.FleetActuator`, driven by the
 provisioner's re-planner) may restrict a request to instances of one
 accelerator type; ``add_instance`` and ``drain`` resize the fleet.
 
-Interface: ``submit(request_id, prompt, params, sink, priority, client)``
+Interface: ``submit(request_id, prompt, params, sink, priority, client, conversation)``
 (validates at once, raising ``ValueError``; ``sink`` receives every
 `RequestOutput`), ``abort(request_id)``, ``tick()`` (one round of the
 migration and scaling policies; a background thread calls it when started with
@@ -43,6 +48,7 @@ import itertools
 import logging
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
@@ -57,6 +63,7 @@ log = logging.getLogger(__name__)
 Sink = Callable[[RequestOutput | Exception], None]  # an Exception ends the stream
 DISPATCH_POLICIES = ("freest", "least-loaded", "round-robin")
 MIGRATION_CHOICES = ("last", "shortest", "longest")
+MAX_CONVERSATION_HOMES = 100_000  # conversation -> instance entries kept (LRU)
 
 
 @dataclasses.dataclass
@@ -113,6 +120,7 @@ class _Record:
     seeds: list[int]
     sink: Sink
     arrival_time: float
+    conversation: str | None = None
     owner: str = ""
     last: RequestOutput | None = None
 
@@ -138,6 +146,7 @@ class Cluster:
         self.launcher = launcher
         self._lock = threading.RLock()
         self._records: dict[str, _Record] = {}
+        self._homes: OrderedDict[str, str] = OrderedDict()  # conversation -> instance
         self._migrating: dict[str, tuple[str, str]] = {}  # request -> (source, destination)
         self._busy: set[str] = set()  # instances in a migration
         self._rr = itertools.count()
@@ -155,15 +164,20 @@ class Cluster:
     # -- requests -------------------------------------------------------------
 
     def submit(self, request_id: str, prompt: Prompt, params: SamplingParams | None,
-               sink: Sink, priority: int = 0, client: str | None = None) -> None:
-        """Validate, then dispatch to an instance; raises ``ValueError`` on bad input."""
+               sink: Sink, priority: int = 0, client: str | None = None,
+               conversation: str | None = None) -> None:
+        """Validate, then dispatch to an instance; raises ``ValueError`` on bad input.
+        A ``conversation``'s turns go to the instance where its last turn finished
+        (which holds its KV) while that one takes work."""
         with self._lock:
             if request_id in self._records:
                 raise ValueError(f"request_id: {request_id!r} is already in use")
-            group = self.intake.prepare(request_id, prompt, params, priority, client)
+            group = self.intake.prepare(request_id, prompt, params, priority, client,
+                                        conversation=conversation)
             self._records[request_id] = _Record(
                 prompt, group.requests[0].params, priority, client,
-                [r.seed for r in group.requests], sink, group.requests[0].arrival_time)
+                [r.seed for r in group.requests], sink, group.requests[0].arrival_time,
+                conversation)
             self._dispatch(request_id, group)
 
     def abort(self, request_id: str) -> None:
@@ -195,12 +209,23 @@ class Cluster:
 
     def _dispatch(self, request_id: str, group: Group) -> None:
         allowed = self.router(group) if self.router is not None else None
-        name = self._choose_instance(allowed)
+        name = self._conversation_home(group.requests[0].conversation, allowed) \
+            or self._choose_instance(allowed)
         self._records[request_id].owner = name
         inst = self.instances[name]
         inst.submit(group)
         if not inst.alive:  # died in between: its death handler may have missed this one
             self._redispatch(name)
+
+    def _conversation_home(self, conversation: str | None,
+                           allowed: set[str] | None) -> str | None:
+        """Where the conversation's last turn finished, if it still takes work."""
+        name = self._homes.get(conversation) if conversation is not None else None
+        inst = self.instances.get(name) if name is not None else None
+        if inst is None or not inst.alive or inst.draining or (allowed and name not in allowed):
+            return None
+        self._homes.move_to_end(conversation)
+        return name
 
     def _choose_instance(self, allowed: set[str] | None = None) -> str:
         reports = [i.report() for i in self.instances.values()]
@@ -227,7 +252,15 @@ class Cluster:
                 rec.last = out
                 if out.finished:
                     del self._records[out.request_id]
+                    if rec.conversation is not None:
+                        self._remember_home(rec.conversation, name)
             rec.sink(out)
+
+    def _remember_home(self, conversation: str, name: str) -> None:
+        self._homes[conversation] = name
+        self._homes.move_to_end(conversation)
+        while len(self._homes) > MAX_CONVERSATION_HOMES:
+            self._homes.popitem(last=False)
 
     def on_death(self, name: str, error: BaseException) -> None:
         log.warning("instance %s died (%s); re-dispatching its requests", name, error)
@@ -247,7 +280,7 @@ class Cluster:
 
     def _revive(self, rid: str, rec: _Record):
         group = self.intake.prepare(rid, rec.prompt, rec.params, rec.priority, rec.client,
-                                    seeds=rec.seeds)
+                                    seeds=rec.seeds, conversation=rec.conversation)
         for req in group.requests:
             req.arrival_time = rec.arrival_time
         if rec.last is not None:

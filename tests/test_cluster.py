@@ -277,6 +277,27 @@ def test_dispatch_policies(tiny, policy, expect):
         ClusterConfig(dispatch="random")
 
 
+def test_conversation_turns_go_where_the_last_turn_finished(tiny):
+    """The next turn of a conversation follows its KV (kept in the host memory of the
+    instance where the last turn finished), while that instance takes work."""
+    from sluice.runtime.outputs import RequestOutput
+
+    insts = [FakeInstance(n, num_free_blocks=50, num_running=0) for n in "abc"]
+    cluster = Cluster(insts, Intake(tiny, 512, seed=0), ClusterConfig(dispatch="round-robin"))
+    params = SamplingParams(max_tokens=4)
+    cluster.submit("t1", "hi", params, lambda out: None, conversation="chat")
+    cluster.submit("other", "hi", params, lambda out: None)
+    assert insts[0].groups == ["t1"] and insts[1].groups == ["other"]
+    cluster.on_outputs("a", [RequestOutput("t1", "hi", [1], [], True, [])])
+    cluster.submit("t2", "hi there", params, lambda out: None, conversation="chat")
+    assert insts[0].groups == ["t1", "t2"]  # round-robin alone would pick c
+    insts[0].draining = True
+    cluster.submit("t3", "hi there again", params, lambda out: None, conversation="chat")
+    assert "t3" not in insts[0].groups
+    with pytest.raises(ValueError, match="conversation: needs n = 1"):
+        cluster.submit("t4", "hi", SamplingParams(n=2), lambda out: None, conversation="c")
+
+
 def test_balancing_migrates_from_full_to_free(tiny):
     """All requests land on one instance; the global scheduler spreads them."""
     col = Collector()
@@ -351,7 +372,8 @@ def test_async_cluster_serves_and_sums_stats(tiny):
 
     async def run():
         outs = [o async for o in await front.generate(
-            "async cluster", SamplingParams(max_tokens=30, **GREEDY), request_id="x")]
+            "async cluster", SamplingParams(max_tokens=30, **GREEDY), request_id="x",
+            conversation="conv")]
         stream = await front.generate("closed early", SamplingParams(max_tokens=300, **GREEDY))
         async for _ in stream:
             break

@@ -25,7 +25,7 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sluice.runtime import AsyncEngine, load_model
+from sluice.runtime import AsyncEngine, greedy_generate, load_model
 from sluice.runtime.embed import mean_pooled
 from sluice.runtime.engine import EngineConfig, LLMEngine
 from sluice.runtime.server import OpenAIServer, ServerConfig, bind_socket
@@ -442,3 +442,44 @@ def test_fuzz_request_schema_never_500(live, http, data):
         assert r.text.rstrip().endswith("data: [DONE]")
     else:
         assert r.json()["choices"]
+
+
+def test_conversation_id_reuses_the_previous_turns_kv(tiny):
+    """A second turn under the same conversation_id (and user) copies the first turn's
+    KV in from host memory; another user's identical id does not; the output is the
+    one-at-a-time reference either way; bad uses are 400s naming the field."""
+    srv = LiveServer(tiny, {}, dict(swap_space=64 * 32 * 1024))
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as http:
+            def turn(prompt, user, max_tokens=12):
+                r = http.post("/v1/completions", json={
+                    "model": "tiny", "prompt": prompt, "max_tokens": max_tokens,
+                    "temperature": 0.0, "ignore_eos": True, "conversation_id": "chat-1",
+                    "user": user})
+                assert r.status_code == 200, r.text
+                return r.json()
+
+            first = list(range(1, 50))
+            turn(first, "alice")
+            srv.wait_idle()
+            srv.engine.swapper.wait()
+            out1 = greedy_generate(tiny, first, 12, stop_at_eos=False)
+            second = first + out1 + [5, 6, 7]
+            srv.engine.block_manager.reset_prefix_cache()  # only host memory has turn 1 now
+            body = turn(second, "mallory")  # same id, other user: nothing to reuse
+            assert srv.engine.scheduler.num_reused_blocks == 0
+            srv.engine.block_manager.reset_prefix_cache()
+            body = turn(second, "alice")
+            assert srv.engine.scheduler.num_reused_blocks == (49 + 12 - 1) // 16
+            want = tiny.tokenizer.decode(greedy_generate(tiny, second, 12, stop_at_eos=False))
+            assert body["choices"][0]["text"] == want
+            for extra, param in ((dict(n=2), "conversation_id"),
+                                 (dict(prompt=[[1, 2], [3, 4]]), "conversation_id"),
+                                 (dict(conversation_id=""), "conversation_id")):
+                r = http.post("/v1/completions", json={
+                    "model": "tiny", "prompt": [1, 2, 3], "max_tokens": 2,
+                    "conversation_id": "c", **extra})
+                assert_error(r, 400, param)
+            srv.wait_idle()
+    finally:
+        srv.stop()
