@@ -17,8 +17,8 @@ observed arrival rate and the replicas (`sluice.rag.capacity`, re-decided at eve
 the class needs to keep its latency SLO at that rate with that configuration: what ``GET /v1/rag/status`` reports, for
 an operator or an autoscaler to act on (this process does not start replicas itself).
 
-It returns a ``RagAnswer`` (answer, cited passage ids, class, configuration, latency, cost,
-tokens); ``to_dict`` is the HTTP response body.
+It returns a ``RagAnswer``: the pipeline's ``RagResult`` (answer, cited passage ids,
+configuration, latency, cost, tokens) and the class; ``to_dict`` is the HTTP response body.
 
 ``RagService.load(index_dir, generators, tiers)`` reads what ``sluice rag build-index``
 wrote: the retrieval index, ``profiles.json`` (measured configuration profiles) and
@@ -44,7 +44,7 @@ from sluice.rag.embedder import Embedder
 from sluice.rag.generation import Generator
 from sluice.rag.index import RetrievalIndex
 from sluice.rag.intent import DEFAULT_RULES, DEFAULT_SEEDS, IntentClassifier
-from sluice.rag.pipeline import RagPipeline
+from sluice.rag.pipeline import RagPipeline, RagResult
 from sluice.rag.retrieval import check_question
 from sluice.rag.sla import SLO, Planner, Profile, QueryClass, ReOrchestrator, load_profiles
 
@@ -61,21 +61,19 @@ DEFAULT_CLASSES: dict[str, QueryClass] = {
 
 @dataclass(frozen=True)
 class RagAnswer:
-    answer: str
-    passage_ids: tuple[str, ...]
+    """The pipeline's result and the class it was served as."""
+
+    result: RagResult
     query_class: str
-    config: PipelineConfig
-    latency_s: float
-    cost_usd: float
-    tokens: dict[str, list[int]]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"object": "rag.answer", "answer": self.answer,
-                "passage_ids": list(self.passage_ids), "class": self.query_class,
-                "configuration": {"name": self.config.name, **self.config.to_dict()},
-                "latency_s": self.latency_s, "cost_usd": self.cost_usd,
+        r = self.result
+        return {"object": "rag.answer", "answer": r.answer,
+                "passage_ids": list(r.passage_ids), "class": self.query_class,
+                "configuration": {"name": r.config.name, **r.config.to_dict()},
+                "latency_s": r.latency_s, "cost_usd": r.cost_usd,
                 "usage": {tier: {"prompt_tokens": p, "completion_tokens": c}
-                          for tier, (p, c) in self.tokens.items()}}
+                          for tier, (p, c) in r.tokens.items()}}
 
 
 def save_classes(path: str | Path, classes: Mapping[str, QueryClass]) -> None:
@@ -159,8 +157,7 @@ class RagService:
             self.in_flight -= 1
         if orchestrated:
             self.orchestrator.observe(query_class, result.latency_s, self.in_flight)
-        return RagAnswer(result.answer, result.passage_ids, query_class, config,
-                         result.latency_s, result.cost_usd, result.tokens)
+        return RagAnswer(result, query_class)
 
     def status(self) -> dict[str, dict[str, Any]]:
         now = time.monotonic()

@@ -40,13 +40,14 @@ the scheduler asks it per preempted request (``preemption_mode="auto"``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -294,9 +295,8 @@ class SwapExecutor:
                 for _, runs, host in swap_in:
                     self.copy_in(runs, host)
                     n += len(host)
-                t1 = time.perf_counter()
-                jax.block_until_ready(self.runner.kv_cache)
-                self.stats.stall_s += time.perf_counter() - t1
+                with self._stall():
+                    jax.block_until_ready(self.runner.kv_cache)
                 self.cost.observe_copy(n * self.space.bytes_per_block, time.perf_counter() - t0)
         except BaseException:
             for copy in pending:
@@ -310,38 +310,34 @@ class SwapExecutor:
             if release:
                 self.space.release(release)
 
-    def copy_out(self, runs: list[tuple[int, int]], host: list[int]) -> None:
-        """Device runs -> host blocks (same order); asynchronous if configured.
-        Engine-thread time spent here counts as stall."""
+    @contextlib.contextmanager
+    def _stall(self):
+        """Engine-thread time spent inside counts as stall."""
         start = time.perf_counter()
         try:
-            self._copy_out(runs, host)
+            yield
         finally:
             self.stats.stall_s += time.perf_counter() - start
 
-    def _copy_out(self, runs: list[tuple[int, int]], host: list[int]) -> None:
-        pieces = _pieces(runs, self.mode == "per_block", self.max_piece)
-        self.stats.num_swap_outs += 1
-        self.stats.blocks_out += len(host)
-        self.stats.copy_calls += len(pieces)
-        if self.mode == "per_block" or not self.async_out:
-            t0 = time.perf_counter()
-            off = 0
-            for start, size in pieces:  # each piece fetched before the next is issued
-                self.space.store(host[off:off + size],
-                                 np.asarray(_slice_blocks(self.runner.kv_cache, start, size)))
-                off += size
-            self.cost.observe_copy(len(host) * self.space.bytes_per_block,
-                                   time.perf_counter() - t0)
-            return
-        kv = self.runner.kv_cache
-        staged = [_slice_blocks(kv, start, size) for start, size in pieces]  # dispatch only
-        future = self._worker.submit(self._store, list(host), staged)
-        with self._lock:
-            for h in host:
-                self._pending[h] = future
+    def copy_out(self, runs: list[tuple[int, int]], host: list[int]) -> None:
+        """Device runs -> host blocks (same order); asynchronous if configured."""
+        with self._stall():
+            pieces = _pieces(runs, self.mode == "per_block", self.max_piece)
+            self.stats.num_swap_outs += 1
+            self.stats.blocks_out += len(host)
+            self.stats.copy_calls += len(pieces)
+            kv = self.runner.kv_cache
+            if self.mode == "per_block" or not self.async_out:
+                # lazily: each piece is fetched before the next is issued
+                self._store(host, (_slice_blocks(kv, start, size) for start, size in pieces))
+                return
+            staged = [_slice_blocks(kv, start, size) for start, size in pieces]  # dispatch only
+            future = self._worker.submit(self._store, list(host), staged)
+            with self._lock:
+                for h in host:
+                    self._pending[h] = future
 
-    def _store(self, host: list[int], staged: list[jax.Array]) -> None:
+    def _store(self, host: list[int], staged: Iterable[jax.Array]) -> None:
         t0 = time.perf_counter()
         off = 0
         for a in staged:  # piece by piece: no staging buffer as large as the whole copy
@@ -350,13 +346,9 @@ class SwapExecutor:
         self.cost.observe_copy(len(host) * self.space.bytes_per_block, time.perf_counter() - t0)
 
     def copy_in(self, runs: list[tuple[int, int]], host: list[int]) -> None:
-        """Host blocks -> device runs (waits for pending stores into them first).
-        Engine-thread time spent here counts as stall."""
-        start = time.perf_counter()
-        try:
+        """Host blocks -> device runs (waits for pending stores into them first)."""
+        with self._stall():
             self._copy_in(runs, host)
-        finally:
-            self.stats.stall_s += time.perf_counter() - start
 
     def _copy_in(self, runs: list[tuple[int, int]], host: list[int]) -> None:
         self.wait(host)

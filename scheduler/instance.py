@@ -89,7 +89,7 @@ def load_report(name: str, engine: LLMEngine, draining: bool, pending: int = 0) 
     """An engine's load; ``pending`` = blocks of groups submitted but not yet enqueued."""
     bm, sched = engine.block_manager, engine.scheduler
     bs = bm.block_size
-    demand = pending + sum(-(-(r.num_tokens + 1) // bs) for r in sched.waiting)
+    demand = pending + _blocks_to_start(sched.waiting, bs)
     high = sum(r.priority < 0 for r in sched.waiting + sched.running)
     candidates = tuple((r.request_id, r.num_tokens) for r in engine.migration.migratable())
     return LoadReport(name, bm.num_blocks, bm.num_free_blocks, sched.num_running,
@@ -99,7 +99,11 @@ def load_report(name: str, engine: LLMEngine, draining: bool, pending: int = 0) 
 
 def group_demand(group: Group, block_size: int) -> int:
     """Blocks a group needs to start (its prompts plus one generated token)."""
-    return sum(-(-(r.num_tokens + 1) // block_size) for r in group.requests)
+    return _blocks_to_start(group.requests, block_size)
+
+
+def _blocks_to_start(requests, block_size: int) -> int:
+    return sum(-(-(r.num_tokens + 1) // block_size) for r in requests)
 
 
 class LocalInstance:

@@ -213,7 +213,7 @@ class LocalScheduler:
         Returns the displaced and, if any, the request they made room for."""
         displaced: list[Request] = []
         head = None
-        while self.waiting and self.running:
+        while self.policy.displaces and self.waiting and self.running:
             head = self.policy.displacer(self.waiting)
             now = time.monotonic()
             movable = [r for r in self.running if r.num_displacements < self.max_preemptions
@@ -288,6 +288,8 @@ class LocalScheduler:
         if n == 0:
             return []
         host = self.swap_space.reserve(n)
+        if host is not None:
+            return host
         kept = [r for r in self.waiting if r.swapped_blocks is None] + self.running[::-1]
         for other in kept:
             if host is not None:

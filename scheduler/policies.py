@@ -41,6 +41,7 @@ class Policy:
     """FCFS behaviour; subclasses override what they change."""
 
     name = "fcfs"
+    displaces = False  # whether `outranks` can ever be true (skips the scan when not)
 
     def next_waiting(self, waiting: list[Request]) -> Request:
         """The waiting request to admit next."""
@@ -80,6 +81,7 @@ class FCFSPolicy(Policy):
 
 class PriorityPolicy(Policy):
     name = "priority"
+    displaces = True
 
     def __init__(self, aging_s: float | None = None, resume_deadline_s: float | None = None):
         for name, value in (("aging_s", aging_s), ("resume_deadline_s", resume_deadline_s)):
