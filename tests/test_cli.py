@@ -115,6 +115,16 @@ def test_generate_with_swap_flags_matches_default(capsys):
     kw = _engine_kwargs(build_parser().parse_args(args + small))
     assert (kw["preemption_mode"], kw["swap_copy"], kw["async_swap"], kw["kv_reuse"]) == \
         ("swap", "per_block", False, False)
+    # and the engine they build really swapped, one copy per block
+    from sluice.runtime import SamplingParams
+    from sluice.runtime.cli import _make_llm
+    llm = _make_llm(build_parser().parse_args(args + small))
+    llm.generate(["swap me " * 10, "and me " * 10],
+                 SamplingParams(max_tokens=60, ignore_eos=True, temperature=0.0))
+    engine = llm.engine
+    stats = engine.swapper.stats
+    assert engine.scheduler.num_swap_outs > 0 and engine.scheduler.num_recomputes == 0
+    assert stats.copy_calls == stats.blocks_out + stats.blocks_in
 
 
 def test_resume_deadline_flag_reaches_the_policy(capsys):

@@ -142,9 +142,10 @@ def test_migration_aborts_cleanly(tiny):
         assert not res.ok and res.reason.startswith("no room"), res
         assert migrate(a, small, "nonexistent").reason == "not movable"
         two = a.engine.prepare("pair", "n > 1 groups do not move",
-                               SamplingParams(n=2, max_tokens=40, **GREEDY))
+                               SamplingParams(n=2, max_tokens=400, **GREEDY))
         a.submit(two)
-        time.sleep(0.5)
+        col.wait_tokens("pair", 5)
+        assert not col.finished("pair")  # running: refused for being a group, not for being gone
         assert migrate(a, small, "pair-0").reason == "not movable"
         col.wait(["r", "pair"])
         assert col.outputs["r"][-1].outputs[0].token_ids == want.outputs[0].token_ids
@@ -269,6 +270,8 @@ def test_dispatch_policies(tiny, policy, expect):
     insts[2].draining = True  # never dispatch to a draining instance
     cluster.submit("s", "hi", SamplingParams(max_tokens=4), lambda out: None)
     assert "s" not in insts[2].groups
+    second = {"freest": "a", "least-loaded": "b", "round-robin": "b"}[policy]
+    assert [i.name for i in insts if "s" in i.groups] == [second]
     with pytest.raises(ValueError, match="request_id"):
         cluster.submit("s", "hi", None, lambda out: None)
     with pytest.raises(ValueError, match="prompt"):

@@ -381,6 +381,6 @@ def test_cli_calibrate_from_measured_profile(tmp_path, capsys):
     plain = modelled_profiles(cat, model, buckets, slo, types=["L4"])
     save_profiles(tmp_path / "m.json", buckets,
                   plain + [TypeProfile("H100", 1.0, slow, "measured")])
-    assert _cli(argv + ["--calibrate"]) == 0
-    sources = json.loads((tmp_path / "plan.json").read_text())["plan"]["sources"]
-    assert sources.get("L4", "calibrated") == "calibrated"
+    assert _cli(argv + ["--calibrate", "--save-profiles", str(tmp_path / "used.json")]) == 0
+    used = json.loads((tmp_path / "used.json").read_text())["types"]
+    assert used["L4"]["source"] == "calibrated" and used["H100"]["source"] == "measured"
