@@ -378,9 +378,10 @@ def test_cli_calibrate_from_measured_profile(tmp_path, capsys):
     assert _cli(argv[:7] + ["--calibrate", "--output", str(tmp_path / "p2.json")]) == 2
     assert "needs --profiles with at least one measured profile" in capsys.readouterr().err
     # a modelled entry in the profile file does not undo the calibration of its type
-    plain = modelled_profiles(cat, model, buckets, slo, types=["L4"])
+    plain = modelled_profiles(cat, model, buckets, slo, types=["H200"])
     save_profiles(tmp_path / "m.json", buckets,
                   plain + [TypeProfile("H100", 1.0, slow, "measured")])
+    argv[argv.index("--types") + 1] = "H100,H200"
     assert _cli(argv + ["--calibrate", "--save-profiles", str(tmp_path / "used.json")]) == 0
     used = json.loads((tmp_path / "used.json").read_text())["types"]
-    assert used["L4"]["source"] == "calibrated" and used["H100"]["source"] == "measured"
+    assert used["H200"]["source"] == "calibrated" and used["H100"]["source"] == "measured"
