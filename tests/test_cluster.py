@@ -187,7 +187,7 @@ def test_migration_storm_loses_nothing(tiny):
     """Random migrations and aborts while 12 requests run on 4 instances."""
     rng = random.Random(0)
     jobs = [(f"q{i}", "".join(rng.choice("abcdefgh ") for _ in range(rng.randint(3, 60))),
-             SamplingParams(max_tokens=rng.randint(80, 300), **GREEDY)) for i in range(12)]
+             SamplingParams(max_tokens=rng.randint(250, 450), **GREEDY)) for i in range(12)]
     want = reference(tiny, jobs)
     col = Collector()
     cluster = Cluster(lambda out, death: [LocalInstance(f"i{d}", engine(
