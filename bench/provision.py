@@ -3,6 +3,7 @@
 Run from the repository root::
 
     .venv/bin/python bench/provision.py [--no-measure]
+    .venv/bin/python bench/provision.py --melange-input IN.json[=EXPECTED.json] [...]
 
 What it does (all profiles modelled from the built-in catalog for llama-3-8b,
 on-demand prices, headroom 10%, slice factor 8, default buckets: input edges
@@ -22,22 +23,37 @@ on-demand prices, headroom 10%, slice factor 8, default buckets: input edges
    ``tiny`` model through `sluice.provision.profiles.engine_sweep`.
 5. Writes bench/results/provision.json, provision_cost.png (cost vs rate per
    plan) and provision_mix.png (the chosen mix).
+
+With ``--melange-input`` it does only this instead: for each Mélange solver input
+(``gpu_info``, ``workload_distribution``, ...; e.g. Mélange's own profiles), at the
+file's ``total_request_rate`` and at 1, 2, 4, ..., 32 req/s, the plan that
+``sluice provision --melange`` gives (`sluice.provision.cli.melange_plan`) with
+all of the file's types and with each type alone; saving = 1 - mixed / best
+single type (and / worst single type, the other end of Mélange's published
+ranges). ``=EXPECTED.json`` adds a published Mélange result for the file's own
+rate (``{"TYPE": n, ..., "cost": c}``, optionally ``"single": {"TYPE": cost}``)
+and reports whether Sluice's costs equal it (solver parity). Writes
+bench/results/provision_melange.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import platform
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from sluice.provision.catalog import load_catalog
+from sluice.provision.cli import melange_plan, melange_result
 from sluice.provision.perfmodel import model_spec
 from sluice.provision.planner import Options, solve
-from sluice.provision.profiles import measure_profile, modelled_profiles
+from sluice.provision.profiles import MelangeInput, load_melange, measure_profile, modelled_profiles
 from sluice.provision.simulate import simulate
 from sluice.provision.workload import Buckets, Workload, parse_slo
 
@@ -141,6 +157,63 @@ def measured() -> dict:
             "source": p.source, "wall_s": time.perf_counter() - start}
 
 
+def melange_point(m: MelangeInput, rate: float) -> dict:
+    """At ``rate`` req/s: the mixed plan and each type alone, as ``--melange`` solves them."""
+    mixed = melange_plan(m, rate=rate)
+    single = {p.name: melange_plan(m, [p], rate) for p in m.profiles}
+    costs = {name: plan.cost for name, plan in single.items() if plan.feasible}
+    best = min(costs, key=costs.get) if costs else None
+    worst = max(costs, key=costs.get) if costs else None
+    ok = mixed.feasible and best is not None
+    return {"rate": rate, "mixed": melange_result(mixed, m.profiles) if mixed.feasible else None,
+            "single_costs": costs, "best_single_type": best, "worst_single_type": worst,
+            "saving_vs_best": 1 - mixed.cost / costs[best] if ok else None,
+            "saving_vs_worst": 1 - mixed.cost / costs[worst] if ok else None,
+            "solve_time_s": mixed.solve_time_s}
+
+
+def parity(point: dict, expected: dict) -> bool:
+    """Whether ``point``'s mixed cost (and the single-type costs ``expected["single"]``
+    names) equal a published Mélange result, to the cent it is printed to."""
+    if point["mixed"] is None:
+        return False
+    pairs = [(point["mixed"]["cost"], expected["cost"])]
+    pairs += [(point["single_costs"].get(name, math.inf), cost)
+              for name, cost in expected.get("single", {}).items()]
+    return all(abs(ours - theirs) < 0.005 for ours, theirs in pairs)
+
+
+def melange_bench(spec: str, rates: Sequence[float] = RATES) -> dict:
+    """``spec``: ``INPUT.json`` or ``INPUT.json=EXPECTED.json`` (see the module docstring)."""
+    path, _, expected_path = spec.partition("=")
+    m = load_melange(path)
+    out = {"input": path, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+           "prices": {p.name: p.cost for p in m.profiles}, "slice_factor": m.slice_factor,
+           "at_file_rate": melange_point(m, m.total_request_rate),
+           "sweep": [melange_point(m, r) for r in rates]}
+    if expected_path:
+        out["expected"] = json.loads(Path(expected_path).read_text())
+        out["cost_parity"] = parity(out["at_file_rate"], out["expected"])
+    return out
+
+
+def melange_main(specs: Sequence[str]) -> None:
+    """Runs `melange_bench` on each input; prints a summary, writes provision_melange.json."""
+    runs = [melange_bench(spec) for spec in specs]
+    with open(RESULTS / "provision_melange.json", "w") as f:
+        json.dump({"machine": platform.platform(), "runs": runs}, f, indent=1)
+    for run in runs:
+        at = run["at_file_rate"]
+        print(f"{run['input']}: at {at['rate']:g} req/s {at['mixed']}"
+              + (f", parity with expected: {run['cost_parity']}" if "expected" in run else ""))
+        for x in run["sweep"]:
+            print(f"  {x['rate']:>4g} req/s: mixed ${x['mixed']['cost']:.2f} vs best single "
+                  f"{x['best_single_type']} ${x['single_costs'][x['best_single_type']]:.2f}: "
+                  f"saving {x['saving_vs_best']:.1%} (vs worst {x['worst_single_type']}: "
+                  f"{x['saving_vs_worst']:.1%})" if x["mixed"] else
+                  f"  {x['rate']:>4g} req/s: no feasible mixed plan")
+
+
 def plots(rows: list[dict]) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -186,8 +259,13 @@ def plots(rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-measure", action="store_true", help="skip the local CPU measurement")
+    ap.add_argument("--melange-input", nargs="+", metavar="IN.json[=EXPECTED.json]",
+                    help="only compare mixed vs single-type plans on these Mélange inputs")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.melange_input:
+        melange_main(args.melange_input)
+        return
     catalog = load_catalog()
     buckets = Buckets()
     options = Options()

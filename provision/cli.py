@@ -5,6 +5,10 @@ Interface (wired into ``sluice`` by `sluice.runtime.cli`):
 - ``add_parser(subparsers)``: adds the ``provision`` subcommand and its flags.
 - ``run(args) -> int``: exit status; 0 when a plan was found, 1 when the
   workload cannot be fully served (the plan is still printed and written).
+- ``melange_plan(m, profiles=None, rate=None) -> Plan``: the plan ``--melange``
+  prints, optionally for a subset of the file's types or another total rate
+  (``bench/provision.py --melange-input`` uses it for its single-type baselines).
+- ``melange_result(plan, profiles) -> dict``: Mélange's result form of a plan.
 
 Two modes::
 
@@ -24,13 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Sequence
 
 from sluice.provision.calibrate import calibrate
 from sluice.provision.catalog import load_catalog
 from sluice.provision.perfmodel import model_spec
 from sluice.provision.planner import Options, Plan, solve
-from sluice.provision.profiles import (load_melange, load_profiles, merge, modelled_profiles,
-                                       save_profiles)
+from sluice.provision.profiles import (MelangeInput, TypeProfile, load_melange, load_profiles,
+                                       merge, modelled_profiles, save_profiles)
 from sluice.provision.simulate import verify
 from sluice.provision.workload import Buckets, Workload, load_workload, parse_slo
 
@@ -83,15 +88,30 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
+def melange_plan(m: MelangeInput, profiles: Sequence[TypeProfile] | None = None,
+                 rate: float | None = None) -> Plan:
+    """Solve a Mélange input with Mélange's settings (its slice factor, no headroom);
+    ``profiles`` (default: all of the file's types) and ``rate`` (default: the
+    file's ``total_request_rate``) replace the file's."""
+    total = m.total_request_rate if rate is None else rate
+    return solve(m.profiles if profiles is None else profiles, m.distribution * total,
+                 Options(slice_factor=m.slice_factor, headroom=0.0))
+
+
+def melange_result(plan: Plan, profiles: Sequence[TypeProfile]) -> dict:
+    """``{"TYPE": count for every type in profiles, "cost": $/hour}``."""
+    result: dict = {p.name: plan.counts.get(p.name, 0) for p in profiles}
+    result["cost"] = plan.cost
+    return result
+
+
 def _melange(args: argparse.Namespace) -> int:
     m = load_melange(args.melange)
-    plan = solve(m.profiles, m.distribution * m.total_request_rate,
-                 Options(slice_factor=m.slice_factor, headroom=0.0))
+    plan = melange_plan(m)
     if plan.status != "optimal":
         print(json.dumps(None))
         return 1
-    result = {p.name: plan.counts.get(p.name, 0) for p in m.profiles}
-    result["cost"] = plan.cost
+    result = melange_result(plan, m.profiles)
     print(json.dumps(result))
     with open(args.output, "w") as f:
         json.dump(result, f, indent=2)

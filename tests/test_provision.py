@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,6 +207,44 @@ def test_melange_import_round_trip(tmp_path):
 def _cli(argv):
     """Through the real ``sluice`` entry point, so the wiring is tested too."""
     return sluice_main(argv)
+
+
+def _bench_provision():
+    """``bench/provision.py`` loaded as a module (``bench/`` is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_provision", Path(__file__).parents[1] / "bench" / "provision.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_melange_savings_and_parity(tmp_path, capsys):
+    # At 4 req/s (3 + 1): B alone 3/3.5 + 1/5 = 1.06 -> 2 x $3; A alone 3/0.8 + 1/1.25 = 4.55
+    # -> 5 x $1; mixed 1 B (bucket 0, load 0.86) + 1 A (bucket 1, load 0.8) = $4.
+    # At 1 req/s one A ($2) beats any mix.
+    mel = {"gpu_info": {"A": {"cost": 1.0, "tputs": [[0.8, 1.25]]},
+                        "B": {"cost": 3.0, "tputs": [[3.5, 5.0]]}},
+           "workload_distribution": [[0.75, 0.25]], "total_request_rate": 4.0, "slice_factor": 2}
+    path = tmp_path / "mel.json"
+    path.write_text(json.dumps(mel))
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps({"A": 1, "B": 1, "cost": 4.0, "single": {"A": 5.0, "B": 6.0}}))
+    bad.write_text(json.dumps({"A": 1, "B": 1, "cost": 4.0, "single": {"A": 4.0}}))
+    bench = _bench_provision()
+    run = bench.melange_bench(f"{path}={good}", rates=[1, 4])
+    assert run["cost_parity"] is True
+    assert run["at_file_rate"]["mixed"] == {"A": 1, "B": 1, "cost": 4.0}
+    assert [x["single_costs"] for x in run["sweep"]] == [{"A": 2.0, "B": 3.0}, {"A": 5.0, "B": 6.0}]
+    assert [x["best_single_type"] for x in run["sweep"]] == ["A", "A"]
+    assert [x["saving_vs_best"] for x in run["sweep"]] == pytest.approx([0.0, 0.2])
+    assert run["sweep"][1]["saving_vs_worst"] == pytest.approx(1 / 3)
+    assert bench.melange_bench(f"{path}={bad}", rates=[])["cost_parity"] is False
+    bench.RESULTS = tmp_path
+    bench.melange_main([str(path)])
+    written = json.loads((tmp_path / "provision_melange.json").read_text())["runs"][0]
+    assert [x["rate"] for x in written["sweep"]] == bench.RATES
+    assert "expected" not in written
+    assert "4 req/s: mixed $4.00 vs best single A $5.00: saving 20.0%" in capsys.readouterr().out
 
 
 def test_cli_end_to_end(tmp_path, capsys):
