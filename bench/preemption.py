@@ -174,7 +174,7 @@ class FCFSResumePolicy(PriorityPolicy):
     name = "priority-fcfs-resume"
 
     def next_waiting(self, waiting: list[Request]) -> Request:
-        swapped = [r for r in waiting if r.swapped_blocks is not None]
+        swapped = [r for r in waiting if r.swapped_out]
         if swapped:
             return min(swapped, key=lambda r: r.arrival_time)
         return super().next_waiting(waiting)

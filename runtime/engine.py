@@ -185,8 +185,8 @@ class LLMEngine:
         now = time.monotonic()
         for req in group.requests:
             if not req.is_finished:
-                self.scheduler.abort(req.request_id)
-                self.block_manager.free(req.request_id)  # a request suspended for migration
+                if self.scheduler.abort(req.request_id) is None:
+                    self.migration.forget(req.request_id)  # suspended mid-migration
                 req.abort(now)
 
     def set_priority(self, request_id: str, priority: int) -> None:
@@ -271,7 +271,7 @@ class LLMEngine:
         return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, bm.usage,
                            bm.num_free_blocks, bm.num_blocks, bm.prefix_cache_queries,
                            bm.prefix_cache_hits, self.scheduler.num_preemptions,
-                           sum(r.swapped_blocks is not None for r in self.scheduler.waiting),
+                           sum(r.swapped_out for r in self.scheduler.waiting),
                            self.scheduler.num_swap_outs)
 
 

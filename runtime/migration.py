@@ -141,6 +141,12 @@ class MigrationEndpoint:
         if self.engine.groups.pop(request_id, None) is not None:
             self.num_out += 1
 
+    def forget(self, request_id: str) -> None:
+        """The client aborted a suspended request: free its blocks; a later
+        `release` or `resume` for it is a no-op."""
+        if self._suspended.pop(request_id, None) is not None:
+            self.engine.block_manager.free(request_id)
+
     def resume(self, request_id: str) -> bool:
         """The migration aborted after `suspend`: run the request here again.
         False if it was aborted by its client meanwhile."""
@@ -205,7 +211,7 @@ class MigrationEndpoint:
 
     def _movable(self, req: Request) -> bool:
         group = self.engine.groups.get(req.parent_id)
-        return (group is not None and len(group.requests) == 1 and req.swapped_blocks is None
+        return (group is not None and len(group.requests) == 1 and not req.swapped_out
                 and req.request_id not in self._suspended)
 
     def _chunk(self, request_id: str, first: int, end: int) -> KVChunk:

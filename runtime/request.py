@@ -59,7 +59,7 @@ class Request:
     finished_time: float | None = None
     num_preemptions: int = 0
     num_displacements: int = 0  # preemptions by higher-priority work (bounded)
-    swapped_blocks: list[int] | None = None  # host swap-space blocks while swapped out
+    swapped_out: bool = False  # its KV is in host memory (host_blocks) while it waits
     # Host swap-space blocks (one reference each) holding valid copies of the KV of
     # this request's first len(host_blocks) blocks: reused by a later swap-out or resume.
     host_blocks: list[int] = dataclasses.field(default_factory=list)

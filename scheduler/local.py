@@ -40,11 +40,9 @@ import time
 
 from sluice.runtime.block_manager import BlockManager, contiguous_runs
 from sluice.runtime.request import Request, RequestStatus
-from sluice.runtime.swap import HostSwapSpace, SwapExecutor
+from sluice.runtime.swap import HostSwapSpace, SwapCopy, SwapExecutor
 from sluice.scheduler.policies import FCFSPolicy, Policy
 
-# (request, device block runs, host swap blocks) of one swap copy.
-SwapCopy = tuple[Request, list[tuple[int, int]], list[int]]
 
 
 @dataclasses.dataclass
@@ -144,7 +142,7 @@ class LocalScheduler:
         if req.host_blocks:
             self.swap_space.release(req.host_blocks)
         req.host_blocks = []
-        req.swapped_blocks = None
+        req.swapped_out = False
 
     def _save_conversation(self, req: Request) -> None:
         """Keep a finished turn's full blocks in host memory under its conversation
@@ -278,7 +276,7 @@ class LocalScheduler:
             self._swap_out.append((req, list(contiguous_runs(table[len(keep):n])), host))
         self.swap_space.release(req.host_blocks[n:])
         req.host_blocks = keep + host
-        req.swapped_blocks = list(req.host_blocks)
+        req.swapped_out = True
         self.num_swap_outs += 1
         return True
 
@@ -290,7 +288,7 @@ class LocalScheduler:
         host = self.swap_space.reserve(n)
         if host is not None:
             return host
-        kept = [r for r in self.waiting if r.swapped_blocks is None] + self.running[::-1]
+        kept = [r for r in self.waiting if not r.swapped_out] + self.running[::-1]
         for other in kept:
             if host is not None:
                 break
@@ -307,7 +305,7 @@ class LocalScheduler:
         and then host copies that extend them (its own, kept from before a
         recompute preemption, or its conversation's previous turn). Returns those
         host blocks (covering the table from block 0), or None."""
-        if req.swapped_blocks is not None:
+        if req.swapped_out:
             self.bm.begin(req.request_id, [])
             return None
         req.num_cached_tokens = self.bm.begin(req.request_id, req.all_token_ids)
@@ -341,11 +339,11 @@ class LocalScheduler:
         req.num_cached_tokens = len(host) * self.bm.block_size
 
     def _swap_in_blocks(self, req: Request) -> None:
-        host = req.swapped_blocks
+        host = req.host_blocks
         table = self.bm.block_table(req.request_id)[:len(host)]
         self._swap_in.append((req, list(contiguous_runs(table)), host))
         self._swapping_in.add(id(req))
-        req.swapped_blocks = None
+        req.swapped_out = False
         # Keep the host copies of full blocks (they never change) so a later swap-out
         # copies only new blocks; a partial last block will change. Without reuse, keep none.
         full = req.num_computed_tokens // self.bm.block_size if self.kv_reuse else 0
@@ -366,10 +364,10 @@ class LocalScheduler:
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.bm.allocate_slots(req.request_id, req.num_computed_tokens + n):
                 self.bm.free(req.request_id)
-                if req.swapped_blocks is None:
+                if not req.swapped_out:
                     req.num_computed_tokens = 0
                 break
-            if req.swapped_blocks is not None:
+            if req.swapped_out:
                 self._swap_in_blocks(req)
             elif reuse is not None:
                 self._reuse_in(req, reuse)
@@ -384,7 +382,7 @@ class LocalScheduler:
     def _may_fit(self, req: Request, budget: int) -> bool:
         """Cheap read-only check before `begin`, so a request that cannot get its
         blocks is not admitted and rolled back (and counted as a cache query) every step."""
-        if req.swapped_blocks is not None:  # all its blocks are new
+        if req.swapped_out:  # all its blocks are new
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             need = -(-(req.num_computed_tokens + n) // self.bm.block_size)
         else:
