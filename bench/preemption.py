@@ -24,13 +24,18 @@ workload (same seeds):
   resume in FCFS (arrival) order ahead of the rest;
 - ``sluice``: block-group copies, device->host copies on a worker thread,
   swap-vs-recompute chosen per request from measured costs, multi-turn KV reuse
-  in the host swap space, priority-ordered resumption with a resume deadline
-  (``--resume-deadline``: a turn preempted mid-generation that has waited that
-  long resumes first, `PriorityPolicy(resume_deadline_s=...)`);
-- ``sluice-strict``: as ``sluice`` with strict priority resumption (no deadline);
+  in the host swap space, and `PriorityPolicy(aging_s=--aging,
+  resume_deadline_s=0, displace_streaming=False)`: priority order with aging
+  for admission, a turn paused mid-generation resumes first, and only turns
+  that have not streamed a token yet are displaced for higher priority;
+- ``sluice-displace-streaming``: as ``sluice``, but streaming turns may be
+  displaced too (isolates that choice);
+- ``sluice-deadline``: Sluice's mechanisms, strict priority with a resume
+  deadline (``--resume-deadline``; a turn paused mid-generation that has waited
+  that long resumes first);
+- ``sluice-strict``: Sluice's mechanisms, strict priority;
 - ``sluice-fcfs-resume``: Sluice's mechanisms with the baseline's resumption
   order (separates the mechanisms from the scheduling order);
-- ``sluice-aging``: as ``sluice``, with priority aging (``--aging``);
 - ``sluice-fair``: Sluice's mechanisms under the fair (virtual token counter)
   policy, to check the fairness gap against its bound.
 
@@ -189,13 +194,19 @@ SLUICE = dict(swap_copy="grouped", async_swap=True, kv_reuse=True, preemption_mo
 # name -> (engine options, policy factory given the args)
 CONFIGS = {
     "baseline": (BASELINE, lambda a: FCFSResumePolicy()),
-    "sluice": (SLUICE, lambda a: PriorityPolicy(resume_deadline_s=a.resume_deadline)),
+    # priority with aging; a turn paused mid-stream resumes first; displacement only
+    # of turns that have not streamed a token yet
+    "sluice": (SLUICE, lambda a: PriorityPolicy(aging_s=a.aging, resume_deadline_s=0.0,
+                                                displace_streaming=False)),
+    # as sluice, but streaming turns may be displaced too: isolates that choice
+    "sluice-displace-streaming": (SLUICE, lambda a: PriorityPolicy(aging_s=a.aging,
+                                                                   resume_deadline_s=0.0)),
+    # strict priority plus a resume deadline (the previous session's `sluice`)
+    "sluice-deadline": (SLUICE, lambda a: PriorityPolicy(resume_deadline_s=a.resume_deadline)),
     "sluice-strict": (SLUICE, lambda a: PriorityPolicy()),
     # Sluice's mechanisms with the baseline's resumption order: isolates the copy path,
     # swap-vs-recompute and KV reuse from the scheduling order.
     "sluice-fcfs-resume": (SLUICE, lambda a: FCFSResumePolicy()),
-    # strict priority plus aging (bounded starvation of preempted requests)
-    "sluice-aging": (SLUICE, lambda a: PriorityPolicy(aging_s=a.aging)),
     "sluice-fair": (SLUICE, lambda a: FairPolicy()),
 }
 
@@ -443,12 +454,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-preemptions", type=int, default=8)
     ap.add_argument("--priority-every", type=int, default=40)
     ap.add_argument("--resume-deadline", type=float, default=0.1,
-                    help="sluice config: seconds before a preempted turn resumes first")
-    ap.add_argument("--configs", default="baseline,sluice,sluice-strict,sluice-fcfs-resume,"
-                                         "sluice-aging,sluice-fair",
+                    help="sluice-deadline: seconds before a preempted turn resumes first")
+    ap.add_argument("--configs", default="baseline,sluice,sluice-displace-streaming,"
+                                         "sluice-deadline,sluice-strict,sluice-fcfs-resume,"
+                                         "sluice-fair",
                     help=f"comma-separated, from {sorted(CONFIGS)}")
     ap.add_argument("--aging", type=float, default=0.1,
-                    help="sluice-aging: seconds of waiting per priority level gained")
+                    help="sluice configs with aging: seconds of waiting per priority level gained")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--suffix", default="", help="appended to the workload result file names")
     args = ap.parse_args(argv)

@@ -61,6 +61,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="with --scheduling-policy priority: a request preempted in "
                         "mid-generation that has waited this long resumes before new requests, "
                         "bounding the pause between its tokens (default: strict priority)")
+    g.add_argument("--priority-aging", type=float, default=None, metavar="SECONDS",
+                   help="with --scheduling-policy priority: a waiting request gains one "
+                        "priority level per SECONDS waited, bounding starvation (default: off)")
+    g.add_argument("--no-displace-streaming", action="store_true",
+                   help="with --scheduling-policy priority: never displace a request that has "
+                        "produced a token (no pause in a stream for priority's sake)")
     g.add_argument("--swap-space", type=float, default=0.0,
                    help="GiB of host memory for the KV of preempted requests; 0 preempts by "
                         "recompute (default: 0)")
@@ -92,6 +98,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
                 else int(args.kv_cache_memory * GiB),
                 enable_prefix_caching=not args.no_prefix_caching,
                 scheduling_policy=args.scheduling_policy, resume_deadline_s=args.resume_deadline,
+                priority_aging_s=args.priority_aging,
+                displace_streaming=not args.no_displace_streaming,
                 swap_space=int(args.swap_space * GiB), preemption_mode=args.preemption_mode,
                 swap_copy=args.swap_copy, async_swap=not args.no_async_swap,
                 kv_reuse=not args.no_kv_reuse,

@@ -38,7 +38,7 @@ from sluice.runtime.request import Request, TokenLogprobs
 from sluice.runtime.sampling_params import SamplingParams
 from sluice.runtime.swap import HostSwapSpace, SwapExecutor
 from sluice.scheduler.local import LocalScheduler
-from sluice.scheduler.policies import Policy, make_policy
+from sluice.scheduler.policies import PRIORITY_OPTIONS, Policy, make_policy
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,13 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"  # fcfs | priority | fair (sluice.scheduler.policies)
     max_preemptions: int = 4  # times a request may be displaced by higher-priority work
-    # priority policy: a request preempted mid-generation resumes first after this long
+    # priority policy options (sluice.scheduler.policies.PriorityPolicy): a request
+    # preempted mid-generation resumes first after resume_deadline_s; a waiting request
+    # gains a level per priority_aging_s; displace_streaming=False never displaces a
+    # request that has produced a token
     resume_deadline_s: float | None = None
+    priority_aging_s: float | None = None
+    displace_streaming: bool = True
     swap_space: int = 0  # bytes of host memory for swapped-out KV; 0 = preempt by recompute
     preemption_mode: str = "auto"  # with swap space: auto (cheaper of swap/recompute) | swap
     swap_copy: str = "grouped"  # grouped (block groups) | per_block (one copy per block)
@@ -95,14 +100,9 @@ class LLMEngine:
         num_blocks = self._num_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           config.enable_prefix_caching)
-        if policy is not None and config.resume_deadline_s is not None:
-            raise ValueError("resume_deadline_s: set it on the policy passed in, not in the "
-                             "config (the config's is for the policy it builds)")
         self.scheduler = LocalScheduler(self.block_manager, config.max_num_seqs,
                                         config.max_num_batched_tokens,
-                                        config.max_prefill_seqs,
-                                        policy or make_policy(config.scheduling_policy,
-                                                              config.resume_deadline_s),
+                                        config.max_prefill_seqs, self._policy(policy),
                                         config.max_preemptions, self._swap_space(num_blocks))
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.max_num_seqs,
                                   config.max_num_batched_tokens, config.max_prefill_seqs,
@@ -131,6 +131,19 @@ class LLMEngine:
             raise ValueError(f"kv_cache_memory: {n} blocks cannot hold one sequence of "
                              f"max_model_len={self.max_model_len} ({need} blocks)")
         return n
+
+    def _policy(self, policy: Policy | None) -> Policy:
+        """The policy passed in, or the one the config names (with its options)."""
+        fields = {"resume_deadline_s": "resume_deadline_s", "priority_aging_s": "aging_s",
+                  "displace_streaming": "displace_streaming"}  # config field -> option
+        options = {opt: getattr(self.config, f) for f, opt in fields.items()}
+        if policy is None:
+            return make_policy(self.config.scheduling_policy, **options)
+        for field, opt in fields.items():
+            if options[opt] != PRIORITY_OPTIONS[opt]:
+                raise ValueError(f"{field}: set it on the policy passed in, not in the config "
+                                 "(the config's options are for the policy it builds)")
+        return policy
 
     def _swap_space(self, num_blocks: int) -> HostSwapSpace | None:
         if self.config.swap_space < 0:

@@ -19,7 +19,11 @@ blocks run out, says whether a waiting request may displace a running one
   displacing running requests, which bounds the pause a preemption puts between
   two of its tokens while new requests keep their priority order; once resumed,
   a preempted request is protected from displacement for as long again, so it
-  is not bounced out after a token; off by default.
+  is not bounced out after a token; off by default; 0 resumes such requests
+  first at once. ``displace_streaming=False`` never displaces a request that
+  has produced a token (it still goes when memory runs out): a displacement
+  then costs the victim time to first token, never a pause in its stream,
+  which trades some priority responsiveness for the time-between-tokens tail.
 - `FairPolicy`: virtual token counters per client (Sheng et al., "Fairness in
   Serving Large Language Models", OSDI 2024): each client's counter grows by
   ``w_in`` per prompt token and ``w_out`` per generated token, divided by the
@@ -83,12 +87,15 @@ class PriorityPolicy(Policy):
     name = "priority"
     displaces = True
 
-    def __init__(self, aging_s: float | None = None, resume_deadline_s: float | None = None):
-        for name, value in (("aging_s", aging_s), ("resume_deadline_s", resume_deadline_s)):
-            if value is not None and not value > 0:
-                raise ValueError(f"{name}: must be > 0, got {value}")
+    def __init__(self, aging_s: float | None = None, resume_deadline_s: float | None = None,
+                 displace_streaming: bool = True):
+        if aging_s is not None and not aging_s > 0:
+            raise ValueError(f"aging_s: must be > 0, got {aging_s}")
+        if resume_deadline_s is not None and not resume_deadline_s >= 0:
+            raise ValueError(f"resume_deadline_s: must be >= 0, got {resume_deadline_s}")
         self.aging_s = aging_s
         self.resume_deadline_s = resume_deadline_s
+        self.displace_streaming = displace_streaming
 
     def effective(self, request: Request, now: float | None = None) -> float:
         """The priority a waiting request competes with (aged, if aging is on)."""
@@ -112,6 +119,8 @@ class PriorityPolicy(Policy):
         return min(waiting, key=lambda r: (self.effective(r, now), r.arrival_time))
 
     def protected(self, running: Request, now: float) -> bool:
+        if not self.displace_streaming and running.output_token_ids:
+            return True
         return (self.resume_deadline_s is not None and running.num_preemptions > 0
                 and running.running_since is not None
                 and now - running.running_since < self.resume_deadline_s)
@@ -182,13 +191,21 @@ class FairPolicy(Policy):
 POLICIES = {p.name: p for p in (FCFSPolicy, PriorityPolicy, FairPolicy)}
 
 
-def make_policy(name: str, resume_deadline_s: float | None = None) -> Policy:
-    """The policy ``name``; ``resume_deadline_s`` applies to ``priority`` only."""
+# `PriorityPolicy` options and their "not set" values.
+PRIORITY_OPTIONS = {"aging_s": None, "resume_deadline_s": None, "displace_streaming": True}
+
+
+def make_policy(name: str, **priority_options) -> Policy:
+    """The policy ``name``; ``priority_options`` (`PRIORITY_OPTIONS`) apply to
+    ``priority`` only, and are refused for another policy unless unset."""
     if name not in POLICIES:
         raise ValueError(f"scheduling_policy: unknown policy {name!r}; "
                          f"choose from {sorted(POLICIES)}")
+    for key, value in priority_options.items():
+        if key not in PRIORITY_OPTIONS:
+            raise TypeError(f"make_policy: unknown option {key!r}")
+        if name != PriorityPolicy.name and value != PRIORITY_OPTIONS[key]:
+            raise ValueError(f"{key}: applies to the priority policy, not {name!r}")
     if name == PriorityPolicy.name:
-        return PriorityPolicy(resume_deadline_s=resume_deadline_s)
-    if resume_deadline_s is not None:
-        raise ValueError(f"resume_deadline_s: applies to the priority policy, not {name!r}")
+        return PriorityPolicy(**priority_options)
     return POLICIES[name]()

@@ -127,15 +127,17 @@ def test_generate_with_swap_flags_matches_default(capsys):
     assert stats.copy_calls == stats.blocks_out + stats.blocks_in
 
 
-def test_resume_deadline_flag_reaches_the_policy(capsys):
+def test_priority_flags_reach_the_policy(capsys):
     from sluice.runtime.cli import _engine_kwargs, build_parser
-    from sluice.scheduler.policies import make_policy
+    from sluice.runtime.engine import EngineConfig, LLMEngine
 
     args = ["generate", "--model", "tiny", "--prompt", "x", "--scheduling-policy", "priority",
-            "--resume-deadline", "0.25"]
+            "--resume-deadline", "0.25", "--priority-aging", "2", "--no-displace-streaming"]
     kw = _engine_kwargs(build_parser().parse_args(args))
-    assert kw["resume_deadline_s"] == 0.25
-    assert make_policy(kw["scheduling_policy"], kw["resume_deadline_s"]).resume_deadline_s == 0.25
+    engine = LLMEngine(load_model("tiny"), EngineConfig(**dict(kw, warmup=False)))
+    policy = engine.scheduler.policy
+    assert (policy.resume_deadline_s, policy.aging_s, policy.displace_streaming) == (0.25, 2.0,
+                                                                                    False)
     # a deadline with a policy it does not apply to is refused with a clear error
     assert main(["generate", "--model", "tiny", "--prompt", "x", "--resume-deadline", "1",
                  *FAST]) == 2

@@ -245,9 +245,88 @@ def test_displacement_serves_the_request_it_was_made_for(tiny):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
-def test_resume_deadline_values():
-    assert make_policy("priority", 0.5).resume_deadline_s == 0.5
-    with pytest.raises(ValueError, match="resume_deadline_s: must be > 0"):
-        make_policy("priority", 0.0)
+def test_priority_option_values():
+    assert make_policy("priority", resume_deadline_s=0.5).resume_deadline_s == 0.5
+    assert make_policy("priority", resume_deadline_s=0.0).resume_deadline_s == 0.0  # at once
+    with pytest.raises(ValueError, match="resume_deadline_s: must be >= 0"):
+        make_policy("priority", resume_deadline_s=-1.0)
     with pytest.raises(ValueError, match="resume_deadline_s: applies to the priority policy"):
-        make_policy("fair", 1.0)
+        make_policy("fair", resume_deadline_s=1.0)
+    with pytest.raises(ValueError, match="aging_s: applies to the priority policy"):
+        make_policy("fcfs", aging_s=1.0)
+    with pytest.raises(ValueError, match="displace_streaming: applies to the priority policy"):
+        make_policy("fair", displace_streaming=False)
+    assert isinstance(make_policy("fair", aging_s=None, displace_streaming=True), FairPolicy)
+    policy = make_policy("priority", aging_s=2.0, displace_streaming=False)
+    assert (policy.aging_s, policy.displace_streaming) == (2.0, False)
+
+
+def test_config_policy_options_refused_with_a_policy_object(tiny):
+    from sluice.scheduler.policies import PriorityPolicy
+
+    for field, value in (("priority_aging_s", 1.0), ("resume_deadline_s", 0.0),
+                         ("displace_streaming", False)):
+        with pytest.raises(ValueError, match=f"{field}: set it on the policy passed in"):
+            LLMEngine(tiny, EngineConfig(warmup=False, max_model_len=128, **{field: value}),
+                      PriorityPolicy())
+
+
+@pytest.mark.parametrize("displace_streaming", [True, False], ids=["displace", "keep-streaming"])
+def test_displace_streaming_off_spares_streaming_requests(tiny, displace_streaming):
+    """With displace_streaming=False an urgent request waits for a streaming one
+    instead of pausing its stream, but still displaces one that has produced no
+    token yet; outputs stay the reference's and no block leaks."""
+    engine = engine_for(tiny, "priority", displace_streaming=displace_streaming,
+                        max_num_batched_tokens=8, max_prefill_seqs=1)
+    prompts = {"low": [1, 2, 3, 4], "high": [9, 8, 7], "long": list(range(10, 40))}
+    engine.add_request("low", {"prompt_token_ids": prompts["low"]},
+                       SamplingParams(max_tokens=10, **GREEDY), priority=5)
+    for _ in range(3):
+        engine.step()  # low streams
+    engine.add_request("high", {"prompt_token_ids": prompts["high"]},
+                       SamplingParams(max_tokens=4, **GREEDY), priority=0)
+    engine.step()
+    running = [r.request_id for r in engine.scheduler.running]
+    assert running == (["high"] if displace_streaming else ["low"])
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert outs["low"].metrics[0].num_preemptions == (1 if displace_streaming else 0)
+    # a request still in its (chunked) prefill has streamed nothing: displaced either way
+    engine.add_request("long", {"prompt_token_ids": prompts["long"]},
+                       SamplingParams(max_tokens=4, **GREEDY), priority=5)
+    engine.step()  # the first 8-token chunk of 30
+    engine.add_request("high2", {"prompt_token_ids": prompts["high"]},
+                       SamplingParams(max_tokens=4, **GREEDY), priority=0)
+    engine.step()
+    assert [r.request_id for r in engine.scheduler.running] == ["high2"]
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert outs["long"].metrics[0].num_preemptions == 1
+    for rid, n in (("low", 10), ("high", 4), ("long", 4), ("high2", 4)):
+        prompt = prompts["high" if rid == "high2" else rid]
+        assert outs[rid].outputs[0].token_ids == greedy_generate(tiny, prompt, n,
+                                                                 stop_at_eos=False), rid
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_resume_deadline_zero_resumes_paused_first():
+    """Deadline 0: a request paused mid-generation is admitted before any newer
+    or more urgent waiting request, longest-paused first."""
+    import time
+
+    from sluice.runtime.request import Request
+    from sluice.scheduler.policies import PriorityPolicy
+
+    def req(priority, waited, tokens):
+        r = Request.__new__(Request)
+        r.priority, r.arrival_time = priority, 0.0
+        r.waiting_since = time.monotonic() - waited
+        r.output_token_ids = [1] * tokens
+        return r
+
+    policy = PriorityPolicy(resume_deadline_s=0.0)
+    urgent, paused, paused_longer = req(0, 1.0, 0), req(7, 0.001, 3), req(9, 0.01, 2)
+    assert policy.next_waiting([urgent, paused, paused_longer]) is paused_longer
+    assert policy.displacer([urgent, paused, paused_longer]) is urgent  # displaces by priority
+    assert PriorityPolicy().next_waiting([urgent, paused, paused_longer]) is urgent
