@@ -207,11 +207,19 @@ def melange_main(specs: Sequence[str]) -> None:
         print(f"{run['input']}: at {at['rate']:g} req/s {at['mixed']}"
               + (f", parity with expected: {run['cost_parity']}" if "expected" in run else ""))
         for x in run["sweep"]:
-            print(f"  {x['rate']:>4g} req/s: mixed ${x['mixed']['cost']:.2f} vs best single "
-                  f"{x['best_single_type']} ${x['single_costs'][x['best_single_type']]:.2f}: "
-                  f"saving {x['saving_vs_best']:.1%} (vs worst {x['worst_single_type']}: "
-                  f"{x['saving_vs_worst']:.1%})" if x["mixed"] else
-                  f"  {x['rate']:>4g} req/s: no feasible mixed plan")
+            print(f"  {x['rate']:>4g} req/s: " + _sweep_line(x))
+
+
+def _sweep_line(x: dict) -> str:
+    """One sweep point: the mixed plan's cost and its savings against single types."""
+    if x["mixed"] is None:
+        return "no feasible mixed plan"
+    if x["saving_vs_best"] is None:
+        return f"mixed ${x['mixed']['cost']:.2f}; no single type is feasible alone"
+    best, worst = x["best_single_type"], x["worst_single_type"]
+    return (f"mixed ${x['mixed']['cost']:.2f} vs best single {best} "
+            f"${x['single_costs'][best]:.2f}: saving {x['saving_vs_best']:.1%} "
+            f"(vs worst {worst}: {x['saving_vs_worst']:.1%})")
 
 
 def plots(rows: list[dict]) -> None:

@@ -134,13 +134,11 @@ class LLMEngine:
 
     def _policy(self, policy: Policy | None) -> Policy:
         """The policy passed in, or the one the config names (with its options)."""
-        fields = {"resume_deadline_s": "resume_deadline_s", "priority_aging_s": "aging_s",
-                  "displace_streaming": "displace_streaming"}  # config field -> option
-        options = {opt: getattr(self.config, f) for f, opt in fields.items()}
+        options = {f: getattr(self.config, f) for f in PRIORITY_OPTIONS}
         if policy is None:
             return make_policy(self.config.scheduling_policy, **options)
-        for field, opt in fields.items():
-            if options[opt] != PRIORITY_OPTIONS[opt]:
+        for field, value in options.items():
+            if value != PRIORITY_OPTIONS[field]:
                 raise ValueError(f"{field}: set it on the policy passed in, not in the config "
                                  "(the config's options are for the policy it builds)")
         return policy

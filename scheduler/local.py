@@ -28,7 +28,8 @@ the conversation's next turn copies them in instead of recomputing them.
 A `Policy` (`sluice.scheduler.policies`: FCFS, priority, fair) orders the
 waiting queue, picks preemption victims, and may let a waiting request (its
 ``displacer``) displace running ones that are not ``protected`` (priority
-scheduling); the room freed goes to that request first. A request is displaced
+scheduling), and only when displacing all of those it outranks would make room
+for it; the room freed goes to that request first. A request is displaced
 at most ``max_preemptions`` times (preemptions forced by memory pressure do not
 count), so it cannot thrash.
 """
@@ -42,7 +43,6 @@ from sluice.runtime.block_manager import BlockManager, contiguous_runs
 from sluice.runtime.request import Request, RequestStatus
 from sluice.runtime.swap import HostSwapSpace, SwapCopy, SwapExecutor
 from sluice.scheduler.policies import FCFSPolicy, Policy
-
 
 
 @dataclasses.dataclass
@@ -224,6 +224,8 @@ class LocalScheduler:
             if (len(self.running) < self.max_num_seqs
                     and self._may_fit(head, self.max_num_batched_tokens)):
                 break  # the head gets in without displacing anyone
+            if not displaced and not self._room_by_displacing(head, movable):
+                break  # displacing everyone it may would still not fit it: displace no one
             self._preempt(victim)
             victim.num_displacements += 1
             displaced.append(victim)
@@ -382,11 +384,21 @@ class LocalScheduler:
     def _may_fit(self, req: Request, budget: int) -> bool:
         """Cheap read-only check before `begin`, so a request that cannot get its
         blocks is not admitted and rolled back (and counted as a cache query) every step."""
+        return self._blocks_to_admit(req, budget) <= self.bm.num_free_blocks
+
+    def _blocks_to_admit(self, req: Request, budget: int) -> int:
+        """New blocks admitting ``req`` with ``budget`` tokens would take."""
         if req.swapped_out:  # all its blocks are new
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            need = -(-(req.num_computed_tokens + n) // self.bm.block_size)
-        else:
-            cached = self.bm.lookup_prefix(req.all_token_ids)
-            n = min(req.num_tokens - cached, budget)
-            need = self.bm.admission_cost(req.all_token_ids, cached + n)
-        return need <= self.bm.num_free_blocks
+            return -(-(req.num_computed_tokens + n) // self.bm.block_size)
+        cached = self.bm.lookup_prefix(req.all_token_ids)
+        n = min(req.num_tokens - cached, budget)
+        return self.bm.admission_cost(req.all_token_ids, cached + n)
+
+    def _room_by_displacing(self, head: Request, movable: list[Request]) -> bool:
+        """Whether displacing every request of ``movable`` that ``head`` outranks
+        would give it blocks (at most: shared blocks may stay in use)."""
+        outranked = [r for r in movable if self.policy.outranks(head, r)]
+        freed = sum(len(self.bm.block_table(r.request_id)) for r in outranked)
+        need = self._blocks_to_admit(head, self.max_num_batched_tokens)
+        return need <= self.bm.num_free_blocks + freed

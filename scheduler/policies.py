@@ -93,6 +93,8 @@ class PriorityPolicy(Policy):
             raise ValueError(f"aging_s: must be > 0, got {aging_s}")
         if resume_deadline_s is not None and not resume_deadline_s >= 0:
             raise ValueError(f"resume_deadline_s: must be >= 0, got {resume_deadline_s}")
+        if not isinstance(displace_streaming, bool):
+            raise ValueError(f"displace_streaming: must be true or false, got {displace_streaming!r}")
         self.aging_s = aging_s
         self.resume_deadline_s = resume_deadline_s
         self.displace_streaming = displace_streaming
@@ -132,11 +134,20 @@ class PriorityPolicy(Policy):
         return [r for r in waiting if r.output_token_ids and r.waiting_since is not None
                 and now - r.waiting_since >= self.resume_deadline_s]
 
+    def rank(self, running: Request) -> float:
+        """A running request's priority, keeping the aging it was admitted with
+        (else an aged request would be displaced right back by the one it displaced)."""
+        if (self.aging_s is None or running.waiting_since is None
+                or running.running_since is None):
+            return running.priority
+        waited = max(0.0, running.running_since - running.waiting_since)
+        return running.priority - waited / self.aging_s
+
     def victim(self, running: list[Request]) -> Request:
-        return max(running, key=lambda r: (r.priority, r.arrival_time))
+        return max(running, key=lambda r: (self.rank(r), r.arrival_time))
 
     def outranks(self, waiting: Request, running: Request) -> bool:
-        return self.effective(waiting) < running.priority
+        return self.effective(waiting) < self.rank(running)
 
     def order(self, running: list[Request]) -> list[Request]:
         return sorted(running, key=lambda r: (r.priority, r.arrival_time))
@@ -191,8 +202,9 @@ class FairPolicy(Policy):
 POLICIES = {p.name: p for p in (FCFSPolicy, PriorityPolicy, FairPolicy)}
 
 
-# `PriorityPolicy` options and their "not set" values.
-PRIORITY_OPTIONS = {"aging_s": None, "resume_deadline_s": None, "displace_streaming": True}
+# `PriorityPolicy` options as `EngineConfig` names them -> their "not set" values.
+PRIORITY_OPTIONS = {"resume_deadline_s": None, "priority_aging_s": None,
+                    "displace_streaming": True}
 
 
 def make_policy(name: str, **priority_options) -> Policy:
@@ -206,6 +218,11 @@ def make_policy(name: str, **priority_options) -> Policy:
             raise TypeError(f"make_policy: unknown option {key!r}")
         if name != PriorityPolicy.name and value != PRIORITY_OPTIONS[key]:
             raise ValueError(f"{key}: applies to the priority policy, not {name!r}")
-    if name == PriorityPolicy.name:
-        return PriorityPolicy(**priority_options)
-    return POLICIES[name]()
+    if name != PriorityPolicy.name:
+        return POLICIES[name]()
+    options = {**PRIORITY_OPTIONS, **priority_options}
+    aging = options["priority_aging_s"]
+    if aging is not None and not aging > 0:
+        raise ValueError(f"priority_aging_s: must be > 0, got {aging}")
+    return PriorityPolicy(aging_s=aging, resume_deadline_s=options["resume_deadline_s"],
+                          displace_streaming=options["displace_streaming"])

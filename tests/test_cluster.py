@@ -492,3 +492,24 @@ def test_fleet_actuator_applies_plans_and_routes(tiny):
     fleet.apply(FleetDiff({}, {"H100": 1}, {"L4": 1, "H100": 1}, 2.0, 1.5, "cheaper"))
     assert fleet.counts() == {"L4": 1, "H100": 1}
     assert sum(i.draining for i in cluster.instances.values()) == 1
+
+
+def test_abort_of_a_suspended_request_frees_its_blocks(tiny):
+    """A client abort that lands between `suspend` and `release`/`resume` frees
+    the source's blocks at once; the migration's later calls are no-ops."""
+    eng = engine(tiny)
+    eng.add_request("a", {"prompt_token_ids": [1, 2, 3, 4, 5]},
+                    SamplingParams(max_tokens=40, **GREEDY))
+    for _ in range(4):
+        eng.step()
+    bm = eng.block_manager
+    epoch = eng.migration.epoch("a")
+    assert epoch is not None
+    assert eng.migration.suspend("a", 0, epoch) is not None
+    assert bm.num_free_blocks < bm.num_blocks and not eng.scheduler.running
+    eng.abort_request("a")
+    assert bm.num_free_blocks == bm.num_blocks
+    eng.migration.release("a")
+    assert eng.migration.resume("a") is False
+    assert bm.num_free_blocks == bm.num_blocks and not eng.has_unfinished_requests()
+    assert eng.migration.num_out == 0

@@ -245,6 +245,15 @@ def test_bench_melange_savings_and_parity(tmp_path, capsys):
     assert [x["rate"] for x in written["sweep"]] == bench.RATES
     assert "expected" not in written
     assert "4 req/s: mixed $4.00 vs best single A $5.00: saving 20.0%" in capsys.readouterr().out
+    # each type serves one bucket only: a mix is feasible, no type alone is
+    split = {"gpu_info": {"A": {"cost": 1.0, "tputs": [[1.0, 0.0]]},
+                          "B": {"cost": 3.0, "tputs": [[0.0, 2.0]]}},
+             "workload_distribution": [[0.5, 0.5]], "total_request_rate": 1.0, "slice_factor": 1}
+    path.write_text(json.dumps(split))
+    bench.melange_main([str(path)])
+    point = json.loads((tmp_path / "provision_melange.json").read_text())["runs"][0]["sweep"][0]
+    assert point["mixed"] == {"A": 1, "B": 1, "cost": 4.0} and point["saving_vs_best"] is None
+    assert "1 req/s: mixed $4.00; no single type is feasible alone" in capsys.readouterr().out
 
 
 def test_cli_end_to_end(tmp_path, capsys):

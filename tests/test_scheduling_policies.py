@@ -252,12 +252,17 @@ def test_priority_option_values():
         make_policy("priority", resume_deadline_s=-1.0)
     with pytest.raises(ValueError, match="resume_deadline_s: applies to the priority policy"):
         make_policy("fair", resume_deadline_s=1.0)
-    with pytest.raises(ValueError, match="aging_s: applies to the priority policy"):
-        make_policy("fcfs", aging_s=1.0)
+    with pytest.raises(ValueError, match="priority_aging_s: applies to the priority policy"):
+        make_policy("fcfs", priority_aging_s=1.0)
+    with pytest.raises(ValueError, match="priority_aging_s: must be > 0"):
+        make_policy("priority", priority_aging_s=0.0)
     with pytest.raises(ValueError, match="displace_streaming: applies to the priority policy"):
         make_policy("fair", displace_streaming=False)
-    assert isinstance(make_policy("fair", aging_s=None, displace_streaming=True), FairPolicy)
-    policy = make_policy("priority", aging_s=2.0, displace_streaming=False)
+    with pytest.raises(ValueError, match="displace_streaming: must be true or false"):
+        make_policy("priority", displace_streaming="no")
+    assert isinstance(make_policy("fair", priority_aging_s=None, displace_streaming=True),
+                      FairPolicy)
+    policy = make_policy("priority", priority_aging_s=2.0, displace_streaming=False)
     assert (policy.aging_s, policy.displace_streaming) == (2.0, False)
 
 
@@ -330,3 +335,62 @@ def test_resume_deadline_zero_resumes_paused_first():
     assert policy.next_waiting([urgent, paused, paused_longer]) is paused_longer
     assert policy.displacer([urgent, paused, paused_longer]) is urgent  # displaces by priority
     assert PriorityPolicy().next_waiting([urgent, paused, paused_longer]) is urgent
+
+
+def test_no_displacement_that_cannot_make_room(tiny):
+    """An urgent request that would not fit even if every request it outranks
+    went displaces no one: a low-priority prefill holding one block is not
+    displaced for a request whose first chunk needs eight."""
+    from sluice.runtime.kv_cache import KVCacheSpec
+
+    spec = KVCacheSpec.for_model(tiny.config, 1, 4, tiny.dtype)
+    engine = engine_for(tiny, "priority", max_num_seqs=4, block_size=4,
+                        max_num_batched_tokens=32, kv_cache_memory=34 * spec.bytes_per_block,
+                        enable_prefix_caching=False, displace_streaming=False)
+    bm, sched = engine.block_manager, engine.scheduler
+    assert bm.num_blocks == 34
+
+    def add(rid, first, n, priority):
+        engine.add_request(rid, {"prompt_token_ids": list(range(first, first + n))},
+                           SamplingParams(max_tokens=40, **GREEDY), priority=priority)
+
+    add("stream", 1, 64, 0)
+    engine.step(), engine.step()  # two 32-token chunks, then its first token
+    add("second", 70, 58, 1)
+    add("low", 130, 40, 9)
+    engine.step()  # stream decodes; second takes the other 31 tokens
+    engine.step()  # second finishes its prompt (27); low gets the 4 tokens left: 1 block
+    low = next(r for r in sched.running if r.request_id == "low")
+    assert len(bm.block_table("low")) == 1 and not low.output_token_ids
+    assert bm.num_free_blocks + 1 < 8  # the urgent chunk's 8 blocks cannot be had
+    add("urgent", 190, 64, 0)
+    engine.step()
+    assert low.num_displacements == 0
+    drain(engine)
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_aging_is_kept_while_running():
+    """A request admitted on aged priority is not displaced straight back by the
+    request it displaced (which has barely waited)."""
+    import time
+
+    from sluice.runtime.request import Request
+    from sluice.scheduler.policies import PriorityPolicy
+
+    def req(priority, waiting_since, running_since=None):
+        r = Request.__new__(Request)
+        r.priority, r.arrival_time = priority, 0.0
+        r.waiting_since, r.running_since = waiting_since, running_since
+        return r
+
+    now = time.monotonic()
+    policy = PriorityPolicy(aging_s=0.1)
+    aged = req(9, now - 2.0, running_since=now)  # waited 2 s: ranks as 9 - 20 = -11
+    displaced = req(0, now)  # just displaced by it
+    assert policy.rank(aged) == pytest.approx(-11.0, abs=0.01)
+    assert not policy.outranks(displaced, aged)
+    fresh = req(5, now, running_since=now)
+    assert policy.outranks(displaced, fresh)  # raw priorities still decide otherwise
+    assert policy.victim([aged, fresh]) is fresh
+    assert PriorityPolicy().outranks(displaced, aged)  # without aging: raw priority
