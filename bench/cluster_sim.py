@@ -351,7 +351,10 @@ def migration_model(results: Path, suffix: str, kv_bytes_per_block: int) -> dict
 
 
 def main_from(args, results: Path, suffix: str) -> dict:
-    serve = json.loads((results / f"cluster_serve{suffix}.json").read_text())
+    path = results / f"cluster_serve{suffix}.json"
+    if not path.exists():  # a tagged simulation of the untagged real run
+        path = results / "cluster_serve.json"
+    serve = json.loads(path.read_text())
     fit = serve["step_model"]
     step = StepModel(fit["a_s"], fit["b_s_per_token"], fit["c_s_per_kv_token"])
     w = serve["workload"]
@@ -371,8 +374,9 @@ def main_from(args, results: Path, suffix: str) -> dict:
     # times each --sim-load factor.
     real_tokens = (w["rate_per_s"] / w["instances"]
                    * float(np.mean(np.add(w["prompt_lens"], w["output_lens"]))))
-    out = {"command": " ".join(sys.argv), "step_model": fit, "migration_model": mig,
-           "instance": inst, "cv": args.cv, "requests_per_instance": per_instance,
+    out = {"command": " ".join(sys.argv), "serve_source": path.name, "step_model": fit,
+           "migration_model": mig, "instance": inst, "cv": args.cv,
+           "requests_per_instance": per_instance,
            "real_tokens_per_s_per_instance": real_tokens, "loads": args.sim_loads,
            "trace": "BurstGPT-shaped (Gamma arrivals, Zipf lengths)", "runs": {}}
     for load in args.sim_loads:
