@@ -225,9 +225,10 @@ class LLMEngine:
         for req, _ in sched.scheduled:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
+        prefill = sum(n for req, n in sched.scheduled if not req.is_decode(n))
         tokens, logprobs, top_ids, top_lps = self.runner.execute(rows)
         if self.swapper is not None:  # per-token compute time, for swap-vs-recompute estimates
-            self.swapper.cost.observe_step(sched.num_tokens, time.monotonic() - now)
+            self.swapper.cost.observe_step(sched.num_tokens, prefill, time.monotonic() - now)
         now = time.monotonic()
         touched: dict[str, Group] = {}
         for i, (req, n) in enumerate(sched.scheduled):

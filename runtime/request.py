@@ -12,9 +12,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
+from typing import TYPE_CHECKING
 
 from sluice.runtime.detokenizer import IncrementalDetokenizer
 from sluice.runtime.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from sluice.runtime.outputs import RequestMetrics
 
 
 class RequestStatus(enum.Enum):
@@ -103,11 +107,19 @@ class Request:
             self._finish("length", None, now)
 
     def replay(self, output_token_ids: list[int], emitted_text: str,
-               finish_reason: str | None = None, stop_reason: int | str | None = None) -> None:
+               finish_reason: str | None = None, stop_reason: int | str | None = None,
+               metrics: RequestMetrics | None = None) -> None:
         """Restore the output a caller has already seen (re-dispatch after the
         instance serving it died): the tokens, the detokenizer's state, the
-        streamed text and, for a completion that had finished, its end. The KV
-        is recomputed wherever the request runs next."""
+        streamed text, the timings in ``metrics`` (so time to first token and
+        token gaps stay measured from the original arrival) and, for a
+        completion that had finished, its end. The KV is recomputed wherever
+        the request runs next."""
+        if metrics is not None:
+            self.first_scheduled_time = metrics.first_scheduled_time
+            self.first_token_time = metrics.first_token_time
+            self.token_times = list(metrics.token_times)
+            self.num_preemptions = metrics.num_preemptions
         for token_id in output_token_ids:
             self.output_token_ids.append(token_id)
             self.all_token_ids.append(token_id)

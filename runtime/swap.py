@@ -211,6 +211,9 @@ class SwapStats:
         return {"out": self.blocks_out * bytes_per_block, "in": self.blocks_in * bytes_per_block}
 
 
+PREFILL_SHARE = 0.75  # of a step's tokens, for the step to sample the prefill rate
+
+
 class SwapCostModel:
     """Running estimates of copy and recompute time (exponential moving averages)."""
 
@@ -233,9 +236,13 @@ class SwapCostModel:
         self.copy_bytes_per_s = (1 - a) * self.copy_bytes_per_s + a * num_bytes / seconds
         self.num_copy_samples += 1
 
-    def observe_step(self, num_tokens: int, seconds: float) -> None:
-        """A forward step over ``num_tokens`` tokens; only prefill-sized steps count."""
-        if num_tokens < self.min_step_tokens or seconds <= 0:
+    def observe_step(self, num_tokens: int, num_prefill_tokens: int, seconds: float) -> None:
+        """A forward step over ``num_tokens`` tokens, ``num_prefill_tokens`` of them
+        prompt tokens. Only steps that are mostly prefill count: a decode row costs
+        far more per token (it streams the weights for one token), so mixed steps
+        would overstate what recomputing a prompt costs."""
+        if (num_prefill_tokens < max(self.min_step_tokens, PREFILL_SHARE * num_tokens)
+                or seconds <= 0):
             return
         a = self.alpha
         self.prefill_s_per_token = (1 - a) * self.prefill_s_per_token + a * seconds / num_tokens
@@ -290,6 +297,8 @@ class SwapExecutor:
                 self.copy_out(pending[0][1], pending[0][2])
                 pending.pop(0)
             if swap_in:
+                with self._stall():  # pending stores into these blocks: not copy time
+                    self.wait([h for _, _, host in swap_in for h in host])
                 t0 = time.perf_counter()
                 n = 0
                 for _, runs, host in swap_in:

@@ -284,8 +284,9 @@ class Cluster:
         for req in group.requests:
             req.arrival_time = rec.arrival_time
         if rec.last is not None:
-            for req, done in zip(group.requests, rec.last.outputs):
-                req.replay(done.token_ids, done.text, done.finish_reason, done.stop_reason)
+            for req, done, metrics in zip(group.requests, rec.last.outputs, rec.last.metrics):
+                req.replay(done.token_ids, done.text, done.finish_reason, done.stop_reason,
+                           metrics)
         return group
 
     def _fail(self, rid: str, error: Exception) -> None:

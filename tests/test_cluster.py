@@ -354,9 +354,15 @@ def test_dead_instance_requests_complete_elsewhere(tiny):
         col.wait_tokens("d0", 10)
         victim = cluster._records["d0"].owner
         cluster.instances[victim].kill()
+        seen = col.outputs["d0"][-1].metrics[0]  # before the crash
         col.wait([r for r, _, _ in jobs])
         assert cluster.num_redispatched >= 1
         assert "error" not in col.outputs
+        final = col.outputs["d0"][-1]
+        m = final.metrics[0]  # timings survive the re-dispatch
+        assert (m.arrival_time, m.first_token_time) == (seen.arrival_time, seen.first_token_time)
+        assert m.token_times[:len(seen.token_times)] == seen.token_times
+        assert len(m.token_times) == len(final.outputs[0].token_ids)
         for rid, _, _ in jobs:
             assert col.outputs[rid][-1].outputs[0].token_ids == want[rid].outputs[0].token_ids
             assert col.text(rid) == want[rid].outputs[0].text

@@ -105,14 +105,15 @@ def test_cost_model_estimates_follow_measurements():
     cost = SwapCostModel(bytes_per_block=1 << 20, copy_bytes_per_s=1e9, prefill_s_per_token=1e-4,
                          overhead_s=0.0, alpha=0.5, min_step_tokens=32)
     assert cost.prefer_swap(10, 10, 1000)  # 20 MB at 1 GB/s = 21 ms < 100 ms of prefill
-    cost.observe_step(8, 1.0)  # too few tokens: a decode step, ignored
+    cost.observe_step(8, 0, 1.0)  # too few tokens: a decode step, ignored
+    cost.observe_step(64, 40, 1.0)  # 24 decode rows of 64 tokens: too mixed, ignored
     assert cost.prefill_s_per_token == 1e-4
     for _ in range(20):
         cost.observe_copy(1 << 20, 0.1)  # 10 MB/s measured
     assert cost.copy_bytes_per_s < 2e7
     assert not cost.prefer_swap(10, 10, 1000)
     for _ in range(20):
-        cost.observe_step(100, 100.0)  # 1 s per token
+        cost.observe_step(100, 90, 100.0)  # 1 s per token, mostly prefill
     assert cost.prefer_swap(10, 10, 1000)
 
 
