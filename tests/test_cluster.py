@@ -5,6 +5,7 @@ and crash recovery. Instances run on separate CPU devices (conftest forces 4).""
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 
@@ -406,24 +407,39 @@ def test_async_cluster_serves_and_sums_stats(tiny):
 @pytest.mark.slow
 def test_serve_instances_over_http():
     """`sluice serve --instances 2`: the OpenAI client gets the single-engine
-    output; /metrics sums the instances."""
+    output; /metrics sums the instances (every prompt token was looked up in
+    the prefix cache of whichever instance ran it)."""
+    import concurrent.futures
+
     import openai
     from test_server_process import start_server
+
+    def counter(text: str, name: str) -> float:
+        found = re.search(rf"^{name}_total{{[^}}]*}} (\S+)$", text, re.M)
+        assert found, name
+        return float(found.group(1))
 
     proc, url, _ = start_server("--instances", "2", "--block-size", "4")
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none")
-        got = [client.completions.create(model="tiny", prompt=f"two instances {i}",
-                                         max_tokens=20, temperature=0,
-                                         extra_body={"ignore_eos": True})
-               for i in range(3)]
+
+        def complete(i: int):
+            return client.completions.create(model="tiny", prompt=f"two instances {i}",
+                                             max_tokens=20, temperature=0,
+                                             extra_body={"ignore_eos": True})
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:  # spread over both instances
+            got = list(pool.map(complete, range(3)))
         model = load_model("tiny")
         want = reference(model, [(str(i), f"two instances {i}",
                                   SamplingParams(max_tokens=20, **GREEDY)) for i in range(3)])
         assert [g.choices[0].text for g in got] == [want[str(i)].outputs[0].text
                                                      for i in range(3)]
         metrics = httpx.get(url + "/metrics").text
-        assert "sluice:num_requests_running" in metrics
+        prompt_tokens = sum(len(w.prompt_token_ids) for w in want.values())
+        assert counter(metrics, "sluice:prompt_tokens") == prompt_tokens
+        assert counter(metrics, "sluice:generation_tokens") == 60
+        assert counter(metrics, "sluice:prefix_cache_queries") == prompt_tokens
+        assert re.search(r"^sluice:num_requests_running{[^}]*} 0\.0$", metrics, re.M)
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model="tiny", prompt="", max_tokens=5)
     finally:
