@@ -158,7 +158,11 @@ def test_migration_aborts_cleanly(tiny):
         small.stop()
 
 
-def test_abort_during_migration_leaks_nothing(tiny):
+@pytest.mark.parametrize("when", ["racing", "after-suspend"])
+def test_abort_during_migration_leaks_nothing(tiny, when):
+    """An abort while the request migrates: racing the copy, or landing once the
+    source has suspended it (the handover then completes, and the cluster must
+    abort the adopted request on the destination)."""
     col = Collector()
     cluster = Cluster(lambda out, death: [LocalInstance(n, engine(tiny, d), out, death)
                                           for n, d in (("a", 0), ("b", 1))],
@@ -169,10 +173,22 @@ def test_abort_during_migration_leaks_nothing(tiny):
         col.wait_tokens("r", 8)
         src = cluster._records["r"].owner
         dst = "b" if src == "a" else "a"
+        if when == "after-suspend":
+            source, suspend = cluster.instances[src], cluster.instances[src].suspend
+
+            def suspend_then_abort(*args):
+                handover = suspend(*args)
+                handover.result()
+                cluster.abort("r")
+                return handover
+            source.suspend = suspend_then_abort
         cluster._start_migration(src, dst, "r")
-        cluster.abort("r")
+        if when == "racing":
+            cluster.abort("r")
         cluster._executor.shutdown(wait=True)  # the migration has ended, either way
         assert len(cluster.migrations) == 1  # it did start: the abort met a live migration
+        if when == "after-suspend":
+            assert cluster.migrations[0].ok  # adopted, then aborted on the destination
         # Gone from both engines at once, not just after it would have finished.
         deadline = time.monotonic() + 1.0
         while any("r" in i.engine.groups for i in cluster.instances.values()):
