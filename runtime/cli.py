@@ -98,7 +98,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
                 else int(args.kv_cache_memory * GiB),
                 enable_prefix_caching=not args.no_prefix_caching,
                 scheduling_policy=args.scheduling_policy, resume_deadline_s=args.resume_deadline,
-                priority_aging_s=args.priority_aging,
+                aging_s=args.priority_aging,
                 displace_streaming=not args.no_displace_streaming,
                 swap_space=int(args.swap_space * GiB), preemption_mode=args.preemption_mode,
                 swap_copy=args.swap_copy, async_swap=not args.no_async_swap,

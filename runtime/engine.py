@@ -59,10 +59,10 @@ class EngineConfig:
     max_preemptions: int = 4  # times a request may be displaced by higher-priority work
     # priority policy options (sluice.scheduler.policies.PriorityPolicy): a request
     # preempted mid-generation resumes first after resume_deadline_s; a waiting request
-    # gains a level per priority_aging_s; displace_streaming=False never displaces a
-    # request that has produced a token
+    # gains a level per aging_s; displace_streaming=False never displaces a request
+    # that has produced a token
     resume_deadline_s: float | None = None
-    priority_aging_s: float | None = None
+    aging_s: float | None = None
     displace_streaming: bool = True
     swap_space: int = 0  # bytes of host memory for swapped-out KV; 0 = preempt by recompute
     preemption_mode: str = "auto"  # with swap space: auto (cheaper of swap/recompute) | swap
@@ -225,9 +225,9 @@ class LLMEngine:
         for req, _ in sched.scheduled:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
-        prefill = sum(n for req, n in sched.scheduled if not req.is_decode(n))
         tokens, logprobs, top_ids, top_lps = self.runner.execute(rows)
         if self.swapper is not None:  # per-token compute time, for swap-vs-recompute estimates
+            prefill = sum(n for req, n in sched.scheduled if not req.is_decode(n))
             self.swapper.cost.observe_step(sched.num_tokens, prefill, time.monotonic() - now)
         now = time.monotonic()
         touched: dict[str, Group] = {}

@@ -297,16 +297,15 @@ class SwapExecutor:
                 self.copy_out(pending[0][1], pending[0][2])
                 pending.pop(0)
             if swap_in:
-                with self._stall():  # pending stores into these blocks: not copy time
-                    self.wait([h for _, _, host in swap_in for h in host])
-                t0 = time.perf_counter()
-                n = 0
-                for _, runs, host in swap_in:
-                    self.copy_in(runs, host)
-                    n += len(host)
                 with self._stall():
+                    self.wait([h for _, _, host in swap_in for h in host])  # not copy time
+                    t0 = time.perf_counter()
+                    for _, runs, host in swap_in:
+                        self._copy_in(runs, host)
                     jax.block_until_ready(self.runner.kv_cache)
-                self.cost.observe_copy(n * self.space.bytes_per_block, time.perf_counter() - t0)
+                    n = sum(len(host) for _, _, host in swap_in)
+                    self.cost.observe_copy(n * self.space.bytes_per_block,
+                                           time.perf_counter() - t0)
         except BaseException:
             for copy in pending:
                 if on_out_failure:
@@ -354,13 +353,8 @@ class SwapExecutor:
             off += a.shape[0]
         self.cost.observe_copy(len(host) * self.space.bytes_per_block, time.perf_counter() - t0)
 
-    def copy_in(self, runs: list[tuple[int, int]], host: list[int]) -> None:
-        """Host blocks -> device runs (waits for pending stores into them first)."""
-        with self._stall():
-            self._copy_in(runs, host)
-
     def _copy_in(self, runs: list[tuple[int, int]], host: list[int]) -> None:
-        self.wait(host)
+        """Host blocks -> device runs (the caller waited for pending stores into them)."""
         device = getattr(self.runner, "device", None)
         pieces = _pieces(runs, self.mode == "per_block", self.max_piece)
         off = 0

@@ -221,10 +221,10 @@ class LocalScheduler:
             victim = self.policy.victim(movable)
             if not self.policy.outranks(head, victim):
                 break
-            if (len(self.running) < self.max_num_seqs
-                    and self._may_fit(head, self.max_num_batched_tokens)):
+            need = self._blocks_to_admit(head, self.max_num_batched_tokens)
+            if len(self.running) < self.max_num_seqs and need <= self.bm.num_free_blocks:
                 break  # the head gets in without displacing anyone
-            if not displaced and not self._room_by_displacing(head, movable):
+            if not displaced and not self._room_by_displacing(head, need, movable):
                 break  # displacing everyone it may would still not fit it: displace no one
             self._preempt(victim)
             victim.num_displacements += 1
@@ -395,10 +395,9 @@ class LocalScheduler:
         n = min(req.num_tokens - cached, budget)
         return self.bm.admission_cost(req.all_token_ids, cached + n)
 
-    def _room_by_displacing(self, head: Request, movable: list[Request]) -> bool:
+    def _room_by_displacing(self, head: Request, need: int, movable: list[Request]) -> bool:
         """Whether displacing every request of ``movable`` that ``head`` outranks
-        would give it blocks (at most: shared blocks may stay in use)."""
+        would free the ``need`` blocks it lacks (at most: shared blocks may stay in use)."""
         outranked = [r for r in movable if self.policy.outranks(head, r)]
         freed = sum(len(self.bm.block_table(r.request_id)) for r in outranked)
-        need = self._blocks_to_admit(head, self.max_num_batched_tokens)
         return need <= self.bm.num_free_blocks + freed

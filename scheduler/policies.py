@@ -137,11 +137,9 @@ class PriorityPolicy(Policy):
     def rank(self, running: Request) -> float:
         """A running request's priority, keeping the aging it was admitted with
         (else an aged request would be displaced right back by the one it displaced)."""
-        if (self.aging_s is None or running.waiting_since is None
-                or running.running_since is None):
+        if running.running_since is None:
             return running.priority
-        waited = max(0.0, running.running_since - running.waiting_since)
-        return running.priority - waited / self.aging_s
+        return self.effective(running, running.running_since)
 
     def victim(self, running: list[Request]) -> Request:
         return max(running, key=lambda r: (self.rank(r), r.arrival_time))
@@ -202,9 +200,8 @@ class FairPolicy(Policy):
 POLICIES = {p.name: p for p in (FCFSPolicy, PriorityPolicy, FairPolicy)}
 
 
-# `PriorityPolicy` options as `EngineConfig` names them -> their "not set" values.
-PRIORITY_OPTIONS = {"resume_deadline_s": None, "priority_aging_s": None,
-                    "displace_streaming": True}
+# `PriorityPolicy` options (`EngineConfig` fields of the same names) -> "not set" values.
+PRIORITY_OPTIONS = {"resume_deadline_s": None, "aging_s": None, "displace_streaming": True}
 
 
 def make_policy(name: str, **priority_options) -> Policy:
@@ -220,9 +217,4 @@ def make_policy(name: str, **priority_options) -> Policy:
             raise ValueError(f"{key}: applies to the priority policy, not {name!r}")
     if name != PriorityPolicy.name:
         return POLICIES[name]()
-    options = {**PRIORITY_OPTIONS, **priority_options}
-    aging = options["priority_aging_s"]
-    if aging is not None and not aging > 0:
-        raise ValueError(f"priority_aging_s: must be > 0, got {aging}")
-    return PriorityPolicy(aging_s=aging, resume_deadline_s=options["resume_deadline_s"],
-                          displace_streaming=options["displace_streaming"])
+    return PriorityPolicy(**priority_options)

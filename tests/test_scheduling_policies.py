@@ -252,24 +252,24 @@ def test_priority_option_values():
         make_policy("priority", resume_deadline_s=-1.0)
     with pytest.raises(ValueError, match="resume_deadline_s: applies to the priority policy"):
         make_policy("fair", resume_deadline_s=1.0)
-    with pytest.raises(ValueError, match="priority_aging_s: applies to the priority policy"):
-        make_policy("fcfs", priority_aging_s=1.0)
-    with pytest.raises(ValueError, match="priority_aging_s: must be > 0"):
-        make_policy("priority", priority_aging_s=0.0)
+    with pytest.raises(ValueError, match="aging_s: applies to the priority policy"):
+        make_policy("fcfs", aging_s=1.0)
+    with pytest.raises(ValueError, match="aging_s: must be > 0"):
+        make_policy("priority", aging_s=0.0)
     with pytest.raises(ValueError, match="displace_streaming: applies to the priority policy"):
         make_policy("fair", displace_streaming=False)
     with pytest.raises(ValueError, match="displace_streaming: must be true or false"):
         make_policy("priority", displace_streaming="no")
-    assert isinstance(make_policy("fair", priority_aging_s=None, displace_streaming=True),
+    assert isinstance(make_policy("fair", aging_s=None, displace_streaming=True),
                       FairPolicy)
-    policy = make_policy("priority", priority_aging_s=2.0, displace_streaming=False)
+    policy = make_policy("priority", aging_s=2.0, displace_streaming=False)
     assert (policy.aging_s, policy.displace_streaming) == (2.0, False)
 
 
 def test_config_policy_options_refused_with_a_policy_object(tiny):
     from sluice.scheduler.policies import PriorityPolicy
 
-    for field, value in (("priority_aging_s", 1.0), ("resume_deadline_s", 0.0),
+    for field, value in (("aging_s", 1.0), ("resume_deadline_s", 0.0),
                          ("displace_streaming", False)):
         with pytest.raises(ValueError, match=f"{field}: set it on the policy passed in"):
             LLMEngine(tiny, EngineConfig(warmup=False, max_model_len=128, **{field: value}),

@@ -466,7 +466,7 @@ def test_conversation_id_reuses_the_previous_turns_kv(tiny):
             out1 = greedy_generate(tiny, first, 12, stop_at_eos=False)
             second = first + out1 + [5, 6, 7]
             srv.engine.block_manager.reset_prefix_cache()  # only host memory has turn 1 now
-            body = turn(second, "mallory")  # same id, other user: nothing to reuse
+            turn(second, "mallory")  # same id, other user: nothing to reuse
             assert srv.engine.scheduler.num_reused_blocks == 0
             srv.engine.block_manager.reset_prefix_cache()
             body = turn(second, "alice")
