@@ -76,7 +76,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--swap-copy", default="grouped", choices=["grouped", "per_block"],
                    help="swap copies by block groups, or one copy per block (a baseline)")
     g.add_argument("--no-async-swap", action="store_true",
-                   help="finish swap-out copies on the engine thread")
+                   help="swap synchronously: swap-outs finish and swap-ins complete "
+                        "on the engine thread before the step")
     g.add_argument("--no-kv-reuse", action="store_true",
                    help="do not keep finished conversations' KV in the swap space")
     g.add_argument("--no-prefix-caching", action="store_true",

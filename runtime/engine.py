@@ -67,7 +67,8 @@ class EngineConfig:
     swap_space: int = 0  # bytes of host memory for swapped-out KV; 0 = preempt by recompute
     preemption_mode: str = "auto"  # with swap space: auto (cheaper of swap/recompute) | swap
     swap_copy: str = "grouped"  # grouped (block groups) | per_block (one copy per block)
-    async_swap: bool = True  # device->host copies finish on a worker thread, off the step
+    # swap-outs finish on a worker thread, swap-ins overlap a forward step: off the step
+    async_swap: bool = True
     kv_reuse: bool = True  # finished conversations' KV stays in the swap space (multi-turn reuse)
     attention_backend: str = "pallas"  # kernels on GPU/TPU, the chunked pure-JAX path on CPU
     warmup: bool = True
@@ -216,7 +217,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
-        self._swap(sched)
+        overlap = sched.swap_in_overlaps and bool(sched.scheduled and sched.swap_in)
+        self._swap(sched, ins=not overlap)
         if not sched.scheduled:
             return []
         now = time.monotonic()
@@ -225,8 +227,10 @@ class LLMEngine:
         for req, _ in sched.scheduled:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
-        tokens, logprobs, top_ids, top_lps = self.runner.execute(rows)
-        if self.swapper is not None:  # per-token compute time, for swap-vs-recompute estimates
+        during = (lambda busy: self._swap(sched, outs=False, behind=busy)) if overlap else None
+        tokens, logprobs, top_ids, top_lps = self.runner.execute(rows, during)
+        if self.swapper is not None and not overlap:
+            # per-token compute time, for swap-vs-recompute estimates (not with copies inside)
             prefill = sum(n for req, n in sched.scheduled if not req.is_decode(n))
             self.swapper.cost.observe_step(sched.num_tokens, prefill, time.monotonic() - now)
         now = time.monotonic()
@@ -240,13 +244,16 @@ class LLMEngine:
             touched[req.parent_id] = self.groups[req.parent_id]
         return [self._output(g) for g in touched.values()]
 
-    def _swap(self, sched) -> None:
-        """Move swapped KV before the step (`SwapExecutor.run`: outs first, since an
-        in may reuse the blocks an out just vacated). A failed copy is handed back
-        to the scheduler, so no host block leaks and no KV is trusted unstored."""
+    def _swap(self, sched, outs: bool = True, ins: bool = True,
+              behind: jax.Array | None = None) -> None:
+        """Move the step's swapped KV (`SwapExecutor.run`): outs before the
+        forward; ins then too, or, when they overlap the step, from inside it
+        (``behind`` = its output). A failed copy is handed back to the scheduler,
+        so no host block leaks and no KV is trusted unstored."""
         if self.swapper is not None:
-            self.swapper.run(sched.swap_out, sched.swap_in, sched.host_release,
-                             self.scheduler.swap_out_failed, self.scheduler.swap_in_failed)
+            self.swapper.run(sched.swap_out if outs else [], sched.swap_in if ins else [],
+                             sched.host_release if ins else [], self.scheduler.swap_out_failed,
+                             self.scheduler.swap_in_failed, behind)
 
     def _append(self, req: Request, i: int, tokens, logprobs, top_ids, top_lps, now) -> None:
         token = int(tokens[i])

@@ -6,15 +6,17 @@ completes the sequence) first, then prompt chunks. Each step is padded to one
 of compiled programs is bounded and known; `warmup` compiles them all. The KV pool is donated into
 every call, so the step never copies it.
 
-Interface: ``execute(batch) -> (token_ids, logprobs, top_ids, top_logprobs)``
-numpy arrays, one row per entry of ``batch`` (rows of unfinished prefill chunks
-are garbage and ignored by the engine).
+Interface: ``execute(batch, during=None) -> (token_ids, logprobs, top_ids,
+top_logprobs)`` numpy arrays, one row per entry of ``batch`` (rows of unfinished
+prefill chunks are garbage and ignored by the engine); ``during`` is host work
+to overlap with the step on the device (asynchronous swap-in).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -201,8 +203,12 @@ class ModelRunner:
 
     # -- execution ----------------------------------------------------------
 
-    def execute(self, batch: list[StepRow]) -> tuple[np.ndarray, ...]:
-        """Run one step; returns per-row (token, logprob, top ids, top logprobs)."""
+    def execute(self, batch: list[StepRow],
+                during: Callable[[jax.Array], None] | None = None) -> tuple[np.ndarray, ...]:
+        """Run one step; returns per-row (token, logprob, top ids, top logprobs).
+        ``during(tokens)`` runs on this thread once the step is dispatched and
+        before its results are fetched (``tokens``: the step's device output), so
+        host work there (a swap-in) overlaps the step on the device."""
         decode = [r for r in batch if r.request.is_decode(r.num_new_tokens)]
         prefill = [r for r in batch if not r.request.is_decode(r.num_new_tokens)]
         token_ids, positions, metas, sample_rows = self._build(decode, prefill)
@@ -211,9 +217,11 @@ class ModelRunner:
             cfg=self.model.config, backend=self.backend)
         ordered = decode + prefill
         out = self._sample(logits, ordered)
+        if during is not None:
+            during(out[0])
         where = {id(r): i for i, r in enumerate(ordered)}
         idx = np.asarray([where[id(r)] for r in batch], np.int64)
-        return tuple(a[idx] for a in out)
+        return tuple(np.asarray(a)[idx] for a in out)
 
     # -- block copies (swap) --------------------------------------------------
 
@@ -245,7 +253,8 @@ class ModelRunner:
         arr = block_copy.groups_array(groups, max_groups)
         self.kv_cache = _scatter_blocks(self.kv_cache, arr, jnp.asarray(staging))
 
-    def _sample(self, logits: jax.Array, rows: list[StepRow]) -> tuple[np.ndarray, ...]:
+    def _sample(self, logits: jax.Array, rows: list[StepRow]) -> tuple[jax.Array, ...]:
+        """Dispatch sampling; device arrays with a row per padded logits row."""
         params = [r.request.params for r in rows]
         do_penalties = any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
                            or p.frequency_penalty != 0.0 for p in params)
@@ -260,9 +269,7 @@ class ModelRunner:
             do_filters=any(not p.is_greedy and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0)
                            for p in params),
             num_logprobs=max((p.logprobs or 0) for p in params))
-        n = len(rows)
-        return tuple(np.asarray(a)[:n] for a in
-                     (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs))
+        return out.token_ids, out.logprobs, out.top_ids, out.top_logprobs
 
 
 def _padding_group(spec: KVCacheSpec, n_seqs: int, n_tok: int, max_q: int,

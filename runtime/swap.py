@@ -16,21 +16,27 @@ block-aligned prefix of its prompt that equals the stored tokens, and copies
 in only those blocks instead of recomputing them. Exhaustion is not an error:
 ``reserve`` returns None and the scheduler falls back to recompute.
 
-`SwapExecutor` runs a step's copies (engine thread, before the forward):
+`SwapExecutor` runs a step's copies on the engine thread:
 
 - ``grouped`` mode moves each contiguous run of device blocks as a few
   static-size slices of the block-major pool (a run of ``n`` blocks is one
   slice per set bit of ``n``, so the compiled copies stay few); ``per_block``
   mode, the baseline of `bench/preemption.py`, issues one synchronous copy per
   block, as per-block swap implementations do.
-- Asynchronous swap-out (``async_out``): the slices are dispatched on the
-  engine thread (JAX orders them before any later write to the pool, so the
-  device blocks can be reused at once: no block is overwritten while a copy
-  from it is in flight), and a worker thread waits for them and stores them into
-  the host pool. A swap-in from host blocks whose store is still pending waits
-  for it first; a single worker keeps stores to one host block in order.
-- Swap-ins are complete (``block_until_ready``) before the step's forward, so
-  a request resumes only after its swap-in completes.
+- Swap-outs are issued before the step's forward. Asynchronous swapping
+  (``asynchronous``): the slices are dispatched on the engine thread (JAX
+  orders them before any later write to the pool, so the device blocks can be
+  reused at once: no block is overwritten while a copy from it is in flight),
+  and a worker thread waits for them and stores them into the host pool. A
+  swap-in from host blocks whose store is still pending waits for it first; a
+  single worker keeps stores to one host block in order.
+- Swap-ins, synchronous: complete (``block_until_ready``) before the step's
+  forward, whose requests include the ones swapped in. Asynchronous: issued
+  while the step's forward runs (``behind`` = that step's output) and not
+  waited for; the scheduler runs their requests from the next step, which the
+  pool's data dependency orders after the copies. Either way a request resumes
+  only after its swap-in completes, and the copy overlaps a forward step
+  instead of stalling one.
 
 `SwapCostModel` estimates the time to swap a request (bytes / measured copy
 bandwidth plus a per-copy overhead) and to recompute it (tokens x measured
@@ -267,16 +273,16 @@ class SwapExecutor:
     """Runs swap copies between a `ModelRunner`'s pool and a `HostSwapSpace`."""
 
     def __init__(self, runner: "ModelRunner", space: HostSwapSpace, mode: str = "grouped",
-                 async_out: bool = True, cost: SwapCostModel | None = None):
+                 asynchronous: bool = True, cost: SwapCostModel | None = None):
         if mode not in COPY_MODES:
             raise ValueError(f"swap_copy: must be one of {COPY_MODES}, got {mode!r}")
         self.runner, self.space, self.mode = runner, space, mode
-        self.async_out = async_out
+        self.asynchronous = asynchronous
         self.cost = cost or SwapCostModel(space.bytes_per_block)
         self.stats = SwapStats()
         self._pending: dict[int, Future] = {}  # host block -> its latest in-flight store
         self._lock = threading.Lock()
-        self._worker = ThreadPoolExecutor(1, "sluice-swap") if async_out else None
+        self._worker = ThreadPoolExecutor(1, "sluice-swap") if asynchronous else None
         fit = max(1, MAX_PIECE_BYTES // space.bytes_per_block)
         self.max_piece = 1 << (fit.bit_length() - 1)  # a power of two
 
@@ -284,11 +290,15 @@ class SwapExecutor:
 
     def run(self, swap_out: list[SwapCopy], swap_in: list[SwapCopy],
             release: list[int] = (), on_out_failure: Callable[[SwapCopy], None] | None = None,
-            on_in_failure: Callable[[SwapCopy], None] | None = None) -> None:
+            on_in_failure: Callable[[SwapCopy], None] | None = None,
+            behind: jax.Array | None = None) -> None:
         """Outs first (an in may reuse device blocks an out just vacated; device
-        work runs in dispatch order), then ins, complete before returning; then
-        drop the host references in ``release``. A copy that fails is handed to
-        the failure callback, so nothing leaks and no KV is trusted unstored."""
+        work runs in dispatch order), then ins; then drop the host references in
+        ``release``. Without ``behind`` the ins are complete on return; with it
+        (an output of the forward step in flight) they are only issued, and count
+        as stall (at most) only if that step had finished once they were. A copy that fails
+        is handed to the failure callback, so nothing leaks and no KV is trusted
+        unstored."""
         if not (swap_out or swap_in or release):
             return
         pending = list(swap_out)
@@ -297,15 +307,7 @@ class SwapExecutor:
                 self.copy_out(pending[0][1], pending[0][2])
                 pending.pop(0)
             if swap_in:
-                with self._stall():
-                    self.wait([h for _, _, host in swap_in for h in host])  # not copy time
-                    t0 = time.perf_counter()
-                    for _, runs, host in swap_in:
-                        self._copy_in(runs, host)
-                    jax.block_until_ready(self.runner.kv_cache)
-                    n = sum(len(host) for _, _, host in swap_in)
-                    self.cost.observe_copy(n * self.space.bytes_per_block,
-                                           time.perf_counter() - t0)
+                self._swap_in(swap_in, behind)
         except BaseException:
             for copy in pending:
                 if on_out_failure:
@@ -317,6 +319,19 @@ class SwapExecutor:
         finally:
             if release:
                 self.space.release(release)
+
+    def _swap_in(self, copies: list[SwapCopy], behind: jax.Array | None) -> None:
+        start = time.perf_counter()
+        self.wait([h for _, _, host in copies for h in host])  # not copy time
+        t0 = time.perf_counter()
+        for _, runs, host in copies:
+            self._copy_in(runs, host)
+        if behind is None:
+            jax.block_until_ready(self.runner.kv_cache)
+            n = sum(len(host) for _, _, host in copies)
+            self.cost.observe_copy(n * self.space.bytes_per_block, time.perf_counter() - t0)
+        if behind is None or behind.is_ready():  # the device waited on these copies (at most)
+            self.stats.stall_s += time.perf_counter() - start
 
     @contextlib.contextmanager
     def _stall(self):
@@ -335,7 +350,7 @@ class SwapExecutor:
             self.stats.blocks_out += len(host)
             self.stats.copy_calls += len(pieces)
             kv = self.runner.kv_cache
-            if self.mode == "per_block" or not self.async_out:
+            if self.mode == "per_block" or not self.asynchronous:
                 # lazily: each piece is fetched before the next is issued
                 self._store(host, (_slice_blocks(kv, start, size) for start, size in pieces))
                 return

@@ -13,7 +13,9 @@ Each step has a token budget (``max_num_batched_tokens``), a sequence cap
 (``max_num_seqs``) and a cap on prompt chunks (``max_prefill_seqs``, which keeps
 the model runner's padded prefill shapes few). Running requests are served first (a decode costs one token,
 an unfinished prompt gets the next chunk), then waiting requests are admitted
-in policy order while budget, sequence slots and KV blocks last. When blocks run
+in policy order while budget, sequence slots and KV blocks last (a request
+whose KV is copied in from host memory during the step runs from the next
+one, with an asynchronous swapper). When blocks run
 out, the policy names a running request to preempt: its blocks are freed and it
 returns to the front of the waiting queue. With a host swap space
 (`sluice.runtime.swap`), its KV is swapped out (only the blocks not already in
@@ -52,6 +54,9 @@ class SchedulerOutput:
     swap_out: list[SwapCopy] = dataclasses.field(default_factory=list)  # before the step
     swap_in: list[SwapCopy] = dataclasses.field(default_factory=list)  # after swap_out
     host_release: list[int] = dataclasses.field(default_factory=list)  # host refs to drop after
+    # True: issue swap_in while the step's forward runs; their requests are not in
+    # ``scheduled`` (they run from the next step). False: before the forward.
+    swap_in_overlaps: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -73,6 +78,7 @@ class LocalScheduler:
         self.swapper: SwapExecutor | None = None  # set by `configure_swap`
         self.preemption_mode = "swap"
         self.kv_reuse = False
+        self.overlap_swap_in = False
         self.num_swap_outs = 0
         self.num_recomputes = 0  # preemptions that dropped the KV
         self.num_reused_blocks = 0  # blocks copied in from host memory instead of recomputed
@@ -101,8 +107,11 @@ class LocalScheduler:
         """Attach the copier of the swap space. ``mode`` "auto" swaps a preempted
         request only when its cost model estimates the copies to be cheaper than
         recomputing (else "swap": whenever host blocks are free); ``kv_reuse``
-        keeps finished conversations' KV in host memory for their next turn."""
+        keeps finished conversations' KV in host memory for their next turn. An
+        asynchronous swapper's copy-ins overlap the step they are issued in, so
+        their requests run from the next step."""
         self.swapper, self.preemption_mode, self.kv_reuse = swapper, mode, kv_reuse
+        self.overlap_swap_in = swapper.asynchronous
 
     def add(self, request: Request) -> None:
         self.policy.on_add(request, self.waiting + self.running)
@@ -203,7 +212,7 @@ class LocalScheduler:
             self._admit(budget, prefills, scheduled, claimant)
         self.policy.account(scheduled)
         return SchedulerOutput(scheduled, displaced + preempted, self._swap_out, self._swap_in,
-                               self._release)
+                               self._release, self.overlap_swap_in)
 
     def _displace_for_waiting(self) -> tuple[list[Request], Request | None]:
         """Preempt running requests the policy ranks below its displacer (a waiting
@@ -377,6 +386,8 @@ class LocalScheduler:
             self.running.append(req)
             req.status = RequestStatus.RUNNING
             req.running_since = time.monotonic()
+            if self.overlap_swap_in and id(req) in self._swapping_in:
+                continue  # its copy-in overlaps this step; it runs from the next one
             scheduled.append((req, n))
             budget -= n
             prefills += 1

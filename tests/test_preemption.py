@@ -45,24 +45,26 @@ def test_pieces_cover_runs_in_order(max_piece):
     assert len(_pieces([(0, 13)], False)) == 3  # 8 + 4 + 1
 
 
-@pytest.mark.parametrize("mode,async_out", [("grouped", True), ("grouped", False),
-                                            ("per_block", False)])
-def test_copies_round_trip_while_device_blocks_are_reused(tiny, mode, async_out):
+@pytest.mark.parametrize("mode,asynchronous", [("grouped", True), ("grouped", False),
+                                                ("per_block", False)])
+def test_copies_round_trip_while_device_blocks_are_reused(tiny, mode, asynchronous):
     """Swap out, overwrite the vacated device blocks at once (as a new request
-    would), then swap back into other blocks: the bytes come back unchanged."""
+    would), then swap back into other blocks (asynchronously: issued behind a
+    step still in flight, not waited for): the bytes come back unchanged."""
     runner = ModelRunner(tiny, 32, 16, max_num_seqs=1, max_num_batched_tokens=16,
                          max_prefill_seqs=1, max_model_len=128)
     rng = np.random.default_rng(0)
     runner.kv_cache = jnp.asarray(rng.standard_normal(runner.spec.shape, np.float32))
     original = np.asarray(runner.kv_cache)
     space = HostSwapSpace(runner.spec, 16)
-    ex = SwapExecutor(runner, space, mode, async_out)
+    ex = SwapExecutor(runner, space, mode, asynchronous)
     runs = [(2, 5), (9, 3)]
     host = space.reserve(8)
     ex.run([(None, runs, host)], [])
     junk = jnp.full((8,) + runner.spec.shape[1:], 7.0, runner.spec.dtype)
     runner.kv_cache = _update_blocks(runner.kv_cache, 2, junk)  # reuse before the store lands
-    ex.run([], [(None, [(20, 8)], host)], release=host)
+    behind = (runner.kv_cache * 2.0).sum() if asynchronous else None  # a step in flight
+    ex.run([], [(None, [(20, 8)], host)], release=host, behind=behind)
     restored = np.asarray(runner.kv_cache)
     ids = [2, 3, 4, 5, 6, 9, 10, 11]
     np.testing.assert_array_equal(restored[20:28], original[ids])
@@ -274,3 +276,83 @@ def _drain(engine: LLMEngine) -> dict[str, list[int]]:
     while engine.has_unfinished_requests():
         outs.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
     return outs
+
+
+# -- asynchronous swap-in ----------------------------------------------------------------
+
+RESUME = {"long": ([5] * 20, 40, 0), "low": ([9] * 30, 30, 5), "urgent": ([3] * 20, 4, 0)}
+
+
+def _resume_while_another_runs(engine: LLMEngine) -> tuple[list[tuple[int, list[str]]], dict]:
+    """``low`` is displaced by ``urgent`` (two sequence slots, ``long`` keeps the
+    other) and swapped back in while ``long`` still runs. Returns, per step, the
+    swap-ins issued inside the forward call and the ids run, and the outputs."""
+    stats, execute = engine.swapper.stats, engine.runner.execute
+    steps: list[tuple[int, list[str]]] = []
+
+    def spy(rows, during=None):
+        before = stats.num_swap_ins
+        out = execute(rows, during)
+        steps.append((stats.num_swap_ins - before, [r.request.request_id for r in rows]))
+        return out
+
+    engine.runner.execute = spy
+    outs = {}
+    for rid in ("long", "low", "urgent"):
+        prompt, n, priority = RESUME[rid]
+        engine.add_request(rid, {"prompt_token_ids": prompt},
+                           SamplingParams(max_tokens=n, **GREEDY), priority=priority)
+        for _ in range(3):
+            outs.update({o.request_id: o.outputs[0].token_ids for o in engine.step()
+                         if o.finished})
+    outs.update(_drain(engine))
+    return steps, outs
+
+
+def _check_outputs(tiny, engine: LLMEngine, outs: dict) -> None:
+    for rid, (prompt, n, _) in RESUME.items():
+        assert outs[rid] == greedy_generate(tiny, prompt, n, stop_at_eos=False), rid
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    engine.swapper.close()
+    space = engine.scheduler.swap_space
+    assert space.num_free_blocks == space.num_blocks
+
+
+@pytest.mark.parametrize("asynchronous", [True, False])
+def test_swap_in_overlaps_the_step_it_is_issued_in(tiny, asynchronous):
+    engine = engine_for(tiny, max_num_seqs=2, swap_space=32 * BLOCK, preemption_mode="swap",
+                        async_swap=asynchronous, kv_reuse=False)
+    steps, outs = _resume_while_another_runs(engine)
+    assert engine.swapper.stats.num_swap_ins == 1
+    inside = [i for i, (ins, _) in enumerate(steps) if ins]
+    if asynchronous:  # issued during a step that runs `long` but not yet `low`...
+        assert len(inside) == 1 and steps[inside[0]][1] == ["long"]
+        assert "low" in steps[inside[0] + 1][1]  # ...which runs from the next step
+    else:  # issued and complete before the step that runs `low`
+        assert inside == []
+    _check_outputs(tiny, engine, outs)
+
+
+@pytest.mark.parametrize("asynchronous", [True, False])
+def test_a_failed_swap_in_recomputes_and_leaks_nothing(tiny, asynchronous, monkeypatch):
+    engine = engine_for(tiny, max_num_seqs=2, swap_space=32 * BLOCK, preemption_mode="swap",
+                        async_swap=asynchronous, kv_reuse=False)
+    space, load = engine.scheduler.swap_space, engine.scheduler.swap_space.load
+    failures = []
+
+    def flaky(ids):
+        if not failures:
+            failures.append(ids)
+            raise RuntimeError("copy failed")
+        return load(ids)
+
+    monkeypatch.setattr(space, "load", flaky)
+    with pytest.raises(RuntimeError, match="copy failed"):
+        _resume_while_another_runs(engine)
+    outs = _drain(engine)  # the engine goes on; `low` recomputes its KV
+    assert len(failures) == 1 and engine.swapper.stats.num_swap_ins == 0
+    prompt, n, _ = RESUME["low"]
+    assert outs["low"] == greedy_generate(tiny, prompt, n, stop_at_eos=False)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    engine.swapper.close()
+    assert space.num_free_blocks == space.num_blocks
