@@ -22,14 +22,14 @@ import numpy as np
 import Stemmer
 
 from sluice.rag.corpus import Corpus
-from sluice.rag.retrieval import Hit, check_k, check_question
+from sluice.rag.retrieval import CorpusRetriever, Hit
 
 STOPWORDS = "en"
 STEMMER_LANGUAGE = "english"
 META_FILE = "bm25.json"
 
 
-class BM25Retriever:
+class BM25Retriever(CorpusRetriever):
     def __init__(self, model: bm25s.BM25, passage_ids: Sequence[str]):
         self._model = model
         self._ids = list(passage_ids)
@@ -45,14 +45,7 @@ class BM25Retriever:
         return bm25s.tokenize(texts, stopwords=STOPWORDS, stemmer=self._stemmer,
                               return_ids=False, show_progress=False)
 
-    def search(self, question: str, k: int) -> list[Hit]:
-        return self.search_many([question], k)[0]
-
-    def search_many(self, questions: Sequence[str], k: int) -> list[list[Hit]]:
-        k = check_k(k, len(self._ids))
-        queries = [check_question(q) for q in questions]
-        if not queries:
-            return []
+    def _rank(self, queries: list[str], k: int) -> list[list[Hit]]:
         docs, scores = self._model.retrieve(self._tokenize(queries), k=k, show_progress=False)
         return [[Hit(self._ids[d], float(s)) for d, s in zip(row_d, row_s) if s > 0]
                 for row_d, row_s in zip(np.asarray(docs), np.asarray(scores))]

@@ -22,13 +22,13 @@ import numpy as np
 
 from sluice.rag.corpus import Corpus
 from sluice.rag.embedder import Embedder
-from sluice.rag.retrieval import Hit, check_k, check_question
+from sluice.rag.retrieval import CorpusRetriever, Hit
 
 EMBEDDINGS_FILE = "embeddings.npy"
 META_FILE = "dense.json"
 
 
-class DenseRetriever:
+class DenseRetriever(CorpusRetriever):
     def __init__(self, embedder: Embedder, passage_ids: Sequence[str], embeddings: np.ndarray):
         if embeddings.shape != (len(passage_ids), embedder.dim):
             raise ValueError(f"embeddings: shape {embeddings.shape} does not match "
@@ -41,14 +41,7 @@ class DenseRetriever:
     def build(cls, corpus: Corpus, embedder: Embedder) -> DenseRetriever:
         return cls(embedder, corpus.ids(), embedder.embed(corpus.texts()))
 
-    def search(self, question: str, k: int) -> list[Hit]:
-        return self.search_many([question], k)[0]
-
-    def search_many(self, questions: Sequence[str], k: int) -> list[list[Hit]]:
-        k = check_k(k, len(self._ids))
-        queries = [check_question(q) for q in questions]
-        if not queries:
-            return []
+    def _rank(self, queries: list[str], k: int) -> list[list[Hit]]:
         scores = self.embedder.embed(queries) @ self.embeddings.T
         results = []
         for row in scores:

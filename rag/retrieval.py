@@ -7,6 +7,8 @@
   on this protocol only, so retrievers are interchangeable configuration knobs.
 - ``check_question(question)`` / ``check_k(k, size)``: the shared input validation; they raise
   ``ValueError`` naming the field.
+- ``CorpusRetriever``: the base of retrievers over one indexed corpus (BM25, dense): it
+  validates the input and leaves the ranking (``_rank``) to the subclass.
 - ``evaluate(retriever, questions, ks)``: recall@k for each ``k``, the fraction of
   labelled questions whose answer passage is among the top ``k`` hits, and the MRR over the
   top ``max(ks)``, for tests and ``bench/rag.py``.
@@ -45,6 +47,25 @@ def check_k(k: int, size: int) -> int:
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k: must be a positive integer, got {k!r}")
     return min(k, size)
+
+
+class CorpusRetriever:
+    """``search``/``search_many`` over the passages ``_ids`` (set by the subclass):
+    the questions and ``k`` are validated here, ``_rank`` ranks valid ones."""
+
+    _ids: list[str]
+
+    def search(self, question: str, k: int) -> list[Hit]:
+        return self.search_many([question], k)[0]
+
+    def search_many(self, questions: Sequence[str], k: int) -> list[list[Hit]]:
+        k = check_k(k, len(self._ids))
+        queries = [check_question(q) for q in questions]
+        return self._rank(queries, k) if queries else []
+
+    def _rank(self, queries: list[str], k: int) -> list[list[Hit]]:
+        """Hits for each query, best first, at most ``k`` (1 <= k <= corpus size)."""
+        raise NotImplementedError
 
 
 def rank_of_answer(hits: Sequence[Hit], passage_id: str) -> int | None:
