@@ -141,15 +141,17 @@ def micro_one(args, model_name: str) -> dict:
                                 for m, e in executors.items()},
         "speedup_grouped_vs_per_block": best["per_block"] / best["grouped"],
         "grouped_GBps_both_directions": 2 * nbytes / best["grouped"] / 1e9,
-        "swap_in_overlap": swap_in_overlap(args, model, runner, space, runs, host),
+        "swap_in_overlap": swap_in_overlap(args, model, runner, space, runs, host, before),
     }
 
 
-def swap_in_overlap(args, model, runner: ModelRunner, space: HostSwapSpace, runs, host) -> dict:
+def swap_in_overlap(args, model, runner: ModelRunner, space: HostSwapSpace, runs, host,
+                    before: np.ndarray) -> dict:
     """One forward step (a 16-token prompt chunk in blocks the swap does not touch)
     with the grouped swap-in of the request: issued before the step and waited
     for (synchronous) vs issued while the step runs (asynchronous, as the engine
-    does), against the step alone and the swap-in alone. Best of ``--repeats``."""
+    does), against the step alone and the swap-in alone. Best of ``--repeats``;
+    the swapped-in bytes are checked against ``before``."""
     n = len(host)
     req = Intake(model, args.tokens, 0).prepare(
         "step", {"prompt_token_ids": [1] * 16}, SamplingParams(max_tokens=1)).requests[0]
@@ -173,6 +175,7 @@ def swap_in_overlap(args, model, runner: ModelRunner, space: HostSwapSpace, runs
         timed(f)
     best = {k: min(timed(f) for _ in range(args.repeats)) for k, f in paths.items()}
     ex.close()
+    assert np.array_equal(np.asarray(runner.kv_cache[:n]), before), "swap-in changed the KV"
     hidden = (best["synchronous"] - best["overlapped"]) / best["swap_in"]
     return {"best_s": best, "share_of_swap_in_hidden": hidden}
 

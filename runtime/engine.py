@@ -24,8 +24,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import Callable
 
 import jax
+import numpy as np
 
 from sluice.runtime.block_manager import BlockManager
 from sluice.runtime.intake import Group, Intake, Prompt
@@ -37,7 +39,7 @@ from sluice.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutp
 from sluice.runtime.request import Request, TokenLogprobs
 from sluice.runtime.sampling_params import SamplingParams
 from sluice.runtime.swap import HostSwapSpace, SwapExecutor
-from sluice.scheduler.local import LocalScheduler
+from sluice.scheduler.local import LocalScheduler, SchedulerOutput
 from sluice.scheduler.policies import PRIORITY_OPTIONS, Policy, make_policy
 
 log = logging.getLogger(__name__)
@@ -217,22 +219,13 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
-        overlap = sched.swap_in_overlaps and bool(sched.scheduled and sched.swap_in)
-        self._swap(sched, ins=not overlap)
-        if not sched.scheduled:
-            return []
-        now = time.monotonic()
-        rows = [StepRow(req, n, self.block_manager.block_table(req.request_id))
-                for req, n in sched.scheduled]
-        for req, _ in sched.scheduled:
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = now
-        during = (lambda busy: self._swap(sched, outs=False, behind=busy)) if overlap else None
-        tokens, logprobs, top_ids, top_lps = self.runner.execute(rows, during)
-        if self.swapper is not None and not overlap:
-            # per-token compute time, for swap-vs-recompute estimates (not with copies inside)
-            prefill = sum(n for req, n in sched.scheduled if not req.is_decode(n))
-            self.swapper.cost.observe_step(sched.num_tokens, prefill, time.monotonic() - now)
+        if sched.swap_in_overlaps and sched.scheduled and sched.swap_in:
+            tokens, logprobs, top_ids, top_lps = self._execute_overlapping_swap_in(sched)
+        else:
+            self._swap(sched)
+            if not sched.scheduled:
+                return []
+            tokens, logprobs, top_ids, top_lps = self._execute(sched)
         now = time.monotonic()
         touched: dict[str, Group] = {}
         for i, (req, n) in enumerate(sched.scheduled):
@@ -244,7 +237,45 @@ class LLMEngine:
             touched[req.parent_id] = self.groups[req.parent_id]
         return [self._output(g) for g in touched.values()]
 
-    def _swap(self, sched, outs: bool = True, ins: bool = True,
+    def _execute(self, sched: SchedulerOutput,
+                 during: Callable[[jax.Array], None] | None = None) -> tuple[np.ndarray, ...]:
+        """Run the scheduled rows; ``during`` as in `ModelRunner.execute`."""
+        now = time.monotonic()
+        rows = [StepRow(req, n, self.block_manager.block_table(req.request_id))
+                for req, n in sched.scheduled]
+        for req, _ in sched.scheduled:
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+        out = self.runner.execute(rows, during)
+        if self.swapper is not None and during is None:
+            # per-token compute time, for swap-vs-recompute estimates (not with copies inside)
+            prefill = sum(n for req, n in sched.scheduled if not req.is_decode(n))
+            self.swapper.cost.observe_step(sched.num_tokens, prefill, time.monotonic() - now)
+        return out
+
+    def _execute_overlapping_swap_in(self, sched: SchedulerOutput) -> tuple[np.ndarray, ...]:
+        """Swap-outs, then the step with the swap-ins issued while it runs. If
+        anything fails before the swap-ins were handed to the copier, they are
+        failed here (their requests recompute; the host references drop), so a
+        request never runs on KV that was not copied in."""
+        issued = False
+
+        def during(busy: jax.Array) -> None:
+            nonlocal issued
+            issued = True  # from here on the copier handles its own failures
+            self._swap(sched, outs=False, behind=busy)
+
+        try:
+            self._swap(sched, ins=False)
+            return self._execute(sched, during)
+        except BaseException:
+            if not issued:
+                for copy in sched.swap_in:
+                    self.scheduler.swap_in_failed(copy)
+                self.swapper.space.release(sched.host_release)
+            raise
+
+    def _swap(self, sched: SchedulerOutput, outs: bool = True, ins: bool = True,
               behind: jax.Array | None = None) -> None:
         """Move the step's swapped KV (`SwapExecutor.run`): outs before the
         forward; ins then too, or, when they overlap the step, from inside it

@@ -34,14 +34,17 @@ in only those blocks instead of recomputing them. Exhaustion is not an error:
   forward, whose requests include the ones swapped in. Asynchronous: issued
   while the step's forward runs (``behind`` = that step's output) and not
   waited for; the scheduler runs their requests from the next step, which the
-  pool's data dependency orders after the copies. Either way a request resumes
-  only after its swap-in completes, and the copy overlaps a forward step
-  instead of stalling one.
+  pool's data dependency orders after the copies, so the copy overlaps a
+  forward step instead of stalling one. Either way a request resumes only
+  after its swap-in completes.
 
 `SwapCostModel` estimates the time to swap a request (bytes / measured copy
 bandwidth plus a per-copy overhead) and to recompute it (tokens x measured
 prefill time per token), both exponential moving averages started from priors;
-the scheduler asks it per preempted request (``preemption_mode="auto"``).
+the scheduler asks it per preempted request (``preemption_mode="auto"``). It
+charges swap-ins at full cost even when they overlap a step (conservative), and
+samples copy bandwidth from synchronous swap-ins and from the stores of
+swap-outs.
 """
 
 from __future__ import annotations
@@ -211,7 +214,9 @@ class SwapStats:
     blocks_out: int = 0
     blocks_in: int = 0
     copy_calls: int = 0         # device copy operations issued
-    stall_s: float = 0.0        # engine-thread time spent in copies or waiting for them
+    # engine-thread time in copies or waiting for them; a swap-in issued during a step
+    # counts only if that step had finished once it was issued (then all of it)
+    stall_s: float = 0.0
 
     def bytes(self, bytes_per_block: int) -> dict[str, int]:
         return {"out": self.blocks_out * bytes_per_block, "in": self.blocks_in * bytes_per_block}

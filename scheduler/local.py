@@ -386,9 +386,11 @@ class LocalScheduler:
             self.running.append(req)
             req.status = RequestStatus.RUNNING
             req.running_since = time.monotonic()
-            if self.overlap_swap_in and id(req) in self._swapping_in:
-                continue  # its copy-in overlaps this step; it runs from the next one
-            scheduled.append((req, n))
+            # A request whose copy-in overlaps this step runs from the next one; it
+            # still takes its share of this step's limits, so a step starts no more
+            # copy-ins than it could have run.
+            if not (self.overlap_swap_in and id(req) in self._swapping_in):
+                scheduled.append((req, n))
             budget -= n
             prefills += 1
 

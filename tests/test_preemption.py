@@ -283,20 +283,49 @@ def _drain(engine: LLMEngine) -> dict[str, list[int]]:
 RESUME = {"long": ([5] * 20, 40, 0), "low": ([9] * 30, 30, 5), "urgent": ([3] * 20, 4, 0)}
 
 
-def _resume_while_another_runs(engine: LLMEngine) -> tuple[list[tuple[int, list[str]]], dict]:
+class _Fetched:
+    """A step output that logs when the host fetches it (``np.asarray``)."""
+
+    def __init__(self, array, log: list[str]):
+        self.array, self.log = array, log
+
+    def __array__(self, dtype=None, copy=None):
+        self.log.append("fetch")
+        return np.asarray(self.array, dtype)
+
+    def __getattr__(self, name):
+        return getattr(self.array, name)
+
+
+def _log_step_events(engine: LLMEngine, monkeypatch) -> list[tuple[str, object]]:
+    """Per engine step, in order: ("step", ids run), "sample" (dispatched),
+    "copy_in", "fetch"."""
+    events: list = []
+    runner, swapper = engine.runner, engine.swapper
+    execute, sample, copy_in = runner.execute, runner._sample, swapper._copy_in
+
+    def spy_execute(rows, during=None):
+        events.append(("step", [r.request.request_id for r in rows]))
+        return execute(rows, during)
+
+    def spy_sample(logits, rows):
+        out = sample(logits, rows)
+        events.append("sample")
+        return tuple(_Fetched(a, events) for a in out)
+
+    def spy_copy_in(runs, host):
+        events.append("copy_in")
+        return copy_in(runs, host)
+
+    monkeypatch.setattr(runner, "execute", spy_execute)
+    monkeypatch.setattr(runner, "_sample", spy_sample)
+    monkeypatch.setattr(swapper, "_copy_in", spy_copy_in)
+    return events
+
+
+def _resume_while_another_runs(engine: LLMEngine) -> dict[str, list[int]]:
     """``low`` is displaced by ``urgent`` (two sequence slots, ``long`` keeps the
-    other) and swapped back in while ``long`` still runs. Returns, per step, the
-    swap-ins issued inside the forward call and the ids run, and the outputs."""
-    stats, execute = engine.swapper.stats, engine.runner.execute
-    steps: list[tuple[int, list[str]]] = []
-
-    def spy(rows, during=None):
-        before = stats.num_swap_ins
-        out = execute(rows, during)
-        steps.append((stats.num_swap_ins - before, [r.request.request_id for r in rows]))
-        return out
-
-    engine.runner.execute = spy
+    other) and swapped back in while ``long`` still runs. Returns the outputs."""
     outs = {}
     for rid in ("long", "low", "urgent"):
         prompt, n, priority = RESUME[rid]
@@ -306,11 +335,11 @@ def _resume_while_another_runs(engine: LLMEngine) -> tuple[list[tuple[int, list[
             outs.update({o.request_id: o.outputs[0].token_ids for o in engine.step()
                          if o.finished})
     outs.update(_drain(engine))
-    return steps, outs
+    return outs
 
 
-def _check_outputs(tiny, engine: LLMEngine, outs: dict) -> None:
-    for rid, (prompt, n, _) in RESUME.items():
+def _check_outputs(tiny, engine: LLMEngine, outs: dict, requests: dict) -> None:
+    for rid, (prompt, n, _) in requests.items():
         assert outs[rid] == greedy_generate(tiny, prompt, n, stop_at_eos=False), rid
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     engine.swapper.close()
@@ -319,40 +348,102 @@ def _check_outputs(tiny, engine: LLMEngine, outs: dict) -> None:
 
 
 @pytest.mark.parametrize("asynchronous", [True, False])
-def test_swap_in_overlaps_the_step_it_is_issued_in(tiny, asynchronous):
+def test_swap_in_overlaps_the_step_it_is_issued_in(tiny, asynchronous, monkeypatch):
     engine = engine_for(tiny, max_num_seqs=2, swap_space=32 * BLOCK, preemption_mode="swap",
                         async_swap=asynchronous, kv_reuse=False)
-    steps, outs = _resume_while_another_runs(engine)
+    events = _log_step_events(engine, monkeypatch)
+    outs = _resume_while_another_runs(engine)
     assert engine.swapper.stats.num_swap_ins == 1
-    inside = [i for i, (ins, _) in enumerate(steps) if ins]
-    if asynchronous:  # issued during a step that runs `long` but not yet `low`...
-        assert len(inside) == 1 and steps[inside[0]][1] == ["long"]
-        assert "low" in steps[inside[0] + 1][1]  # ...which runs from the next step
+    at = events.index("copy_in")
+    steps = [i for i, e in enumerate(events) if isinstance(e, tuple)]
+    issued_in = max(i for i in steps if i < at)  # the step whose call issued it (if any)
+    after = [events[i][1] for i in steps if i > at]
+    if asynchronous:  # after the step's dispatch and before its results are fetched...
+        assert events[issued_in:at] == [events[issued_in], "sample"]
+        assert events[at + 1] == "fetch"
+        assert events[issued_in][1] == ["long"]  # ...of a step that does not run `low`...
+        assert "low" in after[0]  # ...which runs from the next step
     else:  # issued and complete before the step that runs `low`
-        assert inside == []
-    _check_outputs(tiny, engine, outs)
+        assert "fetch" in events[issued_in:at]  # the previous step had finished
+        assert "low" in after[0]
+    _check_outputs(tiny, engine, outs, RESUME)
+
+
+SWITCH = {"A": ([5] * 20, 40, 0), "B": ([9] * 30, 30, 5), "C": ([3] * 20, 30, 0)}
+
+
+def _fail_once(monkeypatch, obj, name: str) -> list[int]:
+    calls, real = [], getattr(obj, name)
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError(f"{name} failed")
+        return real(*args)
+
+    monkeypatch.setattr(obj, name, flaky)
+    return calls
 
 
 @pytest.mark.parametrize("asynchronous", [True, False])
-def test_a_failed_swap_in_recomputes_and_leaks_nothing(tiny, asynchronous, monkeypatch):
+@pytest.mark.parametrize("where", ["swap-in", "swap-out", "forward"])
+def test_a_failed_step_with_swaps_recomputes_and_leaks_nothing(tiny, asynchronous, where,
+                                                               monkeypatch):
+    """A step that swaps ``A`` out and ``B`` in fails in the copy-in, in the
+    copy-out or in the forward: the engine goes on, every output is unchanged
+    and no device or host block leaks (asynchronously, the swap-in is issued
+    only inside the forward call, so the two earlier failures precede it)."""
     engine = engine_for(tiny, max_num_seqs=2, swap_space=32 * BLOCK, preemption_mode="swap",
                         async_swap=asynchronous, kv_reuse=False)
-    space, load = engine.scheduler.swap_space, engine.scheduler.swap_space.load
-    failures = []
+    outs = {}
 
-    def flaky(ids):
-        if not failures:
-            failures.append(ids)
-            raise RuntimeError("copy failed")
-        return load(ids)
+    def step():
+        outs.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
 
-    monkeypatch.setattr(space, "load", flaky)
-    with pytest.raises(RuntimeError, match="copy failed"):
-        _resume_while_another_runs(engine)
-    outs = _drain(engine)  # the engine goes on; `low` recomputes its KV
-    assert len(failures) == 1 and engine.swapper.stats.num_swap_ins == 0
-    prompt, n, _ = RESUME["low"]
-    assert outs["low"] == greedy_generate(tiny, prompt, n, stop_at_eos=False)
+    for rid in SWITCH:  # C displaces B (swapped out); A keeps running
+        prompt, n, priority = SWITCH[rid]
+        engine.add_request(rid, {"prompt_token_ids": prompt},
+                           SamplingParams(max_tokens=n, **GREEDY), priority=priority)
+        step()
+        step()
+    assert [r.request_id for r in engine.scheduler.waiting if r.swapped_out] == ["B"]
+    engine.set_priority("A", 9)  # now B displaces A: one step swaps A out and B in
+    target = {"swap-in": (engine.scheduler.swap_space, "load"),
+              "swap-out": (engine.swapper, "copy_out"),
+              "forward": (engine.runner, "_sample")}[where]
+    calls = _fail_once(monkeypatch, *target)
+    schedule, seen = engine.scheduler.schedule, []
+    monkeypatch.setattr(engine.scheduler, "schedule", lambda: seen.append(schedule()) or seen[-1])
+    with pytest.raises(RuntimeError, match="failed"):
+        step()
+    moved = [[c[0].request_id for c in copies] for copies in (seen[0].swap_out, seen[0].swap_in)]
+    assert moved == [["A"], ["B"]] and len(calls) == 1
+    monkeypatch.undo()
+    outs.update(_drain(engine))
+    _check_outputs(tiny, engine, outs, SWITCH)
+
+
+def test_deferred_copy_ins_count_against_the_step_limits(tiny, monkeypatch):
+    """Admissions whose copy-in overlaps the step take their share of its
+    prompt-chunk limit, so one step does not start more copy-ins than it could run."""
+    engine = engine_for(tiny, max_num_seqs=4, max_prefill_seqs=1, swap_space=32 * BLOCK)
+    first = {f"c{i}": [i + 1] * 40 for i in range(3)}
+    for cid, prompt in first.items():
+        engine.add_request(f"{cid}-1", {"prompt_token_ids": prompt},
+                           SamplingParams(max_tokens=8, **GREEDY), conversation=cid)
+    done = _drain(engine)
+    engine.swapper.wait()
+    engine.block_manager.reset_prefix_cache()  # only host memory has the first turns now
+    schedule, seen = engine.scheduler.schedule, []
+    monkeypatch.setattr(engine.scheduler, "schedule", lambda: seen.append(schedule()) or seen[-1])
+    second = {cid: prompt + done[f"{cid}-1"] + [7] * 9 for cid, prompt in first.items()}
+    for cid, prompt in second.items():
+        engine.add_request(f"{cid}-2", {"prompt_token_ids": prompt},
+                           SamplingParams(max_tokens=8, **GREEDY), conversation=cid)
+    outs = _drain(engine)
+    assert engine.scheduler.num_reused_blocks == 3 * (47 // 16)  # full blocks of 47 KV tokens
+    assert max(len(s.swap_in) for s in seen) == 1
+    for cid, prompt in second.items():
+        assert outs[f"{cid}-2"] == greedy_generate(tiny, prompt, 8, stop_at_eos=False)
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     engine.swapper.close()
-    assert space.num_free_blocks == space.num_blocks
