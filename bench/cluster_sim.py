@@ -58,6 +58,7 @@ class SimRequest:
     preemptions: int = 0
     suspend_pending: bool = False
     suspended: bool = False
+    migration: tuple | None = None  # (source, destination, reserved blocks) once stopping
 
     @property
     def num_tokens(self) -> int:
@@ -214,7 +215,18 @@ class Simulator:
         while self.events and len(self.done) < len(trace):
             now, _, kind, payload = heapq.heappop(self.events)
             getattr(self, f"_on_{kind}")(now, payload)
+            if kind == "tick" and len(self.events) == 1 and not any(
+                    i.busy for i in self.instances):  # only the next tick is left
+                raise RuntimeError(f"simulation stalled at t={now:.1f}s with "
+                                   f"{len(trace) - len(self.done)} requests unfinished")
         self.cluster._executor.shutdown()
+        if len(self.done) < len(trace):
+            raise RuntimeError(f"simulation stalled: {len(trace) - len(self.done)} requests "
+                               "unfinished and nothing left to happen")
+        leaked = {i.name: i.num_blocks - i.free for i in self.instances if i.free != i.num_blocks}
+        if leaked or self.cluster._busy:
+            raise RuntimeError(f"simulation ended with blocks still held: {leaked}, "
+                               f"migrations open: {sorted(self.cluster._busy)}")
         return self._summary(trace, time.perf_counter() - wall)
 
     def _kick(self, inst: SimInstance, now: float) -> None:
@@ -237,7 +249,13 @@ class Simulator:
 
     def _on_step(self, now: float, inst: SimInstance) -> None:
         inst.busy = False
+        first = len(self.done)
         inst.finish_step(now, self.done)
+        for req in self.done[first:]:
+            if req.suspend_pending:  # finished before its source could stop it
+                req.suspend_pending = False
+                s, d, reserve = req.migration
+                self._end_migration(now, req, s, d, reserve, ok=False)
         self._kick(inst, now)
 
     def _on_tick(self, now: float, _) -> None:
@@ -264,7 +282,7 @@ class Simulator:
     def _on_stop(self, now: float, payload) -> None:
         req, s, d, reserve, epoch = payload
         if req not in s.running or req.preemptions != epoch:
-            self._end_migration(req, s, d, reserve, ok=False)
+            self._end_migration(now, req, s, d, reserve, ok=False)
             return
         req.suspend_pending = True
         req.migration = (s, d, reserve)
@@ -277,7 +295,7 @@ class Simulator:
         need = -(-(req.computed + 1) // d.bs)
         req.suspended = False
         if need > d.free:  # no room at the stop: the request resumes on the source
-            self._end_migration(req, s, d, 0, ok=False)
+            self._end_migration(now, req, s, d, 0, ok=False)
             self._kick(s, now)
             return
         s.release(req)
@@ -285,12 +303,14 @@ class Simulator:
         req.blocks = need
         d.running.append(req)
         self.where[req.rid] = d
-        self._end_migration(req, s, d, 0, ok=True)
+        self._end_migration(now, req, s, d, 0, ok=True)
         self._kick(s, now)
         self._kick(d, now)
 
-    def _end_migration(self, req, s, d, reserve, ok: bool) -> None:
+    def _end_migration(self, now: float, req, s, d, reserve, ok: bool) -> None:
         d.free += reserve
+        if reserve:
+            self._kick(d, now)  # the returned blocks may admit its waiting requests
         self.cluster._busy.difference_update((s.name, d.name))
         self.cluster._migrating.pop(req.rid, None)
         self.migrations += ok
