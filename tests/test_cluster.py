@@ -130,9 +130,10 @@ def test_live_migration_is_token_identical(tiny, params):
 def test_migration_aborts_cleanly(tiny):
     col = Collector()
     a = LocalInstance("a", engine(tiny, 0), col.on_outputs)
-    # A destination too small for the request: the migration must abort, the
-    # request stays and finishes on the source, unchanged.
-    small = LocalInstance("s", engine(tiny, 2, kv_cache_memory=35 * 8 * 1024, max_model_len=128),
+    # A destination too small for the request (20 blocks of 4 tokens, fewer than
+    # its prompt alone fills): the first stage finds no room, whatever the timing;
+    # the migration aborts and the request finishes on the source, unchanged.
+    small = LocalInstance("s", engine(tiny, 2, kv_cache_memory=20 * 8 * 1024, max_model_len=64),
                           col.on_outputs)
     params = SamplingParams(max_tokens=200, **GREEDY)
     want = reference(tiny, [("r", "abc" * 30, params)])["r"]
