@@ -103,9 +103,9 @@ class StepRecorder:
     def attach(self, engine: LLMEngine) -> None:
         inner = engine.runner.execute
 
-        def execute(rows):
+        def execute(rows, during=None):
             start = time.perf_counter()
-            out = inner(rows)
+            out = inner(rows, during)
             if self.enabled:
                 tokens = sum(r.num_new_tokens for r in rows)
                 kv = sum(r.request.num_computed_tokens + r.num_new_tokens for r in rows)
