@@ -212,14 +212,10 @@ class Simulator:
         if self.ccfg.migrate:
             self.push(0.0, "tick")
         wall = time.perf_counter()
-        while self.events and len(self.done) < len(trace):
-            now, _, kind, payload = heapq.heappop(self.events)
-            getattr(self, f"_on_{kind}")(now, payload)
-            if kind == "tick" and len(self.events) == 1 and not any(
-                    i.busy for i in self.instances):  # only the next tick is left
-                raise RuntimeError(f"simulation stalled at t={now:.1f}s with "
-                                   f"{len(trace) - len(self.done)} requests unfinished")
-        self.cluster._executor.shutdown()
+        try:
+            self._loop(len(trace))
+        finally:
+            self.cluster._executor.shutdown()
         if len(self.done) < len(trace):
             raise RuntimeError(f"simulation stalled: {len(trace) - len(self.done)} requests "
                                "unfinished and nothing left to happen")
@@ -228,6 +224,15 @@ class Simulator:
             raise RuntimeError(f"simulation ended with blocks still held: {leaked}, "
                                f"migrations open: {sorted(self.cluster._busy)}")
         return self._summary(trace, time.perf_counter() - wall)
+
+    def _loop(self, total: int) -> None:
+        while self.events and len(self.done) < total:
+            now, _, kind, payload = heapq.heappop(self.events)
+            getattr(self, f"_on_{kind}")(now, payload)
+            if kind == "tick" and len(self.events) == 1 and not any(
+                    i.busy for i in self.instances):  # only the next tick is left
+                raise RuntimeError(f"simulation stalled at t={now:.1f}s with "
+                                   f"{total - len(self.done)} requests unfinished")
 
     def _kick(self, inst: SimInstance, now: float) -> None:
         if inst.busy or not inst.has_work:
@@ -297,6 +302,7 @@ class Simulator:
         if need > d.free:  # no room at the stop: the request resumes on the source
             self._end_migration(now, req, s, d, 0, ok=False)
             self._kick(s, now)
+            self._kick(d, now)  # its reservation came back
             return
         s.release(req)
         d.free -= need
