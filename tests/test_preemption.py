@@ -447,3 +447,27 @@ def test_deferred_copy_ins_count_against_the_step_limits(tiny, monkeypatch):
         assert outs[f"{cid}-2"] == greedy_generate(tiny, prompt, 8, stop_at_eos=False)
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     engine.swapper.close()
+
+
+@pytest.mark.parametrize("asynchronous", [True, False])
+def test_abort_right_after_a_swap_in_leaks_nothing(tiny, asynchronous):
+    """``low`` is aborted in the step after its copy-in was issued (asynchronously:
+    before it ever ran on the copied KV); the others finish unchanged."""
+    engine = engine_for(tiny, max_num_seqs=2, swap_space=32 * BLOCK, preemption_mode="swap",
+                        async_swap=asynchronous, kv_reuse=False)
+    outs = {}
+    for rid in ("long", "low", "urgent"):
+        prompt, n, priority = RESUME[rid]
+        engine.add_request(rid, {"prompt_token_ids": prompt},
+                           SamplingParams(max_tokens=n, **GREEDY), priority=priority)
+        for _ in range(3):
+            outs.update({o.request_id: o.outputs[0].token_ids for o in engine.step()
+                         if o.finished})
+    while engine.swapper.stats.num_swap_ins == 0:
+        outs.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+    low = engine.groups["low"].requests[0]
+    assert low in engine.scheduler.running and low.host_blocks == []
+    engine.abort_request("low")
+    outs.update(_drain(engine))
+    assert "low" not in outs
+    _check_outputs(tiny, engine, outs, {k: RESUME[k] for k in ("long", "urgent")})
