@@ -296,16 +296,14 @@ class Simulator:
 
     def _on_adopt(self, now: float, req: SimRequest) -> None:
         s, d, reserve = req.migration
-        d.free += reserve
         need = -(-(req.computed + 1) // d.bs)
         req.suspended = False
-        if need > d.free:  # no room at the stop: the request resumes on the source
-            self._end_migration(now, req, s, d, 0, ok=False)
+        if need > d.free + reserve:  # no room at the stop: it resumes on the source
+            self._end_migration(now, req, s, d, reserve, ok=False)
             self._kick(s, now)
-            self._kick(d, now)  # its reservation came back
             return
         s.release(req)
-        d.free -= need
+        d.free += reserve - need
         req.blocks = need
         d.running.append(req)
         self.where[req.rid] = d

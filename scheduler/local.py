@@ -78,7 +78,6 @@ class LocalScheduler:
         self.swapper: SwapExecutor | None = None  # set by `configure_swap`
         self.preemption_mode = "swap"
         self.kv_reuse = False
-        self.overlap_swap_in = False
         self.num_swap_outs = 0
         self.num_recomputes = 0  # preemptions that dropped the KV
         self.num_reused_blocks = 0  # blocks copied in from host memory instead of recomputed
@@ -111,7 +110,10 @@ class LocalScheduler:
         asynchronous swapper's copy-ins overlap the step they are issued in, so
         their requests run from the next step."""
         self.swapper, self.preemption_mode, self.kv_reuse = swapper, mode, kv_reuse
-        self.overlap_swap_in = swapper.asynchronous
+
+    @property
+    def overlap_swap_in(self) -> bool:
+        return self.swapper is not None and self.swapper.asynchronous
 
     def add(self, request: Request) -> None:
         self.policy.on_add(request, self.waiting + self.running)

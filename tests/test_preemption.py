@@ -272,9 +272,9 @@ def test_conversation_lru_is_bounded_and_reuse_survives_eviction_of_others(tiny)
 
 
 def _drain(engine: LLMEngine) -> dict[str, list[int]]:
-    outs = {}
+    outs: dict[str, list[int]] = {}
     while engine.has_unfinished_requests():
-        outs.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+        _step(engine, outs)
     return outs
 
 
@@ -323,17 +323,26 @@ def _log_step_events(engine: LLMEngine, monkeypatch) -> list[tuple[str, object]]
     return events
 
 
-def _resume_while_another_runs(engine: LLMEngine) -> dict[str, list[int]]:
-    """``low`` is displaced by ``urgent`` (two sequence slots, ``long`` keeps the
-    other) and swapped back in while ``long`` still runs. Returns the outputs."""
-    outs = {}
+def _step(engine: LLMEngine, outs: dict[str, list[int]]) -> None:
+    outs.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+
+
+def _start_resume_scenario(engine: LLMEngine, outs: dict[str, list[int]]) -> None:
+    """Add RESUME's requests three steps apart: ``urgent`` displaces ``low`` (two
+    sequence slots, ``long`` keeps the other); ``low`` is swapped back in later,
+    while ``long`` still runs."""
     for rid in ("long", "low", "urgent"):
         prompt, n, priority = RESUME[rid]
         engine.add_request(rid, {"prompt_token_ids": prompt},
                            SamplingParams(max_tokens=n, **GREEDY), priority=priority)
         for _ in range(3):
-            outs.update({o.request_id: o.outputs[0].token_ids for o in engine.step()
-                         if o.finished})
+            _step(engine, outs)
+
+
+def _resume_while_another_runs(engine: LLMEngine) -> dict[str, list[int]]:
+    """The RESUME scenario run to the end; returns the outputs."""
+    outs: dict[str, list[int]] = {}
+    _start_resume_scenario(engine, outs)
     outs.update(_drain(engine))
     return outs
 
@@ -395,17 +404,13 @@ def test_a_failed_step_with_swaps_recomputes_and_leaks_nothing(tiny, asynchronou
     only inside the forward call, so the two earlier failures precede it)."""
     engine = engine_for(tiny, max_num_seqs=2, swap_space=32 * BLOCK, preemption_mode="swap",
                         async_swap=asynchronous, kv_reuse=False)
-    outs = {}
-
-    def step():
-        outs.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
-
+    outs: dict[str, list[int]] = {}
     for rid in SWITCH:  # C displaces B (swapped out); A keeps running
         prompt, n, priority = SWITCH[rid]
         engine.add_request(rid, {"prompt_token_ids": prompt},
                            SamplingParams(max_tokens=n, **GREEDY), priority=priority)
-        step()
-        step()
+        _step(engine, outs)
+        _step(engine, outs)
     assert [r.request_id for r in engine.scheduler.waiting if r.swapped_out] == ["B"]
     engine.set_priority("A", 9)  # now B displaces A: one step swaps A out and B in
     target = {"swap-in": (engine.scheduler.swap_space, "load"),
@@ -415,7 +420,7 @@ def test_a_failed_step_with_swaps_recomputes_and_leaks_nothing(tiny, asynchronou
     schedule, seen = engine.scheduler.schedule, []
     monkeypatch.setattr(engine.scheduler, "schedule", lambda: seen.append(schedule()) or seen[-1])
     with pytest.raises(RuntimeError, match="failed"):
-        step()
+        _step(engine, outs)
     moved = [[c[0].request_id for c in copies] for copies in (seen[0].swap_out, seen[0].swap_in)]
     assert moved == [["A"], ["B"]] and len(calls) == 1
     monkeypatch.undo()
@@ -455,16 +460,10 @@ def test_abort_right_after_a_swap_in_leaks_nothing(tiny, asynchronous):
     before it ever ran on the copied KV); the others finish unchanged."""
     engine = engine_for(tiny, max_num_seqs=2, swap_space=32 * BLOCK, preemption_mode="swap",
                         async_swap=asynchronous, kv_reuse=False)
-    outs = {}
-    for rid in ("long", "low", "urgent"):
-        prompt, n, priority = RESUME[rid]
-        engine.add_request(rid, {"prompt_token_ids": prompt},
-                           SamplingParams(max_tokens=n, **GREEDY), priority=priority)
-        for _ in range(3):
-            outs.update({o.request_id: o.outputs[0].token_ids for o in engine.step()
-                         if o.finished})
+    outs: dict[str, list[int]] = {}
+    _start_resume_scenario(engine, outs)
     while engine.swapper.stats.num_swap_ins == 0:
-        outs.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+        _step(engine, outs)
     low = engine.groups["low"].requests[0]
     assert low in engine.scheduler.running and low.host_blocks == []
     engine.abort_request("low")
