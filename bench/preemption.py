@@ -6,7 +6,10 @@ Two parts, both on CPU by default (``--part micro|workload|all``):
 micro: swap-out + swap-in of one request's KV (default 2048 tokens of
 `smollm2-135m-random`) through the engine's copy paths (`SwapExecutor`): as
 block groups (the sequence's contiguous runs as a few static-size slices of
-the pool) vs one synchronous copy per block; plus the kernels' gather/scatter
+the pool) vs one synchronous copy per block (all its layers at once, as
+Sluice's block-major pool allows) vs one synchronous copy per block, layer and
+K/V (the copy granularity of per-block swapping over one cache per layer, as
+in vLLM's ``swap_blocks``); plus the kernels' gather/scatter
 primitive (`ModelRunner.copy_out` / `copy_in`) for reference. Each is timed
 over several repeats after a warm-up; the restored bytes are checked. Also one
 forward step with the request's swap-in issued before it (synchronous) vs
@@ -57,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -73,7 +77,7 @@ from sluice.runtime.loader import load_model
 from sluice.runtime.model_runner import ModelRunner, StepRow
 from sluice.runtime.request import Request
 from sluice.runtime.sampling_params import SamplingParams
-from sluice.runtime.swap import (HostSwapSpace, SwapExecutor, _pieces, _slice_blocks,
+from sluice.runtime.swap import (COPY_MODES, HostSwapSpace, SwapExecutor, _slice_blocks,
                                 _update_blocks)
 from sluice.scheduler.policies import FairPolicy, PriorityPolicy
 
@@ -111,7 +115,7 @@ def micro_one(args, model_name: str) -> dict:
     space = HostSwapSpace(runner.spec, n)
     runs, host = [(0, n)], list(range(n))
     executors = {mode: SwapExecutor(runner, space, mode, asynchronous=False)
-                 for mode in ("grouped", "per_block")}
+                 for mode in COPY_MODES}
 
     def executor_switch(mode: str) -> float:
         start = time.perf_counter()
@@ -124,11 +128,11 @@ def micro_one(args, model_name: str) -> dict:
         runner.kv_cache.block_until_ready()
         return time.perf_counter() - start
 
-    paths = {"grouped": lambda: executor_switch("grouped"),
-             "per_block": lambda: executor_switch("per_block"),
-             "gather_scatter_primitive": primitive_switch}
+    paths = {m: functools.partial(executor_switch, m) for m in COPY_MODES}
+    paths["gather_scatter_primitive"] = primitive_switch
     for f in paths.values():  # warm-up compiles every copy shape
         f()
+    calls = {m: e.stats.copy_calls // 2 for m, e in executors.items()}  # of the warm-up
     times = {k: [] for k in paths}
     for _ in range(args.repeats):
         for k, f in paths.items():
@@ -139,9 +143,9 @@ def micro_one(args, model_name: str) -> dict:
     return {
         "model": model_name, "tokens": args.tokens, "blocks": n,
         "bytes": nbytes, "best_s": best, "all_s": times,
-        "copy_calls_each_way": {m: len(_pieces(runs, m == "per_block", e.max_piece))
-                                for m, e in executors.items()},
+        "copy_calls_each_way": calls,
         "speedup_grouped_vs_per_block": best["per_block"] / best["grouped"],
+        "speedup_grouped_vs_per_layer_block": best["per_layer_block"] / best["grouped"],
         "grouped_GBps_both_directions": 2 * nbytes / best["grouped"] / 1e9,
         "swap_in_overlap": swap_in_overlap(args, model, runner, space, runs, host, before),
     }
@@ -522,7 +526,9 @@ def main(argv: list[str] | None = None) -> None:
         (RESULTS / "preemption_swap.json").write_text(json.dumps(res, indent=2))
         for r in res["results"]:
             print(json.dumps({k: r[k] for k in ("model", "blocks", "bytes", "best_s",
-                                                "speedup_grouped_vs_per_block")}, indent=2))
+                                                "copy_calls_each_way",
+                                                "speedup_grouped_vs_per_block",
+                                                "speedup_grouped_vs_per_layer_block")}, indent=2))
     if args.part in ("workload", "all"):
         res = workload(args)
         name = f"preemption_workload{args.suffix}"

@@ -22,6 +22,7 @@ from sluice.runtime.sampling_params import SamplingParams
 from sluice.provision import cli as provision_cli
 from sluice.rag import cli as rag_cli
 from sluice.runtime.server import ServerConfig, bind_socket, run_server
+from sluice.runtime.swap import COPY_MODES
 from sluice.scheduler.async_cluster import AsyncCluster, local_cluster
 from sluice.scheduler.cluster import DISPATCH_POLICIES, ClusterConfig
 
@@ -73,8 +74,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preemption-mode", default="auto", choices=["auto", "swap"],
                    help="with --swap-space: swap only when copying is estimated cheaper than "
                         "recomputing (auto), or whenever host blocks are free (default: auto)")
-    g.add_argument("--swap-copy", default="grouped", choices=["grouped", "per_block"],
-                   help="swap copies by block groups, or one copy per block (a baseline)")
+    g.add_argument("--swap-copy", default="grouped", choices=list(COPY_MODES),
+                   help="swap copies by block groups, or (baselines) one copy per block, or "
+                        "one per block, layer and K/V")
     g.add_argument("--no-async-swap", action="store_true",
                    help="swap synchronously: swap-outs finish and swap-ins complete "
                         "on the engine thread before the step")

@@ -68,7 +68,9 @@ class EngineConfig:
     displace_streaming: bool = True
     swap_space: int = 0  # bytes of host memory for swapped-out KV; 0 = preempt by recompute
     preemption_mode: str = "auto"  # with swap space: auto (cheaper of swap/recompute) | swap
-    swap_copy: str = "grouped"  # grouped (block groups) | per_block (one copy per block)
+    # grouped (block groups) | per_block (one copy per block) | per_layer_block (per block,
+    # layer and K/V); the last two are baselines
+    swap_copy: str = "grouped"
     # swap-outs finish on a worker thread, swap-ins overlap a forward step: off the step
     async_swap: bool = True
     kv_reuse: bool = True  # finished conversations' KV stays in the swap space (multi-turn reuse)

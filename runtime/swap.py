@@ -22,7 +22,9 @@ in only those blocks instead of recomputing them. Exhaustion is not an error:
   static-size slices of the block-major pool (a run of ``n`` blocks is one
   slice per set bit of ``n``, so the compiled copies stay few); ``per_block``
   mode, the baseline of `bench/preemption.py`, issues one synchronous copy per
-  block, as per-block swap implementations do.
+  block (all its layers: the pool is block-major); ``per_layer_block`` mode
+  issues one synchronous copy per block, layer and K/V, the granularity of
+  swap implementations that keep one cache per layer (vLLM's ``swap_blocks``).
 - Swap-outs are issued before the step's forward. Asynchronous swapping
   (``asynchronous``): the slices are dispatched on the engine thread (JAX
   orders them before any later write to the pool, so the device blocks can be
@@ -67,7 +69,7 @@ from sluice.runtime.kv_cache import KVCacheSpec
 if TYPE_CHECKING:
     from sluice.runtime.model_runner import ModelRunner
 
-COPY_MODES = ("grouped", "per_block")
+COPY_MODES = ("grouped", "per_block", "per_layer_block")
 # Largest slice of one grouped copy. Bounding the staging buffers lets the
 # allocator recycle them: on CPU, a fresh 100 MB staging buffer costs more in
 # page faults than the copy itself (measured: bench/RESULTS.md, preemption).
@@ -182,6 +184,19 @@ def _slice_blocks(cache: jax.Array, start: jax.Array, n: int) -> jax.Array:
 @functools.partial(jax.jit, donate_argnums=0)
 def _update_blocks(cache: jax.Array, start: jax.Array, blocks: jax.Array) -> jax.Array:
     return jax.lax.dynamic_update_slice_in_dim(cache, blocks.astype(cache.dtype), start, 0)
+
+
+@jax.jit
+def _slice_layer(cache: jax.Array, block: jax.Array, layer: jax.Array, kv: jax.Array) -> jax.Array:
+    """The K or V (``kv``) of one layer of one block."""
+    return jax.lax.dynamic_slice(cache, (block, layer, kv, 0, 0, 0), (1, 1, 1) + cache.shape[3:])
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _update_layer(cache: jax.Array, block: jax.Array, layer: jax.Array, kv: jax.Array,
+                  part: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_slice(cache, part.astype(cache.dtype),
+                                        (block, layer, kv, 0, 0, 0))
 
 
 def _pieces(runs: Sequence[tuple[int, int]], per_block: bool,
@@ -350,11 +365,14 @@ class SwapExecutor:
     def copy_out(self, runs: list[tuple[int, int]], host: list[int]) -> None:
         """Device runs -> host blocks (same order); asynchronous if configured."""
         with self._stall():
-            pieces = _pieces(runs, self.mode == "per_block", self.max_piece)
+            pieces = _pieces(runs, self.mode != "grouped", self.max_piece)
             self.stats.num_swap_outs += 1
             self.stats.blocks_out += len(host)
-            self.stats.copy_calls += len(pieces)
+            self.stats.copy_calls += len(pieces) * self._copies_per_piece
             kv = self.runner.kv_cache
+            if self.mode == "per_layer_block":
+                self._store_layers(host, [start for start, _ in pieces])
+                return
             if self.mode == "per_block" or not self.asynchronous:
                 # lazily: each piece is fetched before the next is issued
                 self._store(host, (_slice_blocks(kv, start, size) for start, size in pieces))
@@ -373,21 +391,49 @@ class SwapExecutor:
             off += a.shape[0]
         self.cost.observe_copy(len(host) * self.space.bytes_per_block, time.perf_counter() - t0)
 
+    @property
+    def _copies_per_piece(self) -> int:
+        layers, halves = self.space.blocks.shape[1:3]
+        return layers * halves if self.mode == "per_layer_block" else 1
+
+    def _layer_parts(self, host: list[int], device: list[int]):
+        """(host block, device block, layer, K or V) of each per-layer copy, in order."""
+        layers, halves = self.space.blocks.shape[1:3]
+        for h, b in zip(host, device):
+            for layer in range(layers):
+                for half in range(halves):
+                    yield h, b, layer, half
+
+    def _store_layers(self, host: list[int], device: list[int]) -> None:
+        t0 = time.perf_counter()
+        kv = self.runner.kv_cache
+        for h, b, layer, half in self._layer_parts(host, device):
+            self.space.blocks[h, layer, half] = np.asarray(_slice_layer(kv, b, layer, half))[0, 0, 0]
+        self.cost.observe_copy(len(host) * self.space.bytes_per_block, time.perf_counter() - t0)
+
     def _copy_in(self, runs: list[tuple[int, int]], host: list[int]) -> None:
         """Host blocks -> device runs (the caller waited for pending stores into them)."""
-        device = getattr(self.runner, "device", None)
-        pieces = _pieces(runs, self.mode == "per_block", self.max_piece)
-        off = 0
-        for start, size in pieces:
-            blocks = self.space.load(host[off:off + size])  # a fresh array per piece
-            part = jax.device_put(blocks, device) if device is not None else jnp.asarray(blocks)
-            self.runner.kv_cache = _update_blocks(self.runner.kv_cache, start, part)
-            if self.mode == "per_block":
-                jax.block_until_ready(self.runner.kv_cache)  # synchronous, block by block
-            off += size
+        pieces = _pieces(runs, self.mode != "grouped", self.max_piece)
+        if self.mode == "per_layer_block":
+            for h, b, layer, half in self._layer_parts(host, [start for start, _ in pieces]):
+                part = self._put(self.space.blocks[h, layer, half][None, None, None].copy())
+                self.runner.kv_cache = _update_layer(self.runner.kv_cache, b, layer, half, part)
+                jax.block_until_ready(self.runner.kv_cache)  # synchronous, copy by copy
+        else:
+            off = 0
+            for start, size in pieces:
+                part = self._put(self.space.load(host[off:off + size]))  # fresh per piece
+                self.runner.kv_cache = _update_blocks(self.runner.kv_cache, start, part)
+                if self.mode == "per_block":
+                    jax.block_until_ready(self.runner.kv_cache)  # synchronous, block by block
+                off += size
         self.stats.num_swap_ins += 1
         self.stats.blocks_in += len(host)
-        self.stats.copy_calls += len(pieces)
+        self.stats.copy_calls += len(pieces) * self._copies_per_piece
+
+    def _put(self, blocks: np.ndarray) -> jax.Array:
+        device = getattr(self.runner, "device", None)
+        return jax.device_put(blocks, device) if device is not None else jnp.asarray(blocks)
 
     def wait(self, host: Sequence[int] | None = None) -> None:
         """Block until the pending stores into ``host`` (default: all) are done."""

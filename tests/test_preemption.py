@@ -46,7 +46,8 @@ def test_pieces_cover_runs_in_order(max_piece):
 
 
 @pytest.mark.parametrize("mode,asynchronous", [("grouped", True), ("grouped", False),
-                                                ("per_block", False)])
+                                                ("per_block", False),
+                                                ("per_layer_block", False)])
 def test_copies_round_trip_while_device_blocks_are_reused(tiny, mode, asynchronous):
     """Swap out, overwrite the vacated device blocks at once (as a new request
     would), then swap back into other blocks (asynchronously: issued behind a
@@ -70,7 +71,9 @@ def test_copies_round_trip_while_device_blocks_are_reused(tiny, mode, asynchrono
     np.testing.assert_array_equal(restored[20:28], original[ids])
     assert space.num_free_blocks == 16
     assert ex.stats.blocks_out == ex.stats.blocks_in == 8
-    assert ex.stats.copy_calls == (16 if mode == "per_block" else 5)  # 4+1, 2+1 out; 8 in
+    per_block_copies = runner.spec.shape[1] * 2 if mode == "per_layer_block" else 1  # layers, K/V
+    calls = 5 if mode == "grouped" else 16 * per_block_copies  # grouped: 4+1, 2+1 out; 8 in
+    assert ex.stats.copy_calls == calls
     ex.close()
 
 
@@ -160,6 +163,8 @@ STORMS = {
     "swap-per-block-sync": dict(swap_space=64 * BLOCK, preemption_mode="swap",
                                 swap_copy="per_block", async_swap=False),
     "swap-grouped-async": dict(swap_space=64 * BLOCK, preemption_mode="swap"),
+    "swap-per-layer-block-async": dict(swap_space=64 * BLOCK, preemption_mode="swap",
+                                       swap_copy="per_layer_block"),
     "swap-exhausted": dict(swap_space=3 * BLOCK, preemption_mode="swap"),
     "auto": dict(swap_space=64 * BLOCK),
 }
