@@ -304,10 +304,11 @@ class _Fetched:
 
 def _log_step_events(engine: LLMEngine, monkeypatch) -> list[tuple[str, object]]:
     """Per engine step, in order: ("step", ids run), "sample" (dispatched),
-    "copy_in", "fetch"."""
+    "copy_in", "fetch", "observe" (the step offered to the cost model)."""
     events: list = []
     runner, swapper = engine.runner, engine.swapper
     execute, sample, copy_in = runner.execute, runner._sample, swapper._copy_in
+    observe = swapper.cost.observe_step
 
     def spy_execute(rows, during=None):
         events.append(("step", [r.request.request_id for r in rows]))
@@ -322,9 +323,14 @@ def _log_step_events(engine: LLMEngine, monkeypatch) -> list[tuple[str, object]]
         events.append("copy_in")
         return copy_in(runs, host)
 
+    def spy_observe(*args):
+        events.append("observe")
+        return observe(*args)
+
     monkeypatch.setattr(runner, "execute", spy_execute)
     monkeypatch.setattr(runner, "_sample", spy_sample)
     monkeypatch.setattr(swapper, "_copy_in", spy_copy_in)
+    monkeypatch.setattr(swapper.cost, "observe_step", spy_observe)
     return events
 
 
@@ -380,7 +386,39 @@ def test_swap_in_overlaps_the_step_it_is_issued_in(tiny, asynchronous, monkeypat
     else:  # issued and complete before the step that runs `low`
         assert "fetch" in events[issued_in:at]  # the previous step had finished
         assert "low" in after[0]
+    # Every step's time goes to the prefill-rate estimate except one with a copy inside.
+    for s, end in zip(steps, steps[1:] + [len(events)]):
+        assert ("observe" in events[s:end]) == (not asynchronous or s != issued_in), s
     _check_outputs(tiny, engine, outs, RESUME)
+
+
+class _Step:
+    """Stands in for a forward step's output, still running or finished."""
+
+    def __init__(self, finished: bool):
+        self.finished = finished
+
+    def is_ready(self) -> bool:
+        return self.finished
+
+
+@pytest.mark.parametrize("behind", [None, "running", "finished"])
+def test_swap_in_stall_and_copy_samples_depend_on_overlap(tiny, behind):
+    """A synchronous swap-in is stall and a copy-bandwidth sample; one issued
+    behind a running step is neither; behind a step that had already finished,
+    the device waited for it: stall, but still no sample (it was not waited for)."""
+    runner = ModelRunner(tiny, 8, 16, max_num_seqs=1, max_num_batched_tokens=16,
+                         max_prefill_seqs=1, max_model_len=128)
+    space = HostSwapSpace(runner.spec, 4)
+    ex = SwapExecutor(runner, space, "grouped", asynchronous=True)
+    host = space.reserve(4)
+    ex.run([], [(None, [(2, 4)], host)], release=host,
+           behind=None if behind is None else _Step(behind == "finished"))
+    runner.kv_cache.block_until_ready()
+    assert (ex.stats.stall_s > 0) == (behind != "running")
+    assert ex.cost.num_copy_samples == (behind is None)
+    assert ex.stats.num_swap_ins == 1 and space.num_free_blocks == 4
+    ex.close()
 
 
 SWITCH = {"A": ([5] * 20, 40, 0), "B": ([9] * 30, 30, 5), "C": ([3] * 20, 30, 0)}
