@@ -513,3 +513,31 @@ def test_abort_right_after_a_swap_in_leaks_nothing(tiny, asynchronous):
     outs.update(_drain(engine))
     assert "low" not in outs
     _check_outputs(tiny, engine, outs, {k: RESUME[k] for k in ("long", "urgent")})
+
+
+@pytest.mark.parametrize("asynchronous", [True, False])
+def test_live_migration_right_after_a_swap_in_moves_the_copied_kv(tiny, asynchronous):
+    """``low`` moves to another engine in the step after its copy-in was issued
+    (asynchronously: before it ever ran on the copied KV, so the export must
+    read the pool after the copy): its output there is unchanged, and no block
+    leaks on either side."""
+    src = engine_for(tiny, max_num_seqs=2, swap_space=32 * BLOCK, preemption_mode="swap",
+                     async_swap=asynchronous, kv_reuse=False)
+    dst = engine_for(tiny, max_num_seqs=2)
+    outs: dict[str, list[int]] = {}
+    _start_resume_scenario(src, outs)
+    while src.swapper.stats.num_swap_ins == 0:
+        _step(src, outs)
+    low = src.groups["low"].requests[0]
+    computed = low.num_computed_tokens
+    epoch = src.migration.epoch("low")
+    assert epoch is not None
+    chunk = src.migration.export_kv("low", 0, epoch)
+    assert dst.migration.import_kv("low", chunk)
+    handover = src.migration.suspend("low", chunk.num_blocks, epoch)
+    assert handover.num_computed_tokens == computed and dst.migration.adopt(handover)
+    src.migration.release("low")
+    outs.update(_drain(src))
+    outs.update(_drain(dst))
+    assert dst.block_manager.num_free_blocks == dst.block_manager.num_blocks
+    _check_outputs(tiny, src, outs, RESUME)
