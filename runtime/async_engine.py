@@ -4,7 +4,9 @@
 validates at once (raising
 ``ValueError``) and returns an async iterator of streamed `RequestOutput`s;
 closing the iterator early (a client disconnect) aborts the request.
-``abort(request_id)`` aborts explicitly; ``stats()`` is the engine's
+``abort(request_id)`` aborts explicitly; ``set_priority(request_id, priority)``
+re-ranks a live request (an admin call; False if no live request has that id);
+``stats()`` is the engine's
 `EngineStats` as of the last step, snapshotted on the worker thread so readers
 on the event loop never see a half-updated engine. All engine calls happen on one worker
 thread, between steps, so the engine itself stays single-threaded and the event
@@ -21,6 +23,7 @@ import logging
 from typing import AsyncIterator, Awaitable, Callable
 
 from sluice.runtime.engine import EngineStats, Group, LLMEngine, Prompt
+from sluice.runtime.intake import check_priority
 from sluice.runtime.outputs import RequestOutput
 from sluice.runtime.sampling_params import SamplingParams
 
@@ -53,6 +56,7 @@ class AsyncEngine:
         # Filled on the event loop, drained on the worker: deques are thread-safe.
         self._adds: collections.deque[Group] = collections.deque()
         self._aborts: collections.deque[str] = collections.deque()
+        self._priorities: collections.deque[tuple[str, int]] = collections.deque()
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._ids = itertools.count()
@@ -78,6 +82,16 @@ class AsyncEngine:
             self._aborts.append(request_id)
             self._ensure_loop()
 
+    async def set_priority(self, request_id: str, priority: int) -> bool:
+        """Change a live request's priority from the next step; False (nothing
+        changed) if no unfinished request has that id."""
+        check_priority(priority)
+        if request_id not in self._streams:
+            return False
+        self._priorities.append((request_id, priority))
+        self._ensure_loop()
+        return True
+
     def _ensure_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():
             self._wakeup = asyncio.Event()
@@ -89,6 +103,8 @@ class AsyncEngine:
             self.engine.enqueue(self._adds.popleft())
         while self._aborts:
             self.engine.abort_request(self._aborts.popleft())
+        while self._priorities:
+            self.engine.set_priority(*self._priorities.popleft())
 
     def stats(self) -> EngineStats:
         return self._stats
@@ -102,7 +118,8 @@ class AsyncEngine:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not (self._adds or self._aborts or self.engine.has_unfinished_requests()):
+            if not (self._adds or self._aborts or self._priorities
+                    or self.engine.has_unfinished_requests()):
                 self._wakeup.clear()
                 await self._wakeup.wait()
             try:

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from sluice.runtime.block_manager import BlockManager
-from sluice.runtime.intake import Group, Intake, Prompt
+from sluice.runtime.intake import Group, Intake, Prompt, check_priority
 from sluice.runtime.kv_cache import KVCacheSpec, num_blocks_for_budget
 from sluice.runtime.loader import Model
 from sluice.runtime.migration import MigrationEndpoint
@@ -208,8 +208,7 @@ class LLMEngine:
     def set_priority(self, request_id: str, priority: int) -> None:
         """Change a request's priority while it waits or runs (an admin call); the
         scheduler acts on it from the next step. Unknown ids: no-op."""
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise ValueError(f"priority: must be an integer, got {priority!r}")
+        check_priority(priority)
         group = self.groups.get(request_id)
         for req in group.requests if group else ():
             req.priority = priority

@@ -35,6 +35,13 @@ class Group:
         return all(r.is_finished for r in self.requests)
 
 
+def check_priority(priority: Any) -> int:
+    """A request priority: any integer (lower runs first under the priority policy)."""
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ValueError(f"priority: must be an integer, got {priority!r}")
+    return priority
+
+
 class Intake:
     def __init__(self, model: Model, max_model_len: int, seed: int | None = None):
         self.model = model
@@ -50,6 +57,7 @@ class Intake:
         ``conversation`` keys multi-turn KV reuse (the next turn's prompt extends
         this one's); it needs a single completion (n = 1)."""
         params = params or SamplingParams()
+        check_priority(priority)
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling_params: must be a SamplingParams")
         if conversation is not None and (not isinstance(conversation, str) or not conversation

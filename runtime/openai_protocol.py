@@ -225,6 +225,13 @@ class DetokenizeRequest(_Request):
     tokens: list[int]
 
 
+class PriorityRequest(_Request):
+    """``POST /admin/priority``: re-rank a running completion by its response ``id``."""
+
+    request_id: str
+    priority: int
+
+
 R = TypeVar("R", bound=BaseModel)
 
 

@@ -7,7 +7,10 @@ Endpoints: ``POST /v1/completions`` and ``/v1/chat/completions`` (JSON, or
 server-sent events ending in ``data: [DONE]`` when ``stream`` is true),
 ``POST /v1/embeddings``, ``GET /v1/models[/{id}]``, ``POST /tokenize``,
 ``POST /detokenize``, ``GET /health``, ``GET /version``, ``GET /metrics``
-(Prometheus, see `sluice.runtime.metrics`), and ``POST /v1/rag/query`` when
+(Prometheus, see `sluice.runtime.metrics`), ``POST /admin/priority``
+(``{"request_id": <a completion's id>, "priority": <int>}``: re-rank an
+unfinished completion while it waits or runs; 404 if none has that id; a
+stream's id is in its ``X-Request-Id`` header before the first token), and ``POST /v1/rag/query`` when
 ``ServerConfig.rag_index`` names a RAG index (`sluice.rag.http`). Schemas and the request ->
 `SamplingParams` mapping live in `sluice.runtime.openai_protocol`.
 
@@ -91,6 +94,7 @@ class _Job:
     request_id: str
     stream: AsyncIterator[RequestOutput]
     n: int
+    response_id: str  # the API request's id (its response's ``id``)
     waiting: bool = True  # admitted, no output yet (counts against max_waiting)
     last: RequestOutput | None = None
     closed: bool = False
@@ -106,6 +110,7 @@ class OpenAIServer:
         self.metrics = ServerMetrics(config.model_name)
         self.created = proto.now()
         self.num_waiting = 0
+        self._live: dict[str, list[_Job]] = {}  # response id -> its unfinished jobs
         self._embed_lock = asyncio.Lock()
         routes = [
             Route("/v1/completions", self._endpoint(self.completions), methods=["POST"]),
@@ -118,6 +123,7 @@ class OpenAIServer:
             Route("/health", self._endpoint(self.health), methods=["GET"]),
             Route("/version", self._endpoint(self.version), methods=["GET"]),
             Route("/metrics", self._endpoint(self.prometheus), methods=["GET"]),
+            Route("/admin/priority", self._endpoint(self.set_priority), methods=["POST"]),
         ]
         if config.rag_index is not None:
             from sluice.rag.http import load_rag_service, rag_routes
@@ -188,7 +194,7 @@ class OpenAIServer:
                 stream = await self.engine.generate(prompt, params, request_id=job_id,
                                                     priority=req.priority, client=req.user,
                                                     conversation=conversation)
-                jobs.append(_Job(job_id, stream, params.n))
+                jobs.append(_Job(job_id, stream, params.n, rid))
                 self.num_waiting += 1
         except ValueError as e:
             await self._close(jobs)
@@ -199,10 +205,13 @@ class OpenAIServer:
                 err.param = "conversation_id"
             raise err from None
         request.state.request_id = rid
+        self._live[rid] = jobs
         return jobs
 
     async def _close(self, jobs: list[_Job]) -> None:
         """Release jobs: idempotent; aborts every job that did not finish."""
+        if jobs:
+            self._live.pop(jobs[0].response_id, None)
         for job in jobs:
             if job.closed:
                 continue
@@ -287,7 +296,7 @@ class OpenAIServer:
         created = proto.now()
         if req.stream:
             return _SSEResponse(self._completion_chunks(request, req, jobs, rid, created),
-                                lambda: self._close(jobs))
+                                lambda: self._close(jobs), rid)
         return await self._until_disconnect(request, jobs, self._completion_full(
             request, req, jobs, rid, created))
 
@@ -359,7 +368,7 @@ class OpenAIServer:
         created = proto.now()
         if req.stream:
             return _SSEResponse(self._chat_chunks(request, req, jobs[0], rid, created),
-                                lambda: self._close(jobs))
+                                lambda: self._close(jobs), rid)
         return await self._until_disconnect(request, jobs, self._chat_full(
             request, jobs[0], rid, created))
 
@@ -500,6 +509,21 @@ class OpenAIServer:
         ids = self._token_ids(req.tokens, "tokens") if req.tokens else []
         return JSONResponse({"prompt": self.tokenizer.decode(ids)})
 
+    async def set_priority(self, request: Request) -> Response:
+        """Re-rank every unfinished engine request of a completion (all its prompts)."""
+        req = proto.parse(proto.PriorityRequest, await self._body(request))
+        jobs = [j for j in self._live.get(req.request_id, []) if not j.closed]
+        try:
+            changed = [j.request_id for j in jobs
+                       if await self.engine.set_priority(j.request_id, req.priority)]
+        except ValueError as e:
+            raise proto.value_error(e) from None
+        if not changed:
+            raise APIError(404, f"no unfinished request has id {req.request_id!r}",
+                           param="request_id", code="request_not_found")
+        return JSONResponse({"request_id": req.request_id, "priority": req.priority,
+                             "engine_requests": changed})
+
     async def health(self, request: Request) -> Response:
         return Response(status_code=200)
 
@@ -524,12 +548,16 @@ async def _wait_disconnect(receive: Receive) -> None:
 class _SSEResponse(Response):
     """Server-sent events from ``body``; a client disconnect (noticed by a
     receive watcher, not only when a write fails) stops the stream, and
-    ``on_close`` runs however the stream ends."""
+    ``on_close`` runs however the stream ends. The headers go out at once, with
+    the response id in ``X-Request-Id``, so a client can re-rank
+    (``/admin/priority``) a stream still queued for its first token."""
 
-    def __init__(self, body: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]):
+    def __init__(self, body: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]],
+                 request_id: str):
         self.status_code, self.background = 200, None
         self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
-                            (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+                            (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"),
+                            (b"x-request-id", request_id.encode())]
         self.body_iterator, self.on_close = body, on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

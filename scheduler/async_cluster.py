@@ -3,7 +3,8 @@ the HTTP server serves many instances exactly as it serves one.
 
 ``generate(prompt, params, request_id=..., priority=..., client=...)``
 validates at once (``ValueError``) and returns an async iterator of
-`RequestOutput`s (closing it early aborts the request); ``abort``, ``stats``
+`RequestOutput`s (closing it early aborts the request); ``abort``,
+``set_priority``, ``stats``
 (the instances' engine stats summed) and ``shutdown`` as in `AsyncEngine`.
 ``engine`` is the cluster's `Intake`: the model and ``max_model_len`` the
 server reads from an engine.
@@ -25,7 +26,7 @@ import jax
 from sluice.runtime.async_engine import stream_outputs
 from sluice.runtime.engine import (EngineConfig, EngineStats, LLMEngine, Prompt,
                                    resolve_max_model_len)
-from sluice.runtime.intake import Intake
+from sluice.runtime.intake import Intake, check_priority
 from sluice.runtime.loader import Model
 from sluice.runtime.outputs import RequestOutput
 from sluice.runtime.sampling_params import SamplingParams
@@ -83,6 +84,9 @@ class AsyncCluster:
 
     async def abort(self, request_id: str) -> None:
         self.cluster.abort(request_id)
+
+    async def set_priority(self, request_id: str, priority: int) -> bool:
+        return self.cluster.set_priority(request_id, check_priority(priority))
 
     def stats(self) -> EngineStats:
         """The live instances' engine stats, summed (``kv_usage`` over all blocks)."""

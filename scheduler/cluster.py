@@ -192,15 +192,18 @@ class Cluster:
             if inst is not None and inst.alive:
                 inst.abort(request_id)
 
-    def set_priority(self, request_id: str, priority: int) -> None:
+    def set_priority(self, request_id: str, priority: int) -> bool:
+        """Re-rank a request wherever it runs (and if it is re-dispatched); False
+        if the cluster does not hold it."""
         with self._lock:
             rec = self._records.get(request_id)
             if rec is None:
-                return
+                return False
             rec.priority = priority
             inst = self.instances.get(rec.owner)
         if inst is not None:
             inst.set_priority(request_id, priority)
+        return True
 
     def add_instance(self, instance: Instance) -> None:
         """Serve with one more instance (wired to `on_outputs` / `on_death`)."""

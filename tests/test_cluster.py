@@ -459,6 +459,15 @@ def test_serve_instances_over_http():
         assert re.search(r"^sluice:num_requests_running{[^}]*} 0\.0$", metrics, re.M)
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model="tiny", prompt="", max_tokens=5)
+        # The admin call re-ranks a stream on whichever instance runs it.
+        body = {"model": "tiny", "prompt": "re-rank me", "max_tokens": 200, "stream": True,
+                "ignore_eos": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            rid = r.headers["x-request-id"]
+            ok = httpx.post(url + "/admin/priority", json={"request_id": rid, "priority": 3})
+            assert ok.status_code == 200 and ok.json()["engine_requests"] == [rid], ok.text
+        gone = httpx.post(url + "/admin/priority", json={"request_id": rid, "priority": 3})
+        assert gone.status_code == 404 and gone.json()["error"]["param"] == "request_id"
     finally:
         proc.terminate()
         proc.wait(30)

@@ -89,6 +89,9 @@ def test_set_priority_at_runtime(tiny):
     with pytest.raises(ValueError, match="priority"):
         engine.set_priority("a", "high")
     engine.set_priority("unknown", 3)  # no-op
+    with pytest.raises(ValueError, match="priority: must be an integer"):
+        engine.add_request("c", {"prompt_token_ids": [5]}, priority=1.5)
+    assert "c" not in engine.groups
 
 
 def test_fair_policy_serves_the_least_served_client_first(tiny):

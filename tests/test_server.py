@@ -291,12 +291,58 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     ("/v1/embeddings", {"input": "x" * 300}, 400, "input"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
     ("/tokenize", {}, 400, "prompt"),
+    ("/admin/priority", {"request_id": "cmpl-nope", "priority": 1}, 404, "request_id"),
+    ("/admin/priority", {"priority": 1}, 400, "request_id"),
+    ("/admin/priority", {"request_id": "cmpl-x", "priority": "high"}, 400, "priority"),
+    ("/admin/priority", {"request_id": "cmpl-x", "priority": True}, 400, "priority"),
 ])
 def test_bad_requests_get_openai_errors(live, http, path, body, status, param):
     kw = {"content": body} if isinstance(body, bytes) else {"json": body}
     assert_error(http.post(path, **kw), status, param)
     live.wait_idle()
     assert http.post("/v1/completions", json=GOOD).status_code == 200  # still serving
+
+
+def test_admin_priority_reranks_a_queued_stream(tiny):
+    """One sequence slot, the priority policy: a stream queued behind a long one
+    finishes first once ``/admin/priority`` raises it (by the id in its
+    ``X-Request-Id`` header, before its first token); a finished one is a 404;
+    nothing leaks."""
+    srv = LiveServer(tiny, dict(api_key=KEY), dict(scheduling_policy="priority", max_num_seqs=1))
+    body = {"stream": True, **LONG, "max_tokens": 240, "priority": 5}
+    done: dict[str, float] = {}  # stream -> when its [DONE] arrived
+
+    def read_to_end(name: str, lines) -> None:
+        if [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]":
+            done[name] = time.monotonic()
+
+    try:
+        with httpx.Client(base_url=srv.url, headers=AUTH, timeout=60) as http:
+            srv.wait_idle()
+            free = srv.server.engine.stats().num_free_blocks
+            with http.stream("POST", "/v1/completions", json={**body, "prompt": "first"}) as a:
+                a_lines = a.iter_lines()
+                assert next(a_lines).startswith("data: ")  # running, in the only slot
+                reader = threading.Thread(target=read_to_end, args=("a", a_lines))
+                reader.start()
+                with http.stream("POST", "/v1/completions",
+                                 json={**body, "prompt": "second"}) as b:
+                    rid = b.headers["x-request-id"]
+                    assert rid.startswith("cmpl-")
+                    r = http.post("/admin/priority", json={"request_id": rid, "priority": 0})
+                    assert r.status_code == 200, r.text
+                    assert r.json() == {"request_id": rid, "priority": 0,
+                                        "engine_requests": [rid]}
+                    read_to_end("b", b.iter_lines())
+                reader.join(60)
+            assert done["b"] < done["a"]  # without the call, b would wait for all of a
+            assert srv.engine.scheduler.num_preemptions >= 1
+            assert_error(http.post("/admin/priority", json={"request_id": rid, "priority": 1}),
+                         404, "request_id")
+            srv.wait_idle()
+            assert srv.server.engine.stats().num_free_blocks == free
+    finally:
+        srv.stop()
 
 
 def test_unknown_route_and_method(http):
