@@ -68,6 +68,14 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-displace-streaming", action="store_true",
                    help="with --scheduling-policy priority: never displace a request that has "
                         "produced a token (no pause in a stream for priority's sake)")
+    g.add_argument("--fair-weights", type=_token_weights, default=(1.0, 2.0),
+                   metavar="IN,OUT",
+                   help="with --scheduling-policy fair: service counted per prompt token and "
+                        "per generated token (default: 1,2)")
+    g.add_argument("--client-weights", type=_client_weights, default=None,
+                   metavar="CLIENT=W,...",
+                   help="with --scheduling-policy fair: relative shares of service per client "
+                        "(the request's `user`, else its API key); unlisted clients: 1")
     g.add_argument("--swap-space", type=float, default=0.0,
                    help="GiB of host memory for the KV of preempted requests; 0 preempts by "
                         "recompute (default: 0)")
@@ -93,6 +101,27 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="skip compiling every shape bucket at start-up")
 
 
+def _token_weights(text: str) -> tuple[float, float]:
+    try:
+        w_in, w_out = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected IN,OUT (two numbers), got {text!r}")
+    return w_in, w_out
+
+
+def _client_weights(text: str) -> dict[str, float]:
+    weights = {}
+    for item in text.split(","):
+        client, sep, weight = item.rpartition("=")
+        try:
+            weights[client] = float(weight)
+        except ValueError:
+            sep = ""
+        if not sep or not client:
+            raise argparse.ArgumentTypeError(f"expected CLIENT=WEIGHT, got {item!r}")
+    return weights
+
+
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
@@ -103,6 +132,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
                 scheduling_policy=args.scheduling_policy, resume_deadline_s=args.resume_deadline,
                 aging_s=args.priority_aging,
                 displace_streaming=not args.no_displace_streaming,
+                fair_w_in=args.fair_weights[0], fair_w_out=args.fair_weights[1],
+                client_weights=args.client_weights,
                 swap_space=int(args.swap_space * GiB), preemption_mode=args.preemption_mode,
                 swap_copy=args.swap_copy, async_swap=not args.no_async_swap,
                 kv_reuse=not args.no_kv_reuse,

@@ -40,7 +40,7 @@ from sluice.runtime.request import Request, TokenLogprobs
 from sluice.runtime.sampling_params import SamplingParams
 from sluice.runtime.swap import HostSwapSpace, SwapExecutor
 from sluice.scheduler.local import LocalScheduler, SchedulerOutput
-from sluice.scheduler.policies import PRIORITY_OPTIONS, Policy, make_policy
+from sluice.scheduler.policies import POLICY_OPTIONS, Policy, make_policy
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,12 @@ class EngineConfig:
     resume_deadline_s: float | None = None
     aging_s: float | None = None
     displace_streaming: bool = True
+    # fair policy options (sluice.scheduler.policies.FairPolicy): service counted per
+    # prompt token and per generated token, and per-client weights (a client with
+    # weight 2 gets twice the service of one with weight 1; unlisted clients: 1)
+    fair_w_in: float = 1.0
+    fair_w_out: float = 2.0
+    client_weights: dict[str, float] | None = None
     swap_space: int = 0  # bytes of host memory for swapped-out KV; 0 = preempt by recompute
     preemption_mode: str = "auto"  # with swap space: auto (cheaper of swap/recompute) | swap
     # grouped (block groups) | per_block (one copy per block) | per_layer_block (per block,
@@ -139,11 +145,11 @@ class LLMEngine:
 
     def _policy(self, policy: Policy | None) -> Policy:
         """The policy passed in, or the one the config names (with its options)."""
-        options = {f: getattr(self.config, f) for f in PRIORITY_OPTIONS}
+        options = {f: getattr(self.config, f) for f in POLICY_OPTIONS}
         if policy is None:
             return make_policy(self.config.scheduling_policy, **options)
         for field, value in options.items():
-            if value != PRIORITY_OPTIONS[field]:
+            if value != POLICY_OPTIONS[field][2]:
                 raise ValueError(f"{field}: set it on the policy passed in, not in the config "
                                  "(the config's options are for the policy it builds)")
         return policy

@@ -42,6 +42,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import hashlib
 import hmac
 import importlib.metadata
 import json
@@ -184,15 +185,16 @@ class OpenAIServer:
                            headers={"Retry-After": str(self.config.retry_after_s)})
         if req.conversation_id is not None and len(prompts) != 1:
             raise APIError(400, "conversation_id: needs a single prompt", param="conversation_id")
-        # A conversation is the client's own: ids of different users never share KV.
+        client = req.user or _key_client(request)
+        # A conversation is the client's own: ids of different clients never share KV.
         conversation = None if req.conversation_id is None else \
-            f"{req.user or ''}/{req.conversation_id}"
+            f"{client or ''}/{req.conversation_id}"
         jobs: list[_Job] = []
         try:
             for i, prompt in enumerate(prompts):
                 job_id = rid if len(prompts) == 1 else f"{rid}-{i}"
                 stream = await self.engine.generate(prompt, params, request_id=job_id,
-                                                    priority=req.priority, client=req.user,
+                                                    priority=req.priority, client=client,
                                                     conversation=conversation)
                 jobs.append(_Job(job_id, stream, params.n, rid))
                 self.num_waiting += 1
@@ -628,6 +630,16 @@ class _Guard:
     def _authorized(self, scope: Scope) -> bool:
         header = dict(scope["headers"]).get(b"authorization", b"")
         return hmac.compare_digest(header, b"Bearer " + self._key)
+
+
+def _key_client(request: Request) -> str | None:
+    """The client of a request without a ``user`` (for fair scheduling): its API
+    key, as ``key:`` and the first 16 hex digits of the key's SHA-256 (the key
+    itself is never kept); None without a bearer token."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return "key:" + hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

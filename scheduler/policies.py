@@ -156,10 +156,13 @@ class FairPolicy(Policy):
 
     def __init__(self, w_in: float = 1.0, w_out: float = 2.0,
                  weights: dict[str, float] | None = None):
-        if w_in < 0 or w_out < 0:
-            raise ValueError(f"fairness weights: w_in and w_out must be >= 0, got {w_in}, {w_out}")
-        if weights and any(w <= 0 for w in weights.values()):
-            raise ValueError("client weights: every weight must be > 0")
+        for field, w in (("fair_w_in", w_in), ("fair_w_out", w_out)):
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+                raise ValueError(f"{field}: must be a number >= 0, got {w!r}")
+        for client, w in (weights or {}).items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
+                raise ValueError(f"client_weights: the weight of {client!r} must be > 0, "
+                                 f"got {w!r}")
         self.w_in, self.w_out = w_in, w_out
         self.weights = dict(weights or {})
         self.counters: dict[str, float] = {}
@@ -200,21 +203,30 @@ class FairPolicy(Policy):
 POLICIES = {p.name: p for p in (FCFSPolicy, PriorityPolicy, FairPolicy)}
 
 
-# `PriorityPolicy` options (`EngineConfig` fields of the same names) -> "not set" values.
-PRIORITY_OPTIONS = {"resume_deadline_s": None, "aging_s": None, "displace_streaming": True}
+# Policy options, by `EngineConfig` field: (the policy, its keyword, the "not set" value).
+POLICY_OPTIONS = {
+    "resume_deadline_s": ("priority", "resume_deadline_s", None),
+    "aging_s": ("priority", "aging_s", None),
+    "displace_streaming": ("priority", "displace_streaming", True),
+    "fair_w_in": ("fair", "w_in", 1.0),
+    "fair_w_out": ("fair", "w_out", 2.0),
+    "client_weights": ("fair", "weights", None),
+}
 
 
-def make_policy(name: str, **priority_options) -> Policy:
-    """The policy ``name``; ``priority_options`` (`PRIORITY_OPTIONS`) apply to
-    ``priority`` only, and are refused for another policy unless unset."""
+def make_policy(name: str, **options) -> Policy:
+    """The policy ``name`` with ``options`` (`POLICY_OPTIONS`, by config field);
+    an option of another policy is refused unless unset."""
     if name not in POLICIES:
         raise ValueError(f"scheduling_policy: unknown policy {name!r}; "
                          f"choose from {sorted(POLICIES)}")
-    for key, value in priority_options.items():
-        if key not in PRIORITY_OPTIONS:
+    kwargs = {}
+    for key, value in options.items():
+        if key not in POLICY_OPTIONS:
             raise TypeError(f"make_policy: unknown option {key!r}")
-        if name != PriorityPolicy.name and value != PRIORITY_OPTIONS[key]:
-            raise ValueError(f"{key}: applies to the priority policy, not {name!r}")
-    if name != PriorityPolicy.name:
-        return POLICIES[name]()
-    return PriorityPolicy(**priority_options)
+        policy, keyword, unset = POLICY_OPTIONS[key]
+        if policy == name:
+            kwargs[keyword] = value
+        elif value != unset:
+            raise ValueError(f"{key}: applies to the {policy} policy, not {name!r}")
+    return POLICIES[name](**kwargs)

@@ -142,3 +142,21 @@ def test_priority_flags_reach_the_policy(capsys):
     assert main(["generate", "--model", "tiny", "--prompt", "x", "--resume-deadline", "1",
                  *FAST]) == 2
     assert "resume_deadline_s: applies to the priority policy" in capsys.readouterr().err
+
+
+def test_fair_flags_reach_the_policy(capsys):
+    from sluice.runtime.cli import _engine_kwargs, build_parser
+    from sluice.runtime.engine import EngineConfig, LLMEngine
+
+    args = ["generate", "--model", "tiny", "--prompt", "x", "--scheduling-policy", "fair",
+            "--fair-weights", "0.5,4", "--client-weights", "alice=2,key:ab=0.5"]
+    kw = _engine_kwargs(build_parser().parse_args(args))
+    policy = LLMEngine(load_model("tiny"), EngineConfig(**dict(kw, warmup=False))).scheduler.policy
+    assert (policy.w_in, policy.w_out, policy.weights) == (0.5, 4.0, {"alice": 2.0, "key:ab": 0.5})
+    for flag, value in (("--fair-weights", "1"), ("--client-weights", "alice"),
+                        ("--client-weights", "=2"), ("--client-weights", "bob=x")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(args + [flag, value])
+        assert f"argument {flag}" in capsys.readouterr().err
+    assert main(args[:7] + ["--client-weights", "alice=0", *FAST]) == 2
+    assert "client_weights: the weight of 'alice' must be > 0" in capsys.readouterr().err

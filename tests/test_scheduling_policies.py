@@ -133,10 +133,28 @@ def test_fair_policy_lifts_returning_client():
 def test_bad_policy_values():
     with pytest.raises(ValueError, match="scheduling_policy"):
         make_policy("lottery")
-    with pytest.raises(ValueError, match="weights"):
+    with pytest.raises(ValueError, match="fair_w_in: must be a number >= 0"):
         FairPolicy(w_in=-1)
-    with pytest.raises(ValueError, match="client weights"):
+    with pytest.raises(ValueError, match="fair_w_out: must be a number >= 0"):
+        FairPolicy(w_out=float("nan"))
+    with pytest.raises(ValueError, match="client_weights: the weight of 'x' must be > 0"):
         FairPolicy(weights={"x": 0})
+    with pytest.raises(ValueError, match="client_weights: applies to the fair policy"):
+        make_policy("priority", client_weights={"x": 2.0})
+
+
+def test_fair_options_from_the_config_weigh_service(tiny):
+    """`EngineConfig`'s fair options reach the policy: with prompt tokens free and
+    ``light`` weighted 2, a generated token costs ``light`` half what it costs
+    ``heavy``."""
+    engine = LLMEngine(tiny, EngineConfig(
+        warmup=False, max_model_len=128, scheduling_policy="fair", fair_w_in=0.0,
+        fair_w_out=3.0, client_weights={"light": 2.0}))
+    for client in ("heavy", "light"):
+        engine.add_request(client, {"prompt_token_ids": [1] * 20},
+                           SamplingParams(max_tokens=6, **GREEDY), client=client)
+    drain(engine)
+    assert engine.scheduler.policy.counters == pytest.approx({"heavy": 18.0, "light": 9.0})
 
 
 @pytest.mark.parametrize("swap", [False, True], ids=["recompute", "swap"])

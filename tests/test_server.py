@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import socket
@@ -341,6 +342,21 @@ def test_admin_priority_reranks_a_queued_stream(tiny):
                          404, "request_id")
             srv.wait_idle()
             assert srv.server.engine.stats().num_free_blocks == free
+    finally:
+        srv.stop()
+
+
+def test_fair_clients_are_users_else_api_keys(tiny):
+    """Under the fair policy a request's client is its ``user``, else its API key
+    (by a digest: the key itself is not kept)."""
+    srv = LiveServer(tiny, dict(api_key=KEY), dict(scheduling_policy="fair"))
+    try:
+        with httpx.Client(base_url=srv.url, headers=AUTH, timeout=60) as http:
+            for extra in ({"user": "alice"}, {}):
+                body = {"prompt": "hi", "max_tokens": 3, "ignore_eos": True, **extra}
+                assert http.post("/v1/completions", json=body).status_code == 200
+        digest = hashlib.sha256(KEY.encode()).hexdigest()[:16]
+        assert set(srv.engine.scheduler.policy.counters) == {"alice", f"key:{digest}"}
     finally:
         srv.stop()
 
