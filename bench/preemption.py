@@ -7,9 +7,9 @@ micro: swap-out + swap-in of one request's KV (default 2048 tokens of
 `smollm2-135m-random`) through the engine's copy paths (`SwapExecutor`): as
 block groups (the sequence's contiguous runs as a few static-size slices of
 the pool) vs one synchronous copy per block (all its layers at once, as
-Sluice's block-major pool allows) vs one synchronous copy per block, layer and
-K/V (the copy granularity of per-block swapping over one cache per layer, as
-in vLLM's ``swap_blocks``); plus the kernels' gather/scatter
+Sluice's block-major pool allows) vs one copy per block, layer and K/V, all
+issued before waiting (the copy granularity of per-block swapping over one
+cache per layer, as in vLLM v0's ``swap_blocks``); plus the kernels' gather/scatter
 primitive (`ModelRunner.copy_out` / `copy_in`) for reference. Each is timed
 over several repeats after a warm-up; the restored bytes are checked. Also one
 forward step with the request's swap-in issued before it (synchronous) vs
@@ -24,7 +24,8 @@ The KV pool is small, so the priority changes and memory pressure preempt
 often. Configurations, one after another in the same process on the same
 workload (same seeds):
 
-- ``baseline``: the common design: per-block synchronous swap copies, always
+- ``baseline``: the common design: per-block synchronous swap copies (one per
+  block of the block-major pool, the kinder of the two per-block modes), always
   swap while host space lasts, no KV reuse across turns, swapped-out requests
   resume in FCFS (arrival) order ahead of the rest;
 - ``sluice``: block-group copies, device->host copies on a worker thread,

@@ -1,16 +1,15 @@
 """`AsyncEngine`: the engine behind an asyncio interface, for web servers.
 
 ``generate(prompt, params, request_id=..., priority=, client=, conversation=)``
-validates at once (raising
-``ValueError``) and returns an async iterator of streamed `RequestOutput`s;
-closing the iterator early (a client disconnect) aborts the request.
-``abort(request_id)`` aborts explicitly; ``set_priority(request_id, priority)``
-re-ranks a live request (an admin call; False if no live request has that id);
-``stats()`` is the engine's
+validates at once (raising ``ValueError``) and returns an async iterator of
+streamed `RequestOutput`s; closing the iterator early (a client disconnect)
+aborts the request. ``abort(request_id)`` aborts explicitly;
+``set_priority(request_id, priority)`` re-ranks a live request (an admin call;
+False if no live request has that id). ``stats()`` is the engine's
 `EngineStats` as of the last step, snapshotted on the worker thread so readers
-on the event loop never see a half-updated engine. All engine calls happen on one worker
-thread, between steps, so the engine itself stays single-threaded and the event
-loop never blocks on a model step.
+on the event loop never see a half-updated engine. All engine calls happen on
+one worker thread, between steps, in the order they were made, so the engine
+itself stays single-threaded and the event loop never blocks on a model step.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import itertools
 import logging
 from typing import AsyncIterator, Awaitable, Callable
 
-from sluice.runtime.engine import EngineStats, Group, LLMEngine, Prompt
+from sluice.runtime.engine import EngineStats, LLMEngine, Prompt
 from sluice.runtime.intake import check_priority
 from sluice.runtime.outputs import RequestOutput
 from sluice.runtime.sampling_params import SamplingParams
@@ -53,10 +52,9 @@ class AsyncEngine:
         self.engine = engine
         self._executor = concurrent.futures.ThreadPoolExecutor(1, "sluice-engine")
         self._streams: dict[str, asyncio.Queue] = {}
-        # Filled on the event loop, drained on the worker: deques are thread-safe.
-        self._adds: collections.deque[Group] = collections.deque()
-        self._aborts: collections.deque[str] = collections.deque()
-        self._priorities: collections.deque[tuple[str, int]] = collections.deque()
+        # Engine calls in the order they were made (add, abort, re-rank): filled on the
+        # event loop, drained on the worker between steps (deques are thread-safe).
+        self._calls: collections.deque[Callable[[LLMEngine], None]] = collections.deque()
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._ids = itertools.count()
@@ -72,23 +70,24 @@ class AsyncEngine:
         group = self.engine.prepare(request_id, prompt, params, priority, client, conversation)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
-        self._adds.append(group)
+        self._calls.append(lambda engine: engine.enqueue(group))
         self._ensure_loop()
         return stream_outputs(queue, lambda: self.abort(request_id))
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; unknown or finished ids are a no-op."""
         if self._streams.pop(request_id, None) is not None:
-            self._aborts.append(request_id)
+            self._calls.append(lambda engine: engine.abort_request(request_id))
             self._ensure_loop()
 
     async def set_priority(self, request_id: str, priority: int) -> bool:
         """Change a live request's priority from the next step; False (nothing
-        changed) if no unfinished request has that id."""
+        changed) if no request with that id is live (a request may finish on the
+        worker just before the change lands; then it changes nothing)."""
         check_priority(priority)
         if request_id not in self._streams:
             return False
-        self._priorities.append((request_id, priority))
+        self._calls.append(lambda engine: engine.set_priority(request_id, priority))
         self._ensure_loop()
         return True
 
@@ -99,12 +98,8 @@ class AsyncEngine:
         self._wakeup.set()
 
     def _apply_pending(self) -> None:
-        while self._adds:
-            self.engine.enqueue(self._adds.popleft())
-        while self._aborts:
-            self.engine.abort_request(self._aborts.popleft())
-        while self._priorities:
-            self.engine.set_priority(*self._priorities.popleft())
+        while self._calls:
+            self._calls.popleft()(self.engine)
 
     def stats(self) -> EngineStats:
         return self._stats
@@ -118,8 +113,7 @@ class AsyncEngine:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not (self._adds or self._aborts or self._priorities
-                    or self.engine.has_unfinished_requests()):
+            if not (self._calls or self.engine.has_unfinished_requests()):
                 self._wakeup.clear()
                 await self._wakeup.wait()
             try:
@@ -138,7 +132,7 @@ class AsyncEngine:
     def _fail_all(self, error: Exception) -> None:
         for rid, queue in list(self._streams.items()):
             queue.put_nowait(RuntimeError(f"engine step failed: {error}"))
-            self._aborts.append(rid)
+            self._calls.append(lambda engine, rid=rid: engine.abort_request(rid))
         self._streams.clear()
 
     async def shutdown(self) -> None:

@@ -11,8 +11,9 @@ Beyond OpenAI's fields, requests take vLLM's extras ``top_k``, ``min_p``,
 ``repetition_penalty``, ``ignore_eos``, ``priority``, ``stop_token_ids``,
 ``skip_special_tokens`` and ``include_stop_str_in_output``, and Sluice's
 ``conversation_id`` (multi-turn KV reuse: a turn whose prompt extends the
-previous turn's, under the same id and ``user``, copies that turn's KV back
-from host memory instead of recomputing it; needs ``--swap-space``).
+previous turn's, under the same id and client (``user``, else the API key),
+copies that turn's KV back from host memory instead of recomputing it; needs
+``--swap-space``).
 
 `APIError` is the one exception the server turns into an HTTP error: it carries
 the status and the OpenAI error object ``{"error": {"message", "type", "param",

@@ -76,6 +76,7 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("sluice.access")
 
 OPEN_PATHS = ("/health", "/version", "/metrics")
+KEY_CLIENT_PREFIX = "key:"  # clients named by their API key: see _key_client
 
 
 @dataclasses.dataclass
@@ -185,10 +186,13 @@ class OpenAIServer:
                            headers={"Retry-After": str(self.config.retry_after_s)})
         if req.conversation_id is not None and len(prompts) != 1:
             raise APIError(400, "conversation_id: needs a single prompt", param="conversation_id")
+        if req.user is not None and req.user.startswith(KEY_CLIENT_PREFIX):
+            raise APIError(400, f"user: must not start with {KEY_CLIENT_PREFIX!r} (reserved "
+                           "for clients named by their API key)", param="user")
         client = req.user or _key_client(request)
         # A conversation is the client's own: ids of different clients never share KV.
         conversation = None if req.conversation_id is None else \
-            f"{client or ''}/{req.conversation_id}"
+            json.dumps([client or "", req.conversation_id])
         jobs: list[_Job] = []
         try:
             for i, prompt in enumerate(prompts):
@@ -639,7 +643,7 @@ def _key_client(request: Request) -> str | None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token:
         return None
-    return "key:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+    return KEY_CLIENT_PREFIX + hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -23,8 +23,10 @@ in only those blocks instead of recomputing them. Exhaustion is not an error:
   slice per set bit of ``n``, so the compiled copies stay few); ``per_block``
   mode, the baseline of `bench/preemption.py`, issues one synchronous copy per
   block (all its layers: the pool is block-major); ``per_layer_block`` mode
-  issues one synchronous copy per block, layer and K/V, the granularity of
-  swap implementations that keep one cache per layer (vLLM's ``swap_blocks``).
+  issues one copy per block, layer and K/V, all of a swap's copies before
+  waiting for them, the granularity of swap implementations that keep one
+  cache per layer (vLLM v0's ``swap_blocks``: a queued ``cudaMemcpyAsync`` per
+  block, for each layer's key and value cache).
 - Swap-outs are issued before the step's forward. Asynchronous swapping
   (``asynchronous``): the slices are dispatched on the engine thread (JAX
   orders them before any later write to the pool, so the device blocks can be
@@ -369,10 +371,10 @@ class SwapExecutor:
             self.stats.num_swap_outs += 1
             self.stats.blocks_out += len(host)
             self.stats.copy_calls += len(pieces) * self._copies_per_piece
-            kv = self.runner.kv_cache
             if self.mode == "per_layer_block":
                 self._store_layers(host, [start for start, _ in pieces])
                 return
+            kv = self.runner.kv_cache
             if self.mode == "per_block" or not self.asynchronous:
                 # lazily: each piece is fetched before the next is issued
                 self._store(host, (_slice_blocks(kv, start, size) for start, size in pieces))
@@ -405,20 +407,24 @@ class SwapExecutor:
                     yield h, b, layer, half
 
     def _store_layers(self, host: list[int], device: list[int]) -> None:
+        """All per-layer copies issued first, then fetched in order (as queued
+        ``cudaMemcpyAsync`` calls are): one dispatch per copy, no wait between."""
         t0 = time.perf_counter()
         kv = self.runner.kv_cache
-        for h, b, layer, half in self._layer_parts(host, device):
-            self.space.blocks[h, layer, half] = np.asarray(_slice_layer(kv, b, layer, half))[0, 0, 0]
+        parts = list(self._layer_parts(host, device))
+        staged = [_slice_layer(kv, b, layer, half) for _, b, layer, half in parts]
+        for (h, _, layer, half), a in zip(parts, staged):
+            self.space.blocks[h, layer, half] = np.asarray(a)[0, 0, 0]
         self.cost.observe_copy(len(host) * self.space.bytes_per_block, time.perf_counter() - t0)
 
     def _copy_in(self, runs: list[tuple[int, int]], host: list[int]) -> None:
         """Host blocks -> device runs (the caller waited for pending stores into them)."""
         pieces = _pieces(runs, self.mode != "grouped", self.max_piece)
-        if self.mode == "per_layer_block":
+        if self.mode == "per_layer_block":  # all issued, then waited for once
             for h, b, layer, half in self._layer_parts(host, [start for start, _ in pieces]):
                 part = self._put(self.space.blocks[h, layer, half][None, None, None].copy())
                 self.runner.kv_cache = _update_layer(self.runner.kv_cache, b, layer, half, part)
-                jax.block_until_ready(self.runner.kv_cache)  # synchronous, copy by copy
+            jax.block_until_ready(self.runner.kv_cache)
         else:
             off = 0
             for start, size in pieces:

@@ -26,7 +26,7 @@ import jax
 from sluice.runtime.async_engine import stream_outputs
 from sluice.runtime.engine import (EngineConfig, EngineStats, LLMEngine, Prompt,
                                    resolve_max_model_len)
-from sluice.runtime.intake import Intake, check_priority
+from sluice.runtime.intake import Intake
 from sluice.runtime.loader import Model
 from sluice.runtime.outputs import RequestOutput
 from sluice.runtime.sampling_params import SamplingParams
@@ -86,7 +86,7 @@ class AsyncCluster:
         self.cluster.abort(request_id)
 
     async def set_priority(self, request_id: str, priority: int) -> bool:
-        return self.cluster.set_priority(request_id, check_priority(priority))
+        return self.cluster.set_priority(request_id, priority)
 
     def stats(self) -> EngineStats:
         """The live instances' engine stats, summed (``kv_usage`` over all blocks)."""

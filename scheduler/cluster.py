@@ -52,7 +52,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
-from sluice.runtime.intake import Group, Intake, Prompt
+from sluice.runtime.intake import Group, Intake, Prompt, check_priority
 from sluice.runtime.outputs import RequestOutput
 from sluice.runtime.sampling_params import SamplingParams
 from sluice.scheduler.instance import DeathSink, Instance, LoadReport, OutputSink
@@ -193,8 +193,9 @@ class Cluster:
                 inst.abort(request_id)
 
     def set_priority(self, request_id: str, priority: int) -> bool:
-        """Re-rank a request wherever it runs (and if it is re-dispatched); False
-        if the cluster does not hold it."""
+        """Re-rank a request wherever it runs (and if it is re-dispatched or
+        migrated); False if the cluster does not hold it."""
+        check_priority(priority)
         with self._lock:
             rec = self._records.get(request_id)
             if rec is None:
@@ -362,6 +363,8 @@ class Cluster:
             rec = self._records.get(rid)
             if result.ok and rec is not None:
                 rec.owner = dst
+                # a priority change sent to the source during the move may not have travelled
+                self.instances[dst].set_priority(rid, rec.priority)
             elif result.ok:  # aborted by its client during the migration
                 self.instances[dst].abort(rid)
             owner = self.instances.get(rec.owner) if rec is not None else None

@@ -36,6 +36,7 @@ blocks run out, says whether a waiting request may displace a running one
 
 from __future__ import annotations
 
+import math
 import time
 
 from sluice.runtime.request import Request
@@ -157,12 +158,14 @@ class FairPolicy(Policy):
     def __init__(self, w_in: float = 1.0, w_out: float = 2.0,
                  weights: dict[str, float] | None = None):
         for field, w in (("fair_w_in", w_in), ("fair_w_out", w_out)):
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
-                raise ValueError(f"{field}: must be a number >= 0, got {w!r}")
+            if not _finite(w) or w < 0:
+                raise ValueError(f"{field}: must be a finite number >= 0, got {w!r}")
+        if weights is not None and not isinstance(weights, dict):
+            raise ValueError(f"client_weights: must map client names to weights, got {weights!r}")
         for client, w in (weights or {}).items():
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
-                raise ValueError(f"client_weights: the weight of {client!r} must be > 0, "
-                                 f"got {w!r}")
+            if not _finite(w) or w <= 0:
+                raise ValueError(f"client_weights: the weight of {client!r} must be a finite "
+                                 f"number > 0, got {w!r}")
         self.w_in, self.w_out = w_in, w_out
         self.weights = dict(weights or {})
         self.counters: dict[str, float] = {}
@@ -198,6 +201,10 @@ class FairPolicy(Policy):
                 cost += self.w_out
             c = self.client(req)
             self.counters[c] = self.counters.get(c, 0.0) + cost / self.weights.get(c, 1.0)
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 POLICIES = {p.name: p for p in (FCFSPolicy, PriorityPolicy, FairPolicy)}

@@ -159,4 +159,5 @@ def test_fair_flags_reach_the_policy(capsys):
             build_parser().parse_args(args + [flag, value])
         assert f"argument {flag}" in capsys.readouterr().err
     assert main(args[:7] + ["--client-weights", "alice=0", *FAST]) == 2
-    assert "client_weights: the weight of 'alice' must be > 0" in capsys.readouterr().err
+    assert "client_weights: the weight of 'alice' must be a finite number > 0" in \
+        capsys.readouterr().err

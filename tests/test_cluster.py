@@ -245,6 +245,40 @@ def test_migration_storm_loses_nothing(tiny):
         cluster.shutdown()
 
 
+def test_cluster_set_priority_follows_the_request(tiny):
+    """A re-rank reaches the engine that runs the request; one the source may not
+    have passed on (recorded while the request moved) is re-sent to the
+    destination; unknown ids give False, a bad priority a ValueError."""
+    col = Collector()
+    cluster = Cluster(lambda out, death: [LocalInstance(f"i{d}", engine(tiny, d), out, death)
+                                          for d in range(2)],
+                      Intake(tiny, 512, seed=0), ClusterConfig(migrate=False))
+
+    def until_priority(name: str, priority: int) -> None:
+        deadline = time.monotonic() + 10
+        while cluster.instances[name].engine.groups["r"].requests[0].priority != priority:
+            assert time.monotonic() < deadline, (name, priority)
+            time.sleep(0.01)
+
+    try:
+        cluster.submit("r", "re-rank me", SamplingParams(max_tokens=400, **GREEDY), col.sink)
+        col.wait_tokens("r", 5)
+        src = cluster._records["r"].owner
+        dst = next(n for n in cluster.instances if n != src)
+        assert cluster.set_priority("r", 3)
+        until_priority(src, 3)
+        cluster._records["r"].priority = 7  # as if a change had reached only the source
+        assert cluster._migrate(src, dst, "r").ok
+        until_priority(dst, 7)
+        assert not cluster.set_priority("nobody", 1)
+        with pytest.raises(ValueError, match="priority: must be an integer"):
+            cluster.set_priority("r", 1.5)
+        cluster.abort("r")
+        assert free_blocks_restored(cluster.instances.values())
+    finally:
+        cluster.shutdown()
+
+
 def report(**kw):
     base = dict(name="x", num_blocks=100, num_free_blocks=60, num_running=4, num_waiting=0,
                 demand_blocks=0, num_high_priority=0, draining=False, alive=True, block_size=16)

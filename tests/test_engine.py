@@ -257,6 +257,37 @@ def test_async_engine_streams_and_aborts(tiny):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def test_async_engine_set_priority(tiny):
+    """A re-rank made right after the add applies to it (calls reach the engine
+    in order): with one sequence slot, ``b`` raised over ``a`` finishes first;
+    unknown and finished ids give False, a bad priority a ValueError."""
+    engine = make_engine(tiny, scheduling_policy="priority", max_num_seqs=1)
+    aeng = AsyncEngine(engine)
+
+    async def main():
+        params = SamplingParams(max_tokens=20, **GREEDY)
+        order: list[str] = []
+
+        async def drain(name: str, stream) -> None:
+            async for _ in stream:
+                pass
+            order.append(name)
+
+        a = await aeng.generate({"prompt_token_ids": [4, 5]}, params, request_id="a", priority=5)
+        b = await aeng.generate({"prompt_token_ids": [6, 7]}, params, request_id="b", priority=5)
+        assert await aeng.set_priority("b", 0)
+        assert not await aeng.set_priority("nobody", 0)
+        with pytest.raises(ValueError, match="priority: must be an integer"):
+            await aeng.set_priority("a", "high")
+        await asyncio.gather(drain("a", a), drain("b", b))
+        assert not await aeng.set_priority("b", 1)  # finished
+        await aeng.shutdown()
+        return order
+
+    assert asyncio.run(main()) == ["b", "a"]
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
 def test_warmup_compiles_buckets(tiny):
     engine = make_engine(tiny, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64,
                          warmup=True)

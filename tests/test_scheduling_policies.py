@@ -133,12 +133,16 @@ def test_fair_policy_lifts_returning_client():
 def test_bad_policy_values():
     with pytest.raises(ValueError, match="scheduling_policy"):
         make_policy("lottery")
-    with pytest.raises(ValueError, match="fair_w_in: must be a number >= 0"):
+    with pytest.raises(ValueError, match="fair_w_in: must be a finite number >= 0"):
         FairPolicy(w_in=-1)
-    with pytest.raises(ValueError, match="fair_w_out: must be a number >= 0"):
+    with pytest.raises(ValueError, match="fair_w_out: must be a finite number >= 0"):
         FairPolicy(w_out=float("nan"))
-    with pytest.raises(ValueError, match="client_weights: the weight of 'x' must be > 0"):
+    with pytest.raises(ValueError, match="client_weights: the weight of 'x' must be a finite"):
         FairPolicy(weights={"x": 0})
+    with pytest.raises(ValueError, match="client_weights: the weight of 'y'"):
+        FairPolicy(weights={"y": float("inf")})
+    with pytest.raises(ValueError, match="client_weights: must map client names"):
+        FairPolicy(weights=[("x", 1.0)])
     with pytest.raises(ValueError, match="client_weights: applies to the fair policy"):
         make_policy("priority", client_weights={"x": 2.0})
 
@@ -291,7 +295,8 @@ def test_config_policy_options_refused_with_a_policy_object(tiny):
     from sluice.scheduler.policies import PriorityPolicy
 
     for field, value in (("aging_s", 1.0), ("resume_deadline_s", 0.0),
-                         ("displace_streaming", False)):
+                         ("displace_streaming", False), ("fair_w_in", 0.5),
+                         ("fair_w_out", 1.0), ("client_weights", {"a": 2.0})):
         with pytest.raises(ValueError, match=f"{field}: set it on the policy passed in"):
             LLMEngine(tiny, EngineConfig(warmup=False, max_model_len=128, **{field: value}),
                       PriorityPolicy())

@@ -279,6 +279,7 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     ("/v1/completions", {**GOOD, "stream_options": {"include_usage": True}}, 400,
      "stream_options"),
     ("/v1/completions", {**GOOD, "echo": True}, 400, "echo"),
+    ("/v1/completions", {**GOOD, "user": "key:0123"}, 400, "user"),
     ("/v1/chat/completions", {**CHAT, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "bot", "content": "x"}]}, 400,
      "messages[0].role"),
@@ -313,9 +314,13 @@ def test_admin_priority_reranks_a_queued_stream(tiny):
     body = {"stream": True, **LONG, "max_tokens": 240, "priority": 5}
     done: dict[str, float] = {}  # stream -> when its [DONE] arrived
 
+    ids: set[str] = set()  # the chunks' ids
+
     def read_to_end(name: str, lines) -> None:
-        if [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]":
+        events = [line for line in lines if line.startswith("data: ")]
+        if events[-1] == "data: [DONE]":
             done[name] = time.monotonic()
+        ids.update(json.loads(e[6:])["id"] for e in events[:-1])
 
     try:
         with httpx.Client(base_url=srv.url, headers=AUTH, timeout=60) as http:
@@ -335,7 +340,9 @@ def test_admin_priority_reranks_a_queued_stream(tiny):
                     assert r.json() == {"request_id": rid, "priority": 0,
                                         "engine_requests": [rid]}
                     read_to_end("b", b.iter_lines())
+                    assert rid in ids
                 reader.join(60)
+            assert len(ids) == 2
             assert done["b"] < done["a"]  # without the call, b would wait for all of a
             assert srv.engine.scheduler.num_preemptions >= 1
             assert_error(http.post("/admin/priority", json={"request_id": rid, "priority": 1}),
