@@ -113,6 +113,8 @@ def _client_weights(text: str) -> dict[str, float]:
     weights = {}
     for item in text.split(","):
         client, sep, weight = item.rpartition("=")
+        if client in weights:
+            raise argparse.ArgumentTypeError(f"client {client!r} is given twice")
         try:
             weights[client] = float(weight)
         except ValueError:

@@ -154,7 +154,8 @@ def test_fair_flags_reach_the_policy(capsys):
     policy = LLMEngine(load_model("tiny"), EngineConfig(**dict(kw, warmup=False))).scheduler.policy
     assert (policy.w_in, policy.w_out, policy.weights) == (0.5, 4.0, {"alice": 2.0, "key:ab": 0.5})
     for flag, value in (("--fair-weights", "1"), ("--client-weights", "alice"),
-                        ("--client-weights", "=2"), ("--client-weights", "bob=x")):
+                        ("--client-weights", "=2"), ("--client-weights", "bob=x"),
+                        ("--client-weights", "a=1,a=2")):
         with pytest.raises(SystemExit):
             build_parser().parse_args(args + [flag, value])
         assert f"argument {flag}" in capsys.readouterr().err
