@@ -277,9 +277,8 @@ class LLMEngine:
             return self._execute(sched, during)
         except BaseException:
             if not issued:
-                for copy in sched.swap_in:
-                    self.scheduler.swap_in_failed(copy)
-                self.swapper.space.release(sched.host_release)
+                self.swapper.abandon(sched.swap_in, sched.host_release,
+                                     self.scheduler.swap_in_failed)
             raise
 
     def _swap(self, sched: SchedulerOutput, outs: bool = True, ins: bool = True,

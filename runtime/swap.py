@@ -334,13 +334,21 @@ class SwapExecutor:
             for copy in pending:
                 if on_out_failure:
                     on_out_failure(copy)
-            for copy in swap_in:
-                if on_in_failure:
-                    on_in_failure(copy)
+            self.abandon(swap_in, release, on_in_failure)
             raise
-        finally:
-            if release:
-                self.space.release(release)
+        if release:
+            self.space.release(release)
+
+    def abandon(self, swap_in: list[SwapCopy], release: Sequence[int],
+                on_in_failure: Callable[[SwapCopy], None] | None) -> None:
+        """Give up swap-ins that failed or will not be issued: each goes to the
+        failure callback (its request recomputes), then the host references in
+        ``release`` drop, as `run` would have dropped them."""
+        for copy in swap_in:
+            if on_in_failure:
+                on_in_failure(copy)
+        if release:
+            self.space.release(release)
 
     def _swap_in(self, copies: list[SwapCopy], behind: jax.Array | None) -> None:
         start = time.perf_counter()
