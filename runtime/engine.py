@@ -208,7 +208,7 @@ class LLMEngine:
         for req in group.requests:
             if not req.is_finished:
                 if self.scheduler.abort(req.request_id) is None:
-                    self.migration.forget(req.request_id)  # suspended mid-migration
+                    self.migration.forget(request_id)  # suspended mid-migration
                 req.abort(now)
 
     def set_priority(self, request_id: str, priority: int) -> None:

@@ -6,24 +6,29 @@ steps, on each engine's own thread:
 
 source (the request keeps decoding between calls)::
 
-    chunk = src.export_kv(rid, first_block, epoch)  # full blocks not yet copied
-    handover = src.suspend(rid, first_block, epoch)  # stop: the rest + request state
+    chunks = src.export_kv(rid, first_blocks, epoch)  # full blocks not yet copied
+    handover = src.suspend(rid, first_blocks, epoch)  # stop: the rest + request state
     src.release(rid)   # after the destination adopted it (frees the blocks)
     src.resume(rid)    # or: the destination refused, decode here again
 
 destination::
 
-    dst.import_kv(rid, chunk)   # reserves blocks as it goes; False = no room
+    dst.import_kv(rid, chunks)  # reserves blocks as it goes; False = no room
     dst.adopt(handover)         # True = it runs here from the next step
     dst.cancel(rid)             # drop a reservation of a migration that aborted
 
-``epoch`` is the request's preemption count when the migration began: a
-request preempted meanwhile (recompute may rewrite its KV, a swap moves it)
-fails every later call, and the driver aborts. Only requests that are running,
-alone in their group (``n == 1``) and not swapped out can move. Full blocks
-never change once written, so a block copied in an early stage stays valid;
-the stop-and-copy stage moves only the blocks filled since, plus the partial
-last one, which bounds the pause (downtime) to a few blocks whatever the length.
+The unit that moves is a user request: a `Group` of ``n`` sibling sequences
+(``n > 1`` for parallel sampling), named by its request id; its outputs are
+built from all siblings, so they move together. A group can move when each of
+its unfinished siblings is running here and not swapped out. Chunks carry the
+sibling's id (``seq_id``); ``first_blocks`` maps each sibling to the blocks
+already copied. ``epoch`` is the siblings' preemption counts when the
+migration began: a sibling preempted meanwhile (recompute may rewrite its KV,
+a swap moves it), or one that finished, fails every later call, and the
+driver aborts. Full blocks never change once written, so a block copied in an
+early stage stays valid; the stop-and-copy stage moves only the blocks filled
+since, plus the partial last one, which bounds the pause (downtime) to a few
+blocks per sibling whatever the length.
 
 Sampling state needs no copying: a request's randomness is derived from its
 seed and step (`sluice.runtime.sampler`), and the detokenizer (with its
@@ -53,11 +58,15 @@ if TYPE_CHECKING:
 CHUNK_BLOCKS = COPY_CHUNK_BLOCKS
 
 
+Epoch = tuple[tuple[str, int], ...]  # (sibling id, preemption count) of the moving siblings
+
+
 @dataclasses.dataclass
 class KVChunk:
-    """Blocks ``first_block .. first_block + num_blocks - 1`` of a request's table;
-    ``blocks`` may have padding rows past ``num_blocks``."""
+    """Blocks ``first_block .. first_block + num_blocks - 1`` of sibling
+    ``seq_id``'s table; ``blocks`` may have padding rows past ``num_blocks``."""
 
+    seq_id: str
     first_block: int
     blocks: np.ndarray | jax.Array  # [>= num_blocks, layers, 2, block_size, kv_heads, head_dim]
     num_blocks: int
@@ -68,22 +77,18 @@ class KVChunk:
 
     def to_host(self) -> KVChunk:
         """The chunk in host memory without padding (to leave the process)."""
-        return KVChunk(self.first_block, np.asarray(self.blocks[:self.num_blocks]),
+        return KVChunk(self.seq_id, self.first_block, np.asarray(self.blocks[:self.num_blocks]),
                        self.num_blocks)
 
 
 @dataclasses.dataclass
 class Handover:
-    """Everything the destination needs to continue a request."""
+    """Everything the destination needs to continue a group."""
 
     group: Group
-    num_computed_tokens: int
+    num_computed_tokens: dict[str, int]  # per moving sibling (the unfinished ones)
     tail: list[KVChunk]  # the blocks not copied before the stop
     suspended_at: float  # time.monotonic() on the source, to measure downtime
-
-    @property
-    def request(self) -> Request:
-        return self.group.requests[0]
 
 
 class MigrationEndpoint:
@@ -91,137 +96,173 @@ class MigrationEndpoint:
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self._suspended: dict[str, tuple[Request, int]] = {}  # id -> (request, running index)
-        self.num_out = 0  # requests handed to another engine
-        self.num_in = 0  # requests adopted from another engine
+        # group id -> its suspended siblings and their places in the running list
+        self._suspended: dict[str, list[tuple[Request, int]]] = {}
+        self._incoming: dict[str, set[str]] = {}  # group id -> siblings with reserved blocks
+        self.num_out = 0  # groups handed to another engine
+        self.num_in = 0  # groups adopted from another engine
 
     # -- source ---------------------------------------------------------------
 
-    def migratable(self) -> list[Request]:
-        """Running requests that could move now, in admission order."""
-        return [r for r in self.engine.scheduler.running if self._movable(r)]
+    def migratable(self) -> list[tuple[str, int]]:
+        """(group id, tokens to move) of the groups that could move now, in
+        admission order."""
+        out: dict[str, int] = {}
+        for r in self.engine.scheduler.running:
+            if r.parent_id not in out and (live := self._moving(r.parent_id)) is not None:
+                out[r.parent_id] = sum(s.num_tokens for s in live)
+        return list(out.items())
 
-    def epoch(self, request_id: str) -> int | None:
-        """The preemption count to pass to later calls; None if it cannot move."""
-        req = self._running(request_id)
-        return req.num_preemptions if req is not None and self._movable(req) else None
+    def epoch(self, group_id: str) -> Epoch | None:
+        """What to pass to later calls; None if the group cannot move."""
+        live = self._moving(group_id)
+        return None if live is None else tuple((r.request_id, r.num_preemptions) for r in live)
 
-    def export_kv(self, request_id: str, first_block: int, epoch: int) -> KVChunk | None:
-        """The request's next full blocks from ``first_block`` on (up to
-        `CHUNK_BLOCKS`, possibly none), on this engine's device; None if it is no
-        longer running here as of ``epoch``."""
-        req = self._running(request_id)
-        if req is None or req.num_preemptions != epoch:
+    def export_kv(self, group_id: str, first_blocks: dict[str, int],
+                  epoch: Epoch) -> list[KVChunk] | None:
+        """Each moving sibling's next full blocks from ``first_blocks`` on (up to
+        `CHUNK_BLOCKS`, possibly none), on this engine's device; None if the
+        group no longer runs here as of ``epoch``."""
+        live = self._current(group_id, epoch)
+        if live is None:
             return None
-        num_full = req.num_computed_tokens // self.engine.block_manager.block_size
-        return self._chunk(request_id, first_block, max(first_block, num_full))
+        size = self.engine.block_manager.block_size
+        chunks = []
+        for r in live:
+            first = first_blocks.get(r.request_id, 0)
+            chunks.append(self._chunk(r.request_id, first,
+                                      max(first, r.num_computed_tokens // size)))
+        return chunks
 
-    def suspend(self, request_id: str, first_block: int, epoch: int) -> Handover | None:
-        """Stop scheduling the request and hand over its state and remaining KV;
+    def suspend(self, group_id: str, first_blocks: dict[str, int],
+                epoch: Epoch) -> Handover | None:
+        """Stop scheduling the group and hand over its state and remaining KV;
         its blocks stay allocated until `release` or `resume`."""
-        req = self._running(request_id)
-        if req is None or req.num_preemptions != epoch:
+        live = self._current(group_id, epoch)
+        if live is None:
             return None
         suspended_at = time.monotonic()
-        bs = self.engine.block_manager.block_size
-        end = -(-req.num_computed_tokens // bs)
-        tail = [self._chunk(request_id, first, end)
-                for first in range(first_block, end, CHUNK_BLOCKS)]
-        index = self.engine.scheduler.running.index(req)
-        self.engine.scheduler.detach(req)
-        self._suspended[request_id] = (req, index)
-        return Handover(self.engine.groups[req.parent_id], req.num_computed_tokens, tail,
-                        suspended_at)
+        size = self.engine.block_manager.block_size
+        tail, computed = [], {}
+        for r in live:
+            end = -(-r.num_computed_tokens // size)
+            tail += [self._chunk(r.request_id, first, end)
+                     for first in range(first_blocks.get(r.request_id, 0), end, CHUNK_BLOCKS)]
+            computed[r.request_id] = r.num_computed_tokens
+        running = self.engine.scheduler.running
+        places = [(r, running.index(r)) for r in live]
+        for r in live:
+            self.engine.scheduler.detach(r)
+        self._suspended[group_id] = places
+        return Handover(self.engine.groups[group_id], computed, tail, suspended_at)
 
-    def release(self, request_id: str) -> None:
-        """The destination took over: free the blocks and forget the request."""
-        if self._suspended.pop(request_id, None) is None:
+    def release(self, group_id: str) -> None:
+        """The destination took over: free the blocks and forget the group."""
+        places = self._suspended.pop(group_id, None)
+        if places is None:
             return
-        self.engine.block_manager.free(request_id)
-        if self.engine.groups.pop(request_id, None) is not None:
+        for r, _ in places:
+            self.engine.block_manager.free(r.request_id)
+        if self.engine.groups.pop(group_id, None) is not None:
             self.num_out += 1
 
-    def forget(self, request_id: str) -> None:
-        """The client aborted a suspended request: free its blocks; a later
+    def forget(self, group_id: str) -> None:
+        """The client aborted a suspended group: free its blocks; a later
         `release` or `resume` for it is a no-op."""
-        if self._suspended.pop(request_id, None) is not None:
-            self.engine.block_manager.free(request_id)
+        for r, _ in self._suspended.pop(group_id, ()):
+            self.engine.block_manager.free(r.request_id)
 
-    def resume(self, request_id: str) -> bool:
-        """The migration aborted after `suspend`: run the request here again.
+    def resume(self, group_id: str) -> bool:
+        """The migration aborted after `suspend`: run the group here again.
         False if it was aborted by its client meanwhile."""
-        entry = self._suspended.pop(request_id, None)
-        if entry is None or request_id not in self.engine.groups:
+        places = self._suspended.pop(group_id, None)
+        if places is None or group_id not in self.engine.groups:
             return False
-        req, index = entry
-        self.engine.scheduler.attach(req, index)
+        for r, index in sorted(places, key=lambda p: p[1]):  # back where each was
+            self.engine.scheduler.attach(r, index)
         return True
 
     # -- destination ----------------------------------------------------------
 
-    def import_kv(self, request_id: str, chunk: KVChunk) -> bool:
-        """Reserve blocks for the chunk and write it; False (reserving nothing
-        more) if the pool cannot hold it."""
-        if request_id in self.engine.groups:
-            raise ValueError(f"request_id: {request_id!r} is already served here")
+    def import_kv(self, group_id: str, chunks: list[KVChunk]) -> bool:
+        """Reserve blocks for the chunks and write them; False (reserving nothing
+        more) if the pool cannot hold them."""
+        if group_id in self.engine.groups:
+            raise ValueError(f"request_id: {group_id!r} is already served here")
         bm = self.engine.block_manager
-        if request_id not in bm:
-            bm.begin(request_id, [])
-        end = chunk.first_block + chunk.num_blocks
-        if not bm.allocate_slots(request_id, end * bm.block_size):
-            return False
-        if chunk.num_blocks:
-            table = bm.block_table(request_id)[chunk.first_block:end]
-            self.engine.runner.copy_in(list(contiguous_runs(table)), chunk.blocks, CHUNK_BLOCKS)
+        reserved = self._incoming.setdefault(group_id, set())
+        for chunk in chunks:
+            if chunk.seq_id not in reserved:
+                bm.begin(chunk.seq_id, [])
+                reserved.add(chunk.seq_id)
+            end = chunk.first_block + chunk.num_blocks
+            if not bm.allocate_slots(chunk.seq_id, end * bm.block_size):
+                return False
+            if chunk.num_blocks:
+                table = bm.block_table(chunk.seq_id)[chunk.first_block:end]
+                self.engine.runner.copy_in(list(contiguous_runs(table)), chunk.blocks,
+                                           CHUNK_BLOCKS)
         return True
 
     def adopt(self, handover: Handover) -> bool:
-        """Take the request over; False (and nothing kept) if its blocks do not fit."""
-        rid = handover.request.request_id
-        req = handover.request
-        # The empty chunk registers the sequence even when nothing is left to copy.
-        if not all(self.import_kv(rid, chunk) for chunk in [self._empty(0), *handover.tail]):
-            self.cancel(rid)
+        """Take the group over; False (and nothing kept) if its blocks do not fit."""
+        group = handover.group
+        # Empty chunks register every sibling even when nothing is left to copy.
+        empty = [self._empty(sid, 0) for sid in handover.num_computed_tokens]
+        if not self.import_kv(group.request_id, empty + handover.tail):
+            self.cancel(group.request_id)
             return False
         # The copy is asynchronous; wait for it, so the measured downtime is the
-        # real pause and the request's first step here never waits on it.
+        # real pause and the group's first step here never waits on it.
         jax.block_until_ready(self.engine.runner.kv_cache)
-        req.detokenizer.bind(self.engine.model.tokenizer)
-        self.engine.block_manager.commit(req.request_id, req.all_token_ids,
-                                         handover.num_computed_tokens)
-        self.engine.groups[handover.group.request_id] = handover.group
-        self.engine.scheduler.attach(req)
+        moving = [r for r in group.requests if r.request_id in handover.num_computed_tokens]
+        for req in group.requests:
+            req.detokenizer.bind(self.engine.model.tokenizer)
+        for req in moving:
+            self.engine.block_manager.commit(req.request_id, req.all_token_ids,
+                                             handover.num_computed_tokens[req.request_id])
+        del self._incoming[group.request_id]
+        self.engine.groups[group.request_id] = group
+        for req in moving:
+            self.engine.scheduler.attach(req)
         self.num_in += 1
         return True
 
-    def cancel(self, request_id: str) -> None:
+    def cancel(self, group_id: str) -> None:
         """Free blocks reserved by `import_kv` for a migration that will not land."""
-        if request_id not in self.engine.groups:
-            self.engine.block_manager.free(request_id)
+        for seq_id in self._incoming.pop(group_id, ()):
+            self.engine.block_manager.free(seq_id)
 
     # -- helpers --------------------------------------------------------------
 
-    def _running(self, request_id: str) -> Request | None:
-        group = self.engine.groups.get(request_id)
-        if group is None or len(group.requests) != 1:
+    def _moving(self, group_id: str) -> list[Request] | None:
+        """The group's unfinished siblings if every one of them runs here and
+        could move now; else None."""
+        group = self.engine.groups.get(group_id)
+        if group is None or group_id in self._suspended:
             return None
-        req = group.requests[0]
-        ok = req.status is RequestStatus.RUNNING and request_id not in self._suspended
-        return req if ok and req in self.engine.scheduler.running else None
+        live = [r for r in group.requests if not r.is_finished]
+        running = self.engine.scheduler.running
+        if not live or any(r.status is not RequestStatus.RUNNING or r.swapped_out
+                           or r not in running for r in live):
+            return None
+        return live
 
-    def _movable(self, req: Request) -> bool:
-        group = self.engine.groups.get(req.parent_id)
-        return (group is not None and len(group.requests) == 1 and not req.swapped_out
-                and req.request_id not in self._suspended)
+    def _current(self, group_id: str, epoch: Epoch) -> list[Request] | None:
+        """The moving siblings, if the group is as it was at ``epoch``."""
+        live = self._moving(group_id)
+        if live is None or tuple((r.request_id, r.num_preemptions) for r in live) != epoch:
+            return None
+        return live
 
-    def _chunk(self, request_id: str, first: int, end: int) -> KVChunk:
+    def _chunk(self, seq_id: str, first: int, end: int) -> KVChunk:
         """Blocks ``first`` up to ``end`` (at most `CHUNK_BLOCKS`) of the table."""
-        table = self.engine.block_manager.block_table(request_id)[first:end][:CHUNK_BLOCKS]
+        table = self.engine.block_manager.block_table(seq_id)[first:end][:CHUNK_BLOCKS]
         if not table:
-            return self._empty(first)
+            return self._empty(seq_id, first)
         blocks = self.engine.runner.gather(list(contiguous_runs(table)), CHUNK_BLOCKS)
-        return KVChunk(first, blocks, len(table))
+        return KVChunk(seq_id, first, blocks, len(table))
 
-    def _empty(self, first: int) -> KVChunk:
+    def _empty(self, seq_id: str, first: int) -> KVChunk:
         spec = self.engine.runner.spec
-        return KVChunk(first, np.zeros((0,) + spec.shape[1:], spec.dtype), 0)
+        return KVChunk(seq_id, first, np.zeros((0,) + spec.shape[1:], spec.dtype), 0)

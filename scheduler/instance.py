@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from sluice.runtime.engine import EngineStats, LLMEngine
 from sluice.runtime.intake import Group
-from sluice.runtime.migration import Handover, KVChunk
+from sluice.runtime.migration import Epoch, Handover, KVChunk
 from sluice.runtime.outputs import RequestOutput
 
 OutputSink = Callable[[str, list[RequestOutput]], None]
@@ -71,11 +71,14 @@ class Instance(Protocol):
     def set_priority(self, request_id: str, priority: int) -> None: ...
     def report(self) -> LoadReport: ...
     def epoch(self, request_id: str) -> concurrent.futures.Future: ...
-    def export_kv(self, request_id: str, first_block: int, epoch: int) -> concurrent.futures.Future: ...
-    def suspend(self, request_id: str, first_block: int, epoch: int) -> concurrent.futures.Future: ...
+    def export_kv(self, request_id: str, first_blocks: dict[str, int],
+                  epoch: Epoch) -> concurrent.futures.Future: ...
+    def suspend(self, request_id: str, first_blocks: dict[str, int],
+                epoch: Epoch) -> concurrent.futures.Future: ...
     def release(self, request_id: str) -> concurrent.futures.Future: ...
     def resume(self, request_id: str) -> concurrent.futures.Future: ...
-    def import_kv(self, request_id: str, chunk: KVChunk) -> concurrent.futures.Future: ...
+    def import_kv(self, request_id: str,
+                  chunks: list[KVChunk]) -> concurrent.futures.Future: ...
     def adopt(self, handover: Handover) -> concurrent.futures.Future: ...
     def cancel(self, request_id: str) -> concurrent.futures.Future: ...
     def stop(self) -> None: ...
@@ -91,7 +94,7 @@ def load_report(name: str, engine: LLMEngine, draining: bool, pending: int = 0) 
     bs = bm.block_size
     demand = pending + _blocks_to_start(sched.waiting, bs)
     high = sum(r.priority < 0 for r in sched.waiting + sched.running)
-    candidates = tuple((r.request_id, r.num_tokens) for r in engine.migration.migratable())
+    candidates = tuple(engine.migration.migratable())
     return LoadReport(name, bm.num_blocks, bm.num_free_blocks, sched.num_running,
                       sched.num_waiting, demand, high, draining, True, bs, candidates,
                       engine.stats())
@@ -162,11 +165,13 @@ class LocalInstance:
     def epoch(self, request_id: str) -> concurrent.futures.Future:
         return self._call(lambda e: e.migration.epoch(request_id))
 
-    def export_kv(self, request_id: str, first_block: int, epoch: int) -> concurrent.futures.Future:
-        return self._call(lambda e: e.migration.export_kv(request_id, first_block, epoch))
+    def export_kv(self, request_id: str, first_blocks: dict[str, int],
+                  epoch: Epoch) -> concurrent.futures.Future:
+        return self._call(lambda e: e.migration.export_kv(request_id, first_blocks, epoch))
 
-    def suspend(self, request_id: str, first_block: int, epoch: int) -> concurrent.futures.Future:
-        return self._call(lambda e: e.migration.suspend(request_id, first_block, epoch))
+    def suspend(self, request_id: str, first_blocks: dict[str, int],
+                epoch: Epoch) -> concurrent.futures.Future:
+        return self._call(lambda e: e.migration.suspend(request_id, first_blocks, epoch))
 
     def release(self, request_id: str) -> concurrent.futures.Future:
         return self._call(lambda e: e.migration.release(request_id))
@@ -174,8 +179,8 @@ class LocalInstance:
     def resume(self, request_id: str) -> concurrent.futures.Future:
         return self._call(lambda e: e.migration.resume(request_id))
 
-    def import_kv(self, request_id: str, chunk: KVChunk) -> concurrent.futures.Future:
-        return self._call(lambda e: e.migration.import_kv(request_id, chunk))
+    def import_kv(self, request_id: str, chunks: list[KVChunk]) -> concurrent.futures.Future:
+        return self._call(lambda e: e.migration.import_kv(request_id, chunks))
 
     def adopt(self, handover: Handover) -> concurrent.futures.Future:
         return self._call(lambda e: e.migration.adopt(handover))

@@ -1,12 +1,13 @@
-"""Live migration driver: move one running request between two instances.
+"""Live migration driver: move one running request (with all its ``n``
+completions) between two instances.
 
 Multi-stage copy (the request keeps decoding on the source meanwhile): each
-stage exports the source's next full blocks not yet copied (at most
-`sluice.runtime.migration.CHUNK_BLOCKS`) and imports them on the destination,
-which reserves blocks as they arrive. When a stage moved at most
+stage exports the source's next full blocks not yet copied, per completion (at
+most `sluice.runtime.migration.CHUNK_BLOCKS` each), and imports them on the
+destination, which reserves blocks as they arrive. When a stage moved at most
 ``stop_blocks`` blocks, the next would be as short, so the driver stops the
 request (``suspend``), copies the rest (the blocks filled since, plus the
-partial last one) with the request state, and the destination adopts it. The
+partial last ones) with the request state, and the destination adopts it. The
 pause -- suspend to adopt -- covers a few blocks whatever the sequence length.
 
 Any failure (the request finished, was aborted or preempted; the destination
@@ -58,20 +59,21 @@ def _run(src: Instance, dst: Instance, rid: str, max_stages: int, stop_blocks: i
     epoch = src.epoch(rid).result()
     if epoch is None:
         return "not movable"
-    copied = 0
+    copied: dict[str, int] = {}  # sibling -> blocks copied so far
     for _ in range(max_stages):
-        chunk = src.export_kv(rid, copied, epoch).result()
-        if chunk is None:
+        chunks = src.export_kv(rid, copied, epoch).result()
+        if chunks is None:
             dst.cancel(rid).result()
             return "gone"
-        if not dst.import_kv(rid, chunk).result():
+        if not dst.import_kv(rid, chunks).result():
             dst.cancel(rid).result()
             return "no room"
+        moved = sum(c.num_blocks for c in chunks)
         result.stages += 1
-        result.blocks_copied += chunk.num_blocks
-        result.bytes_copied += chunk.nbytes
-        copied += chunk.num_blocks
-        if chunk.num_blocks <= stop_blocks:
+        result.blocks_copied += moved
+        result.bytes_copied += sum(c.nbytes for c in chunks)
+        copied.update((c.seq_id, c.first_block + c.num_blocks) for c in chunks)
+        if moved <= stop_blocks:
             break
     handover = src.suspend(rid, copied, epoch).result()
     if handover is None:

@@ -104,6 +104,8 @@ class EngineActor:
 
 
 def _to_host(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_to_host(v) for v in value]
     if isinstance(value, KVChunk):
         return value.to_host()
     if isinstance(value, Handover):
@@ -157,11 +159,11 @@ class RayInstance:
     def epoch(self, request_id):
         return self._call("epoch", request_id)
 
-    def export_kv(self, request_id, first_block, epoch):
-        return self._call("export_kv", request_id, first_block, epoch)
+    def export_kv(self, request_id, first_blocks, epoch):
+        return self._call("export_kv", request_id, first_blocks, epoch)
 
-    def suspend(self, request_id, first_block, epoch):
-        return self._call("suspend", request_id, first_block, epoch)
+    def suspend(self, request_id, first_blocks, epoch):
+        return self._call("suspend", request_id, first_blocks, epoch)
 
     def release(self, request_id):
         return self._call("release", request_id)
@@ -169,8 +171,8 @@ class RayInstance:
     def resume(self, request_id):
         return self._call("resume", request_id)
 
-    def import_kv(self, request_id, chunk):
-        return self._call("import_kv", request_id, chunk)
+    def import_kv(self, request_id, chunks):
+        return self._call("import_kv", request_id, chunks)
 
     def adopt(self, handover):
         return self._call("adopt", handover)

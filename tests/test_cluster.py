@@ -127,6 +127,38 @@ def test_live_migration_is_token_identical(tiny, params):
         b.stop()
 
 
+def test_live_migration_moves_every_completion_of_a_request(tiny):
+    """A request with n = 3 completions (seeded sampling) moves with all three,
+    and back: each completion equals an unmigrated run's; no block leaks."""
+    params = SamplingParams(n=3, max_tokens=300, temperature=0.9, top_p=0.9, seed=7,
+                            ignore_eos=True)
+    prompt = "three completions move together"
+    want = reference(tiny, [("g", prompt, params)])["g"]
+    col = Collector()
+    a = LocalInstance("a", engine(tiny, 0), col.on_outputs)
+    b = LocalInstance("b", engine(tiny, 1), col.on_outputs)
+    try:
+        a.submit(a.engine.prepare("g", prompt, params))
+        col.wait_tokens("g", 20)
+        assert [c[0] for c in a.report().candidates] == ["g"]
+        first = migrate(a, b, "g")
+        assert first.ok, first
+        assert first.blocks_copied >= 3 * 7  # every completion's blocks (4 tokens each)
+        if not col.finished("g"):
+            back = migrate(b, a, "g")
+            assert back.ok or back.reason == "gone", back
+        col.wait(["g"])
+        got = col.outputs["g"][-1].outputs
+        assert [c.token_ids for c in got] == [c.token_ids for c in want.outputs]
+        assert [c.text for c in got] == [c.text for c in want.outputs]
+        assert len({tuple(c.token_ids) for c in got}) == 3  # three different completions
+        assert col.instances["g"] >= {"a", "b"}
+        assert free_blocks_restored([a, b])
+    finally:
+        a.stop()
+        b.stop()
+
+
 def test_migration_aborts_cleanly(tiny):
     col = Collector()
     a = LocalInstance("a", engine(tiny, 0), col.on_outputs)
@@ -587,7 +619,7 @@ def test_abort_of_a_suspended_request_frees_its_blocks(tiny):
     bm = eng.block_manager
     epoch = eng.migration.epoch("a")
     assert epoch is not None
-    assert eng.migration.suspend("a", 0, epoch) is not None
+    assert eng.migration.suspend("a", {}, epoch) is not None
     assert bm.num_free_blocks < bm.num_blocks and not eng.scheduler.running
     eng.abort_request("a")
     assert bm.num_free_blocks == bm.num_blocks

@@ -532,10 +532,10 @@ def test_live_migration_right_after_a_swap_in_moves_the_copied_kv(tiny, asynchro
     computed = low.num_computed_tokens
     epoch = src.migration.epoch("low")
     assert epoch is not None
-    chunk = src.migration.export_kv("low", 0, epoch)
-    assert dst.migration.import_kv("low", chunk)
-    handover = src.migration.suspend("low", chunk.num_blocks, epoch)
-    assert handover.num_computed_tokens == computed and dst.migration.adopt(handover)
+    chunks = src.migration.export_kv("low", {}, epoch)
+    assert dst.migration.import_kv("low", chunks)
+    handover = src.migration.suspend("low", {"low": chunks[0].num_blocks}, epoch)
+    assert handover.num_computed_tokens == {"low": computed} and dst.migration.adopt(handover)
     src.migration.release("low")
     outs.update(_drain(src))
     outs.update(_drain(dst))
