@@ -108,8 +108,14 @@ class MigrationEndpoint:
         """(group id, tokens to move) of the groups that could move now, in
         admission order."""
         out: dict[str, int] = {}
+        seen: set[str] = set()
+        running = self._running_ids()
         for r in self.engine.scheduler.running:
-            if r.parent_id not in out and (live := self._moving(r.parent_id)) is not None:
+            if r.parent_id in seen:
+                continue
+            seen.add(r.parent_id)
+            live = self._moving(r.parent_id, running)
+            if live is not None:
                 out[r.parent_id] = sum(s.num_tokens for s in live)
         return list(out.items())
 
@@ -235,18 +241,22 @@ class MigrationEndpoint:
 
     # -- helpers --------------------------------------------------------------
 
-    def _moving(self, group_id: str) -> list[Request] | None:
+    def _moving(self, group_id: str, running: set[int] | None = None) -> list[Request] | None:
         """The group's unfinished siblings if every one of them runs here and
-        could move now; else None."""
+        could move now; else None. ``running``: ids (``id()``) of the running
+        requests, if the caller has them."""
         group = self.engine.groups.get(group_id)
         if group is None or group_id in self._suspended:
             return None
         live = [r for r in group.requests if not r.is_finished]
-        running = self.engine.scheduler.running
+        running = self._running_ids() if running is None else running
         if not live or any(r.status is not RequestStatus.RUNNING or r.swapped_out
-                           or r not in running for r in live):
+                           or id(r) not in running for r in live):
             return None
         return live
+
+    def _running_ids(self) -> set[int]:
+        return {id(r) for r in self.engine.scheduler.running}
 
     def _current(self, group_id: str, epoch: Epoch) -> list[Request] | None:
         """The moving siblings, if the group is as it was at ``epoch``."""

@@ -331,10 +331,12 @@ class SwapExecutor:
             if swap_in:
                 self._swap_in(swap_in, behind)
         except BaseException:
-            for copy in pending:
-                if on_out_failure:
-                    on_out_failure(copy)
-            self.abandon(swap_in, release, on_in_failure)
+            try:
+                for copy in pending:
+                    if on_out_failure:
+                        on_out_failure(copy)
+            finally:
+                self.abandon(swap_in, release, on_in_failure)
             raise
         if release:
             self.space.release(release)
@@ -344,11 +346,13 @@ class SwapExecutor:
         """Give up swap-ins that failed or will not be issued: each goes to the
         failure callback (its request recomputes), then the host references in
         ``release`` drop, as `run` would have dropped them."""
-        for copy in swap_in:
-            if on_in_failure:
-                on_in_failure(copy)
-        if release:
-            self.space.release(release)
+        try:
+            for copy in swap_in:
+                if on_in_failure:
+                    on_in_failure(copy)
+        finally:
+            if release:
+                self.space.release(release)
 
     def _swap_in(self, copies: list[SwapCopy], behind: jax.Array | None) -> None:
         start = time.perf_counter()

@@ -175,12 +175,12 @@ def test_migration_aborts_cleanly(tiny):
         res = migrate(a, small, "r")
         assert not res.ok and res.reason.startswith("no room"), res
         assert migrate(a, small, "nonexistent").reason == "not movable"
-        two = a.engine.prepare("pair", "n > 1 groups do not move",
+        two = a.engine.prepare("pair", "a completion is not a request",
                                SamplingParams(n=2, max_tokens=400, **GREEDY))
         a.submit(two)
         col.wait_tokens("pair", 5)
-        assert not col.finished("pair")  # running: refused for being a group, not for being gone
-        assert migrate(a, small, "pair-0").reason == "not movable"
+        assert not col.finished("pair")  # running: refused for its id, not for being gone
+        assert migrate(a, small, "pair-0").reason == "not movable"  # moves with its group
         col.wait(["r", "pair"])
         assert col.outputs["r"][-1].outputs[0].token_ids == want.outputs[0].token_ids
         assert col.instances["r"] == {"a"}
@@ -608,17 +608,19 @@ def test_fleet_actuator_applies_plans_and_routes(tiny):
     assert sum(i.draining for i in cluster.instances.values()) == 1
 
 
-def test_abort_of_a_suspended_request_frees_its_blocks(tiny):
+@pytest.mark.parametrize("n", [1, 2])
+def test_abort_of_a_suspended_request_frees_its_blocks(tiny, n):
     """A client abort that lands between `suspend` and `release`/`resume` frees
-    the source's blocks at once; the migration's later calls are no-ops."""
+    the source's blocks (every completion's) at once; the migration's later
+    calls are no-ops."""
     eng = engine(tiny)
     eng.add_request("a", {"prompt_token_ids": [1, 2, 3, 4, 5]},
-                    SamplingParams(max_tokens=40, **GREEDY))
+                    SamplingParams(n=n, max_tokens=40, **GREEDY))
     for _ in range(4):
         eng.step()
     bm = eng.block_manager
     epoch = eng.migration.epoch("a")
-    assert epoch is not None
+    assert epoch is not None and len(epoch) == n
     assert eng.migration.suspend("a", {}, epoch) is not None
     assert bm.num_free_blocks < bm.num_blocks and not eng.scheduler.running
     eng.abort_request("a")
@@ -627,3 +629,32 @@ def test_abort_of_a_suspended_request_frees_its_blocks(tiny):
     assert eng.migration.resume("a") is False
     assert bm.num_free_blocks == bm.num_blocks and not eng.has_unfinished_requests()
     assert eng.migration.num_out == 0
+
+
+def test_resume_after_suspend_restores_a_group_in_place(tiny):
+    """A migration that aborts after `suspend` (the destination refused) puts
+    every completion back where it was in the running list; outputs unchanged."""
+    params = SamplingParams(n=2, max_tokens=30, temperature=0.9, seed=3, ignore_eos=True)
+    jobs = [("x", "before", SamplingParams(max_tokens=30, **GREEDY)), ("g", "group", params),
+            ("y", "after", SamplingParams(max_tokens=30, **GREEDY))]
+    want = reference(tiny, jobs)
+    eng = engine(tiny)
+    for rid, prompt, p in jobs:
+        eng.add_request(rid, prompt, p)
+    for _ in range(3):
+        eng.step()
+    order = [r.request_id for r in eng.scheduler.running]
+    assert {"g-0", "g-1"} <= set(order)
+    handover = eng.migration.suspend("g", {}, eng.migration.epoch("g"))
+    assert set(handover.num_computed_tokens) == {"g-0", "g-1"}
+    assert [r.request_id for r in eng.scheduler.running] == [i for i in order
+                                                             if not i.startswith("g-")]
+    assert eng.migration.resume("g")
+    assert [r.request_id for r in eng.scheduler.running] == order
+    done = {}
+    while eng.has_unfinished_requests():
+        done.update({o.request_id: o for o in eng.step() if o.finished})
+    for rid in want:
+        assert [c.token_ids for c in done[rid].outputs] == \
+            [c.token_ids for c in want[rid].outputs], rid
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
