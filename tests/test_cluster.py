@@ -98,61 +98,35 @@ def free_blocks_restored(instances):
     SamplingParams(max_tokens=400, **GREEDY),
     SamplingParams(max_tokens=400, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True),
     SamplingParams(max_tokens=400, temperature=0.0, stop=["zz"], seed=1),
-], ids=["greedy", "seeded", "stop-string"])
+    SamplingParams(n=3, max_tokens=300, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True),
+], ids=["greedy", "seeded", "stop-string", "n=3-seeded"])
 def test_live_migration_is_token_identical(tiny, params):
+    """The request moves there and back (with all its completions): each
+    completion equals an unmigrated run's; no block leaks."""
     prompt = "live migration must not change a single token"
-    want = reference(tiny, [("r", prompt, params)])["r"]
+    want = reference(tiny, [("r", prompt, params)])["r"].outputs
     col = Collector()
     a = LocalInstance("a", engine(tiny, 0), col.on_outputs)
     b = LocalInstance("b", engine(tiny, 1), col.on_outputs)
     try:
         a.submit(a.engine.prepare("r", prompt, params))
         col.wait_tokens("r", 20)
+        assert [c[0] for c in a.report().candidates] == ["r"]
         first = migrate(a, b, "r")
         assert first.ok, first
-        assert first.stages >= 2 and first.blocks_copied >= 5
+        assert first.stages >= 2 and first.blocks_copied >= 5 * params.n
         if not col.finished("r"):
             back = migrate(b, a, "r")  # and back again (or it finished: "gone")
             assert back.ok or back.reason == "gone", back
         col.wait(["r"])
-        got = col.outputs["r"][-1]
-        assert got.outputs[0].token_ids == want.outputs[0].token_ids
-        assert got.outputs[0].text == want.outputs[0].text == col.text("r")
-        assert got.outputs[0].finish_reason == want.outputs[0].finish_reason
+        got = col.outputs["r"][-1].outputs
+        assert [c.token_ids for c in got] == [c.token_ids for c in want]
+        assert [c.text for c in got] == [c.text for c in want] == \
+            [col.text("r", i) for i in range(params.n)]
+        assert [c.finish_reason for c in got] == [c.finish_reason for c in want]
+        assert len({tuple(c.token_ids) for c in got}) == params.n  # distinct completions
         assert col.instances["r"] >= {"a", "b"}
         assert a.engine.migration.num_out >= 1 and b.engine.migration.num_in >= 1
-        assert free_blocks_restored([a, b])
-    finally:
-        a.stop()
-        b.stop()
-
-
-def test_live_migration_moves_every_completion_of_a_request(tiny):
-    """A request with n = 3 completions (seeded sampling) moves with all three,
-    and back: each completion equals an unmigrated run's; no block leaks."""
-    params = SamplingParams(n=3, max_tokens=300, temperature=0.9, top_p=0.9, seed=7,
-                            ignore_eos=True)
-    prompt = "three completions move together"
-    want = reference(tiny, [("g", prompt, params)])["g"]
-    col = Collector()
-    a = LocalInstance("a", engine(tiny, 0), col.on_outputs)
-    b = LocalInstance("b", engine(tiny, 1), col.on_outputs)
-    try:
-        a.submit(a.engine.prepare("g", prompt, params))
-        col.wait_tokens("g", 20)
-        assert [c[0] for c in a.report().candidates] == ["g"]
-        first = migrate(a, b, "g")
-        assert first.ok, first
-        assert first.blocks_copied >= 3 * 7  # every completion's blocks (4 tokens each)
-        if not col.finished("g"):
-            back = migrate(b, a, "g")
-            assert back.ok or back.reason == "gone", back
-        col.wait(["g"])
-        got = col.outputs["g"][-1].outputs
-        assert [c.token_ids for c in got] == [c.token_ids for c in want.outputs]
-        assert [c.text for c in got] == [c.text for c in want.outputs]
-        assert len({tuple(c.token_ids) for c in got}) == 3  # three different completions
-        assert col.instances["g"] >= {"a", "b"}
         assert free_blocks_restored([a, b])
     finally:
         a.stop()
