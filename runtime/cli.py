@@ -25,6 +25,7 @@ from sluice.runtime.server import ServerConfig, bind_socket, run_server
 from sluice.runtime.swap import COPY_MODES
 from sluice.scheduler.async_cluster import AsyncCluster, local_cluster
 from sluice.scheduler.cluster import DISPATCH_POLICIES, ClusterConfig
+from sluice.scheduler.policies import FairPolicy
 
 GiB = 1 << 30
 
@@ -68,10 +69,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-displace-streaming", action="store_true",
                    help="with --scheduling-policy priority: never displace a request that has "
                         "produced a token (no pause in a stream for priority's sake)")
-    g.add_argument("--fair-weights", type=_token_weights, default=(1.0, 2.0),
+    g.add_argument("--fair-weights", type=_token_weights,
+                   default=(FairPolicy.W_IN, FairPolicy.W_OUT),
                    metavar="IN,OUT",
                    help="with --scheduling-policy fair: service counted per prompt token and "
-                        "per generated token (default: 1,2)")
+                        f"per generated token (default: {FairPolicy.W_IN:g},"
+                        f"{FairPolicy.W_OUT:g})")
     g.add_argument("--client-weights", type=_client_weights, default=None,
                    metavar="CLIENT=W,...",
                    help="with --scheduling-policy fair: relative shares of service per client "

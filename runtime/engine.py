@@ -40,7 +40,7 @@ from sluice.runtime.request import Request, TokenLogprobs
 from sluice.runtime.sampling_params import SamplingParams
 from sluice.runtime.swap import HostSwapSpace, SwapExecutor
 from sluice.scheduler.local import LocalScheduler, SchedulerOutput
-from sluice.scheduler.policies import POLICY_OPTIONS, Policy, make_policy
+from sluice.scheduler.policies import POLICY_OPTIONS, FairPolicy, Policy, make_policy
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ class EngineConfig:
     # fair policy options (sluice.scheduler.policies.FairPolicy): service counted per
     # prompt token and per generated token, and per-client weights (a client with
     # weight 2 gets twice the service of one with weight 1; unlisted clients: 1)
-    fair_w_in: float = 1.0
-    fair_w_out: float = 2.0
+    fair_w_in: float = FairPolicy.W_IN
+    fair_w_out: float = FairPolicy.W_OUT
     client_weights: dict[str, float] | None = None
     swap_space: int = 0  # bytes of host memory for swapped-out KV; 0 = preempt by recompute
     preemption_mode: str = "auto"  # with swap space: auto (cheaper of swap/recompute) | swap

@@ -154,8 +154,9 @@ class PriorityPolicy(Policy):
 
 class FairPolicy(Policy):
     name = "fair"
+    W_IN, W_OUT = 1.0, 2.0  # default service per prompt token and per generated token
 
-    def __init__(self, w_in: float = 1.0, w_out: float = 2.0,
+    def __init__(self, w_in: float = W_IN, w_out: float = W_OUT,
                  weights: dict[str, float] | None = None):
         for field, w in (("fair_w_in", w_in), ("fair_w_out", w_out)):
             if not _finite(w) or w < 0:
@@ -215,8 +216,8 @@ POLICY_OPTIONS = {
     "resume_deadline_s": ("priority", "resume_deadline_s", None),
     "aging_s": ("priority", "aging_s", None),
     "displace_streaming": ("priority", "displace_streaming", True),
-    "fair_w_in": ("fair", "w_in", 1.0),
-    "fair_w_out": ("fair", "w_out", 2.0),
+    "fair_w_in": ("fair", "w_in", FairPolicy.W_IN),
+    "fair_w_out": ("fair", "w_out", FairPolicy.W_OUT),
     "client_weights": ("fair", "weights", None),
 }
 
