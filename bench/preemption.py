@@ -83,7 +83,7 @@ from sluice.runtime.swap import (COPY_MODES, HostSwapSpace, SwapExecutor, _slice
 from sluice.scheduler.policies import FairPolicy, PriorityPolicy
 
 RESULTS = Path(__file__).parent / "results"
-W_IN, W_OUT = 1.0, 2.0  # service weights (the fair policy's defaults)
+W_IN, W_OUT = FairPolicy.W_IN, FairPolicy.W_OUT  # service weights of the fairness gap
 
 
 def machine() -> dict:

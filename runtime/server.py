@@ -519,11 +519,9 @@ class OpenAIServer:
         """Re-rank every unfinished engine request of a completion (all its prompts)."""
         req = proto.parse(proto.PriorityRequest, await self._body(request))
         jobs = [j for j in self._live.get(req.request_id, []) if not j.closed]
-        try:
-            changed = [j.request_id for j in jobs
-                       if await self.engine.set_priority(j.request_id, req.priority)]
-        except ValueError as e:
-            raise proto.value_error(e) from None
+        # (``priority`` is a strict int here, so the engine's own check cannot fail)
+        changed = [j.request_id for j in jobs
+                   if await self.engine.set_priority(j.request_id, req.priority)]
         if not changed:
             raise APIError(404, f"no unfinished request has id {req.request_id!r}",
                            param="request_id", code="request_not_found")
