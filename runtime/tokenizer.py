@@ -3,15 +3,29 @@ library, the built-in byte-level tokenizer, and chat templates.
 
 `Tokenizer` is the one interface the rest of Sluice uses: ``encode``,
 ``decode``, ``apply_chat_template``, ``eos_token_ids``.
+
+A checkpoint directory's chat templates are read the way transformers reads
+them: ``chat_template.jinja`` (and named ones in
+``additional_chat_templates/NAME.jinja``) take priority over the
+``chat_template`` entry of ``tokenizer_config.json`` (a string, or a list of
+``{"name", "template"}``). The template named ``default`` (or the only one) is
+used unless a caller names another. A loaded model without any template has
+none: chatting with it is a ``ValueError`` naming the source, never a made-up
+template; only the built-in models use `DEFAULT_CHAT_TEMPLATE`.
+``add_bos_token`` / ``add_eos_token`` in ``tokenizer_config.json`` decide
+whether encoding adds BOS/EOS, as transformers rebuilds the post-processor
+from them.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.ext
 import jinja2.sandbox
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
@@ -25,15 +39,34 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+
+
 class Tokenizer:
+    """``chat_template`` is one template or named ones (``{"default": ..., ...}``);
+    ``source`` names where the tokenizer came from, for error messages."""
+
     def __init__(self, hf: tokenizers.Tokenizer, eos_token_ids: tuple[int, ...] = (),
                  bos_token: str | None = None, eos_token: str | None = None,
-                 chat_template: str | None = None):
+                 chat_template: str | dict[str, str] | None = None, source: str = "tokenizer"):
         self.hf = hf
         self.eos_token_ids = tuple(eos_token_ids)
         self.bos_token = bos_token
         self.eos_token = eos_token
-        self.chat_template = chat_template or DEFAULT_CHAT_TEMPLATE
+        self.source = source
+        if isinstance(chat_template, str):
+            chat_template = {"default": chat_template}
+        self.chat_templates: dict[str, str] = dict(chat_template or {})
+
+    @property
+    def chat_template(self) -> str | None:
+        """The template chats use by default: ``default``, else the only one, else None."""
+        if "default" in self.chat_templates:
+            return self.chat_templates["default"]
+        if len(self.chat_templates) == 1:
+            return next(iter(self.chat_templates.values()))
+        return None
 
     @property
     def vocab_size(self) -> int:
@@ -46,18 +79,39 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, Any]],
-                            add_generation_prompt: bool = True) -> str:
-        """Render ``messages`` with the model's Jinja chat template (sandboxed)."""
+                            add_generation_prompt: bool = True,
+                            template_name: str | None = None) -> str:
+        """Render ``messages`` with the model's Jinja chat template (sandboxed).
+
+        ``template_name`` picks one of several named templates.
+        """
         if not messages:
             raise ValueError("messages: must contain at least one message")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"messages[{i}]: must be an object with 'role' and 'content'")
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        template = self._template(template_name)
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
         env.globals["raise_exception"] = _raise_template_error
-        return env.from_string(self.chat_template).render(
+        env.globals["strftime_now"] = _strftime_now
+        return env.from_string(template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+    def _template(self, name: str | None) -> str:
+        if name is not None:
+            if name not in self.chat_templates:
+                raise ValueError(f"chat_template: {self.source} has no template named {name!r} "
+                                 f"(it has: {', '.join(sorted(self.chat_templates)) or 'none'})")
+            return self.chat_templates[name]
+        if self.chat_template is None:
+            if self.chat_templates:
+                raise ValueError(f"chat_template: {self.source} has several templates and none "
+                                 f"named 'default'; name one of {sorted(self.chat_templates)}")
+            raise ValueError(f"chat_template: {self.source} has no chat template, so it cannot "
+                             "format chat messages (send a plain prompt instead)")
+        return self.chat_template
 
     @classmethod
     def byte_level(cls) -> "Tokenizer":
@@ -71,11 +125,12 @@ class Tokenizer:
         bos_id = hf.token_to_id(BYTE_BOS)
         hf.post_processor = processors.TemplateProcessing(
             single=f"{BYTE_BOS} $A", special_tokens=[(BYTE_BOS, bos_id)])
-        return cls(hf, (hf.token_to_id(BYTE_EOS),), BYTE_BOS, BYTE_EOS)
+        return cls(hf, (hf.token_to_id(BYTE_EOS),), BYTE_BOS, BYTE_EOS, DEFAULT_CHAT_TEMPLATE,
+                   "the byte-level tokenizer")
 
     @classmethod
     def from_dir(cls, path: str | Path, eos_token_ids: tuple[int, ...] = ()) -> "Tokenizer":
-        """Load ``tokenizer.json`` (+ ``tokenizer_config.json`` for the chat template)."""
+        """Load ``tokenizer.json`` with ``tokenizer_config.json`` and the chat templates."""
         path = Path(path)
         tok_file = path / "tokenizer.json"
         if not tok_file.is_file():
@@ -89,10 +144,50 @@ class Tokenizer:
         eos_ids = tuple(eos_token_ids)
         if not eos_ids and eos is not None and hf.token_to_id(eos) is not None:
             eos_ids = (hf.token_to_id(eos),)
-        template = conf.get("chat_template")
-        if isinstance(template, list):  # named templates: use "default"
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        return cls(hf, eos_ids, bos, eos, template)
+        if "add_bos_token" in conf or "add_eos_token" in conf:
+            set_special_token_processor(hf, bos if conf.get("add_bos_token") else None,
+                                        eos if conf.get("add_eos_token") else None)
+        return cls(hf, eos_ids, bos, eos, _dir_chat_templates(path, conf), str(path))
+
+
+def set_special_token_processor(hf: tokenizers.Tokenizer, bos: str | None,
+                                eos: str | None) -> None:
+    """Make encoding add ``bos`` before and ``eos`` after the text (None: not that one)."""
+    bos = bos if bos is not None and hf.token_to_id(bos) is not None else None
+    eos = eos if eos is not None and hf.token_to_id(eos) is not None else None
+    single = " ".join(([f"{bos}:0"] if bos else []) + ["$A:0"] + ([f"{eos}:0"] if eos else []))
+    pair = " ".join([single] + ([f"{bos}:1"] if bos else []) + ["$B:1"]
+                    + ([f"{eos}:1"] if eos else []))
+    hf.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=[(t, hf.token_to_id(t)) for t in (bos, eos) if t])
+
+
+def _dir_chat_templates(path: Path, conf: dict) -> dict[str, str]:
+    """A checkpoint's named chat templates; the ``.jinja`` files win over the config."""
+    files = {}
+    if (path / CHAT_TEMPLATE_FILE).is_file():
+        files["default"] = (path / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    if (path / CHAT_TEMPLATE_DIR).is_dir():
+        for f in sorted((path / CHAT_TEMPLATE_DIR).glob("*.jinja")):
+            files[f.name.removesuffix(".jinja")] = f.read_text(encoding="utf-8")
+    if files:
+        return files
+    template = conf.get("chat_template")
+    if isinstance(template, list):
+        try:
+            return {t["name"]: t["template"] for t in template}
+        except (TypeError, KeyError) as e:
+            raise ValueError(f"{path / 'tokenizer_config.json'}: field 'chat_template' must be "
+                             "a string or a list of {'name', 'template'} objects") from e
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{path / 'tokenizer_config.json'}: field 'chat_template' must be a "
+                         f"string, got {type(template).__name__}")
+    return {"default": template} if template else {}
+
+
+def _strftime_now(fmt: str) -> str:
+    """Templates may print today's date (transformers provides the same helper)."""
+    return datetime.datetime.now().strftime(fmt)
 
 
 def _raise_template_error(message: str):

@@ -64,7 +64,9 @@ def test_tokenizer_json_round_trip(tmp_path, byte_tok):
         assert tok.encode(text) == byte_tok.encode(text)
         assert tok.decode(tok.encode(text)) == text
     assert tok.eos_token_ids == ()  # nothing says which token ends a turn
-    assert tok.chat_template == DEFAULT_CHAT_TEMPLATE
+    assert tok.chat_template is None  # no template is made up for a real checkpoint
+    with pytest.raises(ValueError, match=f"{tmp_path}.* no chat template"):
+        tok.apply_chat_template(MESSAGES)
 
 
 def test_from_dir_errors(tmp_path):
@@ -101,6 +103,49 @@ def test_named_chat_templates_use_default(tmp_path):
     ], "bos_token": "<s>", "eos_token": "</s>"})
     tok = Tokenizer.from_dir(tmp_path)
     assert tok.apply_chat_template(MESSAGES, add_generation_prompt=False) == RENDERED
+
+
+def test_chat_template_jinja_file_alone(tmp_path):
+    """transformers >= 4.4x saves the template as chat_template.jinja, not in the config."""
+    _write_tokenizer_dir(tmp_path, {"bos_token": "<s>", "eos_token": "</s>"})
+    (tmp_path / "chat_template.jinja").write_text(TEMPLATE, encoding="utf-8")
+    tok = Tokenizer.from_dir(tmp_path)
+    assert tok.chat_template == TEMPLATE
+    assert tok.apply_chat_template(MESSAGES, add_generation_prompt=False) == RENDERED
+
+
+def test_jinja_files_win_over_config_and_named_ones_are_selectable(tmp_path):
+    _write_tokenizer_dir(tmp_path, {"bos_token": "<s>", "eos_token": "</s>",
+                                    "chat_template": "CONFIG"})
+    (tmp_path / "chat_template.jinja").write_text(TEMPLATE)
+    (tmp_path / "additional_chat_templates").mkdir()
+    (tmp_path / "additional_chat_templates" / "tool_use.jinja").write_text("TOOLS {{ messages | length }}")
+    tok = Tokenizer.from_dir(tmp_path)
+    assert tok.apply_chat_template(MESSAGES, add_generation_prompt=False) == RENDERED
+    assert tok.apply_chat_template(MESSAGES, template_name="tool_use") == "TOOLS 2"
+    with pytest.raises(ValueError, match="no template named 'nope'.*default, tool_use"):
+        tok.apply_chat_template(MESSAGES, template_name="nope")
+
+
+def test_named_templates_without_default_must_be_named(tmp_path):
+    _write_tokenizer_dir(tmp_path, {"chat_template": [{"name": "a", "template": "A"},
+                                                      {"name": "b", "template": "B"}]})
+    tok = Tokenizer.from_dir(tmp_path)
+    with pytest.raises(ValueError, match="none named 'default'"):
+        tok.apply_chat_template(MESSAGES)
+    assert tok.apply_chat_template(MESSAGES, template_name="b") == "B"
+
+
+@pytest.mark.parametrize("conf, first, last", [
+    ({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False}, 104, 111),
+    ({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "add_eos_token": True},
+     BOS_ID, EOS_ID),
+])
+def test_add_bos_token_from_tokenizer_config(tmp_path, conf, first, last):
+    """tokenizer.json's post-processor adds BOS; tokenizer_config.json's flags override it."""
+    _write_tokenizer_dir(tmp_path, conf)
+    ids = Tokenizer.from_dir(tmp_path).encode("hello")
+    assert (ids[0], ids[-1]) == (first, last)
 
 
 def test_chat_template_reaches_loaded_model(small_checkpoint):
