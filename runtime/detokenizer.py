@@ -36,16 +36,24 @@ runs of byte tokens are valid UTF-8). Text already streamed is never taken
 back, so a decoder that rewrites earlier text (e.g. WordPiece's cleanup of
 ``" n't"``) can differ from a full decode there.
 
-Stop strings are looked for in the newly added text plus the ``len(stop) - 1``
-characters before it, so a match across token boundaries is found at the token
-that completes it (the earliest-ending match wins; among those, the longest).
-``take_delta`` withholds the longest end of the text that could still grow
-into a stop string, so streamed text never has to be taken back when the
-stop string is cut off.
+Stop strings are matched incrementally: each one keeps a Knuth-Morris-Pratt
+state (how much of it the text ends with), advanced character by character over
+the newly added text only, so a step costs O(new characters x stop strings)
+however long the output or the stop strings are, and a match across token
+boundaries is found at the token that completes it (the earliest-ending match
+wins; among those, the longest). The same states say how long an end of the
+text could still grow into a stop string: ``take_delta`` withholds it, so
+streamed text never has to be taken back when the stop string is cut off.
+
+Limits (a ``ValueError`` naming ``stop`` past them, a 400 over HTTP): at most
+`MAX_STOP_STRINGS` stop strings of at most `MAX_STOP_STRING_CHARS` characters
+each (OpenAI allows 4 and TGI defaults to 4; these leave room for vLLM-style
+lists of stop words while bounding the tables every request carries).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from sluice.runtime.tokenizer import Tokenizer
@@ -55,6 +63,8 @@ REPLACEMENT = "\ufffd"
 # extended backwards (up to the maximum) while it would start inside a character.
 PROMPT_CONTEXT_TOKENS = 5
 MAX_PROMPT_CONTEXT_TOKENS = 32
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 1024
 
 
 class IncrementalDetokenizer:
@@ -63,11 +73,12 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], *,
                  stop: Sequence[str] = (), include_stop_str_in_output: bool = False,
                  skip_special_tokens: bool = True):
-        if any(not s for s in stop):
-            raise ValueError("stop: stop strings must not be empty")
+        check_stop_strings(stop)
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
         self._stop = tuple(stop)
+        self._tables = [_failure_table(s) for s in self._stop]
+        self._states = [0] * len(self._stop)  # characters of each stop the text ends with
         self._include_stop = include_stop_str_in_output
         prompt = list(prompt_token_ids)
         # The window: context tokens (already emitted), then tokens not yet read.
@@ -155,24 +166,61 @@ class IncrementalDetokenizer:
         return self._match_stop(start)
 
     def _match_stop(self, start: int) -> bool:
-        """Cut the text at the first stop string that ends after ``start``."""
-        matches = []  # (end, -length, position, stop string)
-        for s in self._stop:
-            i = self._text.find(s, max(0, start - len(s) + 1))
-            if i != -1:
-                matches.append((i + len(s), -len(s), i, s))
-        if not matches:
+        """Advance the stop-string states over the text from ``start``; at the first
+        character that completes one, cut the text there (see the module docstring)."""
+        stops, tables, states = self._stop, self._tables, self._states
+        if not stops:
             return False
-        end, _, i, s = min(matches)
-        self.stop_reason = s
-        self._text = self._text[:end if self._include_stop else i]
-        return True
+        text = self._text
+        for pos in range(start, len(text)):
+            c = text[pos]
+            done = None
+            for j, s in enumerate(stops):
+                k = states[j]
+                while k and s[k] != c:
+                    k = tables[j][k - 1]
+                if s[k] == c:
+                    k += 1
+                if k == len(s):
+                    if done is None or len(s) > len(stops[done]):
+                        done = j
+                    k = tables[j][k - 1]
+                states[j] = k
+            if done is not None:
+                s = stops[done]
+                self.stop_reason = s
+                end = pos + 1
+                self._text = text[:end if self._include_stop else end - len(s)]
+                return True
+        return False
 
     def _partial_stop_len(self) -> int:
         """Length of the longest end of the text that is a proper prefix of a stop string."""
-        return max((_longest_prefix_at_end(self._text, s) for s in self._stop), default=0)
+        return max(self._states, default=0)
 
 
-def _longest_prefix_at_end(text: str, s: str) -> int:
-    """Largest k < len(s) such that ``text`` ends with ``s[:k]`` (0 if none)."""
-    return next((k for k in range(len(s) - 1, 0, -1) if text.endswith(s[:k])), 0)
+def check_stop_strings(stop: Sequence[str]) -> None:
+    """Raise ``ValueError`` (naming ``stop``) unless the stop strings are within the limits."""
+    if len(stop) > MAX_STOP_STRINGS:
+        raise ValueError(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+    for s in stop:
+        if not s:
+            raise ValueError("stop: stop strings must not be empty")
+        if len(s) > MAX_STOP_STRING_CHARS:
+            raise ValueError(f"stop: a stop string may have at most {MAX_STOP_STRING_CHARS} "
+                             f"characters, got {len(s)}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _failure_table(s: str) -> tuple[int, ...]:
+    """KMP failure function: ``t[i]`` = length of the longest proper prefix of
+    ``s[:i + 1]`` that is also its suffix (cached: siblings share their stop strings)."""
+    t = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = t[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        t[i] = k
+    return tuple(t)
