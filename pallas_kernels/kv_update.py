@@ -59,44 +59,67 @@ def write_kv_gpu(cache: jax.Array, layer, k: jax.Array, v: jax.Array, slot_mappi
     )(slot_mapping.astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1), k, v, cache)
 
 
-def _tpu_kernel(num_slots: int, block_size: int, slots_ref, layer_ref, k_ref, v_ref,
-                cache_in_hbm, cache_hbm, sems):
-    del cache_in_hbm  # aliased to cache_hbm
-    slot = slots_ref[pl.program_id(0)]
+TPU_CHUNK = 256  # tokens whose DMAs one TPU program keeps in flight together
 
-    @pl.when(slot < num_slots)
-    def _():
-        block, offset, layer = slot // block_size, slot % block_size, layer_ref[0]
-        copies = [pltpu.make_async_copy(src, cache_hbm.at[block, layer, kv, offset], sems.at[kv])
-                  for kv, src in enumerate((k_ref, v_ref))]
-        for c in copies:
-            c.start()
-        for c in copies:
-            c.wait()
+
+def _tpu_kernel(num_tokens: int, num_slots: int, block_size: int, chunk: int, slots_ref,
+                layer_ref, k_hbm, v_hbm, cache_in_hbm, cache_hbm, sems):
+    del cache_in_hbm  # aliased to cache_hbm
+    first = pl.program_id(0) * chunk
+    layer = layer_ref[0]
+
+    def copies(t):
+        slot = slots_ref[t]
+        dst = cache_hbm.at[slot // block_size, layer]
+        return [pltpu.make_async_copy(src.at[t], dst.at[kv, slot % block_size], sems.at[kv])
+                for kv, src in enumerate((k_hbm, v_hbm))]
+
+    def live(t):
+        slot = slots_ref[jnp.minimum(t, num_tokens - 1)]
+        return (t < num_tokens) & (slot >= 0) & (slot < num_slots)
+
+    def each(action: str):
+        def body(i, carry):
+            t = first + i
+
+            @pl.when(live(t))
+            def _():
+                for c in copies(t):
+                    getattr(c, action)()
+            return carry
+        jax.lax.fori_loop(0, chunk, body, 0)
+
+    each("start")  # all of the chunk's copies in flight at once,
+    each("wait")   # then drained
 
 
 def write_kv_tpu(cache: jax.Array, layer, k: jax.Array, v: jax.Array, slot_mapping: jax.Array,
                  *, interpret: bool = False) -> jax.Array:
     """Mosaic-TPU variant: slots in SMEM (scalar prefetch); each token's
-    ``[kv_heads, head_dim]`` keys and values are DMA'd from VMEM to their slot."""
-    num_tokens, num_kv_heads, head_dim = k.shape
+    ``[kv_heads, head_dim]`` keys and values are one HBM-to-HBM DMA each into
+    ``cache[block, layer, kv, offset]`` (the token offset is an untiled
+    dimension, so any offset is aligned in every dtype). A program issues the
+    copies of ``TPU_CHUNK`` tokens before waiting for any. Slots outside
+    ``[0, num_slots)`` and a layer outside the pool are never written."""
+    num_tokens = k.shape[0]
     block_size = cache.shape[3]
     num_slots = cache.shape[0] * block_size
-    row = pl.BlockSpec((None, num_kv_heads, head_dim), lambda t, *_: (t, 0, 0))
+    chunk = min(TPU_CHUNK, num_tokens)
+    layer = jnp.clip(jnp.asarray(layer, jnp.int32), 0, cache.shape[1] - 1).reshape(1)
+    hbm = pl.BlockSpec(memory_space=pl.ANY)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
-        grid=(num_tokens,),
-        in_specs=[row, row, pl.BlockSpec(memory_space=pl.ANY)],
-        out_specs=pl.BlockSpec(memory_space=pl.ANY),
+        grid=(pl.cdiv(num_tokens, chunk),),
+        in_specs=[hbm] * 3,
+        out_specs=hbm,
         scratch_shapes=[pltpu.SemaphoreType.DMA((2,))],
     )
     return pl.pallas_call(
-        functools.partial(_tpu_kernel, num_slots, block_size),
+        functools.partial(_tpu_kernel, num_tokens, num_slots, block_size, chunk),
         out_shape=jax.ShapeDtypeStruct(cache.shape, cache.dtype),
         grid_spec=grid_spec,
         input_output_aliases={4: 0},
         compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
         interpret=tpu_interpret_params() if interpret else False,
         name="sluice_write_kv",
-    )(slot_mapping.astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1),
-      k.astype(cache.dtype), v.astype(cache.dtype), cache)
+    )(slot_mapping.astype(jnp.int32), layer, k.astype(cache.dtype), v.astype(cache.dtype), cache)

@@ -58,6 +58,7 @@ class _Static:
     group: int              # G': query heads per KV head, padded to a power of two
     block_size: int
     pages: int              # block-table width
+    num_blocks: int         # pool size (page indices are clamped into it)
     scale: float
     sliding_window: int | None
     soft_cap: float | None
@@ -84,6 +85,7 @@ def _plan(q: jax.Array, cache: jax.Array, layer, meta: AttentionMetadata, scale:
           sliding_window: int | None, soft_cap: float | None) -> tuple[_Static, _Tiles]:
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = cache.shape[4]
+    num_seqs = meta.seq_lens.shape[0]
     group = num_q_heads // num_kv_heads
     gp = next_power_of_2(group)
     target = DECODE_TILE_ROWS if meta.max_query_len == 1 else PREFILL_TILE_ROWS
@@ -91,8 +93,8 @@ def _plan(q: jax.Array, cache: jax.Array, layer, meta: AttentionMetadata, scale:
     bq = min(max(1, target // gp, 8 // math.gcd(gp, 8)),
              max(next_power_of_2(num_tokens), 8 // math.gcd(gp, 8)))
     tiles = -(-num_tokens // bq)
-    static = _Static(bq, gp, cache.shape[3], meta.block_tables.shape[1], float(scale),
-                     sliding_window, None if soft_cap is None else float(soft_cap))
+    static = _Static(bq, gp, cache.shape[3], meta.block_tables.shape[1], cache.shape[0],
+                     float(scale), sliding_window, None if soft_cap is None else float(soft_cap))
 
     qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)
     qg = jnp.pad(qg, ((0, tiles * bq - num_tokens), (0, 0), (0, gp - group), (0, 0)))
@@ -102,8 +104,11 @@ def _plan(q: jax.Array, cache: jax.Array, layer, meta: AttentionMetadata, scale:
     starts = jnp.arange(tiles, dtype=jnp.int32) * bq
     seq_lo = jnp.searchsorted(qsl[1:], starts, side="right").astype(jnp.int32)
     seq_hi = jnp.searchsorted(qsl[:-1], starts + bq, side="left").astype(jnp.int32)
-    seq_hi = jnp.minimum(seq_hi, meta.num_seqs.astype(jnp.int32))
-    inputs = _Tiles(qg, jnp.asarray(layer, jnp.int32).reshape(1), qsl,
+    # Guards: whatever the metadata says, a program visits only rows of the
+    # tables (num_seqs <= S) and only layers of the pool.
+    seq_hi = jnp.clip(seq_hi, 0, jnp.clip(meta.num_seqs.astype(jnp.int32), 0, num_seqs))
+    layer = jnp.clip(jnp.asarray(layer, jnp.int32), 0, cache.shape[1] - 1)
+    inputs = _Tiles(qg, layer.reshape(1), qsl,
                     meta.seq_lens.astype(jnp.int32),
                     meta.block_tables.astype(jnp.int32).reshape(-1), seq_lo, seq_hi)
     return static, inputs
@@ -117,14 +122,39 @@ def _unplan(out: jax.Array, q: jax.Array) -> jax.Array:
     return out[:, :num_tokens, :group].transpose(1, 0, 2, 3).reshape(q.shape)
 
 
-def _attend_tile(st: _Static, tile, q: jax.Array, qsl_ref, seq_lens_ref, tables_ref,
-                 seq_lo, seq_hi, load_page: Callable) -> jax.Array:
-    """Online-softmax attention of one tile's rows ``q`` [M, D]; returns f32 [M, D].
+class _Pages:
+    """How `_attend_tile` gets a sequence's pages: ``begin`` before its first
+    page, ``get`` for each page in order (returning keys and values). This plain
+    version loads each page when asked, through ``load_page(page, kv)``; the TPU
+    variant substitutes a double-buffered one."""
 
-    ``load_page(page, kv)`` returns one page's keys (kv=0) or values
-    (kv=1) for this program's KV head as ``[block_size, head_dim]``.
+    def __init__(self, load_page: Callable):
+        self.load_page = load_page
+
+    def begin(self, page_of: Callable, first, end) -> None:
+        del page_of, first, end
+
+    def get(self, page_of: Callable, p, end) -> tuple[jax.Array, jax.Array]:
+        del end
+        page = page_of(p)
+        return self.load_page(page, 0), self.load_page(page, 1)
+
+
+def _attend_tile(st: _Static, tile, q: jax.Array, qsl_ref, seq_lens_ref, tables_ref,
+                 seq_lo, seq_hi, load_page: Callable | _Pages) -> jax.Array:
+    """Online-softmax attention of one tile's rows ``q``; returns float32 of q's shape.
+
+    ``q`` is ``[M, D]`` (one KV head) or ``[Hkv, M, D]`` (every KV head of the
+    tile at once, as batched matmuls). ``load_page(page, kv)`` returns one
+    page's keys (kv=0) or values (kv=1) as ``[block_size, D]`` or
+    ``[Hkv, block_size, D]`` to match; a `_Pages` may be passed instead.
+
+    Guards: the page loop stops at the block-table width and page indices are
+    clamped into the pool, so no metadata can make it read outside either.
     """
-    rows, head_dim = q.shape
+    pages_of = load_page if isinstance(load_page, _Pages) else _Pages(load_page)
+    rows, head_dim = q.shape[-2:]
+    batch = q.ndim - 2  # leading head axis or none
     bs = st.block_size
     first_row = tile * st.tile_tokens
     # Token row of each of the M tile rows, as a column [M, 1].
@@ -132,6 +162,12 @@ def _attend_tile(st: _Static, tile, q: jax.Array, qsl_ref, seq_lens_ref, tables_
     kv_col = jax.lax.broadcasted_iota(jnp.int32, (1, bs), 1)
     kv_row = jax.lax.broadcasted_iota(jnp.int32, (bs, 1), 0)
     precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    heads = tuple(range(batch))
+
+    def matmul(a, b, contract_b: int):
+        dims = (((batch + 1,), (batch + contract_b,)), (heads, heads))
+        return jax.lax.dot_general(a, b, dims, precision=precision,
+                                   preferred_element_type=jnp.float32)
 
     def seq_body(s, carry):
         q_start, q_end, seq_len = qsl_ref[s], qsl_ref[s + 1], seq_lens_ref[s]
@@ -139,38 +175,42 @@ def _attend_tile(st: _Static, tile, q: jax.Array, qsl_ref, seq_lens_ref, tables_
         r_lo = jnp.maximum(q_start, first_row)
         r_hi = jnp.minimum(q_end, first_row + st.tile_tokens)
         kv_hi = jnp.where(r_hi > r_lo, ctx + r_hi - q_start, 0)  # causal bound
+        kv_hi = jnp.clip(kv_hi, 0, st.pages * bs)  # never past the table row
         kv_lo = jnp.int32(0)
         if st.sliding_window is not None:
             kv_lo = jnp.clip(ctx + r_lo - q_start - st.sliding_window + 1, 0, kv_hi)
         in_seq = (row >= q_start) & (row < q_end)
         q_pos = ctx + row - q_start  # [M, 1]
+        p_lo, p_hi = kv_lo // bs, (kv_hi + bs - 1) // bs
+
+        def page_of(p):
+            return jnp.clip(tables_ref[s * st.pages + p], 0, st.num_blocks - 1)
 
         def page_body(p, carry):
             m, l, acc = carry
-            page = tables_ref[s * st.pages + p]
-            k, v = load_page(page, 0), load_page(page, 1)
+            k, v = pages_of.get(page_of, p, p_hi)
             kv_pos = p * bs + kv_col  # [1, B]
             mask = in_seq & (kv_pos <= q_pos)
             if st.sliding_window is not None:
                 mask &= kv_pos > q_pos - st.sliding_window
-            scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                                         preferred_element_type=jnp.float32) * st.scale
+            scores = matmul(q, k, 1) * st.scale
             if st.soft_cap is not None:
                 scores = st.soft_cap * jnp.tanh(scores / st.soft_cap)
             scores = jnp.where(mask, scores, -jnp.inf)
-            m_new = jnp.maximum(m, jnp.max(scores, axis=1, keepdims=True))
+            m_new = jnp.maximum(m, jnp.max(scores, axis=-1, keepdims=True))
             shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             alpha = jnp.exp(m - shift)
             probs = jnp.where(mask, jnp.exp(scores - shift), 0.0)
             v = jnp.where(p * bs + kv_row < seq_len, v, jnp.zeros_like(v))
-            pv = jax.lax.dot_general(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                     precision=precision, preferred_element_type=jnp.float32)
-            return m_new, alpha * l + jnp.sum(probs, axis=1, keepdims=True), alpha * acc + pv
+            pv = matmul(probs.astype(v.dtype), v, 0)
+            return m_new, alpha * l + jnp.sum(probs, axis=-1, keepdims=True), alpha * acc + pv
 
-        return jax.lax.fori_loop(kv_lo // bs, (kv_hi + bs - 1) // bs, page_body, carry)
+        pages_of.begin(page_of, p_lo, p_hi)
+        return jax.lax.fori_loop(p_lo, p_hi, page_body, carry)
 
-    init = (jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
-            jnp.zeros((rows, head_dim), jnp.float32))
+    stat = q.shape[:-1] + (1,)
+    init = (jnp.full(stat, -jnp.inf, jnp.float32), jnp.zeros(stat, jnp.float32),
+            jnp.zeros(q.shape, jnp.float32))
     _, l, acc = jax.lax.fori_loop(seq_lo, seq_hi, seq_body, init)
     return acc / jnp.where(l > 0, l, 1.0)
 
@@ -223,20 +263,47 @@ def ragged_paged_attention_gpu(q: jax.Array, cache: jax.Array, layer, meta: Atte
 # -- TPU (Mosaic) ---------------------------------------------------------------
 
 
+class _TpuPages(_Pages):
+    """Double-buffered page DMAs: page ``p`` lands in slot ``p % 2`` and the
+    next page of the sequence is in flight while ``p`` is computed on.
+
+    A page moves as one DMA per keys/values covering every KV head,
+    ``cache[page, layer, kv]`` = ``[block_size, Hkv, D]``: only leading
+    (untiled) dimensions are indexed dynamically, which Mosaic requires of
+    packed dtypes (a per-head slice is an offset along the tiled, sublane-packed
+    ``Hkv`` axis and does not compile in bfloat16). The heads are separated in
+    VMEM by one transpose to ``[Hkv, block_size, D]``.
+    """
+
+    def __init__(self, cache_hbm, layer, kv_buf, sems):
+        self.cache_hbm, self.layer, self.kv_buf, self.sems = cache_hbm, layer, kv_buf, sems
+
+    def _copy(self, page, kv: int, slot):
+        return pltpu.make_async_copy(self.cache_hbm.at[page, self.layer, kv],
+                                     self.kv_buf.at[slot, kv], self.sems.at[slot, kv])
+
+    def _start(self, page, slot) -> None:
+        for kv in (0, 1):
+            self._copy(page, kv, slot).start()
+
+    def begin(self, page_of: Callable, first, end) -> None:
+        pl.when(first < end)(lambda: self._start(page_of(first), first % 2))
+
+    def get(self, page_of: Callable, p, end) -> tuple[jax.Array, jax.Array]:
+        nxt = p + 1
+        pl.when(nxt < end)(lambda: self._start(page_of(nxt), nxt % 2))
+        slot = p % 2
+        for kv in (0, 1):
+            self._copy(0, kv, slot).wait()  # the wait needs only the destination's shape
+        return tuple(jnp.swapaxes(self.kv_buf[slot, kv], 0, 1) for kv in (0, 1))
+
+
 def _tpu_kernel(st: _Static, layer_ref, qsl_ref, seq_lens_ref, tables_ref, seq_lo_ref,
                 seq_hi_ref, q_ref, cache_hbm, o_ref, kv_buf, sems):
-    tile, head = pl.program_id(0), pl.program_id(1)
-    layer = layer_ref[0]
-
-    def load_page(page, kv):
-        copy = pltpu.make_async_copy(cache_hbm.at[page, layer, kv, :, head, :], kv_buf.at[kv],
-                                     sems.at[kv])
-        copy.start()
-        copy.wait()
-        return kv_buf[kv]
-
+    tile = pl.program_id(0)
+    pages = _TpuPages(cache_hbm, layer_ref[0], kv_buf, sems)
     out = _attend_tile(st, tile, q_ref[...], qsl_ref, seq_lens_ref, tables_ref,
-                       seq_lo_ref[tile], seq_hi_ref[tile], load_page)
+                       seq_lo_ref[tile], seq_hi_ref[tile], pages)
     o_ref[...] = out.astype(o_ref.dtype)
 
 
@@ -245,25 +312,29 @@ def ragged_paged_attention_tpu(q: jax.Array, cache: jax.Array, layer, meta: Atte
                                soft_cap: float | None = None,
                                interpret: bool = False) -> jax.Array:
     """Mosaic-TPU variant: scalar tables in SMEM (scalar prefetch), the KV pool
-    left in HBM and each page DMA'd into VMEM (one page per step, not yet
-    double-buffered)."""
+    left in HBM and pages DMA'd into a double buffer in VMEM (`_TpuPages`).
+
+    One program per tile handles every KV head: its queries are one
+    ``[Hkv, BQ * G', D]`` block and each page is fetched once for all heads, so
+    the matmuls are batched over heads. The grid is ``(tiles,)``.
+    """
     st, t = _plan(q, cache, layer, meta, scale, sliding_window, soft_cap)
     num_kv_heads, total_rows, head_dim = t.q.shape
     tiles = total_rows // st.rows
-    tile_spec = pl.BlockSpec((None, st.rows, head_dim), lambda i, h, *_: (h, i, 0))
+    tile_spec = pl.BlockSpec((num_kv_heads, st.rows, head_dim), lambda i, *_: (0, i, 0))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=6,
-        grid=(tiles, num_kv_heads),
+        grid=(tiles,),
         in_specs=[tile_spec, pl.BlockSpec(memory_space=pl.ANY)],
         out_specs=tile_spec,
-        scratch_shapes=[pltpu.VMEM((2, st.block_size, head_dim), cache.dtype),
-                        pltpu.SemaphoreType.DMA((2,))],
+        scratch_shapes=[pltpu.VMEM((2, 2, st.block_size, num_kv_heads, head_dim), cache.dtype),
+                        pltpu.SemaphoreType.DMA((2, 2))],
     )
     out = pl.pallas_call(
         functools.partial(_tpu_kernel, st),
         out_shape=jax.ShapeDtypeStruct(t.q.shape, q.dtype),
         grid_spec=grid_spec,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
         interpret=tpu_interpret_params() if interpret else False,
         name="sluice_ragged_paged_attention",
     )(t.layer, t.query_start_loc, t.seq_lens, t.block_tables, t.seq_lo, t.seq_hi, t.q, cache)
