@@ -1,14 +1,29 @@
-"""Pick a kernel variant by platform: the entry points the runtime registers.
+"""Pick a kernel variant by the platform a computation is compiled for.
 
 ``write_kv`` / ``ragged_paged_attention`` / ``gather_blocks`` /
 ``scatter_blocks`` take the reference signatures (the block copies take runs,
-see `block_copy`) and choose, from ``jax.default_backend()`` at trace time:
+see `block_copy`). Each binds one primitive whose lowering is registered per
+platform, so the variant is chosen when XLA lowering knows the target:
 
 - ``tpu``: the Mosaic TPU kernels;
-- ``gpu``: the Pallas Triton kernels;
+- ``cuda`` / ``rocm``: the Pallas Triton kernels;
 - anything else (CPU): pure JAX, the fastest correct path there: the
   reference's KV update and block copies, and `chunked` attention
   (interpreted kernels are for testing, not serving).
+
+The target is the platform of the devices the arguments live on (an engine
+pinned to a device), of the topology devices an ahead-of-time
+``jit(...).lower(...)`` is given, or each of ``jax.export(platforms=...)``;
+never ``jax.default_backend()`` at trace time, which made exports and AOT
+compiles from a CPU host silently get the CPU path. Only the chosen variant is
+traced, during lowering, so CPU compiles cost what they did before.
+
+Pallas kernels ask the default device (or an abstract mesh) which chip they
+target (TPU generation; GPU compute capability on JAX 0.12). When lowering for
+a known device that is not the default one (an AOT compile from a CPU host),
+the rule makes that device the default while the kernel lowers. An export with
+no devices at all (``jax.export`` for ``tpu`` on a host without one) still
+needs the caller's ``jax.sharding.use_abstract_mesh`` naming the chip.
 
 `interpreted(variant)` returns the same four operations running a variant's
 kernels in interpret mode on any platform, which is how CPU tests exercise them.
@@ -16,12 +31,17 @@ kernels in interpret mode on any platform, which is how CPU tests exercise them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from types import SimpleNamespace
+from typing import Callable
 
 import jax
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
 
 from sluice.pallas_kernels import block_copy, chunked, kv_update, ragged_attention, reference
+from sluice.pallas_kernels.metadata import AttentionMetadata
 
 
 def _reference_gather(cache, groups, num_staged):
@@ -49,30 +69,93 @@ _VARIANTS = {
                            gather=block_copy.gather_blocks_tpu,
                            scatter=block_copy.scatter_blocks_tpu),
 }
-_CPU = SimpleNamespace(write_kv=reference.write_kv,
-                       attend=chunked.ragged_paged_attention,
-                             gather=_reference_gather, scatter=_reference_scatter)
+_CPU = SimpleNamespace(write_kv=reference.write_kv, attend=chunked.ragged_paged_attention,
+                       gather=_reference_gather, scatter=_reference_scatter)
+# Lowering platform -> variant; platforms not listed lower the CPU path.
+PLATFORM_VARIANTS = {"tpu": "tpu", "cuda": "gpu", "rocm": "gpu"}
 
 
-def _for_platform() -> SimpleNamespace:
-    return _VARIANTS.get(jax.default_backend(), _CPU)
+def variant_for(platform: str) -> str:
+    """The variant ("tpu", "gpu" or "cpu") a lowering platform gets."""
+    return PLATFORM_VARIANTS.get(platform, "cpu")
+
+
+# -- one primitive per operation ----------------------------------------------
+
+
+def _target_device(ctx) -> jax.Device | None:
+    """The device this lowering compiles for, when the lowering knows one."""
+    axis_ctx = ctx.module_context.axis_context
+    devices = getattr(axis_ctx, "device_assignment", None)
+    if devices is None and getattr(axis_ctx, "mesh", None) is not None:
+        devices = list(axis_ctx.mesh.devices.flat)
+    return devices[0] if devices else None
+
+
+def _lowering(op: str, ops: SimpleNamespace) -> Callable:
+    """A lowering rule that traces ``ops``' implementation of ``op``."""
+    def rule(ctx, *args, **params):
+        impl = functools.partial(_CALLS[op], getattr(ops, op), **params)
+        device = _target_device(ctx)
+        foreign = device is not None and device.platform != jax.default_backend()
+        with jax.default_device(device) if foreign else contextlib.nullcontext():
+            return mlir.lower_fun(impl, multiple_results=False)(ctx, *args)
+    return rule
+
+
+def _eager(prim: Primitive, *args, **params):
+    return _jitted(prim, tuple(sorted(params.items())))(*args)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(prim: Primitive, params: tuple) -> Callable:
+    return jax.jit(functools.partial(prim.bind, **dict(params)))
+
+
+def _primitive(op: str, abstract_eval: Callable) -> Primitive:
+    prim = Primitive(f"sluice_{op}")
+    prim.def_abstract_eval(abstract_eval)
+    prim.def_impl(functools.partial(_eager, prim))
+    mlir.register_lowering(prim, _lowering(op, _CPU))
+    for platform, variant in PLATFORM_VARIANTS.items():
+        mlir.register_lowering(prim, _lowering(op, _VARIANTS[variant]), platform=platform)
+    return prim
+
+
+# How each primitive's flat operands and parameters call a variant's function.
+_CALLS: dict[str, Callable] = {
+    "write_kv": lambda fn, cache, layer, k, v, slots: fn(cache, layer, k, v, slots),
+    "attend": lambda fn, q, cache, layer, *meta, meta_tree, **kw: fn(
+        q, cache, layer, jax.tree_util.tree_unflatten(meta_tree, meta), **kw),
+    "gather": lambda fn, cache, groups, *, num_staged: fn(cache, groups, num_staged),
+    "scatter": lambda fn, cache, groups, staging: fn(cache, groups, staging),
+}
+
+_write_kv_p = _primitive("write_kv", lambda cache, *_: cache)
+_attend_p = _primitive("attend", lambda q, *_, **__: q)
+_gather_p = _primitive("gather", lambda cache, groups, *, num_staged: cache.update(
+    shape=(num_staged,) + cache.shape[1:]))
+_scatter_p = _primitive("scatter", lambda cache, *_: cache)
 
 
 def write_kv(cache, layer, k, v, slot_mapping):
-    return _for_platform().write_kv(cache, layer, k, v, slot_mapping)
+    return _write_kv_p.bind(cache, jax.numpy.asarray(layer), k, v, slot_mapping)
 
 
-def ragged_paged_attention(q, cache, layer, meta, *, scale, sliding_window=None, soft_cap=None):
-    return _for_platform().attend(q, cache, layer, meta, scale=scale,
-                                  sliding_window=sliding_window, soft_cap=soft_cap)
+def ragged_paged_attention(q, cache, layer, meta: AttentionMetadata, *, scale,
+                           sliding_window=None, soft_cap=None):
+    leaves, tree = jax.tree_util.tree_flatten(meta)
+    return _attend_p.bind(q, cache, jax.numpy.asarray(layer), *leaves, meta_tree=tree,
+                          scale=float(scale), sliding_window=sliding_window,
+                          soft_cap=None if soft_cap is None else float(soft_cap))
 
 
-def gather_blocks(cache, groups, num_staged):
-    return _for_platform().gather(cache, groups, num_staged)
+def gather_blocks(cache, groups, num_staged: int):
+    return _gather_p.bind(cache, groups, num_staged=int(num_staged))
 
 
 def scatter_blocks(cache, groups, staging):
-    return _for_platform().scatter(cache, groups, staging)
+    return _scatter_p.bind(cache, groups, staging)
 
 
 def interpreted(variant: str) -> SimpleNamespace:

@@ -14,7 +14,7 @@ Every kernel here comes in two variants with one signature plus a keyword
   With ``interpret=True`` it runs under the TPU interpreter
   (`tpu_interpret_params`), which also simulates the DMAs and semaphores.
 
-``pallas_kernels.dispatch`` chooses the variant from the default backend.
+``pallas_kernels.dispatch`` chooses the variant from the platform being compiled for.
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ A backend is a pair of such functions. The registry is deliberately small:
 - ``chunked``: pure JAX, the reference computed a few pages at a time with an
   online softmax up to the longest sequence only (`sluice.pallas_kernels.chunked`):
   the fastest path on CPU.
-- ``pallas``: the Pallas kernels for ``jax.default_backend()`` (Mosaic TPU
-  on TPU, Triton on GPU) and ``chunked`` on CPU, where it is the fastest
-  correct path (see `sluice.pallas_kernels.dispatch`).
+- ``pallas``: the Pallas kernels for the platform the step is compiled for
+  (Mosaic TPU on TPU, Triton on GPU) and ``chunked`` on CPU, where it is the
+  fastest correct path (see `sluice.pallas_kernels.dispatch`).
 - ``pallas-interpret`` / ``pallas-tpu-interpret``: the GPU / TPU kernels in
   Pallas interpret mode, on any platform; slow, for checking the kernels
   end to end on CPU.

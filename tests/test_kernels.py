@@ -136,26 +136,47 @@ def test_block_gather_scatter_exact(variant):
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
 
 
-def test_gpu_kernels_lower_to_triton():
-    """Without a GPU, at least check every GPU kernel passes the Pallas Triton
-    lowering (exported for CUDA; Triton-to-PTX compilation needs a device)."""
+# Kernel custom call each lowering platform must contain (CPU: none, pure JAX),
+# and the chip an export with no device names for Pallas (jax.sharding.AbstractDevice).
+KERNEL_CALLS = {"cpu": None, "cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
+EXPORT_CHIPS = {"cuda": ("NVIDIA H100 80GB HBM3", "gpu"), "tpu": ("TPU v6 lite", "tpu")}
+
+
+@pytest.mark.parametrize("platform", sorted(KERNEL_CALLS))
+def test_dispatch_follows_the_lowering_platform(platform):
+    """Every entry point lowered for a platform from this CPU host (the way an
+    export or AOT compile is) contains that platform's kernel, not the CPU path
+    `jax.default_backend()` would pick; lowering only (the compile tier in
+    compile_tests/ compiles for real targets)."""
+    import contextlib
+
     from jax import export
+    from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
     q, cache, meta = make_batch(0, MIXED, group=4, head_dim=64, dtype=jnp.bfloat16)
     k = jnp.zeros((q.shape[0], NUM_KV_HEADS, 64), jnp.bfloat16)
     groups = block_copy.groups_array(GROUPS, 8)
-    ops = dispatch._VARIANTS["gpu"]
     calls = [
-        (lambda q, c, l, m: ops.attend(q, c, l, m, scale=0.125, sliding_window=8, soft_cap=30.0),
-         (q, cache, jnp.int32(1), meta)),
-        (ops.write_kv, (cache, jnp.int32(1), k, k, meta.slot_mapping)),
-        (lambda c, g: ops.gather(c, g, 20), (cache, groups)),
-        (ops.scatter, (cache, groups, cache[:20])),
+        (lambda q, c, m: dispatch.ragged_paged_attention(q, c, 1, m, scale=0.125,
+                                                         sliding_window=8, soft_cap=30.0),
+         (q, cache, meta)),
+        (lambda c, k, s: dispatch.write_kv(c, 1, k, k, s), (cache, k, meta.slot_mapping)),
+        (lambda c, g: dispatch.gather_blocks(c, g, 20), (cache, groups)),
+        (dispatch.scatter_blocks, (cache, groups, cache[:20])),
     ]
-    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    chip = contextlib.nullcontext()
+    if platform in EXPORT_CHIPS:
+        kind, device_platform = EXPORT_CHIPS[platform]
+        chip = use_abstract_mesh(AbstractMesh(
+            (1,), ("x",), abstract_device=AbstractDevice(kind, 1, device_platform)))
+    unchecked = [export.DisabledSafetyCheck.custom_call(c) for c in KERNEL_CALLS.values() if c]
     for fn, args in calls:
-        exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(*args)
-        assert "triton" in exported.mlir_module()
+        with chip:
+            module = export.export(jax.jit(fn), platforms=[platform],
+                                   disabled_checks=unchecked)(*args).mlir_module()
+        for other, target in KERNEL_CALLS.items():
+            if target is not None:
+                assert (f"@{target}(" in module) == (other == platform), (platform, target)
 
 
 def test_engine_greedy_matches_reference():
