@@ -10,6 +10,17 @@ False if no live request has that id). ``stats()`` is the engine's
 on the event loop never see a half-updated engine. All engine calls happen on
 one worker thread, between steps, in the order they were made, so the engine
 itself stays single-threaded and the event loop never blocks on a model step.
+Validation and tokenization (``prepare``) run on a second worker thread, so a
+multi-megabyte prompt never holds up the event loop (or the engine's steps).
+
+Each request's outputs wait for their reader in an `OutputStream`: at most
+``StreamLimits.max_pending`` of them are kept apart (later ones are merged into
+the last: deltas concatenated, cumulative outputs superseded), so an unread
+stream holds O(its output), and a reader that leaves an output unread for
+longer than ``stall_timeout_s`` is cut off: the request is aborted (its KV
+freed), the reader gets `StreamStalled`, and the stream is marked ``stalled``
+(the server counts these in its ``sluice:num_streams_stalled`` metric).
+``generate(..., delta=True)`` streams delta outputs (`sluice.runtime.outputs`).
 """
 
 from __future__ import annotations
@@ -17,41 +28,119 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
-from typing import AsyncIterator, Awaitable, Callable
+import time
+from typing import Awaitable, Callable
 
 from sluice.runtime.engine import EngineStats, LLMEngine, Prompt
 from sluice.runtime.intake import check_priority
-from sluice.runtime.outputs import RequestOutput
+from sluice.runtime.outputs import DeltaView, RequestOutput, merge
 from sluice.runtime.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
 
-async def stream_outputs(queue: asyncio.Queue,
-                         abandon: Callable[[], Awaitable[None]]) -> AsyncIterator[RequestOutput]:
-    """Yield a request's outputs from ``queue`` up to the finished one (an
-    exception put in the queue is raised); a consumer that stops early (a client
-    disconnect) triggers ``abandon()``, which aborts the request."""
-    finished = False
-    try:
-        while not finished:
-            out = await queue.get()
-            if isinstance(out, BaseException):
-                raise out
-            finished = out.finished
-            yield out
-    finally:
-        if not finished:
-            await abandon()
+class StreamStalled(RuntimeError):
+    """The stream's reader left output unread too long; the request was aborted."""
+
+
+@dataclasses.dataclass
+class StreamLimits:
+    """Bounds on the output waiting for a stream's reader (module docstring)."""
+
+    max_pending: int = 64  # unread outputs kept apart; later ones are merged into the last
+    stall_timeout_s: float | None = 60.0  # None: never cut a reader off
+    clock: Callable[[], float] = time.monotonic
+
+    def __post_init__(self) -> None:
+        if self.max_pending < 1:
+            raise ValueError(f"max_pending: must be >= 1, got {self.max_pending}")
+        if self.stall_timeout_s is not None and not self.stall_timeout_s > 0:
+            raise ValueError(f"stall_timeout_s: must be > 0, got {self.stall_timeout_s}")
+
+
+class OutputStream:
+    """One request's outputs on their way to its reader: an async iterator up to
+    the finished output (an exception put in it is raised to the reader).
+    ``put`` is called on the event loop. Closing it early (``aclose``, a client
+    disconnect) calls ``abandon()``, which aborts the request."""
+
+    def __init__(self, abandon: Callable[[], Awaitable[None]], limits: StreamLimits,
+                 delta: bool = False):
+        self._abandon = abandon
+        self._limits = limits
+        self._delta = DeltaView() if delta else None
+        self._pending: collections.deque[tuple[float, RequestOutput | BaseException]] = \
+            collections.deque()
+        self._ready = asyncio.Event()
+        self._ended = False  # the last output (finished, or an error) has been put
+        self._read_all = False  # the reader has had the last output, or closed the stream
+        self.stalled = False
+
+    def put(self, out: RequestOutput | BaseException) -> None:
+        if self._ended:
+            return
+        now = self._limits.clock()
+        timeout = self._limits.stall_timeout_s
+        if timeout is not None and self._pending and now - self._pending[0][0] > timeout:
+            self._stall(now, timeout)
+            return
+        if isinstance(out, BaseException):
+            self._ended = True
+        else:
+            if self._delta is not None:
+                out = self._delta(out)
+            self._ended = out.finished
+            tail = self._pending[-1] if self._pending else None
+            if len(self._pending) >= self._limits.max_pending:
+                self._pending[-1] = (tail[0], merge(tail[1], out))
+                return
+        self._pending.append((now, out))
+        self._ready.set()
+
+    def _stall(self, now: float, timeout: float) -> None:
+        self.stalled = self._ended = True
+        self._pending.clear()
+        self._pending.append((now, StreamStalled(
+            f"stream aborted: its reader left output unread for more than {timeout:g} s")))
+        self._ready.set()
+        log.warning("aborting a stream whose reader left output unread for over %g s", timeout)
+        asyncio.ensure_future(self._abandon())
+
+    def __aiter__(self) -> OutputStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._read_all:
+            raise StopAsyncIteration
+        while not self._pending:
+            self._ready.clear()
+            await self._ready.wait()
+        _, out = self._pending.popleft()
+        if isinstance(out, BaseException):
+            self._read_all = True
+            raise out
+        self._read_all = out.finished
+        return out
+
+    async def aclose(self) -> None:
+        if not self._read_all:
+            self._read_all = True
+            self._pending.clear()
+            if not self._ended:
+                self._ended = True
+                await self._abandon()
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, stream_limits: StreamLimits | None = None):
         self.engine = engine
+        self.stream_limits = stream_limits or StreamLimits()
         self._executor = concurrent.futures.ThreadPoolExecutor(1, "sluice-engine")
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._intake = concurrent.futures.ThreadPoolExecutor(1, "sluice-intake")
+        self._streams: dict[str, OutputStream] = {}
         # Engine calls in the order they were made (add, abort, re-rank): filled on the
         # event loop, drained on the worker between steps (deques are thread-safe).
         self._calls: collections.deque[Callable[[LLMEngine], None]] = collections.deque()
@@ -62,17 +151,26 @@ class AsyncEngine:
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None, priority: int = 0,
-                       client: str | None = None,
-                       conversation: str | None = None) -> AsyncIterator[RequestOutput]:
+                       client: str | None = None, conversation: str | None = None,
+                       delta: bool = False) -> OutputStream:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request_id: {request_id!r} is already in use")
-        group = self.engine.prepare(request_id, prompt, params, priority, client, conversation)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = queue
-        self._calls.append(lambda engine: engine.enqueue(group))
-        self._ensure_loop()
-        return stream_outputs(queue, lambda: self.abort(request_id))
+        stream = OutputStream(lambda: self.abort(request_id), self.stream_limits, delta)
+        self._streams[request_id] = stream  # holds the id while the prompt is tokenized
+        try:
+            group = await asyncio.get_running_loop().run_in_executor(
+                self._intake, self.engine.prepare, request_id, prompt, params, priority, client,
+                conversation)
+        except BaseException:
+            if self._streams.get(request_id) is stream:
+                del self._streams[request_id]
+            raise
+        group.delta_outputs = delta
+        if self._streams.get(request_id) is stream:  # not aborted meanwhile
+            self._calls.append(lambda engine: engine.enqueue(group))
+            self._ensure_loop()
+        return stream
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; unknown or finished ids are a no-op."""
@@ -123,15 +221,15 @@ class AsyncEngine:
                 self._fail_all(e)
                 continue
             for out in outputs:
-                queue = self._streams.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    stream.put(out)
                     if out.finished:
                         del self._streams[out.request_id]
 
     def _fail_all(self, error: Exception) -> None:
-        for rid, queue in list(self._streams.items()):
-            queue.put_nowait(RuntimeError(f"engine step failed: {error}"))
+        for rid, stream in list(self._streams.items()):
+            stream.put(RuntimeError(f"engine step failed: {error}"))
             self._calls.append(lambda engine, rid=rid: engine.abort_request(rid))
         self._streams.clear()
 
@@ -139,3 +237,4 @@ class AsyncEngine:
         if self._loop_task is not None:
             self._loop_task.cancel()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._intake.shutdown(wait=True, cancel_futures=True)

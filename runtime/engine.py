@@ -306,21 +306,31 @@ class LLMEngine:
         finished = group.finished
         if finished:
             del self.groups[group.request_id]
+        if group.delta_outputs and not group.sent:
+            group.sent = [0] * len(group.requests)
         completions, metrics = [], []
-        for r in group.requests:
+        for i, r in enumerate(group.requests):
             delta = r.detokenizer.take_delta(finished=r.is_finished)
             r.emitted_text += delta
+            # a delta output holds what is new since the group's previous output;
+            # a cumulative one, copies of everything so far
+            start = group.sent[i] if group.delta_outputs else 0
+            if group.delta_outputs:
+                group.sent[i] = len(r.output_token_ids)
             completions.append(CompletionOutput(
-                r.index, r.emitted_text, list(r.output_token_ids),
-                list(r.logprobs) if r.params.logprobs is not None else None,
+                r.index, delta if group.delta_outputs else r.emitted_text,
+                r.output_token_ids[start:],
+                r.logprobs[start:] if r.params.logprobs is not None else None,
                 r.finish_reason, r.stop_reason, delta))
             metrics.append(RequestMetrics(r.arrival_time, r.first_scheduled_time,
-                                          r.first_token_time, list(r.token_times),
+                                          r.first_token_time, r.token_times[start:],
                                           r.finished_time, r.num_preemptions,
                                           r.num_cached_tokens))
         first = group.requests[0]
-        return RequestOutput(group.request_id, group.prompt, list(first.prompt_token_ids),
-                             completions, finished, metrics)
+        prompt_ids = first.prompt_token_ids if group.delta_outputs \
+            else list(first.prompt_token_ids)
+        return RequestOutput(group.request_id, group.prompt, prompt_ids, completions, finished,
+                             metrics, group.delta_outputs)
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

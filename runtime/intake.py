@@ -29,6 +29,10 @@ class Group:
     request_id: str
     prompt: str | None
     requests: list[Request]
+    # The engine's outputs for this group are deltas (`sluice.runtime.outputs`);
+    # ``sent`` counts each completion's tokens already in an output.
+    delta_outputs: bool = False
+    sent: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def finished(self) -> bool:

@@ -14,6 +14,8 @@ one process, e.g. in tests) and exposes:
   KV is in host swap space), ``kv_cache_usage_perc`` (fraction, 0..1);
 - counters: ``prompt_tokens``, ``generation_tokens``,
   ``request_success{finished_reason}`` (per completion, as vLLM counts),
+  ``num_streams_stalled`` (streams cut off because their reader left output
+  unread too long, `sluice.runtime.async_engine.StreamLimits`),
   and, mirrored from the engine's cumulative stats on every scrape,
   ``num_preemptions``, ``prefix_cache_queries``, ``prefix_cache_hits``.
 
@@ -77,6 +79,8 @@ class ServerMetrics:
         self.preemptions = counter("num_preemptions", "Preemptions (recompute).")
         self.prefix_queries = counter("prefix_cache_queries", "Prompt blocks looked up.")
         self.prefix_hits = counter("prefix_cache_hits", "Prompt blocks found cached.")
+        self.stalled = counter("num_streams_stalled",
+                               "Streams aborted: their reader left output unread too long.")
         self._success = Counter("sluice:request_success", "Finished completions by reason.",
                                 lab + ["finished_reason"], registry=r)
         self._mirrored = {"num_preemptions": 0, "prefix_cache_queries": 0,
@@ -104,6 +108,10 @@ class ServerMetrics:
     def observe_aborted(self, n: int) -> None:
         """Record ``n`` completions that ended without a final output (disconnects)."""
         self._success.labels(self.model_name, "abort").inc(n)
+
+    def observe_stalled(self) -> None:
+        """Record a stream cut off because its reader fell too far behind."""
+        self.stalled.inc()
 
     def render(self, stats: EngineStats) -> bytes:
         self.running.set(stats.num_running)

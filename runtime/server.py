@@ -18,28 +18,47 @@ Why these behaviours:
 
 - Every error is an OpenAI error object (``{"error": {"message", "type",
   "param", "code"}}``) so clients raise their usual exceptions: 400 for bad
-  input, 404 for an unknown model or route, 413 for a body over
-  ``max_body_bytes`` (checked on the header and while reading), 401 when
-  ``api_key`` is set and the bearer token is missing or wrong (compared with
-  `hmac.compare_digest`; ``/health``, ``/version`` and ``/metrics`` stay open,
-  as in vLLM), 429 with ``Retry-After`` when admitting a request would put more
-  than ``max_waiting`` requests in the queue (a request waits from admission to
-  its first output; admitted requests are never dropped), 500 only for bugs.
-- A client that disconnects, mid-stream or while a non-streamed request is
-  still running, aborts its engine requests, which frees their KV blocks.
+  input, 404 for an unknown model or route, 408 for a body not received within
+  ``body_timeout_s``, 413 for a body over ``max_body_bytes`` (checked on the
+  header and while reading), 401 when ``api_key`` is set and the bearer token
+  is missing or wrong (the first ``Authorization`` header, scheme ``Bearer`` in
+  any case, compared with `hmac.compare_digest`; ``/health``, ``/version`` and
+  ``/metrics`` stay open, as in vLLM), 429 with ``Retry-After`` when admitting
+  a request would put more than ``max_waiting`` sequences in the queue (each
+  completion of each prompt, and each embedding input, is one; a completion
+  waits from admission to its first token, an embedding input until it is
+  computed; admitted requests are never dropped) and 400 for one that could
+  never be admitted (more sequences than ``max_waiting``), 500 for engine
+  failures and bugs.
+- A client that disconnects, mid-stream or while a non-streamed request
+  (completions, chat or embeddings) is still running, aborts its work, which
+  frees its KV blocks; a disconnect while the body is uploading or before a
+  non-streamed response is logged as status 499, without a traceback.
+- A stream that fails mid-way (an engine error, or a reader cut off for
+  leaving output unread longer than the engine's ``StreamLimits``) ends with
+  an OpenAI error event ``data: {"error": {...}}``, then ``data: [DONE]``.
+- Nothing heavy runs on the event loop: body parsing, tokenization, chat
+  templating and the building of whole responses run on a small thread pool
+  (so ``/health`` answers while a multi-megabyte prompt is tokenized), and a
+  stream sends each step's delta, not the output so far.
+- Connection limits (`connection_config`): keep-alive and header timeouts
+  (a slow-loris connection is closed), a cap on concurrent connections and
+  requests (503 past it, from uvicorn), and a cap on header size.
 - Graceful shutdown: on SIGTERM uvicorn stops accepting connections and lets
   in-flight requests finish for ``shutdown_timeout`` seconds, then cancels them
   (which aborts them); the engine stops, and ``run_server`` returns normally so
   the process exits 0.
 - One structured access-log line per request on the ``sluice.access`` logger:
-  a JSON object with id, method, path, status, prompt and completion tokens,
-  time to first token and duration.
+  a JSON object (or ``key=value`` text, ``access_log_format="text"``) with id,
+  method, path, status, prompt and completion tokens, time to first token and
+  duration.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
@@ -55,18 +74,19 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from sluice.runtime import openai_protocol as proto
-from sluice.runtime.async_engine import AsyncEngine
+from sluice.runtime.async_engine import AsyncEngine, OutputStream
 from sluice.runtime.embed import mean_pooled
 from sluice.runtime.engine import LLMEngine
 from sluice.runtime.metrics import CONTENT_TYPE, ServerMetrics
 from sluice.runtime.openai_protocol import APIError
-from sluice.runtime.outputs import RequestOutput
+from sluice.runtime.outputs import RequestOutput, accumulate
 from sluice.runtime.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -79,14 +99,39 @@ OPEN_PATHS = ("/health", "/version", "/metrics")
 KEY_CLIENT_PREFIX = "key:"  # clients named by their API key: see _key_client
 
 
+ACCESS_LOG_FORMATS = ("json", "text")
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on one request's inputs
+
+
 @dataclasses.dataclass
 class ServerConfig:
     model_name: str
     api_key: str | None = None
     max_body_bytes: int = 4 << 20
-    max_waiting: int | None = None  # None: unbounded
+    max_waiting: int | None = None  # sequences; None: unbounded
     retry_after_s: int = 1
     rag_index: str | None = None  # a `sluice rag build-index` directory: POST /v1/rag/query
+    body_timeout_s: float | None = 30.0  # the whole body must arrive within this (408)
+    max_embedding_inputs: int = MAX_EMBEDDING_INPUTS
+    access_log_format: str = "json"  # json | text
+    # connections (uvicorn; see `connection_config`)
+    timeout_keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this
+    limit_concurrency: int | None = 1024  # connections + requests at once; 503 past it
+    max_header_bytes: int = 16 << 10  # largest incomplete request head (h11), else 400
+
+    def __post_init__(self) -> None:
+        if self.access_log_format not in ACCESS_LOG_FORMATS:
+            raise ValueError(f"access_log_format: must be one of {ACCESS_LOG_FORMATS}, "
+                             f"got {self.access_log_format!r}")
+        for name in ("body_timeout_s", "timeout_keep_alive_s", "header_timeout_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name}: must be > 0, got {value}")
+        for name in ("max_embedding_inputs", "limit_concurrency", "max_header_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}: must be >= 1, got {value}")
 
 
 @dataclasses.dataclass
@@ -94,11 +139,11 @@ class _Job:
     """One engine request (one prompt of an API request) and its bookkeeping."""
 
     request_id: str
-    stream: AsyncIterator[RequestOutput]
+    stream: OutputStream
     n: int
     response_id: str  # the API request's id (its response's ``id``)
-    waiting: bool = True  # admitted, no output yet (counts against max_waiting)
-    last: RequestOutput | None = None
+    waiting: int  # completions admitted without a token yet (count against max_waiting)
+    last: RequestOutput | None = None  # everything so far (the deltas accumulated)
     closed: bool = False
 
 
@@ -111,9 +156,11 @@ class OpenAIServer:
         self.max_model_len = self.llm_engine.max_model_len
         self.metrics = ServerMetrics(config.model_name)
         self.created = proto.now()
-        self.num_waiting = 0
+        self.num_waiting = 0  # sequences admitted and waiting (see max_waiting)
         self._live: dict[str, list[_Job]] = {}  # response id -> its unfinished jobs
-        self._embed_lock = asyncio.Lock()
+        # Tokenization, templating, parsing and response building, off the event loop.
+        self._work = concurrent.futures.ThreadPoolExecutor(2, "sluice-http")
+        self._embedder = concurrent.futures.ThreadPoolExecutor(1, "sluice-embed")
         routes = [
             Route("/v1/completions", self._endpoint(self.completions), methods=["POST"]),
             Route("/v1/chat/completions", self._endpoint(self.chat), methods=["POST"]),
@@ -139,6 +186,8 @@ class OpenAIServer:
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         yield
         await self.engine.shutdown()
+        self._work.shutdown(wait=False, cancel_futures=True)
+        self._embedder.shutdown(wait=False, cancel_futures=True)
 
     # -- plumbing -------------------------------------------------------------
 
@@ -148,6 +197,9 @@ class OpenAIServer:
                 return await handler(request)
             except APIError as e:
                 return JSONResponse(e.body(), e.status, headers=e.headers)
+            except ClientDisconnect:
+                log.info("client disconnected while sending %s", request.url.path)
+                return Response(status_code=499)
             except Exception:
                 log.exception("internal error in %s", request.url.path)
                 return JSONResponse(APIError(500, "internal server error", "server_error")
@@ -162,12 +214,41 @@ class OpenAIServer:
         if length.isdigit() and int(length) > limit:
             raise too_large
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
+        timeout = self.config.body_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_large
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise APIError(408, f"request body not received within {timeout:g} s",
+                           code="request_timeout") from None
         return b"".join(chunks)
+
+    async def _offload(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on the server's worker threads (CPU work off the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self._work, fn, *args)
+
+    async def _parse(self, cls: type, request: Request) -> Any:
+        return await self._offload(proto.parse, cls, await self._body(request))
+
+    def _admit(self, sequences: int, param: str) -> None:
+        """Reserve ``sequences`` waiting places (all or none): 429 when the queue is
+        full now, 400 when the request could never fit."""
+        limit = self.config.max_waiting
+        if limit is not None:
+            if sequences > limit:
+                raise APIError(400, f"{param}: this request needs {sequences} sequences, "
+                               f"more than the server ever queues (max_waiting={limit})",
+                               param=param)
+            if self.num_waiting + sequences > limit:
+                raise APIError(429, f"server overloaded: {self.num_waiting} sequences waiting "
+                               f"(limit {limit}); retry later", "rate_limit_error",
+                               code="rate_limit_exceeded",
+                               headers={"Retry-After": str(self.config.retry_after_s)})
+        self.num_waiting += sequences
 
     def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.config.model_name:
@@ -178,12 +259,6 @@ class OpenAIServer:
                      req: proto.CompletionRequest | proto.ChatCompletionRequest,
                      prompt_param: str) -> list[_Job]:
         """Admit and queue one engine request per prompt (all or none)."""
-        limit = self.config.max_waiting
-        if limit is not None and self.num_waiting + len(prompts) > limit:
-            raise APIError(429, f"server overloaded: {self.num_waiting} requests waiting "
-                           f"(limit {limit}); retry later", "rate_limit_error",
-                           code="rate_limit_exceeded",
-                           headers={"Retry-After": str(self.config.retry_after_s)})
         if req.conversation_id is not None and len(prompts) != 1:
             raise APIError(400, "conversation_id: needs a single prompt", param="conversation_id")
         if req.user is not None and req.user.startswith(KEY_CLIENT_PREFIX):
@@ -193,17 +268,22 @@ class OpenAIServer:
         # A conversation is the client's own: ids of different clients never share KV.
         conversation = None if req.conversation_id is None else \
             json.dumps([client or "", req.conversation_id])
+        self._admit(len(prompts) * params.n, "n" if params.n > 1 else prompt_param)
+        unowned = len(prompts) * params.n  # reserved places no job holds yet
         jobs: list[_Job] = []
         try:
             for i, prompt in enumerate(prompts):
                 job_id = rid if len(prompts) == 1 else f"{rid}-{i}"
                 stream = await self.engine.generate(prompt, params, request_id=job_id,
                                                     priority=req.priority, client=client,
-                                                    conversation=conversation)
-                jobs.append(_Job(job_id, stream, params.n, rid))
-                self.num_waiting += 1
-        except ValueError as e:
+                                                    conversation=conversation, delta=True)
+                jobs.append(_Job(job_id, stream, params.n, rid, params.n))
+                unowned -= params.n
+        except BaseException as e:
+            self.num_waiting -= unowned
             await self._close(jobs)
+            if not isinstance(e, ValueError):
+                raise
             err = proto.value_error(e)
             if err.param in ("prompt", "prompt_token_ids"):
                 err.param = prompt_param
@@ -222,27 +302,41 @@ class OpenAIServer:
             if job.closed:
                 continue
             job.closed = True
-            if job.waiting:
-                self.num_waiting -= 1
+            self.num_waiting -= job.waiting
+            job.waiting = 0
             if job.last is None or not job.last.finished:
                 await self.engine.abort(job.request_id)
                 self.metrics.observe_aborted(job.n)
+            if job.stream.stalled:
+                self.metrics.observe_stalled()
 
     async def _outputs(self, jobs: list[_Job]) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(job index, output) from all jobs as they arrive."""
+        """(job index, delta output) from all jobs as they arrive; a failed stream
+        is a 500 `APIError` naming the cause."""
+        try:
+            async for item in self._merged(jobs):
+                yield item
+        except APIError:
+            raise
+        except Exception as e:
+            raise APIError(500, str(e), "server_error") from e
+
+    async def _merged(self, jobs: list[_Job]) -> AsyncIterator[tuple[int, RequestOutput]]:
         if len(jobs) == 1:
             async for out in jobs[0].stream:
                 yield 0, self._seen(jobs[0], out)
             return
-        queue: asyncio.Queue = asyncio.Queue()
+        # One slot: a pump waits while the reader is behind, so unread output stays
+        # in the engine's bounded streams (where a stalled reader is noticed).
+        queue: asyncio.Queue = asyncio.Queue(maxsize=1)
 
         async def pump(i: int, job: _Job) -> None:
             try:
                 async for out in job.stream:
-                    queue.put_nowait((i, out))
+                    await queue.put((i, out))
             except Exception as e:
-                queue.put_nowait((i, e))
-            queue.put_nowait((i, None))
+                await queue.put((i, e))
+            await queue.put((i, None))
 
         tasks = [asyncio.create_task(pump(i, j)) for i, j in enumerate(jobs)]
         try:
@@ -260,17 +354,20 @@ class OpenAIServer:
                 t.cancel()
 
     def _seen(self, job: _Job, out: RequestOutput) -> RequestOutput:
-        if job.waiting:
-            job.waiting = False
-            self.num_waiting -= 1
-        job.last = out
+        """Fold a delta into the job's whole output; returns the delta."""
+        job.last = accumulate(job.last, out)
+        waiting = sum(1 for c in job.last.outputs
+                      if not c.token_ids and c.finish_reason is None)
+        self.num_waiting -= job.waiting - waiting
+        job.waiting = waiting
         if out.finished:
-            self.metrics.observe_finished(out)
+            self.metrics.observe_finished(job.last)
         return out
 
-    async def _until_disconnect(self, request: Request, jobs: list[_Job],
-                                work: Awaitable[Response]) -> Response:
-        """Run a non-streamed request; if the client goes away first, abort it."""
+    async def _until_disconnect(self, request: Request, work: Awaitable[Response],
+                                close: Callable[[], Awaitable[None]]) -> Response:
+        """Run a non-streamed request, then ``close()``; if the client goes away
+        first, the work is cancelled (``close`` aborts what it started)."""
         task = asyncio.ensure_future(work)
         watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
         try:
@@ -279,8 +376,9 @@ class OpenAIServer:
             watcher.cancel()
             if not task.done():
                 task.cancel()
-            await self._close(jobs)
+            await close()
         if task.cancelled():
+            log.info("client disconnected before the response to %s", request.url.path)
             return Response(status_code=499)  # nginx's "client closed request"
         return task.result()
 
@@ -293,7 +391,7 @@ class OpenAIServer:
     # -- generation -----------------------------------------------------------
 
     async def completions(self, request: Request) -> Response:
-        req = proto.parse(proto.CompletionRequest, await self._body(request))
+        req = await self._parse(proto.CompletionRequest, request)
         self._check_model(req.model)
         params = req.sampling_params(self.max_model_len)
         prompts = req.prompts()
@@ -303,26 +401,33 @@ class OpenAIServer:
         if req.stream:
             return _SSEResponse(self._completion_chunks(request, req, jobs, rid, created),
                                 lambda: self._close(jobs), rid)
-        return await self._until_disconnect(request, jobs, self._completion_full(
-            request, req, jobs, rid, created))
+        return await self._until_disconnect(request, self._completion_full(
+            request, req, jobs, rid, created), lambda: self._close(jobs))
 
     async def _completion_full(self, request: Request, req: proto.CompletionRequest,
                                jobs: list[_Job], rid: str, created: int) -> Response:
         start, ttft = time.monotonic(), None
         async for _ in self._outputs(jobs):
             ttft = ttft if ttft is not None else time.monotonic() - start
-        choices, prompt_tokens, completion_tokens = [], 0, 0
-        for j, job in enumerate(jobs):
-            out = job.last
-            prompt_tokens += len(out.prompt_token_ids)
+        outs = [job.last for job in jobs]
+        prompt_tokens = sum(len(out.prompt_token_ids) for out in outs)
+        completion_tokens = sum(len(c.token_ids) for out in outs for c in out.outputs)
+        self._usage_state(request, prompt_tokens, completion_tokens, ttft)
+        return await self._offload(self._completion_response, req, outs, rid, created,
+                                   prompt_tokens, completion_tokens)
+
+    def _completion_response(self, req: proto.CompletionRequest, outs: list[RequestOutput],
+                             rid: str, created: int, prompt_tokens: int,
+                             completion_tokens: int) -> Response:
+        """The whole completion response, rendered (on a worker thread: it can be large)."""
+        choices = []
+        for j, out in enumerate(outs):
             for comp in out.outputs:
-                completion_tokens += len(comp.token_ids)
                 lps = None if comp.logprobs is None else proto.completion_logprobs(
                     self.tokenizer, comp.logprobs, 0)
                 choices.append({"index": j * req.n + comp.index, "text": comp.text,
                                 "logprobs": lps, "finish_reason": comp.finish_reason,
                                 "stop_reason": comp.stop_reason})
-        self._usage_state(request, prompt_tokens, completion_tokens, ttft)
         return JSONResponse({"id": rid, "object": "text_completion", "created": created,
                              "model": self.config.model_name, "choices": choices,
                              "usage": proto.usage(prompt_tokens, completion_tokens),
@@ -334,22 +439,19 @@ class OpenAIServer:
         head = {"id": rid, "object": "text_completion", "created": created,
                 "model": self.config.model_name}
         extra = {"usage": None} if req.include_usage else {}
-        counts: dict[int, tuple[int, int]] = {}  # choice -> (tokens sent, text length sent)
+        offsets: dict[int, int] = {}  # choice -> text length sent
         done: set[int] = set()
         start, ttft = time.monotonic(), None
         async for j, out in self._outputs(jobs):
             ttft = ttft if ttft is not None else time.monotonic() - start
             for comp in out.outputs:
                 idx = j * req.n + comp.index
-                if idx in done:
+                if idx in done or not (comp.token_ids or comp.delta or comp.finish_reason):
                     continue
-                sent, offset = counts.get(idx, (0, 0))
-                new = len(comp.token_ids) - sent
-                if not new and not comp.delta and comp.finish_reason is None:
-                    continue
+                offset = offsets.get(idx, 0)
                 lps = None if comp.logprobs is None else proto.completion_logprobs(
-                    self.tokenizer, comp.logprobs[sent:], offset)
-                counts[idx] = (len(comp.token_ids), offset + len(comp.delta))
+                    self.tokenizer, comp.logprobs, offset)
+                offsets[idx] = offset + len(comp.delta)
                 if comp.finish_reason is not None:
                     done.add(idx)
                 yield proto.sse({**head, "choices": [{
@@ -357,7 +459,7 @@ class OpenAIServer:
                     "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason}],
                     **extra})
         prompt_tokens = sum(len(job.last.prompt_token_ids) for job in jobs)
-        completion_tokens = sum(n for n, _ in counts.values())
+        completion_tokens = sum(len(c.token_ids) for job in jobs for c in job.last.outputs)
         self._usage_state(request, prompt_tokens, completion_tokens, ttft)
         if req.include_usage:
             yield proto.sse({**head, "choices": [],
@@ -365,18 +467,18 @@ class OpenAIServer:
         yield proto.SSE_DONE
 
     async def chat(self, request: Request) -> Response:
-        req = proto.parse(proto.ChatCompletionRequest, await self._body(request))
+        req = await self._parse(proto.ChatCompletionRequest, request)
         self._check_model(req.model)
         params = req.sampling_params(self.max_model_len)
-        prompt = {"prompt_token_ids": req.render(self.tokenizer)}
+        prompt = {"prompt_token_ids": await self._offload(req.render, self.tokenizer)}
         rid = proto.new_id("chatcmpl")
         jobs = await self._start(request, rid, [prompt], params, req, "messages")
         created = proto.now()
         if req.stream:
             return _SSEResponse(self._chat_chunks(request, req, jobs[0], rid, created),
                                 lambda: self._close(jobs), rid)
-        return await self._until_disconnect(request, jobs, self._chat_full(
-            request, jobs[0], rid, created))
+        return await self._until_disconnect(request, self._chat_full(
+            request, jobs[0], rid, created), lambda: self._close(jobs))
 
     async def _chat_full(self, request: Request, job: _Job, rid: str, created: int
                          ) -> Response:
@@ -384,6 +486,13 @@ class OpenAIServer:
         async for _ in self._outputs([job]):
             ttft = ttft if ttft is not None else time.monotonic() - start
         out = job.last
+        completion_tokens = sum(len(c.token_ids) for c in out.outputs)
+        self._usage_state(request, len(out.prompt_token_ids), completion_tokens, ttft)
+        return await self._offload(self._chat_response, out, rid, created, completion_tokens)
+
+    def _chat_response(self, out: RequestOutput, rid: str, created: int,
+                       completion_tokens: int) -> Response:
+        """The whole chat response, rendered (on a worker thread: it can be large)."""
         choices = [{"index": c.index,
                     "message": {"role": "assistant", "content": c.text, "refusal": None,
                                 "tool_calls": []},
@@ -391,8 +500,6 @@ class OpenAIServer:
                         self.tokenizer, c.logprobs),
                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                    for c in out.outputs]
-        completion_tokens = sum(len(c.token_ids) for c in out.outputs)
-        self._usage_state(request, len(out.prompt_token_ids), completion_tokens, ttft)
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created,
                              "model": self.config.model_name, "choices": choices,
                              "usage": proto.usage(len(out.prompt_token_ids), completion_tokens),
@@ -407,22 +514,18 @@ class OpenAIServer:
             yield proto.sse({**head, "choices": [{
                 "index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}], **extra})
-        sent: dict[int, int] = {}
         done: set[int] = set()
         start, ttft = time.monotonic(), None
         async for _, out in self._outputs([job]):
             ttft = ttft if ttft is not None else time.monotonic() - start
             for comp in out.outputs:
-                if comp.index in done:
+                if comp.index in done or not (comp.token_ids or comp.delta
+                                              or comp.finish_reason):
                     continue
-                prev = sent.get(comp.index, 0)
-                if len(comp.token_ids) == prev and not comp.delta and comp.finish_reason is None:
-                    continue
-                sent[comp.index] = len(comp.token_ids)
                 if comp.finish_reason is not None:
                     done.add(comp.index)
                 lps = None if comp.logprobs is None else proto.chat_logprobs(
-                    self.tokenizer, comp.logprobs[prev:])
+                    self.tokenizer, comp.logprobs)
                 delta = {"content": comp.delta} if comp.delta or comp.finish_reason is None \
                     else {}
                 yield proto.sse({**head, "choices": [{
@@ -430,7 +533,7 @@ class OpenAIServer:
                     "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason}],
                     **extra})
         prompt_tokens = len(job.last.prompt_token_ids)
-        completion_tokens = sum(sent.values())
+        completion_tokens = sum(len(c.token_ids) for c in job.last.outputs)
         self._usage_state(request, prompt_tokens, completion_tokens, ttft)
         if req.include_usage:
             yield proto.sse({**head, "choices": [],
@@ -452,7 +555,10 @@ class OpenAIServer:
         return ids
 
     async def embeddings(self, request: Request) -> Response:
-        req = proto.parse(proto.EmbeddingRequest, await self._body(request))
+        """Embeddings, admitted like generation (each input is one waiting sequence
+        until computed), at most ``max_embedding_inputs`` inputs, one forward at a
+        time beside the engine; a client that goes away stops the remaining inputs."""
+        req = await self._parse(proto.EmbeddingRequest, request)
         self._check_model(req.model)
         hidden = self.llm_engine.model.config.hidden_size
         if req.dimensions is not None and req.dimensions != hidden:
@@ -465,20 +571,47 @@ class OpenAIServer:
             inputs = [inputs]
         if not inputs:
             raise APIError(400, "input: must not be empty", param="input")
+        cap = self.config.max_embedding_inputs
+        if len(inputs) > cap:
+            raise APIError(400, f"input: at most {cap} inputs per request, got {len(inputs)}",
+                           param="input")
+        seqs = await self._offload(self._embedding_inputs, inputs)
+        self._admit(len(seqs), "input")
+        left = [len(seqs)]  # waiting places still held
+
+        async def release() -> None:
+            self.num_waiting -= left[0]
+            left[0] = 0
+
+        return await self._until_disconnect(request, self._embed(request, req, seqs, left),
+                                            release)
+
+    def _embedding_inputs(self, inputs: list) -> list[list[int]]:
         seqs = [self._token_ids(x, "input") for x in inputs]
         for ids in seqs:
             if len(ids) > self.max_model_len:
                 raise APIError(400, f"input: {len(ids)} tokens exceed max_model_len="
                                f"{self.max_model_len}", param="input")
-        model = self.llm_engine.model
-        async with self._embed_lock:  # one forward at a time beside the engine
-            vectors = [await asyncio.to_thread(mean_pooled, model, ids) for ids in seqs]
+        return seqs
+
+    async def _embed(self, request: Request, req: proto.EmbeddingRequest,
+                     seqs: list[list[int]], left: list[int]) -> Response:
+        loop, model = asyncio.get_running_loop(), self.llm_engine.model
+        vectors = []
+        for ids in seqs:  # one at a time: a cancelled request stops between inputs
+            vectors.append(await loop.run_in_executor(self._embedder, mean_pooled, model, ids))
+            left[0] -= 1
+            self.num_waiting -= 1
+        total = sum(len(s) for s in seqs)
+        request.state.prompt_tokens = total
+        return await self._offload(self._embedding_response, req, vectors, total)
+
+    def _embedding_response(self, req: proto.EmbeddingRequest, vectors: list,
+                            total: int) -> Response:
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()
                  if req.encoding_format == "base64" else v.tolist()}
                 for i, v in enumerate(vectors)]
-        total = sum(len(s) for s in seqs)
-        request.state.prompt_tokens = total
         return JSONResponse({"object": "list", "data": data, "model": self.config.model_name,
                              "usage": {"prompt_tokens": total, "total_tokens": total}})
 
@@ -495,29 +628,35 @@ class OpenAIServer:
         return JSONResponse(self._model_card())
 
     async def tokenize(self, request: Request) -> Response:
-        req = proto.parse(proto.TokenizeRequest, await self._body(request))
+        req = await self._parse(proto.TokenizeRequest, request)
         self._check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "exactly one of prompt and messages must be given",
                            param="prompt")
+        return await self._offload(self._tokenize_response, req)
+
+    def _tokenize_response(self, req: proto.TokenizeRequest) -> Response:
         if req.prompt is not None:
             ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         else:
             ids = proto.ChatPrompt(messages=req.messages,
-                              add_generation_prompt=req.add_generation_prompt
-                              ).render(self.tokenizer)
+                                   add_generation_prompt=req.add_generation_prompt
+                                   ).render(self.tokenizer)
         return JSONResponse({"count": len(ids), "max_model_len": self.max_model_len,
                              "tokens": ids, "token_strs": None})
 
     async def detokenize(self, request: Request) -> Response:
-        req = proto.parse(proto.DetokenizeRequest, await self._body(request))
+        req = await self._parse(proto.DetokenizeRequest, request)
         self._check_model(req.model)
+        return await self._offload(self._detokenize_response, req)
+
+    def _detokenize_response(self, req: proto.DetokenizeRequest) -> Response:
         ids = self._token_ids(req.tokens, "tokens") if req.tokens else []
         return JSONResponse({"prompt": self.tokenizer.decode(ids)})
 
     async def set_priority(self, request: Request) -> Response:
         """Re-rank every unfinished engine request of a completion (all its prompts)."""
-        req = proto.parse(proto.PriorityRequest, await self._body(request))
+        req = await self._parse(proto.PriorityRequest, request)
         jobs = [j for j in self._live.get(req.request_id, []) if not j.closed]
         # (``priority`` is a strict int here, so the engine's own check cannot fail)
         changed = [j.request_id for j in jobs
@@ -535,7 +674,8 @@ class OpenAIServer:
         return JSONResponse({"version": importlib.metadata.version("sluice-serve")})
 
     async def prometheus(self, request: Request) -> Response:
-        return Response(self.metrics.render(self.engine.stats()), media_type=CONTENT_TYPE)
+        return Response(await self._offload(self.metrics.render, self.engine.stats()),
+                        media_type=CONTENT_TYPE)
 
 
 async def _http_exception(request: Request, exc: HTTPException) -> Response:
@@ -562,14 +702,25 @@ class _SSEResponse(Response):
         self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
                             (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"),
                             (b"x-request-id", request_id.encode())]
-        self.body_iterator, self.on_close = body, on_close
+        self.body_iterator, self.on_close, self.request_id = body, on_close, request_id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def pump() -> None:
             await send({"type": "http.response.start", "status": 200,
                         "headers": self.raw_headers})
-            async for chunk in self.body_iterator:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            try:
+                async for chunk in self.body_iterator:
+                    await send({"type": "http.response.body", "body": chunk,
+                                "more_body": True})
+            except Exception as e:  # mid-stream: an error event, then the end
+                err = e if isinstance(e, APIError) else APIError(
+                    500, "internal server error", "server_error")
+                if not isinstance(e, APIError):
+                    log.exception("stream failed")
+                else:
+                    log.warning("stream %s failed: %s", self.request_id, err.message)
+                await send({"type": "http.response.body", "more_body": True,
+                            "body": proto.sse(err.body()) + proto.SSE_DONE})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         stream = asyncio.ensure_future(pump())
@@ -595,6 +746,7 @@ class _Guard:
     def __init__(self, app: Starlette, config: ServerConfig):
         self.app, self.config = app, config
         self._key = config.api_key.encode() if config.api_key else None
+        self._format = _access_json if config.access_log_format == "json" else _access_text
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -620,28 +772,103 @@ class _Guard:
             else:
                 await self.app(scope, receive, send_status)
         finally:
-            ttft = state.get("ttft")
-            access_log.info(json.dumps({
-                "request_id": state.get("request_id"), "method": scope["method"],
-                "path": scope["path"], "status": status or 499,
-                "prompt_tokens": state.get("prompt_tokens"),
-                "completion_tokens": state.get("completion_tokens"),
-                "ttft_ms": None if ttft is None else round(ttft * 1e3, 2),
-                "duration_ms": round((time.monotonic() - start) * 1e3, 2)}))
+            if access_log.isEnabledFor(logging.INFO):
+                ttft = state.get("ttft")
+                access_log.info(self._format({
+                    "request_id": state.get("request_id"), "method": scope["method"],
+                    "path": scope["path"], "status": status or 499,
+                    "prompt_tokens": state.get("prompt_tokens"),
+                    "completion_tokens": state.get("completion_tokens"),
+                    "ttft_ms": None if ttft is None else round(ttft * 1e3, 2),
+                    "duration_ms": round((time.monotonic() - start) * 1e3, 2)}))
 
     def _authorized(self, scope: Scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        return hmac.compare_digest(header, b"Bearer " + self._key)
+        token = bearer_token(scope["headers"])
+        return token is not None and hmac.compare_digest(token, self._key)
+
+
+def _access_json(fields: dict[str, Any]) -> str:
+    return json.dumps(fields)
+
+
+def _access_text(fields: dict[str, Any]) -> str:
+    return " ".join(f"{k}={'-' if v is None else v}" for k, v in fields.items())
+
+
+def bearer_token(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The token of the request's first ``Authorization`` header if its scheme is
+    Bearer (in any case); None otherwise. The one reading of the header: the key
+    check and the client name (`_key_client`) never disagree on duplicates."""
+    value = next((v for k, v in headers if k == b"authorization"), None)
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(b" ")
+    token = token.strip()
+    return token if scheme.lower() == b"bearer" and token else None
 
 
 def _key_client(request: Request) -> str | None:
     """The client of a request without a ``user`` (for fair scheduling): its API
     key, as ``key:`` and the first 16 hex digits of the key's SHA-256 (the key
     itself is never kept); None without a bearer token."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
+    token = bearer_token(request.scope["headers"])
+    if token is None:
         return None
-    return KEY_CLIENT_PREFIX + hashlib.sha256(token.encode()).hexdigest()[:16]
+    return KEY_CLIENT_PREFIX + hashlib.sha256(token).hexdigest()[:16]
+
+
+def connection_config(app: Any, config: ServerConfig, **kw: Any) -> uvicorn.Config:
+    """uvicorn settings with the server's connection limits: keep-alive and
+    header timeouts, the concurrency cap and the largest request head."""
+    class Protocol(_HeaderTimeoutH11):
+        header_timeout_s = config.header_timeout_s
+
+    return uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
+                          http=Protocol, timeout_keep_alive=config.timeout_keep_alive_s,
+                          limit_concurrency=config.limit_concurrency,
+                          h11_max_incomplete_event_size=config.max_header_bytes, **kw)
+
+
+class _HeaderTimeoutH11(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose next request's headers
+    have not all arrived ``header_timeout_s`` after it opened or after its last
+    response (uvicorn's keep-alive timer stops at the first byte, so a client
+    trickling a header would hold the connection forever)."""
+
+    header_timeout_s: float = 10.0
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        self._arm_header_timer()
+        super().on_response_complete()
+
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not cycle:  # a request's headers arrived
+            self._disarm_header_timer()
+
+    def _arm_header_timer(self) -> None:
+        self._disarm_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -658,9 +885,8 @@ async def run_server(engine: AsyncEngine | AsyncCluster, config: ServerConfig, s
                      on_ready: Callable[[str, int], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then shut down gracefully (see module docstring)."""
     server = OpenAIServer(engine, config)
-    uv = uvicorn.Server(uvicorn.Config(server.app, log_config=None, access_log=False,
-                                       timeout_graceful_shutdown=shutdown_timeout,
-                                       lifespan="on"))
+    uv = uvicorn.Server(connection_config(server.app, config,
+                                          timeout_graceful_shutdown=shutdown_timeout))
     # uvicorn re-raises the signal it caught once it has shut down; a no-op
     # handler turns that into a normal return (exit status 0).
     for sig in (signal.SIGTERM, signal.SIGINT):

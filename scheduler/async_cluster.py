@@ -1,7 +1,7 @@
 """`AsyncCluster`: a `Cluster` behind the asyncio interface of `AsyncEngine`, so
 the HTTP server serves many instances exactly as it serves one.
 
-``generate(prompt, params, request_id=..., priority=..., client=...)``
+``generate(prompt, params, request_id=..., priority=..., client=..., delta=...)``
 validates at once (``ValueError``) and returns an async iterator of
 `RequestOutput`s (closing it early aborts the request); ``abort``,
 ``set_priority``, ``stats``
@@ -23,7 +23,7 @@ from typing import AsyncIterator
 
 import jax
 
-from sluice.runtime.async_engine import stream_outputs
+from sluice.runtime.async_engine import OutputStream, StreamLimits
 from sluice.runtime.engine import (EngineConfig, EngineStats, LLMEngine, Prompt,
                                    resolve_max_model_len)
 from sluice.runtime.intake import Intake
@@ -64,8 +64,9 @@ def local_cluster(model: Model, engine_config: EngineConfig, num_instances: int,
 
 
 class AsyncCluster:
-    def __init__(self, cluster: Cluster):
+    def __init__(self, cluster: Cluster, stream_limits: StreamLimits | None = None):
         self.cluster = cluster
+        self.stream_limits = stream_limits or StreamLimits()
         self.engine = cluster.intake
         self._ids = itertools.count()
         cluster.start()
@@ -73,14 +74,16 @@ class AsyncCluster:
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None, priority: int = 0,
                        client: str | None = None,
-                       conversation: str | None = None) -> AsyncIterator[RequestOutput]:
+                       conversation: str | None = None,
+                       delta: bool = False) -> AsyncIterator[RequestOutput]:
         request_id = request_id or f"req-{next(self._ids)}"
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        self.cluster.submit(request_id, prompt, params,
-                            lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
-                            priority, client, conversation)
-        return stream_outputs(queue, lambda: self.abort(request_id))
+        stream = OutputStream(lambda: self.abort(request_id), self.stream_limits, delta)
+        # validated and tokenized off the event loop (a huge prompt must not freeze it)
+        await asyncio.to_thread(self.cluster.submit, request_id, prompt, params,
+                                lambda out: loop.call_soon_threadsafe(stream.put, out),
+                                priority, client, conversation)
+        return stream
 
     async def abort(self, request_id: str) -> None:
         self.cluster.abort(request_id)
