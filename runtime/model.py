@@ -1,9 +1,14 @@
-"""Functional Llama-family forward pass (Llama 2/3, Mistral, Qwen2).
+"""Functional decoder forward pass: the Llama family (Llama 2/3, Mistral,
+Qwen2) and Gemma 3.
 
 Parameters are a plain pytree (see `init_params` for the structure): per-layer
 weights are stacked on a leading layer axis so the layers run as one
-``lax.scan``, which keeps compile time flat in depth. Linear weights are stored
-``[in, out]`` so activations multiply on the left.
+``lax.scan``, which keeps compile time flat in depth. Models whose layers differ
+(Gemma 3 interleaves sliding-window and full-attention layers, each with its
+own rope base) scan over one period of the pattern, its layers unrolled, so
+every attention call still gets a static window. Linear weights are stored
+``[in, out]`` so activations multiply on the left. Norm weights are the
+multiplier itself (Gemma's ``1 + w`` is added at conversion).
 
 ``forward(params, cfg, token_ids, positions, kv_cache, meta)`` is pure: it
 writes the step's keys/values into the paged pool, attends through the
@@ -43,6 +48,10 @@ def param_shapes(cfg: ModelConfig) -> Params:
         layers.update(bq=(L, q), bk=(L, kv), bv=(L, kv))
     if cfg.o_bias:
         layers["bo"] = (L, H)
+    if cfg.qk_norm:
+        layers.update(q_norm=(L, cfg.head_dim), k_norm=(L, cfg.head_dim))
+    if cfg.sandwich_norms:
+        layers.update(post_attn_norm=(L, H), post_mlp_norm=(L, H))
     shapes = {"embed": (cfg.vocab_size, H), "layers": layers, "final_norm": (H,)}
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (H, cfg.vocab_size)
@@ -95,33 +104,68 @@ def forward_unjitted(params: Params, cfg: ModelConfig, token_ids: jax.Array,
     if bounds[-1] != token_ids.shape[0]:
         raise ValueError(f"meta: groups cover {bounds[-1]} rows, batch has {token_ids.shape[0]}")
     T = token_ids.shape[0]
-    inv_freq = jnp.asarray(inverse_frequencies(cfg), jnp.float32)
-    scale = 1.0 / float(np.sqrt(cfg.head_dim))
+    windows = cfg.layer_windows()
+    inv_freq = {None: jnp.asarray(inverse_frequencies(cfg), jnp.float32)}
+    if cfg.rope_local_theta is not None:  # sliding layers rotate with their own base
+        local = jnp.asarray(inverse_frequencies(cfg, cfg.rope_local_theta), jnp.float32)
+        inv_freq.update({w: local for w in windows if w is not None})
+    scale = 1.0 / float(np.sqrt(cfg.query_pre_attn_scalar or cfg.head_dim))
+    act = (functools.partial(jax.nn.gelu, approximate=True) if cfg.hidden_act == "gelu_tanh"
+           else jax.nn.silu)
+    eps = cfg.rms_norm_eps
     h = params["embed"][token_ids]
+    if cfg.embed_scale is not None:
+        h = h * jnp.asarray(cfg.embed_scale, h.dtype)
 
-    def layer(carry, xs):
+    def layer(carry, lp, idx, window):
         h, cache = carry
-        lp, idx = xs
-        x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
+        x = rms_norm(h, lp["attn_norm"], eps)
         q = _linear(x, lp["wq"], lp.get("bq")).reshape(T, cfg.num_heads, cfg.head_dim)
         k = _linear(x, lp["wk"], lp.get("bk")).reshape(T, cfg.num_kv_heads, cfg.head_dim)
         v = _linear(x, lp["wv"], lp.get("bv")).reshape(T, cfg.num_kv_heads, cfg.head_dim)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if cfg.qk_norm:
+            q, k = rms_norm(q, lp["q_norm"], eps), rms_norm(k, lp["k_norm"], eps)
+        freqs = inv_freq.get(window, inv_freq[None])
+        q, k = apply_rope(q, positions, freqs), apply_rope(k, positions, freqs)
         outs = []
         for g, lo, hi in zip(groups, bounds[:-1], bounds[1:]):
             cache = attn.write_kv(cache, idx, k[lo:hi], v[lo:hi], g.slot_mapping)
         for g, lo, hi in zip(groups, bounds[:-1], bounds[1:]):
-            outs.append(attn.attend(q[lo:hi], cache, idx, g, scale=scale,
-                                    sliding_window=cfg.sliding_window))
+            outs.append(attn.attend(q[lo:hi], cache, idx, g, scale=scale, sliding_window=window,
+                                    soft_cap=cfg.attn_logit_softcap))
         o = outs[0] if len(outs) == 1 else jnp.concatenate(outs)
-        h = h + _linear(o.reshape(T, -1), lp["wo"], lp.get("bo"))
-        x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
-        h = h + (jax.nn.silu(x @ lp["w_gate"]) * (x @ lp["w_up"])) @ lp["w_down"]
-        return (h, cache), None
+        o = _linear(o.reshape(T, -1), lp["wo"], lp.get("bo"))
+        h = h + (rms_norm(o, lp["post_attn_norm"], eps) if cfg.sandwich_norms else o)
+        x = rms_norm(h, lp["mlp_norm"], eps)
+        m = (act(x @ lp["w_gate"]) * (x @ lp["w_up"])) @ lp["w_down"]
+        h = h + (rms_norm(m, lp["post_mlp_norm"], eps) if cfg.sandwich_norms else m)
+        return h, cache
 
-    (h, kv_cache), _ = jax.lax.scan(
-        layer, (h, kv_cache), (params["layers"], jnp.arange(cfg.num_layers, dtype=jnp.int32)))
-    return rms_norm(h, params["final_norm"], cfg.rms_norm_eps), kv_cache
+    # Scan over whole periods of the layer pattern, then run the remainder unrolled.
+    L, p = cfg.num_layers, _period(windows)
+    n = L // p
+
+    def period(carry, xs):
+        lp, idx = xs
+        for j in range(p):
+            carry = layer(carry, jax.tree_util.tree_map(lambda a: a[j], lp), idx[j], windows[j])
+        return carry, None
+
+    stacked = jax.tree_util.tree_map(lambda a: a[:n * p].reshape(n, p, *a.shape[1:]),
+                                     params["layers"])
+    carry, _ = jax.lax.scan(period, (h, kv_cache),
+                            (stacked, jnp.arange(n * p, dtype=jnp.int32).reshape(n, p)))
+    for i in range(n * p, L):
+        carry = layer(carry, jax.tree_util.tree_map(lambda a: a[i], params["layers"]), i,
+                      windows[i])
+    h, kv_cache = carry
+    return rms_norm(h, params["final_norm"], eps), kv_cache
+
+
+def _period(windows: tuple) -> int:
+    """The shortest p with windows[i] == windows[i % p] for every layer."""
+    return next(p for p in range(1, len(windows) + 1)
+                if all(w == windows[i % p] for i, w in enumerate(windows)))
 
 
 def compute_logits(params: Params, hidden: jax.Array) -> jax.Array:

@@ -11,10 +11,14 @@ import numpy as np
 from sluice.runtime.config import ModelConfig
 
 
-def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
-    """Per-pair rotation frequencies, float64 on the host (computed once per model)."""
+def inverse_frequencies(cfg: ModelConfig, theta: float | None = None) -> np.ndarray:
+    """Per-pair rotation frequencies, float64 on the host (computed once per model).
+
+    ``theta`` overrides the config's base (Gemma 3's sliding layers have their own).
+    """
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    theta = cfg.rope_theta if theta is None else theta
+    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     s = cfg.rope_scaling
     if s is None:
         return inv_freq

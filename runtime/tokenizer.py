@@ -128,9 +128,27 @@ class Tokenizer:
         return cls(hf, (hf.token_to_id(BYTE_EOS),), BYTE_BOS, BYTE_EOS, DEFAULT_CHAT_TEMPLATE,
                    "the byte-level tokenizer")
 
+    def save(self, path: str | Path) -> None:
+        """Write ``tokenizer.json``, ``tokenizer_config.json`` and the chat templates
+        as a Hugging Face directory holds them (`from_dir` reads them back)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.hf.save(str(path / "tokenizer.json"))
+        (path / "tokenizer_config.json").write_text(json.dumps(
+            {"bos_token": self.bos_token, "eos_token": self.eos_token}))
+        for name, template in self.chat_templates.items():
+            f = (path / CHAT_TEMPLATE_FILE if name == "default"
+                 else path / CHAT_TEMPLATE_DIR / f"{name}.jinja")
+            f.parent.mkdir(exist_ok=True)
+            f.write_text(template, encoding="utf-8")
+
     @classmethod
-    def from_dir(cls, path: str | Path, eos_token_ids: tuple[int, ...] = ()) -> "Tokenizer":
-        """Load ``tokenizer.json`` with ``tokenizer_config.json`` and the chat templates."""
+    def from_dir(cls, path: str | Path, eos_token_ids: tuple[int, ...] = (),
+                 source: str | None = None) -> "Tokenizer":
+        """Load ``tokenizer.json`` with ``tokenizer_config.json`` and the chat templates.
+
+        ``source`` names the tokenizer in errors (default: the directory).
+        """
         path = Path(path)
         tok_file = path / "tokenizer.json"
         if not tok_file.is_file():
@@ -147,7 +165,7 @@ class Tokenizer:
         if "add_bos_token" in conf or "add_eos_token" in conf:
             set_special_token_processor(hf, bos if conf.get("add_bos_token") else None,
                                         eos if conf.get("add_eos_token") else None)
-        return cls(hf, eos_ids, bos, eos, _dir_chat_templates(path, conf), str(path))
+        return cls(hf, eos_ids, bos, eos, _dir_chat_templates(path, conf), source or str(path))
 
 
 def set_special_token_processor(hf: tokenizers.Tokenizer, bos: str | None,
