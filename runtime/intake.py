@@ -17,7 +17,7 @@ import numpy as np
 from sluice.runtime.detokenizer import IncrementalDetokenizer
 from sluice.runtime.loader import Model
 from sluice.runtime.request import Request
-from sluice.runtime.sampling_params import SamplingParams
+from sluice.runtime.sampling_params import INT64_MAX, INT64_MIN, SamplingParams
 
 Prompt = str | dict[str, Any]
 
@@ -40,9 +40,13 @@ class Group:
 
 
 def check_priority(priority: Any) -> int:
-    """A request priority: any integer (lower runs first under the priority policy)."""
+    """A request priority: an int64 (lower runs first under the priority policy;
+    the policies do float arithmetic on it, which a larger int would overflow)."""
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise ValueError(f"priority: must be an integer, got {priority!r}")
+    if not INT64_MIN <= priority <= INT64_MAX:
+        raise ValueError(f"priority: must be in [{INT64_MIN}, {INT64_MAX}], got an integer "
+                         f"of {priority.bit_length()} bits")
     return priority
 
 

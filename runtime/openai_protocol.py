@@ -15,6 +15,14 @@ previous turn's, under the same id and client (``user``, else the API key),
 copies that turn's KV back from host memory instead of recomputing it; needs
 ``--swap-space``).
 
+Numeric fields have documented ranges, checked at intake (a 400 naming the
+field, never a 500, whatever the JSON holds: ``1e309``, ``NaN``, ``2**64``): the
+sampling fields those of `sluice.runtime.sampling_params` (``max_completion_tokens``
+as ``max_tokens``); ``n`` and ``best_of`` 1..128; ``priority`` an int64;
+``logprobs`` / ``top_logprobs`` 0..20; token ids (prompts, ``stop_token_ids``,
+``/detokenize``, embedding inputs) in the vocabulary; ``logit_bias`` is refused
+whatever it holds (unless empty).
+
 `APIError` is the one exception the server turns into an HTTP error: it carries
 the status and the OpenAI error object ``{"error": {"message", "type", "param",
 "code"}}``. `parse` maps a pydantic failure to a 400 whose ``param`` is the
@@ -34,10 +42,9 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from sluice.runtime.request import TokenLogprobs
-from sluice.runtime.sampling_params import MAX_LOGPROBS, SamplingParams
+from sluice.runtime.sampling_params import (INT64_MAX, INT64_MIN, MAX_LOGPROBS, MAX_N,
+                                             SamplingParams)
 from sluice.runtime.tokenizer import Tokenizer
-
-MAX_N = 128  # completions per request; bounds what one request can ask of the engine
 
 
 class APIError(Exception):
@@ -82,7 +89,7 @@ class _Sampling(_Request):
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    priority: int = 0
+    priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX)
     conversation_id: str | None = Field(None, min_length=1, max_length=200)
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
@@ -115,7 +122,7 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
 
     def prompts(self) -> list[str | dict[str, list[int]]]:
         """The prompt field as engine prompts (a list of strings or token lists)."""
@@ -199,10 +206,16 @@ class ChatCompletionRequest(_Sampling, ChatPrompt):
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true",
                            param="top_logprobs")
-        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None \
-            else self.max_tokens
-        return _make_params(self._sampling_kwargs(), max_tokens, max_model_len,
-                            (self.top_logprobs or 0) if self.logprobs else None)
+        newer = self.max_completion_tokens is not None
+        max_tokens = self.max_completion_tokens if newer else self.max_tokens
+        try:
+            return _make_params(self._sampling_kwargs(), max_tokens, max_model_len,
+                                (self.top_logprobs or 0) if self.logprobs else None)
+        except APIError as e:
+            if newer and e.param == "max_tokens":  # name the field the client sent
+                e.message = e.message.replace("max_tokens", "max_completion_tokens", 1)
+                e.param = "max_completion_tokens"
+            raise
 
 
 class EmbeddingRequest(_Request):
@@ -230,7 +243,7 @@ class PriorityRequest(_Request):
     """``POST /admin/priority``: re-rank a running completion by its response ``id``."""
 
     request_id: str
-    priority: int
+    priority: int = Field(ge=INT64_MIN, le=INT64_MAX)
 
 
 R = TypeVar("R", bound=BaseModel)

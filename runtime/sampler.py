@@ -107,7 +107,8 @@ class SamplingTensors:
         tensors = cls(
             temperature=column(lambda p: p.temperature, np.float32),
             top_p=column(lambda p: p.top_p, np.float32),
-            top_k=column(lambda p: max(p.top_k, 0), np.int32),
+            # top_k >= V is off, like 0; clamping keeps any int in int32
+            top_k=column(lambda p: min(max(p.top_k, 0), vocab_size), np.int32),
             min_p=column(lambda p: p.min_p, np.float32),
             repetition_penalty=column(lambda p: p.repetition_penalty, np.float32),
             presence_penalty=column(lambda p: p.presence_penalty, np.float32),

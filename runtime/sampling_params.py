@@ -14,18 +14,95 @@ made rather than on the device: the `ValueError` message starts with the field
 name (``"top_p: must be in (0, 1], got 0"``). Numbers must be real numbers of the
 right kind (a bool is not an int, a string is not a float); float fields accept
 ints and store floats. ``stop`` and ``stop_token_ids`` are normalized to lists.
+
+Every numeric field has a range (`RANGES`), chosen so that any accepted value
+runs through the sampler, which computes in int32 and float32:
+
+============================ ==================================================
+field                        accepted values
+============================ ==================================================
+``n``                        1 .. 128 (`MAX_N`)
+``temperature``              0 .. 3.4028235e38 (float32's largest; < 1e-5 = greedy)
+``top_p``                    (0, 1]
+``top_k``                    -1 .. 2**31 - 1 (-1 and 0 = off; >= vocabulary = off)
+``min_p``                    [0, 1]
+``repetition_penalty``       (0, 3.4028235e38]
+``presence_penalty``         [-2, 2]
+``frequency_penalty``        [-2, 2]
+``seed``                     None or -2**63 .. 2**63 - 1 (int64; used modulo 2**32)
+``max_tokens``               1 .. 2**31 - 1 (capped by the context left)
+``logprobs``                 None or 0 .. 20 (`MAX_LOGPROBS`)
+``stop_token_ids``           each 0 .. 2**31 - 1
+============================ ==================================================
+
+NaN, infinities and integers too large for a float (``10**400``) are refused
+like any other out-of-range value, never with an ``OverflowError``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
-
 # vLLM treats temperatures below this as greedy; the sampler uses the same bound.
 GREEDY_TEMPERATURE = 1e-5
 
 MAX_LOGPROBS = 20
+MAX_N = 128  # completions per request; bounds what one request can ask of the engine
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The accepted values of one numeric field: ``kind`` (int or float) between
+    ``lo`` and ``hi``, each bound included unless ``*_open``; ``optional``: None is
+    accepted too."""
+
+    kind: type
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+    optional: bool = False
+
+    def __str__(self) -> str:
+        def bound(v: float) -> str:
+            return str(v) if self.kind is int else f"{v:g}"
+        return (f"{'(' if self.lo_open else '['}{bound(self.lo)}, "
+                f"{bound(self.hi)}{')' if self.hi_open else ']'}")
+
+    def check(self, name: str, value: object) -> None:
+        """Raise ``ValueError`` naming ``name`` unless ``value`` is accepted."""
+        if value is None and self.optional:
+            return
+        kinds = (int,) if self.kind is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise ValueError(f"{name}: must be {'an int' if self.kind is int else 'a number'}, "
+                             f"got {_short(value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name}: must be finite, got {value!r}")
+        # ints compare exactly with the float bounds (no conversion, no OverflowError)
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        if not (above and below):
+            raise ValueError(f"{name}: must be in {self}, got {_short(value)}")
+
+
+RANGES: dict[str, Range] = {
+    "n": Range(int, 1, MAX_N),
+    "temperature": Range(float, 0.0, FLOAT32_MAX),
+    "top_p": Range(float, 0.0, 1.0, lo_open=True),
+    "top_k": Range(int, -1, INT32_MAX),
+    "min_p": Range(float, 0.0, 1.0),
+    "repetition_penalty": Range(float, 0.0, FLOAT32_MAX, lo_open=True),
+    "presence_penalty": Range(float, -2.0, 2.0),
+    "frequency_penalty": Range(float, -2.0, 2.0),
+    "seed": Range(int, INT64_MIN, INT64_MAX, optional=True),
+    "max_tokens": Range(int, 1, INT32_MAX),
+    "logprobs": Range(int, 0, MAX_LOGPROBS, optional=True),
+}
+TOKEN_ID_RANGE = Range(int, 0, INT32_MAX)  # each of ``stop_token_ids``
 
 
 @dataclasses.dataclass
@@ -50,18 +127,11 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        for name, (ok, rule) in _FLOAT_RULES.items():
+        for name, rule in RANGES.items():
             value = getattr(self, name)
-            _check_number(name, value, float)
-            _require(ok(value), name, rule, value)
-            setattr(self, name, float(value))
-        for name, (ok, rule) in _INT_RULES.items():
-            value = getattr(self, name)
-            if value is not None or name != "logprobs":  # logprobs None = none returned
-                _check_number(name, value, int)
-                _require(ok(value), name, rule, value)
-        if self.seed is not None:
-            _check_number("seed", self.seed, int)
+            rule.check(name, value)
+            if rule.kind is float:
+                setattr(self, name, float(value))
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be a bool, got {getattr(self, name)!r}")
@@ -74,35 +144,12 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE
 
 
-_FLOAT_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
-    "temperature": (lambda v: v >= 0, "must be >= 0"),
-    "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    "min_p": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-    "repetition_penalty": (lambda v: v > 0, "must be > 0"),
-    "presence_penalty": (lambda v: -2 <= v <= 2, "must be in [-2, 2]"),
-    "frequency_penalty": (lambda v: -2 <= v <= 2, "must be in [-2, 2]"),
-}
-_INT_RULES: dict[str, tuple[Callable[[int], bool], str]] = {
-    "n": (lambda v: v >= 1, "must be >= 1"),
-    "top_k": (lambda v: v >= -1, "must be -1 (off) or >= 0"),
-    "max_tokens": (lambda v: v >= 1, "must be >= 1"),
-    "logprobs": (lambda v: 0 <= v <= MAX_LOGPROBS, f"must be in [0, {MAX_LOGPROBS}]"),
-}
-
-
-def _check_number(name: str, value: object, kind: type) -> None:
-    """``value`` must be an int (``kind`` int) or a finite int or float (``kind`` float)."""
-    kinds = (int,) if kind is int else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise ValueError(f"{name}: must be {'an int' if kind is int else 'a number'}, "
-                         f"got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: must be finite, got {value!r}")
-
-
-def _require(ok: bool, name: str, rule: str, value: object) -> None:
-    if not ok:
-        raise ValueError(f"{name}: {rule}, got {value!r}")
+def _short(value: object, limit: int = 40) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a 4,000-digit int is not echoed)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**limit:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _stop_strings(stop: object) -> list[str]:
@@ -119,7 +166,12 @@ def _stop_strings(stop: object) -> list[str]:
 def _token_ids(ids: object) -> list[int]:
     if ids is None:
         return []
-    if not isinstance(ids, (list, tuple)) or not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-        raise ValueError(f"stop_token_ids: must be a list of non-negative ints, got {ids!r}")
+    if not isinstance(ids, (list, tuple)):
+        raise ValueError(f"stop_token_ids: must be a list of non-negative ints, got {_short(ids)}")
+    for i in ids:
+        try:
+            TOKEN_ID_RANGE.check("stop_token_ids", i)
+        except ValueError:
+            raise ValueError(f"stop_token_ids: must be a list of ints in {TOKEN_ID_RANGE}, "
+                             f"got {_short(i)}") from None
     return list(ids)
