@@ -22,7 +22,9 @@ How a run moves:
   static (dynamic-size DMA slices are neither lowerable nor interpretable), so a
   run of length ``n`` is issued as one DMA per set bit of ``n`` (sizes 2^k
   blocks, at most ``log2(max_group_len) + 1``); a run whose length is a power of
-  two is exactly one DMA. All DMAs of a run are in flight together.
+  two is exactly one DMA. All DMAs of a run are in flight together. Runs are
+  trimmed to the pool and the staging buffer first (`_clamped_runs`), so bad
+  runs cannot DMA out of bounds.
 - GPU (Triton): one launch for the whole list; each program copies one
   contiguous tile of one block slab, and consecutive programs cover a run's
   consecutive bytes, so a run streams as one coalesced range.
@@ -59,9 +61,17 @@ def expand_groups(groups: Sequence[tuple[int, int]]) -> np.ndarray:
     return np.asarray([b for start, n in groups for b in range(start, start + n)], np.int32)
 
 
-def _offsets(groups: jax.Array) -> jax.Array:
-    lengths = groups[:, 1]
-    return (jnp.cumsum(lengths) - lengths).astype(jnp.int32)
+def _clamped_runs(groups: jax.Array, num_blocks: int, num_staged: int) -> jax.Array:
+    """``[G, 3]`` int32 ``(start, length, staging offset)`` of each run, trimmed so
+    no DMA can leave the pool or the staging buffer whatever ``groups`` holds
+    (for valid runs this changes nothing: offsets follow list order as before)."""
+    groups = groups.astype(jnp.int32)
+    lengths = jnp.maximum(groups[:, 1], 0)
+    offsets = jnp.cumsum(lengths) - lengths
+    starts = jnp.clip(groups[:, 0], 0, num_blocks)
+    lengths = jnp.minimum(lengths, jnp.minimum(num_blocks - starts,
+                                               jnp.maximum(num_staged - offsets, 0)))
+    return jnp.stack([starts, lengths, jnp.minimum(offsets, num_staged)], axis=1)
 
 
 # -- GPU (Pallas Triton) --------------------------------------------------------
@@ -161,24 +171,23 @@ def _run_copies(num_bits: int, start, length, offset, src_hbm, dst_hbm, sems,
         pl.when(present)(copy.wait)
 
 
-def _tpu_gather_kernel(num_bits, groups_ref, offsets_ref, cache_hbm, out_hbm, sems):
+def _tpu_gather_kernel(num_bits, runs_ref, cache_hbm, out_hbm, sems):
     g = pl.program_id(0)
-    _run_copies(num_bits, groups_ref[g, 0], groups_ref[g, 1], offsets_ref[g], cache_hbm,
+    _run_copies(num_bits, runs_ref[g, 0], runs_ref[g, 1], runs_ref[g, 2], cache_hbm,
                 out_hbm, sems, to_staging=True)
 
 
-def _tpu_scatter_kernel(num_bits, groups_ref, offsets_ref, staging_hbm, cache_in_hbm,
-                        cache_hbm, sems):
+def _tpu_scatter_kernel(num_bits, runs_ref, staging_hbm, cache_in_hbm, cache_hbm, sems):
     del cache_in_hbm  # aliased to cache_hbm
     g = pl.program_id(0)
-    _run_copies(num_bits, groups_ref[g, 0], groups_ref[g, 1], offsets_ref[g], staging_hbm,
+    _run_copies(num_bits, runs_ref[g, 0], runs_ref[g, 1], runs_ref[g, 2], staging_hbm,
                 cache_hbm, sems, to_staging=False)
 
 
 def _tpu_call(kernel, num_bits: int, num_groups: int, num_inputs: int, out_shape, aliases,
               interpret: bool):
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2,
+        num_scalar_prefetch=1,
         grid=(num_groups,),
         in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * num_inputs,
         out_specs=pl.BlockSpec(memory_space=pl.ANY),
@@ -195,16 +204,16 @@ def _tpu_call(kernel, num_bits: int, num_groups: int, num_inputs: int, out_shape
 
 def gather_blocks_tpu(cache: jax.Array, groups: jax.Array, num_staged: int, *,
                       interpret: bool = False) -> jax.Array:
-    groups = groups.astype(jnp.int32)
     call = _tpu_call(_tpu_gather_kernel, num_staged.bit_length(), groups.shape[0], 1,
                      jax.ShapeDtypeStruct((num_staged,) + cache.shape[1:], cache.dtype), {},
                      interpret)
-    return call(groups, _offsets(groups), cache)
+    return call(_clamped_runs(groups, cache.shape[0], num_staged), cache)
 
 
 def scatter_blocks_tpu(cache: jax.Array, groups: jax.Array, staging: jax.Array, *,
                        interpret: bool = False) -> jax.Array:
-    groups = groups.astype(jnp.int32)
-    call = _tpu_call(_tpu_scatter_kernel, staging.shape[0].bit_length(), groups.shape[0], 2,
-                     jax.ShapeDtypeStruct(cache.shape, cache.dtype), {3: 0}, interpret)
-    return call(groups, _offsets(groups), staging.astype(cache.dtype), cache)
+    num_staged = staging.shape[0]
+    call = _tpu_call(_tpu_scatter_kernel, num_staged.bit_length(), groups.shape[0], 2,
+                     jax.ShapeDtypeStruct(cache.shape, cache.dtype), {2: 0}, interpret)
+    return call(_clamped_runs(groups, cache.shape[0], num_staged), staging.astype(cache.dtype),
+                cache)

@@ -13,6 +13,8 @@ copies must match exactly.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,7 +71,8 @@ ATTENTION_CASES = [
     ("gpu", DECODE, 8, 64, jnp.bfloat16, None, 30.0),
     ("tpu", MIXED, 1, 128, jnp.float32, 9, None),
     ("tpu", MIXED, 8, 64, jnp.float32, None, 20.0),
-    ("tpu", DECODE, 4, 128, jnp.bfloat16, None, None),
+    ("tpu", MIXED, 4, 128, jnp.bfloat16, 9, 20.0),
+    ("tpu", DECODE, 4, 128, jnp.bfloat16, None, 30.0),
 ]
 
 
@@ -92,7 +95,8 @@ def test_ragged_paged_attention(variant, seqs, group, head_dim, dtype, window, c
     np.testing.assert_array_equal(out[int(meta.query_start_loc[-1]):], 0.0)  # padding rows
 
 
-@pytest.mark.parametrize("variant,dtype", [("gpu", jnp.bfloat16), ("tpu", jnp.float32)])
+@pytest.mark.parametrize("variant,dtype", [("gpu", jnp.bfloat16), ("tpu", jnp.float32),
+                                           ("tpu", jnp.bfloat16)])
 def test_write_kv_exact(variant, dtype):
     rng = np.random.default_rng(1)
     num_blocks, head_dim = 6, 64
@@ -134,6 +138,49 @@ def test_block_gather_scatter_exact(variant):
     out = jax.jit(ops.scatter)(cache, groups, new)
     want = reference.scatter_blocks(cache, ids, new[:len(ids)])
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
+
+
+def test_tpu_kernels_stay_in_bounds():
+    """Metadata pointing outside the tables or the pool must not make a TPU
+    kernel DMA out of bounds (the TPU interpreter faults on such a DMA; real
+    hardware would read or corrupt other memory): attention with a page index
+    past the pool, a sequence longer than its table row and num_seqs past the
+    table; write_kv with negative slots; block copies with runs past the pool and
+    past the staging buffer. Sequences with sound metadata keep their results
+    (the pool is finite here: a corrupt sequence reads whatever its clamped pages
+    hold, and NaN there would reach rows sharing its tile through the PV matmul)."""
+    ops = dispatch.interpreted("tpu")
+    q, cache, meta = make_batch(5, DECODE[:3], group=1, head_dim=64, dtype=jnp.float32)
+    cache = jnp.nan_to_num(cache)
+    num_blocks, pages = cache.shape[0], meta.block_tables.shape[1]
+    bad = dataclasses.replace(
+        meta, block_tables=meta.block_tables.at[0, 0].set(num_blocks + 100),
+        seq_lens=meta.seq_lens.at[1].set(pages * BLOCK_SIZE + 40),
+        num_seqs=meta.num_seqs + PAD_SEQS + 5)
+    out = jax.jit(lambda q, c, m: ops.attend(q, c, LAYER, m, scale=0.125))(q, cache, bad)
+    want = reference.ragged_paged_attention(q, cache, LAYER, meta, scale=0.125)
+    sound = slice(int(meta.query_start_loc[2]), int(meta.query_start_loc[-1]))
+    np.testing.assert_allclose(np.asarray(out[sound]), np.asarray(want[sound]), atol=1e-5)
+
+    slots = jnp.asarray([-1, -BLOCK_SIZE - 3, 5, num_blocks * BLOCK_SIZE], jnp.int32)
+    k = jnp.ones((4, NUM_KV_HEADS, 64), jnp.float32)
+    empty = jnp.zeros_like(cache)
+    written = jax.jit(ops.write_kv)(empty, LAYER, k, k, slots)
+    np.testing.assert_array_equal(np.asarray(written), np.asarray(
+        reference.write_kv(empty, LAYER, k[:1], k[:1], slots[2:3])))
+
+    pool = jnp.broadcast_to(jnp.arange(num_blocks, dtype=jnp.float32).reshape(-1, 1, 1, 1, 1, 1),
+                            cache.shape)
+    # The second run is trimmed at the pool's end; the third starts past the
+    # 8-row staging buffer (runs keep the staging offsets of list order).
+    runs = [(1, 2), (num_blocks - 2, 9), (0, 30)]
+    groups = block_copy.groups_array(runs, max_groups=4)
+    moved = [1, 2, num_blocks - 2, num_blocks - 1]
+    staged = jax.jit(ops.gather, static_argnums=2)(pool, groups, 8)
+    np.testing.assert_array_equal(np.asarray(staged[:4, 0, 0, 0, 0, 0]), moved)
+    scattered = jax.jit(ops.scatter)(pool, groups, -jnp.ones_like(staged))
+    np.testing.assert_array_equal(np.asarray(scattered[:, 0, 0, 0, 0, 0]),
+                                  [-1 if b in moved else b for b in range(num_blocks)])
 
 
 # Kernel custom call each lowering platform must contain (CPU: none, pure JAX),
