@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test install install-test clean
+.PHONY: run test install install-test clean compile-test compile-envs
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,4 +33,43 @@ test: install-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(TPU_VENV) $(GPU_VENV) $(JAX012_VENV)
+
+# -- compile tier (compile_tests/): the kernels and the engine step compiled for
+# TPU v5e/v6e and H100/H200 on this CPU-only machine, offline. Each accelerator
+# stack lives in its own environment so .venv and `make test` never see it:
+# libtpu (jax 0.10.2), the jax-cuda12 PJRT plugin with ptxas (jax 0.10.2), and
+# both on jax 0.12 (Python 3.12).
+TPU_VENV := .venv-tpu
+GPU_VENV := .venv-gpu
+JAX012_VENV := .venv-jax012
+PYTHON312 ?= python3.12
+NVCC := nvidia-cuda-nvcc-cu12==12.9.86
+JAX012 := 0.12.0.1
+COMPILE_PYTEST := -m pytest -q -p no:cacheprovider compile_tests $(COMPILE_PYTEST_ARGS)
+
+$(TPU_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(TPU_VENV)
+	$(TPU_VENV)/bin/python -m pip install -q 'jax[tpu]==0.10.2' -e . pytest
+	touch $@
+
+$(GPU_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q 'jax[cuda12-local]==0.10.2' $(NVCC) -e . pytest
+	touch $@
+
+$(JAX012_VENV)/.installed: pyproject.toml
+	$(PYTHON312) -m venv $(JAX012_VENV)
+	$(JAX012_VENV)/bin/python -m pip install -q 'jax[tpu,cuda12-local]==$(JAX012)' $(NVCC) \
+		-e . pytest
+	touch $@
+
+compile-envs: $(TPU_VENV)/.installed $(GPU_VENV)/.installed $(JAX012_VENV)/.installed
+
+# All three runs happen even if one fails; the exit status says whether any did.
+compile-test: compile-envs
+	status=0; \
+	$(TPU_VENV)/bin/python $(COMPILE_PYTEST) --targets v5e,v6e || status=1; \
+	$(GPU_VENV)/bin/python $(COMPILE_PYTEST) --targets h100,h200 || status=1; \
+	$(JAX012_VENV)/bin/python $(COMPILE_PYTEST) --targets v5e,v6e,h100,h200 || status=1; \
+	exit $$status

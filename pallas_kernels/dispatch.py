@@ -83,22 +83,21 @@ def variant_for(platform: str) -> str:
 # -- one primitive per operation ----------------------------------------------
 
 
-def _target_device(ctx) -> jax.Device | None:
-    """The device this lowering compiles for, when the lowering knows one."""
-    axis_ctx = ctx.module_context.axis_context
-    devices = getattr(axis_ctx, "device_assignment", None)
-    if devices is None and getattr(axis_ctx, "mesh", None) is not None:
-        devices = list(axis_ctx.mesh.devices.flat)
-    return devices[0] if devices else None
+def _foreign_device(ctx) -> jax.Device | None:
+    """A device of the backend this lowering compiles for, when that is not the
+    default backend (an AOT compile for a compile-only TPU or GPU topology)."""
+    backend = ctx.module_context.backend
+    if backend is None or backend.platform == jax.default_backend():
+        return None
+    return backend.devices()[0]
 
 
 def _lowering(op: str, ops: SimpleNamespace) -> Callable:
     """A lowering rule that traces ``ops``' implementation of ``op``."""
     def rule(ctx, *args, **params):
         impl = functools.partial(_CALLS[op], getattr(ops, op), **params)
-        device = _target_device(ctx)
-        foreign = device is not None and device.platform != jax.default_backend()
-        with jax.default_device(device) if foreign else contextlib.nullcontext():
+        device = _foreign_device(ctx)
+        with jax.default_device(device) if device is not None else contextlib.nullcontext():
             return mlir.lower_fun(impl, multiple_results=False)(ctx, *args)
     return rule
 

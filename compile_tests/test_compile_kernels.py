@@ -1,0 +1,135 @@
+"""Every kernel entry point compiled for each target at realistic shapes.
+
+Head layouts (query heads, KV heads, head_dim, layers): Llama-3-8B, Qwen2-0.5B
+(7 query heads per KV head: the group pads to 8), Gemma 3 4B (head_dim 256)
+and Phi-3-mini (head_dim 96, no grouping), so head dims 64, 96, 128 and 256
+all compile. Batches: decode of 1 and of 64 sequences at 4k tokens, a prefill
+of 8 x 2048 tokens, and a ragged mixed batch (30 decodes, a 512-token chunk
+continuing a prompt, a fresh prompt) with a sliding window and a soft cap.
+Block sizes 16 to 128 rotate through the cases (each model and each batch
+meets every block size); bfloat16 everywhere, float32 once per model.
+
+Each test compiles through `sluice.pallas_kernels.dispatch` (what the engine
+calls) and asserts that the compiled module holds the target's kernel custom
+call, so it fails if dispatch picks the CPU path; kernels that update the pool
+are compiled with it donated and must alias it, never copy it.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax.numpy as jnp
+import pytest
+
+from compile_tests.check import assert_kernels, assert_pool_in_place, compile_for, record, sds
+from sluice.pallas_kernels import dispatch
+from sluice.pallas_kernels.metadata import AttentionMetadata
+
+MODELS = {  # name: (query heads, KV heads, head_dim, layers)
+    "llama3-8b": (32, 8, 128, 32),
+    "qwen2-0.5b": (14, 2, 64, 24),
+    "gemma3-4b": (8, 4, 256, 34),
+    "phi3-mini": (32, 32, 96, 32),
+}
+BLOCK_SIZES = (16, 32, 64, 128)
+# name: (sequences, tokens, max query rows, KV tokens per sequence, window, soft cap)
+BATCHES = {
+    "decode1": (1, 1, 1, 4096, None, None),
+    "decode64": (64, 64, 1, 4096, None, None),
+    "prefill8x2048": (8, 8 * 2048, 2048, 2048, None, None),
+    "mixed-window-cap": (32, 1024, 512, 4096, 1024, 50.0),
+}
+# Pool layers for kernels that index one layer (the kernel does not depend on it).
+KERNEL_POOL_LAYERS = 2
+
+
+def _latin(i: int, j: int) -> int:
+    return BLOCK_SIZES[(i + j) % len(BLOCK_SIZES)]
+
+
+ATTENTION_CASES = [(model, batch, _latin(i, j), "bfloat16")
+                   for (i, model), (j, batch) in itertools.product(enumerate(MODELS),
+                                                                   enumerate(BATCHES))]
+ATTENTION_CASES += [(model, list(BATCHES)[i], _latin(i, i + 1), "float32")
+                    for i, model in enumerate(MODELS)]
+
+
+def _pool(target, model: str, block: int, num_blocks: int, layers: int, dtype):
+    _, kv_heads, head_dim, _ = MODELS[model]
+    return sds(target, (num_blocks, layers, 2, block, kv_heads, head_dim), dtype)
+
+
+@pytest.mark.parametrize("model,batch,block,dtype", ATTENTION_CASES,
+                         ids=[f"{m}-{b}-bs{s}-{d}" for m, b, s, d in ATTENTION_CASES])
+def test_attention_compiles(target, model, batch, block, dtype):
+    q_heads, _, head_dim, _ = MODELS[model]
+    seqs, tokens, max_q, kv_len, window, cap = BATCHES[batch]
+    pages = -(-kv_len // block)
+    cache = _pool(target, model, block, seqs * pages + 1, KERNEL_POOL_LAYERS, dtype)
+    meta = AttentionMetadata(
+        sds(target, (tokens,), jnp.int32), sds(target, (seqs + 1,), jnp.int32),
+        sds(target, (seqs,), jnp.int32), sds(target, (seqs, pages), jnp.int32),
+        sds(target, (), jnp.int32), max_query_len=max_q)
+    q = sds(target, (tokens, q_heads, head_dim), dtype)
+
+    def attend(q, cache, layer, meta):
+        return dispatch.ragged_paged_attention(q, cache, layer, meta, scale=head_dim ** -0.5,
+                                               sliding_window=window, soft_cap=cap)
+
+    compiled, hlo, seconds = compile_for(target, attend,
+                                         (q, cache, sds(target, (), jnp.int32), meta))
+    assert_kernels(hlo, target)
+    record(target, compiled, seconds, kernel="attention", model=model, batch=batch,
+           block=block, dtype=dtype)
+
+
+WRITE_CASES = [(model, tokens, _latin(i, j), dtype)
+               for i, model in enumerate(MODELS)
+               for j, (tokens, dtype) in enumerate([(64, "bfloat16"), (2048, "float32")])]
+
+
+@pytest.mark.parametrize("model,tokens,block,dtype", WRITE_CASES,
+                         ids=[f"{m}-t{t}-bs{b}-{d}" for m, t, b, d in WRITE_CASES])
+def test_write_kv_compiles_in_place(target, model, tokens, block, dtype):
+    _, kv_heads, head_dim, _ = MODELS[model]
+    cache = _pool(target, model, block, 4096 * 16 // block, KERNEL_POOL_LAYERS, dtype)
+    new = sds(target, (tokens, kv_heads, head_dim), dtype)
+
+    def write(cache, layer, k, v, slots):
+        return dispatch.write_kv(cache, layer, k, v, slots)
+
+    compiled, hlo, seconds = compile_for(
+        target, write, (cache, sds(target, (), jnp.int32), new, new,
+                        sds(target, (tokens,), jnp.int32)), donate=(0,))
+    assert_kernels(hlo, target)
+    assert_pool_in_place(hlo, 0, cache.shape)
+    record(target, compiled, seconds, kernel="write_kv", model=model, tokens=tokens,
+           block=block, dtype=dtype)
+
+
+# Swap and migration copies: 8 runs into a 32-block staging buffer (the live
+# migration chunk), whole blocks of every layer.
+COPY_CASES = [(model, _latin(i, 1)) for i, model in enumerate(MODELS)]
+COPY_RUNS, COPY_STAGED, COPY_POOL_BLOCKS = 8, 32, 96
+
+
+@pytest.mark.parametrize("model,block", COPY_CASES, ids=[f"{m}-bs{b}" for m, b in COPY_CASES])
+def test_block_copies_compile(target, model, block):
+    layers = MODELS[model][3]
+    cache = _pool(target, model, block, COPY_POOL_BLOCKS, layers, "bfloat16")
+    groups = sds(target, (COPY_RUNS, 2), jnp.int32)
+
+    compiled, hlo, seconds = compile_for(
+        target, lambda c, g: dispatch.gather_blocks(c, g, COPY_STAGED), (cache, groups))
+    assert_kernels(hlo, target)
+    record(target, compiled, seconds, kernel="gather_blocks", model=model, block=block,
+           dtype="bfloat16")
+
+    staging = sds(target, (COPY_STAGED,) + cache.shape[1:], "bfloat16")
+    compiled, hlo, seconds = compile_for(target, dispatch.scatter_blocks,
+                                         (cache, groups, staging), donate=(0,))
+    assert_kernels(hlo, target)
+    assert_pool_in_place(hlo, 0, cache.shape)
+    record(target, compiled, seconds, kernel="scatter_blocks", model=model, block=block,
+           dtype="bfloat16")
