@@ -12,8 +12,9 @@ import logging
 import os
 import shlex
 import sys
+from typing import TextIO
 
-from sluice.runtime.async_engine import AsyncEngine
+from sluice.runtime.async_engine import AsyncEngine, StreamLimits
 from sluice.runtime.benchmark import random_prompts, throughput
 from sluice.runtime.engine import EngineConfig
 from sluice.runtime.llm import LLM
@@ -21,13 +22,37 @@ from sluice.runtime.loader import load_model
 from sluice.runtime.sampling_params import SamplingParams
 from sluice.provision import cli as provision_cli
 from sluice.rag import cli as rag_cli
-from sluice.runtime.server import ServerConfig, bind_socket, run_server
+from sluice.runtime.server import ACCESS_LOG_FORMATS, ServerConfig, bind_socket, run_server
 from sluice.runtime.swap import COPY_MODES
 from sluice.scheduler.async_cluster import AsyncCluster, local_cluster
 from sluice.scheduler.cluster import DISPATCH_POLICIES, ClusterConfig
 from sluice.scheduler.policies import FairPolicy
 
 GiB = 1 << 30
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: str, access_log: str = "json",
+                      stream: TextIO | None = None) -> logging.Handler:
+    """Send Sluice's own loggers (``sluice.*``, the access log among them) and
+    uvicorn's to ``stream`` (stderr) at ``level``, with one handler of their own.
+    ``logging.basicConfig`` is not enough: orbax and absl call it at import, so a
+    later call does nothing and INFO lines (the access log, migrations) were lost.
+    ``access_log="off"`` silences the access log. Returns the handler."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    for name in ("sluice", "uvicorn"):
+        logger = logging.getLogger(name)
+        for old in [h for h in logger.handlers if getattr(h, "sluice_cli", False)]:
+            logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.setLevel(level.upper())
+        logger.propagate = False
+    handler.sluice_cli = True  # type: ignore[attr-defined]
+    logging.getLogger("sluice.access").setLevel(
+        logging.WARNING if access_log == "off" else logging.NOTSET)
+    return handler
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -149,7 +174,7 @@ def _make_llm(args: argparse.Namespace) -> LLM:
     return LLM(args.model, dtype=args.dtype, seed=args.model_seed, **_engine_kwargs(args))
 
 
-def _make_cluster(args: argparse.Namespace) -> AsyncCluster:
+def _make_cluster(args: argparse.Namespace, limits: StreamLimits) -> AsyncCluster:
     """``--instances N``: N engines under the global scheduler, one per device
     in this process, or one per Ray actor with ``--ray``."""
     engine_config = EngineConfig(**_engine_kwargs(args))
@@ -158,9 +183,9 @@ def _make_cluster(args: argparse.Namespace) -> AsyncCluster:
         from sluice.scheduler.ray_instance import ModelSpec, ray_cluster  # imports Ray
         spec = ModelSpec(args.model, args.dtype, args.model_seed)
         return AsyncCluster(ray_cluster(spec, engine_config, args.instances, config,
-                                        args.ray_address))
+                                        args.ray_address), limits)
     model = load_model(args.model, dtype=args.dtype, seed=args.model_seed)
-    return AsyncCluster(local_cluster(model, engine_config, args.instances, config))
+    return AsyncCluster(local_cluster(model, engine_config, args.instances, config), limits)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,10 +220,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--served-model-name", default=None,
                    help="model name clients send and responses report (default: --model)")
     g.add_argument("--max-waiting", type=int, default=None,
-                   help="most requests queued without output yet; more get 429 with "
-                        "Retry-After (default: unbounded)")
+                   help="most sequences queued without a token yet (each completion of each "
+                        "prompt, each embedding input); more get 429 with Retry-After, a "
+                        "request that could never fit gets 400 (default: unbounded)")
     g.add_argument("--max-body-bytes", type=int, default=4 << 20,
                    help="largest request body; larger ones get 413 (default: 4 MiB)")
+    g.add_argument("--max-embedding-inputs", type=int, default=2048,
+                   help="most inputs in one /v1/embeddings request; more get 400 "
+                        "(default: 2048, as OpenAI)")
+    g.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a request body must arrive within this; else 408 (default: 30)")
+    g.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a connection whose request headers have not all arrived this long "
+                        "after it opened (or after its last response) is closed (default: 10)")
+    g.add_argument("--timeout-keep-alive", type=float, default=5.0, metavar="SECONDS",
+                   help="an idle keep-alive connection is closed after this (default: 5)")
+    g.add_argument("--limit-concurrency", type=int, default=1024,
+                   help="most connections and requests at once; past it uvicorn answers 503 "
+                        "(default: 1024)")
+    g.add_argument("--max-header-bytes", type=int, default=16 << 10,
+                   help="largest request line + headers; larger get 400 (default: 16 KiB)")
+    g.add_argument("--stream-stall-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="a stream whose reader leaves output unread this long is aborted and "
+                        "counted in sluice:num_streams_stalled (default: 60)")
+    g.add_argument("--log-level", default="info", choices=LOG_LEVELS,
+                   help="level of Sluice's and uvicorn's logs on stderr (default: info)")
+    g.add_argument("--access-log", default="json", choices=[*ACCESS_LOG_FORMATS, "off"],
+                   help="one line per request (id, status, tokens, latency) as JSON or "
+                        "key=value text, or none (default: json)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may run after SIGTERM before they are "
                         "aborted (default: 30)")
@@ -247,14 +296,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"max_waiting: must be >= 0, got {args.max_waiting}")
     if args.max_body_bytes < 1:
         raise ValueError(f"max_body_bytes: must be >= 1, got {args.max_body_bytes}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
-                        "%(message)s")
+    configure_logging(args.log_level, args.access_log)
+    name = args.served_model_name or args.model
+    config = ServerConfig(
+        name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+        max_waiting=args.max_waiting, rag_index=args.rag_index,
+        body_timeout_s=args.body_timeout, max_embedding_inputs=args.max_embedding_inputs,
+        access_log_format="json" if args.access_log == "off" else args.access_log,
+        timeout_keep_alive_s=args.timeout_keep_alive, header_timeout_s=args.header_timeout,
+        limit_concurrency=args.limit_concurrency, max_header_bytes=args.max_header_bytes)
+    limits = StreamLimits(stall_timeout_s=args.stream_stall_timeout)
     sock = bind_socket(args.host, args.port)  # fail on a taken port before loading the model
     many = args.instances != 1 or args.ray
-    front = _make_cluster(args) if many else AsyncEngine(_make_llm(args).engine)
-    name = args.served_model_name or args.model
-    config = ServerConfig(name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                          max_waiting=args.max_waiting, rag_index=args.rag_index)
+    front = _make_cluster(args, limits) if many else AsyncEngine(_make_llm(args).engine, limits)
 
     def ready(host: str, port: int) -> None:
         url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"

@@ -376,6 +376,7 @@ class OpenAIServer:
             watcher.cancel()
             if not task.done():
                 task.cancel()
+                await asyncio.wait({task})  # until the cancellation has run (no result)
             await close()
         if task.cancelled():
             log.info("client disconnected before the response to %s", request.url.path)
