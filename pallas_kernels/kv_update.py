@@ -6,7 +6,8 @@ Interface (same as `reference.write_kv`, plus ``interpret``)::
 
 ``k``/``v`` are ``[T, kv_heads, head_dim]``; token ``t`` goes to block
 ``slot // block_size``, offset ``slot % block_size`` of ``layer``. Slots
-``>= num_slots`` (padding) are skipped, so nothing is clamped onto a real page.
+``>= num_slots`` (padding) are skipped, so nothing is clamped onto a real page
+(negative slots too: no metadata makes a kernel write outside the pool).
 The pool is aliased input-to-output, so the update is in place and costs only
 the bytes written. It is a separate kernel from attention so that both the
 decode and the prefill group of a step write before either attends.
@@ -25,38 +26,58 @@ from jax.experimental.pallas import triton as pltriton
 from sluice.pallas_kernels.platform import tpu_interpret_params
 
 
-def _gpu_kernel(num_slots: int, block_size: int, slots_ref, layer_ref, k_ref, v_ref,
-                cache_in_ref, cache_ref):
+def row_pieces(n: int) -> list[tuple[int, int]]:
+    """``(offset, size)`` power-of-two pieces covering ``[0, n)``, largest
+    first (one per set bit of ``n``): Triton blocks must be powers of two, and
+    static in-bounds pieces need neither padding nor masks."""
+    pieces, offset = [], 0
+    for bit in reversed(range(n.bit_length())):
+        if n >> bit & 1:
+            pieces.append((offset, 1 << bit))
+            offset += 1 << bit
+    return pieces
+
+
+def _gpu_kernel(num_slots: int, block_size: int, num_layers: int, row: int, slots_ref,
+                layer_ref, k_ref, v_ref, cache_in_ref, cache_ref):
     del cache_in_ref  # aliased to cache_ref
-    t, h = pl.program_id(0), pl.program_id(1)
+    t = pl.program_id(0)
     slot = slots_ref[t]
 
-    @pl.when(slot < num_slots)
+    # Guard: only slots of the pool are written, and only its layers.
+    @pl.when((slot >= 0) & (slot < num_slots))
     def _():
-        block, offset, layer = slot // block_size, slot % block_size, layer_ref[0]
-        cache_ref[block, layer, 0, offset, h, :] = k_ref[t, h, :].astype(cache_ref.dtype)
-        cache_ref[block, layer, 1, offset, h, :] = v_ref[t, h, :].astype(cache_ref.dtype)
+        block, offset = slot // block_size, slot % block_size
+        layer = jnp.clip(layer_ref[0], 0, num_layers - 1)
+        for start, size in row_pieces(row):
+            cols = pl.ds(start, size)
+            cache_ref[block, layer, 0, offset, cols] = k_ref[t, cols].astype(cache_ref.dtype)
+            cache_ref[block, layer, 1, offset, cols] = v_ref[t, cols].astype(cache_ref.dtype)
 
 
 def write_kv_gpu(cache: jax.Array, layer, k: jax.Array, v: jax.Array, slot_mapping: jax.Array,
                  *, interpret: bool = False) -> jax.Array:
-    """Pallas-Triton variant: one program per (token, KV head) stores a
-    ``head_dim`` row of keys and of values."""
-    num_tokens, num_kv_heads, _ = k.shape
-    block_size = cache.shape[3]
-    num_slots = cache.shape[0] * block_size
+    """Pallas-Triton variant: one program per token stores its keys and values
+    for every KV head, one contiguous ``kv_heads * head_dim`` row each (a free
+    reshape of the pool), in power-of-two pieces, so any head_dim compiles."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    num_blocks, num_layers, _, block_size = cache.shape[:4]
+    row = num_kv_heads * head_dim
+    flat = cache.reshape(num_blocks, num_layers, 2, block_size, row)
     whole = pl.no_block_spec
-    return pl.pallas_call(
-        functools.partial(_gpu_kernel, num_slots, block_size),
-        out_shape=jax.ShapeDtypeStruct(cache.shape, cache.dtype),
-        grid=(num_tokens, num_kv_heads),
+    out = pl.pallas_call(
+        functools.partial(_gpu_kernel, num_blocks * block_size, block_size, num_layers, row),
+        out_shape=jax.ShapeDtypeStruct(flat.shape, cache.dtype),
+        grid=(num_tokens,),
         in_specs=[whole] * 5,
         out_specs=whole,
         input_output_aliases={4: 0},
-        compiler_params=pltriton.CompilerParams(num_warps=1),
+        compiler_params=pltriton.CompilerParams(num_warps=4 if row >= 512 else 1),
         interpret=interpret,
         name="sluice_write_kv",
-    )(slot_mapping.astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1), k, v, cache)
+    )(slot_mapping.astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1),
+      k.reshape(num_tokens, row), v.reshape(num_tokens, row), flat)
+    return out.reshape(cache.shape)
 
 
 TPU_CHUNK = 256  # tokens whose DMAs one TPU program keeps in flight together

@@ -226,6 +226,28 @@ def test_dispatch_follows_the_lowering_platform(platform):
                 assert (f"@{target}(" in module) == (other == platform), (platform, target)
 
 
+@pytest.mark.parametrize("head_dim", [96, 80])
+def test_write_kv_gpu_any_head_dim(head_dim):
+    """The Triton KV update writes rows of kv_heads * head_dim in power-of-two
+    pieces (2 x 96 = 128 + 64, 2 x 80 = 128 + 32), exactly, skipping padding and
+    negative slots."""
+    from sluice.pallas_kernels.kv_update import row_pieces
+
+    assert row_pieces(NUM_KV_HEADS * head_dim) == [(0, 128), (128, NUM_KV_HEADS * head_dim - 128)]
+    rng = np.random.default_rng(head_dim)
+    cache = jnp.asarray(rng.normal(size=(5, NUM_LAYERS, 2, BLOCK_SIZE, NUM_KV_HEADS, head_dim)),
+                        jnp.bfloat16)
+    num_slots = 5 * BLOCK_SIZE
+    slots = np.concatenate([rng.choice(num_slots, 7, replace=False), [num_slots, -1]])
+    k, v = (jnp.asarray(rng.normal(size=(len(slots), NUM_KV_HEADS, head_dim)), jnp.float32)
+            for _ in range(2))
+    out = jax.jit(dispatch.interpreted("gpu").write_kv)(cache, jnp.int32(LAYER), k, v,
+                                                       jnp.asarray(slots, jnp.int32))
+    live = slots[:-1]  # the reference wraps negative indices; the kernel skips them
+    want = reference.write_kv(cache, LAYER, k[:-1], v[:-1], jnp.asarray(live, jnp.int32))
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
+
+
 def test_engine_greedy_matches_reference():
     from sluice.runtime import LLM, SamplingParams
 
