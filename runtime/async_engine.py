@@ -36,7 +36,7 @@ from typing import Awaitable, Callable
 
 from sluice.runtime.engine import EngineStats, LLMEngine, Prompt
 from sluice.runtime.intake import check_priority
-from sluice.runtime.outputs import DeltaView, RequestOutput, merge
+from sluice.runtime.outputs import DeltaView, RequestFailed, RequestOutput, merge
 from sluice.runtime.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ class AsyncEngine:
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
-                    stream.put(out)
+                    stream.put(RequestFailed(out.error) if out.error is not None else out)
                     if out.finished:
                         del self._streams[out.request_id]
 

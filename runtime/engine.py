@@ -6,7 +6,11 @@ Interface (used by `LLM`, `AsyncEngine` and the server):
 - ``prepare(request_id, prompt, params, ...) -> Group``: validate and tokenize
   (raises ``ValueError`` naming the field; queues nothing);
 - ``enqueue(group)``, or ``add_request(...)`` = prepare + enqueue;
-- ``step() -> list[RequestOutput]``: outputs of the requests that advanced;
+- ``step() -> list[RequestOutput]``: outputs of the requests that advanced. A
+  step that raises is re-run in parts (bisection) to find the requests that fail
+  on their own; only those fail (their final output's ``error`` says why, their
+  blocks are freed), and every other request advances exactly as it would have.
+  `EngineDeadError` only if the KV pool itself is lost (then for good);
 - ``abort_request(request_id)``: unknown ids are a no-op;
 - ``set_priority(request_id, priority)``: re-rank a request at runtime;
 - ``stats() -> EngineStats``;
@@ -86,6 +90,11 @@ class EngineConfig:
     device: jax.Device | None = None  # the device the engine runs on; None = the default
 
 
+class EngineDeadError(RuntimeError):
+    """The engine cannot step any more (its KV pool was lost); every request in it
+    is lost. A multi-instance cluster replaces such an instance."""
+
+
 @dataclasses.dataclass
 class EngineStats:
     num_running: int
@@ -98,6 +107,7 @@ class EngineStats:
     num_preemptions: int
     num_swapped: int = 0  # waiting requests whose KV is in host memory
     num_swap_outs: int = 0
+    num_failed_requests: int = 0  # requests a failing step failed on their own
 
 
 class LLMEngine:
@@ -123,6 +133,8 @@ class LLMEngine:
         self.groups: dict[str, Group] = {}
         self.migration = MigrationEndpoint(self)
         self.intake = Intake(model, self.max_model_len, config.seed)
+        self.dead: str | None = None  # why the engine cannot step any more (`EngineDeadError`)
+        self.num_failed_requests = 0  # requests failed alone by a step (`_isolate`)
         if config.warmup:
             self.runner.warmup()
 
@@ -225,39 +237,133 @@ class LLMEngine:
     # -- the step -------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """One step (module docstring). A step that raises does not fail its batch:
+        `_isolate` finds the rows that fail on their own and fails only their
+        requests (their final output carries ``error``); the rest advance as if
+        nothing happened. Raises `EngineDeadError` only when the engine cannot go
+        on (its KV pool is lost), and from then on."""
+        if self.dead is not None:
+            raise EngineDeadError(self.dead)
         sched = self.scheduler.schedule()
+        failed: dict[str, Exception] = {}
         if sched.swap_in_overlaps and sched.scheduled and sched.swap_in:
-            tokens, logprobs, top_ids, top_lps = self._execute_overlapping_swap_in(sched)
+            ran, results = self._run_rows(sched.scheduled, failed,
+                                          lambda: self._execute_overlapping_swap_in(sched))
         else:
             self._swap(sched)
             if not sched.scheduled:
                 return []
-            tokens, logprobs, top_ids, top_lps = self._execute(sched)
+            ran, results = self._run_rows(sched.scheduled, failed)
         now = time.monotonic()
         touched: dict[str, Group] = {}
-        for i, (req, n) in enumerate(sched.scheduled):
+        for (req, n), result in zip(ran, results):
             req.num_computed_tokens += n
             self.block_manager.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
             if req.num_computed_tokens < req.num_tokens:
                 continue  # a prefill chunk that does not finish the prompt samples nothing
-            self._append(req, i, tokens, logprobs, top_ids, top_lps, now)
+            try:
+                self._append(req, *result, now)
+            except Exception as error:  # this request's own tokens or text broke it
+                log.exception("request %s failed after sampling", req.parent_id)
+                failed.setdefault(req.parent_id, error)
+                continue
             touched[req.parent_id] = self.groups[req.parent_id]
-        return [self._output(g) for g in touched.values()]
+        outputs = [self._output(g) for rid, g in touched.items() if rid not in failed]
+        return outputs + [self._fail(rid, error) for rid, error in failed.items()]
 
-    def _execute(self, sched: SchedulerOutput,
-                 during: Callable[[jax.Array], None] | None = None) -> tuple[np.ndarray, ...]:
-        """Run the scheduled rows; ``during`` as in `ModelRunner.execute`."""
+    def _run_rows(self, rows: list[tuple[Request, int]], failed: dict[str, Exception],
+                  first_try: Callable[[], tuple[np.ndarray, ...]] | None = None
+                  ) -> tuple[list[tuple[Request, int]], list[tuple]]:
+        """Execute ``rows`` (``first_try`` runs them the first time, e.g. with
+        swap-ins overlapping); on failure `_isolate` them. Returns the rows that
+        ran and one result (token, logprob, top ids, top logprobs) per row;
+        requests that failed alone go into ``failed``."""
+        try:
+            out = first_try() if first_try is not None else self._execute(rows)
+        except Exception as error:
+            return self._isolate(rows, error, failed)
+        return rows, list(zip(*out))
+
+    def _isolate(self, rows: list[tuple[Request, int]], error: Exception,
+                 failed: dict[str, Exception]) -> tuple[list[tuple[Request, int]], list[tuple]]:
+        """Find the rows of a failed step that fail on their own, by bisection:
+        each failing part is re-run as two halves until a failing part is one
+        row, whose request is the culprit. One culprit among n rows costs about
+        2 log2(n) re-runs; a fault no part repeats (a transient one) fails no
+        one. Re-running is safe: a step changes no request state until it
+        returns, and rewrites the same KV slots with the same values."""
+        log.warning("engine step of %d rows failed (%s: %s); re-running it in parts to "
+                    "find the culprit", len(rows), type(error).__name__, error)
+        self._check_alive(error)
+        ran: list[tuple[Request, int]] = []
+        results: list[tuple] = []
+        parts = [(rows, error)]
+        while parts:
+            part, err = parts.pop()
+            if len(part) == 1:
+                req = part[0][0]
+                log.error("request %s fails the engine step on its own: %s: %s",
+                          req.parent_id, type(err).__name__, err)
+                failed.setdefault(req.parent_id, err)
+                continue
+            for half in (part[:len(part) // 2], part[len(part) // 2:]):
+                try:
+                    out = self._execute(half, observe=False)
+                except Exception as e:
+                    self._check_alive(e)
+                    parts.append((half, e))
+                else:
+                    ran.extend(half)
+                    results.extend(zip(*out))
+        return ran, results
+
+    def _check_alive(self, error: Exception) -> None:
+        """Raise `EngineDeadError` (for good) if the KV pool did not survive ``error``
+        (a donated buffer deleted, or a device error poisoning it): every request
+        is lost then, and no re-run can help."""
+        try:
+            leaves = jax.tree_util.tree_leaves(self.runner.kv_cache)
+            intact = not any(x.is_deleted() for x in leaves)
+            if intact:
+                jax.block_until_ready(leaves)
+        except Exception:
+            intact = False
+        if not intact:
+            self.dead = f"the KV pool was lost in a failed step ({type(error).__name__}: {error})"
+            log.error("engine dead: %s", self.dead)
+            raise EngineDeadError(self.dead) from error
+
+    def _fail(self, request_id: str, error: Exception) -> RequestOutput:
+        """End a request (all its completions) that failed on its own: its blocks
+        are freed and its final output carries the error."""
+        group = self.groups[request_id]
+        now = time.monotonic()
+        for req in group.requests:
+            if not req.is_finished:
+                self.scheduler.abort(req.request_id)
+                req.abort(now)
+        self.num_failed_requests += 1
+        out = self._output(group)
+        out.error = f"the engine failed this request ({type(error).__name__}: {error})"
+        return out
+
+    def _execute(self, scheduled: list[tuple[Request, int]],
+                 during: Callable[[jax.Array], None] | None = None,
+                 observe: bool = True) -> tuple[np.ndarray, ...]:
+        """Run the scheduled rows; ``during`` as in `ModelRunner.execute`.
+        ``observe``: time the step for the swap cost model (not for re-runs)."""
         now = time.monotonic()
         rows = [StepRow(req, n, self.block_manager.block_table(req.request_id))
-                for req, n in sched.scheduled]
-        for req, _ in sched.scheduled:
+                for req, n in scheduled]
+        for req, _ in scheduled:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
         out = self.runner.execute(rows, during)
-        if self.swapper is not None and during is None:
+        if self.swapper is not None and during is None and observe:
             # per-token compute time, for swap-vs-recompute estimates (not with copies inside)
-            prefill = sum(n for req, n in sched.scheduled if not req.is_decode(n))
-            self.swapper.cost.observe_step(sched.num_tokens, prefill, time.monotonic() - now)
+            prefill = sum(n for req, n in scheduled if not req.is_decode(n))
+            self.swapper.cost.observe_step(sum(n for _, n in scheduled), prefill,
+                                           time.monotonic() - now)
         return out
 
     def _execute_overlapping_swap_in(self, sched: SchedulerOutput) -> tuple[np.ndarray, ...]:
@@ -274,7 +380,7 @@ class LLMEngine:
 
         try:
             self._swap(sched, ins=False)
-            return self._execute(sched, during)
+            return self._execute(sched.scheduled, during)
         except BaseException:
             if not issued:
                 self.swapper.abandon(sched.swap_in, sched.host_release,
@@ -292,12 +398,13 @@ class LLMEngine:
                              sched.host_release if ins else [], self.scheduler.swap_out_failed,
                              self.scheduler.swap_in_failed, behind)
 
-    def _append(self, req: Request, i: int, tokens, logprobs, top_ids, top_lps, now) -> None:
-        token = int(tokens[i])
+    def _append(self, req: Request, token, logprob, top_ids, top_lps, now: float) -> None:
+        """Record one sampled token (and its log-probs) of ``req``."""
+        token = int(token)
         if req.params.logprobs is not None:
             k = req.params.logprobs
-            top = {int(t): float(lp) for t, lp in zip(top_ids[i][:k], top_lps[i][:k])}
-            req.logprobs.append(TokenLogprobs(token, float(logprobs[i]), top))
+            top = {int(t): float(lp) for t, lp in zip(top_ids[:k], top_lps[:k])}
+            req.logprobs.append(TokenLogprobs(token, float(logprob), top))
         req.append_token(token, now)
         if req.is_finished:
             self.scheduler.finish(req)
@@ -338,7 +445,7 @@ class LLMEngine:
                            bm.num_free_blocks, bm.num_blocks, bm.prefix_cache_queries,
                            bm.prefix_cache_hits, self.scheduler.num_preemptions,
                            sum(r.swapped_out for r in self.scheduler.waiting),
-                           self.scheduler.num_swap_outs)
+                           self.scheduler.num_swap_outs, self.num_failed_requests)
 
 
 def resolve_max_model_len(model: Model, config: EngineConfig) -> int:

@@ -53,6 +53,14 @@ class RequestOutput:
     finished: bool
     metrics: list[RequestMetrics]  # one per completion
     delta: bool = False  # only what is new since the previous output (module docstring)
+    # Set on the final output of a request that failed on its own (the engine's step
+    # raised for it alone): why. Its completions end with finish_reason "abort".
+    error: str | None = None
+
+
+class RequestFailed(RuntimeError):
+    """Raised to the reader of one request that the engine or the cluster gave up
+    on (the message says why); other requests are not affected."""
 
 
 def merge(into: RequestOutput, new: RequestOutput) -> RequestOutput:
