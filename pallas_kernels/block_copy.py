@@ -86,6 +86,14 @@ def staging_sources(groups: jax.Array, num_rows: int) -> jax.Array:
     return jnp.where(rows < ends[-1], src, -1).astype(jnp.int32)
 
 
+def _pool_sources(groups: jax.Array, num_rows: int, num_blocks: int) -> jax.Array:
+    """`staging_sources`, with -1 (skip) for any block outside the pool, so no
+    run can make a GPU program read or write past it (rows keep their
+    list-order staging offsets, as the TPU variant's trimmed runs do)."""
+    src = staging_sources(groups.astype(jnp.int32), num_rows)
+    return jnp.where(src < num_blocks, src, -1)
+
+
 def _tile(slab: int) -> int:
     return min(GPU_TILE, slab & -slab)
 
@@ -125,7 +133,7 @@ def gather_blocks_gpu(cache: jax.Array, groups: jax.Array, num_staged: int, *,
         compiler_params=pltriton.CompilerParams(num_warps=4),
         interpret=interpret,
         name="sluice_gather_blocks",
-    )(staging_sources(groups, num_staged), flat)
+    )(_pool_sources(groups, num_staged, cache.shape[0]), flat)
     return out.reshape((num_staged,) + cache.shape[1:])
 
 
@@ -145,7 +153,7 @@ def scatter_blocks_gpu(cache: jax.Array, groups: jax.Array, staging: jax.Array, 
         compiler_params=pltriton.CompilerParams(num_warps=4),
         interpret=interpret,
         name="sluice_scatter_blocks",
-    )(staging_sources(groups, staged.shape[0]), staged, flat)
+    )(_pool_sources(groups, staged.shape[0], cache.shape[0]), staged, flat)
     return out.reshape(cache.shape)
 
 

@@ -248,6 +248,23 @@ def test_write_kv_gpu_any_head_dim(head_dim):
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
 
 
+def test_gpu_block_copies_stay_in_the_pool():
+    """Runs past the pool's end move only the blocks inside it; without the
+    guard the interpreted scatter clamps the extra rows onto the last block."""
+    ops = dispatch.interpreted("gpu")
+    num_blocks = 6
+    shape = (num_blocks, NUM_LAYERS, 2, BLOCK_SIZE, NUM_KV_HEADS, 64)
+    pool = jnp.broadcast_to(jnp.arange(num_blocks, dtype=jnp.float32).reshape(-1, 1, 1, 1, 1, 1),
+                            shape)
+    groups = block_copy.groups_array([(1, 2), (num_blocks - 2, 9)], max_groups=4)
+    staging = jnp.broadcast_to(100 + jnp.arange(16, dtype=jnp.float32).reshape(-1, 1, 1, 1, 1, 1),
+                               (16,) + shape[1:])
+    out = jax.jit(ops.scatter)(pool, groups, staging)
+    np.testing.assert_array_equal(np.asarray(out[:, 0, 0, 0, 0, 0]), [0, 100, 101, 3, 102, 103])
+    staged = jax.jit(ops.gather, static_argnums=2)(pool, groups, 16)
+    np.testing.assert_array_equal(np.asarray(staged[:4, 0, 0, 0, 0, 0]), [1, 2, 4, 5])
+
+
 def test_engine_greedy_matches_reference():
     from sluice.runtime import LLM, SamplingParams
 
