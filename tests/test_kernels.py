@@ -183,6 +183,27 @@ def test_tpu_kernels_stay_in_bounds():
                                   [-1 if b in moved else b for b in range(num_blocks)])
 
 
+def test_tpu_attention_refuses_tables_past_smem():
+    """A block table too large for the TPU kernel's SMEM is a ValueError naming
+    it when traced (the compiler would fail with an SMEM allocation error)."""
+    from sluice.pallas_kernels import ragged_attention
+
+    seqs, pages = 64, 4096
+    i32 = jnp.int32
+    meta = AttentionMetadata(
+        jax.ShapeDtypeStruct((seqs,), i32), jax.ShapeDtypeStruct((seqs + 1,), i32),
+        jax.ShapeDtypeStruct((seqs,), i32), jax.ShapeDtypeStruct((seqs, pages), i32),
+        jax.ShapeDtypeStruct((), i32), 1)
+    q = jax.ShapeDtypeStruct((seqs, 8, 128), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((4096, 1, 2, 16, 2, 128), jnp.bfloat16)
+    attend = ragged_attention.ragged_paged_attention_tpu
+    with pytest.raises(ValueError, match="block_tables"):
+        jax.eval_shape(lambda q, c, m: attend(q, c, 0, m, scale=0.1), q, cache, meta)
+    small = dataclasses.replace(meta, block_tables=jax.ShapeDtypeStruct((seqs, 64), i32))
+    assert jax.eval_shape(lambda q, c, m: attend(q, c, 0, m, scale=0.1), q, cache,
+                          small).shape == q.shape
+
+
 # Kernel custom call each lowering platform must contain (CPU: none, pure JAX),
 # and the chip an export with no device names for Pallas (jax.sharding.AbstractDevice).
 KERNEL_CALLS = {"cpu": None, "cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
