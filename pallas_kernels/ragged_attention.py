@@ -7,7 +7,8 @@ Interface (same as `reference.ragged_paged_attention`, plus ``interpret``)::
                                      interpret=False) -> [T, q_heads, head_dim]
 
 Work split. The flattened query rows are cut into fixed tiles of ``BQ`` rows,
-regardless of sequence boundaries, and the grid is ``(tiles, kv_heads)``. A
+regardless of sequence boundaries, and the grid is ``(tiles, kv_heads)`` on
+GPU, ``(tiles,)`` on TPU (one program takes every KV head of its tile). A
 tile may span several sequences (many decode rows, or the end of one prefill
 chunk and the start of the next); the program loops over exactly the
 sequences that own rows of its tile (ranges computed by a tiny XLA pre-pass)
@@ -21,7 +22,13 @@ padding of queries, and reads each sequence's KV once per tile.
 The ``G`` query heads sharing a KV head are processed together: the wrapper
 lays queries out as ``[kv_heads, rows * G', head_dim]`` (``G'`` = G rounded up
 to a power of two, extra heads zero) so a tile is one 2-D ``[BQ * G', D]``
-operand and the kernel needs no in-kernel reshapes.
+operand per KV head (``[Hkv, BQ * G', D]`` with batched matmuls on TPU) and
+the kernel needs no in-kernel reshapes.
+
+Guards: the page loop never passes the block-table width and page indices
+are clamped into the pool, the layer into the pool's layers and the sequence
+range into the table's rows, so bad metadata reads wrong data but never
+outside the tables or the pool.
 
 Masking rules that make stray data harmless: scores are selected with
 ``where`` (never added to a bias), and value rows past ``seq_lens`` are zeroed
@@ -49,6 +56,12 @@ from sluice.pallas_kernels.platform import next_power_of_2, tpu_interpret_params
 # matmuls are tiny and memory-bound), larger for prefill chunks.
 DECODE_TILE_ROWS = 16
 PREFILL_TILE_ROWS = 64
+# TPU scoped-memory budgets. VMEM: v5e and v6e have 128 MiB per core and the
+# default scoped limit (16/32 MiB) is too small for pages of many KV heads at
+# block size 128 (e.g. 32 KV heads in float32). SMEM: 1 MiB per core holds the
+# scalar-prefetched tables; the compiler keeps a little of it for itself.
+VMEM_LIMIT = 64 << 20
+SMEM_BUDGET = 1000 << 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,10 +338,24 @@ def ragged_paged_attention_tpu(q: jax.Array, cache: jax.Array, layer, meta: Atte
     One program per tile handles every KV head: its queries are one
     ``[Hkv, BQ * G', D]`` block and each page is fetched once for all heads, so
     the matmuls are batched over heads. The grid is ``(tiles,)``.
+
+    Compiled, it supports any head_dim, block_size and KV-head count (checked
+    on v5e and v6e, bfloat16 and float32) but the scalar tables must fit SMEM:
+    ``4 * (S * P + 2 * S + 2 * tiles)`` bytes at most `SMEM_BUDGET` (about
+    250k block-table entries, e.g. 64 sequences of 64k tokens at block size
+    16); past that it raises ValueError naming ``block_tables``.
     """
     st, t = _plan(q, cache, layer, meta, scale, sliding_window, soft_cap)
     num_kv_heads, total_rows, head_dim = t.q.shape
     tiles = total_rows // st.rows
+    scalars = [t.layer, t.query_start_loc, t.seq_lens, t.block_tables, t.seq_lo, t.seq_hi]
+    smem = sum(4 * x.size for x in scalars)
+    if not interpret and smem > SMEM_BUDGET:
+        raise ValueError(
+            f"block_tables: {meta.block_tables.shape[0]} x {meta.block_tables.shape[1]} pages "
+            f"(with the other tables {smem} bytes) exceed the TPU kernel's SMEM budget of "
+            f"{SMEM_BUDGET} bytes; use fewer sequences per step, a shorter max_model_len or a "
+            f"larger block_size")
     tile_spec = pl.BlockSpec((num_kv_heads, st.rows, head_dim), lambda i, *_: (0, i, 0))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=6,
@@ -342,8 +369,9 @@ def ragged_paged_attention_tpu(q: jax.Array, cache: jax.Array, layer, meta: Atte
         functools.partial(_tpu_kernel, st),
         out_shape=jax.ShapeDtypeStruct(t.q.shape, q.dtype),
         grid_spec=grid_spec,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",),
+                                             vmem_limit_bytes=VMEM_LIMIT),
         interpret=tpu_interpret_params() if interpret else False,
         name="sluice_ragged_paged_attention",
-    )(t.layer, t.query_start_loc, t.seq_lens, t.block_tables, t.seq_lo, t.seq_hi, t.q, cache)
+    )(*scalars, t.q, cache)
     return _unplan(out, q)
