@@ -81,7 +81,7 @@ from starlette.types import Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from sluice.runtime import openai_protocol as proto
-from sluice.runtime.async_engine import AsyncEngine, OutputStream
+from sluice.runtime.async_engine import AsyncEngine, OutputStream, StreamStalled
 from sluice.runtime.embed import mean_pooled
 from sluice.runtime.engine import LLMEngine
 from sluice.runtime.metrics import CONTENT_TYPE, ServerMetrics
@@ -318,6 +318,8 @@ class OpenAIServer:
                 yield item
         except APIError:
             raise
+        except StreamStalled as e:
+            raise APIError(408, str(e), "timeout_error", code="stream_stalled") from e
         except Exception as e:
             raise APIError(500, str(e), "server_error") from e
 
@@ -669,14 +671,18 @@ class OpenAIServer:
                              "engine_requests": changed})
 
     async def health(self, request: Request) -> Response:
-        return Response(status_code=200)
+        """200 while some engine (instance) takes requests, else 503 saying why."""
+        health = self.engine.health()
+        if health.ok:
+            return Response(status_code=200)
+        return JSONResponse({"status": "unavailable", **dataclasses.asdict(health)}, 503)
 
     async def version(self, request: Request) -> Response:
         return JSONResponse({"version": importlib.metadata.version("sluice-serve")})
 
     async def prometheus(self, request: Request) -> Response:
-        return Response(await self._offload(self.metrics.render, self.engine.stats()),
-                        media_type=CONTENT_TYPE)
+        return Response(await self._offload(self.metrics.render, self.engine.stats(),
+                                            self.engine.health()), media_type=CONTENT_TYPE)
 
 
 async def _http_exception(request: Request, exc: HTTPException) -> Response:
