@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Callable
 
 import jax
@@ -24,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sluice.pallas_kernels import block_copy, dispatch
+from sluice.pallas_kernels.metadata import DEBUG_ENV, check_host_metadata
 from sluice.runtime.attention import AttentionMetadata, get_backend
 from sluice.runtime.kv_cache import KVCacheSpec
 from sluice.runtime.loader import Model
@@ -178,6 +180,9 @@ class ModelRunner:
             seq_lens[i] = first + n
             tables[i, :len(table)] = table
         qsl[len(rows) + 1:] = start
+        if os.environ.get(DEBUG_ENV) == "1":  # debug mode: name bad metadata on the host
+            check_host_metadata(slots, qsl, seq_lens, tables, len(rows),
+                                num_blocks=self.spec.num_blocks, block_size=bs)
         tokens.extend([0] * (n_tok - start))
         positions.extend([0] * (n_tok - start))
         meta = AttentionMetadata(jnp.asarray(slots), jnp.asarray(qsl), jnp.asarray(seq_lens),
