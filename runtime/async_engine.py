@@ -36,6 +36,7 @@ from typing import Awaitable, Callable
 
 from sluice.runtime.engine import EngineStats, LLMEngine, Prompt
 from sluice.runtime.intake import check_priority
+from sluice.runtime.metrics import Health
 from sluice.runtime.outputs import DeltaView, RequestFailed, RequestOutput, merge
 from sluice.runtime.sampling_params import SamplingParams
 
@@ -201,6 +202,13 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         return self._stats
+
+    def health(self) -> Health:
+        """Serving unless the engine is dead (`EngineDeadError`: it cannot step)."""
+        dead = self.engine.dead
+        if dead is None:
+            return Health(serving=1)
+        return Health(serving=0, dead=1, deaths=1, reason=f"the engine is dead: {dead}")
 
     def _step(self) -> list[RequestOutput]:
         self._apply_pending()

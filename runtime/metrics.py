@@ -17,15 +17,24 @@ one process, e.g. in tests) and exposes:
   ``num_streams_stalled`` (streams cut off because their reader left output
   unread too long, `sluice.runtime.async_engine.StreamLimits`),
   and, mirrored from the engine's cumulative stats on every scrape,
-  ``num_preemptions``, ``prefix_cache_queries``, ``prefix_cache_hits``.
+  ``num_preemptions``, ``prefix_cache_queries``, ``prefix_cache_hits``,
+  ``num_requests_failed`` (requests a failing engine step failed on their own);
+- from the server's `Health`, refreshed on every scrape: the gauge
+  ``num_instances{state}`` (``serving``, ``draining``, ``dead``: died and not
+  replaced) and the counters ``num_instance_deaths``, ``num_instances_replaced``
+  and ``num_requests_quarantined`` (failed, not re-dispatched, after instances
+  running them died; `sluice.scheduler.cluster`).
 
-Every series has a ``model_name`` label. ``render(stats)`` returns the text
-exposition format. Importing this module turns off prometheus-client's
+Every series has a ``model_name`` label. ``render(stats, health)`` returns the text
+exposition format. `Health` is also what ``GET /health`` answers from (503 while
+``serving`` is 0, with ``reason`` in the body). Importing this module turns off prometheus-client's
 ``*_created`` series process-wide, as vLLM does (they double the output and no
 dashboard reads them).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
@@ -44,6 +53,24 @@ _ITL = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
         10.0, 20.0, 40.0, 80.0)
 _E2E = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
         120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Health:
+    """Whether the server can take requests: its engines (instances) by state and
+    the cumulative counts of what went wrong with them."""
+
+    serving: int  # engines (instances) that take new requests
+    draining: int = 0
+    dead: int = 0  # died and not (yet) replaced
+    deaths: int = 0
+    replaced: int = 0
+    quarantined: int = 0  # requests failed after instances running them died
+    reason: str | None = None  # why nothing serves; None while something does
+
+    @property
+    def ok(self) -> bool:
+        return self.serving > 0
 
 
 class ServerMetrics:
@@ -83,8 +110,18 @@ class ServerMetrics:
                                "Streams aborted: their reader left output unread too long.")
         self._success = Counter("sluice:request_success", "Finished completions by reason.",
                                 lab + ["finished_reason"], registry=r)
+        self.failed = counter("num_requests_failed",
+                              "Requests a failing engine step failed on their own.")
+        self._instances = Gauge("sluice:num_instances", "Engine instances by state.",
+                                lab + ["state"], registry=r)
+        self.deaths = counter("num_instance_deaths", "Engine instances that died.")
+        self.replaced = counter("num_instances_replaced", "Dead instances replaced.")
+        self.quarantined = counter("num_requests_quarantined",
+                                   "Requests failed, not re-dispatched, after instances "
+                                   "running them died.")
         self._mirrored = {"num_preemptions": 0, "prefix_cache_queries": 0,
-                          "prefix_cache_hits": 0}
+                          "prefix_cache_hits": 0, "num_failed_requests": 0, "deaths": 0,
+                          "replaced": 0, "quarantined": 0}
 
     def observe_finished(self, out: RequestOutput) -> None:
         """Record a finished request (all its completions)."""
@@ -113,15 +150,25 @@ class ServerMetrics:
         """Record a stream cut off because its reader fell too far behind."""
         self.stalled.inc()
 
-    def render(self, stats: EngineStats) -> bytes:
+    def render(self, stats: EngineStats, health: Health | None = None) -> bytes:
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.swapped.set(stats.num_swapped)
         self.kv_usage.set(stats.kv_usage)
         for name, counter in (("num_preemptions", self.preemptions),
                               ("prefix_cache_queries", self.prefix_queries),
-                              ("prefix_cache_hits", self.prefix_hits)):
-            value = getattr(stats, name)
-            counter.inc(max(0, value - self._mirrored[name]))
-            self._mirrored[name] = value
+                              ("prefix_cache_hits", self.prefix_hits),
+                              ("num_failed_requests", self.failed)):
+            self._mirror(name, counter, getattr(stats, name))
+        if health is not None:
+            for state in ("serving", "draining", "dead"):
+                self._instances.labels(self.model_name, state).set(getattr(health, state))
+            for name, counter in (("deaths", self.deaths), ("replaced", self.replaced),
+                                  ("quarantined", self.quarantined)):
+                self._mirror(name, counter, getattr(health, name))
         return generate_latest(self.registry)
+
+    def _mirror(self, name: str, counter: Counter, value: int) -> None:
+        """Advance ``counter`` to a cumulative ``value`` counted elsewhere."""
+        counter.inc(max(0, value - self._mirrored[name]))
+        self._mirrored[name] = value

@@ -28,6 +28,7 @@ from sluice.runtime.engine import (EngineConfig, EngineStats, LLMEngine, Prompt,
                                    resolve_max_model_len)
 from sluice.runtime.intake import Intake
 from sluice.runtime.loader import Model
+from sluice.runtime.metrics import Health
 from sluice.runtime.outputs import RequestOutput
 from sluice.runtime.sampling_params import SamplingParams
 from sluice.scheduler.cluster import Cluster, ClusterConfig
@@ -91,13 +92,17 @@ class AsyncCluster:
     async def set_priority(self, request_id: str, priority: int) -> bool:
         return self.cluster.set_priority(request_id, priority)
 
+    def health(self) -> Health:
+        return self.cluster.health()
+
     def stats(self) -> EngineStats:
         """The live instances' engine stats, summed (``kv_usage`` over all blocks)."""
         parts = [r.stats for r in self.cluster.stats().instances.values()
                  if r.alive and r.stats is not None]
         totals = {f.name: sum(getattr(s, f.name) for s in parts)
                   for f in dataclasses.fields(EngineStats)}
-        totals["kv_usage"] = 1.0 - totals["num_free_blocks"] / max(1, totals["num_blocks"])
+        blocks = totals["num_blocks"]  # 0 when no instance is alive: none in use either
+        totals["kv_usage"] = 1.0 - totals["num_free_blocks"] / blocks if blocks else 0.0
         return EngineStats(**totals)
 
     async def shutdown(self) -> None:

@@ -27,7 +27,17 @@ are remembered), unless that instance is gone, draining or not allowed.
 
 A dead instance's requests are re-dispatched to survivors and recomputed from
 the output their callers have already seen, with the same sampling seeds, so
-clients get a completed response, not an error.
+clients get a completed response, not an error -- except a request that has now
+been on ``quarantine_after`` (2) instances when they died: it is quarantined
+(failed with `RequestFailed` naming the deaths), so a poison request that kills
+whatever runs it takes down two instances at most, not the fleet. (Any request
+on both dying instances counts, so an innocent one that shared two with the
+culprit goes too; the engine's own fault isolation, which fails a culprit
+without killing its instance, makes deaths rare to begin with.) With a
+launcher and ``replace_dead``, a dead instance is replaced by a fresh one (at
+most ``max_replacements`` per ``replacement_window_s``, so a crash loop ends);
+its requests go to survivors at once, or wait for the replacement when none
+survived. `health` says whether any instance takes requests (``GET /health``).
 
 A ``router`` (`sluice.scheduler.fleet.FleetActuator`, driven by the
 provisioner's re-planner) may restrict a request to instances of one
@@ -37,7 +47,7 @@ Interface: ``submit(request_id, prompt, params, sink, priority, client, conversa
 (validates at once, raising ``ValueError``; ``sink`` receives every
 `RequestOutput`), ``abort(request_id)``, ``tick()`` (one round of the
 migration and scaling policies; a background thread calls it when started with
-``start()``), ``stats()``, ``shutdown()``.
+``start()``), ``stats()``, ``health()``, ``shutdown()``.
 """
 
 from __future__ import annotations
@@ -48,12 +58,14 @@ import itertools
 import logging
 import math
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Protocol
 
 from sluice.runtime.intake import Group, Intake, Prompt, check_priority
-from sluice.runtime.outputs import RequestOutput
+from sluice.runtime.metrics import Health
+from sluice.runtime.outputs import RequestFailed, RequestOutput
 from sluice.runtime.sampling_params import SamplingParams
 from sluice.scheduler.instance import DeathSink, Instance, LoadReport, OutputSink
 from sluice.scheduler.migration import MigrationResult, migrate
@@ -64,6 +76,7 @@ Sink = Callable[[RequestOutput | Exception], None]  # an Exception ends the stre
 DISPATCH_POLICIES = ("freest", "least-loaded", "round-robin")
 MIGRATION_CHOICES = ("last", "shortest", "longest")
 MAX_CONVERSATION_HOMES = 100_000  # conversation -> instance entries kept (LRU)
+MAX_DEATHS_KEPT = 100  # dead instances' causes kept for health reports
 
 
 @dataclasses.dataclass
@@ -82,6 +95,11 @@ class ClusterConfig:
     scale_in_above: float = 64.0
     min_instances: int = 1
     max_instances: int = 8
+    # a request on this many instances when they died is failed, not re-dispatched
+    quarantine_after: int = 2
+    replace_dead: bool = True  # with a launcher, a dead instance is replaced
+    max_replacements: int = 8  # per replacement_window_s; then dead instances stay dead
+    replacement_window_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.dispatch not in DISPATCH_POLICIES:
@@ -91,6 +109,10 @@ class ClusterConfig:
                              f"got {self.migration_choice!r}")
         if not 1 <= self.min_instances <= self.max_instances:
             raise ValueError("min_instances, max_instances: need 1 <= min <= max")
+        if self.quarantine_after < 1:
+            raise ValueError(f"quarantine_after: must be >= 1, got {self.quarantine_after}")
+        if self.max_replacements < 0 or not self.replacement_window_s > 0:
+            raise ValueError("max_replacements, replacement_window_s: need >= 0 and > 0")
 
 
 class Launcher(Protocol):
@@ -123,6 +145,7 @@ class _Record:
     conversation: str | None = None
     owner: str = ""
     last: RequestOutput | None = None
+    deaths: list[str] = dataclasses.field(default_factory=list)  # instances that died holding it
 
 
 @dataclasses.dataclass
@@ -132,15 +155,19 @@ class ClusterStats:
     num_migrations: int
     num_failed_migrations: int
     num_redispatched: int
+    num_deaths: int = 0
+    num_replaced: int = 0
+    num_quarantined: int = 0
 
 
 class Cluster:
     def __init__(self, instances: list[Instance] | Callable[[OutputSink, DeathSink], list[Instance]],
                  intake: Intake, config: ClusterConfig | None = None,
-                 launcher: Launcher | None = None):
+                 launcher: Launcher | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         """``instances``: a factory called with this cluster's output and death
         sinks (instances report to it), or instances already wired to
-        `on_outputs` / `on_death`."""
+        `on_outputs` / `on_death`. ``clock`` times the replacement window."""
         self.config = config or ClusterConfig()
         self.intake = intake
         self.launcher = launcher
@@ -153,6 +180,10 @@ class Cluster:
         self._executor = concurrent.futures.ThreadPoolExecutor(4, "sluice-migrate")
         self.migrations: list[MigrationResult] = []
         self.num_redispatched = 0
+        self.num_deaths = self.num_replaced = self.num_quarantined = 0
+        self.deaths: OrderedDict[str, str] = OrderedDict()  # dead instance -> cause
+        self._clock = clock
+        self._replacements: deque[float] = deque()  # when each replacement started
         made = instances(self.on_outputs, self.on_death) if callable(instances) else instances
         self.instances: dict[str, Instance] = {i.name: i for i in made}
         # Restricts where a new group may go (the fleet actuator's per-bucket
@@ -256,9 +287,9 @@ class Cluster:
                 rec.last = out
                 if out.finished:
                     del self._records[out.request_id]
-                    if rec.conversation is not None:
+                    if rec.conversation is not None and out.error is None:
                         self._remember_home(rec.conversation, name)
-            rec.sink(out)
+            rec.sink(RequestFailed(out.error) if out.error is not None else out)
 
     def _remember_home(self, conversation: str, name: str) -> None:
         self._homes[conversation] = name
@@ -267,15 +298,78 @@ class Cluster:
             self._homes.popitem(last=False)
 
     def on_death(self, name: str, error: BaseException) -> None:
-        log.warning("instance %s died (%s); re-dispatching its requests", name, error)
-        self._redispatch(name)
+        """An instance died: quarantine the requests it held that have now seen
+        ``quarantine_after`` deaths, re-dispatch the rest (to survivors at once;
+        when none survived, to its replacement), and replace it."""
+        cause = f"{type(error).__name__}: {error}"
+        log.error("instance %s died (%s); re-dispatching its requests", name, cause)
+        with self._lock:
+            self.num_deaths += 1
+            self.deaths[name] = cause
+            while len(self.deaths) > MAX_DEATHS_KEPT:
+                self.deaths.popitem(last=False)
+            self._quarantine(name, cause)
+            survivors = any(i.alive for n, i in self.instances.items() if n != name)
+        if survivors:
+            self._redispatch(name)
+        self._replace(name)
+        self._redispatch(name)  # any still here: to the replacement, or failed if none
+
+    def _quarantine(self, dead: str, cause: str) -> None:
+        """Count the death against every request the instance held; fail those
+        that have been on ``quarantine_after`` dying instances."""
+        for rid, rec in list(self._records.items()):
+            if rec.owner != dead:
+                continue
+            rec.deaths.append(f"{dead} ({cause})")
+            if len(rec.deaths) >= self.config.quarantine_after:
+                log.error("quarantining request %s: %d instances died running it", rid,
+                          len(rec.deaths))
+                self.num_quarantined += 1
+                self._fail(rid, RequestFailed(
+                    f"request quarantined, not retried: {len(rec.deaths)} instances died "
+                    f"while running it: {'; '.join(rec.deaths)}"))
+
+    def _replace(self, dead: str) -> None:
+        """With a launcher: stop the dead instance and launch a fresh one in its
+        place, unless ``max_replacements`` happened within the window."""
+        if self.launcher is None or not self.config.replace_dead:
+            return
+        with self._lock:
+            now, window = self._clock(), self.config.replacement_window_s
+            while self._replacements and self._replacements[0] <= now - window:
+                self._replacements.popleft()
+            inst = self.instances.get(dead)
+            if inst is None or inst.alive:
+                return  # already replaced, or not dead
+            if len(self._replacements) >= self.config.max_replacements:
+                log.error("not replacing instance %s: %d replacements in the last %g s",
+                          dead, len(self._replacements), window)
+                return
+            self._replacements.append(now)
+            del self.instances[dead]
+        try:
+            self.launcher.terminate(inst)
+        except Exception:  # it is dead; whatever is left of it must not stop the replacement
+            log.exception("terminating dead instance %s failed", dead)
+        try:
+            fresh = self.launcher.launch(self.on_outputs, self.on_death)
+        except Exception:
+            log.exception("launching a replacement for instance %s failed", dead)
+            return
+        log.warning("instance %s replaced by %s", dead, fresh.name)
+        with self._lock:
+            self.instances[fresh.name] = fresh
+            self.num_replaced += 1
 
     def _redispatch(self, dead: str) -> None:
         """Recompute the dead instance's requests elsewhere, from what callers saw."""
         with self._lock:
             if not any(i.alive for i in self.instances.values()):
                 for rid in [r for r, rec in self._records.items() if rec.owner == dead]:
-                    self._fail(rid, RuntimeError("every instance has died"))
+                    self._fail(rid, RequestFailed(
+                        f"every instance has died (the last, {dead}: "
+                        f"{self.deaths.get(dead, 'unknown cause')})"))
                 return
             for rid, rec in list(self._records.items()):
                 if rec.owner == dead and rid not in self._migrating:
@@ -313,7 +407,7 @@ class Cluster:
 
     def tick(self) -> None:
         """One round: migrations to balance and drain, then scaling."""
-        reports = {n: i.report() for n, i in self.instances.items() if i.alive}
+        reports = {n: i.report() for n, i in list(self.instances.items()) if i.alive}
         self._retire_drained(reports)
         if self.config.migrate:
             for src, dst, rid in self._plan_migrations(reports):
@@ -351,9 +445,12 @@ class Cluster:
 
     def _migrate(self, src: str, dst: str, rid: str) -> MigrationResult:
         try:
-            result = migrate(self.instances[src], self.instances[dst], rid,
-                             max_stages=self.config.max_stages,
-                             stop_blocks=self.config.stop_blocks)
+            source, dest = self.instances.get(src), self.instances.get(dst)
+            if source is None or dest is None:  # replaced after dying
+                result = MigrationResult(rid, src, dst, False, "instance gone")
+            else:
+                result = migrate(source, dest, rid, max_stages=self.config.max_stages,
+                                 stop_blocks=self.config.stop_blocks)
         finally:
             with self._lock:
                 self._migrating.pop(rid, None)
@@ -364,12 +461,12 @@ class Cluster:
             if result.ok and rec is not None:
                 rec.owner = dst
                 # a priority change sent to the source during the move may not have travelled
-                self.instances[dst].set_priority(rid, rec.priority)
+                dest.set_priority(rid, rec.priority)
             elif result.ok:  # aborted by its client during the migration
-                self.instances[dst].abort(rid)
+                dest.abort(rid)
             owner = self.instances.get(rec.owner) if rec is not None else None
-            if owner is not None and not owner.alive:  # died while we held the request
-                self._redispatch(owner.name)
+            if rec is not None and (owner is None or not owner.alive):  # died meanwhile
+                self._redispatch(rec.owner)
         return result
 
     def _retire_drained(self, reports: dict[str, LoadReport]) -> None:
@@ -377,9 +474,9 @@ class Cluster:
             with self._lock:
                 empty = (r.draining and r.num_requests == 0 and name not in self._busy
                          and not any(rec.owner == name for rec in self._records.values()))
-                if not empty:
+                inst = self.instances.pop(name, None) if empty else None
+                if inst is None:
                     continue
-                inst = self.instances.pop(name)
             if self.launcher is not None:
                 self.launcher.terminate(inst)
             else:
@@ -407,7 +504,27 @@ class Cluster:
             ok = sum(m.ok for m in self.migrations)
             return ClusterStats({n: i.report() for n, i in self.instances.items()},
                                 len(self._records), ok, len(self.migrations) - ok,
-                                self.num_redispatched)
+                                self.num_redispatched, self.num_deaths, self.num_replaced,
+                                self.num_quarantined)
+
+    def health(self) -> Health:
+        """The instances by state (``dead``: died and not replaced); ``reason``
+        says why none takes requests, when none does."""
+        with self._lock:
+            insts = list(self.instances.items())
+            counts = dict(deaths=self.num_deaths, replaced=self.num_replaced,
+                          quarantined=self.num_quarantined)
+            causes = dict(self.deaths)
+        serving = sum(i.alive and not i.draining for _, i in insts)
+        draining = sum(i.alive and i.draining for _, i in insts)
+        dead = [n for n, i in insts if not i.alive]
+        reason = None
+        if not serving:
+            why = [f"{n} died ({causes.get(n, 'unknown cause')})" for n in dead]
+            if draining:
+                why.append(f"{draining} draining")
+            reason = "no instance takes requests: " + ("; ".join(why) or "there are none")
+        return Health(serving, draining, len(dead), reason=reason, **counts)
 
     def shutdown(self) -> None:
         self._stop.set()

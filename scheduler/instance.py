@@ -200,7 +200,8 @@ class LocalInstance:
         """Stop the loop (idempotent); requests still here are dropped."""
         self._stopping = True
         self._wake.set()
-        self._thread.join()
+        if threading.current_thread() is not self._thread:  # a death handler may stop it
+            self._thread.join()
 
     def _call(self, fn: Callable[[LLMEngine], Any]) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()

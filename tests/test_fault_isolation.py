@@ -1,4 +1,5 @@
-"""A step that raises never takes its batch down with it.
+"""A step that raises never takes its batch down with it, and a request that
+kills the instances running it is quarantined after the second death.
 
 Faults are injected with a runner wrapper that raises whenever a poisoned
 request is in the batch (validation now stops the real poison, ``top_k=2**31``,
@@ -10,6 +11,9 @@ undisturbed run and every KV block comes back.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import threading
+import time
 from typing import Callable
 
 import httpx
@@ -17,10 +21,14 @@ import jax
 import pytest
 
 from sluice.runtime import AsyncEngine, SamplingParams, load_model
-from sluice.runtime.engine import EngineConfig, EngineDeadError, LLMEngine
+from sluice.runtime.engine import EngineConfig, EngineDeadError, LLMEngine, resolve_max_model_len
+from sluice.runtime.intake import Intake
 from sluice.runtime.outputs import RequestFailed
 from sluice.runtime.request import Request
 from sluice.runtime.server import OpenAIServer, ServerConfig
+from sluice.scheduler.async_cluster import AsyncCluster, LocalLauncher
+from sluice.scheduler.cluster import Cluster, ClusterConfig
+from sluice.scheduler.instance import LocalInstance
 
 ENGINE = dict(block_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=128,
               warmup=False, seed=0)
@@ -191,3 +199,173 @@ def test_http_poison_is_a_500_naming_the_cause(tiny):
     assert POISON in plain.json()["error"]["message"]
     assert POISON in streamed.text and streamed.text.rstrip().endswith("data: [DONE]")
     assert ok.status_code == 200
+
+
+# -- the cluster ----------------------------------------------------------------------
+
+class Sink:
+    """Collects each request's outputs (or the exception that ended it)."""
+
+    def __init__(self):
+        self.outputs: dict[str, list] = {}
+        self.cv = threading.Condition()
+
+    def __call__(self, rid: str):
+        def sink(out):
+            with self.cv:
+                self.outputs.setdefault(rid, []).append(out)
+                self.cv.notify_all()
+        return sink
+
+    def ended(self, rid: str) -> bool:
+        outs = self.outputs.get(rid)
+        return bool(outs) and (isinstance(outs[-1], Exception) or outs[-1].finished)
+
+    def wait(self, *rids: str, timeout: float = 300) -> None:
+        with self.cv:
+            assert self.cv.wait_for(lambda: all(self.ended(r) for r in rids), timeout), \
+                {r: self.outputs.get(r, [])[-1:] for r in rids}
+
+    def last(self, rid: str):
+        return self.outputs[rid][-1]
+
+
+class LethalLauncher(LocalLauncher):
+    """Instances whose engine dies (as a crashed process would) whenever a
+    request whose prompt holds ``marker`` runs in it; ``runner_fault`` instead
+    makes only the runner raise (the engine's own isolation handles that)."""
+
+    def __init__(self, model, config, marker: str, runner_fault: bool = False):
+        super().__init__(model, config)
+        self.marker, self.runner_fault = marker, runner_fault
+        self.launched: list[str] = []
+
+    def launch(self, on_outputs, on_death):
+        inst = super().launch(on_outputs, on_death)
+        engine = inst.engine
+        is_poison = by_prompt(engine, self.marker)
+        if self.runner_fault:
+            Poison(engine, is_poison)
+        else:
+            step = engine.step
+
+            def lethal_step():
+                if any(is_poison(r) for r in engine.scheduler.running):
+                    raise EngineDeadError(f"{POISON} killed {inst.name}")
+                return step()
+            engine.step = lethal_step
+        self.launched.append(inst.name)
+        return inst
+
+
+def make_cluster(tiny, launcher: LethalLauncher, n: int = 2, **cfg) -> Cluster:
+    config = EngineConfig(**ENGINE)
+    intake = Intake(tiny, resolve_max_model_len(tiny, config), config.seed)
+    return Cluster(lambda out, death: [launcher.launch(out, death) for _ in range(n)], intake,
+                   ClusterConfig(dispatch="round-robin", migrate=False, **cfg), launcher)
+
+
+def all_blocks_free(cluster: Cluster) -> bool:
+    return all(r.num_free_blocks == r.num_blocks and r.num_requests == 0
+               for r in cluster.stats().instances.values() if r.alive)
+
+
+def test_a_request_that_kills_instances_is_quarantined_after_the_second_death(tiny, reference):
+    launcher = LethalLauncher(tiny, EngineConfig(**ENGINE), "LETHAL")
+    cluster = make_cluster(tiny, launcher)
+    sink = Sink()
+    try:
+        # round-robin: A -> instance-0, the poison alone -> instance-1, B -> instance-0
+        for rid, prompt in (("g0", JOBS[0][1]), ("P", "LETHAL"), ("g1", JOBS[1][1])):
+            cluster.submit(rid, prompt, GREEDY, sink(rid))
+        sink.wait("g0", "g1", "P")
+        err = sink.last("P")
+        assert isinstance(err, RequestFailed) and "quarantined" in str(err)
+        assert "instance-1" in str(err) and "instance-0" in str(err) and POISON in str(err)
+        for rid in ("g0", "g1"):  # re-dispatched once, then served token-identically
+            assert tokens(sink.last(rid)) == tokens(reference[rid])
+        stats = cluster.stats()
+        assert (stats.num_deaths, stats.num_quarantined, stats.num_replaced) == (2, 1, 2)
+        assert stats.num_redispatched == 3  # P once, g0 and g1 once each
+        assert launcher.launched == [f"instance-{i}" for i in range(4)]
+        health = cluster.health()
+        assert health.ok and health.serving == 2 and health.dead == 0
+        assert sorted(cluster.instances) == ["instance-2", "instance-3"]
+        cluster.submit("after", JOBS[2][1], GREEDY, sink("after"))  # still serving
+        sink.wait("after")
+        assert tokens(sink.last("after")) == tokens(reference["g2"])
+        assert all_blocks_free(cluster)
+    finally:
+        cluster.shutdown()
+
+
+def test_a_runner_fault_in_a_cluster_fails_the_request_not_the_instance(tiny, reference):
+    launcher = LethalLauncher(tiny, EngineConfig(**ENGINE), "POISON", runner_fault=True)
+    cluster = make_cluster(tiny, launcher)
+    sink = Sink()
+    try:
+        for rid, prompt in (("g0", JOBS[0][1]), ("P", "POISON"), ("g1", JOBS[1][1])):
+            cluster.submit(rid, prompt, GREEDY, sink(rid))
+        sink.wait("g0", "g1", "P")
+        assert isinstance(sink.last("P"), RequestFailed) and POISON in str(sink.last("P"))
+        for rid in ("g0", "g1"):
+            assert tokens(sink.last(rid)) == tokens(reference[rid])
+        stats = cluster.stats()
+        assert (stats.num_deaths, stats.num_redispatched) == (0, 0)
+        assert all_blocks_free(cluster)
+    finally:
+        cluster.shutdown()
+
+
+def test_health_is_503_and_metrics_show_dead_instances_when_none_can_serve(tiny):
+    config = EngineConfig(**ENGINE)
+    cluster = Cluster(lambda out, death: [
+        LocalInstance(f"i{d}", LLMEngine(tiny, dataclasses.replace(
+            config, device=jax.devices()[d])), out, death) for d in range(2)],
+        Intake(tiny, resolve_max_model_len(tiny, config), 0), ClusterConfig(migrate=False))
+    front = AsyncCluster(cluster)
+    server = OpenAIServer(front, ServerConfig("tiny"))
+
+    async def get(path: str) -> httpx.Response:
+        transport = httpx.ASGITransport(app=server.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return await c.get(path)
+    try:
+        assert asyncio.run(get("/health")).status_code == 200
+        cluster.instances["i0"].kill()
+        deadline = time.monotonic() + 60
+        while cluster.instances["i0"].alive and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert asyncio.run(get("/health")).status_code == 200  # i1 still serves
+        text = asyncio.run(get("/metrics")).text
+        assert 'sluice:num_instances{model_name="tiny",state="dead"} 1.0' in text
+        assert 'sluice:num_instances{model_name="tiny",state="serving"} 1.0' in text
+        cluster.instances["i1"].kill()
+        while cluster.instances["i1"].alive and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = asyncio.run(get("/health"))
+        assert r.status_code == 503, r.text
+        body = r.json()
+        assert body["serving"] == 0 and body["dead"] == 2 and body["deaths"] == 2
+        assert "i0 died" in body["reason"] and "i1 died" in body["reason"]
+        assert "killed" in body["reason"]
+        text = asyncio.run(get("/metrics")).text
+        assert 'sluice:num_instances{model_name="tiny",state="dead"} 2.0' in text
+        assert 'sluice:num_instance_deaths_total{model_name="tiny"} 2.0' in text
+        assert 'sluice:kv_cache_usage_perc{model_name="tiny"} 0.0' in text
+    finally:
+        asyncio.run(front.shutdown())
+
+
+def test_health_is_503_when_the_single_engine_is_dead(tiny):
+    engine = LLMEngine(tiny, EngineConfig(**ENGINE))
+    server = OpenAIServer(AsyncEngine(engine), ServerConfig("tiny"))
+    engine.dead = "the KV pool was lost in a failed step (RuntimeError: device lost)"
+
+    async def get(path: str) -> httpx.Response:
+        transport = httpx.ASGITransport(app=server.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return await c.get(path)
+    r = asyncio.run(get("/health"))
+    assert r.status_code == 503 and "device lost" in r.json()["reason"]
+    assert 'state="dead"} 1.0' in asyncio.run(get("/metrics")).text
