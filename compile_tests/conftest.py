@@ -6,26 +6,15 @@ Run from an accelerator environment (``make compile-test``), never the CPU
 ``--targets h100,h200`` in ``.venv-gpu``, all four in ``.venv-jax012``. A target
 whose plugin is missing fails (nothing here is skipped).
 
-Offline by construction: JAX initialises only its CPU backend, and libtpu is
-told where it is instead of asking the cloud metadata server (which it does by
-default on a machine without TPU chips, and which hangs where the network drops
-packets rather than refusing them).
+Offline by construction (`offline`): JAX initialises only its CPU backend and
+libtpu does not query the cloud metadata server.
 """
 
 from __future__ import annotations
 
-import os
+from compile_tests import offline
 
-OFFLINE_ENV = {
-    "JAX_PLATFORMS": "cpu",            # no accelerator runtime; compile-only topologies
-    "TPU_SKIP_MDS_QUERY": "1",         # libtpu: no GCE metadata server query
-    "TPU_ACCELERATOR_TYPE": "v5litepod-4",  # what the metadata server would have said
-    "TPU_WORKER_HOSTNAMES": "localhost",
-    "TPU_WORKER_ID": "0",
-    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",  # several processes may compile at once (-n, CI)
-}
-for _key, _value in OFFLINE_ENV.items():
-    os.environ.setdefault(_key, _value)
+offline.apply()
 
 import pytest  # noqa: E402
 
