@@ -9,6 +9,16 @@ Every kernel here comes in two variants with one signature plus a keyword
   small, scattered pages per sequence, which Triton expresses directly as
   pointer loads with masks. Triton also runs on pre-Hopper GPUs and its kernels
   are plain Pallas, so ``interpret=True`` runs them unchanged on CPU.
+  JAX 0.12 deprecates Pallas Triton (a DeprecationWarning at lowering) but
+  keeps it: every GPU kernel compiles for H100/H200 on both 0.10.2 and
+  0.12.0.1 (the compile tier, ``compile_tests/``), so the GPU path stays on
+  Triton for the supported range (``jax<0.13`` in pyproject.toml), and a
+  Mosaic GPU variant is the work for the JAX that removes it. What 0.12 does
+  need is the target chip at lowering (an AOT compile names it through the
+  target device, `dispatch` passes it on; an export without devices through
+  ``jax.sharding.use_abstract_mesh``), and static slices within bounds (the
+  KV update writes power-of-two pieces of each row rather than a masked
+  over-wide slice).
 - ``*_tpu``: the Mosaic TPU lowering, with the scalar tables (block tables,
   lengths, slots) prefetched into SMEM and pages moved by explicit DMAs.
   With ``interpret=True`` it runs under the TPU interpreter
