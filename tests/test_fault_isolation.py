@@ -26,18 +26,19 @@ from sluice.runtime.intake import Intake
 from sluice.runtime.outputs import RequestFailed
 from sluice.runtime.request import Request
 from sluice.runtime.server import OpenAIServer, ServerConfig
-from sluice.scheduler.async_cluster import AsyncCluster, LocalLauncher
+from sluice.scheduler.async_cluster import AsyncCluster
 from sluice.scheduler.cluster import Cluster, ClusterConfig
 from sluice.scheduler.instance import LocalInstance
 
-ENGINE = dict(block_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=128,
+# 16-token blocks: few block-table widths, so few step shapes to compile
+ENGINE = dict(block_size=16, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=128,
               warmup=False, seed=0)
-GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 JOBS = [(f"g{i}", f"a greedy prompt number {i}", GREEDY) for i in range(4)] + [
-    ("s", "a seeded one", SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=24,
+    ("s", "a seeded one", SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=16,
                                          ignore_eos=True)),
-    ("n2", "two seeded completions", SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=20,
-                                                    ignore_eos=True, logprobs=2)),
+    ("n2", "two seeded completions", SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=12,
+                                                    ignore_eos=True)),
 ]
 POISON = "an injected fault in the runner"
 
@@ -168,7 +169,8 @@ def test_async_engine_and_http_fail_only_the_poisoned_request(tiny, reference):
         transport = httpx.ASGITransport(app=server.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t",
                                      timeout=120) as c:
-            bodies = [{"prompt": p, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+            bodies = [{"prompt": p, "max_tokens": GREEDY.max_tokens, "temperature": 0,
+                       "ignore_eos": True}
                       for _, p, _ in JOBS[:4]]
             *good, _ = await asyncio.gather(
                 *[c.post("/v1/completions", json=b) for b in bodies], stream_poison())
@@ -230,19 +232,20 @@ class Sink:
         return self.outputs[rid][-1]
 
 
-class LethalLauncher(LocalLauncher):
-    """Instances whose engine dies (as a crashed process would) whenever a
-    request whose prompt holds ``marker`` runs in it; ``runner_fault`` instead
-    makes only the runner raise (the engine's own isolation handles that)."""
+class LethalLauncher:
+    """Launches instances whose engine dies (as a crashed process would) whenever
+    a request whose prompt holds ``marker`` runs in it; ``runner_fault`` instead
+    makes only the runner raise (the engine's own isolation handles that). All
+    on the default device, so they share its compiled steps."""
 
     def __init__(self, model, config, marker: str, runner_fault: bool = False):
-        super().__init__(model, config)
+        self.model, self.config = model, config
         self.marker, self.runner_fault = marker, runner_fault
         self.launched: list[str] = []
 
-    def launch(self, on_outputs, on_death):
-        inst = super().launch(on_outputs, on_death)
-        engine = inst.engine
+    def launch(self, on_outputs, on_death) -> LocalInstance:
+        name = f"instance-{len(self.launched)}"
+        engine = LLMEngine(self.model, self.config)
         is_poison = by_prompt(engine, self.marker)
         if self.runner_fault:
             Poison(engine, is_poison)
@@ -251,11 +254,14 @@ class LethalLauncher(LocalLauncher):
 
             def lethal_step():
                 if any(is_poison(r) for r in engine.scheduler.running):
-                    raise EngineDeadError(f"{POISON} killed {inst.name}")
+                    raise EngineDeadError(f"{POISON} killed {name}")
                 return step()
             engine.step = lethal_step
-        self.launched.append(inst.name)
-        return inst
+        self.launched.append(name)
+        return LocalInstance(name, engine, on_outputs, on_death)
+
+    def terminate(self, instance: LocalInstance) -> None:
+        instance.stop()
 
 
 def make_cluster(tiny, launcher: LethalLauncher, n: int = 2, **cfg) -> Cluster:
