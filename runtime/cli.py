@@ -16,6 +16,7 @@ from typing import TextIO
 
 from sluice.runtime.async_engine import AsyncEngine, StreamLimits
 from sluice.runtime.benchmark import random_prompts, throughput
+from sluice.runtime.compile_cache import enable_compile_cache
 from sluice.runtime.engine import EngineConfig
 from sluice.runtime.llm import LLM
 from sluice.runtime.loader import load_model
@@ -58,13 +59,18 @@ def configure_logging(level: str, access_log: str = "json",
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny",
-                   help="built-in model name (tiny, smollm2-135m-random) or a Hugging Face "
-                        "checkpoint directory (default: tiny)")
+                   help="built-in model name (tiny, smollm2-135m-random), packaged real model "
+                        "(smollm2-135m-instruct, gemma3-270m), Hugging Face checkpoint "
+                        "directory or .gguf file (default: tiny)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="weight and activation dtype (default: float32 on CPU, bfloat16 "
                         "on GPU/TPU)")
     g.add_argument("--model-seed", type=int, default=0,
                    help="seed of the random weights of built-in models (default: 0)")
+    g.add_argument("--no-compile-cache", action="store_true",
+                   help="do not keep compiled step shapes in JAX's persistent compilation "
+                        "cache under $SLUICE_CACHE_DIR/jax (on by default: a second start "
+                        "loads them instead of compiling)")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -171,7 +177,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _make_llm(args: argparse.Namespace) -> LLM:
-    return LLM(args.model, dtype=args.dtype, seed=args.model_seed, **_engine_kwargs(args))
+    return LLM(args.model, dtype=args.dtype, seed=args.model_seed,
+               compile_cache=not args.no_compile_cache, **_engine_kwargs(args))
 
 
 def _make_cluster(args: argparse.Namespace, limits: StreamLimits) -> AsyncCluster:
@@ -184,6 +191,8 @@ def _make_cluster(args: argparse.Namespace, limits: StreamLimits) -> AsyncCluste
         spec = ModelSpec(args.model, args.dtype, args.model_seed)
         return AsyncCluster(ray_cluster(spec, engine_config, args.instances, config,
                                         args.ray_address), limits)
+    if not args.no_compile_cache:
+        enable_compile_cache()
     model = load_model(args.model, dtype=args.dtype, seed=args.model_seed)
     return AsyncCluster(local_cluster(model, engine_config, args.instances, config), limits)
 
@@ -308,14 +317,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = StreamLimits(stall_timeout_s=args.stream_stall_timeout)
     sock = bind_socket(args.host, args.port)  # fail on a taken port before loading the model
     many = args.instances != 1 or args.ray
-    front = _make_cluster(args, limits) if many else AsyncEngine(_make_llm(args).engine, limits)
+    llm = None if many else _make_llm(args)
+    front = _make_cluster(args, limits) if many else AsyncEngine(llm.engine, limits)
+    # A model with a chat template is shown a question; others a prompt to continue.
+    chat = llm is not None and llm.tokenizer.chat_template is not None
 
     def ready(host: str, port: int) -> None:
         url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
-        body = json.dumps({"model": name, "prompt": "The quick brown fox", "max_tokens": 16})
+        path, body = ("/v1/chat/completions", {"messages": [
+            {"role": "user", "content": "What is the capital of France?"}]}) if chat else (
+            "/v1/completions", {"prompt": "The quick brown fox"})
+        body = json.dumps({"model": name, **body, "max_tokens": 16})
         auth = ' -H "Authorization: Bearer $SLUICE_API_KEY"' if args.api_key else ""
         print(f"sluice: serving {name} at {url}\n"
-              f"curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
+              f"curl {url}{path} -H 'Content-Type: application/json'{auth} "
               f"-d {shlex.quote(body)}", flush=True)
 
     asyncio.run(run_server(front, config, sock, args.shutdown_timeout, ready))

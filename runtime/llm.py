@@ -4,6 +4,11 @@
     llm = LLM(model="tiny")
     outs = llm.generate(["Hello"], SamplingParams(max_tokens=16))
     print(outs[0].outputs[0].text)
+
+``model`` is anything `load_model` takes (a built-in or packaged name, a
+checkpoint directory, a ``.gguf`` file) or a loaded `Model`. Compiled step
+shapes persist across processes in JAX's compilation cache
+(`sluice.runtime.compile_cache`) unless ``compile_cache=False``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
+from sluice.runtime.compile_cache import enable_compile_cache
 from sluice.runtime.engine import EngineConfig, LLMEngine, Prompt
 from sluice.runtime.loader import Model, load_model
 from sluice.runtime.outputs import RequestOutput
@@ -26,7 +32,9 @@ class LLM:
     """Load a model and run batches of prompts to completion."""
 
     def __init__(self, model: str | Path | Model = "tiny", *, dtype: str | None = None,
-                 seed: int = 0, **engine_kwargs: Any):
+                 seed: int = 0, compile_cache: bool = True, **engine_kwargs: Any):
+        if compile_cache:  # before anything compiles, so the warm-up's shapes are cached
+            enable_compile_cache()
         self.model = model if isinstance(model, Model) else load_model(model, dtype=dtype,
                                                                        seed=seed)
         self.engine = LLMEngine(self.model, EngineConfig(**engine_kwargs))
