@@ -237,11 +237,13 @@ class LLMEngine:
     # -- the step -------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """One step (module docstring). A step that raises does not fail its batch:
-        `_isolate` finds the rows that fail on their own and fails only their
-        requests (their final output carries ``error``); the rest advance as if
-        nothing happened. Raises `EngineDeadError` only when the engine cannot go
-        on (its KV pool is lost), and from then on."""
+        """One step (module docstring). A forward or sampling pass that raises does
+        not fail its batch: `_isolate` finds the rows that fail on their own and
+        fails only their requests (their final output carries ``error``); the
+        rest advance as if nothing happened. Raises `EngineDeadError` when the
+        engine cannot go on (its KV pool is lost), and from then on; a failed
+        synchronous swap copy still raises (the swapper has already handed its
+        requests back to recompute)."""
         if self.dead is not None:
             raise EngineDeadError(self.dead)
         sched = self.scheduler.schedule()

@@ -221,6 +221,8 @@ CASES = (  # (path, the field the 400 must name, body)
        for f in ("temperature", "repetition_penalty")]
     + [("/v1/completions", "stop_token_ids", completion("stop_token_ids", f"[{v}]"))
        for v in INT32_PAST]
+    + [("/v1/completions", "logit_bias", completion("logit_bias", '{"%s": %s}' % (k, v)))
+       for k, v in ((HUGE, "1"), ("5", "1e309"), ("-1", "NaN"), ("x", HUGE))]
     + [("/v1/completions", "prompt", '{"prompt": [%s], "max_tokens": 2}' % v)
        for v in INT32_PAST[:3]]
     + [("/v1/chat/completions", f, chat(f, v)) for f in ("max_completion_tokens", "max_tokens")
