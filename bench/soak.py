@@ -21,7 +21,10 @@ Each phase starts its own server (``--model tiny``, an API key from
   embeddings abandoned mid-way;
 - over-limit bursts: 32 concurrent requests with ``n=4`` past ``--max-waiting``
   (429s expected);
-- slow-loris connections that trickle half a header (the server must close them).
+- slow-loris connections that trickle half a header (the server must close them);
+- huge prompts: a 3.5 MB prompt every few seconds (tokenized, then refused as
+  too long), while a poller times ``GET /health`` (the worst latency is
+  reported: the event loop must not freeze while such a prompt is tokenized).
 
 A request is *served* (a complete answer), *refused* (counted by status: 4xx
 for poison, 429/503 for load) or *lost*: a good request that got a 5xx, a
@@ -67,6 +70,8 @@ class Tally:
         self.loris_closed = 0
         self.loris_held = 0
         self.worst_stall = 0.0
+        self.worst_health = 0.0
+        self.huge = collections.Counter()  # status of huge prompts
         self.sent = 0
 
     def refuse_or_lose(self, status: int, what: str) -> None:
@@ -271,6 +276,25 @@ async def slow_loris(url: str, t: Tally) -> None:
         t.loris_held += 1
 
 
+async def huge_prompt(client: httpx.AsyncClient, t: Tally) -> None:
+    try:
+        r = await client.post("/v1/completions", json={"prompt": "many words " * 320_000})
+    except httpx.HTTPError as e:
+        t.lost.append(f"huge prompt: {type(e).__name__}")
+        return
+    t.huge[r.status_code] += 1
+    if r.status_code >= 500 and r.status_code != 503:
+        t.lost.append(f"huge prompt: HTTP {r.status_code}")
+
+
+async def health(client: httpx.AsyncClient, t: Tally) -> None:
+    start = time.monotonic()
+    r = await client.get("/health")
+    t.worst_health = max(t.worst_health, time.monotonic() - start)
+    if r.status_code != 200:
+        t.lost.append(f"/health: HTTP {r.status_code}")
+
+
 async def run_phase(url: str, seconds: float, max_requests: int, seed: int) -> Tally:
     t = Tally()
     deadline = time.monotonic() + seconds
@@ -294,8 +318,15 @@ async def run_phase(url: str, seconds: float, max_requests: int, seed: int) -> T
                     await asyncio.sleep(5)
                 elif kind == "loris":
                     await slow_loris(url, t)
+                elif kind == "huge":
+                    await huge_prompt(client, t)
+                    await asyncio.sleep(3)
+                elif kind == "health":
+                    await health(client, t)
+                    await asyncio.sleep(0.2)
 
-        kinds = ["good"] * 6 + ["poison"] * 2 + ["slow"] * 2 + ["drop"] * 2 + ["burst", "loris"]
+        kinds = ["good"] * 6 + ["poison"] * 2 + ["slow"] * 2 + ["drop"] * 2 + [
+            "burst", "loris", "huge", "health"]
         await asyncio.gather(*(worker(k, i) for i, k in enumerate(kinds)))
     return t
 
@@ -354,6 +385,8 @@ def phase(name: str, extra: list[str], instances: int, seconds: float, max_reque
             "slow_loris_closed": t.loris_closed, "slow_loris_held": t.loris_held,
             "lost": len(t.lost), "lost_examples": t.lost[:10],
             "kv_blocks_leaked": leaked, "worst_good_stall_s": round(t.worst_stall, 3),
+            "huge_prompt_statuses": dict(sorted(t.huge.items())),
+            "worst_health_latency_s": round(t.worst_health, 3),
             "streams_stalled_metric": m.get("sluice:num_streams_stalled_total", 0.0),
             "rss_start_mib": round(rss0 / 2 ** 20, 1), "rss_end_mib": round(rss1 / 2 ** 20, 1),
             "rss_growth_mib": round((rss1 - rss0) / 2 ** 20, 1)}
