@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import threading
 import time
 from typing import Callable
@@ -242,9 +243,10 @@ class LethalLauncher:
         self.model, self.config = model, config
         self.marker, self.runner_fault = marker, runner_fault
         self.launched: list[str] = []
+        self._count = itertools.count()  # replacements may launch on two threads at once
 
     def launch(self, on_outputs, on_death) -> LocalInstance:
-        name = f"instance-{len(self.launched)}"
+        name = f"instance-{next(self._count)}"
         engine = LLMEngine(self.model, self.config)
         is_poison = by_prompt(engine, self.marker)
         if self.runner_fault:
@@ -293,7 +295,7 @@ def test_a_request_that_kills_instances_is_quarantined_after_the_second_death(ti
         stats = cluster.stats()
         assert (stats.num_deaths, stats.num_quarantined, stats.num_replaced) == (2, 1, 2)
         assert stats.num_redispatched == 3  # P once, g0 and g1 once each
-        assert launcher.launched == [f"instance-{i}" for i in range(4)]
+        assert sorted(launcher.launched) == [f"instance-{i}" for i in range(4)]
         health = cluster.health()
         assert health.ok and health.serving == 2 and health.dead == 0
         assert sorted(cluster.instances) == ["instance-2", "instance-3"]
