@@ -12,7 +12,10 @@ each kind with its own rope base: ``rope_local_theta`` for sliding layers),
 ``qk_norm`` (RMS norms over each head's queries and keys), ``sandwich_norms``
 (norms after attention and around the feed-forward block), ``embed_scale``,
 ``hidden_act="gelu_tanh"`` (GeGLU), ``query_pre_attn_scalar`` (attention scale
-``1/sqrt(scalar)`` instead of ``1/sqrt(head_dim)``) and ``attn_logit_softcap``.
+``1/sqrt(scalar)`` instead of ``1/sqrt(head_dim)``). ``attn_logit_softcap`` is
+part of the model (and the attention interface) but no Gemma 3 config sets it to
+effect: transformers' and llama.cpp's Gemma 3 ignore ``attn_logit_softcapping``,
+and so does Sluice.
 Norm weights are always the multiplier itself: Gemma's ``(1 + w)`` is applied
 when a checkpoint is converted.
 """
@@ -199,7 +202,6 @@ def _gemma3_from_hf(cls, d: dict[str, Any], source: str) -> "ModelConfig":
         sandwich_norms=True,
         embed_scale=float(d["hidden_size"]) ** 0.5,
         query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", 256)),
-        attn_logit_softcap=d.get("attn_logit_softcapping"),
     )
 
 

@@ -218,8 +218,7 @@ def _config(meta: _Metadata, tensor_names: set[str]) -> ModelConfig:
         layer_types=tuple(FULL if (i + 1) % pattern == 0 else SLIDING for i in range(layers)),
         rope_local_theta=float(meta.get("gemma3.rope.freq_base_swa", _GEMMA3_LOCAL_ROPE_THETA)),
         qk_norm=True, sandwich_norms=True, embed_scale=float(hidden) ** 0.5,
-        query_pre_attn_scalar=float(head_dim),
-        attn_logit_softcap=meta.get("gemma3.attn_logit_softcapping"))
+        query_pre_attn_scalar=float(head_dim))
 
 
 def _plan(reader, cfg: ModelConfig, path: Path) -> list[tuple[Any, str, int | None]]:

