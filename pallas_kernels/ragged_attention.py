@@ -251,6 +251,13 @@ def triton_shapes(head_dim: int, block_size: int) -> bool:
         and block_size >= 16
 
 
+def _gpu_warps(st: _Static) -> int:
+    """Warps per Triton program: 8 once a page's score tile reaches 64 x 128
+    (ptxas: a prefill tile at block size 128 with 4 warps needs 255 registers
+    and spills; with 8, 254 and no spills, compiled for sm_90a), else 4."""
+    return 8 if st.rows * st.block_size >= 64 * 128 else 4
+
+
 def ragged_paged_attention_gpu(q: jax.Array, cache: jax.Array, layer, meta: AttentionMetadata,
                                *, scale: float, sliding_window: int | None = None,
                                soft_cap: float | None = None,
@@ -274,7 +281,7 @@ def ragged_paged_attention_gpu(q: jax.Array, cache: jax.Array, layer, meta: Atte
         grid=(tiles, num_kv_heads),
         in_specs=[whole] * 6 + [tile_spec, whole],
         out_specs=tile_spec,
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=pltriton.CompilerParams(num_warps=_gpu_warps(st), num_stages=2),
         interpret=interpret,
         name="sluice_ragged_paged_attention",
     )(t.layer, t.query_start_loc, t.seq_lens, t.block_tables, t.seq_lo, t.seq_hi, t.q, cache)
