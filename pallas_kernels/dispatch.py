@@ -75,11 +75,6 @@ _CPU = SimpleNamespace(write_kv=reference.write_kv, attend=chunked.ragged_paged_
 PLATFORM_VARIANTS = {"tpu": "tpu", "cuda": "gpu", "rocm": "gpu"}
 
 
-def variant_for(platform: str) -> str:
-    """The variant ("tpu", "gpu" or "cpu") a lowering platform gets."""
-    return PLATFORM_VARIANTS.get(platform, "cpu")
-
-
 # -- one primitive per operation ----------------------------------------------
 
 
