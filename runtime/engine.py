@@ -288,15 +288,22 @@ class LLMEngine:
 
     def _isolate(self, rows: list[tuple[Request, int]], error: Exception,
                  failed: dict[str, Exception]) -> tuple[list[tuple[Request, int]], list[tuple]]:
-        """Find the rows of a failed step that fail on their own, by bisection:
-        each failing part is re-run as two halves until a failing part is one
-        row, whose request is the culprit. One culprit among n rows costs about
-        2 log2(n) re-runs; a fault no part repeats (a transient one) fails no
-        one. Re-running is safe: a step changes no request state until it
-        returns, and rewrites the same KV slots with the same values."""
-        log.warning("engine step of %d rows failed (%s: %s); re-running it in parts to "
-                    "find the culprit", len(rows), type(error).__name__, error)
+        """Find the rows of a failed step that fail on their own: the step is re-run
+        once (a transient fault then fails no one), then by bisection, each
+        failing part re-run as two halves until a failing part is one row run
+        alone, whose request is the culprit. One culprit among n rows costs about
+        2 log2(n) re-runs. Re-running is safe: a step changes no request state
+        until it returns, and rewrites the same KV slots with the same values."""
+        log.warning("engine step of %d rows failed (%s: %s); re-running it to find the "
+                    "culprit", len(rows), type(error).__name__, error)
         self._check_alive(error)
+        try:
+            out = self._execute(rows, observe=False)
+        except Exception as e:
+            self._check_alive(e)
+            error = e
+        else:
+            return rows, list(zip(*out))
         ran: list[tuple[Request, int]] = []
         results: list[tuple] = []
         parts = [(rows, error)]

@@ -134,6 +134,9 @@ def test_a_transient_fault_fails_no_one(tiny, reference):
     assert poison.fail_next == 0
     for rid, _, _ in JOBS:
         assert done[rid].error is None and tokens(done[rid]) == tokens(reference[rid])
+    poison.fail_next = 1  # alone in its step, a transient fault still fails no one
+    alone = run(engine, JOBS[:1])
+    assert alone["g0"].error is None and tokens(alone["g0"]) == tokens(reference["g0"])
     assert engine.stats().num_failed_requests == 0
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
