@@ -203,8 +203,13 @@ class Cluster:
         with self._lock:
             if request_id in self._records:
                 raise ValueError(f"request_id: {request_id!r} is already in use")
-            group = self.intake.prepare(request_id, prompt, params, priority, client,
-                                        conversation=conversation)
+        # Tokenized outside the lock: a huge prompt must not hold up every stream's
+        # outputs (``on_outputs`` takes the lock). The intake is thread-safe.
+        group = self.intake.prepare(request_id, prompt, params, priority, client,
+                                    conversation=conversation)
+        with self._lock:
+            if request_id in self._records:
+                raise ValueError(f"request_id: {request_id!r} is already in use")
             self._records[request_id] = _Record(
                 prompt, group.requests[0].params, priority, client,
                 [r.seed for r in group.requests], sink, group.requests[0].arrival_time,
