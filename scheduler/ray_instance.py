@@ -185,7 +185,8 @@ class RayInstance:
 
     def stop(self) -> None:
         self._stopping = True
-        self._thread.join()
+        if threading.current_thread() is not self._thread:  # a death handler may stop it
+            self._thread.join()
         try:
             ray.get(self.actor.stop.remote())
         except ray.exceptions.RayActorError:
