@@ -56,6 +56,16 @@ from sluice.pallas_kernels.platform import next_power_of_2, tpu_interpret_params
 # matmuls are tiny and memory-bound), larger for prefill chunks.
 DECODE_TILE_ROWS = 16
 PREFILL_TILE_ROWS = 64
+# On TPU each prefill tile re-reads the KV its rows see, so its arithmetic
+# intensity is about its rows per KV head in FLOP/byte (modelled: 64 is far
+# below the v5e/v6e ridge of ~240/~560); but decode rows sharing a mixed
+# batch's tile are multiplied against all of its rows, so larger tiles waste
+# compute there. 128 halves prefill KV traffic at a 2x cost on such decodes.
+TPU_PREFILL_TILE_ROWS = 128
+# KV positions one TPU loop step attends to (pages per step = this / block
+# size): a score tile narrower than 128 lanes would leave most of the vector
+# unit and MXU idle.
+TPU_STEP_TOKENS = 128
 # TPU scoped-memory budgets. VMEM: v5e and v6e have 128 MiB per core and the
 # default scoped limit (16/32 MiB) is too small for pages of many KV heads at
 # block size 128 (e.g. 32 KV heads in float32). SMEM: 1 MiB per core holds the
@@ -76,10 +86,15 @@ class _Static:
     scale: float
     sliding_window: int | None
     soft_cap: float | None
+    pages_per_step: int = 1  # pages one step of the KV loop attends to together
 
     @property
     def rows(self) -> int:
         return self.tile_tokens * self.group
+
+    @property
+    def step_tokens(self) -> int:
+        return self.block_size * self.pages_per_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,19 +111,22 @@ class _Tiles:
 
 
 def _plan(q: jax.Array, cache: jax.Array, layer, meta: AttentionMetadata, scale: float,
-          sliding_window: int | None, soft_cap: float | None) -> tuple[_Static, _Tiles]:
+          sliding_window: int | None, soft_cap: float | None, *,
+          prefill_rows: int = PREFILL_TILE_ROWS, pages_per_step: int = 1
+          ) -> tuple[_Static, _Tiles]:
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = cache.shape[4]
     num_seqs = meta.seq_lens.shape[0]
     group = num_q_heads // num_kv_heads
     gp = next_power_of_2(group)
-    target = DECODE_TILE_ROWS if meta.max_query_len == 1 else PREFILL_TILE_ROWS
+    target = DECODE_TILE_ROWS if meta.max_query_len == 1 else prefill_rows
     # A power of two, at least 8 rows (TPU sublanes), no larger than needed.
     bq = min(max(1, target // gp, 8 // math.gcd(gp, 8)),
              max(next_power_of_2(num_tokens), 8 // math.gcd(gp, 8)))
     tiles = -(-num_tokens // bq)
     static = _Static(bq, gp, cache.shape[3], meta.block_tables.shape[1], cache.shape[0],
-                     float(scale), sliding_window, None if soft_cap is None else float(soft_cap))
+                     float(scale), sliding_window, None if soft_cap is None else float(soft_cap),
+                     pages_per_step)
 
     qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)
     qg = jnp.pad(qg, ((0, tiles * bq - num_tokens), (0, 0), (0, gp - group), (0, 0)))
@@ -149,19 +167,27 @@ class _Pages:
         del page_of, first, end
 
     def get(self, page_of: Callable, p, end) -> tuple[jax.Array, jax.Array]:
+        """Keys and values of KV step ``p`` (one page here); ``page_of(i)`` is
+        the pool block of the sequence's ``i``-th page."""
         del end
         page = page_of(p)
         return self.load_page(page, 0), self.load_page(page, 1)
 
 
 def _attend_tile(st: _Static, tile, q: jax.Array, qsl_ref, seq_lens_ref, tables_ref,
-                 seq_lo, seq_hi, load_page: Callable | _Pages) -> jax.Array:
+                 seq_lo, seq_hi, load_page: Callable | _Pages, *,
+                 state_refs: tuple | None = None) -> jax.Array:
     """Online-softmax attention of one tile's rows ``q``; returns float32 of q's shape.
 
     ``q`` is ``[M, D]`` (one KV head) or ``[Hkv, M, D]`` (every KV head of the
     tile at once, as batched matmuls). ``load_page(page, kv)`` returns one
     page's keys (kv=0) or values (kv=1) as ``[block_size, D]`` or
-    ``[Hkv, block_size, D]`` to match; a `_Pages` may be passed instead.
+    ``[Hkv, block_size, D]`` to match; a `_Pages` may be passed instead, which
+    may return ``st.pages_per_step`` consecutive pages per step.
+    The online-softmax state (row max, row sum, accumulator) is carried by the
+    loops, or kept in ``state_refs`` (three float32 VMEM refs shaped like
+    ``q[..., :1]``, ``q[..., :1]`` and ``q``) when given, which keeps large
+    tiles out of the loop-carried registers.
 
     Guards: the page loop stops at the block-table width and page indices are
     clamped into the pool, so no metadata can make it read outside either.
@@ -169,7 +195,7 @@ def _attend_tile(st: _Static, tile, q: jax.Array, qsl_ref, seq_lens_ref, tables_
     pages_of = load_page if isinstance(load_page, _Pages) else _Pages(load_page)
     rows, head_dim = q.shape[-2:]
     batch = q.ndim - 2  # leading head axis or none
-    bs = st.block_size
+    bs = st.step_tokens  # KV positions per loop step
     first_row = tile * st.tile_tokens
     # Token row of each of the M tile rows, as a column [M, 1].
     row = first_row + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // st.group
@@ -189,7 +215,7 @@ def _attend_tile(st: _Static, tile, q: jax.Array, qsl_ref, seq_lens_ref, tables_
         r_lo = jnp.maximum(q_start, first_row)
         r_hi = jnp.minimum(q_end, first_row + st.tile_tokens)
         kv_hi = jnp.where(r_hi > r_lo, ctx + r_hi - q_start, 0)  # causal bound
-        kv_hi = jnp.clip(kv_hi, 0, st.pages * bs)  # never past the table row
+        kv_hi = jnp.clip(kv_hi, 0, st.pages * st.block_size)  # never past the table row
         kv_lo = jnp.int32(0)
         if st.sliding_window is not None:
             kv_lo = jnp.clip(ctx + r_lo - q_start - st.sliding_window + 1, 0, kv_hi)
@@ -197,11 +223,11 @@ def _attend_tile(st: _Static, tile, q: jax.Array, qsl_ref, seq_lens_ref, tables_
         q_pos = ctx + row - q_start  # [M, 1]
         p_lo, p_hi = kv_lo // bs, (kv_hi + bs - 1) // bs
 
-        def page_of(p):
-            return jnp.clip(tables_ref[s * st.pages + p], 0, st.num_blocks - 1)
+        def page_of(i):
+            i = jnp.minimum(i, st.pages - 1)  # a step's last pages may lie past the row
+            return jnp.clip(tables_ref[s * st.pages + i], 0, st.num_blocks - 1)
 
-        def page_body(p, carry):
-            m, l, acc = carry
+        def update(p, m, l, acc):
             k, v = pages_of.get(page_of, p, p_hi)
             kv_pos = p * bs + kv_col  # [1, B]
             mask = in_seq & (kv_pos <= q_pos)
@@ -219,13 +245,27 @@ def _attend_tile(st: _Static, tile, q: jax.Array, qsl_ref, seq_lens_ref, tables_
             pv = matmul(probs.astype(v.dtype), v, 0)
             return m_new, alpha * l + jnp.sum(probs, axis=-1, keepdims=True), alpha * acc + pv
 
+        def page_body(p, carry):
+            if state_refs is None:
+                return update(p, *carry)
+            new = update(p, *(ref[...] for ref in state_refs))
+            for ref, value in zip(state_refs, new):
+                ref[...] = value
+            return carry
+
         pages_of.begin(page_of, p_lo, p_hi)
         return jax.lax.fori_loop(p_lo, p_hi, page_body, carry)
 
     stat = q.shape[:-1] + (1,)
     init = (jnp.full(stat, -jnp.inf, jnp.float32), jnp.zeros(stat, jnp.float32),
             jnp.zeros(q.shape, jnp.float32))
-    _, l, acc = jax.lax.fori_loop(seq_lo, seq_hi, seq_body, init)
+    if state_refs is None:
+        _, l, acc = jax.lax.fori_loop(seq_lo, seq_hi, seq_body, init)
+    else:
+        for ref, value in zip(state_refs, init):
+            ref[...] = value
+        jax.lax.fori_loop(seq_lo, seq_hi, seq_body, jnp.int32(0))
+        _, l, acc = (ref[...] for ref in state_refs)
     return acc / jnp.where(l > 0, l, 1.0)
 
 
@@ -251,13 +291,6 @@ def triton_shapes(head_dim: int, block_size: int) -> bool:
         and block_size >= 16
 
 
-def _gpu_warps(st: _Static) -> int:
-    """Warps per Triton program: 8 once a page's score tile reaches 64 x 128
-    (ptxas: a prefill tile at block size 128 with 4 warps needs 255 registers
-    and spills; with 8, 254 and no spills, compiled for sm_90a), else 4."""
-    return 8 if st.rows * st.block_size >= 64 * 128 else 4
-
-
 def ragged_paged_attention_gpu(q: jax.Array, cache: jax.Array, layer, meta: AttentionMetadata,
                                *, scale: float, sliding_window: int | None = None,
                                soft_cap: float | None = None,
@@ -281,7 +314,7 @@ def ragged_paged_attention_gpu(q: jax.Array, cache: jax.Array, layer, meta: Atte
         grid=(tiles, num_kv_heads),
         in_specs=[whole] * 6 + [tile_spec, whole],
         out_specs=tile_spec,
-        compiler_params=pltriton.CompilerParams(num_warps=_gpu_warps(st), num_stages=2),
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
         name="sluice_ragged_paged_attention",
     )(t.layer, t.query_start_loc, t.seq_lens, t.block_tables, t.seq_lo, t.seq_hi, t.q, cache)
@@ -292,46 +325,54 @@ def ragged_paged_attention_gpu(q: jax.Array, cache: jax.Array, layer, meta: Atte
 
 
 class _TpuPages(_Pages):
-    """Double-buffered page DMAs: page ``p`` lands in slot ``p % 2`` and the
-    next page of the sequence is in flight while ``p`` is computed on.
+    """Double-buffered page DMAs: KV step ``p`` (``pages_per_step`` consecutive
+    pages of the sequence) lands in slot ``p % 2`` and the next step's pages
+    are in flight while ``p`` is computed on.
 
     A page moves as one DMA per keys/values covering every KV head,
     ``cache[page, layer, kv]`` = ``[block_size, Hkv, D]``: only leading
     (untiled) dimensions are indexed dynamically, which Mosaic requires of
     packed dtypes (a per-head slice is an offset along the tiled, sublane-packed
     ``Hkv`` axis and does not compile in bfloat16). The heads are separated in
-    VMEM by one transpose to ``[Hkv, block_size, D]``.
+    VMEM by one transpose to ``[Hkv, pages_per_step * block_size, D]``.
     """
 
     def __init__(self, cache_hbm, layer, kv_buf, sems):
         self.cache_hbm, self.layer, self.kv_buf, self.sems = cache_hbm, layer, kv_buf, sems
+        self.pages_per_step = kv_buf.shape[2]
 
-    def _copy(self, page, kv: int, slot):
+    def _copy(self, page, kv: int, slot, j: int):
         return pltpu.make_async_copy(self.cache_hbm.at[page, self.layer, kv],
-                                     self.kv_buf.at[slot, kv], self.sems.at[slot, kv])
+                                     self.kv_buf.at[slot, kv, j], self.sems.at[slot, kv])
 
-    def _start(self, page, slot) -> None:
-        for kv in (0, 1):
-            self._copy(page, kv, slot).start()
+    def _start(self, page_of: Callable, p, slot) -> None:
+        for j in range(self.pages_per_step):
+            page = page_of(p * self.pages_per_step + j)
+            for kv in (0, 1):
+                self._copy(page, kv, slot, j).start()
 
     def begin(self, page_of: Callable, first, end) -> None:
-        pl.when(first < end)(lambda: self._start(page_of(first), first % 2))
+        pl.when(first < end)(lambda: self._start(page_of, first, first % 2))
 
     def get(self, page_of: Callable, p, end) -> tuple[jax.Array, jax.Array]:
         nxt = p + 1
-        pl.when(nxt < end)(lambda: self._start(page_of(nxt), nxt % 2))
+        pl.when(nxt < end)(lambda: self._start(page_of, nxt, nxt % 2))
         slot = p % 2
-        for kv in (0, 1):
-            self._copy(0, kv, slot).wait()  # the wait needs only the destination's shape
-        return tuple(jnp.swapaxes(self.kv_buf[slot, kv], 0, 1) for kv in (0, 1))
+        for j in range(self.pages_per_step):
+            for kv in (0, 1):
+                self._copy(0, kv, slot, j).wait()  # a wait needs only the destination's shape
+        _, _, n, bs, heads, dim = self.kv_buf.shape
+        return tuple(jnp.swapaxes(self.kv_buf[slot, kv].reshape(n * bs, heads, dim), 0, 1)
+                     for kv in (0, 1))
 
 
 def _tpu_kernel(st: _Static, layer_ref, qsl_ref, seq_lens_ref, tables_ref, seq_lo_ref,
-                seq_hi_ref, q_ref, cache_hbm, o_ref, kv_buf, sems):
+                seq_hi_ref, q_ref, cache_hbm, o_ref, kv_buf, sems, m_ref, l_ref, acc_ref):
     tile = pl.program_id(0)
     pages = _TpuPages(cache_hbm, layer_ref[0], kv_buf, sems)
     out = _attend_tile(st, tile, q_ref[...], qsl_ref, seq_lens_ref, tables_ref,
-                       seq_lo_ref[tile], seq_hi_ref[tile], pages)
+                       seq_lo_ref[tile], seq_hi_ref[tile], pages,
+                       state_refs=(m_ref, l_ref, acc_ref))
     o_ref[...] = out.astype(o_ref.dtype)
 
 
@@ -352,7 +393,10 @@ def ragged_paged_attention_tpu(q: jax.Array, cache: jax.Array, layer, meta: Atte
     250k block-table entries, e.g. 64 sequences of 64k tokens at block size
     16); past that it raises ValueError naming ``block_tables``.
     """
-    st, t = _plan(q, cache, layer, meta, scale, sliding_window, soft_cap)
+    st, t = _plan(q, cache, layer, meta, scale, sliding_window, soft_cap,
+                  prefill_rows=TPU_PREFILL_TILE_ROWS,
+                  pages_per_step=max(1, min(TPU_STEP_TOKENS // cache.shape[3],
+                                            meta.block_tables.shape[1])))
     num_kv_heads, total_rows, head_dim = t.q.shape
     tiles = total_rows // st.rows
     scalars = [t.layer, t.query_start_loc, t.seq_lens, t.block_tables, t.seq_lo, t.seq_hi]
@@ -369,8 +413,12 @@ def ragged_paged_attention_tpu(q: jax.Array, cache: jax.Array, layer, meta: Atte
         grid=(tiles,),
         in_specs=[tile_spec, pl.BlockSpec(memory_space=pl.ANY)],
         out_specs=tile_spec,
-        scratch_shapes=[pltpu.VMEM((2, 2, st.block_size, num_kv_heads, head_dim), cache.dtype),
-                        pltpu.SemaphoreType.DMA((2, 2))],
+        scratch_shapes=[pltpu.VMEM((2, 2, st.pages_per_step, st.block_size, num_kv_heads,
+                                    head_dim), cache.dtype),
+                        pltpu.SemaphoreType.DMA((2, 2)),
+                        pltpu.VMEM((num_kv_heads, st.rows, 1), jnp.float32),
+                        pltpu.VMEM((num_kv_heads, st.rows, 1), jnp.float32),
+                        pltpu.VMEM((num_kv_heads, st.rows, head_dim), jnp.float32)],
     )
     out = pl.pallas_call(
         functools.partial(_tpu_kernel, st),
