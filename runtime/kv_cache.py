@@ -3,6 +3,14 @@
 One array per model, ``[num_blocks, num_layers, 2, block_size, num_kv_heads,
 head_dim]``: block-major, so a block's keys and values for all layers are one
 contiguous slab (a unit for swap and migration copies).
+
+Token-major inside a page (``block_size`` before ``num_kv_heads``) suits the
+TPU, where the last two dimensions are tiled and bfloat16 packs two rows per
+sublane, so a DMA may index only the leading dimensions at arbitrary offsets:
+writing one token's keys is a DMA to ``[block, layer, kv, offset]`` (a
+head-major page would need an offset along the tiled token axis, i.e. a
+read-modify-write of a 16-row group), and attention fetches a page for all
+KV heads at once and separates heads in VMEM.
 """
 
 from __future__ import annotations
