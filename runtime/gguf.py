@@ -211,11 +211,19 @@ def _config(meta: _Metadata, tensor_names: set[str]) -> ModelConfig:
     if arch == "llama":
         return ModelConfig(**common, qkv_bias="blk.0.attn_q.bias" in tensor_names,
                            o_bias="blk.0.attn_output.bias" in tensor_names)
-    pattern = int(meta.get("gemma3.attention.sliding_window_pattern", _GEMMA3_SLIDING_PATTERN))
+    # Newer files state the pattern: a period, or one flag per layer (true: sliding).
+    pattern = meta.get("gemma3.attention.sliding_window_pattern", _GEMMA3_SLIDING_PATTERN)
+    if isinstance(pattern, list):
+        if len(pattern) != layers:
+            raise GGUFError(f"{meta.path}: gemma3.attention.sliding_window_pattern has "
+                            f"{len(pattern)} entries for {layers} layers")
+        kinds = tuple(SLIDING if flag else FULL for flag in pattern)
+    else:
+        kinds = tuple(FULL if (i + 1) % int(pattern) == 0 else SLIDING for i in range(layers))
     return ModelConfig(
         **common, hidden_act="gelu_tanh",
         sliding_window=int(meta.require("gemma3.attention.sliding_window")),
-        layer_types=tuple(FULL if (i + 1) % pattern == 0 else SLIDING for i in range(layers)),
+        layer_types=kinds,
         rope_local_theta=float(meta.get("gemma3.rope.freq_base_swa", _GEMMA3_LOCAL_ROPE_THETA)),
         qk_norm=True, sandwich_norms=True, embed_scale=float(hidden) ** 0.5,
         query_pre_attn_scalar=float(head_dim))

@@ -225,7 +225,7 @@ def _fails_before_device_memory(path: Path, match: str, tmp_path: Path):
     import jax
     gc.collect()  # arrays other tests dropped must not vanish mid-check
     before = len(jax.live_arrays())
-    with pytest.raises(ValueError, match=match) as info:
+    with pytest.raises(GGUFError, match=match) as info:
         load_model(path, dtype="float32", cache_dir=tmp_path / "cache", progress=False)
     assert str(path) in str(info.value)
     assert len(jax.live_arrays()) <= before  # nothing was put on the device
