@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import pytest
 
 from compile_tests.check import (assert_kernels, assert_pool_in_place, compile_for, kernel_calls,
-                                 record, sds)
+                                 pool_copies, record, sds)
 from sluice.pallas_kernels import dispatch
 from sluice.pallas_kernels.metadata import AttentionMetadata
 from sluice.pallas_kernels.ragged_attention import triton_shapes
@@ -88,6 +88,8 @@ def test_attention_compiles(target, model, batch, block, dtype):
         assert kernel_calls(hlo, target) == 0
     else:
         assert_kernels(hlo, target)
+    # Read-only, but a layout change of the operand would copy the whole pool per call.
+    assert not pool_copies(hlo, cache.shape), pool_copies(hlo, cache.shape)[:1]
     record(target, compiled, seconds, kernel="attention", model=model, batch=batch,
            block=block, dtype=dtype)
 
