@@ -70,6 +70,8 @@ class Tally:
         self.loris_closed = 0
         self.loris_held = 0
         self.worst_stall = 0.0
+        self.stalls: list[tuple[float, float]] = []  # (worst gap of a served stream, when)
+        self.rss: list[tuple[float, int]] = []  # (seconds into the phase, server RSS)
         self.worst_health = 0.0
         self.huge = collections.Counter()  # status of huge prompts
         self.sent = 0
@@ -162,6 +164,7 @@ async def good_stream(client: httpx.AsyncClient, rng: random.Random, t: Tally) -
     if finished and done:
         t.served += 1
         t.worst_stall = max(t.worst_stall, stall)
+        t.stalls.append((stall, time.monotonic()))
     else:
         t.lost.append(f"good stream ended without finish/[DONE] ({finished}, {done})")
 
@@ -289,16 +292,30 @@ async def huge_prompt(client: httpx.AsyncClient, t: Tally) -> None:
 
 async def health(client: httpx.AsyncClient, t: Tally) -> None:
     start = time.monotonic()
-    r = await client.get("/health")
+    try:
+        r = await client.get("/health")
+    except httpx.HTTPError as e:
+        t.lost.append(f"/health: {type(e).__name__}: {e}")
+        return
     t.worst_health = max(t.worst_health, time.monotonic() - start)
     if r.status_code != 200:
         t.lost.append(f"/health: HTTP {r.status_code}")
 
 
-async def run_phase(url: str, seconds: float, max_requests: int, seed: int) -> Tally:
+async def sample_rss(pid: int, t: Tally, start: float, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        t.rss.append((time.monotonic() - start, rss_bytes(pid)))
+        await asyncio.sleep(10)
+
+
+async def run_phase(url: str, pid: int, seconds: float, max_requests: int, seed: int) -> Tally:
     t = Tally()
-    deadline = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+    start = time.monotonic()
+    deadline = start + seconds
+    # Idle pooled connections expire before the server's 5 s keep-alive timeout closes
+    # them (else a request can race the close: "server disconnected", as with any server).
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=50,
+                          keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=url, headers=HEADERS, timeout=60,
                                  limits=limits) as client:
         async def worker(kind: str, i: int) -> None:
@@ -327,7 +344,9 @@ async def run_phase(url: str, seconds: float, max_requests: int, seed: int) -> T
 
         kinds = ["good"] * 6 + ["poison"] * 2 + ["slow"] * 2 + ["drop"] * 2 + [
             "burst", "loris", "huge", "health"]
-        await asyncio.gather(*(worker(k, i) for i, k in enumerate(kinds)))
+        await asyncio.gather(sample_rss(pid, t, start, deadline),
+                             *(worker(k, i) for i, k in enumerate(kinds)))
+    t.stalls = [(gap, when - start) for gap, when in t.stalls]
     return t
 
 
@@ -371,7 +390,7 @@ def phase(name: str, extra: list[str], instances: int, seconds: float, max_reque
         prewarm(url)
         rss0 = rss_bytes(proc.pid)
         start = time.monotonic()
-        t = asyncio.run(run_phase(url, seconds, max_requests, seed))
+        t = asyncio.run(run_phase(url, proc.pid, seconds, max_requests, seed))
         wall = time.monotonic() - start
         m = drain(url)
         rss1 = rss_bytes(proc.pid)
@@ -385,11 +404,16 @@ def phase(name: str, extra: list[str], instances: int, seconds: float, max_reque
             "slow_loris_closed": t.loris_closed, "slow_loris_held": t.loris_held,
             "lost": len(t.lost), "lost_examples": t.lost[:10],
             "kv_blocks_leaked": leaked, "worst_good_stall_s": round(t.worst_stall, 3),
+            "worst_good_stall_at_s": round(max(t.stalls, default=(0, 0))[1], 1),
+            "good_streams_stalled_over_2s": sum(gap > 2 for gap, _ in t.stalls),
+            "good_stream_stall_p99_s": round(sorted(g for g, _ in t.stalls)[
+                int(0.99 * (len(t.stalls) - 1))], 3) if t.stalls else 0.0,
             "huge_prompt_statuses": dict(sorted(t.huge.items())),
             "worst_health_latency_s": round(t.worst_health, 3),
             "streams_stalled_metric": m.get("sluice:num_streams_stalled_total", 0.0),
             "rss_start_mib": round(rss0 / 2 ** 20, 1), "rss_end_mib": round(rss1 / 2 ** 20, 1),
-            "rss_growth_mib": round((rss1 - rss0) / 2 ** 20, 1)}
+            "rss_growth_mib": round((rss1 - rss0) / 2 ** 20, 1),
+            "rss_mib_every_10s": [round(r / 2 ** 20) for _, r in t.rss]}
 
 
 def main(argv: list[str] | None = None) -> int:
