@@ -105,6 +105,5 @@ def test_gemma3_270m_matches_transformers(gemma3_270m):
         got = list(out.outputs[0].token_ids)
         assert got == expected or (expected[-1] in model.eos_token_ids
                                    and got == expected[:-1])
-    assert "Paris" in outs[0].outputs[0].text
     with pytest.raises(ValueError, match="gemma-3-270m-q4_k_m.gguf.*no chat template"):
         llm.chat([{"role": "user", "content": "hi"}])
