@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,10 @@ def load_classes(path: str | Path) -> dict[str, QueryClass]:
 
 
 class RagService:
+    # The clock of arrival times (the capacity window); tests replace it so a slow
+    # machine cannot push an arrival out of the window between two requests.
+    clock: Callable[[], float] = staticmethod(time.monotonic)
+
     def __init__(self, pipeline: RagPipeline, classifier: IntentClassifier,
                  classes: Mapping[str, QueryClass], profiles: list[Profile], workers: int = 1):
         missing = set(classifier.classes) - set(classes)
@@ -147,7 +151,7 @@ class RagService:
     async def query(self, question: str, query_class: str | None = None,
                     slo: SLO | Mapping[str, Any] | None = None) -> RagAnswer:
         query_class, config, orchestrated = self.resolve(question, query_class, slo)
-        now = time.monotonic()
+        now = self.clock()
         self.capacity.arrival(query_class, now)
         self.capacity.wanted(query_class, now, self.orchestrator.profile_for(query_class))
         self.in_flight += 1
@@ -160,7 +164,7 @@ class RagService:
         return RagAnswer(result, query_class)
 
     def status(self) -> dict[str, dict[str, Any]]:
-        now = time.monotonic()
+        now = self.clock()
         out = {}
         for name in self.classes:
             profile = self.orchestrator.profile_for(name)

@@ -222,9 +222,11 @@ def test_migration_storm_loses_nothing(tiny):
     try:
         for rid, prompt, params in jobs:
             cluster.submit(rid, prompt, params, col.sink)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not all(
-                col.finished(r) for r, _, _ in jobs if r not in aborted):
+        # A bounded number of storm rounds (not a deadline): a loaded machine only makes
+        # the storm and the requests take longer, never fails the test.
+        for _ in range(2400):
+            if all(col.finished(r) for r, _, _ in jobs if r not in aborted):
+                break
             reports = {n: i.report() for n, i in cluster.instances.items()}
             src = rng.choice(list(reports))
             if reports[src].candidates:
@@ -234,7 +236,7 @@ def test_migration_storm_loses_nothing(tiny):
             for rid in aborted & set(col.outputs):
                 cluster.abort(rid)
             time.sleep(0.05)
-        col.wait([r for r, _, _ in jobs if r not in aborted], timeout=60)
+        col.wait([r for r, _, _ in jobs if r not in aborted], timeout=1800)  # a hang guard
         cluster._executor.submit(lambda: None).result()
         for rid, _, _ in jobs:
             if rid not in aborted:

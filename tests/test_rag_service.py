@@ -6,6 +6,7 @@ generative tier), including its 400s."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from sluice.rag.embedder import Embedder
 from sluice.rag.index import RetrievalIndex
 from sluice.rag.intent import DEFAULT_SEEDS, IntentClassifier
 from sluice.rag.pipeline import RagPipeline
-from sluice.rag.service import PROFILES_FILE
+from sluice.rag.service import PROFILES_FILE, RagService
 from sluice.rag.sla import Profile, save_profiles
 from sluice.rag.text import candidate_spans, exact_match, f1, normalize_answer
 from sluice.runtime import AsyncEngine, load_model
@@ -115,7 +116,10 @@ def client(tmp_path_factory: pytest.TempPathFactory, index: RetrievalIndex):
         yield c
 
 
-def test_rag_query_route(client: TestClient) -> None:
+def test_rag_query_route(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A frozen clock: both arrivals fall in the rate window however slow the machine is.
+    frozen = time.monotonic()
+    monkeypatch.setattr(RagService, "clock", staticmethod(lambda: frozen))
     r = client.post("/v1/rag/query", json={"question": "Who ruled the duchy of Normandy?"})
     assert r.status_code == 200, r.text
     body = r.json()
