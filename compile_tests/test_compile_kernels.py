@@ -24,8 +24,8 @@ import itertools
 import jax.numpy as jnp
 import pytest
 
-from compile_tests.check import (assert_kernels, assert_pool_in_place, compile_for, kernel_calls,
-                                 pool_copies, record, sds)
+from compile_tests.check import (PoolCopied, assert_kernels, assert_pool_in_place,
+                                 assert_pool_not_copied, compile_for, kernel_calls, record, sds)
 from sluice.pallas_kernels import dispatch
 from sluice.pallas_kernels.metadata import AttentionMetadata
 from sluice.pallas_kernels.ragged_attention import triton_shapes
@@ -59,6 +59,24 @@ ATTENTION_CASES += [(model, list(BATCHES)[i], _latin(i, i + 1), "float32")
                     for i, model in enumerate(MODELS)]
 
 
+# Known defect (issue 22, open): on TPU, for these head layouts XLA gives the pool
+# a different tiling than the Mosaic call asks for (T(2,128) for 2 KV heads of 64,
+# T(8,128) for Phi-3's head_dim 96) and copies the whole pool around the kernel.
+# Measured on v5e and v6e, jax 0.10.2 and 0.12; Llama-3-8B and Gemma 3 layouts do
+# not copy. Each case must fail in exactly that way (strict): once the layout is
+# fixed it passes, the run fails, and the entry goes.
+KNOWN_TPU_POOL_COPIES = {("attention", "qwen2-0.5b"), ("attention", "phi3-mini"),
+                         ("write_kv", "qwen2-0.5b"), ("write_kv", "phi3-mini"),
+                         ("scatter_blocks", "qwen2-0.5b")}
+
+
+def _expect_known_copy(request, target, kernel: str, model: str) -> None:
+    if target.platform == "tpu" and (kernel, model) in KNOWN_TPU_POOL_COPIES:
+        request.applymarker(pytest.mark.xfail(
+            raises=PoolCopied, strict=True,
+            reason=f"issue 22: XLA copies the KV pool around the TPU {kernel} kernel for {model}"))
+
+
 def _pool(target, model: str, block: int, num_blocks: int, layers: int, dtype):
     _, kv_heads, head_dim, _ = MODELS[model]
     return sds(target, (num_blocks, layers, 2, block, kv_heads, head_dim), dtype)
@@ -66,7 +84,8 @@ def _pool(target, model: str, block: int, num_blocks: int, layers: int, dtype):
 
 @pytest.mark.parametrize("model,batch,block,dtype", ATTENTION_CASES,
                          ids=[f"{m}-{b}-bs{s}-{d}" for m, b, s, d in ATTENTION_CASES])
-def test_attention_compiles(target, model, batch, block, dtype):
+def test_attention_compiles(request, target, model, batch, block, dtype):
+    _expect_known_copy(request, target, "attention", model)
     q_heads, _, head_dim, _ = MODELS[model]
     seqs, tokens, max_q, kv_len, window, cap = BATCHES[batch]
     pages = -(-kv_len // block)
@@ -89,7 +108,7 @@ def test_attention_compiles(target, model, batch, block, dtype):
     else:
         assert_kernels(hlo, target)
     # Read-only, but a layout change of the operand would copy the whole pool per call.
-    assert not pool_copies(hlo, cache.shape), pool_copies(hlo, cache.shape)[:1]
+    assert_pool_not_copied(hlo, cache.shape)
     record(target, compiled, seconds, kernel="attention", model=model, batch=batch,
            block=block, dtype=dtype)
 
@@ -101,7 +120,8 @@ WRITE_CASES = [(model, tokens, _latin(i, j), dtype)
 
 @pytest.mark.parametrize("model,tokens,block,dtype", WRITE_CASES,
                          ids=[f"{m}-t{t}-bs{b}-{d}" for m, t, b, d in WRITE_CASES])
-def test_write_kv_compiles_in_place(target, model, tokens, block, dtype):
+def test_write_kv_compiles_in_place(request, target, model, tokens, block, dtype):
+    _expect_known_copy(request, target, "write_kv", model)
     _, kv_heads, head_dim, _ = MODELS[model]
     cache = _pool(target, model, block, 4096 * 16 // block, KERNEL_POOL_LAYERS, dtype)
     new = sds(target, (tokens, kv_heads, head_dim), dtype)
@@ -125,7 +145,8 @@ COPY_RUNS, COPY_STAGED, COPY_POOL_BLOCKS = 8, 32, 96
 
 
 @pytest.mark.parametrize("model,block", COPY_CASES, ids=[f"{m}-bs{b}" for m, b in COPY_CASES])
-def test_block_copies_compile(target, model, block):
+def test_block_copies_compile(request, target, model, block):
+    _expect_known_copy(request, target, "scatter_blocks", model)
     layers = MODELS[model][3]
     cache = _pool(target, model, block, COPY_POOL_BLOCKS, layers, "bfloat16")
     groups = sds(target, (COPY_RUNS, 2), jnp.int32)
