@@ -147,6 +147,7 @@ class AsyncEngine:
         self._calls: collections.deque[Callable[[LLMEngine], None]] = collections.deque()
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
+        self._closed = False  # set by shutdown: the step loop must not run again
         self._ids = itertools.count()
         self._stats = engine.stats()
 
@@ -218,13 +219,16 @@ class AsyncEngine:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._closed:
             if not (self._calls or self.engine.has_unfinished_requests()):
                 self._wakeup.clear()
                 await self._wakeup.wait()
             try:
                 outputs = await loop.run_in_executor(self._executor, self._step)
             except Exception as e:  # a failed step fails its requests, not the server
+                if self._closed:  # the executor is gone: submitting again would spin forever
+                    self._fail_all(RuntimeError("the engine shut down"))
+                    return
                 log.exception("engine step failed")
                 self._fail_all(e)
                 continue
@@ -242,6 +246,7 @@ class AsyncEngine:
         self._streams.clear()
 
     async def shutdown(self) -> None:
+        self._closed = True
         if self._loop_task is not None:
             self._loop_task.cancel()
         self._executor.shutdown(wait=True, cancel_futures=True)

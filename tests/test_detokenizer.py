@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import tokenizers
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from tokenizers import decoders, models, pre_tokenizers
 
@@ -212,6 +212,9 @@ def test_random_bytes_deltas_join_to_the_full_decode(prompt, out, data):
 @given(text=st.text(st.characters(blacklist_characters="\ufffd", blacklist_categories=("Cs",)),
                    max_size=30), data=st.data())
 def test_valid_text_never_streams_a_replacement_character(text, data):
+    # Text spelling a special token ("<s>") encodes to that token, which decoding drops:
+    # not a replacement character, and not what this property is about.
+    assume(not any(s in text for s in ("<s>", "</s>", "<pad>")))
     ids = BYTES.encode(text, add_special_tokens=False)
     take = data.draw(st.lists(st.booleans(), min_size=len(ids), max_size=len(ids)))
     deltas = stream(IncrementalDetokenizer(BYTES, [BOS]), ids, take)
