@@ -349,8 +349,11 @@ def _sentencepiece_bpe(meta: _Metadata, tokens: list[str],
                        types: list[int]) -> tokenizers.Tokenizer:
     """SentencePiece BPE: '▁' for spaces, byte fallback (<0xXX> tokens), merges ranked by
     the merged piece's score, as SentencePiece merges the best-scoring pair first."""
-    # Some files (Gemma's) store pieces of spaces as real spaces; SentencePiece spells them '▁'.
-    tokens = ["\u2581" * len(t) if t and t == " " * len(t) else t for t in tokens]
+    # Some files store normal pieces of spaces as real spaces; SentencePiece spells them
+    # '▁'. User-defined ones (Gemma's runs of spaces) keep their text: they are matched
+    # whole in the raw input, as SentencePiece matches user-defined symbols.
+    tokens = ["\u2581" * len(t) if ty == _NORMAL and t and t == " " * len(t) else t
+              for t, ty in zip(tokens, types)]
     vocab = _vocab(meta, tokens)
     merges = meta.get("tokenizer.ggml.merges")
     if merges:
@@ -413,7 +416,6 @@ def _add_special_tokens(hf: tokenizers.Tokenizer, tokens, types, kind: str, name
     special += [t for t in named if t not in special]
     hf.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
                            for t in special])
-    # (Pieces of spaces that the SentencePiece builder respelled are reached by merges.)
     user = [t for t, ty in zip(tokens, types)
             if ty == _USER_DEFINED and hf.token_to_id(t) is not None]
     if user:
