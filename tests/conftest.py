@@ -12,6 +12,14 @@ import os
 import shutil
 from pathlib import Path
 
+# A fresh cache directory per test session: compiled programs and converted models
+# from an earlier run (or another checkout) are never read back. Two full runs over
+# a warm persistent compilation cache crashed the process (SIGABRT, then SIGSEGV) at
+# the same test; the one over a cold cache did not.
+if "SLUICE_CACHE_DIR" not in os.environ:
+    import tempfile
+    os.environ["SLUICE_CACHE_DIR"] = tempfile.mkdtemp(prefix="sluice-test-cache-")
+
 # Several CPU devices, so multi-instance tests put each instance on its own device
 # (set before anything imports jax).
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
