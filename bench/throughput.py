@@ -2,11 +2,13 @@
 
 Run from the repository root::
 
-    .venv/bin/python bench/throughput.py [--quick]
+    .venv/bin/python bench/throughput.py [--quick] [--model NAME_OR_PATH]
 
 What it measures, all in one process on the same weights:
 
-1. ``smollm2-135m-random`` (float32) is built by Sluice, written as a Hugging Face
+1. ``smollm2-135m-random`` (float32; ``--model`` picks any Llama-family model
+   `load_model` accepts, e.g. the real ``smollm2-135m-instruct`` or a ``.gguf``
+   file, dequantized to float32) is loaded by Sluice, written as a Hugging Face
    checkpoint (`sluice.runtime.export.save_hf_checkpoint`) and loaded by
    transformers' ``LlamaForCausalLM`` (torch float32, sdpa, all CPU threads).
    Sanity check: the greedy first token of both agrees on a few prompts.
@@ -23,7 +25,8 @@ What it measures, all in one process on the same weights:
    Decode FLOPs per token = 2 * (non-embedding matmul params + lm-head params)
    + 4 * layers * q_heads * head_dim * context.
 5. Writes bench/out/throughput.{json,png} and copies them to
-   bench/results/throughput.{json,png}.
+   bench/results/throughput.{json,png} (``throughput-<model>.*`` for another
+   ``--model``).
 """
 
 from __future__ import annotations
@@ -176,7 +179,7 @@ def decode_steps(llm: LLM, prompts: list[list[int]], output_len: int) -> dict:
 
 # -- main --------------------------------------------------------------------
 
-def plot(sweep: dict, path: Path, output_len: int) -> None:
+def plot(sweep: dict, path: Path, output_len: int, model: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -187,7 +190,7 @@ def plot(sweep: dict, path: Path, output_len: int) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent requests (batch size)")
     ax.set_ylabel("generated tokens / s")
-    ax.set_title(f"{MODEL}, fp32 CPU, {INPUT_LEN} in / {output_len} out")
+    ax.set_title(f"{model}, fp32 CPU, {INPUT_LEN} in / {output_len} out")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -197,6 +200,8 @@ def plot(sweep: dict, path: Path, output_len: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="output length 32 in the sweep")
+    ap.add_argument("--model", default=MODEL,
+                    help="a Llama-family model for load_model: a name, an HF directory or a .gguf file")
     args = ap.parse_args()
     sweep_out = 32 if args.quick else OUTPUT_LEN
     res: dict = {"machine": {
@@ -205,11 +210,11 @@ def main() -> None:
         "jax_backend": jax.default_backend(), "torch": torch.__version__,
         "transformers": transformers.__version__,
         "command": " ".join([".venv/bin/python", *sys.argv])},
-        "model": MODEL, "dtype": "float32", "engine": ENGINE_KW,
+        "model": args.model, "dtype": "float32", "engine": ENGINE_KW,
         "input_len": INPUT_LEN, "output_len": OUTPUT_LEN, "sweep_output_len": sweep_out}
 
     t = time.perf_counter()
-    model = load_model(MODEL, dtype="float32")
+    model = load_model(args.model, dtype="float32")
     llm = LLM(model, **ENGINE_KW)
     res["sluice_startup_s"] = time.perf_counter() - t  # includes compiling every step shape
     print(f"sluice start-up (load + compile): {res['sluice_startup_s']:.1f}s")
@@ -269,15 +274,16 @@ def main() -> None:
         "decode_ge_50pct_roofline": dec["roofline_fraction_step"] >= 0.5}
     print(f"targets: {res['targets']}")
 
+    stem = "throughput" if args.model == MODEL else f"throughput-{Path(args.model).stem}"
     out = ROOT / "out"
     out.mkdir(exist_ok=True)
-    (out / "throughput.json").write_text(json.dumps(res, indent=2))
-    plot(res["sweep"], out / "throughput.png", sweep_out)
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=2))
+    plot(res["sweep"], out / f"{stem}.png", sweep_out, args.model)
     results = ROOT / "results"
     results.mkdir(exist_ok=True)
-    for name in ("throughput.json", "throughput.png"):
+    for name in (f"{stem}.json", f"{stem}.png"):
         shutil.copy(out / name, results / name)
-    print(f"wrote {out}/throughput.{{json,png}} and {results}/throughput.{{json,png}}")
+    print(f"wrote {out}/{stem}.{{json,png}} and {results}/{stem}.{{json,png}}")
 
 
 if __name__ == "__main__":
