@@ -7,7 +7,10 @@ multiplies negative ones), ``presence_penalty`` / ``frequency_penalty`` (OpenAI:
 subtracted per generated occurrence), ``seed``, ``max_tokens``, ``stop`` strings,
 ``stop_token_ids``, ``ignore_eos``, ``logprobs`` (number of top alternatives to
 return besides the chosen token; 0 = the chosen token only; None = no logprobs),
-``include_stop_str_in_output`` and ``skip_special_tokens``.
+``include_stop_str_in_output``, ``skip_special_tokens`` and
+``structured_outputs`` (a `StructuredOutputs` constraint, or a dict of its fields:
+JSON schema, JSON object, regex, choice or grammar; checked when made, see
+`sluice.runtime.structured_output`).
 
 Everything is checked in ``__post_init__``, so a bad request fails when it is
 made rather than on the device: the `ValueError` message starts with the field
@@ -43,6 +46,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+
+from sluice.runtime.structured_output import StructuredOutputs
+
 # vLLM treats temperatures below this as greedy; the sampler uses the same bound.
 GREEDY_TEMPERATURE = 1e-5
 
@@ -125,6 +131,7 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         for name, rule in RANGES.items():
@@ -137,6 +144,7 @@ class SamplingParams:
                 raise ValueError(f"{name}: must be a bool, got {getattr(self, name)!r}")
         self.stop = _stop_strings(self.stop)
         self.stop_token_ids = _token_ids(self.stop_token_ids)
+        self.structured_outputs = _structured_outputs(self.structured_outputs)
 
     @property
     def is_greedy(self) -> bool:
@@ -150,6 +158,18 @@ def _short(value: object, limit: int = 40) -> str:
         return f"an integer of {value.bit_length()} bits"
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _structured_outputs(value: object) -> StructuredOutputs | None:
+    if value is None or isinstance(value, StructuredOutputs):
+        return value
+    if isinstance(value, dict):
+        try:
+            return StructuredOutputs(**value)
+        except TypeError as e:  # an unknown field
+            raise ValueError(f"structured_outputs: {e}") from None
+    raise ValueError("structured_outputs: must be a StructuredOutputs or a dict, "
+                     f"got {_short(value)}")
 
 
 def _stop_strings(stop: object) -> list[str]:
