@@ -1,8 +1,11 @@
 """``sluice provision``: the cheapest fleet that meets an SLO, or Mélange's answer form.
 
-Interface (wired into ``sluice`` by `sluice.runtime.cli`):
+Interface (wired into ``sluice`` by `sluice.runtime.cli`, which imports this module
+only for ``sluice provision``; the solver, the simulator and the calibration, which
+import SciPy, are imported when a plan is made, so ``--help`` answers at once):
 
-- ``add_parser(subparsers)``: adds the ``provision`` subcommand and its flags.
+- ``configure(parser)``: the ``provision`` flags, and a ``--help`` that documents
+  the workload file and lists the model presets.
 - ``run(args) -> int``: exit status; 0 when a plan was found, 1 when the
   workload cannot be fully served (the plan is still printed and written).
 - ``melange_plan(m, profiles=None, rate=None) -> Plan``: the plan ``--melange``
@@ -26,27 +29,30 @@ headroom, the file's ``slice_factor``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-from typing import Sequence
+import textwrap
+from typing import TYPE_CHECKING, Sequence
 
-from sluice.provision.calibrate import calibrate
+from sluice.provision import workload as workload_file
 from sluice.provision.catalog import load_catalog
-from sluice.provision.perfmodel import model_spec
-from sluice.provision.planner import Options, Plan, solve
-from sluice.provision.profiles import (MelangeInput, TypeProfile, load_melange, load_profiles,
-                                       merge, modelled_profiles, save_profiles)
-from sluice.provision.simulate import verify
+from sluice.provision.perfmodel import MODELS, ModelSpec, model_spec
 from sluice.provision.workload import Buckets, Workload, load_workload, parse_slo
 
+if TYPE_CHECKING:
+    from sluice.provision.planner import Plan
+    from sluice.provision.profiles import MelangeInput, TypeProfile
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "provision", help="cheapest mix of accelerator types that meets an SLO",
-        description="Plan the cost-minimal set of instances (GPU and TPU types) that serves a "
-                    "workload within its SLO: profiles per type and request-size bucket "
-                    "(modelled from the catalog, imported, or measured), an integer program "
-                    "(HiGHS), and a discrete-event simulation that checks the plan.")
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Plan the cost-minimal set of instances (GPU and TPU types) that serves a workload "
+        "within its SLO: profiles per type and request-size bucket (modelled from the "
+        "catalog, imported, or measured), an integer program (HiGHS), and a discrete-event "
+        "simulation that checks the plan.")
+    p.epilog = epilog()
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--workload", help="workload JSON file (format: sluice.provision.workload)")
     mode.add_argument("--melange", help="Mélange solver input JSON; prints Mélange's result form")
@@ -77,7 +83,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--save-profiles", help="also write the profiles used to this file")
     p.add_argument("--output", default="provision_plan.json",
                    help="where to write the plan JSON (default: provision_plan.json)")
-    return p
+
+
+def epilog() -> str:
+    """The workload file's format (from `sluice.provision.workload`, where it is
+    defined) and the model presets a workload may name."""
+    doc = workload_file.__doc__
+    fmt = doc[doc.index("Workload file (JSON)::") + len("Workload file (JSON)::"):].rstrip()
+    presets = "\n".join(f"  {m.name:<14}{m.params / 1e9:5.3g}B parameters, {m.layers} layers"
+                         for m in MODELS.values())
+    fields = ", ".join(f.name for f in dataclasses.fields(ModelSpec))
+    head = textwrap.fill(f"model presets (the workload's \"model\"; or an object with the "
+                         f"fields {fields}):", 79)
+    return f"workload file (--workload, JSON):{fmt}\n\n{head}\n{presets}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,6 +111,8 @@ def melange_plan(m: MelangeInput, profiles: Sequence[TypeProfile] | None = None,
     """Solve a Mélange input with Mélange's settings (its slice factor, no headroom);
     ``profiles`` (default: all of the file's types) and ``rate`` (default: the
     file's ``total_request_rate``) replace the file's."""
+    from sluice.provision.planner import Options, solve
+
     total = m.total_request_rate if rate is None else rate
     return solve(m.profiles if profiles is None else profiles, m.distribution * total,
                  Options(slice_factor=m.slice_factor, headroom=0.0))
@@ -106,6 +126,8 @@ def melange_result(plan: Plan, profiles: Sequence[TypeProfile]) -> dict:
 
 
 def _melange(args: argparse.Namespace) -> int:
+    from sluice.provision.profiles import load_melange
+
     m = load_melange(args.melange)
     plan = melange_plan(m)
     if plan.status != "optimal":
@@ -129,6 +151,11 @@ def _caps(items: list[str]) -> dict[str, int]:
 
 
 def _provision(args: argparse.Namespace) -> int:
+    from sluice.provision.calibrate import calibrate
+    from sluice.provision.planner import Options, solve
+    from sluice.provision.profiles import load_profiles, merge, modelled_profiles, save_profiles
+    from sluice.provision.simulate import verify
+
     if not args.slo:
         raise ValueError("--slo is required with --workload")
     slo = parse_slo(args.slo)

@@ -30,8 +30,8 @@ from sluice.rag.service import CLASSES_FILE, DEFAULT_CLASSES, PROFILES_FILE, sav
 from sluice.rag.sla import save_profiles
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    rag = sub.add_parser("rag", help="retrieval-augmented generation")
+def configure(rag: argparse.ArgumentParser) -> None:
+    """Adds the ``rag`` subcommands to its parser (``sluice`` names it in its table)."""
     rag_sub = rag.add_subparsers(dest="rag", required=True)
     b = rag_sub.add_parser("build-index", help="index documents and profile configurations")
     b.add_argument("--documents", required=True,

@@ -5,16 +5,34 @@ Entry points:
 - `AsyncEngine`: streaming generation for servers;
 - `load_model`: a built-in name or a Hugging Face directory to a `Model` with
   ``.logits(token_ids)``; `greedy_generate`: the one-at-a-time reference decoder.
+
+They are imported on first use (PEP 562 ``__getattr__``), not with the package:
+importing any ``sluice.runtime.*`` module runs this file, and eager imports here made
+every command, ``sluice --help`` included, wait for JAX.
 """
 
-from sluice.runtime.async_engine import AsyncEngine
-from sluice.runtime.config import ModelConfig
-from sluice.runtime.engine import EngineConfig, LLMEngine
-from sluice.runtime.generate import greedy_generate
-from sluice.runtime.llm import LLM
-from sluice.runtime.loader import Model, load_model
-from sluice.runtime.outputs import CompletionOutput, RequestOutput
-from sluice.runtime.sampling_params import SamplingParams
+from __future__ import annotations
 
-__all__ = ["LLM", "AsyncEngine", "CompletionOutput", "EngineConfig", "LLMEngine", "Model",
-           "ModelConfig", "RequestOutput", "SamplingParams", "greedy_generate", "load_model"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "LLM": "llm", "AsyncEngine": "async_engine", "CompletionOutput": "outputs",
+    "EngineConfig": "engine", "LLMEngine": "engine", "Model": "loader",
+    "ModelConfig": "config", "RequestOutput": "outputs", "SamplingParams": "sampling_params",
+    "greedy_generate": "generate", "load_model": "loader",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

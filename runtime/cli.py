@@ -1,33 +1,57 @@
 """The ``sluice`` command line: ``sluice generate``, ``sluice serve`` (the
 OpenAI-compatible HTTP server), ``sluice bench throughput`` and ``sluice
 provision`` (defined in `sluice.provision.cli`), ``sluice rag build-index``
-(`sluice.rag.cli`)."""
+(`sluice.rag.cli`).
+
+It answers at once: `COMMANDS` names each subcommand's help line and, as
+``"module:function"`` strings, the function that adds its flags to its parser and
+the one that runs it. ``main`` imports only the chosen command's module, and the
+commands import JAX, the engine, the scheduler, Ray, ... inside their functions, so
+``sluice --help`` imports none of them and ``sluice provision`` only the provisioner.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import dataclasses
+import importlib
 import json
 import logging
 import os
 import shlex
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, TextIO
 
-from sluice.runtime.async_engine import AsyncEngine, StreamLimits
-from sluice.runtime.benchmark import random_prompts, throughput
-from sluice.runtime.compile_cache import enable_compile_cache
-from sluice.runtime.engine import EngineConfig
-from sluice.runtime.llm import LLM
-from sluice.runtime.loader import load_model
-from sluice.runtime.sampling_params import SamplingParams
-from sluice.provision import cli as provision_cli
-from sluice.rag import cli as rag_cli
-from sluice.runtime.server import ACCESS_LOG_FORMATS, ServerConfig, bind_socket, run_server
-from sluice.runtime.swap import COPY_MODES
-from sluice.scheduler.async_cluster import AsyncCluster, local_cluster
-from sluice.scheduler.cluster import DISPATCH_POLICIES, ClusterConfig
-from sluice.scheduler.policies import FairPolicy
+if TYPE_CHECKING:
+    from sluice.runtime.async_engine import StreamLimits
+    from sluice.runtime.llm import LLM
+    from sluice.scheduler.async_cluster import AsyncCluster
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    help: str
+    configure: str  # "module:function": adds the command's flags to its parser
+    run: str  # "module:function": args -> exit status
+
+
+COMMANDS: dict[str, Command] = {
+    "generate": Command("generate continuations of prompts",
+                        f"{__name__}:configure_generate", f"{__name__}:cmd_generate"),
+    "serve": Command("OpenAI-compatible HTTP server",
+                     f"{__name__}:configure_serve", f"{__name__}:cmd_serve"),
+    "bench": Command("benchmarks", f"{__name__}:configure_bench", f"{__name__}:cmd_bench"),
+    "provision": Command("cheapest mix of accelerator types that meets an SLO",
+                         "sluice.provision.cli:configure", "sluice.provision.cli:run"),
+    "rag": Command("retrieval-augmented generation",
+                   "sluice.rag.cli:configure", "sluice.rag.cli:run"),
+}
+
+
+def _load(spec: str) -> Callable[..., Any]:
+    module, _, function = spec.partition(":")
+    return getattr(importlib.import_module(module), function)
+
 
 GiB = 1 << 30
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -74,6 +98,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    from sluice.runtime.swap import COPY_MODES  # imports JAX
+    from sluice.scheduler.policies import FairPolicy
+
     g = p.add_argument_group("engine")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
     g.add_argument("--max-num-seqs", type=int, default=64,
@@ -177,6 +204,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _make_llm(args: argparse.Namespace) -> LLM:
+    from sluice.runtime.llm import LLM
+
     return LLM(args.model, dtype=args.dtype, seed=args.model_seed,
                compile_cache=not args.no_compile_cache, **_engine_kwargs(args))
 
@@ -184,6 +213,12 @@ def _make_llm(args: argparse.Namespace) -> LLM:
 def _make_cluster(args: argparse.Namespace, limits: StreamLimits) -> AsyncCluster:
     """``--instances N``: N engines under the global scheduler, one per device
     in this process, or one per Ray actor with ``--ray``."""
+    from sluice.runtime.compile_cache import enable_compile_cache
+    from sluice.runtime.engine import EngineConfig
+    from sluice.runtime.loader import load_model
+    from sluice.scheduler.async_cluster import AsyncCluster, local_cluster
+    from sluice.scheduler.cluster import ClusterConfig
+
     engine_config = EngineConfig(**_engine_kwargs(args))
     config = ClusterConfig(dispatch=args.dispatch, migrate=not args.no_migration)
     if args.ray:
@@ -197,11 +232,20 @@ def _make_cluster(args: argparse.Namespace, limits: StreamLimits) -> AsyncCluste
     return AsyncCluster(local_cluster(model, engine_config, args.instances, config), limits)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The ``sluice`` parser with the flags of ``commands`` (default: all of them);
+    the others are listed with their help line but take no flags."""
+    chosen = set(COMMANDS if commands is None else commands)
     parser = argparse.ArgumentParser(prog="sluice", description="Sluice LLM serving runtime")
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        if name in chosen:
+            _load(command.configure)(p)
+    return parser
 
-    gen = sub.add_parser("generate", help="generate continuations of prompts")
+
+def configure_generate(gen: argparse.ArgumentParser) -> None:
     _add_model_args(gen)
     _add_engine_args(gen)
     gen.add_argument("--prompt", action="append", required=True,
@@ -215,7 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
 
-    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+
+def configure_serve(srv: argparse.ArgumentParser) -> None:
+    from sluice.runtime.metrics import COMPAT_MODES
+    from sluice.runtime.server import ACCESS_LOG_FORMATS
+    from sluice.scheduler.cluster import DISPATCH_POLICIES
+
     _add_model_args(srv)
     _add_engine_args(srv)
     g = srv.add_argument_group("server")
@@ -257,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--access-log", default="json", choices=[*ACCESS_LOG_FORMATS, "off"],
                    help="one line per request (id, status, tokens, latency) as JSON or "
                         "key=value text, or none (default: json)")
+    g.add_argument("--metrics-compat", default=None, choices=COMPAT_MODES,
+                   help="/metrics also under these servers' names, labels and meaning "
+                        "(vllm: the vllm: series routers and dashboards written for vLLM "
+                        "read), besides sluice: (default: sluice: only)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may run after SIGTERM before they are "
                         "aborted (default: 30)")
@@ -275,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rag-index", default=None,
                    help="serve POST /v1/rag/query over this `sluice rag build-index` directory")
 
-    bench = sub.add_parser("bench", help="benchmarks")
+
+def configure_bench(bench: argparse.ArgumentParser) -> None:
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     tp = bench_sub.add_parser("throughput", help="offline generation throughput")
     _add_model_args(tp)
@@ -285,12 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--output-len", type=int, default=128, help="generated tokens (default: 128)")
     tp.add_argument("--output-json", default=None, help="write the result to this JSON file")
 
-    provision_cli.add_parser(sub)
-    rag_cli.add_parser(sub)
-    return parser
-
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from sluice.runtime.sampling_params import SamplingParams
+
     llm = _make_llm(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed,
@@ -301,6 +353,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from sluice.runtime.async_engine import AsyncEngine, StreamLimits
+    from sluice.runtime.server import ServerConfig, bind_socket, run_server
+
     if args.max_waiting is not None and args.max_waiting < 0:
         raise ValueError(f"max_waiting: must be >= 0, got {args.max_waiting}")
     if args.max_body_bytes < 1:
@@ -313,7 +370,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         body_timeout_s=args.body_timeout, max_embedding_inputs=args.max_embedding_inputs,
         access_log_format="json" if args.access_log == "off" else args.access_log,
         timeout_keep_alive_s=args.timeout_keep_alive, header_timeout_s=args.header_timeout,
-        limit_concurrency=args.limit_concurrency, max_header_bytes=args.max_header_bytes)
+        limit_concurrency=args.limit_concurrency, max_header_bytes=args.max_header_bytes,
+        metrics_compat=args.metrics_compat)
     limits = StreamLimits(stall_timeout_s=args.stream_stall_timeout)
     sock = bind_socket(args.host, args.port)  # fail on a taken port before loading the model
     many = args.instances != 1 or args.ray
@@ -337,7 +395,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_throughput(args: argparse.Namespace) -> int:
+def cmd_bench(args: argparse.Namespace) -> int:
+    from sluice.runtime.benchmark import random_prompts, throughput
+
     llm = _make_llm(args)
     prompts = random_prompts(args.num_prompts, args.input_len, llm.model.config.vocab_size)
     result = {"model": args.model, **throughput(llm, prompts, args.output_len)}
@@ -348,10 +408,12 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    command = {"generate": cmd_generate, "serve": cmd_serve, "bench": cmd_bench_throughput,
-               "provision": provision_cli.run, "rag": rag_cli.run}[args.command]
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The command is the first word that is not an option (the top level has only -h).
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser([chosen] if chosen in COMMANDS else []).parse_args(argv)
+    command = _load(COMMANDS[args.command].run)
     try:
         return command(args)
     except (ValueError, FileNotFoundError, OSError) as e:

@@ -1,33 +1,56 @@
-"""Prometheus metrics of the server, named and meant as vLLM's under ``sluice:``.
+"""Prometheus metrics of the server, named and meant as vLLM's, under ``sluice:``
+and, with ``--metrics-compat vllm``, also under vLLM's own ``vllm:`` prefix.
 
 `ServerMetrics` owns a private `CollectorRegistry` (several servers can live in
-one process, e.g. in tests) and exposes:
+one process, e.g. in tests). Each metric below is defined once and written to
+one series per prefix: ``sluice:<name>`` (label ``model_name``) and, in vLLM
+compatibility mode, ``vllm:<name>`` (labels ``model_name`` and ``engine``,
+always ``"0"``: the whole server reports as one vLLM engine, which is what a
+router or a dashboard written for a vLLM pod reads), with vLLM's buckets and
+meaning, so llm-d's endpoint picker, AIBrix or a Grafana dashboard for vLLM read
+Sluice unchanged. A `RequestTracker` per request observes, as its outputs
+arrive (vLLM observes per engine step):
 
-- histograms, observed when a request finishes: ``time_to_first_token_seconds``
-  (arrival to first token), ``inter_token_latency_seconds`` (every gap between
-  consecutive tokens), ``request_time_per_output_token_seconds`` and its older
-  vLLM alias ``time_per_output_token_seconds`` (per request: (last token - first
-  token) / (tokens - 1)), ``e2e_request_latency_seconds`` (arrival to finish),
-  ``request_queue_time_seconds`` (arrival to first scheduled);
-- gauges, refreshed from `EngineStats` on every scrape: ``num_requests_running``,
-  ``num_requests_waiting``, ``num_requests_swapped`` (waiting requests whose
-  KV is in host swap space), ``kv_cache_usage_perc`` (fraction, 0..1);
-- counters: ``prompt_tokens``, ``generation_tokens``,
-  ``request_success{finished_reason}`` (per completion, as vLLM counts),
-  ``num_streams_stalled`` (streams cut off because their reader left output
-  unread too long, `sluice.runtime.async_engine.StreamLimits`),
-  and, mirrored from the engine's cumulative stats on every scrape,
-  ``num_preemptions``, ``prefix_cache_queries``, ``prefix_cache_hits``,
-  ``num_requests_failed`` (requests a failing engine step failed on their own);
-- from the server's `Health`, refreshed on every scrape: the gauge
-  ``num_instances{state}`` (``serving``, ``draining``, ``dead``: died and not
-  replaced) and the counters ``num_instance_deaths``, ``num_instances_replaced``
-  and ``num_requests_quarantined`` (failed, not re-dispatched, after instances
-  running them died; `sluice.scheduler.cluster`).
+- on each new output token: ``generation_tokens``, and the gap since the
+  previous token in ``inter_token_latency_seconds`` and in
+  ``time_per_output_token_seconds`` (one observation per output token
+  interval, as vLLM's); on the first token: ``time_to_first_token_seconds``
+  (arrival to first token) and ``prompt_tokens``;
+- when it finishes, per completion: ``request_success{finished_reason}`` (as
+  vLLM counts), ``e2e_request_latency_seconds`` (arrival to finish),
+  ``request_queue_time_seconds`` (arrival to first scheduled),
+  ``request_inference_time_seconds`` (first scheduled to finish), split into
+  ``request_prefill_time_seconds`` (to the first token) and
+  ``request_decode_time_seconds`` (the rest),
+  ``request_time_per_output_token_seconds`` (its mean gap between tokens),
+  ``request_prompt_tokens`` and ``request_generation_tokens``.
 
-Every series has a ``model_name`` label. ``render(stats, health)`` returns the text
-exposition format. `Health` is also what ``GET /health`` answers from (503 while
-``serving`` is 0, with ``reason`` in the body). Importing this module turns off prometheus-client's
+Refreshed from `EngineStats` on every scrape: the gauges ``num_requests_running``,
+``num_requests_waiting``, ``num_requests_swapped`` (waiting requests whose KV is
+in host swap space), ``kv_cache_usage_perc`` (fraction, 0..1; ``vllm:`` also
+under its older name ``gpu_cache_usage_perc``), and, mirrored from the engine's
+cumulative counts, ``num_preemptions``, ``prefix_cache_queries`` and
+``prefix_cache_hits`` (prompt tokens looked up and found cached, as vLLM counts).
+
+Sluice's own (``sluice:`` only): ``num_streams_stalled`` (streams cut off
+because their reader left output unread too long,
+`sluice.runtime.async_engine.StreamLimits`), ``num_requests_failed`` (requests
+a failing engine step failed on their own); from the server's `Health`: the
+gauge ``num_instances{state}`` (``serving``, ``draining``, ``dead``: died and
+not replaced) and the counters ``num_instance_deaths``,
+``num_instances_replaced`` and ``num_requests_quarantined``. Under
+``--instances`` (a `sluice.scheduler.cluster.Cluster`), per instance (label
+``instance``, series of instances gone are removed): ``instance_num_requests_
+running``, ``instance_num_requests_waiting``, ``instance_kv_cache_usage_perc``;
+and the cluster's live migrations: ``migrations{result="ok"|"failed"}``,
+``migration_downtime_seconds`` (each successful migration's pause, suspend on
+the source to adopt on the destination), ``migration_duration_seconds``,
+``migration_bytes`` (KV bytes copied) and ``requests_redispatched`` (moved off
+dead instances).
+
+``render(stats, health, cluster)`` returns the text exposition format. `Health`
+is also what ``GET /health`` answers from (503 while ``serving`` is 0, with
+``reason`` in the body). Importing this module turns off prometheus-client's
 ``*_created`` series process-wide, as vLLM does (they double the output and no
 dashboard reads them).
 """
@@ -35,6 +58,8 @@ dashboard reads them).
 from __future__ import annotations
 
 import dataclasses
+import threading
+from typing import TYPE_CHECKING
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
@@ -42,9 +67,13 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
 from sluice.runtime.engine import EngineStats
 from sluice.runtime.outputs import RequestOutput
 
+if TYPE_CHECKING:
+    from sluice.scheduler.cluster import Cluster
+
 disable_created_metrics()
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+COMPAT_MODES = ("vllm",)
 
 # vLLM's buckets (seconds).
 _TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -53,6 +82,19 @@ _ITL = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
         10.0, 20.0, 40.0, 80.0)
 _E2E = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
         120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+# A live migration's pause is a few decode steps; a blocking copy of a long sequence more.
+_MIGRATION = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+def token_buckets(max_model_len: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to ``max_model_len`` (vLLM's token-count buckets)."""
+    out, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > max_model_len:
+                return tuple(out)
+            out.append(m * scale)
+        scale *= 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,84 +115,160 @@ class Health:
         return self.serving > 0
 
 
+class _Fanout:
+    """One value written to the same series under every prefix."""
+
+    def __init__(self, children: list):
+        self._children = children
+
+    def inc(self, amount: float = 1.0) -> None:
+        for c in self._children:
+            c.inc(amount)
+
+    def set(self, value: float) -> None:
+        for c in self._children:
+            c.set(value)
+
+    def observe(self, value: float) -> None:
+        for c in self._children:
+            c.observe(value)
+
+
 class ServerMetrics:
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, compat: str | None = None,
+                 max_model_len: int = 2048):
+        """``compat``: None (``sluice:`` only) or ``"vllm"`` (also ``vllm:``).
+        ``max_model_len`` bounds the token-count histograms' buckets."""
+        if compat is not None and compat not in COMPAT_MODES:
+            raise ValueError(f"metrics_compat: must be one of {COMPAT_MODES} or None, "
+                             f"got {compat!r}")
         self.registry = r = CollectorRegistry()
         self.model_name = model_name
-        lab = ["model_name"]
+        # (prefix, label names, label values) of each family a shared metric is written to
+        self._families = [("sluice", ["model_name"], [model_name])]
+        if compat == "vllm":
+            self._families.append(("vllm", ["model_name", "engine"], [model_name, "0"]))
 
-        def hist(name: str, doc: str, buckets: tuple) -> Histogram:
-            return Histogram(f"sluice:{name}", doc, lab, buckets=buckets,
-                             registry=r).labels(model_name)
+        def shared(kind, name: str, doc: str, extra: tuple[str, ...] = (),
+                   labels: list[str] = (), **kw):
+            """One metric per family (plus ``extra``: aliases under ``vllm:`` only);
+            returns the fan-out child, or with ``labels`` a function of their values."""
+            metrics = []
+            for i, (prefix, names, _) in enumerate(self._families):
+                aliases = extra if prefix == "vllm" else ()
+                for n in (name, *aliases):
+                    metrics.append((kind(f"{prefix}:{n}", doc, names + list(labels),
+                                         registry=r, **kw), i))
+            values = [v for _, _, v in self._families]
+            if labels:
+                return lambda *lv: _Fanout([m.labels(*values[i], *lv) for m, i in metrics])
+            return _Fanout([m.labels(*values[i]) for m, i in metrics])
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(f"sluice:{name}", doc, lab, registry=r).labels(model_name)
+        def own(kind, name: str, doc: str, labels: tuple[str, ...] = (), **kw):
+            """A ``sluice:``-only metric: its child, or with ``labels`` the metric."""
+            m = kind(f"sluice:{name}", doc, ["model_name", *labels], registry=r, **kw)
+            return m if labels else m.labels(model_name)
 
-        def counter(name: str, doc: str) -> Counter:
-            return Counter(f"sluice:{name}", doc, lab, registry=r).labels(model_name)
-
-        self.ttft = hist("time_to_first_token_seconds", "Time to first token.", _TTFT)
-        self.itl = hist("inter_token_latency_seconds", "Time between consecutive tokens.", _ITL)
-        self.tpot = hist("request_time_per_output_token_seconds",
-                         "Mean time per output token of a request after its first.", _ITL)
-        self.tpot_alias = hist("time_per_output_token_seconds",
-                               "Same as request_time_per_output_token_seconds.", _ITL)
-        self.e2e = hist("e2e_request_latency_seconds", "Arrival to finish.", _E2E)
-        self.queue = hist("request_queue_time_seconds", "Arrival to first scheduled.", _E2E)
-        self.running = gauge("num_requests_running", "Sequences running.")
-        self.waiting = gauge("num_requests_waiting", "Sequences waiting.")
-        self.swapped = gauge("num_requests_swapped", "Sequences swapped to host memory.")
-        self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (0-1).")
-        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed.")
-        self.generation_tokens = counter("generation_tokens", "Tokens generated.")
-        self.preemptions = counter("num_preemptions", "Preemptions (recompute).")
-        self.prefix_queries = counter("prefix_cache_queries", "Prompt blocks looked up.")
-        self.prefix_hits = counter("prefix_cache_hits", "Prompt blocks found cached.")
-        self.stalled = counter("num_streams_stalled",
-                               "Streams aborted: their reader left output unread too long.")
-        self._success = Counter("sluice:request_success", "Finished completions by reason.",
-                                lab + ["finished_reason"], registry=r)
-        self.failed = counter("num_requests_failed",
-                              "Requests a failing engine step failed on their own.")
-        self._instances = Gauge("sluice:num_instances", "Engine instances by state.",
-                                lab + ["state"], registry=r)
-        self.deaths = counter("num_instance_deaths", "Engine instances that died.")
-        self.replaced = counter("num_instances_replaced", "Dead instances replaced.")
-        self.quarantined = counter("num_requests_quarantined",
-                                   "Requests failed, not re-dispatched, after instances "
-                                   "running them died.")
+        tokens = token_buckets(max_model_len)
+        self.ttft = shared(Histogram, "time_to_first_token_seconds",
+                           "Time to first token.", buckets=_TTFT)
+        self.itl = shared(Histogram, "inter_token_latency_seconds",
+                          "Time between consecutive output tokens.", buckets=_ITL)
+        self.tpot = shared(Histogram, "time_per_output_token_seconds",
+                           "Time per output token: one observation per token interval.",
+                           buckets=_ITL)
+        self.request_tpot = shared(Histogram, "request_time_per_output_token_seconds",
+                                   "A request's mean time per output token after its first.",
+                                   buckets=_ITL)
+        self.e2e = shared(Histogram, "e2e_request_latency_seconds", "Arrival to finish.",
+                          buckets=_E2E)
+        self.queue = shared(Histogram, "request_queue_time_seconds",
+                            "Arrival to first scheduled (waiting).", buckets=_E2E)
+        self.inference = shared(Histogram, "request_inference_time_seconds",
+                                "First scheduled to finish (running).", buckets=_E2E)
+        self.prefill = shared(Histogram, "request_prefill_time_seconds",
+                              "First scheduled to first token.", buckets=_E2E)
+        self.decode = shared(Histogram, "request_decode_time_seconds",
+                             "First token to finish.", buckets=_E2E)
+        self.request_prompt = shared(Histogram, "request_prompt_tokens",
+                                     "Prompt tokens of a finished request.", buckets=tokens)
+        self.request_generation = shared(Histogram, "request_generation_tokens",
+                                         "Tokens generated by a finished completion.",
+                                         buckets=tokens)
+        self.running = shared(Gauge, "num_requests_running", "Sequences running.")
+        self.waiting = shared(Gauge, "num_requests_waiting", "Sequences waiting.")
+        self.swapped = shared(Gauge, "num_requests_swapped",
+                              "Waiting sequences whose KV is in host swap space.")
+        self.kv_usage = shared(Gauge, "kv_cache_usage_perc",
+                               "Fraction of KV blocks in use (0-1).",
+                               extra=("gpu_cache_usage_perc",))
+        self.prompt_tokens = shared(Counter, "prompt_tokens", "Prompt tokens processed.")
+        self.generation_tokens = shared(Counter, "generation_tokens", "Tokens generated.")
+        self.preemptions = shared(Counter, "num_preemptions", "Preemptions.")
+        self.prefix_queries = shared(Counter, "prefix_cache_queries",
+                                     "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = shared(Counter, "prefix_cache_hits",
+                                  "Prompt tokens found in the prefix cache.")
+        self.success = shared(Counter, "request_success", "Finished completions by reason.",
+                              labels=["finished_reason"])
+        self.stalled = own(Counter, "num_streams_stalled",
+                           "Streams aborted: their reader left output unread too long.")
+        self.failed = own(Counter, "num_requests_failed",
+                          "Requests a failing engine step failed on their own.")
+        self._instances = own(Gauge, "num_instances", "Engine instances by state.", ("state",))
+        self.deaths = own(Counter, "num_instance_deaths", "Engine instances that died.")
+        self.replaced = own(Counter, "num_instances_replaced", "Dead instances replaced.")
+        self.quarantined = own(Counter, "num_requests_quarantined",
+                               "Requests failed, not re-dispatched, after instances "
+                               "running them died.")
+        # under --instances
+        self._per_instance = {
+            "num_running": own(Gauge, "instance_num_requests_running",
+                               "Sequences running on an instance.", ("instance",)),
+            "num_waiting": own(Gauge, "instance_num_requests_waiting",
+                               "Sequences waiting on an instance.", ("instance",)),
+            "kv_usage": own(Gauge, "instance_kv_cache_usage_perc",
+                            "Fraction of an instance's KV blocks in use (0-1).",
+                            ("instance",))}
+        self._instance_names: set[str] = set()
+        self._migrations = own(Counter, "migrations", "Live migrations by result.",
+                               ("result",))
+        self.migration_downtime = own(Histogram, "migration_downtime_seconds",
+                                      "A migrated request's pause (suspend to adopt).",
+                                      buckets=_MIGRATION)
+        self.migration_duration = own(Histogram, "migration_duration_seconds",
+                                      "A migration from start to end, pre-copy included.",
+                                      buckets=_MIGRATION)
+        self.migration_bytes = own(Counter, "migration_bytes", "KV bytes copied by migrations.")
+        self.redispatched = own(Counter, "requests_redispatched",
+                                "Requests re-dispatched off instances that died.")
+        self._migrations_seen = 0
+        self._render_lock = threading.Lock()  # scrapes run on worker threads
         self._mirrored = {"num_preemptions": 0, "prefix_cache_queries": 0,
                           "prefix_cache_hits": 0, "num_failed_requests": 0, "deaths": 0,
-                          "replaced": 0, "quarantined": 0}
+                          "replaced": 0, "quarantined": 0, "redispatched": 0}
 
-    def observe_finished(self, out: RequestOutput) -> None:
-        """Record a finished request (all its completions)."""
-        self.prompt_tokens.inc(len(out.prompt_token_ids))
-        for comp, m in zip(out.outputs, out.metrics):
-            self.generation_tokens.inc(len(comp.token_ids))
-            self._success.labels(self.model_name, comp.finish_reason or "abort").inc()
-            if m.first_token_time is not None:
-                self.ttft.observe(m.first_token_time - m.arrival_time)
-            if m.first_scheduled_time is not None:
-                self.queue.observe(m.first_scheduled_time - m.arrival_time)
-            if m.finished_time is not None:
-                self.e2e.observe(m.finished_time - m.arrival_time)
-            for a, b in zip(m.token_times, m.token_times[1:]):
-                self.itl.observe(b - a)
-            if len(m.token_times) > 1:
-                tpot = (m.token_times[-1] - m.token_times[0]) / (len(m.token_times) - 1)
-                self.tpot.observe(tpot)
-                self.tpot_alias.observe(tpot)
+    def track(self) -> RequestTracker:
+        """A tracker for one new request; feed it the request's output so far."""
+        return RequestTracker(self)
 
     def observe_aborted(self, n: int) -> None:
         """Record ``n`` completions that ended without a final output (disconnects)."""
-        self._success.labels(self.model_name, "abort").inc(n)
+        self.success("abort").inc(n)
 
     def observe_stalled(self) -> None:
         """Record a stream cut off because its reader fell too far behind."""
         self.stalled.inc()
 
-    def render(self, stats: EngineStats, health: Health | None = None) -> bytes:
+    def render(self, stats: EngineStats, health: Health | None = None,
+               cluster: Cluster | None = None) -> bytes:
+        """The exposition text; ``cluster``: the global scheduler under ``--instances``."""
+        with self._render_lock:
+            self._refresh(stats, health, cluster)
+            return generate_latest(self.registry)
+
+    def _refresh(self, stats: EngineStats, health: Health | None,
+                 cluster: Cluster | None) -> None:
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.swapped.set(stats.num_swapped)
@@ -166,9 +284,87 @@ class ServerMetrics:
             for name, counter in (("deaths", self.deaths), ("replaced", self.replaced),
                                   ("quarantined", self.quarantined)):
                 self._mirror(name, counter, getattr(health, name))
-        return generate_latest(self.registry)
+        if cluster is not None:
+            self._observe_cluster(cluster)
 
-    def _mirror(self, name: str, counter: Counter, value: int) -> None:
+    def _observe_cluster(self, cluster: Cluster) -> None:
+        stats = cluster.stats()
+        live = {name: r.stats for name, r in stats.instances.items()
+                if r.alive and r.stats is not None}
+        for name in self._instance_names - live.keys():
+            for gauge in self._per_instance.values():
+                gauge.remove(self.model_name, name)
+        for name, s in live.items():
+            for field, gauge in self._per_instance.items():
+                gauge.labels(self.model_name, name).set(getattr(s, field))
+        self._instance_names = set(live)
+        self._mirror("redispatched", self.redispatched, stats.num_redispatched)
+        new = cluster.migrations[self._migrations_seen:]  # appended to only
+        self._migrations_seen += len(new)
+        for m in new:
+            self._migrations.labels(self.model_name, "ok" if m.ok else "failed").inc()
+            self.migration_duration.observe(m.duration_s)
+            self.migration_bytes.inc(m.bytes_copied)
+            if m.ok:
+                self.migration_downtime.observe(m.downtime_s)
+
+    def _mirror(self, name: str, counter, value: int) -> None:
         """Advance ``counter`` to a cumulative ``value`` counted elsewhere."""
         counter.inc(max(0, value - self._mirrored[name]))
         self._mirrored[name] = value
+
+
+class RequestTracker:
+    """Observes one request's metrics as its outputs arrive: each new token when it
+    is seen, the per-request histograms once it has finished."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self._m = metrics
+        self._tokens: dict[int, int] = {}  # completion index -> tokens counted
+        self._times: dict[int, int] = {}  # completion index -> token times observed
+        self._started = self._done = False
+
+    def update(self, whole: RequestOutput) -> None:
+        """``whole``: the request's output so far (not a delta)."""
+        m = self._m
+        if self._done:
+            return
+        for comp, rm in zip(whole.outputs, whole.metrics):
+            counted = self._tokens.get(comp.index, 0)
+            m.generation_tokens.inc(max(0, len(comp.token_ids) - counted))
+            self._tokens[comp.index] = len(comp.token_ids)
+            seen, times = self._times.get(comp.index, 0), rm.token_times
+            if seen == 0 and times and rm.first_token_time is not None:
+                m.ttft.observe(rm.first_token_time - rm.arrival_time)
+            for a, b in zip(times[max(seen - 1, 0):], times[max(seen, 1):]):
+                m.itl.observe(b - a)
+                m.tpot.observe(b - a)
+            self._times[comp.index] = len(times)
+            if times and not self._started:
+                self._started = True
+                m.prompt_tokens.inc(len(whole.prompt_token_ids))
+        if whole.finished:
+            self._done = True
+            self._finish(whole)
+
+    def _finish(self, whole: RequestOutput) -> None:
+        m = self._m
+        if not self._started:  # finished before any token (e.g. max_tokens reached at once)
+            m.prompt_tokens.inc(len(whole.prompt_token_ids))
+        m.request_prompt.observe(len(whole.prompt_token_ids))
+        for comp, rm in zip(whole.outputs, whole.metrics):
+            m.success(comp.finish_reason or "abort").inc()
+            m.request_generation.observe(len(comp.token_ids))
+            if rm.finished_time is not None:
+                m.e2e.observe(rm.finished_time - rm.arrival_time)
+            if rm.first_scheduled_time is not None:
+                m.queue.observe(rm.first_scheduled_time - rm.arrival_time)
+                if rm.finished_time is not None:
+                    m.inference.observe(rm.finished_time - rm.first_scheduled_time)
+                if rm.first_token_time is not None:
+                    m.prefill.observe(rm.first_token_time - rm.first_scheduled_time)
+            if rm.first_token_time is not None and rm.finished_time is not None:
+                m.decode.observe(rm.finished_time - rm.first_token_time)
+            times = rm.token_times
+            if len(times) > 1:
+                m.request_tpot.observe((times[-1] - times[0]) / (len(times) - 1))

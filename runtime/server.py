@@ -84,7 +84,7 @@ from sluice.runtime import openai_protocol as proto
 from sluice.runtime.async_engine import AsyncEngine, OutputStream, StreamStalled
 from sluice.runtime.embed import mean_pooled
 from sluice.runtime.engine import LLMEngine
-from sluice.runtime.metrics import CONTENT_TYPE, ServerMetrics
+from sluice.runtime.metrics import CONTENT_TYPE, RequestTracker, ServerMetrics
 from sluice.runtime.openai_protocol import APIError
 from sluice.runtime.outputs import RequestOutput, accumulate
 from sluice.runtime.sampling_params import SamplingParams
@@ -119,6 +119,7 @@ class ServerConfig:
     header_timeout_s: float = 10.0  # a request's headers must arrive within this
     limit_concurrency: int | None = 1024  # connections + requests at once; 503 past it
     max_header_bytes: int = 16 << 10  # largest incomplete request head (h11), else 400
+    metrics_compat: str | None = None  # "vllm": /metrics also under vLLM's names (metrics.py)
 
     def __post_init__(self) -> None:
         if self.access_log_format not in ACCESS_LOG_FORMATS:
@@ -144,6 +145,7 @@ class _Job:
     response_id: str  # the API request's id (its response's ``id``)
     waiting: int  # completions admitted without a token yet (count against max_waiting)
     last: RequestOutput | None = None  # everything so far (the deltas accumulated)
+    tracker: RequestTracker | None = None  # its metrics, observed as outputs arrive
     closed: bool = False
 
 
@@ -154,7 +156,8 @@ class OpenAIServer:
         self.llm_engine: LLMEngine = engine.engine
         self.tokenizer = self.llm_engine.model.tokenizer
         self.max_model_len = self.llm_engine.max_model_len
-        self.metrics = ServerMetrics(config.model_name)
+        self.metrics = ServerMetrics(config.model_name, config.metrics_compat,
+                                     self.max_model_len)
         self.created = proto.now()
         self.num_waiting = 0  # sequences admitted and waiting (see max_waiting)
         self._live: dict[str, list[_Job]] = {}  # response id -> its unfinished jobs
@@ -362,8 +365,8 @@ class OpenAIServer:
                       if not c.token_ids and c.finish_reason is None)
         self.num_waiting -= job.waiting - waiting
         job.waiting = waiting
-        if out.finished:
-            self.metrics.observe_finished(job.last)
+        job.tracker = job.tracker or self.metrics.track()
+        job.tracker.update(job.last)
         return out
 
     async def _until_disconnect(self, request: Request, work: Awaitable[Response],
@@ -681,8 +684,11 @@ class OpenAIServer:
         return JSONResponse({"version": importlib.metadata.version("sluice-serve")})
 
     async def prometheus(self, request: Request) -> Response:
+        # under --instances the global scheduler's per-instance and migration figures too
         return Response(await self._offload(self.metrics.render, self.engine.stats(),
-                                            self.engine.health()), media_type=CONTENT_TYPE)
+                                            self.engine.health(),
+                                            getattr(self.engine, "cluster", None)),
+                        media_type=CONTENT_TYPE)
 
 
 async def _http_exception(request: Request, exc: HTTPException) -> Response:

@@ -162,3 +162,49 @@ def test_fair_flags_reach_the_policy(capsys):
     assert main(args[:7] + ["--client-weights", "alice=0", *FAST]) == 2
     assert "client_weights: the weight of 'alice' must be a finite number > 0" in \
         capsys.readouterr().err
+
+
+# -- start-up: a command imports only what it needs --------------------------------
+
+HEAVY = ("jax", "scipy", "ray", "torch", "uvicorn", "sluice.scheduler", "sluice.rag",
+         "sluice.runtime.engine")
+
+
+def _imported_by(argv: list[str]) -> tuple[str, set[str]]:
+    """Run ``sluice ARGV`` in a fresh interpreter (as the console script does) and
+    return its stdout and the `HEAVY` modules it had imported when it finished."""
+    import subprocess
+    import sys
+    code = ("import sys\nfrom sluice.runtime.cli import main\n"
+            f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            f"print([m for m in sys.modules if m.startswith({HEAVY!r})])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    out, _, last = done.stdout.rstrip().rpartition("\n")
+    return out, set(json.loads(last.replace("'", '"')))
+
+
+def test_help_imports_nothing_heavy():
+    out, heavy = _imported_by(["--help"])
+    assert heavy == set(), heavy
+    for name in ("generate", "serve", "bench", "provision", "rag"):
+        assert name in out
+
+
+def test_provision_help_imports_neither_jax_nor_scipy():
+    out, heavy = _imported_by(["provision", "--help"])
+    assert heavy == set(), heavy
+    # it documents the workload file and lists the model presets
+    assert '"rate": 8.0' in out and "arrival_cv" in out
+    from sluice.provision.perfmodel import MODELS
+    assert all(name in out for name in MODELS)
+
+
+def test_provision_run_does_not_import_jax(tmp_path):
+    wl = tmp_path / "w.json"
+    wl.write_text(json.dumps({"model": "llama-3-8b", "rate": 2, "requests": [[100, 50]]}))
+    out, heavy = _imported_by(["provision", "--workload", str(wl), "--slo", "tpot=0.05",
+                               "--types", "L4,H100", "--no-verify",
+                               "--output", str(tmp_path / "plan.json")])
+    assert "status: optimal" in out
+    assert "jax" not in heavy and "sluice.runtime.engine" not in heavy and "scipy" in heavy

@@ -422,7 +422,7 @@ def test_stream_disconnect_aborts_and_frees_blocks(live, http):
 
 def test_non_stream_disconnect_aborts(live):
     live.wait_idle()
-    aborted = live.server.metrics._success.labels("tiny", "abort")._value.get()
+    aborted = aborted_count(live)
     body = json.dumps({"prompt": "bye", **LONG, "max_tokens": 250}).encode()
     port = int(live.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -434,7 +434,12 @@ def test_non_stream_disconnect_aborts(live):
             assert time.monotonic() < deadline
             time.sleep(0.01)
     live.wait_idle(timeout=10)
-    assert live.server.metrics._success.labels("tiny", "abort")._value.get() == aborted + 1
+    assert aborted_count(live) == aborted + 1
+
+
+def aborted_count(live: LiveServer) -> float:
+    return live.server.metrics.registry.get_sample_value(
+        "sluice:request_success_total", {"model_name": "tiny", "finished_reason": "abort"}) or 0
 
 
 # -- overload -----------------------------------------------------------------------
