@@ -36,7 +36,7 @@ from typing import Awaitable, Callable
 
 from sluice.runtime.engine import EngineStats, LLMEngine, Prompt
 from sluice.runtime.intake import check_priority
-from sluice.runtime.metrics import Health
+from sluice.runtime.health import Health
 from sluice.runtime.outputs import DeltaView, RequestFailed, RequestOutput, merge
 from sluice.runtime.sampling_params import SamplingParams
 

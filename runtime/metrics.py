@@ -57,7 +57,6 @@ dashboard reads them).
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from typing import TYPE_CHECKING
 
@@ -65,6 +64,7 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
 
 from sluice.runtime.engine import EngineStats
+from sluice.runtime.health import Health
 from sluice.runtime.outputs import RequestOutput
 
 if TYPE_CHECKING:
@@ -95,24 +95,6 @@ def token_buckets(max_model_len: int) -> tuple[int, ...]:
                 return tuple(out)
             out.append(m * scale)
         scale *= 10
-
-
-@dataclasses.dataclass(frozen=True)
-class Health:
-    """Whether the server can take requests: its engines (instances) by state and
-    the cumulative counts of what went wrong with them."""
-
-    serving: int  # engines (instances) that take new requests
-    draining: int = 0
-    dead: int = 0  # died and not (yet) replaced
-    deaths: int = 0
-    replaced: int = 0
-    quarantined: int = 0  # requests failed after instances running them died
-    reason: str | None = None  # why nothing serves; None while something does
-
-    @property
-    def ok(self) -> bool:
-        return self.serving > 0
 
 
 class _Fanout:

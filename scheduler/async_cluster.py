@@ -28,7 +28,7 @@ from sluice.runtime.engine import (EngineConfig, EngineStats, LLMEngine, Prompt,
                                    resolve_max_model_len)
 from sluice.runtime.intake import Intake
 from sluice.runtime.loader import Model
-from sluice.runtime.metrics import Health
+from sluice.runtime.health import Health
 from sluice.runtime.outputs import RequestOutput
 from sluice.runtime.sampling_params import SamplingParams
 from sluice.scheduler.cluster import Cluster, ClusterConfig

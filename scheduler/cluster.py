@@ -64,7 +64,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from sluice.runtime.intake import Group, Intake, Prompt, check_priority
-from sluice.runtime.metrics import Health
+from sluice.runtime.health import Health
 from sluice.runtime.outputs import RequestFailed, RequestOutput
 from sluice.runtime.sampling_params import SamplingParams
 from sluice.scheduler.instance import DeathSink, Instance, LoadReport, OutputSink
