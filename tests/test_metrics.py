@@ -15,8 +15,8 @@ import httpx
 import pytest
 import uvicorn
 
-from sluice.runtime import AsyncEngine, load_model
-from sluice.runtime.engine import EngineConfig, EngineStats, LLMEngine
+from sluice.runtime import load_model
+from sluice.runtime.engine import EngineConfig, EngineStats
 from sluice.runtime.metrics import Health, ServerMetrics
 from sluice.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sluice.runtime.server import OpenAIServer, ServerConfig, bind_socket
@@ -185,15 +185,22 @@ def samples(text: str) -> dict[str, float]:
             for line in text.splitlines() if line and not line.startswith("#")}
 
 
-def test_vllm_names_from_a_live_server_count_one_interval_per_token(tiny):
-    engine = LLMEngine(tiny, EngineConfig(warmup=False, max_model_len=256))
-    server = OpenAIServer(AsyncEngine(engine), ServerConfig("tiny", metrics_compat="vllm"))
-    with serving(server) as http:
-        r = http.post("/v1/completions", json={"model": "tiny", "prompt": "metrics",
-                                               "max_tokens": 5, "temperature": 0,
-                                               "ignore_eos": True, "stream": True})
-        assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
-        got = samples(http.get("/metrics").text)
+def test_a_live_server_under_instances_counts_one_interval_per_token_in_vllm_names(tiny):
+    """The server's own wiring: outputs streamed over HTTP feed the trackers, the
+    scrape reads the cluster behind the front end."""
+    from sluice.scheduler.async_cluster import AsyncCluster, local_cluster
+
+    front = AsyncCluster(local_cluster(tiny, EngineConfig(warmup=False, max_model_len=256), 2))
+    server = OpenAIServer(front, ServerConfig("tiny", metrics_compat="vllm"))
+    try:
+        with serving(server) as http:
+            r = http.post("/v1/completions", json={"model": "tiny", "prompt": "metrics",
+                                                   "max_tokens": 5, "temperature": 0,
+                                                   "ignore_eos": True, "stream": True})
+            assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+            got = samples(http.get("/metrics").text)
+    finally:
+        asyncio.run(front.shutdown())
     lab = '{engine="0",model_name="tiny"}'
     prompt = len(tiny.tokenizer.encode("metrics"))
     assert got[f"vllm:generation_tokens_total{lab}"] == 5
@@ -206,23 +213,8 @@ def test_vllm_names_from_a_live_server_count_one_interval_per_token(tiny):
                'model_name="tiny"}'] == 1
     assert got[f"vllm:num_requests_running{lab}"] == 0
     assert got[f"vllm:kv_cache_usage_perc{lab}"] == got[f"vllm:gpu_cache_usage_perc{lab}"]
-
-
-def test_instances_show_per_instance_metrics_on_a_live_server(tiny):
-    from sluice.scheduler.async_cluster import AsyncCluster, local_cluster
-
-    front = AsyncCluster(local_cluster(tiny, EngineConfig(warmup=False, max_model_len=256), 2))
-    server = OpenAIServer(front, ServerConfig("tiny"))
-    try:
-        with serving(server) as http:
-            r = http.post("/v1/completions", json={"model": "tiny", "prompt": "two",
-                                                   "max_tokens": 3, "ignore_eos": True})
-            assert r.status_code == 200
-            got = samples(http.get("/metrics").text)
-    finally:
-        asyncio.run(front.shutdown())
     for name in ("instance-0", "instance-1"):
-        lab = f'{{instance="{name}",model_name="tiny"}}'
-        assert got[f"sluice:instance_num_requests_running{lab}"] == 0
-        assert got[f"sluice:instance_kv_cache_usage_perc{lab}"] == 0
+        inst = f'{{instance="{name}",model_name="tiny"}}'
+        assert got[f"sluice:instance_num_requests_running{inst}"] == 0
+        assert got[f"sluice:instance_kv_cache_usage_perc{inst}"] == 0
     assert got['sluice:num_instances{model_name="tiny",state="serving"}'] == 2
