@@ -48,9 +48,9 @@ the source to adopt on the destination), ``migration_duration_seconds``,
 ``migration_bytes`` (KV bytes copied) and ``requests_redispatched`` (moved off
 dead instances).
 
-``render(stats, health, cluster)`` returns the text exposition format. `Health`
-is also what ``GET /health`` answers from (503 while ``serving`` is 0, with
-``reason`` in the body). Importing this module turns off prometheus-client's
+``render(stats, health, cluster)`` returns the text exposition format
+(`sluice.runtime.health.Health` is the front end's state, which ``GET /health``
+also answers from). Importing this module turns off prometheus-client's
 ``*_created`` series process-wide, as vLLM does (they double the output and no
 dashboard reads them).
 """

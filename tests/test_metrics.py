@@ -17,7 +17,8 @@ import uvicorn
 
 from sluice.runtime import load_model
 from sluice.runtime.engine import EngineConfig, EngineStats
-from sluice.runtime.metrics import Health, ServerMetrics
+from sluice.runtime.health import Health
+from sluice.runtime.metrics import ServerMetrics
 from sluice.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sluice.runtime.server import OpenAIServer, ServerConfig, bind_socket
 from sluice.scheduler.cluster import ClusterStats
