@@ -6,10 +6,12 @@ completes the sequence) first, then prompt chunks. Each step is padded to one
 of compiled programs is bounded and known; `warmup` compiles them all. The KV pool is donated into
 every call, so the step never copies it.
 
-Interface: ``execute(batch, during=None) -> (token_ids, logprobs, top_ids,
-top_logprobs)`` numpy arrays, one row per entry of ``batch`` (rows of unfinished
-prefill chunks are garbage and ignored by the engine); ``during`` is host work
-to overlap with the step on the device (asynchronous swap-in).
+Interface: ``execute(batch, during=None, token_masks=None) -> (token_ids,
+logprobs, top_ids, top_logprobs)`` numpy arrays, one row per entry of ``batch``
+(rows of unfinished prefill chunks are garbage and ignored by the engine);
+``during`` is host work to overlap with the step on the device (asynchronous
+swap-in); ``token_masks()`` returns the rows' allowed-token bitmasks
+(structured outputs), computed on the host while the forward runs.
 """
 
 from __future__ import annotations
@@ -31,7 +33,14 @@ from sluice.runtime.kv_cache import KVCacheSpec
 from sluice.runtime.loader import Model
 from sluice.runtime.model import compute_logits, forward_unjitted
 from sluice.runtime.request import Request
-from sluice.runtime.sampler import SamplingTensors, sample
+from sluice.runtime.sampler import ALL_ALLOWED, SamplingTensors, mask_words, sample
+
+
+# Packed allowed-token masks for a step, by index into the batch given to
+# `ModelRunner.execute`: int32 (or uint32) [ceil(vocab / 32)] each, token t allowed
+# iff bit t % 32 of word t // 32 is set; rows not in the dict (or None) are
+# unconstrained. See `sluice.runtime.sampler`.
+TokenMasks = Callable[[], "dict[int, np.ndarray] | None"]
 
 
 def pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
@@ -117,6 +126,8 @@ class ModelRunner:
             self.page_buckets = pow2_buckets(max(1, max_pages // 8), max_pages)
         else:
             self.page_buckets = (max_pages,)
+        self._mask_words = mask_words(model.config.vocab_size)
+        self._all_allowed: dict[int, jax.Array] = {}  # sample rows -> all-ones token mask
 
     def shapes(self) -> list[StepShape]:
         """Every shape a step can take (all compiled by `warmup`)."""
@@ -150,7 +161,8 @@ class ModelRunner:
                 cfg=self.model.config, backend=self.backend)
             tensors = SamplingTensors.build([], n_seq, self.model.config.vocab_size, False)
             for greedy in (True, False):
-                jax.block_until_ready(_sample(logits, tensors, all_greedy=greedy,
+                jax.block_until_ready(_sample(logits, tensors, self._token_mask(n_seq, None),
+                                              all_greedy=greedy,
                                               do_penalties=False, do_filters=False,
                                               num_logprobs=0))
 
@@ -209,11 +221,15 @@ class ModelRunner:
     # -- execution ----------------------------------------------------------
 
     def execute(self, batch: list[StepRow],
-                during: Callable[[jax.Array], None] | None = None) -> tuple[np.ndarray, ...]:
+                during: Callable[[jax.Array], None] | None = None,
+                token_masks: TokenMasks | None = None) -> tuple[np.ndarray, ...]:
         """Run one step; returns per-row (token, logprob, top ids, top logprobs).
         ``during(tokens)`` runs on this thread once the step is dispatched and
         before its results are fetched (``tokens``: the step's device output), so
-        host work there (a swap-in) overlaps the step on the device."""
+        host work there (a swap-in) overlaps the step on the device.
+        ``token_masks()`` runs once the forward is dispatched and before sampling,
+        so grammar masks are computed while the device runs the forward; it maps
+        indices into ``batch`` to packed masks (see `TokenMasks`)."""
         decode = [r for r in batch if r.request.is_decode(r.num_new_tokens)]
         prefill = [r for r in batch if not r.request.is_decode(r.num_new_tokens)]
         token_ids, positions, metas, sample_rows = self._build(decode, prefill)
@@ -221,10 +237,12 @@ class ModelRunner:
             self.model.params, self.kv_cache, token_ids, positions, metas, sample_rows,
             cfg=self.model.config, backend=self.backend)
         ordered = decode + prefill
-        out = self._sample(logits, ordered)
+        where = {id(r): i for i, r in enumerate(ordered)}
+        masks = token_masks() if token_masks is not None else None
+        out = self._sample(logits, ordered,
+                           {where[id(batch[i])]: m for i, m in masks.items()} if masks else None)
         if during is not None:
             during(out[0])
-        where = {id(r): i for i, r in enumerate(ordered)}
         idx = np.asarray([where[id(r)] for r in batch], np.int64)
         return tuple(np.asarray(a)[idx] for a in out)
 
@@ -258,8 +276,28 @@ class ModelRunner:
         arr = block_copy.groups_array(groups, max_groups)
         self.kv_cache = _scatter_blocks(self.kv_cache, arr, jnp.asarray(staging))
 
-    def _sample(self, logits: jax.Array, rows: list[StepRow]) -> tuple[jax.Array, ...]:
-        """Dispatch sampling; device arrays with a row per padded logits row."""
+    def _token_mask(self, num_rows: int, masks: dict[int, np.ndarray] | None) -> jax.Array:
+        """The packed mask of a step's ``num_rows`` sample rows: all ones but for the
+        rows in ``masks`` (sample row -> mask). Without masks, a device array kept
+        per row count, so unconstrained steps transfer nothing."""
+        if not masks:
+            if num_rows not in self._all_allowed:
+                self._all_allowed[num_rows] = jax.device_put(
+                    np.full((num_rows, self._mask_words), ALL_ALLOWED, np.int32), self.device)
+            return self._all_allowed[num_rows]
+        out = np.full((num_rows, self._mask_words), ALL_ALLOWED, np.int32)
+        for row, m in masks.items():
+            m = np.asarray(m)
+            if m.dtype not in (np.int32, np.uint32) or m.shape != (self._mask_words,):
+                raise ValueError(f"token_masks: each mask must be int32 or uint32 "
+                                 f"[{self._mask_words}], got {m.dtype} {list(m.shape)}")
+            out[row] = m.view(np.int32)
+        return jax.device_put(out, self.device)
+
+    def _sample(self, logits: jax.Array, rows: list[StepRow],
+                masks: dict[int, np.ndarray] | None = None) -> tuple[jax.Array, ...]:
+        """Dispatch sampling; device arrays with a row per padded logits row.
+        ``masks``: packed allowed-token masks by index into ``rows``."""
         params = [r.request.params for r in rows]
         do_penalties = any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
                            or p.frequency_penalty != 0.0 for p in params)
@@ -268,7 +306,7 @@ class ModelRunner:
         tensors = SamplingTensors.build(entries, logits.shape[0], self.model.config.vocab_size,
                                         do_penalties)
         out = _sample(
-            logits, tensors,
+            logits, tensors, self._token_mask(logits.shape[0], masks),
             all_greedy=all(p.is_greedy for p in params),
             do_penalties=do_penalties,
             do_filters=any(not p.is_greedy and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0)

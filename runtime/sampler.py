@@ -1,7 +1,7 @@
 """Token sampling on the device, as one pure jittable function.
 
-``sample(logits [S, V], t, *, all_greedy, do_penalties, do_filters, num_logprobs)``
-picks one token per row and returns a `SamplerOutput`. ``t`` is a
+``sample(logits [S, V], t, token_mask, *, all_greedy, do_penalties, do_filters,
+num_logprobs)`` picks one token per row and returns a `SamplerOutput`. ``t`` is a
 `SamplingTensors`: every request setting as a per-row array, built on the host by
 `SamplingTensors.build` (numpy, then one transfer). The keyword arguments are
 static; the engine derives them from the batch's `SamplingParams` so that work no
@@ -11,6 +11,15 @@ row needs is not even compiled:
 - ``all_greedy``: every row is greedy, so nothing is drawn at all;
 - ``do_filters``: some sampled row uses top-k, top-p or min-p;
 - ``num_logprobs``: how many top alternatives to return (0 = chosen token only).
+
+``token_mask`` (int32 [S, ceil(V / 32)]) says which tokens each row may take
+(structured outputs): token t is allowed iff bit t % 32 (least significant first)
+of word t // 32 is set, the layout of xgrammar's and llguidance's bitmasks
+(`pack_token_mask` builds one from booleans). Every step passes one, all ones
+(`ALL_ALLOWED` words) for unconstrained rows, so a constrained request changes no
+shape and compiles nothing; a batch without constraints skips the unpacking.
+Disallowed tokens become -inf after the penalties and before everything else, for
+greedy rows too.
 
 A row whose own settings are neutral gets bit-identical logits on every path, so
 its token does not depend on which flags its batch needed.
@@ -57,6 +66,7 @@ _BLOCK = 256  # tokens per block of the two-level draw; ~sqrt(V) balances the le
 _CANDIDATES = 128  # largest logits among which top-k / top-p cut-offs are looked for first
 _MIN_TOKEN_BUCKET = 16
 _GREEDY_PAD = SamplingParams(temperature=0.0)
+ALL_ALLOWED = -1  # a token-mask word with all 32 bits set, as int32
 
 
 @jax.tree_util.register_dataclass
@@ -136,10 +146,12 @@ class SamplerOutput:
     top_logprobs: jax.Array
 
 
-def sample(logits: jax.Array, t: SamplingTensors, *, all_greedy: bool, do_penalties: bool,
-           do_filters: bool, num_logprobs: int) -> SamplerOutput:
-    """One token per row of ``logits`` [S, V] (f32); see the module docstring."""
+def sample(logits: jax.Array, t: SamplingTensors, token_mask: jax.Array, *, all_greedy: bool,
+           do_penalties: bool, do_filters: bool, num_logprobs: int) -> SamplerOutput:
+    """One token per row of ``logits`` [S, V] (f32); ``token_mask`` is the packed
+    bitmask of allowed tokens, int32 [S, mask_words(V)]; see the module docstring."""
     x = apply_penalties(logits, t) if do_penalties else logits
+    x = apply_token_mask(x, token_mask)
     token_ids = _argmax(x)
     if not all_greedy:
         greedy = t.temperature < GREEDY_TEMPERATURE
@@ -166,6 +178,38 @@ def apply_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
     # inf - inf would make the softmax NaN, so keep every logit finite.
     big = jnp.finfo(x.dtype).max
     return jnp.clip(x, -big, big)
+
+
+def mask_words(vocab_size: int) -> int:
+    """32-bit words per row of a packed token mask."""
+    return -(-vocab_size // 32)
+
+
+def pack_token_mask(allowed: np.ndarray) -> np.ndarray:
+    """Packed int32 [..., mask_words(V)] mask of a bool [..., V] array: token t is bit
+    t % 32 (least significant first) of word t // 32."""
+    allowed = np.asarray(allowed, bool)
+    V = allowed.shape[-1]
+    padded = np.zeros(allowed.shape[:-1] + (mask_words(V) * 32,), bool)
+    padded[..., :V] = allowed
+    bits = np.packbits(padded.reshape(padded.shape[:-1] + (-1, 32)), axis=-1, bitorder="little")
+    return bits.view(np.uint32).view(np.int32).reshape(padded.shape[:-1] + (-1,))
+
+
+def apply_token_mask(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """``x`` [S, V] with the tokens ``mask`` (packed, see `pack_token_mask`) disallows
+    set to -inf. All-ones rows are unchanged bit for bit, and a batch of only such
+    rows skips the unpacking. A row that allows no token at all is left unmasked (it
+    must not turn into NaNs; the host ends such a request, its grammar being stuck)."""
+
+    def masked(x: jax.Array) -> jax.Array:
+        S, V = x.shape
+        shifts = jnp.arange(32, dtype=jnp.int32)
+        allowed = ((mask[:, :, None] >> shifts) & 1).reshape(S, -1)[:, :V] == 1
+        allowed |= ~jnp.any(allowed, -1, keepdims=True)
+        return jnp.where(allowed, x, -jnp.inf)
+
+    return jax.lax.cond(jnp.all(mask == ALL_ALLOWED), lambda x: x, masked, x)
 
 
 def apply_filters(x: jax.Array, t: SamplingTensors) -> jax.Array:

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sluice.runtime.sampler import SamplingTensors, apply_filters, apply_penalties, sample
+from sluice.runtime.sampler import (ALL_ALLOWED, SamplingTensors, apply_filters, apply_penalties,
+                                    mask_words, pack_token_mask, sample)
 from sluice.runtime.sampling_params import SamplingParams
 
 V = 300  # more than one 256-token block of the draw, more than the 128 top-k candidates
@@ -31,15 +32,19 @@ def flags(params: list[SamplingParams], num_logprobs: int = 0) -> dict:
 
 
 def run(logits: np.ndarray, rows: list[tuple], pad_rows: int = 8, num_logprobs: int = 0,
-        **overrides):
+        allowed: dict[int, np.ndarray] | None = None, **overrides):
     """Sample ``rows`` (build tuples) over ``logits``, padded to at least ``pad_rows``
-    rows (few shapes, few compiles); returns numpy outputs for ``rows``."""
+    rows (few shapes, few compiles); ``allowed``: bool [V] masks by row (others are
+    unconstrained). Returns numpy outputs for ``rows``."""
     params = [r[0] for r in rows]
     kw = {**flags(params, num_logprobs), **overrides}
     S = max(pad_rows, len(rows))
     logits = np.vstack([logits, np.zeros((S - len(logits), logits.shape[1]), np.float32)])
     t = SamplingTensors.build(rows, S, logits.shape[1], kw["do_penalties"])
-    out = _sample(jnp.asarray(logits, jnp.float32), t, **kw)
+    mask = np.full((S, mask_words(logits.shape[1])), ALL_ALLOWED, np.int32)
+    for row, keep in (allowed or {}).items():
+        mask[row] = pack_token_mask(keep)
+    out = _sample(jnp.asarray(logits, jnp.float32), t, jnp.asarray(mask), **kw)
     return jax.tree_util.tree_map(lambda a: np.asarray(a)[:len(rows)], out)
 
 
@@ -296,3 +301,114 @@ def test_logprobs_are_raw_log_softmax_with_sorted_top_ids():
     assert (np.diff(out.top_logprobs, axis=-1) <= 0).all()
     assert out.top_ids.dtype == np.int32
     assert run(logits, rows).top_ids.shape == (4, 0)
+
+
+# --- token masks (structured outputs) ------------------------------------------------------
+
+def test_pack_token_mask_bit_order():
+    allowed = np.zeros((2, V), bool)
+    allowed[0, [0, 31, 32, 299]] = True
+    allowed[1] = True
+    packed = pack_token_mask(allowed)
+    assert packed.dtype == np.int32 and packed.shape == (2, mask_words(V)) == (2, 10)
+    words = packed.view(np.uint32)
+    assert words[0, 0] == 1 | 1 << 31 and words[0, 1] == 1 and words[0, 9] == 1 << (299 - 288)
+    assert (words[0, 2:9] == 0).all()
+    # token t is bit t % 32 of word t // 32; bits past V stay clear
+    for t in range(V):
+        assert bool(words[1, t // 32] >> (t % 32) & 1)
+    assert words[1, 9] == (1 << (V - 288)) - 1
+
+
+MASKED_PARAMS = [SamplingParams(temperature=0), SamplingParams(temperature=0.9),
+                 SamplingParams(temperature=1.2, top_k=40, top_p=0.9, min_p=0.02),
+                 SamplingParams(temperature=0, repetition_penalty=1.5, presence_penalty=1.0),
+                 SamplingParams(temperature=1.0, frequency_penalty=-1.5, top_k=3),
+                 SamplingParams(temperature=2.0, top_p=0.5)]
+
+
+@pytest.mark.parametrize("params", MASKED_PARAMS)
+def test_masked_rows_take_only_allowed_tokens_and_others_are_unchanged(params):
+    """Rows 1 and 4 are masked (row 4 allows tokens outside the 128 largest
+    logits and in the last, partial mask word); the other rows give bit-identical
+    outputs to the same batch without masks, whatever the masked rows' settings."""
+    rng = np.random.default_rng(12)
+    logits = random_logits(6, seed=13)
+    prompt, output = [5, 6, 7, 250], [8, 9, 9]
+    allowed = {1: np.isin(np.arange(V), rng.choice(V, 5, replace=False)),
+               4: np.isin(np.arange(V), np.argsort(logits[4])[:3].tolist() + [299])}
+    others = [SamplingParams(temperature=0), SamplingParams(top_k=5), SamplingParams(top_p=0.8),
+              SamplingParams(repetition_penalty=1.3)]
+    for step in range(6):
+        rows = [(p, 7 + i, step, prompt, output) for i, p in enumerate(others)]
+        rows.insert(1, (params, 100, step, prompt, output))
+        rows.insert(4, (params, 200, step, prompt, output))
+        plain = run(logits, rows, num_logprobs=3)
+        masked = run(logits, rows, num_logprobs=3, allowed=allowed)
+        for row, keep in allowed.items():
+            assert keep[masked.token_ids[row]], (step, row, masked.token_ids[row])
+        for row in (0, 2, 3, 5):
+            for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(masked)):
+                np.testing.assert_array_equal(a[row], b[row])
+
+
+def test_masked_greedy_is_argmax_over_allowed_and_empty_mask_is_ignored():
+    logits = random_logits(3, seed=14)
+    allowed = {0: np.isin(np.arange(V), [3, 40, 299]), 1: np.zeros(V, bool)}
+    rows = [(SamplingParams(temperature=0), i, 0, [], []) for i in range(3)]
+    out = run(logits, rows, allowed=allowed)
+    assert out.token_ids[0] == [3, 40, 299][int(np.argmax(logits[0, [3, 40, 299]]))]
+    # a mask allowing nothing (a stuck grammar, ended by the host) must not give NaNs
+    np.testing.assert_array_equal(out.token_ids[1:], np.argmax(logits[1:], -1))
+    assert np.isfinite(out.logprobs).all()
+
+
+def test_masked_sampling_follows_renormalized_distribution():
+    logits = np.array([1.0, 0.5, 0.0, -0.5, 2.0, 1.5, -3.0, 0.2], np.float32)
+    keep = np.array([1, 0, 1, 1, 0, 0, 1, 1], bool)
+    n = 4000
+    rows = [(SamplingParams(temperature=0.8), 77, step, [], []) for step in range(n)]
+    tokens = run(np.repeat(logits[None], n, 0), rows,
+                 allowed={i: keep for i in range(n)}).token_ids
+    counts = np.bincount(tokens, minlength=len(logits))
+    assert counts[~keep].sum() == 0
+    probs = np.exp(logits[keep] / 0.8) / np.exp(logits[keep] / 0.8).sum()
+    assert chi_square(counts[keep], probs) < 25  # 4 degrees of freedom
+
+
+def test_runner_applies_token_masks_by_batch_index():
+    """`ModelRunner.execute(token_masks=...)`: the hook runs once per step, its masks
+    are keyed by position in the batch (not the runner's decode-first order), the
+    masked rows take only allowed tokens and the others match a step without it."""
+    from sluice.runtime import load_model
+    from sluice.runtime.intake import Intake
+    from sluice.runtime.model_runner import ModelRunner, StepRow
+
+    model = load_model("tiny", dtype="float32")
+    runner = ModelRunner(model, 16, 16, max_num_seqs=2, max_num_batched_tokens=16,
+                         max_prefill_seqs=2, max_model_len=64)
+    intake = Intake(model, 64, seed=0)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=3)]
+    reqs = [intake.prepare(f"r{i}", {"prompt_token_ids": [1 + i, 2, 3]}, p).requests[0]
+            for i, p in enumerate(params)]
+    batch = [StepRow(r, 3, [i]) for i, r in enumerate(reqs)]
+    vocab = model.config.vocab_size
+    allowed = np.isin(np.arange(vocab), [11, 200, vocab - 1])
+    calls = []
+
+    def masks():
+        calls.append(1)
+        return {1: pack_token_mask(allowed)}
+
+    plain = runner.execute(batch)
+    for _ in range(3):
+        masked = runner.execute(batch, token_masks=masks)
+        assert allowed[masked[0][1]]
+        for a, b in zip(plain, masked):
+            np.testing.assert_array_equal(a[0], b[0])
+    assert len(calls) == 3
+    both = runner.execute(batch, token_masks=lambda: {0: pack_token_mask(allowed),
+                                                       1: pack_token_mask(allowed)})
+    assert allowed[both[0]].all()  # the greedy row too
+    with pytest.raises(ValueError, match="^token_masks: "):
+        runner.execute(batch, token_masks=lambda: {0: np.zeros(3, np.int32)})
