@@ -219,3 +219,13 @@ def test_a_live_server_under_instances_counts_one_interval_per_token_in_vllm_nam
         assert got[f"sluice:instance_num_requests_running{inst}"] == 0
         assert got[f"sluice:instance_kv_cache_usage_perc{inst}"] == 0
     assert got['sluice:num_instances{model_name="tiny",state="serving"}'] == 2
+
+
+def test_serve_flag_selects_the_compat_mode():
+    from sluice.runtime.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["serve", "--model", "tiny"]).metrics_compat is None
+    assert parse(["serve", "--model", "tiny", "--metrics-compat", "vllm"]).metrics_compat == "vllm"
+    with pytest.raises(SystemExit):
+        parse(["serve", "--model", "tiny", "--metrics-compat", "tgi"])
