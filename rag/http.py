@@ -9,10 +9,12 @@ says what is achievable; the server's own wrapper turns anything else into a 500
 ``GET /v1/rag/status``: ``{"classes": RagService.status()}`` (per class: configuration in
 use, arrival rate, replicas wanted, SLO).
 
-``rag_routes(service, wrap)`` returns the Starlette routes; ``wrap`` is the server's endpoint
-wrapper (error objects, logging). ``load_rag_service(index_dir, engine, model_name)`` builds
-the ``RagService`` a server uses: the extractive tier plus the served model as a generative
-tier, generating through the server's own ``AsyncEngine``.
+``rag_part(index_dir)`` is the server part (`sluice.runtime.server.ServerPart`) that ``sluice
+serve --rag-index`` mounts. ``rag_routes(service, wrap, read_body)`` returns the Starlette
+routes; ``wrap`` is the server's endpoint wrapper (error objects, logging).
+``load_rag_service(index_dir, engine, model_name)`` builds the ``RagService`` a server uses:
+the extractive tier plus the served model as a generative tier, generating through the
+server's own ``AsyncEngine``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -30,6 +33,9 @@ from sluice.rag.generation import EngineGenerator
 from sluice.rag.service import RagService
 from sluice.runtime.async_engine import AsyncEngine
 from sluice.runtime.openai_protocol import APIError
+
+if TYPE_CHECKING:
+    from sluice.runtime.server import ServerContext
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -67,6 +73,15 @@ def rag_routes(service: RagService, wrap: Callable[[Handler], Handler],
 
     return [Route("/v1/rag/query", wrap(query), methods=["POST"]),
             Route("/v1/rag/status", wrap(status), methods=["GET"])]
+
+
+def rag_part(index_dir: str | Path) -> Callable[[ServerContext], list[Route]]:
+    """The server part serving the index in ``index_dir``: the `RagService` is loaded
+    over the server's own front end when the server is built."""
+    def mount(server: ServerContext) -> list[Route]:
+        service = load_rag_service(index_dir, server.engine, server.model_name)
+        return rag_routes(service, server.wrap, server.read_body)
+    return mount
 
 
 def load_rag_service(index_dir: str | Path, engine: AsyncEngine, model_name: str) -> RagService:

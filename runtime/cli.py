@@ -366,7 +366,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or args.model
     config = ServerConfig(
         name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-        max_waiting=args.max_waiting, rag_index=args.rag_index,
+        max_waiting=args.max_waiting,
         body_timeout_s=args.body_timeout, max_embedding_inputs=args.max_embedding_inputs,
         access_log_format="json" if args.access_log == "off" else args.access_log,
         timeout_keep_alive_s=args.timeout_keep_alive, header_timeout_s=args.header_timeout,
@@ -391,7 +391,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"curl {url}{path} -H 'Content-Type: application/json'{auth} "
               f"-d {shlex.quote(body)}", flush=True)
 
-    asyncio.run(run_server(front, config, sock, args.shutdown_timeout, ready))
+    parts = []
+    if args.rag_index is not None:
+        from sluice.rag.http import rag_part
+        parts.append(rag_part(args.rag_index))
+    asyncio.run(run_server(front, config, sock, args.shutdown_timeout, ready, parts))
     return 0
 
 

@@ -10,9 +10,14 @@ server-sent events ending in ``data: [DONE]`` when ``stream`` is true),
 (Prometheus, see `sluice.runtime.metrics`), ``POST /admin/priority``
 (``{"request_id": <a completion's id>, "priority": <int>}``: re-rank an
 unfinished completion while it waits or runs; 404 if none has that id; a
-stream's id is in its ``X-Request-Id`` header before the first token), and ``POST /v1/rag/query`` when
-``ServerConfig.rag_index`` names a RAG index (`sluice.rag.http`). Schemas and the request ->
-`SamplingParams` mapping live in `sluice.runtime.openai_protocol`.
+stream's id is in its ``X-Request-Id`` header before the first token). Schemas and the
+request -> `SamplingParams` mapping live in `sluice.runtime.openai_protocol`.
+
+Optional parts (the RAG routes: `sluice.rag.http.rag_part`) are mounted by
+``OpenAIServer(engine, config, parts=[...])``, so the server imports none of them: a
+`ServerPart` is called with a `ServerContext` (the front end, the served model name,
+the server's endpoint wrapper and body reader), returns its routes, and may add hooks
+to ``context.on_shutdown``, awaited before the engine stops.
 
 Why these behaviours:
 
@@ -69,6 +74,7 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 import uvicorn
@@ -110,7 +116,6 @@ class ServerConfig:
     max_body_bytes: int = 4 << 20
     max_waiting: int | None = None  # sequences; None: unbounded
     retry_after_s: int = 1
-    rag_index: str | None = None  # a `sluice rag build-index` directory: POST /v1/rag/query
     body_timeout_s: float | None = 30.0  # the whole body must arrive within this (408)
     max_embedding_inputs: int = MAX_EMBEDDING_INPUTS
     access_log_format: str = "json"  # json | text
@@ -149,8 +154,27 @@ class _Job:
     closed: bool = False
 
 
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclasses.dataclass
+class ServerContext:
+    """What a `ServerPart` is given to mount itself."""
+
+    engine: Any  # the front end the server runs over (`OpenAIServer.engine`)
+    model_name: str
+    wrap: Callable[[Handler], Handler]  # the server's wrapper: APIError -> error object, ...
+    read_body: Callable[[Request], Awaitable[bytes]]  # the size- and time-limited body
+    on_shutdown: list[Callable[[], Awaitable[None]]] = dataclasses.field(default_factory=list)
+
+
+# An optional part of the server (e.g. `sluice.rag.http.rag_part`): its routes.
+ServerPart = Callable[[ServerContext], Sequence[Route]]
+
+
 class OpenAIServer:
-    def __init__(self, engine: AsyncEngine, config: ServerConfig):
+    def __init__(self, engine: AsyncEngine, config: ServerConfig,
+                 parts: Sequence[ServerPart] = ()):
         self.engine = engine
         self.config = config
         self.llm_engine: LLMEngine = engine.engine
@@ -177,10 +201,10 @@ class OpenAIServer:
             Route("/metrics", self._endpoint(self.prometheus), methods=["GET"]),
             Route("/admin/priority", self._endpoint(self.set_priority), methods=["POST"]),
         ]
-        if config.rag_index is not None:
-            from sluice.rag.http import load_rag_service, rag_routes
-            routes += rag_routes(load_rag_service(config.rag_index, engine, config.model_name),
-                                 self._endpoint, self._body)
+        context = ServerContext(engine, config.model_name, self._endpoint, self._body)
+        for part in parts:
+            routes += part(context)
+        self._on_shutdown = context.on_shutdown
         app = Starlette(routes=routes, lifespan=self._lifespan,
                         exception_handlers={HTTPException: _http_exception})
         self.app = _Guard(app, config)
@@ -188,6 +212,8 @@ class OpenAIServer:
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         yield
+        for hook in self._on_shutdown:
+            await hook()
         await self.engine.shutdown()
         self._work.shutdown(wait=False, cancel_futures=True)
         self._embedder.shutdown(wait=False, cancel_futures=True)
@@ -895,9 +921,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 async def run_server(engine: AsyncEngine | AsyncCluster, config: ServerConfig, sock: socket.socket,
                      shutdown_timeout: float = 30.0,
-                     on_ready: Callable[[str, int], None] | None = None) -> None:
+                     on_ready: Callable[[str, int], None] | None = None,
+                     parts: Sequence[ServerPart] = ()) -> None:
     """Serve until SIGTERM/SIGINT, then shut down gracefully (see module docstring)."""
-    server = OpenAIServer(engine, config)
+    server = OpenAIServer(engine, config, parts)
     uv = uvicorn.Server(connection_config(server.app, config,
                                           timeout_graceful_shutdown=shutdown_timeout))
     # uvicorn re-raises the signal it caught once it has shut down; a no-op

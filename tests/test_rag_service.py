@@ -17,6 +17,7 @@ from sluice.rag.config import PipelineConfig
 from sluice.rag.corpus import LabelledQuestion, load_squad
 from sluice.rag.cost import MINILM, CostModel, ModelTier
 from sluice.rag.embedder import Embedder
+from sluice.rag.http import rag_part
 from sluice.rag.index import RetrievalIndex
 from sluice.rag.intent import DEFAULT_SEEDS, IntentClassifier
 from sluice.rag.pipeline import RagPipeline
@@ -111,7 +112,7 @@ def client(tmp_path_factory: pytest.TempPathFactory, index: RetrievalIndex):
                 0.35, 2.0, 2e-6, 1.0)])
     engine = LLMEngine(load_model("tiny", dtype="float32"),
                        EngineConfig(warmup=False, max_model_len=512))
-    server = OpenAIServer(AsyncEngine(engine), ServerConfig("tiny", rag_index=str(directory)))
+    server = OpenAIServer(AsyncEngine(engine), ServerConfig("tiny"), [rag_part(directory)])
     with TestClient(server.app) as c:
         yield c
 

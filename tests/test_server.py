@@ -558,3 +558,38 @@ def test_conversation_id_reuses_the_previous_turns_kv(tiny):
             srv.wait_idle()
     finally:
         srv.stop()
+
+
+def test_server_parts_mount_routes_and_shutdown_hooks(tiny):
+    """Optional parts (RAG's routes) are mounted through ``parts``, so the server imports
+    none of them: their routes go through the server's wrapper (an APIError is an OpenAI
+    error object) and its size-limited body reader (413), and their shutdown hooks run
+    before the engine stops."""
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from sluice.runtime.openai_protocol import APIError
+    closed = []
+
+    def part(ctx):
+        async def echo(request):
+            body = await ctx.read_body(request)
+            if not body:
+                raise APIError(400, "body: must not be empty", param="body")
+            return JSONResponse({"model": ctx.model_name, "bytes": len(body)})
+
+        async def close():
+            closed.append(ctx.engine.health().ok)  # the engine still runs
+
+        ctx.on_shutdown.append(close)
+        return [Route("/v1/echo", ctx.wrap(echo), methods=["POST"])]
+
+    engine = AsyncEngine(LLMEngine(tiny, EngineConfig(warmup=False, max_model_len=256)))
+    server = OpenAIServer(engine, ServerConfig("tiny", max_body_bytes=64), [part])
+    with TestClient(server.app) as c:
+        assert c.post("/v1/echo", content=b"abc").json() == {"model": "tiny", "bytes": 3}
+        assert_error(c.post("/v1/echo", content=b""), 400, "body")
+        assert_error(c.post("/v1/echo", content=b"x" * 65), 413)
+        assert closed == []
+    assert closed == [True]
