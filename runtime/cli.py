@@ -382,14 +382,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def ready(host: str, port: int) -> None:
         url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
-        path, body = ("/v1/chat/completions", {"messages": [
-            {"role": "user", "content": "What is the capital of France?"}]}) if chat else (
-            "/v1/completions", {"prompt": "The quick brown fox"})
-        body = json.dumps({"model": name, **body, "max_tokens": 16})
-        auth = ' -H "Authorization: Bearer $SLUICE_API_KEY"' if args.api_key else ""
-        print(f"sluice: serving {name} at {url}\n"
-              f"curl {url}{path} -H 'Content-Type: application/json'{auth} "
-              f"-d {shlex.quote(body)}", flush=True)
+        print(f"sluice: serving {name} at {url}\n{curl_example(url, name, chat, args.api_key)}",
+              flush=True)
 
     parts = []
     if args.rag_index is not None:
@@ -397,6 +391,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         parts.append(rag_part(args.rag_index))
     asyncio.run(run_server(front, config, sock, args.shutdown_timeout, ready, parts))
     return 0
+
+
+def curl_example(url: str, model: str, chat: bool, api_key: str | None) -> str:
+    """A curl command line that works as pasted into a POSIX shell: a key that is the
+    shell's $SLUICE_API_KEY is referenced by name (not echoed); one given by
+    --api-key alone is written out, since the variable is unset."""
+    path, body = ("/v1/chat/completions", {"messages": [
+        {"role": "user", "content": "What is the capital of France?"}]}) if chat else (
+        "/v1/completions", {"prompt": "The quick brown fox"})
+    body = json.dumps({"model": model, **body, "max_tokens": 16})
+    auth = ""
+    if api_key:
+        auth = (' -H "Authorization: Bearer $SLUICE_API_KEY"'
+                if api_key == os.environ.get("SLUICE_API_KEY")
+                else f" -H {shlex.quote(f'Authorization: Bearer {api_key}')}")
+    return (f"curl {url}{path} -H 'Content-Type: application/json'{auth} "
+            f"-d {shlex.quote(body)}")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -208,3 +208,28 @@ def test_provision_run_does_not_import_jax(tmp_path):
                                "--output", str(tmp_path / "plan.json")])
     assert "status: optimal" in out
     assert "jax" not in heavy and "sluice.runtime.engine" not in heavy and "scipy" in heavy
+
+
+@pytest.mark.parametrize("flag, env", [("sk-flag 'quoted' $x", None), ("sk-env", "sk-env"),
+                                       ("sk-flag", "sk-other")])
+def test_ready_curl_line_works_as_pasted(monkeypatch, flag, env):
+    """The curl line ``sluice serve`` prints sends the server's key when pasted into a
+    shell: a key given by --api-key alone is written out (``$SLUICE_API_KEY`` is unset
+    there), the shell's own variable is referenced, not echoed."""
+    import os
+    import subprocess
+
+    from sluice.runtime.cli import curl_example
+    if env is None:
+        monkeypatch.delenv("SLUICE_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("SLUICE_API_KEY", env)
+    line = curl_example("http://127.0.0.1:8000", "tiny", False, flag)
+    assert line.startswith("curl ") and ("$SLUICE_API_KEY" in line) == (flag == env)
+    # the words the shell hands curl: printf in its place, in the same environment
+    words = subprocess.run(["bash", "-c", "printf '%s\\n' " + line[len("curl "):]],
+                           env=dict(os.environ), capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    assert f"Authorization: Bearer {flag}" in words
+    assert json.loads(words[-1])["prompt"] == "The quick brown fox"
+    assert "Authorization" not in curl_example("http://h:1", "tiny", True, None)
