@@ -83,23 +83,30 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, Any]],
                             add_generation_prompt: bool = True,
-                            template_name: str | None = None) -> str:
+                            template_name: str | None = None,
+                            tools: list[dict[str, Any]] | None = None) -> str:
         """Render ``messages`` with the model's Jinja chat template (sandboxed).
 
-        ``template_name`` picks one of several named templates.
+        ``template_name`` picks one of several named templates. ``tools`` (OpenAI
+        ``tools`` entries) reach the template as ``tools``, as transformers passes
+        them, and pick the template named ``tool_use`` when there is one and none
+        is named; ``tojson`` writes JSON as transformers' does (no HTML escaping).
         """
         if not messages:
             raise ValueError("messages: must contain at least one message")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"messages[{i}]: must be an object with 'role' and 'content'")
+        if tools and template_name is None and "tool_use" in self.chat_templates:
+            template_name = "tool_use"
         template = self._template(template_name)
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
         env.globals["raise_exception"] = _raise_template_error
         env.globals["strftime_now"] = _strftime_now
+        env.filters["tojson"] = _tojson
         return env.from_string(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
+            messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
     def _template(self, name: str | None) -> str:
@@ -209,6 +216,12 @@ def _dir_chat_templates(path: Path, conf: dict) -> dict[str, str]:
 def _strftime_now(fmt: str) -> str:
     """Templates may print today's date (transformers provides the same helper)."""
     return datetime.datetime.now().strftime(fmt)
+
+
+def _tojson(value: Any, indent: int | None = None, separators: tuple[str, str] | None = None,
+            sort_keys: bool = False, ensure_ascii: bool = False) -> str:
+    return json.dumps(value, indent=indent, separators=separators, sort_keys=sort_keys,
+                      ensure_ascii=ensure_ascii)
 
 
 def _raise_template_error(message: str):
