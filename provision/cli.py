@@ -187,6 +187,9 @@ def _provision(args: argparse.Namespace) -> int:
             else verify(profiles, workload, slo, options, duration_s=args.sim_duration))
     sources = {p.name: p.source for p in profiles}
     print(table(plan, workload, sources, {p.name: p.cost for p in profiles}))
+    if plan.headroom != options.headroom:
+        print(f"headroom raised from {options.headroom:.0%} to {plan.headroom:.0%}: the "
+              "simulation missed the SLO with less (--headroom is where the search starts)")
     out = {"workload": args.workload, "slo": str(slo), "spot": args.spot,
            "plan": plan.to_json(workload.buckets, sources)}
     with open(args.output, "w") as f:

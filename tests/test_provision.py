@@ -434,3 +434,22 @@ def test_cli_calibrate_from_measured_profile(tmp_path, capsys):
     assert _cli(argv + ["--calibrate", "--save-profiles", str(tmp_path / "used.json")]) == 0
     used = json.loads((tmp_path / "used.json").read_text())["types"]
     assert used["H200"]["source"] == "calibrated" and used["H100"]["source"] == "measured"
+
+
+def test_cli_prints_headroom_raised_by_the_simulation(tmp_path, capsys):
+    """At 1 req/s one A10G per bucket passes the planner at 0% headroom but misses the
+    SLO in simulation; the plan that passes has more headroom, and the CLI says so
+    rather than printing a different figure than --headroom without a word."""
+    wl = tmp_path / "w.json"
+    wl.write_text(json.dumps({"model": "llama-3-8b", "rate": 1,
+                              "distribution": [[0.5, 0.0], [0.0, 0.5]],
+                              "input_edges": [0, 128, 512], "output_edges": [0, 64, 256]}))
+    argv = ["provision", "--workload", str(wl), "--slo", "tpot=0.04,ttft_p99=2", "--types",
+            "A10G", "--sim-duration", "20", "--output", str(tmp_path / "plan.json")]
+    assert _cli(argv + ["--headroom", "0"]) == 0
+    out = capsys.readouterr().out
+    plan = json.loads((tmp_path / "plan.json").read_text())["plan"]
+    assert plan["headroom"] > 0 and plan["attainment"]["met"]
+    assert f"headroom raised from 0% to {plan['headroom']:.0%}: the simulation missed" in out
+    assert _cli(argv + ["--headroom", str(plan["headroom"])]) == 0
+    assert "headroom raised" not in capsys.readouterr().out
