@@ -4,9 +4,29 @@ response and error objects the server sends.
 Requests are pydantic models validated in strict JSON mode, so ``"max_tokens":
 "5"`` or ``"stream": 1`` is a 400 rather than a silent coercion (as OpenAI
 does). Unknown fields are ignored (as vLLM does, so clients that send newer
-OpenAI fields keep working); known fields that Sluice cannot honour (tools,
-``response_format``, ``logit_bias``, ``echo``, ``suffix``, ``best_of`` != n,
-non-text content parts) are a 400 naming the field instead of being ignored.
+OpenAI fields keep working); known fields that Sluice cannot honour
+(``logit_bias``, ``echo``, ``suffix``, ``best_of`` != n, non-text content parts)
+are a 400 naming the field instead of being ignored.
+
+Structured outputs (both endpoints; `sluice.runtime.structured_output`):
+``response_format`` ``{"type": "json_object"}`` or ``{"type": "json_schema",
+"json_schema": {"name", "schema", "strict"}}`` (``"text"``: none), vLLM's
+``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``, or
+its newer ``structured_outputs`` object (``json``, ``regex``, ``choice``,
+``grammar``, ``json_object``); at most one of these per request. An invalid
+schema, a schema keyword the grammar engine does not implement, a regex that
+does not compile, a grammar with a syntax error, or two constraints at once are
+a 400 naming the field the client sent.
+
+Tool calling (chat; `sluice.runtime.tool_calls`): ``tools`` (functions),
+``tool_choice`` (``"none"``, ``"auto"``, ``"required"`` or ``{"type":
+"function", "function": {"name"}}``; a name that is not a tool is a 400) and
+``parallel_tool_calls``. Tools reach the chat template as its ``tools``
+variable (``"none"``: not at all), assistant messages may carry
+``tool_calls`` (their JSON arguments handed to the template as objects) and
+``role: "tool"`` messages their ``tool_call_id``. ``"required"`` and a named
+function constrain decoding to valid calls (a constraint besides them is a
+400 ``tool_choice``).
 Beyond OpenAI's fields, requests take vLLM's extras ``top_k``, ``min_p``,
 ``repetition_penalty``, ``ignore_eos``, ``priority``, ``stop_token_ids``,
 ``skip_special_tokens`` and ``include_stop_str_in_output``, and Sluice's
@@ -44,7 +64,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from sluice.runtime.request import TokenLogprobs
 from sluice.runtime.sampling_params import (INT64_MAX, INT64_MIN, MAX_LOGPROBS, MAX_N,
                                              SamplingParams)
+from sluice.runtime.structured_output import StructuredOutputs
 from sluice.runtime.tokenizer import Tokenizer
+from sluice.runtime.tool_calls import ToolCalling, detect_format
 
 
 class APIError(Exception):
@@ -94,6 +116,39 @@ class _Sampling(_Request):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
+
+    def constraint(self) -> tuple[StructuredOutputs | None, str | None]:
+        """The request's structured-output constraint and the field that gave it
+        (module docstring); a 400 naming the field for a bad one or for two."""
+        given = [f for f in _CONSTRAINT_FIELDS if getattr(self, f) is not None]
+        if self.response_format is not None and self.response_format.get("type") == "text":
+            given.remove("response_format")
+        if len(given) > 1:
+            raise APIError(400, f"{given[1]}: only one of {', '.join(given)} may be given "
+                           "(each constrains the output)", param=given[1])
+        if not given:
+            return None, None
+        field = given[0]
+        value = getattr(self, field)
+        if field == "response_format":
+            kwargs, param = _response_format(value)
+        elif field == "structured_outputs":
+            kwargs, param = value, field
+        else:
+            kwargs, param = {_GUIDED[field]: value}, field
+        try:
+            return StructuredOutputs(**kwargs), field
+        except TypeError as e:  # a field StructuredOutputs does not have
+            raise APIError(400, f"{param}: {e}", param=param) from None
+        except ValueError as e:
+            msg = str(e).split(": ", 1)[-1]
+            raise APIError(400, f"{param}: {msg}", param=param) from None
 
     def _unsupported(self) -> None:
         if self.logit_bias:
@@ -111,6 +166,34 @@ class _Sampling(_Request):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+
+_CONSTRAINT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice",
+                      "guided_grammar", "structured_outputs")
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+           "guided_grammar": "grammar"}
+
+
+def _response_format(value: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """``response_format`` as `StructuredOutputs` fields, and the path to name in errors."""
+    kind = value.get("type")
+    if kind == "json_object":
+        return {"json_object": True}, "response_format"
+    if kind != "json_schema":
+        raise APIError(400, "response_format.type: must be 'text', 'json_object' or "
+                       f"'json_schema', got {kind!r}", param="response_format.type")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise APIError(400, "response_format.json_schema: must be an object with 'name' and "
+                       "'schema'", param="response_format.json_schema")
+    if not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise APIError(400, "response_format.json_schema.name: must be a non-empty string",
+                       param="response_format.json_schema.name")
+    if "strict" in spec and not isinstance(spec["strict"], (bool, type(None))):
+        raise APIError(400, "response_format.json_schema.strict: must be a bool",
+                       param="response_format.json_schema.strict")
+    schema = spec.get("schema", {"type": "object"})
+    return {"json": schema}, "response_format.json_schema.schema"
 
 
 Prompt = str | list[str] | list[int] | list[list[int]]
@@ -143,8 +226,9 @@ class CompletionRequest(_Sampling):
             raise APIError(400, "suffix is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(400, "best_of: only best_of == n is supported", param="best_of")
-        return _make_params(self._sampling_kwargs(), self.max_tokens, max_model_len,
-                            self.logprobs)
+        constraint, _ = self.constraint()
+        return _make_params({**self._sampling_kwargs(), "structured_outputs": constraint},
+                            self.max_tokens, max_model_len, self.logprobs)
 
 
 class TextPart(_Request):
@@ -152,10 +236,44 @@ class TextPart(_Request):
     text: str | None = None
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str
+
+
+class MessageToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # a tool result: the call it answers
+
+    def for_template(self, i: int) -> dict[str, Any]:
+        """The message as HF chat templates read it: tool-call arguments as objects."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text(i)}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            calls = []
+            for j, call in enumerate(self.tool_calls):
+                try:
+                    args = json.loads(call.function.arguments)
+                except json.JSONDecodeError:
+                    raise APIError(400, "arguments: must be JSON text",
+                                   param=f"messages[{i}].tool_calls[{j}].function.arguments"
+                                   ) from None
+                calls.append({"id": call.id, "type": "function",
+                              "function": {"name": call.function.name, "arguments": args}})
+            out["tool_calls"] = calls
+        return out
 
     def text(self, i: int) -> str:
         if self.content is None:
@@ -175,16 +293,42 @@ class ChatPrompt(_Request):
     messages: list[ChatMessage]
     add_generation_prompt: bool = True
 
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the chat template is given (None: none)."""
+        return None
+
     def render(self, tokenizer: Tokenizer) -> list[int]:
         """The conversation through the chat template, as token ids."""
         if not self.messages:
             raise APIError(400, "messages: must contain at least one message", param="messages")
-        msgs = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(self.messages)]
+        msgs = [m.for_template(i) for i, m in enumerate(self.messages)]
         try:
-            text = tokenizer.apply_chat_template(msgs, self.add_generation_prompt)
+            text = tokenizer.apply_chat_template(msgs, self.add_generation_prompt,
+                                                 tools=self.template_tools())
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
         return tokenizer.encode(text, add_special_tokens=False)
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_Sampling, ChatPrompt):
@@ -192,24 +336,62 @@ class ChatCompletionRequest(_Sampling, ChatPrompt):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    def tool_calling(self, chat_template: str | None = None) -> ToolCalling | None:
+        """The request's tool calling (None: no tools, or ``tool_choice`` "none");
+        ``chat_template`` picks the format calls are parsed in."""
+        if self.tool_choice is not None and not self.tools:
+            raise APIError(400, "tool_choice: only allowed when tools are given",
+                           param="tool_choice")
+        if not self.tools or self.tool_choice == "none":
+            return None
+        choice = self.tool_choice or "auto"
+        tools = [t.model_dump(exclude_none=True) for t in self.tools]
+        names = [t.function.name for t in self.tools]
+        if len(set(names)) != len(names):
+            raise APIError(400, "tools: function names must be unique", param="tools")
+        if isinstance(choice, NamedToolChoice):
+            choice = choice.function.name
+            if choice not in names:
+                raise APIError(400, f"tool_choice: function {choice!r} is not one of the tools "
+                               f"({', '.join(names)})", param="tool_choice")
+        calling = ToolCalling(tools, choice, self.parallel_tool_calls,
+                              detect_format(chat_template))
+        for i, t in enumerate(self.tools):  # a schema that cannot constrain is the client's
+            if choice in ("required", t.function.name):
+                try:
+                    StructuredOutputs(json=calling.parameters(t.function.name))
+                except ValueError as e:
+                    raise APIError(400, f"tools[{i}].function.parameters: "
+                                   f"{str(e).split(': ', 1)[-1]}",
+                                   param=f"tools[{i}].function.parameters") from None
+        return calling
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
     def sampling_params(self, max_model_len: int) -> SamplingParams:
         self._unsupported()
-        for name in ("tools", "response_format"):
-            if getattr(self, name):
-                raise APIError(400, f"{name} is not supported", param=name)
-        if self.tool_choice not in (None, "none"):
-            raise APIError(400, "tool_choice is not supported", param="tool_choice")
+        constraint, field = self.constraint()
+        calling = self.tool_calling()
+        if calling is not None and calling.constraint is not None:
+            if constraint is not None:
+                raise APIError(400, f"tool_choice: {calling.choice!r} constrains the output, "
+                               f"so {field} cannot be given too", param="tool_choice")
+            constraint = calling.constraint
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true",
                            param="top_logprobs")
         newer = self.max_completion_tokens is not None
         max_tokens = self.max_completion_tokens if newer else self.max_tokens
         try:
-            return _make_params(self._sampling_kwargs(), max_tokens, max_model_len,
+            return _make_params({**self._sampling_kwargs(), "structured_outputs": constraint},
+                                max_tokens, max_model_len,
                                 (self.top_logprobs or 0) if self.logprobs else None)
         except APIError as e:
             if newer and e.param == "max_tokens":  # name the field the client sent

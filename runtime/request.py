@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from sluice.runtime.detokenizer import IncrementalDetokenizer
 from sluice.runtime.sampling_params import SamplingParams
+from sluice.runtime.structured_output import GRAMMAR_ERROR, GrammarState
 
 if TYPE_CHECKING:
     from sluice.runtime.outputs import RequestMetrics
@@ -71,8 +72,13 @@ class Request:
     waiting_since: float | None = None  # when it last entered the waiting queue (scheduler)
     running_since: float | None = None  # when it was last admitted to run (scheduler)
     num_cached_tokens: int = 0
+    # its structured-output matcher (sluice.runtime.structured_output); rebuilt from
+    # output_token_ids wherever the request runs
+    grammar: GrammarState | None = None
 
     def __post_init__(self) -> None:
+        if self.grammar is None and self.params.structured_outputs is not None:
+            self.grammar = GrammarState(self.params.structured_outputs)
         # Prompt + output, kept up to date by `append_token` rather than rebuilt
         # by the runner and block manager on every step.
         self.all_token_ids: list[int] = self.prompt_token_ids + self.output_token_ids
@@ -90,7 +96,13 @@ class Request:
         return self.status is RequestStatus.FINISHED
 
     def append_token(self, token_id: int, now: float) -> None:
-        """Record a sampled token and decide whether the request is done."""
+        """Record a sampled token and decide whether the request is done. A token
+        its grammar did not allow (it allowed none) ends it instead, unrecorded."""
+        refusal = self.grammar.refusal(token_id, len(self.output_token_ids)) \
+            if self.grammar is not None else None
+        if refusal is not None:
+            self._finish(GRAMMAR_ERROR, refusal, now)
+            return
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
         if self.first_token_time is None:

@@ -94,6 +94,7 @@ from sluice.runtime.metrics import CONTENT_TYPE, RequestTracker, ServerMetrics
 from sluice.runtime.openai_protocol import APIError
 from sluice.runtime.outputs import RequestOutput, accumulate
 from sluice.runtime.sampling_params import SamplingParams
+from sluice.runtime.tool_calls import ToolCalling, ToolCallStream
 
 if TYPE_CHECKING:
     from sluice.scheduler.async_cluster import AsyncCluster
@@ -502,43 +503,53 @@ class OpenAIServer:
         req = await self._parse(proto.ChatCompletionRequest, request)
         self._check_model(req.model)
         params = req.sampling_params(self.max_model_len)
+        tools = req.tool_calling(self.tokenizer.chat_template)
         prompt = {"prompt_token_ids": await self._offload(req.render, self.tokenizer)}
         rid = proto.new_id("chatcmpl")
         jobs = await self._start(request, rid, [prompt], params, req, "messages")
         created = proto.now()
         if req.stream:
-            return _SSEResponse(self._chat_chunks(request, req, jobs[0], rid, created),
+            return _SSEResponse(self._chat_chunks(request, req, jobs[0], rid, created, tools),
                                 lambda: self._close(jobs), rid)
         return await self._until_disconnect(request, self._chat_full(
-            request, jobs[0], rid, created), lambda: self._close(jobs))
+            request, jobs[0], rid, created, tools), lambda: self._close(jobs))
 
-    async def _chat_full(self, request: Request, job: _Job, rid: str, created: int
-                         ) -> Response:
+    async def _chat_full(self, request: Request, job: _Job, rid: str, created: int,
+                         tools: ToolCalling | None = None) -> Response:
         start, ttft = time.monotonic(), None
         async for _ in self._outputs([job]):
             ttft = ttft if ttft is not None else time.monotonic() - start
         out = job.last
         completion_tokens = sum(len(c.token_ids) for c in out.outputs)
         self._usage_state(request, len(out.prompt_token_ids), completion_tokens, ttft)
-        return await self._offload(self._chat_response, out, rid, created, completion_tokens)
+        return await self._offload(self._chat_response, out, rid, created, completion_tokens,
+                                   tools)
 
     def _chat_response(self, out: RequestOutput, rid: str, created: int,
-                       completion_tokens: int) -> Response:
-        """The whole chat response, rendered (on a worker thread: it can be large)."""
-        choices = [{"index": c.index,
-                    "message": {"role": "assistant", "content": c.text, "refusal": None,
-                                "tool_calls": []},
-                    "logprobs": None if c.logprobs is None else proto.chat_logprobs(
-                        self.tokenizer, c.logprobs),
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-                   for c in out.outputs]
+                       completion_tokens: int, tools: ToolCalling | None = None) -> Response:
+        """The whole chat response, rendered (on a worker thread: it can be large);
+        with ``tools``, calls found in the text become ``message.tool_calls``."""
+        choices = []
+        for c in out.outputs:
+            content, calls = tools.parse(c.text) if tools is not None else (c.text, [])
+            choices.append({
+                "index": c.index,
+                "message": {"role": "assistant", "content": content, "refusal": None,
+                            "tool_calls": [call.to_openai() for call in calls]},
+                "logprobs": None if c.logprobs is None else proto.chat_logprobs(
+                    self.tokenizer, c.logprobs),
+                "finish_reason": "tool_calls" if calls and c.finish_reason == "stop"
+                else c.finish_reason, "stop_reason": c.stop_reason})
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created,
                              "model": self.config.model_name, "choices": choices,
                              "usage": proto.usage(len(out.prompt_token_ids), completion_tokens),
                              "system_fingerprint": None})
 
     async def _chat_chunks(self, request: Request, req: proto.ChatCompletionRequest, job: _Job,
-                           rid: str, created: int) -> AsyncIterator[bytes]:
+                           rid: str, created: int, tools: ToolCalling | None = None
+                           ) -> AsyncIterator[bytes]:
+        """The streamed chat response; with ``tools``, each choice's text goes through
+        a `ToolCallStream`, so calls arrive as ``delta.tool_calls``."""
         head = {"id": rid, "object": "chat.completion.chunk", "created": created,
                 "model": self.config.model_name, "system_fingerprint": None}
         extra = {"usage": None} if req.include_usage else {}
@@ -547,6 +558,8 @@ class OpenAIServer:
                 "index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}], **extra})
         done: set[int] = set()
+        streams = {i: ToolCallStream(tools) for i in range(req.n)} if tools else {}
+        texts = dict.fromkeys(range(req.n), "")
         start, ttft = time.monotonic(), None
         async for _, out in self._outputs([job]):
             ttft = ttft if ttft is not None else time.monotonic() - start
@@ -558,11 +571,20 @@ class OpenAIServer:
                     done.add(comp.index)
                 lps = None if comp.logprobs is None else proto.chat_logprobs(
                     self.tokenizer, comp.logprobs)
-                delta = {"content": comp.delta} if comp.delta or comp.finish_reason is None \
-                    else {}
+                finish = comp.finish_reason
+                if tools is not None:
+                    texts[comp.index] += comp.delta
+                    stream = streams[comp.index]
+                    delta = stream.update(texts[comp.index], finish is not None)
+                    if stream.called and finish == "stop":
+                        finish = "tool_calls"
+                    if not delta and finish is None and lps is None:
+                        continue  # held back: it may begin a call
+                else:
+                    delta = {"content": comp.delta} if comp.delta or finish is None else {}
                 yield proto.sse({**head, "choices": [{
                     "index": comp.index, "delta": delta, "logprobs": lps,
-                    "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason}],
+                    "finish_reason": finish, "stop_reason": comp.stop_reason}],
                     **extra})
         prompt_tokens = len(job.last.prompt_token_ids)
         completion_tokens = sum(len(c.token_ids) for c in job.last.outputs)

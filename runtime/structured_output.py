@@ -126,7 +126,8 @@ class StructuredOutputs:
 
 
 def _schema_text(schema: object) -> str:
-    """A JSON schema (dict or JSON text) as compact JSON text with sorted keys."""
+    """A JSON schema (dict or JSON text) as compact JSON text (its keys in order:
+    properties are generated in the order the schema lists them)."""
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -135,7 +136,7 @@ def _schema_text(schema: object) -> str:
     if not isinstance(schema, (dict, bool)):
         raise ValueError("structured_outputs.json: a JSON schema must be an object, "
                          f"got {type(schema).__name__}")
-    return json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    return json.dumps(schema, separators=(",", ":"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +193,12 @@ def _first_line(message: str) -> str:
     return " ".join(line.strip() for line in message.strip().splitlines() if line.strip())
 
 
+def _reason(matcher: llguidance.LLMatcher) -> str:
+    """A failed matcher's reason, without llguidance's dump of its parser state."""
+    detail = _first_line(matcher.get_error().split("<state>", 1)[0]).removesuffix(":")
+    return f"{matcher.stop_reason()}: {detail}" if detail else matcher.stop_reason()
+
+
 class GrammarState:
     """A completion's matcher (module docstring). ``matcher`` is bound by the
     engine's `StructuredOutputManager`; ``consumed`` counts the output tokens fed
@@ -201,7 +208,8 @@ class GrammarState:
         self.constraint = constraint
         self.matcher: llguidance.LLMatcher | None = None
         self.consumed = 0
-        self.mask: np.ndarray | None = None  # the last mask computed (a copy)
+        self.mask: np.ndarray | None = None  # the last mask computed
+        self.mask_at = -1  # how many output tokens there were when it was computed
         self.error: str | None = None  # why no token can follow, once it happened
 
     def __getstate__(self) -> dict[str, Any]:
@@ -221,16 +229,17 @@ class GrammarState:
             self.consumed = 0
         new = output_token_ids[self.consumed:]
         if new and not self.matcher.consume_tokens(new):
-            self.error = (f"grammar: token {new[-1]} was not allowed "
-                          f"({_first_line(self.matcher.get_error())})")
+            self.error = f"grammar: token {new[-1]} was not allowed ({_reason(self.matcher)})"
         self.consumed = len(output_token_ids)
 
-    def refusal(self, token_id: int) -> str | None:
-        """Why ``token_id``, just sampled under this state's last mask, must not be
-        appended: the grammar allowed no token (or failed), else None."""
+    def refusal(self, token_id: int, num_output_tokens: int) -> str | None:
+        """Why ``token_id``, sampled after ``num_output_tokens`` output tokens, must
+        not be appended: the grammar had failed or allowed no token, or the mask
+        computed for that position did not allow it; else None."""
         if self.error is not None:
             return self.error
-        if self.mask is not None and not (int(self.mask[token_id >> 5]) >> (token_id & 31)) & 1:
+        if self.mask_at == num_output_tokens and \
+                not (int(self.mask[token_id >> 5]) >> (token_id & 31)) & 1:
             return f"grammar: token {token_id} is not allowed here"
         return None
 
@@ -265,7 +274,8 @@ class StructuredOutputManager:
         key = _Key(constraint.kind, constraint.spec)
         template = self._compiled.get(key)
         if template is None:
-            template = llguidance.LLMatcher(self.ll_tokenizer, _check(key.kind, key.spec))
+            template = llguidance.LLMatcher(self.ll_tokenizer, _check(key.kind, key.spec),
+                                            log_level=0)
             if template.is_error():
                 raise ValueError(f"structured_outputs.{key.kind}: "
                                  f"{_first_line(template.get_error())}")
@@ -276,10 +286,12 @@ class StructuredOutputManager:
             self._compiled.move_to_end(key)
         return template.deep_copy()
 
-    def fill_masks(self, requests: list[Request]) -> dict[int, np.ndarray]:
-        """Masks by index into ``requests`` for those with a constraint (others are
-        unconstrained): each matcher first catches up with its request's output."""
-        rows = [(i, r.grammar) for i, r in enumerate(requests) if r.grammar is not None]
+    def fill_masks(self, requests: list[Request | None]) -> dict[int, np.ndarray]:
+        """Masks by index into ``requests`` for those with a constraint (others, and
+        None entries: rows that sample nothing, are unconstrained): each matcher
+        first catches up with its request's output."""
+        rows = [(i, r.grammar) for i, r in enumerate(requests)
+                if r is not None and r.grammar is not None]
         if not rows:
             return {}
         out = np.zeros((len(rows), self.words), np.int32)
@@ -300,9 +312,10 @@ class StructuredOutputManager:
         masks = {}
         for k, (i, state) in enumerate(rows):
             if state.error is None and state.matcher.is_error():
-                state.error = f"grammar: {_first_line(state.matcher.get_error())}"
+                state.error = ("grammar: no token can continue the output "
+                               f"({_reason(state.matcher)})")
             if state.error is None and not out[k].any():
                 state.error = "grammar: no token is allowed in this state"
-            state.mask = out[k]
+            state.mask, state.mask_at = out[k], state.consumed
             masks[i] = out[k]
         return masks

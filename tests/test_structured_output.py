@@ -92,8 +92,9 @@ def test_state_rebuilt_from_tokens_equals_the_incremental_one(manager):
 def test_a_token_outside_the_mask_is_refused(manager):
     req = _Req(StructuredOutputs(regex="ab"))
     manager.fill_masks([req])
-    assert req.grammar.refusal(ord("a")) is None
-    assert req.grammar.refusal(ord("z")) == "grammar: token 122 is not allowed here"
+    assert req.grammar.refusal(ord("a"), 0) is None
+    assert req.grammar.refusal(ord("z"), 0) == "grammar: token 122 is not allowed here"
+    assert req.grammar.refusal(ord("z"), 1) is None  # that mask was for another position
     req.output_token_ids = [ord("z")]  # forced through anyway: the state records why
     manager.fill_masks([req])
     assert req.grammar.error.startswith("grammar: token 122 was not allowed")

@@ -1,0 +1,253 @@
+"""Structured outputs and tool calls over HTTP, with the official `openai` client
+against the in-process server on the random-weight ``tiny`` model: every
+constrained output parses and validates (the mask alone guarantees it),
+streamed or not, with ``n`` > 1; tool calls reassembled by the client; bad
+constraints are 400s naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import openai
+import pydantic
+import pytest
+from test_server import KEY, LiveServer, assert_error
+
+from sluice.runtime import load_model
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 6},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "pets": {"type": "array", "maxItems": 2, "items": {"type": "object", "properties": {
+        "kind": {"type": "string", "enum": ["cat", "dog"]},
+        "legs": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["kind", "legs"], "additionalProperties": False}}},
+    "required": ["name", "age", "pets"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 8},
+        "unit": {"type": "string", "enum": ["C", "F"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+    "required": ["zone"], "additionalProperties": False}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+SAMPLED = dict(temperature=1.0, seed=7, max_tokens=120)
+
+
+class Pet(pydantic.BaseModel):
+    kind: str = pydantic.Field(pattern="^(cat|dog)$")
+    legs: int = pydantic.Field(ge=0, le=9)
+
+
+class Person(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=6)
+    age: int = pydantic.Field(ge=0, le=120)
+    pets: list[Pet] = pydantic.Field(max_length=2)
+
+
+@pytest.fixture(scope="module")
+def live():
+    srv = LiveServer(load_model("tiny", dtype="float32"), dict(api_key=KEY), {})
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    return openai.OpenAI(base_url=live.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def http(live):
+    with httpx.Client(base_url=live.url, headers=AUTH, timeout=60) as c:
+        yield c
+
+
+def test_response_format_pydantic_model_through_parse(client, live):
+    r = client.chat.completions.parse(model="tiny", messages=ASK, response_format=Person, n=3,
+                                      **SAMPLED)
+    assert len(r.choices) == 3
+    for c in r.choices:
+        assert c.finish_reason == "stop", c
+        assert isinstance(c.message.parsed, Person)  # the client validated it
+        jsonschema.validate(json.loads(c.message.content), Person.model_json_schema())
+    assert len({c.message.content for c in r.choices}) > 1  # sampled, not one fixed answer
+    live.wait_idle()
+
+
+def test_json_object_and_streamed_json_schema(client, live):
+    r = client.chat.completions.create(model="tiny", messages=ASK, n=2,
+                                       response_format={"type": "json_object"}, **SAMPLED)
+    for c in r.choices:
+        assert c.finish_reason == "stop" and isinstance(json.loads(c.message.content), dict)
+    stream = client.chat.completions.create(
+        model="tiny", messages=ASK, n=2, stream=True, **SAMPLED,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "person", "schema": PERSON, "strict": True}})
+    texts, finish = ["", ""], [None, None]
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            finish[c.index] = c.finish_reason or finish[c.index]
+    assert finish == ["stop", "stop"]
+    for text in texts:
+        jsonschema.validate(json.loads(text), PERSON)
+    live.wait_idle()
+
+
+def test_completions_take_vllms_guided_fields_both_spellings(client, live):
+    for extra in ({"guided_regex": r"[0-9]{3}-[a-z]{2,5}"},
+                  {"structured_outputs": {"regex": r"[0-9]{3}-[a-z]{2,5}"}}):
+        r = client.completions.create(model="tiny", prompt="Code:", n=3, extra_body=extra,
+                                      **SAMPLED)
+        for c in r.choices:
+            assert c.finish_reason == "stop"
+            assert len(c.text) >= 6 and c.text[:3].isdigit() and c.text[3] == "-"
+            assert c.text[4:].isalpha() and c.text[4:].islower() and len(c.text) <= 9
+    chunks = client.completions.create(model="tiny", prompt="Pick:", n=4, stream=True,
+                                       extra_body={"guided_choice": ["red", "green", "blue"]},
+                                       **SAMPLED)
+    texts = ["", "", "", ""]
+    for chunk in chunks:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert set(texts) <= {"red", "green", "blue"}
+    r = client.completions.create(model="tiny", prompt="Say:", extra_body={
+        "guided_grammar": 'start: "yes" | "no" | "maybe " num\nnum: /[0-9]/'}, **SAMPLED)
+    assert r.choices[0].text in ("yes", "no") or r.choices[0].text[:-1] == "maybe "
+    live.wait_idle()
+
+
+def test_a_grammar_with_no_allowed_token_ends_its_completion_only(client, live, http):
+    """An unsatisfiable constraint (an empty character class) ends its completion
+    with finish_reason "error" and says why; a request beside it is unaffected."""
+    stuck = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 20,
+                                               "guided_regex": "x[a&&b]"})
+    assert stuck.status_code == 200, stuck.text
+    (c,) = stuck.json()["choices"]
+    assert c["finish_reason"] == "error" and "grammar" in c["stop_reason"]
+    ok = client.completions.create(model="tiny", prompt="x", max_tokens=5, temperature=0,
+                                   extra_body={"ignore_eos": True})
+    assert ok.choices[0].finish_reason == "length"
+    live.wait_idle()  # nothing leaks
+
+
+def _check_call(call, tool: dict) -> None:
+    assert call.id.startswith("call_") and call.type == "function"
+    assert call.function.name == tool["function"]["name"]
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+
+
+def test_named_and_required_tool_choice(client, live):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, CLOCK],
+                                       tool_choice=named, n=2, **SAMPLED)
+    for c in r.choices:
+        assert c.finish_reason == "tool_calls" and c.message.content is None
+        (call,) = c.message.tool_calls
+        _check_call(call, WEATHER)
+    r = client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, CLOCK],
+                                       tool_choice="required", parallel_tool_calls=False,
+                                       **SAMPLED)
+    (call,) = r.choices[0].message.tool_calls
+    _check_call(call, {"get_weather": WEATHER, "get_time": CLOCK}[call.function.name])
+    live.wait_idle()
+
+
+def test_streamed_tool_calls_reassemble_in_the_client(client, live):
+    tools = [WEATHER, CLOCK]
+    with client.chat.completions.stream(model="tiny", messages=ASK, tools=tools,
+                                        tool_choice="required", **SAMPLED) as stream:
+        deltas = [e for e in stream if e.type == "chunk"]
+        final = stream.get_final_completion()
+    headers = [tc for e in deltas for c in e.chunk.choices for tc in c.delta.tool_calls or []
+               if tc.id is not None]
+    assert headers and all(h.function.arguments == "" for h in headers)  # name first
+    (choice,) = final.choices
+    assert choice.finish_reason == "tool_calls"
+    assert len(choice.message.tool_calls) >= 1
+    for call in choice.message.tool_calls:
+        _check_call(call, {"get_weather": WEATHER, "get_time": CLOCK}[call.function.name])
+    live.wait_idle()
+
+
+def test_auto_tool_calls_are_parsed_from_the_hermes_format(client, live):
+    """With "auto" the model writes what it likes; a regex makes the random model
+    write a Hermes call, which the server returns as tool_calls, streamed or not."""
+    forced = {"guided_regex": r'<tool_call>\n\{"name": "get_time", "arguments": '
+                              r'\{"zone": "(UTC|CET)"\}\}\n</tool_call>'}
+    r = client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, CLOCK],
+                                       extra_body=forced, **SAMPLED)
+    (call,) = r.choices[0].message.tool_calls
+    _check_call(call, CLOCK)
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+    chunks = list(client.chat.completions.create(model="tiny", messages=ASK, stream=True,
+                                                 tools=[WEATHER, CLOCK], extra_body=forced,
+                                                 **SAMPLED))
+    args = "".join(tc.function.arguments or "" for ch in chunks for c in ch.choices
+                   for tc in c.delta.tool_calls or [])
+    assert args == call.function.arguments
+    assert not any(c.delta.content for ch in chunks for c in ch.choices)  # no markup leaks
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    live.wait_idle()
+
+
+def test_tool_results_round_trip_through_the_template(http):
+    """An assistant turn with tool_calls and a role "tool" reply render (the
+    tiny model's template prints contents) and generate."""
+    msgs = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "C"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees"}]
+    r = http.post("/v1/chat/completions", json={"messages": msgs, "tools": [WEATHER],
+                                                "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    bad = [*msgs[:1], {**msgs[1], "tool_calls": [{**msgs[1]["tool_calls"][0], "function": {
+        "name": "get_weather", "arguments": "{not json"}}]}]
+    assert_error(http.post("/v1/chat/completions", json={"messages": bad, "max_tokens": 2}),
+                 400, "messages[1].tool_calls[0].function.arguments")
+
+
+CHAT = {"messages": ASK, "max_tokens": 4}
+JS = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {**CHAT, "response_format": JS},
+     "response_format.json_schema.schema"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {**JS, "json_schema": {
+        "name": "x", "schema": {"type": "object", "dependentSchemas": {"a": {}}}}}},
+     "response_format.json_schema.schema"),  # a keyword the engine does not implement
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "xml"}},
+     "response_format.type"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema"}},
+     "response_format.json_schema"),
+    ("/v1/completions", {"prompt": "x", "guided_regex": "[a-"}, "guided_regex"),
+    ("/v1/completions", {"prompt": "x", "guided_grammar": "start: ((("}, "guided_grammar"),
+    ("/v1/completions", {"prompt": "x", "guided_json": "{oops"}, "guided_json"),
+    ("/v1/completions", {"prompt": "x", "guided_choice": []}, "guided_choice"),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {"regex": "("}},
+     "structured_outputs"),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {"colour": "red"}},
+     "structured_outputs"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"},
+                              "guided_regex": "a"}, "guided_regex"),
+    ("/v1/chat/completions", {**CHAT, "tools": [WEATHER], "tool_choice": {
+        "type": "function", "function": {"name": "launch"}}}, "tool_choice"),
+    ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, "tool_choice"),
+    ("/v1/chat/completions", {**CHAT, "tools": [WEATHER], "tool_choice": "required",
+                              "response_format": {"type": "json_object"}}, "tool_choice"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "foo"}}}], "tool_choice": "required"},
+     "tools[0].function.parameters"),
+    ("/v1/chat/completions", {**CHAT, "tools": [WEATHER, WEATHER]}, "tools"),
+])
+def test_bad_constraints_are_400s_naming_the_field(live, http, path, body, param):
+    assert_error(http.post(path, json=body), 400, param)
+    live.wait_idle()
