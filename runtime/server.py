@@ -10,7 +10,8 @@ server-sent events ending in ``data: [DONE]`` when ``stream`` is true),
 (Prometheus, see `sluice.runtime.metrics`), ``POST /admin/priority``
 (``{"request_id": <a completion's id>, "priority": <int>}``: re-rank an
 unfinished completion while it waits or runs; 404 if none has that id; a
-stream's id is in its ``X-Request-Id`` header before the first token). Schemas and the
+stream's id is in its ``X-Request-Id`` header before the first token; under a
+``scheduling_policy`` that ignores priorities the response's ``warning`` says so). Schemas and the
 request -> `SamplingParams` mapping live in `sluice.runtime.openai_protocol`.
 
 Optional parts (the RAG routes: `sluice.rag.http.rag_part`) are mounted by
@@ -94,6 +95,7 @@ from sluice.runtime.metrics import CONTENT_TYPE, RequestTracker, ServerMetrics
 from sluice.runtime.openai_protocol import APIError
 from sluice.runtime.outputs import RequestOutput, accumulate
 from sluice.runtime.sampling_params import SamplingParams
+from sluice.scheduler.policies import POLICIES, PriorityPolicy
 from sluice.runtime.tool_calls import ToolCalling, ToolCallStream
 
 if TYPE_CHECKING:
@@ -126,6 +128,7 @@ class ServerConfig:
     limit_concurrency: int | None = 1024  # connections + requests at once; 503 past it
     max_header_bytes: int = 16 << 10  # largest incomplete request head (h11), else 400
     metrics_compat: str | None = None  # "vllm": /metrics also under vLLM's names (metrics.py)
+    scheduling_policy: str | None = None  # the engine's, for /admin/priority; None: unknown
 
     def __post_init__(self) -> None:
         if self.access_log_format not in ACCESS_LOG_FORMATS:
@@ -139,6 +142,9 @@ class ServerConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}: must be >= 1, got {value}")
+        if self.scheduling_policy not in (None, *POLICIES):
+            raise ValueError(f"scheduling_policy: must be one of {sorted(POLICIES)}, "
+                             f"got {self.scheduling_policy!r}")
 
 
 @dataclasses.dataclass
@@ -718,8 +724,14 @@ class OpenAIServer:
         if not changed:
             raise APIError(404, f"no unfinished request has id {req.request_id!r}",
                            param="request_id", code="request_not_found")
-        return JSONResponse({"request_id": req.request_id, "priority": req.priority,
-                             "engine_requests": changed})
+        body = {"request_id": req.request_id, "priority": req.priority,
+                "engine_requests": changed}
+        policy = self.config.scheduling_policy
+        if policy not in (None, PriorityPolicy.name):
+            body["warning"] = (f"scheduling policy {policy!r} ignores priorities: the order "
+                               f"does not change (serve with --scheduling-policy "
+                               f"{PriorityPolicy.name})")
+        return JSONResponse(body)
 
     async def health(self, request: Request) -> Response:
         """200 while some engine (instance) takes requests, else 503 saying why."""

@@ -594,3 +594,20 @@ def test_server_parts_mount_routes_and_shutdown_hooks(tiny):
         assert_error(c.post("/v1/echo", content=b"x" * 65), 413)
         assert closed == []
     assert closed == [True]
+
+
+def test_admin_priority_under_a_policy_that_ignores_it_says_so(live, http, monkeypatch):
+    """Under fcfs (``live``'s engine; or fair) a re-rank changes no order: the response
+    says so in ``warning``, naming the policy that would honour it."""
+    monkeypatch.setattr(live.server.config, "scheduling_policy", "fcfs")
+    body = {"stream": True, **LONG, "max_tokens": 120, "prompt": "first"}
+    with http.stream("POST", "/v1/completions", json=body) as a:
+        rid = a.headers["x-request-id"]
+        r = http.post("/admin/priority", json={"request_id": rid, "priority": 0})
+        assert r.status_code == 200, r.text
+        warning = r.json()["warning"]
+        assert "'fcfs' ignores priorities" in warning and "--scheduling-policy priority" in warning
+        assert [line for line in a.iter_lines() if line][-1] == "data: [DONE]"
+    live.wait_idle()
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        ServerConfig("tiny", scheduling_policy="lottery")
