@@ -80,8 +80,8 @@ _gather_blocks = jax.jit(dispatch.gather_blocks, static_argnums=2)
 # The pool is donated so a swap-in writes its blocks in place, not into a copy.
 _scatter_blocks = jax.jit(dispatch.scatter_blocks, donate_argnums=0)
 
-_sample = jax.jit(sample, static_argnames=("all_greedy", "do_penalties", "do_filters",
-                                           "num_logprobs"))
+# One program per row count, whatever sampling features the rows use.
+_sample = jax.jit(sample)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +126,7 @@ class ModelRunner:
             self.page_buckets = pow2_buckets(max(1, max_pages // 8), max_pages)
         else:
             self.page_buckets = (max_pages,)
+        self.max_model_len = max_model_len
         self._mask_words = mask_words(model.config.vocab_size)
         self._all_allowed: dict[int, jax.Array] = {}  # sample rows -> all-ones token mask
 
@@ -145,10 +146,9 @@ class ModelRunner:
                          pages)
 
     def warmup(self) -> None:
-        """Compile every step shape (padding-only inputs: the pool is untouched) and,
-        for each, the greedy and plain-temperature samplers, plus the fixed-size
-        block copy of live migration. Sampler variants with top-k/top-p/min-p,
-        penalties or logprobs compile on first use."""
+        """Compile every step shape (padding-only inputs: the pool is untouched) and
+        the sampler for its row count (one program serves every sampling feature),
+        plus the fixed-size block copy of live migration."""
         self.copy_in([], self.gather([], COPY_CHUNK_BLOCKS), COPY_CHUNK_BLOCKS)  # copies nothing
         for shape in tqdm(self.shapes(), desc="compiling", unit="shape"):
             metas = tuple(_padding_group(self.spec, n, t, q, shape.pages)
@@ -159,12 +159,9 @@ class ModelRunner:
                 self.model.params, self.kv_cache, jnp.zeros(n_tok, jnp.int32),
                 jnp.zeros(n_tok, jnp.int32), metas, jnp.zeros(n_seq, jnp.int32),
                 cfg=self.model.config, backend=self.backend)
-            tensors = SamplingTensors.build([], n_seq, self.model.config.vocab_size, False)
-            for greedy in (True, False):
-                jax.block_until_ready(_sample(logits, tensors, self._token_mask(n_seq, None),
-                                              all_greedy=greedy,
-                                              do_penalties=False, do_filters=False,
-                                              num_logprobs=0))
+            tensors = SamplingTensors.build([], n_seq, self.model.config.vocab_size,
+                                            self.max_model_len)
+            jax.block_until_ready(_sample(logits, tensors, self._token_mask(n_seq, None)))
 
     # -- batch construction -------------------------------------------------
 
@@ -298,20 +295,11 @@ class ModelRunner:
                 masks: dict[int, np.ndarray] | None = None) -> tuple[jax.Array, ...]:
         """Dispatch sampling; device arrays with a row per padded logits row.
         ``masks``: packed allowed-token masks by index into ``rows``."""
-        params = [r.request.params for r in rows]
-        do_penalties = any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                           or p.frequency_penalty != 0.0 for p in params)
         entries = [(r.request.params, r.request.seed, len(r.request.output_token_ids),
                     r.request.prompt_token_ids, r.request.output_token_ids) for r in rows]
         tensors = SamplingTensors.build(entries, logits.shape[0], self.model.config.vocab_size,
-                                        do_penalties)
-        out = _sample(
-            logits, tensors, self._token_mask(logits.shape[0], masks),
-            all_greedy=all(p.is_greedy for p in params),
-            do_penalties=do_penalties,
-            do_filters=any(not p.is_greedy and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0)
-                           for p in params),
-            num_logprobs=max((p.logprobs or 0) for p in params))
+                                        self.max_model_len)
+        out = _sample(logits, tensors, self._token_mask(logits.shape[0], masks))
         return out.token_ids, out.logprobs, out.top_ids, out.top_logprobs
 
 

@@ -1,16 +1,19 @@
 """Token sampling on the device, as one pure jittable function.
 
-``sample(logits [S, V], t, token_mask, *, all_greedy, do_penalties, do_filters,
-num_logprobs)`` picks one token per row and returns a `SamplerOutput`. ``t`` is a
-`SamplingTensors`: every request setting as a per-row array, built on the host by
-`SamplingTensors.build` (numpy, then one transfer). The keyword arguments are
-static; the engine derives them from the batch's `SamplingParams` so that work no
-row needs is not even compiled:
+``sample(logits [S, V], t, token_mask)`` picks one token per row and returns a
+`SamplerOutput`. ``t`` is a `SamplingTensors`: every request setting as a
+per-row array, built on the host by `SamplingTensors.build` (numpy, then one
+transfer). Every feature is a per-row value, never a static argument, so one
+compiled program per row count serves any mix of requests and a request using a
+feature for the first time compiles nothing (a warm-up covers it all). Work no
+row needs is skipped at run time by ``lax.cond`` on batch-wide flags computed on
+the device from those values:
 
-- ``do_penalties``: some row has a repetition, presence or frequency penalty;
-- ``all_greedy``: every row is greedy, so nothing is drawn at all;
-- ``do_filters``: some sampled row uses top-k, top-p or min-p;
-- ``num_logprobs``: how many top alternatives to return (0 = chosen token only).
+- penalties run if some row has a repetition, presence or frequency penalty;
+- the draw (temperature, filters, random numbers) runs if some row is not greedy,
+  and top-k / top-p / min-p only if such a row uses one;
+- log-probs (the chosen token's and the `MAX_LOGPROBS` most likely) are computed
+  if some row asks for them (``logprobs`` not None), else returned as zeros.
 
 ``token_mask`` (int32 [S, ceil(V / 32)]) says which tokens each row may take
 (structured outputs): token t is allowed iff bit t % 32 (least significant first)
@@ -22,9 +25,9 @@ Disallowed tokens become -inf after the penalties and before everything else, fo
 greedy rows too.
 
 A row whose own settings are neutral gets bit-identical logits on every path, so
-its token does not depend on which flags its batch needed.
+its token does not depend on which branches its batch took.
 
-Order (vLLM's): penalties -> greedy rows take the argmax -> temperature -> top-k
+Order (vLLM's): penalties -> token mask -> greedy rows take the argmax -> temperature -> top-k
 -> top-p (over the top-k renormalized distribution) -> min-p -> draw. Penalties
 follow HF/vLLM for repetition (positive logits of tokens seen in the prompt or the
 output are divided by the penalty, negative ones multiplied) and OpenAI for
@@ -45,26 +48,26 @@ most 32 compare-and-sum passes. The draw is a two-level inverse CDF (a block of
 256 tokens by mass, then a token inside it) from two uniforms per row.
 
 The log-probs are those of the raw model distribution (``log_softmax`` of the
-logits before penalties, temperature and filters), as vLLM v1 returns by default.
+logits before penalties, mask, temperature and filters), as vLLM v1 returns by default.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sluice.runtime.sampling_params import GREEDY_TEMPERATURE, SamplingParams
+from sluice.runtime.sampling_params import GREEDY_TEMPERATURE, MAX_LOGPROBS, SamplingParams
 
 # One row for `SamplingTensors.build`: (params, seed, step, prompt ids, output ids).
 Row = tuple[SamplingParams, int, int, Sequence[int], Sequence[int]]
 
 _BLOCK = 256  # tokens per block of the two-level draw; ~sqrt(V) balances the levels
 _CANDIDATES = 128  # largest logits among which top-k / top-p cut-offs are looked for first
-_MIN_TOKEN_BUCKET = 16
 _GREEDY_PAD = SamplingParams(temperature=0.0)
 ALL_ALLOWED = -1  # a token-mask word with all 32 bits set, as int32
 
@@ -77,8 +80,9 @@ class SamplingTensors:
     temperature, top_p, min_p, repetition_penalty, presence_penalty,
     frequency_penalty: f32 [S]. top_k: i32 [S], 0 = off. seeds: u32 [S].
     steps: i32 [S], tokens the request has sampled before this step.
-    prompt_tokens: i32 [S, Lp], output_tokens: i32 [S, Lo], padded with the
-    vocabulary size (an id the penalties ignore).
+    want_logprobs: bool [S]. tokens: i32 [S, W], the prompt then the output so
+    far, padded with the vocabulary size (an id the penalties ignore);
+    prompt_lens: i32 [S], how many of them are the prompt.
     """
 
     temperature: jax.Array
@@ -90,18 +94,19 @@ class SamplingTensors:
     frequency_penalty: jax.Array
     seeds: jax.Array
     steps: jax.Array
-    prompt_tokens: jax.Array
-    output_tokens: jax.Array
+    want_logprobs: jax.Array
+    tokens: jax.Array
+    prompt_lens: jax.Array
 
     @classmethod
     def build(cls, rows: Sequence[Row], pad_rows: int, vocab_size: int,
-              with_penalty_tokens: bool) -> SamplingTensors:
+              token_width: int) -> SamplingTensors:
         """Tensors for ``rows`` followed by greedy dummies up to ``pad_rows`` rows.
 
-        Seeds are taken modulo 2**32. Token lists are padded to a power-of-two
-        length (at least 16) so the number of compiled shapes stays small; with
-        ``with_penalty_tokens`` False they are [S, 1] padding, for steps that do
-        not apply penalties.
+        Seeds are taken modulo 2**32. ``token_width`` (the longest prompt plus
+        output, i.e. the engine's max_model_len) is the fixed width of ``tokens``,
+        so no token count changes a shape. Only rows with a penalty fill it; a
+        batch without any reuses one cached padding array (nothing to transfer).
         """
         if pad_rows < len(rows):
             raise ValueError(f"pad_rows: must be >= the number of rows {len(rows)}, "
@@ -114,6 +119,18 @@ class SamplingTensors:
         def padded(values: list[int], dtype: type) -> np.ndarray:
             return np.asarray(values + [0] * (pad_rows - len(values)), dtype)
 
+        penalized = [i for i, r in enumerate(rows) if has_penalties(r[0])]
+        if penalized:
+            tokens = np.full((pad_rows, token_width), vocab_size, np.int32)
+            for i in penalized:
+                prompt, output = rows[i][3], rows[i][4]
+                if len(prompt) + len(output) > token_width:
+                    raise ValueError(f"token_width: row {i} has {len(prompt) + len(output)} "
+                                     f"prompt and output tokens, more than {token_width}")
+                tokens[i, :len(prompt)] = prompt
+                tokens[i, len(prompt):len(prompt) + len(output)] = output
+        else:
+            tokens = _padding_tokens(pad_rows, token_width, vocab_size)
         tensors = cls(
             temperature=column(lambda p: p.temperature, np.float32),
             top_p=column(lambda p: p.top_p, np.float32),
@@ -125,12 +142,20 @@ class SamplingTensors:
             frequency_penalty=column(lambda p: p.frequency_penalty, np.float32),
             seeds=padded([r[1] % 2**32 for r in rows], np.uint32),
             steps=padded([r[2] for r in rows], np.int32),
-            prompt_tokens=_token_matrix([r[3] for r in rows], pad_rows, vocab_size,
-                                        with_penalty_tokens),
-            output_tokens=_token_matrix([r[4] for r in rows], pad_rows, vocab_size,
-                                        with_penalty_tokens),
+            want_logprobs=column(lambda p: p.logprobs is not None, np.bool_),
+            tokens=tokens,
+            prompt_lens=padded([len(r[3]) for r in rows], np.int32),
         )
         return jax.device_put(tensors)
+
+
+def has_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+@functools.lru_cache(maxsize=64)
+def _padding_tokens(rows: int, width: int, vocab_size: int) -> jax.Array:
+    return jax.device_put(np.full((rows, width), vocab_size, np.int32))
 
 
 @jax.tree_util.register_dataclass
@@ -138,7 +163,9 @@ class SamplingTensors:
 class SamplerOutput:
     """token_ids i32 [S]; logprobs f32 [S], of the chosen tokens under the raw
     distribution; top_ids i32 [S, N] and top_logprobs f32 [S, N], its N most
-    likely tokens in descending order (N = ``num_logprobs``)."""
+    likely tokens in descending order (N = `MAX_LOGPROBS`, or the vocabulary
+    size if smaller). All three log-prob outputs are zeros when no row of the
+    batch asked for log-probs."""
 
     token_ids: jax.Array
     logprobs: jax.Array
@@ -146,20 +173,27 @@ class SamplerOutput:
     top_logprobs: jax.Array
 
 
-def sample(logits: jax.Array, t: SamplingTensors, token_mask: jax.Array, *, all_greedy: bool,
-           do_penalties: bool, do_filters: bool, num_logprobs: int) -> SamplerOutput:
+def sample(logits: jax.Array, t: SamplingTensors, token_mask: jax.Array) -> SamplerOutput:
     """One token per row of ``logits`` [S, V] (f32); ``token_mask`` is the packed
     bitmask of allowed tokens, int32 [S, mask_words(V)]; see the module docstring."""
-    x = apply_penalties(logits, t) if do_penalties else logits
+    penalized = ((t.repetition_penalty != 1.0) | (t.presence_penalty != 0.0)
+                 | (t.frequency_penalty != 0.0))
+    x = jax.lax.cond(jnp.any(penalized), apply_penalties, lambda x, t: x, logits, t)
     x = apply_token_mask(x, token_mask)
-    token_ids = _argmax(x)
-    if not all_greedy:
-        greedy = t.temperature < GREEDY_TEMPERATURE
-        x = x / jnp.where(greedy, 1.0, t.temperature)[:, None]
-        if do_filters:
-            x = apply_filters(x, t)
-        token_ids = jnp.where(greedy, token_ids, _draw(x, _row_keys(t.seeds, t.steps)))
-    return _with_logprobs(logits, token_ids, num_logprobs)
+    greedy_ids = _argmax(x)
+    sampled = t.temperature >= GREEDY_TEMPERATURE
+    token_ids = jax.lax.cond(jnp.any(sampled), _sampled_ids, lambda x, t, g: g, x, t, greedy_ids)
+    return jax.lax.cond(jnp.any(t.want_logprobs), _with_logprobs, _without_logprobs,
+                        logits, token_ids)
+
+
+def _sampled_ids(x: jax.Array, t: SamplingTensors, greedy_ids: jax.Array) -> jax.Array:
+    """Tokens of a batch in which some row samples: greedy rows keep ``greedy_ids``."""
+    greedy = t.temperature < GREEDY_TEMPERATURE
+    x = x / jnp.where(greedy, 1.0, t.temperature)[:, None]
+    filtered = ~greedy & ((t.top_k > 0) | (t.top_p < 1.0) | (t.min_p > 0.0))
+    x = jax.lax.cond(jnp.any(filtered), apply_filters, lambda x, t: x, x, t)
+    return jnp.where(greedy, greedy_ids, _draw(x, _row_keys(t.seeds, t.steps)))
 
 
 def apply_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
@@ -167,9 +201,11 @@ def apply_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
     penalties over output token counts. Ids >= V (padding) are dropped."""
     S, V = logits.shape
     rows = jnp.arange(S)[:, None]
-    counts = jnp.zeros((S, V), jnp.float32).at[rows, t.output_tokens].add(1.0, mode="drop")
+    is_output = jnp.arange(t.tokens.shape[1])[None, :] >= t.prompt_lens[:, None]
+    output = jnp.where(is_output, t.tokens, V)
+    counts = jnp.zeros((S, V), jnp.float32).at[rows, output].add(1.0, mode="drop")
     generated = counts > 0
-    seen = jnp.zeros((S, V), bool).at[rows, t.prompt_tokens].set(True, mode="drop") | generated
+    seen = jnp.zeros((S, V), bool).at[rows, t.tokens].set(True, mode="drop")
     rep = t.repetition_penalty[:, None]
     x = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
     x = (x - t.frequency_penalty[:, None] * counts
@@ -326,24 +362,19 @@ def _inverse_cdf(w: jax.Array, u: jax.Array) -> jax.Array:
     return jnp.where(first < n, first, last)
 
 
-def _with_logprobs(logits: jax.Array, token_ids: jax.Array, num_logprobs: int) -> SamplerOutput:
+def _with_logprobs(logits: jax.Array, token_ids: jax.Array) -> SamplerOutput:
     lse = jax.nn.logsumexp(logits, -1)
     chosen = jnp.take_along_axis(logits, token_ids[:, None], -1)[:, 0] - lse
-    top_values, top_ids = jax.lax.top_k(logits, num_logprobs)
+    top_values, top_ids = jax.lax.top_k(logits, _num_top(logits))
     return SamplerOutput(token_ids, chosen, top_ids.astype(jnp.int32),
                          top_values - lse[:, None])
 
 
-def _token_matrix(lists: list[Sequence[int]], rows: int, vocab_size: int,
-                  enabled: bool) -> np.ndarray:
-    """Token lists as a [rows, L] int32 matrix padded with ``vocab_size``."""
-    width = _bucket(max(map(len, lists), default=0)) if enabled else 1
-    out = np.full((rows, width), vocab_size, np.int32)
-    if enabled:
-        for i, ids in enumerate(lists):
-            out[i, :len(ids)] = ids
-    return out
+def _without_logprobs(logits: jax.Array, token_ids: jax.Array) -> SamplerOutput:
+    S, n = logits.shape[0], _num_top(logits)
+    return SamplerOutput(token_ids, jnp.zeros(S, jnp.float32), jnp.zeros((S, n), jnp.int32),
+                         jnp.zeros((S, n), jnp.float32))
 
 
-def _bucket(n: int) -> int:
-    return max(_MIN_TOKEN_BUCKET, 1 << (n - 1).bit_length())
+def _num_top(logits: jax.Array) -> int:
+    return min(MAX_LOGPROBS, logits.shape[-1])

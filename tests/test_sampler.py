@@ -5,6 +5,8 @@ Every random draw uses fixed seeds, so the statistical checks are deterministic.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,39 +14,28 @@ import pytest
 
 from sluice.runtime.sampler import (ALL_ALLOWED, SamplingTensors, apply_filters, apply_penalties,
                                     mask_words, pack_token_mask, sample)
-from sluice.runtime.sampling_params import SamplingParams
+from sluice.runtime.sampling_params import MAX_LOGPROBS, SamplingParams
 
 V = 300  # more than one 256-token block of the draw, more than the 128 top-k candidates
 
-_sample = jax.jit(sample, static_argnames=("all_greedy", "do_penalties", "do_filters",
-                                           "num_logprobs"))
+_sample = jax.jit(sample)
 _filters = jax.jit(apply_filters)
 _penalties = jax.jit(apply_penalties)
+WIDTH = 64  # tokens of prompt and output the tests' penalty rows may hold
 
 
-def flags(params: list[SamplingParams], num_logprobs: int = 0) -> dict:
-    return dict(
-        all_greedy=all(p.is_greedy for p in params),
-        do_penalties=any(p.repetition_penalty != 1 or p.presence_penalty != 0
-                         or p.frequency_penalty != 0 for p in params),
-        do_filters=any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params),
-        num_logprobs=num_logprobs)
-
-
-def run(logits: np.ndarray, rows: list[tuple], pad_rows: int = 8, num_logprobs: int = 0,
-        allowed: dict[int, np.ndarray] | None = None, **overrides):
+def run(logits: np.ndarray, rows: list[tuple], pad_rows: int = 8,
+        allowed: dict[int, np.ndarray] | None = None):
     """Sample ``rows`` (build tuples) over ``logits``, padded to at least ``pad_rows``
     rows (few shapes, few compiles); ``allowed``: bool [V] masks by row (others are
     unconstrained). Returns numpy outputs for ``rows``."""
-    params = [r[0] for r in rows]
-    kw = {**flags(params, num_logprobs), **overrides}
     S = max(pad_rows, len(rows))
     logits = np.vstack([logits, np.zeros((S - len(logits), logits.shape[1]), np.float32)])
-    t = SamplingTensors.build(rows, S, logits.shape[1], kw["do_penalties"])
+    t = SamplingTensors.build(rows, S, logits.shape[1], WIDTH)
     mask = np.full((S, mask_words(logits.shape[1])), ALL_ALLOWED, np.int32)
     for row, keep in (allowed or {}).items():
         mask[row] = pack_token_mask(keep)
-    out = _sample(jnp.asarray(logits, jnp.float32), t, jnp.asarray(mask), **kw)
+    out = _sample(jnp.asarray(logits, jnp.float32), t, jnp.asarray(mask))
     return jax.tree_util.tree_map(lambda a: np.asarray(a)[:len(rows)], out)
 
 
@@ -85,21 +76,27 @@ def test_params_normalization():
 
 # --- SamplingTensors.build -----------------------------------------------------------
 
-def test_build_pads_rows_and_token_lists():
-    rows = [(SamplingParams(top_k=-1, temperature=0.5), 2**32 + 7, 3, [1, 2, 3], []),
+def test_build_pads_rows_and_fills_tokens_of_penalized_rows():
+    rows = [(SamplingParams(top_k=-1, temperature=0.5, logprobs=0), 2**32 + 7, 3, [1, 2, 3], []),
             (SamplingParams(repetition_penalty=1.5), -1, 0, list(range(17)), [4] * 5)]
-    t = SamplingTensors.build(rows, 4, V, with_penalty_tokens=True)
-    assert t.prompt_tokens.shape == (4, 32) and t.output_tokens.shape == (4, 16)
-    np.testing.assert_array_equal(np.asarray(t.prompt_tokens)[0, :4], [1, 2, 3, V])
-    assert (np.asarray(t.prompt_tokens)[2:] == V).all()
+    t = SamplingTensors.build(rows, 4, V, 32)
+    assert t.tokens.shape == (4, 32)  # fixed width, whatever the token counts
+    tokens = np.asarray(t.tokens)
+    np.testing.assert_array_equal(tokens[1, :23], list(range(17)) + [4] * 5 + [V])
+    assert (tokens[[0, 2, 3]] == V).all()  # no penalty: nothing to fill
+    np.testing.assert_array_equal(np.asarray(t.prompt_lens), [3, 17, 0, 0])
     np.testing.assert_array_equal(np.asarray(t.top_k), [0, 0, 0, 0])
     np.testing.assert_array_equal(np.asarray(t.seeds), [7, 2**32 - 1, 0, 0])
     np.testing.assert_array_equal(np.asarray(t.temperature), [0.5, 1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(np.asarray(t.want_logprobs), [True, False, False, False])
     assert t.seeds.dtype == jnp.uint32 and t.steps.dtype == jnp.int32
-    lean = SamplingTensors.build(rows, 2, V, with_penalty_tokens=False)
-    assert lean.prompt_tokens.shape == (2, 1) and lean.output_tokens.shape == (2, 1)
+    lean = SamplingTensors.build(rows[:1], 2, V, 32)
+    assert lean.tokens.shape == (2, 32)
+    assert lean.tokens is SamplingTensors.build(rows[:1], 2, V, 32).tokens  # cached, no transfer
     with pytest.raises(ValueError, match="^pad_rows: "):
-        SamplingTensors.build(rows, 1, V, True)
+        SamplingTensors.build(rows, 1, V, 32)
+    with pytest.raises(ValueError, match="^token_width: row 1 "):
+        SamplingTensors.build(rows, 2, V, 21)
 
 
 # --- greedy and filters ---------------------------------------------------------------
@@ -109,9 +106,10 @@ def test_greedy_is_argmax_and_all_greedy_path_agrees():
     logits[2, [10, 20]] = logits[2].max() + 1  # a tie: the first index wins
     rows = [(SamplingParams(temperature=0), i, 0, [], []) for i in range(6)]
     expected = np.argmax(logits, -1)
-    for all_greedy in (True, False):
-        out = run(logits, rows, all_greedy=all_greedy, do_filters=not all_greedy)
-        np.testing.assert_array_equal(out.token_ids, expected)
+    np.testing.assert_array_equal(run(logits, rows).token_ids, expected)
+    # with a sampled row in the batch, the greedy rows take the same tokens
+    sampled = (SamplingParams(temperature=1.0, top_k=5), 0, 0, [], [])
+    np.testing.assert_array_equal(run(logits, rows + [sampled]).token_ids[:6], expected)
 
 
 @pytest.mark.parametrize("params", [SamplingParams(top_k=1, temperature=2.0),
@@ -150,7 +148,7 @@ def test_filters_match_sort_based_reference():
         logits.append(x)
         rows.append((SamplingParams(top_k=k, top_p=p, min_p=m), i, 0, [], []))
     logits = np.asarray(logits, np.float32)
-    t = SamplingTensors.build(rows, len(rows), V, False)
+    t = SamplingTensors.build(rows, len(rows), V, WIDTH)
     kept = np.asarray(_filters(jnp.asarray(logits), t)) > -np.inf
     for row, (params, *_) in enumerate(rows):
         expected = reference_keep(logits[row], params.top_k, params.top_p, params.min_p)
@@ -179,7 +177,7 @@ def test_penalties_match_reference_and_ignore_padding():
         output = rng.integers(1, V - 1, size=2 * i).tolist() + [prompt[0]] * 2
         rows.append((SamplingParams(repetition_penalty=rep, presence_penalty=pres,
                                     frequency_penalty=freq), i, len(output), prompt, output))
-    t = SamplingTensors.build(rows, 6, V, True)
+    t = SamplingTensors.build(rows, 6, V, WIDTH)
     got = np.asarray(_penalties(jnp.asarray(np.vstack([logits, logits[:1]])), t))
     for i, (p, _, _, prompt, output) in enumerate(rows):
         np.testing.assert_allclose(got[i], reference_penalties(logits[i], p, prompt, output),
@@ -286,21 +284,25 @@ def test_empirical_distribution_after_top_k_top_p():
 
 def test_logprobs_are_raw_log_softmax_with_sorted_top_ids():
     logits = random_logits(4, seed=8)
-    rows = [(SamplingParams(temperature=0), 0, 0, [], []),
+    rows = [(SamplingParams(temperature=0, logprobs=5), 0, 0, [], []),
             (SamplingParams(temperature=0.5, top_k=10, repetition_penalty=1.5), 1, 0, [3], []),
             (SamplingParams(temperature=1.5, presence_penalty=2.0), 2, 1, [], [4]),
             (SamplingParams(), 3, 0, [], [])]
-    out = run(logits, rows, num_logprobs=5)
+    out = run(logits, rows)
     x = logits.astype(np.float64)
     log_softmax = x - x.max(-1, keepdims=True)
     log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
     np.testing.assert_allclose(out.logprobs, log_softmax[np.arange(4), out.token_ids], atol=1e-5)
-    np.testing.assert_array_equal(out.top_ids, np.argsort(-logits, -1)[:, :5])
+    assert out.top_ids.shape == (4, MAX_LOGPROBS)  # fixed: the engine keeps what a row asked
+    np.testing.assert_array_equal(out.top_ids, np.argsort(-logits, -1)[:, :MAX_LOGPROBS])
     np.testing.assert_allclose(out.top_logprobs,
                                np.take_along_axis(log_softmax, out.top_ids, -1), atol=1e-5)
     assert (np.diff(out.top_logprobs, axis=-1) <= 0).all()
     assert out.top_ids.dtype == np.int32
-    assert run(logits, rows).top_ids.shape == (4, 0)
+    plain = [(dataclasses.replace(r[0], logprobs=None),) + r[1:] for r in rows]
+    without = run(logits, plain)  # no row asks: skipped, zeros, same tokens
+    np.testing.assert_array_equal(without.token_ids, out.token_ids)
+    assert not without.logprobs.any() and not without.top_ids.any()
 
 
 # --- token masks (structured outputs) ------------------------------------------------------
@@ -337,14 +339,14 @@ def test_masked_rows_take_only_allowed_tokens_and_others_are_unchanged(params):
     prompt, output = [5, 6, 7, 250], [8, 9, 9]
     allowed = {1: np.isin(np.arange(V), rng.choice(V, 5, replace=False)),
                4: np.isin(np.arange(V), np.argsort(logits[4])[:3].tolist() + [299])}
-    others = [SamplingParams(temperature=0), SamplingParams(top_k=5), SamplingParams(top_p=0.8),
-              SamplingParams(repetition_penalty=1.3)]
+    others = [SamplingParams(temperature=0, logprobs=3), SamplingParams(top_k=5),
+              SamplingParams(top_p=0.8), SamplingParams(repetition_penalty=1.3)]
     for step in range(6):
         rows = [(p, 7 + i, step, prompt, output) for i, p in enumerate(others)]
         rows.insert(1, (params, 100, step, prompt, output))
         rows.insert(4, (params, 200, step, prompt, output))
-        plain = run(logits, rows, num_logprobs=3)
-        masked = run(logits, rows, num_logprobs=3, allowed=allowed)
+        plain = run(logits, rows)
+        masked = run(logits, rows, allowed=allowed)
         for row, keep in allowed.items():
             assert keep[masked.token_ids[row]], (step, row, masked.token_ids[row])
         for row in (0, 2, 3, 5):
