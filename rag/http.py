@@ -32,7 +32,7 @@ from sluice.rag.cost import ModelTier, spec_from_config
 from sluice.rag.generation import EngineGenerator
 from sluice.rag.service import RagService
 from sluice.runtime.async_engine import AsyncEngine
-from sluice.runtime.openai_protocol import APIError
+from sluice.runtime.http_errors import APIError
 
 if TYPE_CHECKING:
     from sluice.runtime.server import ServerContext

@@ -43,7 +43,8 @@ as ``max_tokens``); ``n`` and ``best_of`` 1..128; ``priority`` an int64;
 ``/detokenize``, embedding inputs) in the vocabulary; ``logit_bias`` is refused
 whatever it holds (unless empty).
 
-`APIError` is the one exception the server turns into an HTTP error: it carries
+`APIError` (defined in `sluice.runtime.http_errors`, re-exported here) is the one
+exception the server turns into an HTTP error: it carries
 the status and the OpenAI error object ``{"error": {"message", "type", "param",
 "code"}}``. `parse` maps a pydantic failure to a 400 whose ``param`` is the
 failing field's path (``messages[0].content``); `sampling_params` maps a
@@ -61,27 +62,13 @@ from typing import Any, Literal, TypeVar
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from sluice.runtime.http_errors import APIError
 from sluice.runtime.request import TokenLogprobs
 from sluice.runtime.sampling_params import (INT64_MAX, INT64_MIN, MAX_LOGPROBS, MAX_N,
                                              SamplingParams)
 from sluice.runtime.structured_output import StructuredOutputs
 from sluice.runtime.tokenizer import Tokenizer
 from sluice.runtime.tool_calls import ToolCalling, detect_format
-
-
-class APIError(Exception):
-    """An HTTP error with an OpenAI-style error object."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type = status, message, type
-        self.param, self.code, self.headers = param, code, headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
 
 
 class _Request(BaseModel):

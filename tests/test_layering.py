@@ -45,13 +45,14 @@ LAYERS: dict[str, int] = {
         # grammars and tool-call formats compiled to per-request token masks the sampler
         # applies: request-level data, below the engine
         "structured_output", "tool_calls",
+        "compiles",  # counts and logs XLA compiles; imports nothing from the package
         "export",  # writes a Model back as a checkpoint: model-level, like the loader
         # the one-sequence reference decoder: a loop over the pure model, no engine
         "generate",
     )},
     **{m: INSTANCE for m in (
         "sluice.scheduler.local", "sluice.scheduler.policies", "sluice.runtime.block_manager",
-        "sluice.runtime.swap",
+        "sluice.runtime.swap", "sluice.runtime.kv_manager",
         # the package docstring only: importing it runs nothing
         "sluice.scheduler",
     )},
