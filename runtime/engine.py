@@ -1,5 +1,10 @@
-"""The engine: one step = schedule, build one ragged batch, run one jitted
-forward, sample, update request state.
+"""The engine: one step = ``sched = scheduler.schedule()`` (plain data: which
+rows, how many tokens, which blocks, which swap copies) -> ``execute(sched)``
+(the copies, one ragged batch through one jitted forward, sampling: a
+`ModelOutput`) -> ``scheduler.update_from_output(sched, output)`` (the
+scheduler records tokens, advances progress, commits prefix-cache blocks,
+finishes requests); then the engine builds the outputs of the requests that
+advanced.
 
 Interface (used by `LLM`, `AsyncEngine` and the server):
 
@@ -40,10 +45,9 @@ from sluice.runtime.loader import Model
 from sluice.runtime.migration import MigrationEndpoint
 from sluice.runtime.model_runner import ModelRunner, StepRow
 from sluice.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from sluice.runtime.request import Request, TokenLogprobs
 from sluice.runtime.sampling_params import SamplingParams
 from sluice.runtime.swap import HostSwapSpace, SwapExecutor
-from sluice.scheduler.local import LocalScheduler, SchedulerOutput
+from sluice.scheduler.local import LocalScheduler, ModelOutput, ScheduledRow, SchedulerOutput
 from sluice.scheduler.policies import POLICY_OPTIONS, FairPolicy, Policy, make_policy
 
 log = logging.getLogger(__name__)
@@ -132,7 +136,7 @@ class LLMEngine:
         self.swapper = self._swap_executor()
         self.groups: dict[str, Group] = {}
         self.migration = MigrationEndpoint(self)
-        self.intake = Intake(model, self.max_model_len, config.seed)
+        self.intake = make_intake(model, config)
         self.dead: str | None = None  # why the engine cannot step any more (`EngineDeadError`)
         self.num_failed_requests = 0  # requests failed alone by a step (`_isolate`)
         if config.warmup:
@@ -237,7 +241,8 @@ class LLMEngine:
     # -- the step -------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """One step (module docstring). A forward or sampling pass that raises does
+        """One step (module docstring): ``schedule`` -> `execute` ->
+        ``update_from_output``. A forward or sampling pass that raises does
         not fail its batch: `_isolate` finds the rows that fail on their own and
         fails only their requests (their final output carries ``error``); the
         rest advance as if nothing happened. Raises `EngineDeadError` when the
@@ -247,47 +252,46 @@ class LLMEngine:
         if self.dead is not None:
             raise EngineDeadError(self.dead)
         sched = self.scheduler.schedule()
-        failed: dict[str, Exception] = {}
-        if sched.swap_in_overlaps and sched.scheduled and sched.swap_in:
-            ran, results = self._run_rows(sched.scheduled, failed,
-                                          lambda: self._execute_overlapping_swap_in(sched))
-        else:
-            self._swap(sched)
-            if not sched.scheduled:
-                return []
-            ran, results = self._run_rows(sched.scheduled, failed)
-        now = time.monotonic()
-        touched: dict[str, Group] = {}
-        for (req, n), result in zip(ran, results):
-            req.num_computed_tokens += n
-            self.block_manager.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
-            if req.num_computed_tokens < req.num_tokens:
-                continue  # a prefill chunk that does not finish the prompt samples nothing
-            try:
-                self._append(req, *result, now)
-            except Exception as error:  # this request's own tokens or text broke it
-                log.exception("request %s failed after sampling", req.parent_id)
-                failed.setdefault(req.parent_id, error)
-                continue
-            touched[req.parent_id] = self.groups[req.parent_id]
+        failed: dict[str, Exception] = {}  # group id -> why it failed
+        output = self.execute(sched, failed)
+        if output is None:
+            return []
+        sampled, broken = self.scheduler.update_from_output(sched, output)
+        for req, error in broken:  # its own tokens or text broke it
+            failed.setdefault(req.parent_id, error)
+        touched = {r.parent_id: self.groups[r.parent_id] for r in sampled}
         outputs = [self._output(g) for rid, g in touched.items() if rid not in failed]
         return outputs + [self._fail(rid, error) for rid, error in failed.items()]
 
-    def _run_rows(self, rows: list[tuple[Request, int]], failed: dict[str, Exception],
-                  first_try: Callable[[], tuple[np.ndarray, ...]] | None = None
-                  ) -> tuple[list[tuple[Request, int]], list[tuple]]:
+    def execute(self, sched: SchedulerOutput, failed: dict[str, Exception]
+                ) -> ModelOutput | None:
+        """Run a scheduled step: its swap copies and its rows' forward and
+        sampling; None if it runs no rows. Requests whose rows fail the step on
+        their own go into ``failed`` (group id -> error) and are left out of the
+        output."""
+        if sched.swap_in_overlaps and sched.rows and sched.swap_in:
+            return self._run_rows(sched.rows, failed,
+                                  lambda: self._execute_overlapping_swap_in(sched), sched)
+        self._swap(sched)
+        if not sched.rows:
+            return None
+        return self._run_rows(sched.rows, failed, sched=sched)
+
+    def _run_rows(self, rows: list[ScheduledRow], failed: dict[str, Exception],
+                  first_try: Callable[[], tuple[np.ndarray, ...]] | None = None,
+                  sched: SchedulerOutput | None = None) -> ModelOutput:
         """Execute ``rows`` (``first_try`` runs them the first time, e.g. with
-        swap-ins overlapping); on failure `_isolate` them. Returns the rows that
-        ran and one result (token, logprob, top ids, top logprobs) per row;
-        requests that failed alone go into ``failed``."""
+        swap-ins overlapping; ``sched``: the whole step, timed for the swap cost
+        model); on failure `_isolate` them. Requests that failed alone go into
+        ``failed``."""
         try:
-            out = first_try() if first_try is not None else self._execute(rows)
+            out = first_try() if first_try is not None else self._execute(rows, sched=sched)
         except Exception as error:
             return self._isolate(rows, error, failed)
-        return rows, list(zip(*out))
+        return ModelOutput(rows, *out)
 
-    def _isolate(self, rows: list[tuple[Request, int]], error: Exception,
-                 failed: dict[str, Exception]) -> tuple[list[tuple[Request, int]], list[tuple]]:
+    def _isolate(self, rows: list[ScheduledRow], error: Exception,
+                 failed: dict[str, Exception]) -> ModelOutput:
         """Find the rows of a failed step that fail on their own: the step is re-run
         once (a transient fault then fails no one), then by bisection, each
         failing part re-run as two halves until a failing part is one row run
@@ -298,33 +302,33 @@ class LLMEngine:
                     "culprit", len(rows), type(error).__name__, error)
         self._check_alive(error)
         try:
-            out = self._execute(rows, observe=False)
+            out = self._execute(rows)
         except Exception as e:
             self._check_alive(e)
             error = e
         else:
-            return rows, list(zip(*out))
-        ran: list[tuple[Request, int]] = []
-        results: list[tuple] = []
+            return ModelOutput(rows, *out)
+        ran: list[ScheduledRow] = []
+        results: list[tuple[np.ndarray, ...]] = []
         parts = [(rows, error)]
         while parts:
             part, err = parts.pop()
             if len(part) == 1:
-                req = part[0][0]
+                req = self.scheduler.requests[part[0].request_id]
                 log.error("request %s fails the engine step on its own: %s: %s",
                           req.parent_id, type(err).__name__, err)
                 failed.setdefault(req.parent_id, err)
                 continue
             for half in (part[:len(part) // 2], part[len(part) // 2:]):
                 try:
-                    out = self._execute(half, observe=False)
+                    out = self._execute(half)
                 except Exception as e:
                     self._check_alive(e)
                     parts.append((half, e))
                 else:
                     ran.extend(half)
-                    results.extend(zip(*out))
-        return ran, results
+                    results.append(out)
+        return ModelOutput(ran, *_concat_rows(results))
 
     def _check_alive(self, error: Exception) -> None:
         """Raise `EngineDeadError` (for good) if the KV pool did not survive ``error``
@@ -356,22 +360,19 @@ class LLMEngine:
         out.error = f"the engine failed this request ({type(error).__name__}: {error})"
         return out
 
-    def _execute(self, scheduled: list[tuple[Request, int]],
+    def _execute(self, rows: list[ScheduledRow],
                  during: Callable[[jax.Array], None] | None = None,
-                 observe: bool = True) -> tuple[np.ndarray, ...]:
-        """Run the scheduled rows; ``during`` as in `ModelRunner.execute`.
-        ``observe``: time the step for the swap cost model (not for re-runs)."""
+                 sched: SchedulerOutput | None = None) -> tuple[np.ndarray, ...]:
+        """Run ``rows``; ``during`` as in `ModelRunner.execute`. With ``sched`` (the
+        whole step, first try, no copies inside) the step is timed for the swap
+        cost model."""
         now = time.monotonic()
-        rows = [StepRow(req, n, self.block_manager.block_table(req.request_id))
-                for req, n in scheduled]
-        for req, _ in scheduled:
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = now
-        out = self.runner.execute(rows, during)
-        if self.swapper is not None and during is None and observe:
-            # per-token compute time, for swap-vs-recompute estimates (not with copies inside)
-            prefill = sum(n for req, n in scheduled if not req.is_decode(n))
-            self.swapper.cost.observe_step(sum(n for _, n in scheduled), prefill,
+        requests = self.scheduler.requests
+        out = self.runner.execute([StepRow(requests[r.request_id], r.num_new_tokens,
+                                           r.block_table) for r in rows], during)
+        if self.swapper is not None and during is None and sched is not None:
+            # per-token compute time, for swap-vs-recompute estimates
+            self.swapper.cost.observe_step(sched.num_tokens, sched.num_prefill_tokens,
                                            time.monotonic() - now)
         return out
 
@@ -389,7 +390,7 @@ class LLMEngine:
 
         try:
             self._swap(sched, ins=False)
-            return self._execute(sched.scheduled, during)
+            return self._execute(sched.rows, during)
         except BaseException:
             if not issued:
                 self.swapper.abandon(sched.swap_in, sched.host_release,
@@ -406,17 +407,6 @@ class LLMEngine:
             self.swapper.run(sched.swap_out if outs else [], sched.swap_in if ins else [],
                              sched.host_release if ins else [], self.scheduler.swap_out_failed,
                              self.scheduler.swap_in_failed, behind)
-
-    def _append(self, req: Request, token, logprob, top_ids, top_lps, now: float) -> None:
-        """Record one sampled token (and its log-probs) of ``req``."""
-        token = int(token)
-        if req.params.logprobs is not None:
-            k = req.params.logprobs
-            top = {int(t): float(lp) for t, lp in zip(top_ids[:k], top_lps[:k])}
-            req.logprobs.append(TokenLogprobs(token, float(logprob), top))
-        req.append_token(token, now)
-        if req.is_finished:
-            self.scheduler.finish(req)
 
     def _output(self, group: Group) -> RequestOutput:
         finished = group.finished
@@ -455,6 +445,29 @@ class LLMEngine:
                            bm.prefix_cache_hits, self.scheduler.num_preemptions,
                            sum(r.swapped_out for r in self.scheduler.waiting),
                            self.scheduler.num_swap_outs, self.num_failed_requests)
+
+
+def _concat_rows(parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    """One (tokens, logprobs, top ids, top logprobs) from the parts' rows, in
+    order. Parts may hold different numbers of top log-probs (each as many as
+    its rows ask for at most): the narrower are zero-padded."""
+    if not parts:
+        return (np.zeros(0, np.int32), np.zeros(0, np.float32),
+                np.zeros((0, 0), np.int32), np.zeros((0, 0), np.float32))
+    out = []
+    for arrays in zip(*parts):
+        if arrays[0].ndim == 2:
+            k = max(a.shape[1] for a in arrays)
+            arrays = [np.pad(a, ((0, 0), (0, k - a.shape[1]))) for a in arrays]
+        out.append(np.concatenate(arrays))
+    return tuple(out)
+
+
+def make_intake(model: Model, config: EngineConfig) -> Intake:
+    """The intake that validates and tokenizes requests for engines with ``config``:
+    the engine's own, and the global scheduler's (which builds requests before
+    dispatch)."""
+    return Intake(model, resolve_max_model_len(model, config), config.seed)
 
 
 def resolve_max_model_len(model: Model, config: EngineConfig) -> int:

@@ -287,7 +287,7 @@ class SwapCostModel:
         return self.swap_seconds(blocks_out, blocks_in) < self.recompute_seconds(num_tokens)
 
 
-# (request, device block runs, host blocks) of one copy; see sluice.scheduler.local.
+# (request id, device block runs, host blocks) of one copy; see sluice.scheduler.local.
 SwapCopy = tuple[Any, list[tuple[int, int]], list[int]]
 
 

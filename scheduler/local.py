@@ -1,12 +1,22 @@
 """Per-instance scheduler: which requests run in the next engine step, and how
-many tokens each.
+many tokens each; it owns the requests' progress and their KV blocks.
 
-Interface used by the engine (`sluice.runtime.engine`):
+Interface used by the engine (`sluice.runtime.engine`), one step being
+``sched = schedule()`` -> the engine executes it -> ``update_from_output(sched, out)``:
 
-- ``add(request)``, ``abort(request_id) -> Request | None``,
-  ``finish(request)`` (frees its blocks), ``schedule() -> SchedulerOutput``;
+- ``add(request)``, ``abort(request_id) -> Request | None``;
+- ``schedule() -> SchedulerOutput``: plain data (`ScheduledRow` per request:
+  id, new tokens, tokens computed before, block table; preempted ids; token
+  counts; the swap copies ``(request id, device runs, host blocks)``);
+- ``update_from_output(sched, ModelOutput) -> (sampled, broken)``: the only
+  place request progress changes after a step: ``num_computed_tokens``
+  advances, full blocks enter the prefix cache, sampled tokens are appended
+  (`_record`), finished requests free their blocks;
+- ``requests``: the waiting and running requests by id (the engine reads them
+  to build the runner's rows);
 - ``configure_swap(swapper, mode, kv_reuse)``; ``swap_out_failed(copy)`` and
   ``swap_in_failed(copy)`` when the engine's copy of a `SchedulerOutput` fails;
+- ``detach(request)`` / ``attach(request)`` for live migration;
 - counters ``num_waiting``, ``num_running``, ``has_unfinished``.
 
 Each step has a token budget (``max_num_batched_tokens``), a sequence cap
@@ -39,28 +49,59 @@ count), so it cannot thrash.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 
+import numpy as np
+
 from sluice.runtime.block_manager import BlockManager, contiguous_runs
-from sluice.runtime.request import Request, RequestStatus
+from sluice.runtime.request import Request, RequestStatus, TokenLogprobs
 from sluice.runtime.swap import HostSwapSpace, SwapCopy, SwapExecutor
 from sluice.scheduler.policies import FCFSPolicy, Policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ScheduledRow:
+    """One request's share of a step: ``num_new_tokens`` tokens from position
+    ``num_computed_tokens`` on, written into the blocks of ``block_table``."""
+
+    request_id: str
+    num_new_tokens: int
+    num_computed_tokens: int
+    block_table: list[int]
+
 
 
 @dataclasses.dataclass
 class SchedulerOutput:
-    scheduled: list[tuple[Request, int]]  # (request, number of new tokens)
-    preempted: list[Request]
+    """What one step runs, as plain data (ids, block ids, token counts, copies)."""
+
+    rows: list[ScheduledRow]
+    preempted: list[str]  # request ids preempted this step
+    num_tokens: int = 0  # new tokens over all rows
+    num_prefill_tokens: int = 0  # of them, in prompt chunks (rows that are not decodes)
     swap_out: list[SwapCopy] = dataclasses.field(default_factory=list)  # before the step
     swap_in: list[SwapCopy] = dataclasses.field(default_factory=list)  # after swap_out
     host_release: list[int] = dataclasses.field(default_factory=list)  # host refs to drop after
     # True: issue swap_in while the step's forward runs; their requests are not in
-    # ``scheduled`` (they run from the next step). False: before the forward.
+    # ``rows`` (they run from the next step). False: before the forward.
     swap_in_overlaps: bool = False
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(n for _, n in self.scheduled)
+
+@dataclasses.dataclass
+class ModelOutput:
+    """What one step produced: the rows that ran (the schedule's, less those of
+    requests that failed the step on their own) and one sampled token, its log-prob and the top
+    alternatives per row (rows of prompt chunks that do not finish their prompt
+    hold garbage; `update_from_output` skips them)."""
+
+    rows: list[ScheduledRow]
+    token_ids: np.ndarray  # [rows]
+    logprobs: np.ndarray  # [rows]
+    top_ids: np.ndarray  # [rows, k]
+    top_logprobs: np.ndarray  # [rows, k]
 
 
 class LocalScheduler:
@@ -87,6 +128,7 @@ class LocalScheduler:
         self._swap_in: list[SwapCopy] = []
         self.waiting: list[Request] = []
         self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}  # the waiting and running ones, by id
         self.num_preemptions = 0
 
     @property
@@ -120,32 +162,74 @@ class LocalScheduler:
         request.status = RequestStatus.WAITING
         request.waiting_since = time.monotonic()
         self.waiting.append(request)
+        self.requests[request.request_id] = request
 
     def abort(self, request_id: str) -> Request | None:
         """Remove a request wherever it is; unknown ids return None."""
-        for queue in (self.waiting, self.running):
-            for req in queue:
-                if req.request_id == request_id:
-                    queue.remove(req)
-                    self.bm.free(request_id)
-                    self._drop_host(req)
-                    return req
-        return None
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        (self.running if req.status is RequestStatus.RUNNING else self.waiting).remove(req)
+        self.bm.free(request_id)
+        self._drop_host(req)
+        return req
 
     def detach(self, request: Request) -> None:
         """Stop scheduling a running request without touching its blocks (it is
         being migrated); `attach` puts it back, here or on another instance. Its
         host copies (ids in this instance's swap space) are dropped."""
         self.running.remove(request)
+        del self.requests[request.request_id]
         self._drop_host(request)
 
     def attach(self, request: Request, index: int | None = None) -> None:
         """Run a request whose KV is already in this instance's blocks."""
         request.status = RequestStatus.RUNNING
         self.running.insert(len(self.running) if index is None else index, request)
+        self.requests[request.request_id] = request
 
-    def finish(self, request: Request) -> None:
+    def update_from_output(self, sched: SchedulerOutput, output: ModelOutput
+                           ) -> tuple[list[Request], list[tuple[Request, Exception]]]:
+        """Record a step's results: each row's tokens are computed (and full
+        blocks enter the prefix cache); a row that brings its request up to date
+        appends the token sampled for it, and a request that finishes frees its
+        blocks. Returns the requests that sampled a token, and those whose own
+        tokens or text broke them while recording (the engine fails them)."""
+        now = time.monotonic()
+        sampled: list[Request] = []
+        broken: list[tuple[Request, Exception]] = []
+        tokens = output.token_ids.tolist()
+        for i, row in enumerate(output.rows):
+            req = self.requests[row.request_id]
+            req.num_computed_tokens += row.num_new_tokens
+            self.bm.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
+            if req.num_computed_tokens < req.num_tokens:
+                continue  # a prefill chunk that does not finish the prompt samples nothing
+            try:
+                self._record(req, tokens[i], output, i, now)
+            except Exception as error:
+                log.exception("request %s failed after sampling", req.parent_id)
+                broken.append((req, error))
+                continue
+            sampled.append(req)
+        return sampled, broken
+
+    def _record(self, req: Request, token: int, output: ModelOutput, i: int,
+                now: float) -> None:
+        """Append the token sampled for ``req`` (row ``i`` of ``output``) with its
+        log-probs: the one place a sampled token enters a request."""
+        if req.params.logprobs is not None:
+            k = req.params.logprobs
+            top = {int(t): float(lp) for t, lp in zip(output.top_ids[i][:k],
+                                                      output.top_logprobs[i][:k])}
+            req.logprobs.append(TokenLogprobs(token, float(output.logprobs[i]), top))
+        req.append_token(token, now)
+        if req.is_finished:
+            self._finish(req)
+
+    def _finish(self, request: Request) -> None:
         self.running.remove(request)
+        del self.requests[request.request_id]
         self._save_conversation(request)
         self.bm.free(request.request_id)
 
@@ -176,14 +260,14 @@ class LocalScheduler:
 
     def swap_out_failed(self, copy: SwapCopy) -> None:
         """A swap-out copy did not happen: the request recomputes instead."""
-        req = copy[0]
+        req = self.requests[copy[0]]
         self._drop_host(req)
         req.num_computed_tokens = 0
 
     def swap_in_failed(self, copy: SwapCopy) -> None:
         """A swap-in copy did not happen: the request recomputes from the start
         (its table stays; recompute rewrites it)."""
-        req = copy[0]
+        req = self.requests[copy[0]]
         self._drop_host(req)
         req.num_computed_tokens = 0
         if req.conversation is not None:
@@ -213,8 +297,22 @@ class LocalScheduler:
         if not preempted:  # under memory pressure, admit nobody new this step
             self._admit(budget, prefills, scheduled, claimant)
         self.policy.account(scheduled)
-        return SchedulerOutput(scheduled, displaced + preempted, self._swap_out, self._swap_in,
-                               self._release, self.overlap_swap_in)
+        return self._output(scheduled, displaced + preempted)
+
+    def _output(self, scheduled: list[tuple[Request, int]],
+                preempted: list[Request]) -> SchedulerOutput:
+        """The step as plain data; marks the requests' first scheduling."""
+        now = time.monotonic()
+        rows, prefill = [], 0
+        for req, n in scheduled:
+            rows.append(ScheduledRow(req.request_id, n, req.num_computed_tokens,
+                                     self.bm.block_table(req.request_id)))
+            prefill += 0 if req.is_decode(n) else n
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+        return SchedulerOutput(rows, [r.request_id for r in preempted],
+                               sum(n for _, n in scheduled), prefill, self._swap_out,
+                               self._swap_in, self._release, self.overlap_swap_in)
 
     def _displace_for_waiting(self) -> tuple[list[Request], Request | None]:
         """Preempt running requests the policy ranks below its displacer (a waiting
@@ -286,7 +384,7 @@ class LocalScheduler:
             return False
         if new:
             table = self.bm.block_table(req.request_id)
-            self._swap_out.append((req, list(contiguous_runs(table[len(keep):n])), host))
+            self._swap_out.append((req.request_id, list(contiguous_runs(table[len(keep):n])), host))
         self.swap_space.release(req.host_blocks[n:])
         req.host_blocks = keep + host
         req.swapped_out = True
@@ -346,7 +444,7 @@ class LocalScheduler:
             self.swap_space.retain(host)
             req.host_blocks = list(host)
         table = self.bm.block_table(req.request_id)[first:len(host)]
-        self._swap_in.append((req, list(contiguous_runs(table)), host[first:]))
+        self._swap_in.append((req.request_id, list(contiguous_runs(table)), host[first:]))
         self._swapping_in.add(id(req))
         self.num_reused_blocks += len(host) - first
         req.num_cached_tokens = len(host) * self.bm.block_size
@@ -354,7 +452,7 @@ class LocalScheduler:
     def _swap_in_blocks(self, req: Request) -> None:
         host = req.host_blocks
         table = self.bm.block_table(req.request_id)[:len(host)]
-        self._swap_in.append((req, list(contiguous_runs(table)), host))
+        self._swap_in.append((req.request_id, list(contiguous_runs(table)), host))
         self._swapping_in.add(id(req))
         req.swapped_out = False
         # Keep the host copies of full blocks (they never change) so a later swap-out

@@ -470,7 +470,7 @@ def test_a_failed_step_with_swaps_recomputes_and_leaks_nothing(tiny, asynchronou
     else:
         with pytest.raises(RuntimeError, match="failed"):
             _step(engine, outs)
-    moved = [[c[0].request_id for c in copies] for copies in (seen[0].swap_out, seen[0].swap_in)]
+    moved = [[c[0] for c in copies] for copies in (seen[0].swap_out, seen[0].swap_in)]
     assert moved == [["A"], ["B"]] and calls  # (the forward's re-runs call it again)
     monkeypatch.undo()
     outs.update(_drain(engine))
