@@ -18,6 +18,11 @@ Each start is a new ``sluice serve`` process; the time is from launching it to t
 first streamed token of one chat request (greedy, 8 tokens) sent as soon as the
 server prints its ready line; the ready time is recorded too. The goal is a second
 start at most 25% of the first. Writes bench/results/startup.json.
+
+Before the servers (alone with ``--cli-only``): time to ``sluice --help`` and ``sluice
+provision --help``, median of 5 fresh processes each, less the same median for a bare
+interpreter (``python -c pass``, the peer in the same run): the command's own start-up
+time, whose goal is under 1 s.
 """
 
 from __future__ import annotations
@@ -74,6 +79,28 @@ def start_to_first_token(model: str, cache_dir: Path, extra: list[str]) -> dict:
             proc.kill()
 
 
+def cli_start_s(runs: int = 5) -> dict:
+    """Median wall time of ``sluice --help`` and ``sluice provision --help`` and of a
+    bare interpreter, and the commands' own time (the difference)."""
+    def median_s(argv: list[str]) -> float:
+        times = []
+        for _ in range(runs):
+            t0 = time.monotonic()
+            subprocess.run([sys.executable, *argv], cwd=ROOT, check=True,
+                           stdout=subprocess.DEVNULL)
+            times.append(time.monotonic() - t0)
+        return sorted(times)[runs // 2]
+
+    python = median_s(["-c", "pass"])
+    out = {"python_s": round(python, 3)}
+    for label, argv in (("help", ["--help"]), ("provision_help", ["provision", "--help"])):
+        total = median_s(["-m", "sluice.runtime.cli", *argv])
+        out[f"{label}_s"] = round(total, 3)
+        out[f"{label}_own_s"] = round(total - python, 3)
+    out["goal_met"] = max(out["help_own_s"], out["provision_help_own_s"]) < 1.0
+    return out
+
+
 def _has_text(chunk: dict) -> bool:
     return any((c.get("delta") or {}).get("content") for c in chunk.get("choices", []))
 
@@ -100,11 +127,18 @@ def main() -> int:
     ap.add_argument("--skip-hf-dir", action="store_true", help="measure the GGUF path only")
     ap.add_argument("--no-warmup", action="store_true",
                     help="start servers with --no-warmup (shapes compile on first use)")
+    ap.add_argument("--cli-only", action="store_true",
+                    help="measure the time to --help only (no servers)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "startup.json")
     args = ap.parse_args()
     extra = ["--no-warmup"] if args.no_warmup else []
-    results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-               "server_flags": extra, "sources": {}}
+    results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                           "load_average": os.getloadavg()[0]},
+               "cli": cli_start_s(), "server_flags": extra, "sources": {}}
+    print("cli", json.dumps(results["cli"]), flush=True)
+    if args.cli_only:
+        print(json.dumps(results, indent=2))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         sources = {"gguf": MODEL}
         if not args.skip_hf_dir:
