@@ -82,8 +82,8 @@ def _generation(prompt_tokens: int, text: str, logprobs: list | None) -> Generat
 class EngineGenerator:
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
-        self.tokenizer = engine.engine.model.tokenizer
-        self.max_model_len = engine.engine.max_model_len
+        self.tokenizer = engine.model.tokenizer
+        self.max_model_len = engine.max_model_len
         self._ids = itertools.count()
 
     async def _one(self, request: GenerationRequest) -> Generation:

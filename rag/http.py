@@ -85,6 +85,6 @@ def rag_part(index_dir: str | Path) -> Callable[[ServerContext], list[Route]]:
 
 
 def load_rag_service(index_dir: str | Path, engine: AsyncEngine, model_name: str) -> RagService:
-    config = engine.engine.model.config
+    config = engine.model.config
     tier = ModelTier(model_name, spec_from_config(model_name, config))
     return RagService.load(index_dir, {model_name: EngineGenerator(engine)}, {model_name: tier})

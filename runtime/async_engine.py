@@ -7,9 +7,13 @@ aborts the request. ``abort(request_id)`` aborts explicitly;
 ``set_priority(request_id, priority)`` re-ranks a live request (an admin call;
 False if no live request has that id). ``stats()`` is the engine's
 `EngineStats` as of the last step, snapshotted on the worker thread so readers
-on the event loop never see a half-updated engine. All engine calls happen on
-one worker thread, between steps, in the order they were made, so the engine
-itself stays single-threaded and the event loop never blocks on a model step.
+on the event loop never see a half-updated engine; ``model`` and
+``max_model_len`` are the engine's (`AsyncEngine` is a
+`sluice.runtime.frontend.FrontEnd`). All engine calls happen on one
+`sluice.runtime.engine_worker.EngineWorker` thread, between steps, in the order
+they were made, so the engine itself stays single-threaded and the event loop
+never blocks on a model step. A step that raises fails every request then in
+the engine (their streams get the error), not the server.
 Validation and tokenization (``prepare``) run on a second worker thread, so a
 multi-megabyte prompt never holds up the event loop (or the engine's steps).
 
@@ -35,7 +39,9 @@ import time
 from typing import Awaitable, Callable
 
 from sluice.runtime.engine import EngineStats, LLMEngine, Prompt
+from sluice.runtime.engine_worker import EngineWorker
 from sluice.runtime.intake import check_priority
+from sluice.runtime.loader import Model
 from sluice.runtime.health import Health
 from sluice.runtime.outputs import DeltaView, RequestFailed, RequestOutput, merge
 from sluice.runtime.sampling_params import SamplingParams
@@ -136,32 +142,39 @@ class OutputStream:
 
 
 class AsyncEngine:
+    """One engine behind the asyncio front-end interface (`sluice.runtime.frontend`),
+    run on an `EngineWorker` thread."""
+
     def __init__(self, engine: LLMEngine, stream_limits: StreamLimits | None = None):
         self.engine = engine
         self.stream_limits = stream_limits or StreamLimits()
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, "sluice-engine")
         self._intake = concurrent.futures.ThreadPoolExecutor(1, "sluice-intake")
         self._streams: dict[str, OutputStream] = {}
-        # Engine calls in the order they were made (add, abort, re-rank): filled on the
-        # event loop, drained on the worker between steps (deques are thread-safe).
-        self._calls: collections.deque[Callable[[LLMEngine], None]] = collections.deque()
-        self._wakeup: asyncio.Event | None = None
-        self._loop_task: asyncio.Task | None = None
-        self._closed = False  # set by shutdown: the step loop must not run again
+        self._loop: asyncio.AbstractEventLoop | None = None  # where outputs are delivered
         self._ids = itertools.count()
-        self._stats = engine.stats()
+        self._worker = EngineWorker(engine, "engine", self._on_outputs,
+                                    on_step_error=self._on_step_error)
+
+    @property
+    def model(self) -> Model:
+        return self.engine.model
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None, priority: int = 0,
                        client: str | None = None, conversation: str | None = None,
                        delta: bool = False) -> OutputStream:
+        self._loop = asyncio.get_running_loop()
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         stream = OutputStream(lambda: self.abort(request_id), self.stream_limits, delta)
         self._streams[request_id] = stream  # holds the id while the prompt is tokenized
         try:
-            group = await asyncio.get_running_loop().run_in_executor(
+            group = await self._loop.run_in_executor(
                 self._intake, self.engine.prepare, request_id, prompt, params, priority, client,
                 conversation)
         except BaseException:
@@ -170,15 +183,13 @@ class AsyncEngine:
             raise
         group.delta_outputs = delta
         if self._streams.get(request_id) is stream:  # not aborted meanwhile
-            self._calls.append(lambda engine: engine.enqueue(group))
-            self._ensure_loop()
+            self._worker.call(lambda engine: engine.enqueue(group))
         return stream
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; unknown or finished ids are a no-op."""
         if self._streams.pop(request_id, None) is not None:
-            self._calls.append(lambda engine: engine.abort_request(request_id))
-            self._ensure_loop()
+            self._worker.call(lambda engine: engine.abort_request(request_id))
 
     async def set_priority(self, request_id: str, priority: int) -> bool:
         """Change a live request's priority from the next step; False (nothing
@@ -187,22 +198,11 @@ class AsyncEngine:
         check_priority(priority)
         if request_id not in self._streams:
             return False
-        self._calls.append(lambda engine: engine.set_priority(request_id, priority))
-        self._ensure_loop()
+        self._worker.call(lambda engine: engine.set_priority(request_id, priority))
         return True
 
-    def _ensure_loop(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            self._wakeup = asyncio.Event()
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
-        self._wakeup.set()
-
-    def _apply_pending(self) -> None:
-        while self._calls:
-            self._calls.popleft()(self.engine)
-
     def stats(self) -> EngineStats:
-        return self._stats
+        return self._worker.snapshot
 
     def health(self) -> Health:
         """Serving unless the engine is dead (`EngineDeadError`: it cannot step)."""
@@ -211,43 +211,45 @@ class AsyncEngine:
             return Health(serving=1)
         return Health(serving=0, dead=1, deaths=1, reason=f"the engine is dead: {dead}")
 
-    def _step(self) -> list[RequestOutput]:
-        self._apply_pending()
-        outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
-        self._stats = self.engine.stats()
-        return outputs
+    # -- on the worker thread -------------------------------------------------
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while not self._closed:
-            if not (self._calls or self.engine.has_unfinished_requests()):
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            try:
-                outputs = await loop.run_in_executor(self._executor, self._step)
-            except Exception as e:  # a failed step fails its requests, not the server
-                if self._closed:  # the executor is gone: submitting again would spin forever
-                    self._fail_all(RuntimeError("the engine shut down"))
-                    return
-                log.exception("engine step failed")
-                self._fail_all(e)
-                continue
-            for out in outputs:
-                stream = self._streams.get(out.request_id)
-                if stream is not None:
-                    stream.put(RequestFailed(out.error) if out.error is not None else out)
-                    if out.finished:
-                        del self._streams[out.request_id]
+    def _on_outputs(self, outputs: list[RequestOutput]) -> None:
+        self._post(self._deliver, outputs)
 
-    def _fail_all(self, error: Exception) -> None:
+    def _on_step_error(self, engine: LLMEngine, error: Exception) -> None:
+        """A failed step fails its requests, not the server: abort them all before
+        the next step, and fail their streams."""
+        log.error("engine step failed", exc_info=error)
+        for request_id in list(engine.groups):
+            engine.abort_request(request_id)
+        self._post(self._fail_all, error)
+
+    def _post(self, fn: Callable[..., None], *args) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # that event loop has closed: nobody is left to read
+            pass
+
+    # -- on the event loop ----------------------------------------------------
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put(RequestFailed(out.error) if out.error is not None else out)
+                if out.finished:
+                    del self._streams[out.request_id]
+
+    def _fail_all(self, error: Exception, prefix: str = "engine step failed: ") -> None:
         for rid, stream in list(self._streams.items()):
-            stream.put(RuntimeError(f"engine step failed: {error}"))
-            self._calls.append(lambda engine, rid=rid: engine.abort_request(rid))
+            stream.put(RuntimeError(f"{prefix}{error}"))
+            self._worker.call(lambda engine, rid=rid: engine.abort_request(rid))
         self._streams.clear()
 
     async def shutdown(self) -> None:
-        self._closed = True
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._worker.stop()
         self._intake.shutdown(wait=True, cancel_futures=True)
+        self._fail_all(RuntimeError("the engine shut down"), prefix="")

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP server: a Starlette app over `AsyncEngine`.
+"""The OpenAI-compatible HTTP server: a Starlette app over a `FrontEnd`
+(`sluice.runtime.frontend`: one `AsyncEngine`, or a cluster of instances).
 
 ``OpenAIServer(engine, ServerConfig(...)).app`` is the ASGI app; ``run_server``
 serves it with uvicorn until SIGTERM/SIGINT (``sluice serve`` calls it).
@@ -76,7 +77,7 @@ import signal
 import socket
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import uvicorn
 from starlette.applications import Starlette
@@ -88,18 +89,15 @@ from starlette.types import Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from sluice.runtime import openai_protocol as proto
-from sluice.runtime.async_engine import AsyncEngine, OutputStream, StreamStalled
+from sluice.runtime.async_engine import OutputStream, StreamStalled
 from sluice.runtime.embed import mean_pooled
-from sluice.runtime.engine import LLMEngine
+from sluice.runtime.frontend import FrontEnd
 from sluice.runtime.metrics import CONTENT_TYPE, RequestTracker, ServerMetrics
 from sluice.runtime.openai_protocol import APIError
 from sluice.runtime.outputs import RequestOutput, accumulate
 from sluice.runtime.sampling_params import SamplingParams
 from sluice.scheduler.policies import POLICIES, PriorityPolicy
 from sluice.runtime.tool_calls import ToolCalling, ToolCallStream
-
-if TYPE_CHECKING:
-    from sluice.scheduler.async_cluster import AsyncCluster
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("sluice.access")
@@ -180,13 +178,13 @@ ServerPart = Callable[[ServerContext], Sequence[Route]]
 
 
 class OpenAIServer:
-    def __init__(self, engine: AsyncEngine, config: ServerConfig,
+    def __init__(self, engine: FrontEnd, config: ServerConfig,
                  parts: Sequence[ServerPart] = ()):
         self.engine = engine
         self.config = config
-        self.llm_engine: LLMEngine = engine.engine
-        self.tokenizer = self.llm_engine.model.tokenizer
-        self.max_model_len = self.llm_engine.max_model_len
+        self.model = engine.model
+        self.tokenizer = self.model.tokenizer
+        self.max_model_len = engine.max_model_len
         self.metrics = ServerMetrics(config.model_name, config.metrics_compat,
                                      self.max_model_len)
         self.created = proto.now()
@@ -607,7 +605,7 @@ class OpenAIServer:
         ids = self.tokenizer.encode(value) if isinstance(value, str) else list(value)
         if not ids:
             raise APIError(400, f"{param}: must not be empty", param=param)
-        vocab = self.llm_engine.model.config.vocab_size
+        vocab = self.model.config.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise APIError(400, f"{param}: token id {bad[0]} is outside the vocabulary "
@@ -620,7 +618,7 @@ class OpenAIServer:
         time beside the engine; a client that goes away stops the remaining inputs."""
         req = await self._parse(proto.EmbeddingRequest, request)
         self._check_model(req.model)
-        hidden = self.llm_engine.model.config.hidden_size
+        hidden = self.model.config.hidden_size
         if req.dimensions is not None and req.dimensions != hidden:
             raise APIError(400, f"dimensions: this model's embeddings have {hidden} "
                            "dimensions", param="dimensions")
@@ -656,7 +654,7 @@ class OpenAIServer:
 
     async def _embed(self, request: Request, req: proto.EmbeddingRequest,
                      seqs: list[list[int]], left: list[int]) -> Response:
-        loop, model = asyncio.get_running_loop(), self.llm_engine.model
+        loop, model = asyncio.get_running_loop(), self.model
         vectors = []
         for ids in seqs:  # one at a time: a cancelled request stops between inputs
             vectors.append(await loop.run_in_executor(self._embedder, mean_pooled, model, ids))
@@ -953,7 +951,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def run_server(engine: AsyncEngine | AsyncCluster, config: ServerConfig, sock: socket.socket,
+async def run_server(engine: FrontEnd, config: ServerConfig, sock: socket.socket,
                      shutdown_timeout: float = 30.0,
                      on_ready: Callable[[str, int], None] | None = None,
                      parts: Sequence[ServerPart] = ()) -> None:

@@ -6,8 +6,8 @@ validates at once (``ValueError``) and returns an async iterator of
 `RequestOutput`s (closing it early aborts the request); ``abort``,
 ``set_priority``, ``stats``
 (the instances' engine stats summed) and ``shutdown`` as in `AsyncEngine`.
-``engine`` is the cluster's `Intake`: the model and ``max_model_len`` the
-server reads from an engine.
+It implements `sluice.runtime.frontend.FrontEnd` (``model`` and
+``max_model_len`` are the cluster intake's).
 
 `local_cluster` builds one from a model: ``n`` instances, one per JAX device
 (round-robin when there are fewer devices; on CPU,
@@ -24,9 +24,7 @@ from typing import AsyncIterator
 import jax
 
 from sluice.runtime.async_engine import OutputStream, StreamLimits
-from sluice.runtime.engine import (EngineConfig, EngineStats, LLMEngine, Prompt,
-                                   resolve_max_model_len)
-from sluice.runtime.intake import Intake
+from sluice.runtime.engine import EngineConfig, EngineStats, LLMEngine, Prompt, make_intake
 from sluice.runtime.loader import Model
 from sluice.runtime.health import Health
 from sluice.runtime.outputs import RequestOutput
@@ -59,18 +57,24 @@ def local_cluster(model: Model, engine_config: EngineConfig, num_instances: int,
     if num_instances < 1:
         raise ValueError(f"instances: must be >= 1, got {num_instances}")
     launcher = LocalLauncher(model, engine_config)
-    intake = Intake(model, resolve_max_model_len(model, engine_config), engine_config.seed)
     return Cluster(lambda out, death: [launcher.launch(out, death) for _ in range(num_instances)],
-                   intake, cluster_config, launcher)
+                   make_intake(model, engine_config), cluster_config, launcher)
 
 
 class AsyncCluster:
     def __init__(self, cluster: Cluster, stream_limits: StreamLimits | None = None):
         self.cluster = cluster
         self.stream_limits = stream_limits or StreamLimits()
-        self.engine = cluster.intake
         self._ids = itertools.count()
         cluster.start()
+
+    @property
+    def model(self) -> Model:
+        return self.cluster.intake.model
+
+    @property
+    def max_model_len(self) -> int:
+        return self.cluster.intake.max_model_len
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None, priority: int = 0,

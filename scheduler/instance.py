@@ -10,18 +10,21 @@ Interface (`Instance`):
 - migration calls, each returning a `concurrent.futures.Future` and run between
   two engine steps: ``epoch``, ``export_kv``, ``suspend``, ``release``,
   ``resume`` (source side) and ``import_kv``, ``adopt``, ``cancel`` (destination
-  side), with the meanings of `sluice.runtime.migration.MigrationEndpoint`;
+  side), with the meanings of `sluice.runtime.migration.MigrationEndpoint`.
+  `MigrationForwarder` implements them all over one
+  ``migration_call(method, *args)``, which is all an instance provides;
 - ``draining`` (settable): a draining instance takes no new requests;
 - ``alive``, ``stop()``.
 
-Outputs flow out through the ``on_outputs(name, outputs)`` callback; a dead
-engine (an exception out of its step) is reported once through
-``on_death(name, error)``, and every pending call fails with that error.
+`LocalInstance` runs its engine on a `sluice.runtime.engine_worker.EngineWorker`
+(the same worker `AsyncEngine` uses). Outputs flow out through the
+``on_outputs(name, outputs)`` callback; a dead engine (an exception out of its
+step) is reported once through ``on_death(name, error)``, and every pending call
+fails with that error.
 """
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import dataclasses
 import threading
@@ -29,6 +32,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from sluice.runtime.engine import EngineStats, LLMEngine
+from sluice.runtime.engine_worker import EngineWorker
 from sluice.runtime.intake import Group
 from sluice.runtime.migration import Epoch, Handover, KVChunk
 from sluice.runtime.outputs import RequestOutput
@@ -84,8 +88,43 @@ class Instance(Protocol):
     def stop(self) -> None: ...
 
 
-class InstanceKilled(Exception):
-    """Raised inside an instance's loop by `LocalInstance.kill` (failure injection)."""
+MIGRATION_CALLS = ("epoch", "export_kv", "suspend", "release", "resume", "import_kv",
+                   "adopt", "cancel")  # `MigrationEndpoint` methods an instance forwards
+
+
+class MigrationForwarder:
+    """The `Instance` migration calls, each forwarded to the instance's one
+    ``migration_call(method, *args) -> Future``, which runs
+    ``engine.migration.<method>(*args)`` between two steps wherever the engine is."""
+
+    def migration_call(self, method: str, *args: Any) -> concurrent.futures.Future:
+        raise NotImplementedError
+
+    def epoch(self, request_id: str) -> concurrent.futures.Future:
+        return self.migration_call("epoch", request_id)
+
+    def export_kv(self, request_id: str, first_blocks: dict[str, int],
+                  epoch: Epoch) -> concurrent.futures.Future:
+        return self.migration_call("export_kv", request_id, first_blocks, epoch)
+
+    def suspend(self, request_id: str, first_blocks: dict[str, int],
+                epoch: Epoch) -> concurrent.futures.Future:
+        return self.migration_call("suspend", request_id, first_blocks, epoch)
+
+    def release(self, request_id: str) -> concurrent.futures.Future:
+        return self.migration_call("release", request_id)
+
+    def resume(self, request_id: str) -> concurrent.futures.Future:
+        return self.migration_call("resume", request_id)
+
+    def import_kv(self, request_id: str, chunks: list[KVChunk]) -> concurrent.futures.Future:
+        return self.migration_call("import_kv", request_id, chunks)
+
+    def adopt(self, handover: Handover) -> concurrent.futures.Future:
+        return self.migration_call("adopt", handover)
+
+    def cancel(self, request_id: str) -> concurrent.futures.Future:
+        return self.migration_call("cancel", request_id)
 
 
 def load_report(name: str, engine: LLMEngine, draining: bool, pending: int = 0) -> LoadReport:
@@ -109,30 +148,24 @@ def _blocks_to_start(requests, block_size: int) -> int:
     return sum(-(-(r.num_tokens + 1) // block_size) for r in requests)
 
 
-class LocalInstance:
-    """An engine on its own thread; calls are queued and run between steps."""
+class LocalInstance(MigrationForwarder):
+    """An engine on its own `EngineWorker` thread; calls are queued and run between steps."""
 
     def __init__(self, name: str, engine: LLMEngine, on_outputs: OutputSink,
                  on_death: DeathSink | None = None):
         self.name = name
         self.engine = engine
         self.draining = False
-        self._on_outputs = on_outputs
-        self._on_death = on_death
-        self._calls: collections.deque[tuple[Callable[[LLMEngine], Any],
-                                             concurrent.futures.Future]] = collections.deque()
         self._pending_blocks = 0
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stopping = False
-        self._error: BaseException | None = None
-        self._report = load_report(name, engine, False)
-        self._thread = threading.Thread(target=self._loop, name=f"sluice-{name}", daemon=True)
-        self._thread.start()
+        self._on_death = on_death
+        self._worker = EngineWorker(engine, name, lambda outs: on_outputs(name, outs),
+                                    snapshot=lambda e: load_report(name, e, False),
+                                    on_death=self._died)
 
     @property
     def alive(self) -> bool:
-        return self._error is None and not self._stopping
+        return self._worker.alive
 
     # -- requests -------------------------------------------------------------
 
@@ -145,16 +178,16 @@ class LocalInstance:
             with self._lock:
                 self._pending_blocks -= demand
             engine.enqueue(group)
-        self._call(enqueue)
+        self._worker.call(enqueue)
 
     def abort(self, request_id: str) -> None:
-        self._call(lambda e: e.abort_request(request_id))
+        self._worker.call(lambda e: e.abort_request(request_id))
 
     def set_priority(self, request_id: str, priority: int) -> None:
-        self._call(lambda e: e.set_priority(request_id, priority))
+        self._worker.call(lambda e: e.set_priority(request_id, priority))
 
     def report(self) -> LoadReport:
-        r = self._report
+        r = self._worker.snapshot
         with self._lock:
             pending = self._pending_blocks
         return dataclasses.replace(r, demand_blocks=r.demand_blocks + pending,
@@ -162,91 +195,22 @@ class LocalInstance:
 
     # -- migration ------------------------------------------------------------
 
-    def epoch(self, request_id: str) -> concurrent.futures.Future:
-        return self._call(lambda e: e.migration.epoch(request_id))
-
-    def export_kv(self, request_id: str, first_blocks: dict[str, int],
-                  epoch: Epoch) -> concurrent.futures.Future:
-        return self._call(lambda e: e.migration.export_kv(request_id, first_blocks, epoch))
-
-    def suspend(self, request_id: str, first_blocks: dict[str, int],
-                epoch: Epoch) -> concurrent.futures.Future:
-        return self._call(lambda e: e.migration.suspend(request_id, first_blocks, epoch))
-
-    def release(self, request_id: str) -> concurrent.futures.Future:
-        return self._call(lambda e: e.migration.release(request_id))
-
-    def resume(self, request_id: str) -> concurrent.futures.Future:
-        return self._call(lambda e: e.migration.resume(request_id))
-
-    def import_kv(self, request_id: str, chunks: list[KVChunk]) -> concurrent.futures.Future:
-        return self._call(lambda e: e.migration.import_kv(request_id, chunks))
-
-    def adopt(self, handover: Handover) -> concurrent.futures.Future:
-        return self._call(lambda e: e.migration.adopt(handover))
-
-    def cancel(self, request_id: str) -> concurrent.futures.Future:
-        return self._call(lambda e: e.migration.cancel(request_id))
+    def migration_call(self, method: str, *args: Any) -> concurrent.futures.Future:
+        """``engine.migration.<method>(*args)`` between two steps (`MIGRATION_CALLS`)."""
+        if method not in MIGRATION_CALLS:
+            raise ValueError(f"method: {method!r} is not a migration call")
+        return self._worker.call(lambda e: getattr(e.migration, method)(*args))
 
     # -- lifecycle ------------------------------------------------------------
 
     def kill(self) -> None:
         """Make the engine loop fail as a crashed actor would (tests, benchmarks)."""
-        def die(engine: LLMEngine) -> None:
-            raise InstanceKilled(f"instance {self.name} killed")
-        self._call(die)
+        self._worker.kill()
 
     def stop(self) -> None:
         """Stop the loop (idempotent); requests still here are dropped."""
-        self._stopping = True
-        self._wake.set()
-        if threading.current_thread() is not self._thread:  # a death handler may stop it
-            self._thread.join()
+        self._worker.stop()
 
-    def _call(self, fn: Callable[[LLMEngine], Any]) -> concurrent.futures.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        with self._lock:  # against `_die` draining the queue concurrently
-            if self._error is not None:
-                future.set_exception(self._error)
-                return future
-            self._calls.append((fn, future))
-        self._wake.set()
-        return future
-
-    def _loop(self) -> None:
-        try:
-            while not self._stopping:
-                self._run_calls()
-                if self.engine.has_unfinished_requests():
-                    outputs = self.engine.step()
-                    self._report = load_report(self.name, self.engine, self.draining)
-                    if outputs:
-                        self._on_outputs(self.name, outputs)
-                else:
-                    self._report = load_report(self.name, self.engine, self.draining)
-                    self._wake.wait(0.05)
-                    self._wake.clear()
-        except BaseException as error:  # the instance is dead; the cluster re-dispatches
-            self._die(error)
-
-    def _run_calls(self) -> None:
-        while self._calls:
-            fn, future = self._calls.popleft()
-            try:
-                result = fn(self.engine)
-            except InstanceKilled:
-                future.set_result(None)
-                raise
-            except Exception as error:  # a failed call fails its caller, not the engine
-                future.set_exception(error)
-            else:
-                future.set_result(result)
-
-    def _die(self, error: BaseException) -> None:
-        with self._lock:
-            self._error = error
-            calls, self._calls = list(self._calls), collections.deque()
-        for _, future in calls:
-            future.set_exception(error)
+    def _died(self, error: BaseException) -> None:
         if self._on_death is not None:
             self._on_death(self.name, error)

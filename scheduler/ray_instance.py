@@ -4,8 +4,9 @@ Each actor loads the model itself and runs a `LocalInstance` (an engine on its
 own thread) inside the actor process; the driver-side `RayInstance` forwards
 calls to it and long-polls for outputs and load reports on a thread of its own,
 so the global scheduler (`sluice.scheduler.cluster`) cannot tell it from a
-local instance. Migration data (KV chunks, request state) crosses processes
-through Ray's object store; the request's detokenizer travels without its
+local instance. Migration calls are forwarded generically (one
+``migration_call(method, *args)`` on each side, `MigrationForwarder`); their
+data (KV chunks, request state) crosses processes through Ray's object store; the request's detokenizer travels without its
 tokenizer and is re-bound on arrival. An actor that crashes (its process dies)
 surfaces as a `ray.exceptions.RayActorError` on the poll, which the instance
 reports through ``on_death``: the cluster re-dispatches its requests.
@@ -26,13 +27,14 @@ from typing import Any
 
 import ray
 
-from sluice.runtime.engine import EngineConfig, LLMEngine, resolve_max_model_len
-from sluice.runtime.intake import Group, Intake
+from sluice.runtime.engine import EngineConfig, LLMEngine, make_intake
+from sluice.runtime.intake import Group
 from sluice.runtime.loader import load_model
 from sluice.runtime.migration import Handover, KVChunk
 from sluice.runtime.outputs import RequestOutput
 from sluice.scheduler.cluster import Cluster, ClusterConfig
-from sluice.scheduler.instance import DeathSink, LoadReport, LocalInstance, OutputSink
+from sluice.scheduler.instance import (DeathSink, LoadReport, LocalInstance, MigrationForwarder,
+                                       OutputSink)
 
 POLL_S = 0.05
 
@@ -90,10 +92,10 @@ class EngineActor:
     def set_draining(self, draining: bool) -> None:
         self.instance.draining = draining
 
-    def call(self, method: str, *args: Any) -> Any:
-        """A migration call (see `Instance`), run between steps; device arrays
-        come back as numpy so they can leave the process."""
-        return _to_host(getattr(self.instance, method)(*args).result())
+    def migration_call(self, method: str, *args: Any) -> Any:
+        """A migration call (`Instance`), run between steps; device arrays come
+        back as numpy so they can leave the process."""
+        return _to_host(self.instance.migration_call(method, *args).result())
 
     def crash(self) -> None:
         """Kill the actor's process (failure injection in tests)."""
@@ -113,7 +115,7 @@ def _to_host(value: Any) -> Any:
     return value
 
 
-class RayInstance:
+class RayInstance(MigrationForwarder):
     """Driver-side proxy of an `EngineActor` (the `Instance` interface)."""
 
     def __init__(self, name: str, actor: Any, on_outputs: OutputSink, on_death: DeathSink):
@@ -153,32 +155,8 @@ class RayInstance:
     def set_priority(self, request_id: str, priority: int) -> None:
         self.actor.set_priority.remote(request_id, priority)
 
-    def _call(self, method: str, *args: Any) -> concurrent.futures.Future:
-        return self.actor.call.remote(method, *args).future()
-
-    def epoch(self, request_id):
-        return self._call("epoch", request_id)
-
-    def export_kv(self, request_id, first_blocks, epoch):
-        return self._call("export_kv", request_id, first_blocks, epoch)
-
-    def suspend(self, request_id, first_blocks, epoch):
-        return self._call("suspend", request_id, first_blocks, epoch)
-
-    def release(self, request_id):
-        return self._call("release", request_id)
-
-    def resume(self, request_id):
-        return self._call("resume", request_id)
-
-    def import_kv(self, request_id, chunks):
-        return self._call("import_kv", request_id, chunks)
-
-    def adopt(self, handover):
-        return self._call("adopt", handover)
-
-    def cancel(self, request_id):
-        return self._call("cancel", request_id)
+    def migration_call(self, method: str, *args: Any) -> concurrent.futures.Future:
+        return self.actor.migration_call.remote(method, *args).future()
 
     def kill(self) -> None:
         self.actor.crash.remote()
@@ -235,7 +213,6 @@ def ray_cluster(spec: ModelSpec, config: EngineConfig, num_instances: int,
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     model = load_model(spec.model, dtype=spec.dtype, seed=spec.seed, progress=False)
-    intake = Intake(model, resolve_max_model_len(model, config), config.seed)
     launcher = RayLauncher(spec, config, num_gpus)
     return Cluster(lambda out, death: [launcher.launch(out, death) for _ in range(num_instances)],
-                   intake, cluster_config, launcher)
+                   make_intake(model, config), cluster_config, launcher)

@@ -148,7 +148,7 @@ def test_stalled_http_stream_ends_with_an_error_event_and_is_counted(tiny):
         call = asyncio.ensure_future(server.app(scope, receive, send))
         await until(lambda: len(chunks) == 2, "the client to stop reading")
         await until(lambda: not front._streams and not engine.has_unfinished_requests()
-                    and not front._calls, "the abort")
+                    and not front._worker.num_pending, "the abort")
         reading.set()
         await call
         gone.set()

@@ -320,7 +320,7 @@ def test_stop_strings_past_the_limits_are_400(http):
 
 
 def test_mid_stream_engine_error_sends_an_error_event_then_done(srv, http):
-    real, steps = srv.front._step, []
+    real, steps = srv.engine.step, []
 
     def failing_step():
         steps.append(1)
@@ -328,7 +328,7 @@ def test_mid_stream_engine_error_sends_an_error_event_then_done(srv, http):
             raise RuntimeError("injected step failure")
         return real()
 
-    srv.front._step = failing_step
+    srv.engine.step = failing_step
     try:
         with http.stream("POST", "/v1/completions",
                          json={"prompt": "x", "stream": True, **LONG}) as r:
@@ -341,7 +341,7 @@ def test_mid_stream_engine_error_sends_an_error_event_then_done(srv, http):
         r = http.post("/v1/completions", json={"prompt": "x", **LONG})
         assert r.status_code == 500 and "injected step failure" in r.json()["error"]["message"]
     finally:
-        srv.front._step = real
+        srv.engine.step = real
     srv.wait_idle()
 
 

@@ -1,0 +1,51 @@
+"""`FrontEnd`: what the HTTP server (and the RAG layer) needs from whatever serves
+requests, whether that is one engine (`sluice.runtime.async_engine.AsyncEngine`)
+or many under the global scheduler (`sluice.scheduler.async_cluster.AsyncCluster`).
+
+- ``model`` (tokenizer, config, and the parameters ``/v1/embeddings`` runs on) and
+  ``max_model_len``: what every instance serves;
+- ``generate(prompt, params, request_id=, priority=, client=, conversation=,
+  delta=)``: validates at once (``ValueError``) and returns an async iterator of
+  `RequestOutput`s; closing it early aborts the request;
+- ``abort(request_id)`` (unknown ids: no-op), ``set_priority(request_id,
+  priority) -> bool`` (False if no live request has that id);
+- ``stats() -> EngineStats`` (summed over instances), ``health() -> Health``;
+- ``shutdown()``.
+
+The server is written against this protocol only, so it never reaches into an
+engine (or a cluster) behind it.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Protocol
+
+from sluice.runtime.engine import EngineStats
+from sluice.runtime.intake import Prompt
+from sluice.runtime.loader import Model
+from sluice.runtime.health import Health
+from sluice.runtime.outputs import RequestOutput
+from sluice.runtime.sampling_params import SamplingParams
+
+
+class FrontEnd(Protocol):
+    @property
+    def model(self) -> Model: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
+                       request_id: str | None = None, priority: int = 0,
+                       client: str | None = None, conversation: str | None = None,
+                       delta: bool = False) -> AsyncIterator[RequestOutput]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def set_priority(self, request_id: str, priority: int) -> bool: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def health(self) -> Health: ...
+
+    async def shutdown(self) -> None: ...
