@@ -14,6 +14,7 @@ vocabulary always matches.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,10 @@ import Stemmer
 
 from sluice.rag.corpus import Corpus
 from sluice.rag.retrieval import CorpusRetriever, Hit
+
+# bm25s sets its logger to DEBUG, so any root handler (the CLI's, the server's) printed
+# "DEBUG:bm25s:Building index from tokens" on every build.
+logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 STOPWORDS = "en"
 STEMMER_LANGUAGE = "english"

@@ -38,8 +38,9 @@ class DenseRetriever(CorpusRetriever):
         self.embeddings = embeddings.astype(np.float32, copy=False)
 
     @classmethod
-    def build(cls, corpus: Corpus, embedder: Embedder) -> DenseRetriever:
-        return cls(embedder, corpus.ids(), embedder.embed(corpus.texts()))
+    def build(cls, corpus: Corpus, embedder: Embedder,
+              progress: str | None = None) -> DenseRetriever:
+        return cls(embedder, corpus.ids(), embedder.embed(corpus.texts(), progress))
 
     def _rank(self, queries: list[str], k: int) -> list[list[Hit]]:
         scores = self.embedder.embed(queries) @ self.embeddings.T

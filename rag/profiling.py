@@ -1,31 +1,52 @@
-"""Offline profiles: each candidate configuration run over a labelled question set.
+"""Offline profiles: each candidate configuration run over a question set with labels.
 
-``measure(pipeline, config, questions)`` runs every question through ``config`` one at a
-time (no queueing, so latencies are service times) and returns a ``Measurement``: per-query
-latency, cost, exact match and F1 against the gold answers, plus the ``Profile`` the planner
-uses (quality = mean F1, latency p95, mean cost). ``measure_all`` does that for a list of
-configurations after one warm-up query per configuration, and ``warm_up(embedder)`` compiles
-every embedding shape first, so one-off JIT compilation is not billed to measured queries.
+``measure(pipeline, config, questions, rivals=())`` runs the questions through ``config`` one
+at a time (no queueing, so latencies are service times) and returns a ``Measurement``:
+per-query latency, cost, exact match and F1 against the labels, plus the ``Profile`` the
+planner uses (quality = mean F1, latency p95, mean cost). The labels are the corpus's own
+(SQuAD) or generated from its passages (``sluice.rag.synthetic``); ``method`` names which.
+
+Early stop: after ``MIN_QUESTIONS`` questions a configuration is dropped as clearly
+dominated when a finished rival already has quality at least this one's upper bound (mean
+F1 + ``BOUND_Z`` standard errors), p95 latency at most this one's mean latency so far, and
+cost at most its mean cost: more questions could not lift it onto the Pareto front. Its
+profile is kept, marked ``stopped_early``.
+
+``measure_all(pipeline, configs, questions, store)`` measures every configuration not
+already in the ``ProfileStore`` after one warm-up query each (which compiles the
+embedder's new shapes, so one-off JIT compilation is not billed to measured queries), with a
+progress bar (stderr) and the store written after each configuration: an interrupted build
+keeps what it measured and a re-run measures only the rest. The store keeps profiles only
+for one ``digest`` of the question set and index; another digest starts afresh.
 
 ``default_configs(generative_tiers)`` is the candidate set the planner chooses from: the
 extractive pipelines over every retriever, k in (1, 3, 5), with and without reranking, one or
 three agents (three agents vote), and, per generative tier, one-agent and three-agent
-pipelines over dense retrieval.
+pipelines over dense retrieval. ``sample_questions(questions, n)`` takes ``n`` spread evenly
+in id order.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from sluice.rag.config import EXTRACTIVE, PipelineConfig
 from sluice.rag.corpus import LabelledQuestion
 from sluice.rag.embedder import MIN_BUCKET, Embedder
 from sluice.rag.pipeline import RagPipeline
-from sluice.rag.sla import Profile
+from sluice.rag.sla import Profile, load_profiles, save_profiles
 from sluice.rag.text import exact_match, f1
+
+MIN_QUESTIONS = 6
+BOUND_Z = 2.0
+STATE_FILE = "profiling.json"
 
 
 @dataclass(frozen=True)
@@ -51,8 +72,26 @@ def default_configs(generative_tiers: Sequence[str] = ()) -> list[PipelineConfig
     return configs
 
 
+def sample_questions(questions: Sequence[LabelledQuestion], n: int) -> list[LabelledQuestion]:
+    """``n`` questions spread evenly over ``questions`` in id order."""
+    if n < 1:
+        raise ValueError(f"--profile-questions: must be >= 1, got {n}")
+    ordered = sorted(questions, key=lambda q: q.id)
+    return ordered[::max(1, len(ordered) // n)][:n]
+
+
+def _dominated(rivals: Sequence[Profile], f1s: list[float], latencies: list[float],
+               costs: list[float]) -> bool:
+    n = len(f1s)
+    upper = float(np.mean(f1s)) + BOUND_Z * float(np.std(f1s, ddof=1)) / math.sqrt(n)
+    mean_latency, mean_cost = float(np.mean(latencies)), float(np.mean(costs))
+    return any(r.quality >= upper and r.latency_p95_s <= mean_latency and r.cost_usd <= mean_cost
+               for r in rivals)
+
+
 def measure(pipeline: RagPipeline, config: PipelineConfig,
-            questions: Sequence[LabelledQuestion]) -> Measurement:
+            questions: Sequence[LabelledQuestion], rivals: Sequence[Profile] = (),
+            method: str = "labelled", progress: tqdm | None = None) -> Measurement:
     if not questions:
         raise ValueError("questions: the labelled set is empty")
     latencies, costs, ems, f1s = [], [], [], []
@@ -62,19 +101,68 @@ def measure(pipeline: RagPipeline, config: PipelineConfig,
         costs.append(result.cost_usd)
         ems.append(exact_match(result.answer, q.answers))
         f1s.append(f1(result.answer, q.answers))
+        if progress is not None:
+            progress.update()
+        if len(f1s) >= MIN_QUESTIONS and len(f1s) < len(questions) and rivals and _dominated(
+                rivals, f1s, latencies, costs):
+            if progress is not None:
+                progress.update(len(questions) - len(f1s))
+            break
     profile = Profile(config, float(np.mean(f1s)), float(np.percentile(latencies, 95)),
-                      float(np.mean(costs)), float(np.mean(latencies)))
+                      float(np.mean(costs)), float(np.mean(latencies)), float(np.mean(ems)),
+                      len(f1s), method, len(f1s) < len(questions))
     return Measurement(profile, tuple(latencies), tuple(costs), float(np.mean(ems)),
                        float(np.mean(f1s)))
 
 
+class ProfileStore:
+    """``profiles.json`` of an index directory, with the digest of what was measured in
+    ``profiling.json``; ``add`` writes both at once (atomically)."""
+
+    def __init__(self, directory: str | Path, digest: str, profiles_file: str):
+        self.directory = Path(directory)
+        self.path = self.directory / profiles_file
+        self.digest = digest
+        self.profiles: list[Profile] = []
+        state = self.directory / STATE_FILE
+        if self.path.exists() and state.exists():
+            try:
+                same = json.loads(state.read_text()).get("digest") == digest
+            except (OSError, json.JSONDecodeError):
+                same = False
+            if same:
+                self.profiles = load_profiles(self.path)
+
+    def done(self, config: PipelineConfig) -> bool:
+        return any(p.config == config for p in self.profiles)
+
+    def add(self, profile: Profile) -> None:
+        self.profiles.append(profile)
+        (self.directory / STATE_FILE).write_text(json.dumps({"digest": self.digest}))
+        save_profiles(self.path, self.profiles)
+
+
 def measure_all(pipeline: RagPipeline, configs: Sequence[PipelineConfig],
-                questions: Sequence[LabelledQuestion]) -> list[Measurement]:
-    warm_up(pipeline.embedder)
-    out = []
-    for config in configs:
-        pipeline.run_sync(questions[0].question, config)  # warm-up: compile new shapes
-        out.append(measure(pipeline, config, questions))
+                questions: Sequence[LabelledQuestion], store: ProfileStore | None = None,
+                method: str = "labelled", progress: bool = False) -> list[Measurement]:
+    """Measurements of the configurations not yet in ``store`` (all without one); every new
+    profile is added to ``store`` as soon as it is measured."""
+    todo = [c for c in configs if store is None or not store.done(c)]
+    bar = tqdm(total=len(todo) * len(questions), desc="profiling", unit="query",
+               disable=not progress)
+    out: list[Measurement] = []
+    rivals = list(store.profiles) if store else []
+    try:
+        for config in todo:
+            bar.set_postfix_str(config.name)
+            pipeline.run_sync(questions[0].question, config)  # warm-up: compile new shapes
+            m = measure(pipeline, config, questions, rivals, method, bar)
+            out.append(m)
+            rivals.append(m.profile)
+            if store is not None:
+                store.add(m.profile)
+    finally:
+        bar.close()
     return out
 
 

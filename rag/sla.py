@@ -6,9 +6,12 @@
   ``SLO.from_dict`` parses the HTTP ``slo`` object (``ValueError`` naming the field).
 - ``QueryClass(name, slo, description, seeds)``: ``seeds`` are example questions of the
   class for the intent classifier (the built-in classes' come from ``sluice.rag.intent``).
-- ``Profile(config, quality, latency_p95_s, cost_usd, latency_mean_s)``: one configuration
-  measured offline (``sluice.rag.profiling``); ``save_profiles``/``load_profiles`` keep them
-  as JSON.
+- ``Profile(config, quality, latency_p95_s, cost_usd, latency_mean_s, exact_match,
+  questions, quality_method, stopped_early)``: one configuration measured offline
+  (``sluice.rag.profiling``): quality is mean token F1 against the labels of
+  ``quality_method`` (``"labelled"``: the corpus's own, e.g. SQuAD; ``"generated"``:
+  questions generated from the passages, ``sluice.rag.synthetic``);
+  ``save_profiles``/``load_profiles`` keep them as JSON (written atomically).
 - ``pareto_front(profiles)``: the profiles no other profile beats or ties on all three of
   quality (higher), latency and cost (lower).
 - ``Planner(profiles).choose(slo)``: the cheapest profile meeting the SLO, ties to the lower
@@ -16,7 +19,8 @@
   raises ``ValueError`` naming the violated field and the achievable range ("min_quality:
   0.95 is above the best measured quality 0.41 ..."). ``fallbacks(slo)`` lists the
   profiles that meet the quality and cost targets, fastest first: where the re-orchestrator
-  may move a class when load threatens its latency.
+  may move a class when load threatens its latency. ``best_effort(slo)``: the profile closest
+  to an SLO no profile meets (smallest quality shortfall, then latency, then cost overrun).
 - ``ReOrchestrator(planner, classes, ...)``: at runtime each class runs its planned
   configuration. ``observe(cls, latency_s, queue_depth)`` records a finished query;
   ``config_for(cls)`` returns the configuration to use now. Pressure on a class is the larger
@@ -29,7 +33,9 @@
   ``hold`` consecutive observations in which both the current pressure and the forecast for
   the slower configuration are below ``low``. The gap between ``high`` and ``low`` and
   the hold count are the hysteresis that keeps a class from flapping at the boundary; it
-  never moves to a configuration that misses its quality or cost target.
+  never moves to a configuration that misses its quality or cost target. A class whose SLO
+  no profile meets is not an error: it runs ``best_effort`` and ``unmet(cls)`` says why,
+  so a server on slower hardware than the SLOs were written for still starts and says so.
 """
 
 from __future__ import annotations
@@ -104,6 +110,10 @@ class Profile:
     latency_p95_s: float
     cost_usd: float
     latency_mean_s: float
+    exact_match: float | None = None  # on the same questions as ``quality`` (mean token F1)
+    questions: int = 0                # questions measured
+    quality_method: str = "labelled"  # "labelled" or "generated" (sluice.rag.synthetic)
+    stopped_early: bool = False       # measurement cut short: clearly dominated
 
     def meets(self, slo: SLO) -> bool:
         return (self.quality >= slo.min_quality and self.latency_p95_s <= slo.latency_p95_s
@@ -111,17 +121,27 @@ class Profile:
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "name": self.config.name,
-                "quality": self.quality, "latency_p95_s": self.latency_p95_s,
+                "quality": self.quality, "f1": self.quality, "exact_match": self.exact_match,
+                "quality_method": self.quality_method, "questions": self.questions,
+                "stopped_early": self.stopped_early, "latency_p95_s": self.latency_p95_s,
                 "cost_usd": self.cost_usd, "latency_mean_s": self.latency_mean_s}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Profile:
+        em = d.get("exact_match")
         return cls(PipelineConfig.from_dict(d["config"]), float(d["quality"]),
-                   float(d["latency_p95_s"]), float(d["cost_usd"]), float(d["latency_mean_s"]))
+                   float(d["latency_p95_s"]), float(d["cost_usd"]), float(d["latency_mean_s"]),
+                   None if em is None else float(em), int(d.get("questions", 0)),
+                   str(d.get("quality_method", "labelled")), bool(d.get("stopped_early", False)))
 
 
 def save_profiles(path: str | Path, profiles: Sequence[Profile]) -> None:
-    Path(path).write_text(json.dumps([p.to_dict() for p in profiles], indent=1))
+    """Write atomically (a temporary file renamed over ``path``), so a build interrupted
+    while writing leaves the previous file whole."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps([p.to_dict() for p in profiles], indent=1))
+    tmp.replace(path)
 
 
 def load_profiles(path: str | Path) -> list[Profile]:
@@ -165,6 +185,14 @@ class Planner:
                 raise ValueError(f"class {name!r}: {e}") from None
         return out
 
+    def best_effort(self, slo: SLO) -> Profile:
+        """The profile closest to an SLO none meets: the smallest quality shortfall, then
+        the smallest latency overrun, then the smallest cost overrun."""
+        return min(self.profiles, key=lambda p: (
+            max(0.0, slo.min_quality - p.quality),
+            max(0.0, p.latency_p95_s / slo.latency_p95_s - 1.0),
+            max(0.0, p.cost_usd - slo.max_cost), p.latency_p95_s))
+
     def fallbacks(self, slo: SLO) -> list[Profile]:
         ok = [p for p in self.profiles
               if p.quality >= slo.min_quality and p.cost_usd <= slo.max_cost]
@@ -195,6 +223,7 @@ class _ClassState:
     level: int = 0                 # current position; higher = faster
     calm: int = 0                  # consecutive observations below the low mark
     latencies: deque = field(default_factory=deque)
+    unmet: str | None = None       # why no configuration meets the SLO (served best-effort)
 
 
 class ReOrchestrator:
@@ -206,10 +235,17 @@ class ReOrchestrator:
         self.high, self.low, self.hold, self.window = high, low, hold, window
         self.states: dict[str, _ClassState] = {}
         for name, cls in self.classes.items():
-            planned = planner.plan({name: cls})[name]
+            try:
+                planned, unmet = planner.plan({name: cls})[name], None
+            except ValueError as e:
+                planned, unmet = planner.best_effort(cls.slo), str(e)
             faster = [p for p in planner.fallbacks(cls.slo)
                       if p.latency_p95_s < planned.latency_p95_s]
-            self.states[name] = _ClassState([planned] + faster)
+            self.states[name] = _ClassState([planned] + faster, unmet=unmet)
+
+    def unmet(self, cls: str) -> str | None:
+        """Why no measured configuration meets ``cls``'s SLO, or None when one does."""
+        return self._state(cls).unmet
 
     def _state(self, cls: str) -> _ClassState:
         if cls not in self.states:

@@ -6,7 +6,8 @@
   best over the gold answers; token F1 is over normalised whitespace tokens. An unanswerable
   question (no gold answers) scores 1 only for an empty prediction, as in SQuAD 2.0.
 - ``split_sentences(text)``: sentences on ``.``/``!``/``?`` followed by white space and an
-  upper-case letter, digit or quote, which keeps "U.S." and "c. 1000" inside one sentence.
+  upper-case letter, digit or quote, which keeps "U.S." and "c. 1000" inside one sentence;
+  ``sentences(text)`` falls back to the whole text when there is no boundary.
 - ``content_terms(text)``: lower-cased word stems (first ``STEM_CHARS`` characters) without
   stop words; the extractive answerer uses them to find where the question's words occur.
 - ``candidate_spans(sentence, question, max_len)``: short spans of a sentence that could answer
@@ -14,6 +15,10 @@
   trimmed of stop words, every sub-span up to ``max_len`` words. An answer rarely repeats the
   question's words, and SQuAD answers are short (median 2-3 words), so this keeps the
   candidate set small enough to embed each one.
+- ``candidate_phrases(sentence, question, max_len)``: whole phrases instead (the pieces of
+  runs between prepositions, auxiliaries and pronouns), what the extractive answerer scores
+  by default: an answer comes back whole ("time and memory"), not as its most topical word
+  ("memory").
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ that these those there here what which who whom whose when where why how whateve
 i me my we our you your he him his she her they them their not no also can could would should
 may might must will shall one ones s
 """.split())
+PHRASE_BREAKS = STOP_WORDS - {"of", "and", "the", "a", "an", "s"}
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(A-Z0-9])")
@@ -74,6 +80,11 @@ def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
 
 
+def sentences(text: str) -> list[str]:
+    """``split_sentences(text)``, or the whole text when it has no sentence boundary."""
+    return split_sentences(text) or [text.strip()]
+
+
 def _word_key(word: str) -> str:
     return word.strip(string.punctuation).lower()[:STEM_CHARS]
 
@@ -95,7 +106,9 @@ def sentence_words(sentence: str) -> list[str]:
     return _WORD.findall(sentence)
 
 
-def candidate_spans(sentence: str, question: str, max_len: int = 5) -> list[Span]:
+def _runs(sentence: str, question: str) -> tuple[list[str], list[list[int]]]:
+    """The sentence's words and its runs: word indices between the question's own words and
+    punctuation breaks."""
     question_terms = content_terms(question)
     words = sentence_words(sentence)
     runs: list[list[int]] = [[]]
@@ -107,6 +120,11 @@ def candidate_spans(sentence: str, question: str, max_len: int = 5) -> list[Span
             runs[-1].append(i)
         if word.endswith(_BREAK_AFTER) or word.endswith((".", "?", "!")):
             runs.append([])
+    return words, [r for r in runs if r]
+
+
+def candidate_spans(sentence: str, question: str, max_len: int = 5) -> list[Span]:
+    words, runs = _runs(sentence, question)
     spans: dict[str, Span] = {}
     for run in runs:
         for a in range(len(run)):
@@ -117,4 +135,40 @@ def candidate_spans(sentence: str, question: str, max_len: int = 5) -> list[Span
                 text = " ".join(words[run[a]:run[b] + 1]).strip(_EDGE)
                 if text and text not in spans:
                     spans[text] = Span(text, run[a])
+    return list(spans.values())
+
+
+def _trim(words: list[str], piece: list[int]) -> list[int]:
+    while piece and _word_key(words[piece[0]]) in STOP_WORDS:
+        piece = piece[1:]
+    while piece and _word_key(words[piece[-1]]) in STOP_WORDS:
+        piece = piece[:-1]
+    return piece
+
+
+def candidate_phrases(sentence: str, question: str, max_len: int = 8) -> list[Span]:
+    """Whole phrases of a sentence that could answer the question: the pieces of each run
+    (words between the question's own words and punctuation) between its ``PHRASE_BREAKS``
+    (prepositions, auxiliaries, pronouns: not "of"/"and", which hold names and lists
+    together: "University of Chicago", "time and memory"), trimmed of stop words at their
+    edges, at most ``max_len`` words each. Far fewer candidates than every sub-span
+    (``candidate_spans``), and each one a complete phrase rather than a fragment of it."""
+    words, runs = _runs(sentence, question)
+    spans: dict[str, Span] = {}
+    for run in runs:
+        pieces, current = [], []
+        for i in run:
+            if _word_key(words[i]) in PHRASE_BREAKS:
+                pieces.append(current)
+                current = []
+            else:
+                current.append(i)
+        pieces.append(current)
+        for piece in pieces:
+            piece = _trim(words, piece)
+            if not piece or piece[-1] - piece[0] + 1 > max_len:
+                continue
+            text = " ".join(words[piece[0]:piece[-1] + 1]).strip(_EDGE)
+            if text and text not in spans:
+                spans[text] = Span(text, piece[0])
     return list(spans.values())
