@@ -24,7 +24,9 @@ Interface:
   maps class -> latency bound (s). ``arrival(cls, t)`` records an arrival at time ``t``;
   ``rate(cls, t)``; ``wanted(cls, t, profile) -> int`` re-decides the class's replicas now,
   given the `Profile` (service times) it currently runs; ``current(cls)`` reads the last
-  decision without changing anything.
+  decision without changing anything; ``replicas()`` is every class's last decision
+  together: the instances the RAG layer asks the global scheduler's autoscaler for
+  (one of its ``demands``, `sluice.scheduler.autoscale`).
 """
 
 from __future__ import annotations
@@ -120,6 +122,10 @@ class Capacity:
     def current(self, cls: str) -> int:
         self._queue(cls)  # validates the class
         return self._replicas[cls]
+
+    def replicas(self) -> int:
+        """The replicas of every class's pipeline together, as last decided."""
+        return sum(self._replicas.values())
 
     def wanted(self, cls: str, t: float, profile: Profile) -> int:
         need = replicas_needed(self.rate(cls, t), profile.latency_mean_s, profile.latency_p95_s,

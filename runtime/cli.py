@@ -224,12 +224,17 @@ def _make_cluster(args: argparse.Namespace, limits: StreamLimits) -> AsyncCluste
     if args.ray:
         from sluice.scheduler.ray_instance import ModelSpec, ray_cluster  # imports Ray
         spec = ModelSpec(args.model, args.dtype, args.model_seed)
-        return AsyncCluster(ray_cluster(spec, engine_config, args.instances, config,
-                                        args.ray_address), limits)
-    if not args.no_compile_cache:
-        enable_compile_cache()
-    model = load_model(args.model, dtype=args.dtype, seed=args.model_seed)
-    return AsyncCluster(local_cluster(model, engine_config, args.instances, config), limits)
+        cluster = ray_cluster(spec, engine_config, args.instances, config, args.ray_address)
+    else:
+        if not args.no_compile_cache:
+            enable_compile_cache()
+        model = load_model(args.model, dtype=args.dtype, seed=args.model_seed)
+        cluster = local_cluster(model, engine_config, args.instances, config)
+    if args.autoscale is not None:
+        from sluice.scheduler.autoscale import attach
+        attach(cluster, args.autoscale, args.max_instances or 2 * args.instances,
+               args.autoscale_profile)
+    return AsyncCluster(cluster, limits)
 
 
 def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
@@ -263,6 +268,7 @@ def configure_generate(gen: argparse.ArgumentParser) -> None:
 def configure_serve(srv: argparse.ArgumentParser) -> None:
     from sluice.runtime.metrics import COMPAT_MODES
     from sluice.runtime.server import ACCESS_LOG_FORMATS
+    from sluice.scheduler.autoscale import AUTOSCALERS
     from sluice.scheduler.cluster import DISPATCH_POLICIES
 
     _add_model_args(srv)
@@ -320,6 +326,15 @@ def configure_serve(srv: argparse.ArgumentParser) -> None:
                    help="with --instances > 1: how requests are placed (default: freest)")
     g.add_argument("--no-migration", action="store_true",
                    help="with --instances > 1: never live-migrate running requests")
+    g.add_argument("--autoscale", default=None, choices=list(AUTOSCALERS),
+                   help="resize the cluster (from --instances, never fewer) as load changes: "
+                        "by the global scheduler's freeness, or by the provisioner's MILP "
+                        "re-planner over --autoscale-profile (default: a fixed size)")
+    g.add_argument("--max-instances", type=int, default=None,
+                   help="with --autoscale: most instances (default: twice --instances)")
+    g.add_argument("--autoscale-profile", default=None, metavar="FILE",
+                   help="with --autoscale replan: the instances' profile, a `sluice "
+                        "provision` profile file holding one type")
     g.add_argument("--ray", action="store_true",
                    help="run each instance in a Ray actor (a local Ray cluster unless "
                         "--ray-address is given)")
@@ -374,7 +389,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_compat=args.metrics_compat, scheduling_policy=args.scheduling_policy)
     limits = StreamLimits(stall_timeout_s=args.stream_stall_timeout)
     sock = bind_socket(args.host, args.port)  # fail on a taken port before loading the model
-    many = args.instances != 1 or args.ray
+    many = args.instances != 1 or args.ray or args.autoscale is not None
     llm = None if many else _make_llm(args)
     front = _make_cluster(args, limits) if many else AsyncEngine(llm.engine, limits)
     # A model with a chat template is shown a question; others a prompt to continue.

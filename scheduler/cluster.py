@@ -15,10 +15,11 @@ Policies (`ClusterConfig`):
   below ``migrate_below``, or draining) with the freest (above
   ``migrate_above``) and live-migrate one request from each source
   (``migration_choice``: ``last`` admitted, ``shortest`` or ``longest``);
-- scaling: average freeness below ``scale_out_below`` launches an instance,
-  above ``scale_in_above`` drains the least loaded one (it takes no new work,
-  its requests migrate away) and terminates it when empty -- through a
-  pluggable `Launcher`.
+- scaling: an `Autoscaler` (`sluice.scheduler.autoscale`: the freeness-based
+  one or the provisioner's re-planner) sees every dispatched request and every
+  round's load reports, and launches instances (through a pluggable `Launcher`)
+  or drains them (a draining instance takes no new work, its requests migrate
+  away, and it is terminated once empty).
 
 A request may carry a ``conversation`` id (multi-turn KV reuse): its turns are
 dispatched to the instance where the previous turn finished, which keeps that
@@ -46,7 +47,7 @@ accelerator type; ``add_instance`` and ``drain`` resize the fleet.
 Interface: ``submit(request_id, prompt, params, sink, priority, client, conversation)``
 (validates at once, raising ``ValueError``; ``sink`` receives every
 `RequestOutput`), ``abort(request_id)``, ``tick()`` (one round of the
-migration and scaling policies; a background thread calls it when started with
+migration policy and the autoscaler; a background thread calls it when started with
 ``start()``), ``stats()``, ``health()``, ``shutdown()``.
 """
 
@@ -67,6 +68,7 @@ from sluice.runtime.intake import Group, Intake, Prompt, check_priority
 from sluice.runtime.health import Health
 from sluice.runtime.outputs import RequestFailed, RequestOutput
 from sluice.runtime.sampling_params import SamplingParams
+from sluice.scheduler.autoscale import Autoscaler
 from sluice.scheduler.instance import DeathSink, Instance, LoadReport, OutputSink
 from sluice.scheduler.migration import MigrationResult, migrate
 
@@ -90,11 +92,6 @@ class ClusterConfig:
     migrate_above: float = 16.0  # freeness of a destination
     max_stages: int = 64  # copy calls before the stop-and-copy (each <= CHUNK_BLOCKS blocks)
     stop_blocks: int = 2
-    autoscale: bool = False
-    scale_out_below: float = 2.0
-    scale_in_above: float = 64.0
-    min_instances: int = 1
-    max_instances: int = 8
     # a request on this many instances when they died is failed, not re-dispatched
     quarantine_after: int = 2
     replace_dead: bool = True  # with a launcher, a dead instance is replaced
@@ -107,8 +104,6 @@ class ClusterConfig:
         if self.migration_choice not in MIGRATION_CHOICES:
             raise ValueError(f"migration_choice: must be one of {MIGRATION_CHOICES}, "
                              f"got {self.migration_choice!r}")
-        if not 1 <= self.min_instances <= self.max_instances:
-            raise ValueError("min_instances, max_instances: need 1 <= min <= max")
         if self.quarantine_after < 1:
             raise ValueError(f"quarantine_after: must be >= 1, got {self.quarantine_after}")
         if self.max_replacements < 0 or not self.replacement_window_s > 0:
@@ -164,13 +159,16 @@ class Cluster:
     def __init__(self, instances: list[Instance] | Callable[[OutputSink, DeathSink], list[Instance]],
                  intake: Intake, config: ClusterConfig | None = None,
                  launcher: Launcher | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 autoscaler: Autoscaler | None = None):
         """``instances``: a factory called with this cluster's output and death
         sinks (instances report to it), or instances already wired to
-        `on_outputs` / `on_death`. ``clock`` times the replacement window."""
+        `on_outputs` / `on_death`. ``clock`` times the replacement window and
+        the autoscaler's observations and rounds."""
         self.config = config or ClusterConfig()
         self.intake = intake
         self.launcher = launcher
+        self.autoscaler = autoscaler
         self._lock = threading.RLock()
         self._records: dict[str, _Record] = {}
         self._homes: OrderedDict[str, str] = OrderedDict()  # conversation -> instance
@@ -215,6 +213,8 @@ class Cluster:
                 [r.seed for r in group.requests], sink, group.requests[0].arrival_time,
                 conversation)
             self._dispatch(request_id, group)
+        if self.autoscaler is not None:
+            self.autoscaler.observe(group, self._clock())
 
     def abort(self, request_id: str) -> None:
         """Abort wherever the request is (also mid-migration); unknown ids: no-op."""
@@ -411,14 +411,14 @@ class Cluster:
                 log.exception("global scheduling round failed")
 
     def tick(self) -> None:
-        """One round: migrations to balance and drain, then scaling."""
+        """One round: migrations to balance and drain, then the autoscaler's."""
         reports = {n: i.report() for n, i in list(self.instances.items()) if i.alive}
         self._retire_drained(reports)
         if self.config.migrate:
             for src, dst, rid in self._plan_migrations(reports):
                 self._start_migration(src, dst, rid)
-        if self.config.autoscale and self.launcher is not None:
-            self._scale(reports)
+        if self.autoscaler is not None:
+            self.autoscaler.tick(self, reports, self._clock())
 
     def _plan_migrations(self, reports: dict[str, LoadReport]) -> list[tuple[str, str, str]]:
         cfg = self.config
@@ -486,17 +486,6 @@ class Cluster:
                 self.launcher.terminate(inst)
             else:
                 inst.stop()
-
-    def _scale(self, reports: dict[str, LoadReport]) -> None:
-        cfg = self.config
-        open_ = [r for r in reports.values() if not r.draining]
-        if not open_:
-            return
-        avg = sum(freeness(r, cfg.high_priority_headroom) for r in open_) / len(open_)
-        if avg < cfg.scale_out_below and len(open_) < cfg.max_instances:
-            self.add_instance(self.launcher.launch(self.on_outputs, self.on_death))
-        elif avg > cfg.scale_in_above and len(open_) > cfg.min_instances:
-            self.drain(min(open_, key=lambda r: r.num_requests).name)
 
     def drain(self, name: str) -> None:
         """Stop sending work to an instance; its requests migrate away, then it goes."""

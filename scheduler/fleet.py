@@ -8,8 +8,9 @@ least loaded instances of each type: they take no new requests, their running
 ones live-migrate away, and the cluster stops them once empty); ``route``
 installs per-bucket routing weights, after which each new request goes to an
 instance of a type drawn with its bucket's weights (the cluster's dispatch
-policy picks among that type's instances). The replanner observes requests
-through ``observe`` on the same object, fed by the cluster's dispatch.
+policy picks among that type's instances). `sluice.scheduler.autoscale.ReplanAutoscaler`
+drives it: it feeds the re-planner every dispatched request and re-plans on the
+cluster's rounds.
 """
 
 from __future__ import annotations

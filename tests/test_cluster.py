@@ -635,3 +635,115 @@ def test_resume_after_suspend_restores_a_group_in_place(tiny):
         assert [c.token_ids for c in done[rid].outputs] == \
             [c.token_ids for c in want[rid].outputs], rid
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+class ManualClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def open_instances(cluster):
+    return sorted(n for n, i in cluster.instances.items() if i.alive and not i.draining)
+
+
+def local_autoscaled(tiny, clock):
+    from sluice.runtime.engine import make_intake
+    from sluice.scheduler.async_cluster import LocalLauncher
+
+    config = EngineConfig(**ENGINE)
+    launcher = LocalLauncher(tiny, config)
+    return Cluster(lambda out, death: [launcher.launch(out, death)], make_intake(tiny, config),
+                   ClusterConfig(migrate=False), launcher, clock=clock)
+
+
+def load_then_idle(cluster, col, clock, ticks):
+    """Three running requests, then none: ``ticks(phase)`` drives the autoscaler's
+    rounds (phase "loaded" while they run, "idle" once they have finished)."""
+    jobs = [(f"s{i}", {"prompt_token_ids": [5 + i] * 100},
+             SamplingParams(max_tokens=60, **GREEDY)) for i in range(3)]
+    for rid, prompt, params in jobs:
+        cluster.submit(rid, prompt, params, col.sink)
+    for rid, _, _ in jobs:
+        col.wait_tokens(rid, 1)  # all running: the load report shows their blocks
+    grown = ticks("loaded")
+    col.wait([rid for rid, _, _ in jobs])
+    shrunk = ticks("idle")
+    return grown, shrunk
+
+
+@pytest.mark.parametrize("kind", ["freeness", "replan"])
+def test_autoscaler_scales_a_local_cluster_out_under_load_and_back_in(tiny, tmp_path, kind):
+    """Both autoscalers behind one interface: under load the cluster launches a
+    second instance, idle it drains one and retires it once empty (the clock is
+    the cluster's, injected; rounds are `tick` calls, not a timer)."""
+    import numpy as np
+
+    from sluice.provision.profiles import TypeProfile, save_profiles
+    from sluice.provision.workload import Buckets
+    from sluice.scheduler.autoscale import FreenessAutoscaler, attach
+
+    clock, col = ManualClock(), Collector()
+    cluster = local_autoscaled(tiny, clock)
+    blocks = next(iter(cluster.instances.values())).report().num_blocks
+    if kind == "freeness":  # loaded: ~40 free blocks per running request; idle: all free
+        cluster.autoscaler = FreenessAutoscaler(scale_out_below=blocks / 4,
+                                                scale_in_above=0.9 * blocks, max_instances=2)
+    else:  # 3 requests in a 100 s window = 0.03 req/s, one instance serves 0.02
+        path = tmp_path / "profile.json"
+        buckets = Buckets((0, 512), (0, 512))
+        save_profiles(path, buckets, [TypeProfile("cpu", 1.0, np.full((1, 1), 0.02), "test")])
+        scaler = attach(cluster, "replan", max_instances=2, profile_path=str(path))
+        scaler.replanner.window_s = 100.0
+
+    def ticks(phase):
+        if phase == "idle":
+            clock.now += 100.0  # the arrivals leave the re-planner's window
+        sizes = []
+        for _ in range(4):  # re-plans 10 s apart (the re-planner's patience is 3)
+            cluster.tick()
+            sizes.append(len(open_instances(cluster)))
+            clock.now += 10.0
+        return sizes
+
+    try:
+        grown, shrunk = load_then_idle(cluster, col, clock, ticks)
+        assert grown[0] == 2 and grown[-1] == 2, grown  # out at once, and no further
+        assert shrunk[-1] == 1, shrunk
+        cluster.tick()  # the drained instance is empty: retired
+        assert len(cluster.instances) == 1
+        assert all(col.finished(f"s{i}") for i in range(3))
+        assert free_blocks_restored(cluster.instances.values())
+    finally:
+        cluster.shutdown()
+
+
+def test_rag_replica_demand_drives_the_autoscaler(tiny):
+    """The RAG layer's replica demand (`Capacity.replicas`) is an autoscaler input:
+    with every instance idle (freeness alone would scale in), the fleet grows to
+    the replicas the RAG SLOs need, and is not drained below them."""
+    from sluice.rag.capacity import Capacity
+    from sluice.rag.sla import PipelineConfig, Profile
+    from sluice.scheduler.autoscale import FreenessAutoscaler
+
+    prof = Profile(PipelineConfig("bm25", 1), 0.5, 0.5, 1e-7, 0.25)
+    capacity = Capacity({"c": 1.0}, window_s=10.0, hold_s=30.0)
+    launcher = FakeLauncher("new-")
+    cluster = Cluster([FakeInstance("a", num_free_blocks=90, num_running=0)],
+                      Intake(tiny, 512, seed=0), ClusterConfig(migrate=False), launcher,
+                      autoscaler=FreenessAutoscaler(scale_out_below=1.0, scale_in_above=50.0,
+                                                    max_instances=8,
+                                                    demands=[capacity.replicas]))
+    cluster.tick()
+    assert open_instances(cluster) == ["a"]  # idle, at its minimum: nothing to do
+    t = 0.0
+    for _ in range(300):  # 10 queries/s of 0.25 s each: several replicas
+        t += 0.1
+        capacity.arrival("c", t)
+    want = capacity.wanted("c", t, prof)
+    assert want > 2
+    for _ in range(want + 2):
+        cluster.tick()
+    assert len(open_instances(cluster)) == want  # one launch per round, up to the demand

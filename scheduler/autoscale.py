@@ -1,0 +1,203 @@
+"""Autoscalers: what resizes a `Cluster` as load changes. One interface, two deciders.
+
+Interface (`Autoscaler`), called by the cluster:
+
+- ``observe(group, now)``: a new request was dispatched (what it asks for);
+- ``tick(cluster, reports, now)``: one round (every ``ClusterConfig.interval_s``
+  from the cluster's thread, or `Cluster.tick` in tests), with the live
+  instances' `LoadReport`s and the cluster's clock; it may launch instances
+  (``cluster.add_instance``) or drain them (``cluster.drain``: a draining
+  instance takes no new work and is retired once empty).
+
+Implementations:
+
+- `FreenessAutoscaler`: the global scheduler's own load metric. Average
+  `freeness` of the open instances below ``scale_out_below`` launches one more
+  (through the cluster's launcher), above ``scale_in_above`` drains the least
+  loaded one, within ``[min_instances, max_instances]``.
+- `ReplanAutoscaler`: the provisioner's MILP re-planner
+  (`sluice.provision.replan.Replanner`) over a `sluice.scheduler.fleet.FleetActuator`
+  (instances of several accelerator types, per-bucket routing); it observes every
+  request's bucket, and re-plans every ``interval_s`` of the cluster's clock (the
+  re-planner's hysteresis decides whether the fleet changes).
+
+Both take ``demands``: callables ``demand() -> int``, each the instances some
+consumer needs now, such as the RAG layer's replica demand
+(`sluice.rag.capacity.Capacity.replicas`: the replicas its latency SLOs need at
+the observed arrival rates). The fleet never goes below the
+largest (capped at ``max_instances`` for the freeness decider): a larger demand
+scales out at once and blocks scaling in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from sluice.runtime.intake import Group
+from sluice.scheduler.instance import LoadReport
+
+if TYPE_CHECKING:
+    from sluice.provision.profiles import TypeProfile
+    from sluice.provision.replan import FleetDiff, Routing
+    from sluice.provision.workload import Buckets
+    from sluice.scheduler.cluster import Cluster
+    from sluice.scheduler.fleet import FleetActuator
+
+Demand = Callable[[], int]  # instances some consumer needs now
+AUTOSCALERS = ("freeness", "replan")
+
+
+class Autoscaler(Protocol):
+    def observe(self, group: Group, now: float) -> None: ...
+    def tick(self, cluster: Cluster, reports: dict[str, LoadReport], now: float) -> None: ...
+
+
+def demanded(demands: Sequence[Demand]) -> int:
+    """The largest of the demands now (0 without any)."""
+    return max((int(d()) for d in demands), default=0)
+
+
+@dataclasses.dataclass
+class FreenessAutoscaler:
+    scale_out_below: float = 2.0  # average freeness (blocks per running request)
+    scale_in_above: float = 64.0
+    min_instances: int = 1
+    max_instances: int = 8
+    demands: Sequence[Demand] = ()
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_instances <= self.max_instances:
+            raise ValueError("min_instances, max_instances: need 1 <= min <= max")
+        if not self.scale_out_below < self.scale_in_above:
+            raise ValueError("scale_out_below, scale_in_above: need out < in (else it flaps)")
+
+    def observe(self, group: Group, now: float) -> None:
+        pass  # it decides from the load reports alone
+
+    def tick(self, cluster: Cluster, reports: dict[str, LoadReport], now: float) -> None:
+        from sluice.scheduler.cluster import freeness
+
+        open_ = [r for r in reports.values() if not r.draining]
+        if not open_ or cluster.launcher is None:
+            return
+        floor = min(max(self.min_instances, demanded(self.demands)), self.max_instances)
+        headroom = cluster.config.high_priority_headroom
+        avg = sum(freeness(r, headroom) for r in open_) / len(open_)
+        if len(open_) < self.max_instances and (avg < self.scale_out_below
+                                                or len(open_) < floor):
+            cluster.add_instance(cluster.launcher.launch(cluster.on_outputs, cluster.on_death))
+        elif avg > self.scale_in_above and len(open_) > floor:
+            cluster.drain(min(open_, key=lambda r: r.num_requests).name)
+
+
+class ReplanAutoscaler:
+    """The re-planner as an autoscaler over ``fleet`` (the cluster's `FleetActuator`).
+    ``replan_kw`` go to `Replanner` (``options``, ``window_s``, ``min_saving``,
+    ``patience``). ``demands`` are per type, ``{type name: [demand, ...]}``: the
+    fleet keeps at least that many open instances of the type (a plan's removals
+    are trimmed to it, a shortfall is launched at once)."""
+
+    def __init__(self, fleet: FleetActuator, profiles: Sequence[TypeProfile], buckets: Buckets,
+                 interval_s: float = 10.0, demands: dict[str, Sequence[Demand]] | None = None,
+                 **replan_kw):
+        from sluice.provision.replan import Replanner
+
+        if not interval_s > 0:
+            raise ValueError(f"interval_s: must be > 0, got {interval_s}")
+        unknown = set(demands or {}) - set(fleet.launchers)
+        if unknown:
+            raise ValueError(f"demands: no launcher for type(s) {sorted(unknown)}")
+        self.fleet = fleet
+        self.interval_s = interval_s
+        self.demands = dict(demands or {})
+        self.replanner = Replanner(profiles, buckets, self, **replan_kw)
+        self.diffs: list[FleetDiff] = []  # every change applied, oldest first
+        self._last: float | None = None
+        self._floors: dict[str, int] = {}
+
+    def observe(self, group: Group, now: float) -> None:
+        req = group.requests[0]
+        self.replanner.observe(now, len(req.prompt_token_ids), req.max_tokens)
+
+    def tick(self, cluster: Cluster, reports: dict[str, LoadReport], now: float) -> None:
+        from sluice.provision.replan import FleetDiff
+
+        if self._last is not None and now - self._last < self.interval_s:
+            return
+        self._last = now
+        self._floors = {t: demanded(ds) for t, ds in self.demands.items()}
+        self.replanner.replan(now)
+        counts = self.counts()
+        short = {t: k - counts.get(t, 0) for t, k in self._floors.items() if k > counts.get(t, 0)}
+        if short:  # a consumer needs more than the plan keeps
+            target = {**counts, **{t: counts.get(t, 0) + k for t, k in short.items()}}
+            self.apply(FleetDiff(short, {}, target, 0.0, 0.0, "demand"))
+
+    # -- the re-planner's `ScaleActuator`: the fleet, with the demands as floors --
+
+    def counts(self) -> dict[str, int]:
+        return self.fleet.counts()
+
+    def apply(self, diff: FleetDiff) -> None:
+        counts = self.counts()
+        remove = {t: min(k, counts.get(t, 0) + diff.add.get(t, 0) - self._floors.get(t, 0))
+                  for t, k in diff.remove.items()}
+        diff = dataclasses.replace(diff, remove={t: k for t, k in remove.items() if k > 0})
+        if diff.add or diff.remove:
+            self.fleet.apply(diff)
+            self.diffs.append(diff)
+
+    def route(self, routing: Routing) -> None:
+        self.fleet.route(routing)
+
+
+def attach(cluster: Cluster, kind: str, max_instances: int, profile_path: str | None = None,
+           demands: Sequence[Demand] = ()) -> Autoscaler:
+    """Give a one-type cluster (its instances all from ``cluster.launcher``) the
+    autoscaler ``kind`` (`AUTOSCALERS`), which never runs more than
+    ``max_instances`` nor fewer than it started with. ``replan`` needs
+    ``profile_path``: a profile file (`sluice.provision.profiles.save_profiles`,
+    ``sluice provision``) holding one type, the type of these instances."""
+    if kind not in AUTOSCALERS:
+        raise ValueError(f"autoscale: must be one of {AUTOSCALERS}, got {kind!r}")
+    if cluster.launcher is None:
+        raise ValueError("autoscale: the cluster has no launcher to start instances with")
+    start = len(cluster.instances)
+    if not 1 <= start <= max_instances:
+        raise ValueError(f"max_instances: must be >= instances ({start}), got {max_instances}")
+    if kind == "freeness":
+        scaler: Autoscaler = FreenessAutoscaler(min_instances=start, max_instances=max_instances,
+                                                demands=demands)
+    else:
+        scaler = _replan_autoscaler(cluster, max_instances, profile_path, demands)
+    cluster.autoscaler = scaler
+    return scaler
+
+
+def _replan_autoscaler(cluster: Cluster, max_instances: int, profile_path: str | None,
+                       demands: Sequence[Demand]) -> ReplanAutoscaler:
+    import json
+
+    from sluice.provision.planner import Options
+    from sluice.provision.profiles import load_profiles
+    from sluice.provision.workload import Buckets
+    from sluice.scheduler.fleet import FleetActuator
+
+    if profile_path is None:
+        raise ValueError("autoscale_profile: --autoscale replan needs a profile file")
+    with open(profile_path) as f:
+        data = json.load(f)
+    buckets = Buckets(tuple(data.get("input_edges", ())), tuple(data.get("output_edges", ())))
+    profiles = load_profiles(profile_path, buckets)
+    if len(profiles) != 1:
+        raise ValueError(f"autoscale_profile: {profile_path}: a local cluster is one instance "
+                         f"type; the file has {len(profiles)}")
+    name = profiles[0].name
+    fleet = FleetActuator(cluster, {name: cluster.launcher}, buckets)
+    fleet.adopt(name, list(cluster.instances))
+    floor = len(cluster.instances)
+    return ReplanAutoscaler(fleet, profiles, buckets,
+                            demands={name: [lambda: floor, *demands]},
+                            options=Options(caps={name: max_instances}))
