@@ -340,6 +340,9 @@ def configure_serve(srv: argparse.ArgumentParser) -> None:
                         "--ray-address is given)")
     g.add_argument("--ray-address", default=None,
                    help="address of an existing Ray cluster (with --ray)")
+    g.add_argument("--ray-dashboard", action="store_true",
+                   help="with --ray: start Ray's dashboard with the local cluster (default: "
+                        "off, no port opened for it)")
     g.add_argument("--rag-index", default=None,
                    help="serve POST /v1/rag/query over this `sluice rag build-index` directory")
 
@@ -389,6 +392,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_compat=args.metrics_compat, scheduling_policy=args.scheduling_policy)
     limits = StreamLimits(stall_timeout_s=args.stream_stall_timeout)
     sock = bind_socket(args.host, args.port)  # fail on a taken port before loading the model
+    if args.ray:  # before anything starts JAX's threads: Ray forks its processes
+        from sluice.scheduler.ray_instance import start_ray
+        start_ray(args.ray_address, args.ray_dashboard)
     many = args.instances != 1 or args.ray or args.autoscale is not None
     llm = None if many else _make_llm(args)
     front = _make_cluster(args, limits) if many else AsyncEngine(llm.engine, limits)

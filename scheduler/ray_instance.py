@@ -12,7 +12,8 @@ surfaces as a `ray.exceptions.RayActorError` on the poll, which the instance
 reports through ``on_death``: the cluster re-dispatches its requests.
 
 ``ray_cluster(model, engine_config, n, address=None)`` starts ``n`` actors (on
-an existing cluster when ``address`` is given, else a local one).
+an existing cluster when ``address`` is given, else a local one, through
+``start_ray(address, dashboard=False)``, which logs the addresses Ray opened).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import itertools
+import logging
 import os
 import threading
 from pathlib import Path
@@ -37,6 +39,7 @@ from sluice.scheduler.instance import (DeathSink, LoadReport, LocalInstance, Mig
                                        OutputSink)
 
 POLL_S = 0.05
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,14 +207,35 @@ class RayLauncher:
         instance.stop()
 
 
+def start_ray(address: str | None = None, dashboard: bool = False) -> None:
+    """Join the Ray cluster at ``address``, or start a local one; nothing if Ray is up.
+
+    A local cluster gets no dashboard unless ``dashboard`` (``--ray-dashboard``). Ray's
+    processes still listen on the ports they need between them (GCS, raylet, object
+    manager, one per worker); the node's addresses are logged. Call it before JAX
+    starts its threads (``sluice serve --ray`` does, first thing): Ray forks its
+    processes, and JAX warns that a fork after its threads exist may deadlock."""
+    if ray.is_initialized():
+        return
+    info = ray.init(address=address, include_dashboard=dashboard, log_to_driver=False,
+                    logging_level=logging.WARNING).address_info
+    node = next((n for n in ray.nodes() if n.get("NodeID") == info.get("node_id")), {})
+    host = node.get("NodeManagerAddress", info.get("node_ip_address"))
+    web = info.get("webui_url")
+    log.info("ray: %s cluster, GCS at %s; this node's raylet at %s:%s, object manager at "
+             "%s:%s; dashboard %s", "started a local" if address is None else "joined the",
+             info.get("gcs_address"), host, node.get("NodeManagerPort"), host,
+             node.get("ObjectManagerPort"),
+             f"at http://{web}" if web else "off (--ray-dashboard starts it)")
+
+
 def ray_cluster(spec: ModelSpec, config: EngineConfig, num_instances: int,
                 cluster_config: ClusterConfig | None = None, address: str | None = None,
                 num_gpus: float = 0.0) -> Cluster:
     """``num_instances`` engine actors under one `Cluster` (Ray started if needed)."""
     if num_instances < 1:
         raise ValueError(f"instances: must be >= 1, got {num_instances}")
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    start_ray(address)
     model = load_model(spec.model, dtype=spec.dtype, seed=spec.seed, progress=False)
     launcher = RayLauncher(spec, config, num_gpus)
     return Cluster(lambda out, death: [launcher.launch(out, death) for _ in range(num_instances)],

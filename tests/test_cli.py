@@ -251,3 +251,72 @@ def test_make_run_takes_port_and_args():
     default = subprocess.run(["make", "-n", "-o", "install", "run"], cwd=root,
                              capture_output=True, text=True, check=True).stdout
     assert shlex.split(default.strip().splitlines()[-1])[-2:] == ["--port", "8000"]
+
+
+# -- the Ray path ---------------------------------------------------------------------
+
+def test_start_ray_opens_no_dashboard_unless_asked_and_logs_its_addresses(monkeypatch):
+    """``start_ray`` (Ray's own ``init`` and ``nodes`` faked: what is under test is what
+    it asks Ray for and what it logs): no dashboard by default, one with
+    ``dashboard=True``; the GCS, raylet and object-manager addresses are logged; a
+    running Ray is left alone."""
+    import logging
+
+    import ray
+
+    from sluice.scheduler import ray_instance
+    calls: list[dict] = []
+
+    def init(**kw):
+        calls.append(kw)
+        web = "127.0.0.1:8265" if kw["include_dashboard"] else ""
+        return type("Context", (), {"address_info": {
+            "node_id": "n1", "gcs_address": "10.0.0.5:6380", "node_ip_address": "10.0.0.5",
+            "webui_url": web}})
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "nodes", lambda: [
+        {"NodeID": "n0", "NodeManagerAddress": "10.0.0.9"},
+        {"NodeID": "n1", "NodeManagerAddress": "10.0.0.5", "NodeManagerPort": 41000,
+         "ObjectManagerPort": 41001}])
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger(ray_instance.__name__)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        ray_instance.start_ray()
+        ray_instance.start_ray(dashboard=True)
+        monkeypatch.setattr(ray, "is_initialized", lambda: True)
+        ray_instance.start_ray()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [c["include_dashboard"] for c in calls] == [False, True]
+    assert all(c["address"] is None and c["log_to_driver"] is False for c in calls)
+    quiet, loud = (r.getMessage() for r in records)
+    assert "started a local cluster, GCS at 10.0.0.5:6380" in quiet
+    assert "raylet at 10.0.0.5:41000, object manager at 10.0.0.5:41001" in quiet
+    assert "dashboard off" in quiet and "dashboard at http://127.0.0.1:8265" in loud
+
+
+def test_serve_ray_starts_ray_before_jax_initializes():
+    """``sluice serve --ray`` starts Ray before anything initializes a JAX backend (a
+    fork after JAX's threads exist is what JAX warns may deadlock): the call is
+    intercepted in a fresh interpreter, which stops there."""
+    import subprocess
+    import sys
+    code = ("import sys\nimport jax._src.xla_bridge as xb\n"
+            "from sluice.scheduler import ray_instance\n"
+            "def fake(address, dashboard):\n"
+            "    print('jax_initialized', xb.backends_are_initialized(), 'dashboard', dashboard)\n"
+            "    sys.exit(0)\n"
+            "ray_instance.start_ray = fake\n"
+            "from sluice.runtime.cli import main\n"
+            "main(['serve', '--ray', '--instances', '2', '--port', '0', '--ray-dashboard'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["jax_initialized", "False", "dashboard", "True"]
