@@ -7,10 +7,12 @@ planner uses (quality = mean F1, latency p95, mean cost). The labels are the cor
 (SQuAD) or generated from its passages (``sluice.rag.synthetic``); ``method`` names which.
 
 Early stop: after ``MIN_QUESTIONS`` questions a configuration is dropped as clearly
-dominated when a finished rival already has quality at least this one's upper bound (mean
-F1 + ``BOUND_Z`` standard errors), p95 latency at most this one's mean latency so far, and
-cost at most its mean cost: more questions could not lift it onto the Pareto front. Its
-profile is kept, marked ``stopped_early``.
+dominated when a rival measured in this run on the same questions has p95 latency at most
+this one's mean latency so far, cost at most its mean cost, and F1 at least as high: the
+per-question differences (rival minus this one, paired, so the questions' own difficulty
+cancels) have a mean at least ``BOUND_Z`` standard errors above zero, or are all zero.
+More questions would not lift it onto the Pareto front. Its profile is kept, marked
+``stopped_early``.
 
 ``measure_all(pipeline, configs, questions, store)`` measures every configuration not
 already in the ``ProfileStore`` after one warm-up query each (which compiles the
@@ -56,6 +58,7 @@ class Measurement:
     costs_usd: tuple[float, ...]
     exact_match: float
     f1: float
+    f1s: tuple[float, ...] = ()  # per question, in order
 
 
 def default_configs(generative_tiers: Sequence[str] = ()) -> list[PipelineConfig]:
@@ -80,17 +83,22 @@ def sample_questions(questions: Sequence[LabelledQuestion], n: int) -> list[Labe
     return ordered[::max(1, len(ordered) // n)][:n]
 
 
-def _dominated(rivals: Sequence[Profile], f1s: list[float], latencies: list[float],
+def _dominated(rivals: Sequence[Measurement], f1s: list[float], latencies: list[float],
                costs: list[float]) -> bool:
     n = len(f1s)
-    upper = float(np.mean(f1s)) + BOUND_Z * float(np.std(f1s, ddof=1)) / math.sqrt(n)
     mean_latency, mean_cost = float(np.mean(latencies)), float(np.mean(costs))
-    return any(r.quality >= upper and r.latency_p95_s <= mean_latency and r.cost_usd <= mean_cost
-               for r in rivals)
+    for r in rivals:
+        if (len(r.f1s) < n or r.profile.latency_p95_s > mean_latency
+                or r.profile.cost_usd > mean_cost * (1 + 1e-9)):  # float sums of equal costs
+            continue
+        diff = np.asarray(r.f1s[:n]) - np.asarray(f1s)
+        if diff.mean() >= BOUND_Z * diff.std(ddof=1) / math.sqrt(n):
+            return True
+    return False
 
 
 def measure(pipeline: RagPipeline, config: PipelineConfig,
-            questions: Sequence[LabelledQuestion], rivals: Sequence[Profile] = (),
+            questions: Sequence[LabelledQuestion], rivals: Sequence[Measurement] = (),
             method: str = "labelled", progress: tqdm | None = None) -> Measurement:
     if not questions:
         raise ValueError("questions: the labelled set is empty")
@@ -112,7 +120,7 @@ def measure(pipeline: RagPipeline, config: PipelineConfig,
                       float(np.mean(costs)), float(np.mean(latencies)), float(np.mean(ems)),
                       len(f1s), method, len(f1s) < len(questions))
     return Measurement(profile, tuple(latencies), tuple(costs), float(np.mean(ems)),
-                       float(np.mean(f1s)))
+                       float(np.mean(f1s)), tuple(f1s))
 
 
 class ProfileStore:
@@ -144,21 +152,21 @@ class ProfileStore:
 
 def measure_all(pipeline: RagPipeline, configs: Sequence[PipelineConfig],
                 questions: Sequence[LabelledQuestion], store: ProfileStore | None = None,
-                method: str = "labelled", progress: bool = False) -> list[Measurement]:
+                method: str = "labelled", progress: bool = False,
+                early_stop: bool = True) -> list[Measurement]:
     """Measurements of the configurations not yet in ``store`` (all without one); every new
-    profile is added to ``store`` as soon as it is measured."""
+    profile is added to ``store`` as soon as it is measured. ``early_stop=False`` measures
+    every configuration on every question (the benchmark's comparisons)."""
     todo = [c for c in configs if store is None or not store.done(c)]
     bar = tqdm(total=len(todo) * len(questions), desc="profiling", unit="query",
                disable=not progress)
     out: list[Measurement] = []
-    rivals = list(store.profiles) if store else []
     try:
         for config in todo:
             bar.set_postfix_str(config.name)
             pipeline.run_sync(questions[0].question, config)  # warm-up: compile new shapes
-            m = measure(pipeline, config, questions, rivals, method, bar)
+            m = measure(pipeline, config, questions, out if early_stop else (), method, bar)
             out.append(m)
-            rivals.append(m.profile)
             if store is not None:
                 store.add(m.profile)
     finally:

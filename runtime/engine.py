@@ -46,6 +46,7 @@ from sluice.runtime.migration import MigrationEndpoint
 from sluice.runtime.model_runner import ModelRunner, StepRow
 from sluice.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sluice.runtime.sampling_params import SamplingParams
+from sluice.runtime.structured_output import StructuredOutputManager
 from sluice.runtime.swap import HostSwapSpace, SwapExecutor
 from sluice.scheduler.local import LocalScheduler, ModelOutput, ScheduledRow, SchedulerOutput
 from sluice.scheduler.policies import POLICY_OPTIONS, FairPolicy, Policy, make_policy
@@ -137,6 +138,8 @@ class LLMEngine:
         self.groups: dict[str, Group] = {}
         self.migration = MigrationEndpoint(self)
         self.intake = make_intake(model, config)
+        self.structured = StructuredOutputManager(model.tokenizer, model.config.vocab_size,
+                                                  model.eos_token_ids)
         self.dead: str | None = None  # why the engine cannot step any more (`EngineDeadError`)
         self.num_failed_requests = 0  # requests failed alone by a step (`_isolate`)
         if config.warmup:
@@ -368,8 +371,13 @@ class LLMEngine:
         cost model."""
         now = time.monotonic()
         requests = self.scheduler.requests
-        out = self.runner.execute([StepRow(requests[r.request_id], r.num_new_tokens,
-                                           r.block_table) for r in rows], during)
+        batch = [StepRow(requests[r.request_id], r.num_new_tokens, r.block_table)
+                 for r in rows]
+        # grammar masks of the rows that sample, computed while the forward runs (the
+        # matchers catch up with their requests' outputs: the same masks on a re-run)
+        out = self.runner.execute(batch, during, lambda: self.structured.fill_masks(
+            [s.request if s.request.num_computed_tokens + s.num_new_tokens
+             >= s.request.num_tokens else None for s in batch]))
         if self.swapper is not None and during is None and sched is not None:
             # per-token compute time, for swap-vs-recompute estimates
             self.swapper.cost.observe_step(sched.num_tokens, sched.num_prefill_tokens,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from sluice.rag import cli as rag_cli
 from sluice.rag.build import build_index
 from sluice.rag.config import PipelineConfig
 from sluice.rag.embedder import Embedder
+from sluice.rag.http import rag_part
 from sluice.rag.corpus import load_documents
 from sluice.rag.service import CLASSES_FILE, PROFILES_FILE, RagService, load_classes
 from sluice.rag.synthetic import generate_questions
@@ -88,10 +88,6 @@ def test_generated_questions_label_their_passage_and_span(docs: Path) -> None:
 def _server(index_dir: Path) -> OpenAIServer:
     engine = AsyncEngine(LLMEngine(load_model("tiny", dtype="float32"),
                                    EngineConfig(warmup=False, max_model_len=512)))
-    fields = {f.name for f in dataclasses.fields(ServerConfig)}
-    if "rag_index" in fields:
-        return OpenAIServer(engine, ServerConfig("tiny", rag_index=str(index_dir)))
-    from sluice.rag.http import rag_part
     return OpenAIServer(engine, ServerConfig("tiny"), [rag_part(index_dir)])
 
 
@@ -202,3 +198,31 @@ def test_cli_flags_are_checked(tmp_path: Path, docs: Path) -> None:
                                   str(tmp_path), *flags])
         with pytest.raises(ValueError, match=name):
             rag_cli.run(args)
+
+
+class _FakePipeline:
+    """Answers every question with ``answer`` after ``latency`` seconds (as reported)."""
+
+    def __init__(self, answer: str, latency: float, cost: float):
+        self.answer, self.latency, self.cost = answer, latency, cost
+        self.calls = 0
+
+    def run_sync(self, question: str, config: PipelineConfig):
+        self.calls += 1
+        return type("R", (), {"answer": self.answer, "latency_s": self.latency,
+                              "cost_usd": self.cost})()
+
+
+def test_a_clearly_dominated_configuration_stops_early() -> None:
+    from sluice.rag.corpus import LabelledQuestion
+    questions = [LabelledQuestion(f"q{i}", f"Question {i}?", "p", ("Paris",), True)
+                 for i in range(20)]
+    good = profiling.measure(_FakePipeline("Paris", 0.1, 1e-8), CONFIGS[0], questions)
+    assert good.profile.questions == 20 and not good.profile.stopped_early
+    slow = _FakePipeline("Paris", 0.5, 1e-8)  # same answers, slower: dominated
+    m = profiling.measure(slow, CONFIGS[1], questions, [good])
+    assert m.profile.stopped_early and slow.calls == profiling.MIN_QUESTIONS
+    better = _FakePipeline("Paris", 0.5, 1e-8)
+    worse_rival = profiling.measure(_FakePipeline("Lyon", 0.1, 1e-8), CONFIGS[0], questions)
+    m = profiling.measure(better, CONFIGS[1], questions, [worse_rival])  # slower but better
+    assert not m.profile.stopped_early and better.calls == 20

@@ -1,0 +1,174 @@
+"""Structured outputs in the engine (random-weight ``tiny`` model): constrained
+completions always satisfy their constraint (the mask alone guarantees it), the
+unconstrained rows of the same batches are unchanged, and a constrained output is
+the same token for token under swap and recompute preemption and live migration
+(its grammar state rebuilt from the emitted tokens where it lands)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+
+import jsonschema
+import numpy as np
+import pytest
+
+from sluice.runtime import SamplingParams, greedy_generate, load_model
+from sluice.runtime.engine import EngineConfig, LLMEngine
+from sluice.runtime.structured_output import StructuredOutputs
+
+BLOCK = 32 * 1024  # bytes of one tiny-model KV block (16 tokens)
+ITEM = {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0,
+                                               "maximum": 99},
+                                        "ok": {"type": "boolean"}},
+        "required": ["id", "ok"], "additionalProperties": False}
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "pattern": "^[a-z]{1,5}$"},
+    "items": {"type": "array", "items": ITEM, "maxItems": 2}},
+    "required": ["name", "items"], "additionalProperties": False}
+REGEX = r"[a-z]{2,6}@[a-z]{2,4}\.(com|org)"
+CONSTRAINTS = [StructuredOutputs(json=SCHEMA), StructuredOutputs(regex=REGEX),
+               StructuredOutputs(choice=["alpha", "beta", "gamma"])]
+
+
+def satisfies(c: StructuredOutputs, text: str) -> bool:
+    if c.json is not None:
+        jsonschema.validate(json.loads(text), SCHEMA)
+        return True
+    if c.regex is not None:
+        return re.fullmatch(REGEX, text) is not None
+    return text in c.choice
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny", dtype="float32")
+
+
+def engine_for(model, **kw) -> LLMEngine:
+    """test_preemption's engine (the same compiled step shapes): 12 KV blocks, so
+    the whole set of requests at once preempts, and one request alone does not."""
+    return LLMEngine(model, EngineConfig(
+        warmup=False, max_model_len=128, seed=0, scheduling_policy="priority", max_num_seqs=4,
+        max_num_batched_tokens=64, kv_cache_memory=12 * BLOCK, max_preemptions=100, **kw))
+
+
+def requests(n: int = 6) -> dict[str, tuple[list[int], SamplingParams]]:
+    """Constrained, sampled requests (JSON; regex or choice with n = 2) and
+    unconstrained greedy ones."""
+    rng = np.random.default_rng(3)
+    out = {}
+    for i in range(n):
+        prompt = rng.integers(0, 250, int(rng.integers(8, 30))).tolist()
+        if i % 3 == 2:
+            out[f"free{i}"] = (prompt, SamplingParams(temperature=0.0, ignore_eos=True,
+                                                      max_tokens=30))
+        else:
+            out[f"so{i}"] = (prompt, SamplingParams(
+                temperature=1.0, seed=i, max_tokens=90, n=1 + i % 3,
+                structured_outputs=CONSTRAINTS[0 if i % 3 == 0 else 1 + i // 3]))
+    return out
+
+
+def run(engine: LLMEngine, reqs: dict, reshuffle: bool = False) -> dict[str, list]:
+    """The requests to the end, all at once re-ranked every step (``reshuffle``:
+    which preempts), else one at a time; each request's completions as (tokens,
+    text, finish reason)."""
+    rng = np.random.default_rng(5)
+    outs = {}
+    for rid in ([None] if reshuffle else reqs):
+        batch = reqs if reshuffle else {rid: reqs[rid]}
+        for i, (r, (prompt, params)) in enumerate(batch.items()):
+            engine.add_request(r, {"prompt_token_ids": prompt}, params, priority=i % 3)
+        outs.update(_drain(engine, reqs, rng, reshuffle, outs))
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks  # nothing leaks
+    return outs
+
+
+def _drain(engine: LLMEngine, reqs: dict, rng, reshuffle: bool, done: dict) -> dict:
+    outs = {}
+    while engine.has_unfinished_requests():
+        if reshuffle:
+            live = [r for r in reqs if r not in outs and r not in done and r in engine.groups]
+            for rid in rng.choice(live, size=min(2, len(live)), replace=False):
+                engine.set_priority(str(rid), int(rng.integers(4)))
+        for o in engine.step():
+            if o.finished:
+                outs[o.request_id] = [(c.token_ids, c.text, c.finish_reason)
+                                      for c in o.outputs]
+    return outs
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tiny):
+    engine = engine_for(tiny)
+    outs = run(engine, requests())
+    assert engine.scheduler.num_preemptions == 0
+    return outs
+
+
+def test_constrained_outputs_satisfy_and_free_rows_are_unchanged(tiny, undisturbed):
+    """In one batch (preempting each other), constrained rows satisfy their
+    constraints and the unconstrained greedy rows equal the plain reference."""
+    reqs = requests()
+    batched = run(engine_for(tiny), reqs, reshuffle=True)
+    for rid, comps in batched.items():
+        prompt, params = reqs[rid]
+        if params.structured_outputs is None:
+            assert comps[0][0] == greedy_generate(tiny, prompt, 30, stop_at_eos=False)
+            continue
+        assert len(comps) == params.n
+        for tokens, text, finish in comps:
+            assert finish == "stop", (rid, text)
+            assert satisfies(params.structured_outputs, text), (rid, text)
+    texts = [t for rid, comps in undisturbed.items() if rid.startswith("so")
+             for _, t, _ in comps]
+    assert len(set(texts)) > 2  # sampled: the constraint, not one fixed output
+
+
+@pytest.mark.parametrize("mode", [
+    dict(),  # recompute
+    dict(swap_space=64 * BLOCK, preemption_mode="swap"),
+])
+def test_preemption_does_not_change_constrained_outputs(tiny, undisturbed, mode):
+    engine = engine_for(tiny, **mode)
+    assert run(engine, requests(), reshuffle=True) == undisturbed
+    sched = engine.scheduler
+    assert sched.num_preemptions > 3
+    if mode:
+        assert sched.num_swap_outs > 0
+        engine.swapper.close()
+    else:
+        assert sched.num_recomputes > 0
+
+
+def test_live_migration_rebuilds_the_grammar_from_the_tokens(tiny, undisturbed):
+    """``so0`` (a JSON schema) moves mid-output to another engine, its handover
+    pickled as the Ray transport does (the native matcher does not travel; the
+    destination rebuilds it from the emitted tokens): its output is unchanged."""
+    reqs = requests()
+    src, dst = engine_for(tiny), engine_for(tiny)  # one request alone: no preemption
+    prompt, params = reqs["so0"]
+    src.add_request("so0", {"prompt_token_ids": prompt}, params)
+    while len(src.groups["so0"].requests[0].output_token_ids) < 8:
+        src.step()
+    epoch = src.migration.epoch("so0")
+    chunks = src.migration.export_kv("so0", {}, epoch)
+    assert dst.migration.import_kv("so0", chunks)
+    handover = pickle.loads(pickle.dumps(src.migration.suspend(
+        "so0", {"so0": chunks[0].num_blocks}, epoch)))
+    assert all(r.grammar.matcher is None for r in handover.group.requests)
+    assert dst.migration.adopt(handover)
+    src.migration.release("so0")
+    outs = {}
+    while dst.has_unfinished_requests():
+        for o in dst.step():
+            if o.finished:
+                outs[o.request_id] = [(c.token_ids, c.text, c.finish_reason)
+                                      for c in o.outputs]
+    assert outs["so0"] == undisturbed["so0"]
+    for e in (src, dst):
+        assert e.block_manager.num_free_blocks == e.block_manager.num_blocks
+
