@@ -198,7 +198,8 @@ class OpenAIServer:
             Route("/v1/chat/completions", self._endpoint(self.chat), methods=["POST"]),
             Route("/v1/embeddings", self._endpoint(self.embeddings), methods=["POST"]),
             Route("/v1/models", self._endpoint(self.models), methods=["GET"]),
-            Route("/v1/models/{model:path}", self._endpoint(self.model), methods=["GET"]),
+            Route("/v1/models/{model:path}", self._endpoint(self.retrieve_model),
+                  methods=["GET"]),
             Route("/tokenize", self._endpoint(self.tokenize), methods=["POST"]),
             Route("/detokenize", self._endpoint(self.detokenize), methods=["POST"]),
             Route("/health", self._endpoint(self.health), methods=["GET"]),
@@ -681,7 +682,7 @@ class OpenAIServer:
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [self._model_card()]})
 
-    async def model(self, request: Request) -> Response:
+    async def retrieve_model(self, request: Request) -> Response:
         self._check_model(request.path_params["model"])
         return JSONResponse(self._model_card())
 
