@@ -160,7 +160,7 @@ class LocalScheduler:
     def add(self, request: Request) -> None:
         self.policy.on_add(request, self.waiting + self.running)
         request.status = RequestStatus.WAITING
-        request.waiting_since = time.monotonic()
+        request.waiting_since = self.policy.clock()
         self.waiting.append(request)
         self.requests[request.request_id] = request
 
@@ -322,7 +322,7 @@ class LocalScheduler:
         head = None
         while self.policy.displaces and self.waiting and self.running:
             head = self.policy.displacer(self.waiting)
-            now = time.monotonic()
+            now = self.policy.clock()
             movable = [r for r in self.running if r.num_displacements < self.max_preemptions
                        and not self.policy.protected(r, now)]
             if not movable:
@@ -363,7 +363,7 @@ class LocalScheduler:
         self.bm.free(req.request_id)
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
-        req.waiting_since = time.monotonic()
+        req.waiting_since = self.policy.clock()
         self.waiting.insert(0, req)
         self.num_preemptions += 1
 
@@ -485,7 +485,7 @@ class LocalScheduler:
             self.waiting.remove(req)
             self.running.append(req)
             req.status = RequestStatus.RUNNING
-            req.running_since = time.monotonic()
+            req.running_since = self.policy.clock()
             # A request whose copy-in overlaps this step runs from the next one; it
             # still takes its share of this step's limits, so a step starts no more
             # copy-ins than it could have run.

@@ -32,12 +32,18 @@ blocks run out, says whether a waiting request may displace a running one
   among active clients, so idle time is not banked. It never displaces running
   requests (fairness comes from admission order), which keeps context switches
   to those memory pressure forces.
+
+Every policy reads time from its ``clock`` (``time.monotonic`` unless one is
+injected), and the scheduler stamps the times policies compare with it
+(``waiting_since``, ``running_since``, the ``now`` of `Policy.protected`), so
+tests drive aging and deadlines with a fake clock instead of sleeping.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 from sluice.runtime.request import Request
 
@@ -47,6 +53,8 @@ class Policy:
 
     name = "fcfs"
     displaces = False  # whether `outranks` can ever be true (skips the scan when not)
+    # the time policies and the scheduler's policy timestamps are read from
+    clock: Callable[[], float] = staticmethod(time.monotonic)
 
     def next_waiting(self, waiting: list[Request]) -> Request:
         """The waiting request to admit next."""
@@ -89,7 +97,7 @@ class PriorityPolicy(Policy):
     displaces = True
 
     def __init__(self, aging_s: float | None = None, resume_deadline_s: float | None = None,
-                 displace_streaming: bool = True):
+                 displace_streaming: bool = True, clock: Callable[[], float] | None = None):
         if aging_s is not None and not aging_s > 0:
             raise ValueError(f"aging_s: must be > 0, got {aging_s}")
         if resume_deadline_s is not None and not resume_deadline_s >= 0:
@@ -99,16 +107,18 @@ class PriorityPolicy(Policy):
         self.aging_s = aging_s
         self.resume_deadline_s = resume_deadline_s
         self.displace_streaming = displace_streaming
+        if clock is not None:
+            self.clock = clock
 
     def effective(self, request: Request, now: float | None = None) -> float:
         """The priority a waiting request competes with (aged, if aging is on)."""
         if self.aging_s is None or request.waiting_since is None:
             return request.priority
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         return request.priority - (now - request.waiting_since) / self.aging_s
 
     def next_waiting(self, waiting: list[Request]) -> Request:
-        now = time.monotonic()
+        now = self.clock()
         overdue = self._overdue(waiting, now)
         if overdue:
             return min(overdue, key=lambda r: r.waiting_since)
@@ -116,7 +126,7 @@ class PriorityPolicy(Policy):
 
     def displacer(self, waiting: list[Request]) -> Request:
         """Priority order: the resume deadline claims free room, never displaces."""
-        return self._first_by_priority(waiting, time.monotonic())
+        return self._first_by_priority(waiting, self.clock())
 
     def _first_by_priority(self, waiting: list[Request], now: float) -> Request:
         return min(waiting, key=lambda r: (self.effective(r, now), r.arrival_time))

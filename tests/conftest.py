@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Hugging Face checkpoints written with `transformers`.
+"""Shared fixtures: the built-in ``tiny`` model (``tiny``), and tiny random Hugging
+Face checkpoints written with `transformers`.
 
 Every checkpoint is hidden 64, 2 layers, vocabulary 300 (the byte-level
 tokenizer's 259 ids plus spare rows), with all weights (norms and biases
@@ -34,6 +35,17 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The built-in ``tiny`` model (random weights, float32), built once for the
+    session: tests read it and never change it (an engine pinned to a device
+    copies the parameters there)."""
+    from sluice.runtime import load_model
+    return load_model("tiny", dtype="float32")
+
 
 VOCAB = 300
 BOS_ID, EOS_ID = 256, 257  # the byte-level tokenizer's <s> and </s>

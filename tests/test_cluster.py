@@ -25,11 +25,6 @@ ENGINE = dict(block_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model
               warmup=False, kv_cache_memory=400 * 4 * 1024)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny", dtype="float32")
-
-
 class Collector:
     """Output sink: keeps every output per request; `wait` until all finished."""
 

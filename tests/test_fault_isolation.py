@@ -21,7 +21,7 @@ import httpx
 import jax
 import pytest
 
-from sluice.runtime import AsyncEngine, SamplingParams, load_model
+from sluice.runtime import AsyncEngine, SamplingParams
 from sluice.runtime.engine import EngineConfig, EngineDeadError, LLMEngine, resolve_max_model_len
 from sluice.runtime.intake import Intake
 from sluice.runtime.outputs import RequestFailed
@@ -42,11 +42,6 @@ JOBS = [(f"g{i}", f"a greedy prompt number {i}", GREEDY) for i in range(4)] + [
                                                     ignore_eos=True)),
 ]
 POISON = "an injected fault in the runner"
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny", dtype="float32")
 
 
 class Poison:

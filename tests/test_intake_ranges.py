@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from sluice.runtime import AsyncEngine, load_model
+from sluice.runtime import AsyncEngine
 from sluice.runtime.engine import EngineConfig, LLMEngine
 from sluice.runtime.intake import check_priority
 from sluice.runtime.sampling_params import (INT32_MAX, INT64_MAX, INT64_MIN, RANGES,
@@ -27,11 +27,6 @@ from sluice.runtime.sampling_params import (INT32_MAX, INT64_MAX, INT64_MIN, RAN
 from sluice.runtime.server import OpenAIServer, ServerConfig
 
 MAX_MODEL_LEN = 24  # max_tokens at its bound (2**31 - 1) is capped by the context
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny", dtype="float32")
 
 
 # Few sequences per step: few step shapes to compile (n = 128 runs in waves).

@@ -11,16 +11,11 @@ import json
 
 import pytest
 
-from sluice.runtime import SamplingParams, greedy_generate, load_model
+from sluice.runtime import SamplingParams, greedy_generate
 from sluice.runtime.async_engine import AsyncEngine, StreamLimits, StreamStalled
 from sluice.runtime.engine import EngineConfig, LLMEngine
 from sluice.runtime.outputs import accumulate
 from sluice.runtime.server import OpenAIServer, ServerConfig
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny", dtype="float32")
 
 
 def make_engine(model) -> LLMEngine:

@@ -5,22 +5,27 @@ from __future__ import annotations
 
 import pytest
 
-from sluice.runtime import SamplingParams, greedy_generate, load_model
+from sluice.runtime import SamplingParams, greedy_generate
 from sluice.runtime.engine import EngineConfig, LLMEngine
 from sluice.scheduler.policies import FairPolicy, make_policy
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny", dtype="float32")
-
-
 def engine_for(model, policy: str, **kw) -> LLMEngine:
     kw.setdefault("max_num_seqs", 1)
     return LLMEngine(model, EngineConfig(scheduling_policy=policy, warmup=False,
                                          max_model_len=128, **kw))
+
+
+class Clock:
+    """A clock the test advances (the policy's, and the scheduler's policy stamps)."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def drain(engine: LLMEngine) -> list[str]:
@@ -191,18 +196,18 @@ def test_priority_under_memory_pressure_keeps_outputs(tiny, swap):
 
 
 def test_priority_aging_bounds_starvation():
-    import time
-
     from sluice.runtime.request import Request
     from sluice.scheduler.policies import PriorityPolicy
+
+    clock = Clock()
 
     def req(priority, waited, arrival=0.0):
         r = Request.__new__(Request)
         r.priority, r.arrival_time = priority, arrival
-        r.waiting_since = time.monotonic() - waited
+        r.waiting_since = clock.now - waited
         return r
 
-    strict, aged = PriorityPolicy(), PriorityPolicy(aging_s=1.0)
+    strict, aged = PriorityPolicy(clock=clock), PriorityPolicy(aging_s=1.0, clock=clock)
     old_low, new_high = req(5, 10.0), req(1, 0.0, arrival=1.0)
     running = req(2, 0.0)
     running.waiting_since = None  # running: not aged
@@ -221,9 +226,8 @@ def test_resume_deadline_bounds_a_preempted_requests_pause(tiny, deadline):
     a resume deadline it comes back first once it has waited that long, without
     displacing the running request, and is then not displaced again for as long
     (so it finishes here); outputs stay the reference's."""
-    import time
-
     engine = engine_for(tiny, "priority", resume_deadline_s=deadline)
+    engine.scheduler.policy.clock = clock = Clock()
     prompts = {"low": [1, 2, 3, 4], "high1": [9, 8, 7], "high2": [5, 6, 7]}
     engine.add_request("low", {"prompt_token_ids": prompts["low"]},
                        SamplingParams(max_tokens=12, **GREEDY), priority=5)
@@ -233,7 +237,7 @@ def test_resume_deadline_bounds_a_preempted_requests_pause(tiny, deadline):
         engine.add_request(rid, {"prompt_token_ids": prompts[rid]},
                            SamplingParams(max_tokens=6, **GREEDY), priority=0)
     engine.step()  # high1 displaces low
-    time.sleep(0.55)  # low has now waited past the deadline
+    clock.now += 0.55  # low has now waited past the deadline
     outs = {}
     while engine.has_unfinished_requests():
         outs.update({o.request_id: o for o in engine.step() if o.finished})
@@ -251,15 +255,14 @@ def test_resume_deadline_bounds_a_preempted_requests_pause(tiny, deadline):
 def test_displacement_serves_the_request_it_was_made_for(tiny):
     """An overdue preempted request claims free room but never displaces; a more
     urgent waiting request still displaces a running one, and takes its slot."""
-    import time
-
     engine = engine_for(tiny, "priority", resume_deadline_s=0.05)
+    engine.scheduler.policy.clock = clock = Clock()
     params = SamplingParams(max_tokens=8, **GREEDY)
     engine.add_request("low", {"prompt_token_ids": [1, 2, 3]}, params, priority=5)
     engine.step()
     engine.add_request("mid", {"prompt_token_ids": [4, 5, 6]}, params, priority=3)
     engine.step()  # mid displaces low
-    time.sleep(0.06)  # low is overdue
+    clock.now += 0.06  # low is overdue
     engine.add_request("top", {"prompt_token_ids": [7, 8, 9]}, params, priority=0)
     engine.step()  # top displaces mid and runs; low does not take the freed slot
     assert [r.request_id for r in engine.scheduler.running] == ["top"]
@@ -344,23 +347,23 @@ def test_displace_streaming_off_spares_streaming_requests(tiny, displace_streami
 def test_resume_deadline_zero_resumes_paused_first():
     """Deadline 0: a request paused mid-generation is admitted before any newer
     or more urgent waiting request, longest-paused first."""
-    import time
-
     from sluice.runtime.request import Request
     from sluice.scheduler.policies import PriorityPolicy
+
+    clock = Clock()
 
     def req(priority, waited, tokens):
         r = Request.__new__(Request)
         r.priority, r.arrival_time = priority, 0.0
-        r.waiting_since = time.monotonic() - waited
+        r.waiting_since = clock.now - waited
         r.output_token_ids = [1] * tokens
         return r
 
-    policy = PriorityPolicy(resume_deadline_s=0.0)
+    policy = PriorityPolicy(resume_deadline_s=0.0, clock=clock)
     urgent, paused, paused_longer = req(0, 1.0, 0), req(7, 0.001, 3), req(9, 0.01, 2)
     assert policy.next_waiting([urgent, paused, paused_longer]) is paused_longer
     assert policy.displacer([urgent, paused, paused_longer]) is urgent  # displaces by priority
-    assert PriorityPolicy().next_waiting([urgent, paused, paused_longer]) is urgent
+    assert PriorityPolicy(clock=clock).next_waiting([urgent, paused, paused_longer]) is urgent
 
 
 def test_no_displacement_that_cannot_make_room(tiny):
