@@ -14,7 +14,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from sluice.runtime import SamplingParams, greedy_generate, load_model
+from sluice.runtime import SamplingParams, greedy_generate
 from sluice.runtime.engine import EngineConfig, LLMEngine
 from sluice.runtime.structured_output import StructuredOutputs
 
@@ -39,11 +39,6 @@ def satisfies(c: StructuredOutputs, text: str) -> bool:
     if c.regex is not None:
         return re.fullmatch(REGEX, text) is not None
     return text in c.choice
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny", dtype="float32")
 
 
 def engine_for(model, **kw) -> LLMEngine:

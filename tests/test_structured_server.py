@@ -15,7 +15,6 @@ import pydantic
 import pytest
 from test_server import KEY, LiveServer, assert_error
 
-from sluice.runtime import load_model
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PERSON = {"type": "object", "properties": {
@@ -51,8 +50,8 @@ class Person(pydantic.BaseModel):
 
 
 @pytest.fixture(scope="module")
-def live():
-    srv = LiveServer(load_model("tiny", dtype="float32"), dict(api_key=KEY), {})
+def live(tiny):
+    srv = LiveServer(tiny, dict(api_key=KEY), {})
     yield srv
     srv.stop()
 
