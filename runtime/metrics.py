@@ -46,7 +46,9 @@ and the cluster's live migrations: ``migrations{result="ok"|"failed"}``,
 ``migration_downtime_seconds`` (each successful migration's pause, suspend on
 the source to adopt on the destination), ``migration_duration_seconds``,
 ``migration_bytes`` (KV bytes copied) and ``requests_redispatched`` (moved off
-dead instances).
+dead instances). From `sluice.runtime.compiles`: ``compiles{reason, function}``
+(XLA compilations of the process by reason, ``warmup``, ``startup`` or
+``serving``, and jitted function; once warmed up, none should be ``serving``).
 
 ``render(stats, health, cluster)`` returns the text exposition format
 (`sluice.runtime.health.Health` is the front end's state, which ``GET /health``
@@ -63,6 +65,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
 
+from sluice.runtime import compiles
 from sluice.runtime.engine import EngineStats
 from sluice.runtime.health import Health
 from sluice.runtime.outputs import RequestOutput
@@ -225,6 +228,10 @@ class ServerMetrics:
         self.redispatched = own(Counter, "requests_redispatched",
                                 "Requests re-dispatched off instances that died.")
         self._migrations_seen = 0
+        self._compiles = own(Counter, "compiles",
+                             "XLA compilations by reason (warmup, startup, serving) and "
+                             "jitted function.", ("reason", "function"))
+        self._compiles_seen: dict[tuple[str, str], int] = {}
         self._render_lock = threading.Lock()  # scrapes run on worker threads
         self._mirrored = {"num_preemptions": 0, "prefix_cache_queries": 0,
                           "prefix_cache_hits": 0, "num_failed_requests": 0, "deaths": 0,
@@ -268,6 +275,9 @@ class ServerMetrics:
                 self._mirror(name, counter, getattr(health, name))
         if cluster is not None:
             self._observe_cluster(cluster)
+        for key, n in compiles.counts().items():  # process-wide, cumulative
+            self._compiles.labels(self.model_name, *key).inc(n - self._compiles_seen.get(key, 0))
+            self._compiles_seen[key] = n
 
     def _observe_cluster(self, cluster: Cluster) -> None:
         stats = cluster.stats()

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from sluice.pallas_kernels import block_copy, dispatch
 from sluice.pallas_kernels.metadata import DEBUG_ENV, check_host_metadata
+from sluice.runtime import compiles
 from sluice.runtime.attention import AttentionMetadata, get_backend
 from sluice.runtime.kv_cache import KVCacheSpec
 from sluice.runtime.loader import Model
@@ -111,6 +112,7 @@ class ModelRunner:
     def __init__(self, model: Model, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_prefill_seqs: int, max_model_len: int,
                  backend: str = "reference", device: jax.Device | None = None):
+        compiles.install()  # count compiles from the pool's allocation on
         self.model = model
         self.device = device
         self.spec = KVCacheSpec.for_model(model.config, num_blocks, block_size, model.dtype)
@@ -148,7 +150,13 @@ class ModelRunner:
     def warmup(self) -> None:
         """Compile every step shape (padding-only inputs: the pool is untouched) and
         the sampler for its row count (one program serves every sampling feature),
-        plus the fixed-size block copy of live migration."""
+        plus the fixed-size block copy of live migration. Compiles from then on
+        count as ``serving`` ones (`sluice.runtime.compiles`)."""
+        with compiles.warming_up():
+            self._warmup()
+        compiles.mark_ready()
+
+    def _warmup(self) -> None:
         self.copy_in([], self.gather([], COPY_CHUNK_BLOCKS), COPY_CHUNK_BLOCKS)  # copies nothing
         for shape in tqdm(self.shapes(), desc="compiling", unit="shape"):
             metas = tuple(_padding_group(self.spec, n, t, q, shape.pages)

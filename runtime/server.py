@@ -88,6 +88,7 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from sluice.runtime import compiles
 from sluice.runtime import openai_protocol as proto
 from sluice.runtime.async_engine import OutputStream, StreamStalled
 from sluice.runtime.embed import mean_pooled
@@ -217,6 +218,7 @@ class OpenAIServer:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        compiles.mark_ready()  # from here on a compile stalls a request: count it as serving
         yield
         for hook in self._on_shutdown:
             await hook()

@@ -1,0 +1,112 @@
+"""Counts the XLA compilations of this process, by reason and function, and logs
+each with its cause.
+
+A compile while serving stalls the request that caused it (seconds on CPU, see
+issue 24), so the runtime aims for none once warmed up. The reason of a compile:
+
+- ``warmup``: on a thread inside `warming_up()` (the model runner's and the
+  embedder's warm-ups);
+- ``startup``: before the process is `mark_ready` (model loading, KV allocation);
+- ``serving``: everything after, i.e. a shape or variant no warm-up covered.
+
+`install()` (idempotent) registers a ``jax.monitoring`` listener on JAX's
+backend-compile event, which jax 0.10.2 through 0.12 record once per executable
+built (compiled, or loaded from the persistent compilation cache: either way the
+caller waits), with the jitted function's name. `counts()` returns the totals
+so far as ``{(reason, function): n}``; ``/metrics`` exports them as
+``sluice:compiles_total{reason, function}``. Each compile is logged: at DEBUG
+during warm-up and start-up, at WARNING while serving, with its duration and
+its cause, the innermost Sluice source line on the compiling thread's stack
+(e.g. ``runtime/embed.py:45 in mean_pooled``).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import threading
+import traceback
+from typing import Iterator
+
+import jax
+
+log = logging.getLogger(__name__)
+
+# The event JAX records around each backend compile (jax._src.dispatch.BACKEND_COMPILE_EVENT).
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+REASONS = ("warmup", "startup", "serving")
+
+_THIS = os.path.abspath(__file__)
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(_THIS))
+_lock = threading.Lock()
+_counts: collections.Counter[tuple[str, str]] = collections.Counter()
+_local = threading.local()  # .warmup: depth of nested warming_up() on this thread
+_state = {"installed": False, "ready": False}
+
+
+def install() -> None:
+    """Start counting (once per process; later calls do nothing)."""
+    with _lock:
+        if _state["installed"]:
+            return
+        _state["installed"] = True
+    jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def mark_ready() -> None:
+    """From now on, compiles outside `warming_up()` are ``serving`` ones."""
+    _state["ready"] = True
+
+
+@contextlib.contextmanager
+def warming_up() -> Iterator[None]:
+    """Compiles on this thread inside the block count as ``warmup``."""
+    _local.warmup = getattr(_local, "warmup", 0) + 1
+    try:
+        yield
+    finally:
+        _local.warmup -= 1
+
+
+def counts() -> dict[tuple[str, str], int]:
+    """Compiles so far: {(reason, function): count}."""
+    with _lock:
+        return dict(_counts)
+
+
+def total(reason: str) -> int:
+    """Compiles so far for one reason, over all functions."""
+    return sum(n for (r, _), n in counts().items() if r == reason)
+
+
+def _reason() -> str:
+    if getattr(_local, "warmup", 0):
+        return "warmup"
+    return "serving" if _state["ready"] else "startup"
+
+
+def _on_event(event: str, duration: float, **kwargs) -> None:
+    if event != COMPILE_EVENT:
+        return
+    function = str(kwargs.get("fun_name", "unknown"))
+    reason = _reason()
+    with _lock:
+        _counts[reason, function] += 1
+    level = logging.WARNING if reason == "serving" else logging.DEBUG
+    if log.isEnabledFor(level):
+        log.log(level, "compiled %s in %.2f s (%s), caused by %s on thread %s", function,
+                duration, reason, _cause(), threading.current_thread().name)
+
+
+def _cause() -> str:
+    """The innermost frame of this package's code (outside this module) on the stack."""
+    for frame in reversed(traceback.extract_stack()):
+        path = os.path.abspath(frame.filename)
+        if path == _THIS or not path.startswith(_PACKAGE_DIR + os.sep):
+            continue
+        relative = os.path.relpath(path, _PACKAGE_DIR)
+        if not relative.startswith("."):  # not a virtual environment in the checkout
+            return f"{relative}:{frame.lineno} in {frame.name}"
+    return "code outside sluice"
