@@ -202,8 +202,9 @@ class ModelRunner:
                                 num_blocks=self.spec.num_blocks, block_size=bs)
         tokens.extend([0] * (n_tok - start))
         positions.extend([0] * (n_tok - start))
-        meta = AttentionMetadata(jnp.asarray(slots), jnp.asarray(qsl), jnp.asarray(seq_lens),
-                                 jnp.asarray(tables), jnp.asarray(len(rows), jnp.int32), max_q)
+        # device_put, not jnp.asarray: the latter compiles a copy per new shape
+        meta = AttentionMetadata(*jax.device_put((slots, qsl, seq_lens, tables,
+                                                  np.int32(len(rows)))), max_q)
         return meta, qsl
 
     def _build(self, decode: list[StepRow], prefill: list[StepRow]):
@@ -220,8 +221,10 @@ class ModelRunner:
             real_rows.extend((offset + ends).tolist())
             pad_rows.extend([offset] * (dims[0] - len(rows)))
             metas.append(meta)
-        return (jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32), tuple(metas),
-                jnp.asarray(real_rows + pad_rows, jnp.int32))
+        ids, pos, sample_rows = jax.device_put(
+            (np.asarray(tokens, np.int32), np.asarray(positions, np.int32),
+             np.asarray(real_rows + pad_rows, np.int32)))
+        return ids, pos, tuple(metas), sample_rows
 
     # -- execution ----------------------------------------------------------
 

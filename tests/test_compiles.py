@@ -1,11 +1,26 @@
-"""Compiles counted by `sluice.runtime.compiles` (issue 24)."""
+"""No compile while serving (issue 24): after the engine's and the embedder's
+warm-ups, a request mixing every sampling feature, a chat request with log-probs
+and an embeddings call compile nothing, as counted by `sluice.runtime.compiles`
+and exported as ``sluice:compiles_total``."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+
+import httpx
 import jax
 import numpy as np
+import pytest
+import uvicorn
 
-from sluice.runtime import compiles
+from sluice.runtime import compiles, embed, load_model
+from sluice.runtime.async_engine import AsyncEngine
+from sluice.runtime.engine import EngineConfig, LLMEngine
+from sluice.runtime.server import OpenAIServer, ServerConfig, bind_socket
+
+MAX_LEN = 32  # small, so the warm-up compiles few shapes
 
 
 def test_counter_attributes_compiles_to_warmup_and_serving():
@@ -25,3 +40,77 @@ def test_counter_attributes_compiles_to_warmup_and_serving():
     new = {k: v - before.get(k, 0) for k, v in compiles.counts().items()
            if v != before.get(k, 0)}
     assert new == {("warmup", "jit(<lambda>)"): 1, ("serving", "jit(<lambda>)"): 1}
+
+
+class Served:
+    """A warmed-up engine behind `OpenAIServer`, served by uvicorn on a thread."""
+
+    def __init__(self, model):
+        self.engine = LLMEngine(model, EngineConfig(
+            warmup=True, max_model_len=MAX_LEN, max_num_seqs=1, max_num_batched_tokens=16,
+            max_prefill_seqs=1, seed=0))
+        embed.warmup(model, MAX_LEN)
+        self.server = OpenAIServer(AsyncEngine(self.engine), ServerConfig("tiny"))
+        sock = bind_socket("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.uv = uvicorn.Server(uvicorn.Config(self.server.app, log_config=None,
+                                                access_log=False, lifespan="on"))
+        self.thread = threading.Thread(
+            target=lambda: asyncio.run(self.uv.serve(sockets=[sock])), daemon=True)
+        self.thread.start()
+        while not self.uv.started:
+            assert self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.uv.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.mark.slow
+def test_no_compile_while_serving_after_warmup():
+    compiles.install()
+    srv = Served(load_model("tiny", dtype="float32"))
+    try:
+        before = compiles.counts()
+        with httpx.Client(base_url=srv.url, timeout=120) as http:
+            r = http.post("/v1/completions", json=dict(
+                model="tiny", prompt="Hello there", max_tokens=6, n=2, temperature=0.8,
+                top_k=20, top_p=0.9, min_p=0.01, repetition_penalty=1.2,
+                presence_penalty=0.5, frequency_penalty=0.3, seed=7, stop=["zz"],
+                logprobs=3, ignore_eos=True))
+            assert r.status_code == 200, r.text
+            assert [len(c["logprobs"]["tokens"]) for c in r.json()["choices"]] == [6, 6]
+            r = http.post("/v1/chat/completions", json=dict(
+                model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                logprobs=True, top_logprobs=2))
+            assert r.status_code == 200, r.text
+            r = http.post("/v1/embeddings", json=dict(
+                model="tiny", input=["hello", "a longer one: bucket 32"]))
+            assert r.status_code == 200, r.text
+            new = {k: v - before.get(k, 0) for k, v in compiles.counts().items()
+                   if v != before.get(k, 0)}
+            assert new == {}, f"compiled while serving: {new}"
+            metrics = http.get("/metrics").text
+        series = [line for line in metrics.splitlines()
+                  if line.startswith("sluice:compiles_total{")]
+        for (reason, function), n in compiles.counts().items():
+            assert (f'sluice:compiles_total{{function="{function}",model_name="tiny",'
+                    f'reason="{reason}"}} {float(n)}') in series, (reason, function, n)
+    finally:
+        srv.stop()
+
+
+def test_throughput_warmup_batch_does_not_prime_the_prefix_cache():
+    """`sluice bench throughput`: the untimed warm-up batch must not share prompts
+    with the timed one, else the timed batch runs on prefix-cache hits (other step
+    shapes, compiled inside the timer with --no-warmup, and less work)."""
+    from sluice.runtime.benchmark import random_prompts, throughput
+    from sluice.runtime.llm import LLM
+
+    llm = LLM(load_model("tiny", dtype="float32"), warmup=False, max_model_len=64,
+              max_num_seqs=1, max_num_batched_tokens=32)
+    prompts = random_prompts(2, 32, llm.model.config.vocab_size)
+    result = throughput(llm, prompts, output_len=1)  # prefill steps only: few compiles
+    assert result["output_tokens"] == 2
+    assert llm.engine.stats().prefix_cache_hits == 0
