@@ -99,7 +99,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     from sluice.runtime.swap import COPY_MODES  # imports JAX
-    from sluice.scheduler.policies import FairPolicy
+    from sluice.scheduler.policies import FairPolicy, PriorityOptions
 
     g = p.add_argument_group("engine")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
@@ -117,16 +117,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="admission order: fcfs, priority (request `priority`, lower first, "
                         "preempting lower-priority running requests), or fair (virtual token "
                         "counters per client) (default: fcfs)")
-    g.add_argument("--resume-deadline", type=float, default=None, metavar="SECONDS",
-                   help="with --scheduling-policy priority: a request preempted in "
-                        "mid-generation that has waited this long resumes before new requests, "
-                        "bounding the pause between its tokens (default: strict priority)")
-    g.add_argument("--priority-aging", type=float, default=None, metavar="SECONDS",
-                   help="with --scheduling-policy priority: a waiting request gains one "
-                        "priority level per SECONDS waited, bounding starvation (default: off)")
-    g.add_argument("--no-displace-streaming", action="store_true",
-                   help="with --scheduling-policy priority: never displace a request that has "
-                        "produced a token (no pause in a stream for priority's sake)")
+    add_option_flags(g, PriorityOptions, "with --scheduling-policy priority")
     g.add_argument("--fair-weights", type=_token_weights,
                    default=(FairPolicy.W_IN, FairPolicy.W_OUT),
                    metavar="IN,OUT",
@@ -159,8 +150,25 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "pallas-interpret / pallas-tpu-interpret (kernels in interpret mode, "
                         "for testing) (default: pallas)")
     g.add_argument("--no-warmup", action="store_true",
-                   help="skip compiling every shape bucket (and, for serve, the "
-                        "embedder's) at start-up: first requests compile instead")
+                   help="skip compiling every shape bucket at start-up")
+
+
+def add_option_flags(group: argparse._ArgumentGroup, options: type, scope: str) -> None:
+    """The flags of an options dataclass's fields (`sluice.scheduler.policies.option`):
+    each field's flag, default, help and metavar are stated once, on the field; the
+    parsed value lands under the field's `EngineConfig` name. A bool field gives a
+    switch that flips its default; fields without a flag are left to the caller."""
+    for f in dataclasses.fields(options):
+        meta = f.metadata
+        if meta.get("flag") is None:
+            continue
+        text = f"{scope}: {meta['help']}"
+        if isinstance(f.default, bool):
+            group.add_argument(meta["flag"], dest=meta["config"], default=f.default,
+                               action="store_false" if f.default else "store_true", help=text)
+        else:
+            group.add_argument(meta["flag"], dest=meta["config"], type=meta["parse"],
+                               default=f.default, metavar=meta["metavar"], help=text)
 
 
 def _token_weights(text: str) -> tuple[float, float]:
@@ -193,9 +201,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
                 kv_cache_memory=None if args.kv_cache_memory is None
                 else int(args.kv_cache_memory * GiB),
                 enable_prefix_caching=not args.no_prefix_caching,
-                scheduling_policy=args.scheduling_policy, resume_deadline_s=args.resume_deadline,
-                aging_s=args.priority_aging,
-                displace_streaming=not args.no_displace_streaming,
+                scheduling_policy=args.scheduling_policy, resume_deadline_s=args.resume_deadline_s,
+                aging_s=args.aging_s, displace_streaming=args.displace_streaming,
                 fair_w_in=args.fair_weights[0], fair_w_out=args.fair_weights[1],
                 client_weights=args.client_weights,
                 swap_space=int(args.swap_space * GiB), preemption_mode=args.preemption_mode,
@@ -399,9 +406,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     many = args.instances != 1 or args.ray or args.autoscale is not None
     llm = None if many else _make_llm(args)
     front = _make_cluster(args, limits) if many else AsyncEngine(llm.engine, limits)
-    if not args.no_warmup:  # so a first /v1/embeddings request compiles nothing
-        from sluice.runtime.embed import warmup
-        warmup(front.model, front.max_model_len)
     # A model with a chat template is shown a question; others a prompt to continue.
     chat = llm is not None and llm.tokenizer.chat_template is not None
 

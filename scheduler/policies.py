@@ -33,6 +33,11 @@ blocks run out, says whether a waiting request may displace a running one
   requests (fairness comes from admission order), which keeps context switches
   to those memory pressure forces.
 
+The options of a policy are stated once, in its options dataclass
+(`PriorityOptions`, `FairOptions`): each field's default, validation, help text,
+`EngineConfig` field name and CLI flag (`option`); `POLICY_OPTIONS` and the CLI's
+flags are derived from them.
+
 Every policy reads time from its ``clock`` (``time.monotonic`` unless one is
 injected), and the scheduler stamps the times policies compare with it
 (``waiting_since``, ``running_since``, the ``now`` of `Policy.protected`), so
@@ -41,11 +46,66 @@ tests drive aging and deadlines with a fake clock instead of sleeping.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 from sluice.runtime.request import Request
+
+
+def option(default: Any, help: str, config: str, flag: str | None = None,
+           parse: Callable[[str], Any] | None = None, metavar: str | None = None) -> Any:
+    """A policy option's field: its ``default`` and ``help``, the `EngineConfig`
+    field it is set by (``config``), and the CLI ``flag`` generated for it (parsed
+    by ``parse``; a bool default gives a switch that flips it). ``flag=None``: the
+    CLI states a combined flag itself (``--fair-weights IN,OUT``)."""
+    return dataclasses.field(default=default, metadata=dict(
+        help=help, config=config, flag=flag, parse=parse, metavar=metavar))
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorityOptions:
+    resume_deadline_s: float | None = option(
+        None, "a request preempted in mid-generation that has waited this long resumes "
+        "before new requests, bounding the pause between its tokens (default: strict "
+        "priority)", "resume_deadline_s", "--resume-deadline", float, "SECONDS")
+    aging_s: float | None = option(
+        None, "a waiting request gains one priority level per SECONDS waited, bounding "
+        "starvation (default: off)", "aging_s", "--priority-aging", float, "SECONDS")
+    displace_streaming: bool = option(
+        True, "never displace a request that has produced a token (no pause in a stream "
+        "for priority's sake)", "displace_streaming", "--no-displace-streaming")
+
+    def __post_init__(self) -> None:
+        if self.aging_s is not None and not self.aging_s > 0:
+            raise ValueError(f"aging_s: must be > 0, got {self.aging_s}")
+        if self.resume_deadline_s is not None and not self.resume_deadline_s >= 0:
+            raise ValueError(f"resume_deadline_s: must be >= 0, got {self.resume_deadline_s}")
+        if not isinstance(self.displace_streaming, bool):
+            raise ValueError(f"displace_streaming: must be true or false, got "
+                             f"{self.displace_streaming!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FairOptions:
+    w_in: float = option(1.0, "service counted per prompt token", "fair_w_in")
+    w_out: float = option(2.0, "service counted per generated token", "fair_w_out")
+    weights: dict[str, float] | None = option(
+        None, "relative shares of service per client (unlisted clients: 1)", "client_weights")
+
+    def __post_init__(self) -> None:
+        for field, w in (("fair_w_in", self.w_in), ("fair_w_out", self.w_out)):
+            if not _finite(w) or w < 0:
+                raise ValueError(f"{field}: must be a finite number >= 0, got {w!r}")
+        if self.weights is not None and not isinstance(self.weights, dict):
+            raise ValueError(f"client_weights: must map client names to weights, got "
+                             f"{self.weights!r}")
+        for client, w in (self.weights or {}).items():
+            if not _finite(w) or w <= 0:
+                raise ValueError(f"client_weights: the weight of {client!r} must be a finite "
+                                 f"number > 0, got {w!r}")
 
 
 class Policy:
@@ -96,17 +156,12 @@ class PriorityPolicy(Policy):
     name = "priority"
     displaces = True
 
-    def __init__(self, aging_s: float | None = None, resume_deadline_s: float | None = None,
-                 displace_streaming: bool = True, clock: Callable[[], float] | None = None):
-        if aging_s is not None and not aging_s > 0:
-            raise ValueError(f"aging_s: must be > 0, got {aging_s}")
-        if resume_deadline_s is not None and not resume_deadline_s >= 0:
-            raise ValueError(f"resume_deadline_s: must be >= 0, got {resume_deadline_s}")
-        if not isinstance(displace_streaming, bool):
-            raise ValueError(f"displace_streaming: must be true or false, got {displace_streaming!r}")
-        self.aging_s = aging_s
-        self.resume_deadline_s = resume_deadline_s
-        self.displace_streaming = displace_streaming
+    def __init__(self, clock: Callable[[], float] | None = None, **options: Any):
+        """``options``: `PriorityOptions` fields."""
+        opts = PriorityOptions(**options)
+        self.aging_s = opts.aging_s
+        self.resume_deadline_s = opts.resume_deadline_s
+        self.displace_streaming = opts.displace_streaming
         if clock is not None:
             self.clock = clock
 
@@ -164,21 +219,13 @@ class PriorityPolicy(Policy):
 
 class FairPolicy(Policy):
     name = "fair"
-    W_IN, W_OUT = 1.0, 2.0  # default service per prompt token and per generated token
+    W_IN, W_OUT = FairOptions.w_in, FairOptions.w_out  # default service per token
 
-    def __init__(self, w_in: float = W_IN, w_out: float = W_OUT,
-                 weights: dict[str, float] | None = None):
-        for field, w in (("fair_w_in", w_in), ("fair_w_out", w_out)):
-            if not _finite(w) or w < 0:
-                raise ValueError(f"{field}: must be a finite number >= 0, got {w!r}")
-        if weights is not None and not isinstance(weights, dict):
-            raise ValueError(f"client_weights: must map client names to weights, got {weights!r}")
-        for client, w in (weights or {}).items():
-            if not _finite(w) or w <= 0:
-                raise ValueError(f"client_weights: the weight of {client!r} must be a finite "
-                                 f"number > 0, got {w!r}")
-        self.w_in, self.w_out = w_in, w_out
-        self.weights = dict(weights or {})
+    def __init__(self, **options: Any):
+        """``options``: `FairOptions` fields."""
+        opts = FairOptions(**options)
+        self.w_in, self.w_out = opts.w_in, opts.w_out
+        self.weights = dict(opts.weights or {})
         self.counters: dict[str, float] = {}
 
     @staticmethod
@@ -221,15 +268,12 @@ def _finite(x: object) -> bool:
 POLICIES = {p.name: p for p in (FCFSPolicy, PriorityPolicy, FairPolicy)}
 
 
-# Policy options, by `EngineConfig` field: (the policy, its keyword, the "not set" value).
-POLICY_OPTIONS = {
-    "resume_deadline_s": ("priority", "resume_deadline_s", None),
-    "aging_s": ("priority", "aging_s", None),
-    "displace_streaming": ("priority", "displace_streaming", True),
-    "fair_w_in": ("fair", "w_in", FairPolicy.W_IN),
-    "fair_w_out": ("fair", "w_out", FairPolicy.W_OUT),
-    "client_weights": ("fair", "weights", None),
-}
+OPTIONS = {"priority": PriorityOptions, "fair": FairOptions}  # policy -> its options
+
+# Policy options, by `EngineConfig` field: (the policy, its keyword, the "not set"
+# value), derived from the options dataclasses.
+POLICY_OPTIONS = {f.metadata["config"]: (name, f.name, f.default)
+                  for name, cls in OPTIONS.items() for f in dataclasses.fields(cls)}
 
 
 def make_policy(name: str, **options) -> Policy:

@@ -423,3 +423,29 @@ def test_aging_is_kept_while_running():
     assert policy.outranks(displaced, fresh)  # raw priorities still decide otherwise
     assert policy.victim([aged, fresh]) is fresh
     assert PriorityPolicy().outranks(displaced, aged)  # without aging: raw priority
+
+
+def test_policy_options_are_stated_once():
+    """CLI flags are generated from the options' fields (flag, default, help, the
+    EngineConfig name they set), and EngineConfig's policy defaults are the options'."""
+    import argparse
+    import dataclasses
+
+    from sluice.runtime.cli import add_option_flags
+    from sluice.scheduler.policies import POLICY_OPTIONS, option
+
+    @dataclasses.dataclass(frozen=True)
+    class Demo:
+        speed: float | None = option(None, "how fast", "speed_s", "--speed", float, "S")
+        loud: bool = option(True, "be quiet", "loud", "--quiet")
+        combined: int = option(3, "the caller's own flag", "combined")
+
+    parser = argparse.ArgumentParser()
+    add_option_flags(parser.add_argument_group("g"), Demo, "with --demo")
+    assert vars(parser.parse_args([])) == {"speed_s": None, "loud": True}
+    assert vars(parser.parse_args(["--speed", "2", "--quiet"])) == {"speed_s": 2.0,
+                                                                     "loud": False}
+    assert "with --demo: how fast" in parser.format_help()
+    defaults = EngineConfig()
+    assert {name: getattr(defaults, name) for name in POLICY_OPTIONS} == \
+        {name: unset for name, (_, _, unset) in POLICY_OPTIONS.items()}
