@@ -150,7 +150,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "pallas-interpret / pallas-tpu-interpret (kernels in interpret mode, "
                         "for testing) (default: pallas)")
     g.add_argument("--no-warmup", action="store_true",
-                   help="skip compiling every shape bucket at start-up")
+                   help="skip compiling every shape bucket (and, for serve, the "
+                        "embedder's) at start-up: first requests compile instead")
 
 
 def add_option_flags(group: argparse._ArgumentGroup, options: type, scope: str) -> None:
@@ -406,6 +407,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     many = args.instances != 1 or args.ray or args.autoscale is not None
     llm = None if many else _make_llm(args)
     front = _make_cluster(args, limits) if many else AsyncEngine(llm.engine, limits)
+    if not args.no_warmup:  # so a first /v1/embeddings request compiles nothing
+        from sluice.runtime.embed import warmup
+        warmup(front.model, front.max_model_len)
     # A model with a chat template is shown a question; others a prompt to continue.
     chat = llm is not None and llm.tokenizer.chat_template is not None
 
