@@ -6,6 +6,8 @@
   local device or in a Ray actor.
 - `migration`: the live-migration driver between two instances.
 - `cluster`: the global scheduler above the engines (dispatch, migration
-  policy, draining, scaling, crash recovery); `async_cluster` puts it behind
-  `AsyncEngine`'s interface for the server; `fleet` lets the provisioner resize it.
+  policy, draining, crash recovery); `async_cluster` puts it behind the
+  server's `sluice.runtime.frontend.FrontEnd` interface, as `AsyncEngine` is;
+  `autoscale` resizes it (freeness, or the provisioner's re-planner through
+  `fleet`).
 """
