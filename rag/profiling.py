@@ -12,11 +12,13 @@ this one's mean latency so far, cost at most its mean cost, and F1 at least as h
 per-question differences (rival minus this one, paired, so the questions' own difficulty
 cancels) have a mean at least ``BOUND_Z`` standard errors above zero, or are all zero.
 More questions would not lift it onto the Pareto front. Its profile is kept, marked
-``stopped_early``.
+``stopped_early``, with quality = the rival's quality less that mean difference (a paired
+estimate: the first questions may be easier or harder than the rest).
 
 ``measure_all(pipeline, configs, questions, store)`` measures every configuration not
-already in the ``ProfileStore`` after one warm-up query each (which compiles the
-embedder's new shapes, so one-off JIT compilation is not billed to measured queries), with a
+already in the ``ProfileStore``, after ``warm_up`` (the embedder's shapes a query uses:
+up to ``WARM_LENGTH`` tokens) and one warm-up query each (which compiles what is left), so
+one-off JIT compilation is not billed to measured queries, with a
 progress bar (stderr) and the store written after each configuration: an interrupted build
 keeps what it measured and a re-run measures only the rest. The store keeps profiles only
 for one ``digest`` of the question set and index; another digest starts afresh.
@@ -47,6 +49,7 @@ from sluice.rag.sla import Profile, load_profiles, save_profiles
 from sluice.rag.text import exact_match, f1
 
 MIN_QUESTIONS = 6
+WARM_LENGTH = 64  # questions, spans and judge statements fit; passages were embedded at build
 BOUND_Z = 2.0
 STATE_FILE = "profiling.json"
 
@@ -84,7 +87,9 @@ def sample_questions(questions: Sequence[LabelledQuestion], n: int) -> list[Labe
 
 
 def _dominated(rivals: Sequence[Measurement], f1s: list[float], latencies: list[float],
-               costs: list[float]) -> bool:
+               costs: list[float]) -> tuple[Measurement, float] | None:
+    """The first rival that clearly dominates, with the mean paired F1 difference (rival
+    minus this one) on the questions so far; None when none does."""
     n = len(f1s)
     mean_latency, mean_cost = float(np.mean(latencies)), float(np.mean(costs))
     for r in rivals:
@@ -93,8 +98,8 @@ def _dominated(rivals: Sequence[Measurement], f1s: list[float], latencies: list[
             continue
         diff = np.asarray(r.f1s[:n]) - np.asarray(f1s)
         if diff.mean() >= BOUND_Z * diff.std(ddof=1) / math.sqrt(n):
-            return True
-    return False
+            return r, float(diff.mean())
+    return None
 
 
 def measure(pipeline: RagPipeline, config: PipelineConfig,
@@ -103,6 +108,7 @@ def measure(pipeline: RagPipeline, config: PipelineConfig,
     if not questions:
         raise ValueError("questions: the labelled set is empty")
     latencies, costs, ems, f1s = [], [], [], []
+    dominated = None
     for q in questions:
         result = pipeline.run_sync(q.question, config)
         latencies.append(result.latency_s)
@@ -111,12 +117,17 @@ def measure(pipeline: RagPipeline, config: PipelineConfig,
         f1s.append(f1(result.answer, q.answers))
         if progress is not None:
             progress.update()
-        if len(f1s) >= MIN_QUESTIONS and len(f1s) < len(questions) and rivals and _dominated(
-                rivals, f1s, latencies, costs):
-            if progress is not None:
-                progress.update(len(questions) - len(f1s))
-            break
-    profile = Profile(config, float(np.mean(f1s)), float(np.percentile(latencies, 95)),
+        if MIN_QUESTIONS <= len(f1s) < len(questions) and rivals:
+            dominated = _dominated(rivals, f1s, latencies, costs)
+            if dominated:
+                if progress is not None:
+                    progress.update(len(questions) - len(f1s))
+                break
+    # Stopped early, the questions so far may be easier or harder than the rest: its quality
+    # is the rival's (measured on all of them) less the paired difference seen so far.
+    quality = (dominated[0].profile.quality - dominated[1] if dominated
+               else float(np.mean(f1s)))
+    profile = Profile(config, quality, float(np.percentile(latencies, 95)),
                       float(np.mean(costs)), float(np.mean(latencies)), float(np.mean(ems)),
                       len(f1s), method, len(f1s) < len(questions))
     return Measurement(profile, tuple(latencies), tuple(costs), float(np.mean(ems)),
@@ -161,6 +172,8 @@ def measure_all(pipeline: RagPipeline, configs: Sequence[PipelineConfig],
     bar = tqdm(total=len(todo) * len(questions), desc="profiling", unit="query",
                disable=not progress)
     out: list[Measurement] = []
+    if todo:
+        warm_up(pipeline.embedder, WARM_LENGTH)
     try:
         for config in todo:
             bar.set_postfix_str(config.name)
@@ -174,13 +187,14 @@ def measure_all(pipeline: RagPipeline, configs: Sequence[PipelineConfig],
     return out
 
 
-def warm_up(embedder: Embedder) -> None:
-    """Compile every padded shape the embedder can use (power-of-two rows and lengths), so
-    measured latencies are service times, not first-use JIT compilation."""
+def warm_up(embedder: Embedder, max_length: int | None = None) -> None:
+    """Compile every padded shape the embedder can use (power-of-two rows and lengths, up to
+    ``max_length`` tokens: default the embedder's), so measured latencies are service times,
+    not first-use JIT compilation."""
     rows = 1
     while rows <= embedder.batch_size:
         length = MIN_BUCKET
-        while length <= embedder.max_length:
+        while length <= min(max_length or embedder.max_length, embedder.max_length):
             embedder.embed(["word " * (length - 2)] * rows)
             length *= 2
         rows *= 2

@@ -117,9 +117,21 @@ def test_folder_of_txt_files_to_a_served_answer(built: Path) -> None:
         assert all(c["slo_feasible"] for c in status.values())
 
 
+def _copy(built: Path, target: Path, profiles: bool) -> None:
+    """A copy of a built index (with or without its profiles and classes), so a test starts
+    from it without embedding the passages again."""
+    for f in built.rglob("*"):
+        if f.is_file() and (profiles or f.parent != built or f.name == "manifest.json"):
+            dst = target / f.relative_to(built)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(f.read_bytes())
+
+
 @pytest.mark.slow
-def test_interrupted_build_resumes(tmp_path: Path, docs: Path, embedder: Embedder,
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_build_resumes(tmp_path: Path, built: Path, docs: Path,
+                                   embedder: Embedder, monkeypatch: pytest.MonkeyPatch) -> None:
+    _copy(built, tmp_path, profiles=False)
+    assert not (tmp_path / PROFILES_FILE).exists()
     measured: list[str] = []
     real = profiling.measure
 
@@ -148,11 +160,7 @@ def test_interrupted_build_resumes(tmp_path: Path, docs: Path, embedder: Embedde
 
 def test_unreachable_slo_is_served_best_effort_and_reported(
         tmp_path: Path, built: Path, docs: Path, embedder: Embedder) -> None:
-    for f in built.rglob("*"):
-        if f.is_file():
-            target = tmp_path / f.relative_to(built)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(f.read_bytes())
+    _copy(built, tmp_path, profiles=True)
     classes = json.loads((tmp_path / CLASSES_FILE).read_text())
     classes["lookup"]["slo"]["latency_p95_s"] = 1e-6
     (tmp_path / CLASSES_FILE).write_text(json.dumps(classes))
@@ -222,7 +230,17 @@ def test_a_clearly_dominated_configuration_stops_early() -> None:
     slow = _FakePipeline("Paris", 0.5, 1e-8)  # same answers, slower: dominated
     m = profiling.measure(slow, CONFIGS[1], questions, [good])
     assert m.profile.stopped_early and slow.calls == profiling.MIN_QUESTIONS
+    assert m.profile.quality == good.profile.quality  # the rival's, less the paired gap (0)
     better = _FakePipeline("Paris", 0.5, 1e-8)
     worse_rival = profiling.measure(_FakePipeline("Lyon", 0.1, 1e-8), CONFIGS[0], questions)
     m = profiling.measure(better, CONFIGS[1], questions, [worse_rival])  # slower but better
     assert not m.profile.stopped_early and better.calls == 20
+
+
+def test_generative_citations_are_the_numbered_passages() -> None:
+    from sluice.rag.agents import citations, numbered_context
+    from sluice.rag.corpus import Passage
+    passages = [Passage("a:0", "Alpha."), Passage("b:0", "Beta."), Passage("c:0", "Gamma.")]
+    assert numbered_context(passages) == "[1] Alpha.\n[2] Beta.\n[3] Gamma."
+    assert citations("Beta [2], then gamma [3] and [2] again", passages) == ("b:0", "c:0")
+    assert citations("no citation [9]", passages) == ("a:0", "b:0", "c:0")
