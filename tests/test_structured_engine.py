@@ -167,3 +167,27 @@ def test_live_migration_rebuilds_the_grammar_from_the_tokens(tiny, undisturbed):
     for e in (src, dst):
         assert e.block_manager.num_free_blocks == e.block_manager.num_blocks
 
+
+
+def test_redispatch_replays_the_tokens_into_a_fresh_grammar(tiny, undisturbed):
+    """As the cluster re-dispatches after an instance died: a fresh request with
+    the caller's tokens replayed continues elsewhere; its new matcher is rebuilt
+    from those tokens and the output is unchanged."""
+    prompt, params = requests()["so0"]
+    src, dst = engine_for(tiny), engine_for(tiny)
+    src.add_request("so0", {"prompt_token_ids": prompt}, params)
+    seen = None
+    while seen is None or len(seen.outputs[0].token_ids) < 8:
+        seen = next((o for o in src.step() if o.request_id == "so0"), seen)
+    group = dst.prepare("so0", {"prompt_token_ids": prompt}, params)
+    group.requests[0].replay(seen.outputs[0].token_ids, seen.outputs[0].text)
+    assert group.requests[0].grammar.consumed == 0  # nothing fed to a matcher yet
+    src.abort_request("so0")
+    dst.enqueue(group)
+    outs = {}
+    while dst.has_unfinished_requests():
+        for o in dst.step():
+            if o.finished:
+                outs[o.request_id] = [(c.token_ids, c.text, c.finish_reason)
+                                      for c in o.outputs]
+    assert outs["so0"] == undisturbed["so0"]
