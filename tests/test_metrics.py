@@ -15,7 +15,6 @@ import httpx
 import pytest
 import uvicorn
 
-from sluice.runtime import load_model
 from sluice.runtime.engine import EngineConfig, EngineStats
 from sluice.runtime.health import Health
 from sluice.runtime.metrics import ServerMetrics
@@ -154,11 +153,6 @@ def test_per_instance_and_migration_metrics_under_instances():
 
 
 # -- live, in-process servers -----------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny", dtype="float32")
-
 
 @contextlib.contextmanager
 def serving(server: OpenAIServer):

@@ -26,7 +26,7 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sluice.runtime import AsyncEngine, greedy_generate, load_model
+from sluice.runtime import AsyncEngine, greedy_generate
 from sluice.runtime.embed import mean_pooled
 from sluice.runtime.engine import EngineConfig, LLMEngine
 from sluice.runtime.server import OpenAIServer, ServerConfig, bind_socket
@@ -70,11 +70,6 @@ class LiveServer:
             time.sleep(0.02)
         raise AssertionError(f"engine not idle: groups={list(self.engine.groups)}, "
                              f"stats={self.server.engine.stats()}")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny", dtype="float32")
 
 
 @pytest.fixture(scope="module")
