@@ -230,7 +230,8 @@ class FCFSResumePolicy(PriorityPolicy):
     name = "priority-fcfs-resume"
 
     def next_waiting(self, waiting: list[Request]) -> Request:
-        swapped = [r for r in waiting if r.swapped_out]
+        # a waiting request keeps computed tokens only if its KV is swapped out
+        swapped = [r for r in waiting if r.num_computed_tokens > 0]
         if swapped:
             return min(swapped, key=lambda r: r.arrival_time)
         return super().next_waiting(waiting)

@@ -68,6 +68,8 @@ from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from sluice.runtime.kv_cache import blocks_for
+
 
 def _chain_hash(parent: bytes, token_ids: Sequence[int]) -> bytes:
     """Hash of one full block: identifies the whole prefix ending at it."""
@@ -191,7 +193,7 @@ class BlockManager:
         would consume: new blocks, plus prefix hits that are now evictable (taking
         them removes them from the free count). Read-only."""
         hits = self._cached_prefix(token_ids)
-        new = max(0, -(-num_tokens // self.block_size) - len(hits))
+        new = max(0, blocks_for(num_tokens, self.block_size) - len(hits))
         return new + sum(self._refcount[block] == 0 for _, block in hits)
 
     def begin(self, seq_id: Hashable, token_ids: Sequence[int]) -> int:
@@ -222,7 +224,7 @@ class BlockManager:
         changing nothing, when even that is not enough.
         """
         seq = self._seq(seq_id)
-        needed = -(-num_tokens // self.block_size) - len(seq.blocks)
+        needed = blocks_for(num_tokens, self.block_size) - len(seq.blocks)
         if needed <= 0:
             return True
         if needed > self.num_free_blocks:

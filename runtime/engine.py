@@ -20,7 +20,9 @@ Interface (used by `LLM`, `AsyncEngine` and the server):
 - ``set_priority(request_id, priority)``: re-rank a request at runtime;
 - ``stats() -> EngineStats``;
 - ``migration``: the `MigrationEndpoint` that moves running requests (KV and
-  state) between engines (`sluice.runtime.migration`).
+  state) between engines (`sluice.runtime.migration`); it works through the
+  scheduler and the runner's block mover, not the engine;
+- ``scheduler`` (and its ``kv`` manager), ``block_manager``: to read only.
 
 ``EngineConfig.device`` pins an engine to one JAX device (its own copy of the
 parameters and its KV pool live there), so several engines can share a process.
@@ -40,7 +42,8 @@ import numpy as np
 
 from sluice.runtime.block_manager import BlockManager
 from sluice.runtime.intake import Group, Intake, Prompt, check_priority
-from sluice.runtime.kv_cache import KVCacheSpec, num_blocks_for_budget
+from sluice.runtime.kv_cache import KVCacheSpec, blocks_for, num_blocks_for_budget
+from sluice.runtime.kv_manager import KVCacheManager
 from sluice.runtime.loader import Model
 from sluice.runtime.migration import MigrationEndpoint
 from sluice.runtime.model_runner import ModelRunner, StepRow
@@ -124,19 +127,20 @@ class LLMEngine:
         self.model = model
         self.max_model_len = resolve_max_model_len(model, config)
         num_blocks = self._num_blocks()
-        self.block_manager = BlockManager(num_blocks, config.block_size,
-                                          config.enable_prefix_caching)
-        self.scheduler = LocalScheduler(self.block_manager, config.max_num_seqs,
-                                        config.max_num_batched_tokens,
+        kv = KVCacheManager(BlockManager(num_blocks, config.block_size,
+                                         config.enable_prefix_caching),
+                            self._swap_space(num_blocks))
+        self.scheduler = LocalScheduler(kv, config.max_num_seqs, config.max_num_batched_tokens,
                                         config.max_prefill_seqs, self._policy(policy),
-                                        config.max_preemptions, self._swap_space(num_blocks))
+                                        config.max_preemptions)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.max_num_seqs,
                                   config.max_num_batched_tokens, config.max_prefill_seqs,
                                   self.max_model_len, config.attention_backend,
                                   config.device)
         self.swapper = self._swap_executor()
         self.groups: dict[str, Group] = {}
-        self.migration = MigrationEndpoint(self)
+        self.migration = MigrationEndpoint(self.scheduler, self.runner, self.groups,
+                                           model.tokenizer)
         self.intake = make_intake(model, config)
         self.structured = StructuredOutputManager(model.tokenizer, model.config.vocab_size,
                                                   model.eos_token_ids)
@@ -145,18 +149,23 @@ class LLMEngine:
         if config.warmup:
             self.runner.warmup()
 
+    @property
+    def block_manager(self) -> BlockManager:
+        """The KV pool's bookkeeping, to read (the scheduler's KV manager owns it)."""
+        return self.scheduler.kv.blocks
+
     def _num_blocks(self) -> int:
         c, cfg = self.config, self.model.config
         budget = c.kv_cache_memory
         if budget is None:
             budget = _free_device_memory(c.memory_fraction)
         if budget is None:  # CPU: enough for every sequence at full length, capped
-            per_seq = KVCacheSpec.for_model(cfg, -(-self.max_model_len // c.block_size),
+            per_seq = KVCacheSpec.for_model(cfg, blocks_for(self.max_model_len, c.block_size),
                                             c.block_size, self.model.dtype)
             budget = min(CPU_KV_CACHE_CAP, c.max_num_seqs * per_seq.num_blocks
                          * per_seq.bytes_per_block)
         n = num_blocks_for_budget(cfg, budget, c.block_size, self.model.dtype)
-        need = -(-self.max_model_len // c.block_size)
+        need = blocks_for(self.max_model_len, c.block_size)
         if n < need:
             raise ValueError(f"kv_cache_memory: {n} blocks cannot hold one sequence of "
                              f"max_model_len={self.max_model_len} ({need} blocks)")
@@ -183,7 +192,7 @@ class LLMEngine:
         return HostSwapSpace.for_budget(spec, self.config.swap_space)
 
     def _swap_executor(self) -> SwapExecutor | None:
-        c, space = self.config, self.scheduler.swap_space
+        c, space = self.config, self.scheduler.kv.host
         if c.preemption_mode not in ("auto", "swap"):
             raise ValueError(f"preemption_mode: must be 'auto' or 'swap', "
                              f"got {c.preemption_mode!r}")
@@ -451,7 +460,7 @@ class LLMEngine:
         return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, bm.usage,
                            bm.num_free_blocks, bm.num_blocks, bm.prefix_cache_queries,
                            bm.prefix_cache_hits, self.scheduler.num_preemptions,
-                           sum(r.swapped_out for r in self.scheduler.waiting),
+                           self.scheduler.kv.num_swapped,
                            self.scheduler.num_swap_outs, self.num_failed_requests)
 
 

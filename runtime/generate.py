@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from sluice.runtime.kv_cache import KVCacheSpec
+from sluice.runtime.kv_cache import KVCacheSpec, blocks_for
 from sluice.runtime.loader import Model, single_sequence_metadata
 from sluice.runtime.model import compute_logits, forward
 
@@ -26,7 +26,8 @@ def greedy_generate(model: Model, prompt_ids: list[int], max_new_tokens: int,
     if total > model.config.max_position_embeddings:
         raise ValueError(f"prompt_ids: prompt + max_new_tokens = {total} exceeds the model's "
                          f"context of {model.config.max_position_embeddings}")
-    spec = KVCacheSpec.for_model(model.config, -(-total // block_size), block_size, model.dtype)
+    spec = KVCacheSpec.for_model(model.config, blocks_for(total, block_size), block_size,
+                                model.dtype)
     cache = spec.allocate()
     tokens = list(prompt_ids)
     start = 0

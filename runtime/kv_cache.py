@@ -56,6 +56,12 @@ class KVCacheSpec:
         return jax.device_put(jnp.zeros(self.shape, self.dtype), device)
 
 
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks that hold ``num_tokens`` tokens (the last one possibly partial):
+    the one block-arithmetic formula of the runtime."""
+    return -(-num_tokens // block_size)
+
+
 def num_blocks_for_budget(cfg: ModelConfig, budget_bytes: int, block_size: int = 16,
                           dtype=jnp.float32) -> int:
     """How many blocks fit in ``budget_bytes``; raises if not even one does."""

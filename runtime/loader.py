@@ -32,7 +32,7 @@ import numpy as np
 from sluice.runtime import checkpoint
 from sluice.runtime.attention import AttentionMetadata
 from sluice.runtime.config import BUILTIN_CONFIGS, ModelConfig, as_id_tuple
-from sluice.runtime.kv_cache import KVCacheSpec
+from sluice.runtime.kv_cache import KVCacheSpec, blocks_for
 from sluice.runtime.model import Params, compute_logits, forward, init_params
 from sluice.runtime.tokenizer import Tokenizer
 
@@ -57,7 +57,7 @@ class Model:
     def logits(self, token_ids: list[int], block_size: int = 16) -> np.ndarray:
         """Full-sequence logits [len, vocab] (float32) of one token sequence."""
         n = len(token_ids)
-        spec = KVCacheSpec.for_model(self.config, -(-n // block_size), block_size, self.dtype)
+        spec = KVCacheSpec.for_model(self.config, blocks_for(n, block_size), block_size, self.dtype)
         meta = single_sequence_metadata(n, 0, spec.num_blocks, block_size)
         hidden, _ = forward(self.params, self.config, jnp.asarray(token_ids, jnp.int32),
                             jnp.arange(n, dtype=jnp.int32), spec.allocate(), meta)

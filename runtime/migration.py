@@ -45,12 +45,14 @@ import jax
 import numpy as np
 
 from sluice.runtime.block_manager import contiguous_runs
-from sluice.runtime.model_runner import COPY_CHUNK_BLOCKS
-from sluice.runtime.request import Request, RequestStatus
+from sluice.runtime.kv_cache import blocks_for
+from sluice.runtime.model_runner import COPY_CHUNK_BLOCKS, ModelRunner
+from sluice.runtime.request import Request
 
 if TYPE_CHECKING:
-    from sluice.runtime.engine import LLMEngine
     from sluice.runtime.intake import Group
+    from sluice.runtime.tokenizer import Tokenizer
+    from sluice.scheduler.local import LocalScheduler
 
 
 # Blocks per copy: every chunk is staged in a buffer of this many rows, so each
@@ -92,10 +94,18 @@ class Handover:
 
 
 class MigrationEndpoint:
-    """Both halves of live migration for one engine (see the module docstring)."""
+    """Both halves of live migration for one engine (see the module docstring).
 
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
+    It sees the engine through four parts: the scheduler (which requests run,
+    ``detach``/``attach``, and the KV blocks: ``reserve_blocks``,
+    ``free_blocks``, tables through its KV manager), the model runner's block
+    mover (``gather``/``copy_in``), the engine's groups by id, and the
+    tokenizer (adopted requests' detokenizers bind to it)."""
+
+    def __init__(self, scheduler: LocalScheduler, runner: ModelRunner,
+                 groups: dict[str, Group], tokenizer: Tokenizer):
+        self.scheduler, self.runner = scheduler, runner
+        self.groups, self.tokenizer = groups, tokenizer
         # group id -> its suspended siblings and their places in the running list
         self._suspended: dict[str, list[tuple[Request, int]]] = {}
         self._incoming: dict[str, set[str]] = {}  # group id -> siblings with reserved blocks
@@ -109,12 +119,11 @@ class MigrationEndpoint:
         admission order."""
         out: dict[str, int] = {}
         seen: set[str] = set()
-        running = self._running_ids()
-        for r in self.engine.scheduler.running:
+        for r in self.scheduler.running:
             if r.parent_id in seen:
                 continue
             seen.add(r.parent_id)
-            live = self._moving(r.parent_id, running)
+            live = self._moving(r.parent_id)
             if live is not None:
                 out[r.parent_id] = sum(s.num_tokens for s in live)
         return list(out.items())
@@ -132,7 +141,7 @@ class MigrationEndpoint:
         live = self._current(group_id, epoch)
         if live is None:
             return None
-        size = self.engine.block_manager.block_size
+        size = self.scheduler.kv.block_size
         chunks = []
         for r in live:
             first = first_blocks.get(r.request_id, 0)
@@ -148,19 +157,19 @@ class MigrationEndpoint:
         if live is None:
             return None
         suspended_at = time.monotonic()
-        size = self.engine.block_manager.block_size
+        size = self.scheduler.kv.block_size
         tail, computed = [], {}
         for r in live:
-            end = -(-r.num_computed_tokens // size)
+            end = blocks_for(r.num_computed_tokens, size)
             tail += [self._chunk(r.request_id, first, end)
                      for first in range(first_blocks.get(r.request_id, 0), end, CHUNK_BLOCKS)]
             computed[r.request_id] = r.num_computed_tokens
-        running = self.engine.scheduler.running
+        running = self.scheduler.running
         places = [(r, running.index(r)) for r in live]
         for r in live:
-            self.engine.scheduler.detach(r)
+            self.scheduler.detach(r)
         self._suspended[group_id] = places
-        return Handover(self.engine.groups[group_id], computed, tail, suspended_at)
+        return Handover(self.groups[group_id], computed, tail, suspended_at)
 
     def release(self, group_id: str) -> None:
         """The destination took over: free the blocks and forget the group."""
@@ -168,24 +177,24 @@ class MigrationEndpoint:
         if places is None:
             return
         for r, _ in places:
-            self.engine.block_manager.free(r.request_id)
-        if self.engine.groups.pop(group_id, None) is not None:
+            self.scheduler.free_blocks(r.request_id)
+        if self.groups.pop(group_id, None) is not None:
             self.num_out += 1
 
     def forget(self, group_id: str) -> None:
         """The client aborted a suspended group: free its blocks; a later
         `release` or `resume` for it is a no-op."""
         for r, _ in self._suspended.pop(group_id, ()):
-            self.engine.block_manager.free(r.request_id)
+            self.scheduler.free_blocks(r.request_id)
 
     def resume(self, group_id: str) -> bool:
         """The migration aborted after `suspend`: run the group here again.
         False if it was aborted by its client meanwhile."""
         places = self._suspended.pop(group_id, None)
-        if places is None or group_id not in self.engine.groups:
+        if places is None or group_id not in self.groups:
             return False
         for r, index in sorted(places, key=lambda p: p[1]):  # back where each was
-            self.engine.scheduler.attach(r, index)
+            self.scheduler.attach(r, index)
         return True
 
     # -- destination ----------------------------------------------------------
@@ -193,21 +202,18 @@ class MigrationEndpoint:
     def import_kv(self, group_id: str, chunks: list[KVChunk]) -> bool:
         """Reserve blocks for the chunks and write them; False (reserving nothing
         more) if the pool cannot hold them."""
-        if group_id in self.engine.groups:
+        if group_id in self.groups:
             raise ValueError(f"request_id: {group_id!r} is already served here")
-        bm = self.engine.block_manager
         reserved = self._incoming.setdefault(group_id, set())
         for chunk in chunks:
-            if chunk.seq_id not in reserved:
-                bm.begin(chunk.seq_id, [])
-                reserved.add(chunk.seq_id)
-            end = chunk.first_block + chunk.num_blocks
-            if not bm.allocate_slots(chunk.seq_id, end * bm.block_size):
+            reserved.add(chunk.seq_id)
+            table = self.scheduler.reserve_blocks(chunk.seq_id,
+                                                  chunk.first_block + chunk.num_blocks)
+            if table is None:
                 return False
             if chunk.num_blocks:
-                table = bm.block_table(chunk.seq_id)[chunk.first_block:end]
-                self.engine.runner.copy_in(list(contiguous_runs(table)), chunk.blocks,
-                                           CHUNK_BLOCKS)
+                self.runner.copy_in(list(contiguous_runs(table[chunk.first_block:])),
+                                    chunk.blocks, CHUNK_BLOCKS)
         return True
 
     def adopt(self, handover: Handover) -> bool:
@@ -220,43 +226,35 @@ class MigrationEndpoint:
             return False
         # The copy is asynchronous; wait for it, so the measured downtime is the
         # real pause and the group's first step here never waits on it.
-        jax.block_until_ready(self.engine.runner.kv_cache)
-        moving = [r for r in group.requests if r.request_id in handover.num_computed_tokens]
+        jax.block_until_ready(self.runner.kv_cache)
         for req in group.requests:
-            req.detokenizer.bind(self.engine.model.tokenizer)
-        for req in moving:
-            self.engine.block_manager.commit(req.request_id, req.all_token_ids,
-                                             handover.num_computed_tokens[req.request_id])
+            req.detokenizer.bind(self.tokenizer)
         del self._incoming[group.request_id]
-        self.engine.groups[group.request_id] = group
-        for req in moving:
-            self.engine.scheduler.attach(req)
+        self.groups[group.request_id] = group
+        for req in group.requests:
+            if req.request_id in handover.num_computed_tokens:
+                self.scheduler.attach(req, num_computed_tokens=handover.num_computed_tokens[
+                    req.request_id])
         self.num_in += 1
         return True
 
     def cancel(self, group_id: str) -> None:
         """Free blocks reserved by `import_kv` for a migration that will not land."""
         for seq_id in self._incoming.pop(group_id, ()):
-            self.engine.block_manager.free(seq_id)
+            self.scheduler.free_blocks(seq_id)
 
     # -- helpers --------------------------------------------------------------
 
-    def _moving(self, group_id: str, running: set[int] | None = None) -> list[Request] | None:
+    def _moving(self, group_id: str) -> list[Request] | None:
         """The group's unfinished siblings if every one of them runs here and
-        could move now; else None. ``running``: ids (``id()``) of the running
-        requests, if the caller has them."""
-        group = self.engine.groups.get(group_id)
+        could move now; else None."""
+        group = self.groups.get(group_id)
         if group is None or group_id in self._suspended:
             return None
         live = [r for r in group.requests if not r.is_finished]
-        running = self._running_ids() if running is None else running
-        if not live or any(r.status is not RequestStatus.RUNNING or r.swapped_out
-                           or id(r) not in running for r in live):
+        if not live or not all(self.scheduler.movable(r) for r in live):
             return None
         return live
-
-    def _running_ids(self) -> set[int]:
-        return {id(r) for r in self.engine.scheduler.running}
 
     def _current(self, group_id: str, epoch: Epoch) -> list[Request] | None:
         """The moving siblings, if the group is as it was at ``epoch``."""
@@ -267,12 +265,12 @@ class MigrationEndpoint:
 
     def _chunk(self, seq_id: str, first: int, end: int) -> KVChunk:
         """Blocks ``first`` up to ``end`` (at most `CHUNK_BLOCKS`) of the table."""
-        table = self.engine.block_manager.block_table(seq_id)[first:end][:CHUNK_BLOCKS]
+        table = self.scheduler.kv.block_table(seq_id)[first:end][:CHUNK_BLOCKS]
         if not table:
             return self._empty(seq_id, first)
-        blocks = self.engine.runner.gather(list(contiguous_runs(table)), CHUNK_BLOCKS)
+        blocks = self.runner.gather(list(contiguous_runs(table)), CHUNK_BLOCKS)
         return KVChunk(seq_id, first, blocks, len(table))
 
     def _empty(self, seq_id: str, first: int) -> KVChunk:
-        spec = self.engine.runner.spec
+        spec = self.runner.spec
         return KVChunk(seq_id, first, np.zeros((0,) + spec.shape[1:], spec.dtype), 0)

@@ -30,7 +30,7 @@ from sluice.pallas_kernels import block_copy, dispatch
 from sluice.pallas_kernels.metadata import DEBUG_ENV, check_host_metadata
 from sluice.runtime import compiles
 from sluice.runtime.attention import AttentionMetadata, get_backend
-from sluice.runtime.kv_cache import KVCacheSpec
+from sluice.runtime.kv_cache import KVCacheSpec, blocks_for
 from sluice.runtime.loader import Model
 from sluice.runtime.model import compute_logits, forward_unjitted
 from sluice.runtime.request import Request
@@ -119,7 +119,7 @@ class ModelRunner:
         self.kv_cache = self.spec.allocate(device)
         self.backend = backend
         self.max_num_seqs = max_num_seqs
-        max_pages = -(-max_model_len // block_size)
+        max_pages = blocks_for(max_model_len, block_size)
         self.seq_buckets = pow2_buckets(1, max_num_seqs)
         self.prefill_seq_buckets = tuple(sorted({1, max_prefill_seqs}))
         self.token_buckets = pow2_buckets(16, max(16, max_num_batched_tokens))

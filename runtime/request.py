@@ -1,10 +1,13 @@
-"""Per-request state the engine, scheduler and block manager share.
+"""Per-request state: what the request asked for, what it has produced, and
+how far its KV is computed; nothing derivable from the KV cache manager.
 
 A `Request` is one sequence being generated (a user request with ``n > 1``
 becomes ``n`` requests with a common ``parent_id``). ``num_computed_tokens``
-counts tokens whose KV is in the cache; the scheduler advances it, recompute
-preemption resets it to 0, and a request samples a token in any step that
-brings it up to ``num_tokens``.
+counts tokens whose KV is in the cache; only the per-instance scheduler
+changes it (it advances it after each step, recompute preemption resets it to
+0), and a request samples a token in any step that brings it up to
+``num_tokens``. Where its KV lives (device blocks, host copies, swapped out)
+is the scheduler's KV cache manager's (`sluice.runtime.kv_manager`).
 """
 
 from __future__ import annotations
@@ -64,10 +67,6 @@ class Request:
     finished_time: float | None = None
     num_preemptions: int = 0
     num_displacements: int = 0  # preemptions by higher-priority work (bounded)
-    swapped_out: bool = False  # its KV is in host memory (host_blocks) while it waits
-    # Host swap-space blocks (one reference each) holding valid copies of the KV of
-    # this request's first len(host_blocks) blocks: reused by a later swap-out or resume.
-    host_blocks: list[int] = dataclasses.field(default_factory=list)
     conversation: str | None = None  # multi-turn KV reuse key (sluice.runtime.swap)
     waiting_since: float | None = None  # when it last entered the waiting queue (scheduler)
     running_since: float | None = None  # when it was last admitted to run (scheduler)

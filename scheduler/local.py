@@ -1,5 +1,7 @@
 """Per-instance scheduler: which requests run in the next engine step, and how
-many tokens each; it owns the requests' progress and their KV blocks.
+many tokens each; it owns the requests' progress and the instance's KV cache
+manager (`sluice.runtime.kv_manager.KVCacheManager`: device blocks, host swap
+space, conversation cache), which nothing else mutates.
 
 Interface used by the engine (`sluice.runtime.engine`), one step being
 ``sched = schedule()`` -> the engine executes it -> ``update_from_output(sched, out)``:
@@ -16,8 +18,13 @@ Interface used by the engine (`sluice.runtime.engine`), one step being
   to build the runner's rows);
 - ``configure_swap(swapper, mode, kv_reuse)``; ``swap_out_failed(copy)`` and
   ``swap_in_failed(copy)`` when the engine's copy of a `SchedulerOutput` fails;
-- ``detach(request)`` / ``attach(request)`` for live migration;
-- counters ``num_waiting``, ``num_running``, ``has_unfinished``.
+- live migration (`sluice.runtime.migration`): ``detach(request)``,
+  ``attach(request, index, num_computed_tokens)``, ``movable(request)``,
+  ``reserve_blocks(seq_id, num_blocks)``, ``free_blocks(seq_id)``;
+- ``kv``: the KV cache manager, to read (tables, free blocks, host copies);
+- counters ``num_waiting``, ``num_running``, ``has_unfinished``, and
+  ``demand_blocks`` (what the waiting requests need to start: the load report's
+  demand figure).
 
 Each step has a token budget (``max_num_batched_tokens``), a sequence cap
 (``max_num_seqs``) and a cap on prompt chunks (``max_prefill_seqs``, which keeps
@@ -54,9 +61,9 @@ import time
 
 import numpy as np
 
-from sluice.runtime.block_manager import BlockManager, contiguous_runs
+from sluice.runtime.kv_manager import KVCacheManager, blocks_to_start
 from sluice.runtime.request import Request, RequestStatus, TokenLogprobs
-from sluice.runtime.swap import HostSwapSpace, SwapCopy, SwapExecutor
+from sluice.runtime.swap import SwapCopy, SwapExecutor
 from sluice.scheduler.policies import FCFSPolicy, Policy
 
 log = logging.getLogger(__name__)
@@ -105,27 +112,18 @@ class ModelOutput:
 
 
 class LocalScheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int,
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int,
                  max_num_batched_tokens: int, max_prefill_seqs: int = 4,
-                 policy: Policy | None = None, max_preemptions: int = 4,
-                 swap_space: HostSwapSpace | None = None):
-        self.bm = block_manager
+                 policy: Policy | None = None, max_preemptions: int = 4):
+        self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_prefill_seqs = max_prefill_seqs
         self.policy = policy or FCFSPolicy()
         self.max_preemptions = max_preemptions
-        self.swap_space = swap_space
-        self.swapper: SwapExecutor | None = None  # set by `configure_swap`
-        self.preemption_mode = "swap"
-        self.kv_reuse = False
         self.num_swap_outs = 0
         self.num_recomputes = 0  # preemptions that dropped the KV
         self.num_reused_blocks = 0  # blocks copied in from host memory instead of recomputed
-        self._release: list[int] = []
-        self._swapping_in: set[int] = set()  # ids of requests with a copy-in this step
-        self._swap_out: list[SwapCopy] = []
-        self._swap_in: list[SwapCopy] = []
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}  # the waiting and running ones, by id
@@ -143,6 +141,11 @@ class LocalScheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def demand_blocks(self) -> int:
+        """Blocks the waiting requests need to start (`blocks_to_start`)."""
+        return blocks_to_start(self.waiting, self.kv.block_size)
+
     def configure_swap(self, swapper: SwapExecutor, mode: str = "auto",
                        kv_reuse: bool = True) -> None:
         """Attach the copier of the swap space. ``mode`` "auto" swaps a preempted
@@ -151,11 +154,7 @@ class LocalScheduler:
         keeps finished conversations' KV in host memory for their next turn. An
         asynchronous swapper's copy-ins overlap the step they are issued in, so
         their requests run from the next step."""
-        self.swapper, self.preemption_mode, self.kv_reuse = swapper, mode, kv_reuse
-
-    @property
-    def overlap_swap_in(self) -> bool:
-        return self.swapper is not None and self.swapper.asynchronous
+        self.kv.configure_swap(swapper, mode, kv_reuse)
 
     def add(self, request: Request) -> None:
         self.policy.on_add(request, self.waiting + self.running)
@@ -170,8 +169,8 @@ class LocalScheduler:
         if req is None:
             return None
         (self.running if req.status is RequestStatus.RUNNING else self.waiting).remove(req)
-        self.bm.free(request_id)
-        self._drop_host(req)
+        self.kv.free(request_id)
+        self.kv.drop_host(request_id)
         return req
 
     def detach(self, request: Request) -> None:
@@ -180,10 +179,17 @@ class LocalScheduler:
         host copies (ids in this instance's swap space) are dropped."""
         self.running.remove(request)
         del self.requests[request.request_id]
-        self._drop_host(request)
+        self.kv.drop_host(request.request_id)
 
-    def attach(self, request: Request, index: int | None = None) -> None:
-        """Run a request whose KV is already in this instance's blocks."""
+    def attach(self, request: Request, index: int | None = None,
+               num_computed_tokens: int | None = None) -> None:
+        """Run a request whose KV is already in this instance's blocks; with
+        ``num_computed_tokens`` (a request adopted from another instance), that
+        many of its tokens' KV was written into them (full blocks enter the
+        prefix cache)."""
+        if num_computed_tokens is not None:
+            request.num_computed_tokens = num_computed_tokens
+            self.kv.commit(request)
         request.status = RequestStatus.RUNNING
         self.running.insert(len(self.running) if index is None else index, request)
         self.requests[request.request_id] = request
@@ -202,7 +208,7 @@ class LocalScheduler:
         for i, row in enumerate(output.rows):
             req = self.requests[row.request_id]
             req.num_computed_tokens += row.num_new_tokens
-            self.bm.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
+            self.kv.commit(req)
             if req.num_computed_tokens < req.num_tokens:
                 continue  # a prefill chunk that does not finish the prompt samples nothing
             try:
@@ -230,53 +236,39 @@ class LocalScheduler:
     def _finish(self, request: Request) -> None:
         self.running.remove(request)
         del self.requests[request.request_id]
-        self._save_conversation(request)
-        self.bm.free(request.request_id)
+        self.kv.save_conversation(request)
+        self.kv.free(request.request_id)
 
-    def _drop_host(self, req: Request) -> None:
-        if req.host_blocks:
-            self.swap_space.release(req.host_blocks)
-        req.host_blocks = []
-        req.swapped_out = False
+    def reserve_blocks(self, seq_id: str, num_blocks: int) -> list[int] | None:
+        """Device blocks for the first ``num_blocks`` blocks of a sequence whose KV
+        is copied in from another instance (`KVCacheManager.reserve`)."""
+        return self.kv.reserve(seq_id, num_blocks)
 
-    def _save_conversation(self, req: Request) -> None:
-        """Keep a finished turn's full blocks in host memory under its conversation
-        id, copying only the blocks not there already (the copy is issued now,
-        before its device blocks are freed)."""
-        if not (self.kv_reuse and self.swapper is not None and req.conversation is not None):
-            self._drop_host(req)
-            return
-        table = self.bm.block_table(req.request_id)
-        full = min(req.num_computed_tokens // self.bm.block_size, len(table))
-        keep = req.host_blocks[:full]
-        self.swap_space.release(req.host_blocks[full:])
-        req.host_blocks = []
-        host = self.swap_space.reserve(full - len(keep))
-        if host is None:  # no room for the rest: keep the part already in host memory
-            host = []
-        elif host:
-            self.swapper.copy_out(list(contiguous_runs(table[len(keep):full])), host)
-        self.swap_space.remember(req.conversation, req.all_token_ids, keep + host)
+    def free_blocks(self, seq_id: str) -> None:
+        """Free the blocks of a sequence this scheduler does not run (detached
+        for migration, or reserved for one that will not land)."""
+        self.kv.free(seq_id)
+
+    def movable(self, request: Request) -> bool:
+        """Whether the request runs here on device KV (it could migrate)."""
+        return (request.status is RequestStatus.RUNNING and not self.kv.is_swapped(
+            request.request_id) and self.requests.get(request.request_id) is request)
 
     def swap_out_failed(self, copy: SwapCopy) -> None:
         """A swap-out copy did not happen: the request recomputes instead."""
         req = self.requests[copy[0]]
-        self._drop_host(req)
+        self.kv.drop_host(req.request_id)
         req.num_computed_tokens = 0
 
     def swap_in_failed(self, copy: SwapCopy) -> None:
         """A swap-in copy did not happen: the request recomputes from the start
         (its table stays; recompute rewrites it)."""
         req = self.requests[copy[0]]
-        self._drop_host(req)
+        self.kv.copy_in_failed(req)
         req.num_computed_tokens = 0
-        if req.conversation is not None:
-            self.swap_space.forget(req.conversation)
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
-        self._swap_out, self._swap_in, self._release = [], [], []
-        self._swapping_in = set()
         scheduled: list[tuple[Request, int]] = []
         preempted: list[Request] = []
         prefills = 0
@@ -306,13 +298,14 @@ class LocalScheduler:
         rows, prefill = [], 0
         for req, n in scheduled:
             rows.append(ScheduledRow(req.request_id, n, req.num_computed_tokens,
-                                     self.bm.block_table(req.request_id)))
+                                     self.kv.block_table(req.request_id)))
             prefill += 0 if req.is_decode(n) else n
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
+        swap_out, swap_in, release = self.kv.take_copies()
         return SchedulerOutput(rows, [r.request_id for r in preempted],
-                               sum(n for _, n in scheduled), prefill, self._swap_out,
-                               self._swap_in, self._release, self.overlap_swap_in)
+                               sum(n for _, n in scheduled), prefill, swap_out, swap_in,
+                               release, self.kv.overlap_swap_in)
 
     def _displace_for_waiting(self) -> tuple[list[Request], Request | None]:
         """Preempt running requests the policy ranks below its displacer (a waiting
@@ -330,8 +323,8 @@ class LocalScheduler:
             victim = self.policy.victim(movable)
             if not self.policy.outranks(head, victim):
                 break
-            need = self._blocks_to_admit(head, self.max_num_batched_tokens)
-            if len(self.running) < self.max_num_seqs and need <= self.bm.num_free_blocks:
+            need = self.kv.blocks_to_admit(head, self.max_num_batched_tokens)
+            if len(self.running) < self.max_num_seqs and need <= self.kv.num_free_blocks:
                 break  # the head gets in without displacing anyone
             if not displaced and not self._room_by_displacing(head, need, movable):
                 break  # displacing everyone it may would still not fit it: displace no one
@@ -344,7 +337,7 @@ class LocalScheduler:
         """Get blocks for ``n`` more tokens of a running request, preempting others
         (never ones already scheduled this step) as needed; False if ``req``
         itself had to go."""
-        while not self.bm.allocate_slots(req.request_id, req.num_computed_tokens + n):
+        while not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
             taken = {id(r) for r, _ in scheduled}
             candidates = [r for r in self.running if id(r) not in taken]
             victim = self.policy.victim(candidates)
@@ -357,109 +350,33 @@ class LocalScheduler:
     def _preempt(self, req: Request) -> None:
         """Swap the request out if swap space allows, else drop its KV (recompute)."""
         self.running.remove(req)
-        if not self._swap_out_blocks(req):
+        # on shortage of host blocks, requests that keep host copies only for reuse
+        # give them up: waiting ones first, then running ones, latest admitted first
+        if self.kv.swap_out(req, self.waiting + self.running[::-1]):
+            self.num_swap_outs += 1
+        else:
             req.num_computed_tokens = 0  # its host copies, if any, stay for the resume
             self.num_recomputes += 1
-        self.bm.free(req.request_id)
+        self.kv.free(req.request_id)
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         req.waiting_since = self.policy.clock()
         self.waiting.insert(0, req)
         self.num_preemptions += 1
 
-    def _swap_out_blocks(self, req: Request) -> bool:
-        """Reserve host blocks for the request's computed KV and queue the copy of
-        the blocks not already in host memory; False = recompute instead (no
-        swap space, too little of it, or recompute estimated cheaper)."""
-        n = -(-req.num_computed_tokens // self.bm.block_size)
-        if self.swap_space is None or n == 0:
-            return False
-        keep = req.host_blocks[:n]
-        new = n - len(keep)
-        if (self.preemption_mode == "auto" and self.swapper is not None
-                and not self.swapper.cost.prefer_swap(new, n, req.num_computed_tokens)):
-            return False
-        host = self._reserve_host(new, req)
-        if host is None:  # swap space exhausted: recompute instead
-            return False
-        if new:
-            table = self.bm.block_table(req.request_id)
-            self._swap_out.append((req.request_id, list(contiguous_runs(table[len(keep):n])), host))
-        self.swap_space.release(req.host_blocks[n:])
-        req.host_blocks = keep + host
-        req.swapped_out = True
-        self.num_swap_outs += 1
-        return True
-
-    def _reserve_host(self, n: int, req: Request) -> list[int] | None:
-        """``n`` host blocks; on shortage, running requests give up the host copies
-        they keep only for reuse (not ones being copied in this step)."""
-        if n == 0:
-            return []
-        host = self.swap_space.reserve(n)
-        if host is not None:
-            return host
-        kept = [r for r in self.waiting if not r.swapped_out] + self.running[::-1]
-        for other in kept:
-            if host is not None:
-                break
-            if other is req or not other.host_blocks or id(other) in self._swapping_in:
-                continue
-            self.swap_space.release(other.host_blocks)
-            other.host_blocks = []
-            host = self.swap_space.reserve(n)
-        return host
-
     def _begin(self, req: Request) -> list[int] | None:
-        """Register a request with the block manager: a swapped one keeps its
-        computed tokens (they come back from host memory), others take prefix hits
-        and then host copies that extend them (its own, kept from before a
-        recompute preemption, or its conversation's previous turn). Returns those
-        host blocks (covering the table from block 0), or None."""
-        if req.swapped_out:
-            self.bm.begin(req.request_id, [])
+        """Start a request on the KV cache (`KVCacheManager.begin`): a swapped one
+        keeps its computed tokens (they come back from host memory), others
+        start from their prefix hits, or from host copies that extend them
+        (returned; their copy-in is queued once the request gets its blocks)."""
+        if self.kv.is_swapped(req.request_id):
+            self.kv.begin(req)
             return None
-        req.num_cached_tokens = self.bm.begin(req.request_id, req.all_token_ids)
+        req.num_cached_tokens, host = self.kv.begin(req)
         req.num_computed_tokens = req.num_cached_tokens
-        host = self._host_prefix(req)
         if host is not None:
-            req.num_computed_tokens = len(host) * self.bm.block_size
+            req.num_computed_tokens = len(host) * self.kv.block_size
         return host
-
-    def _host_prefix(self, req: Request) -> list[int] | None:
-        if self.swap_space is None:
-            return None
-        limit = (req.num_tokens - 1) // self.bm.block_size  # one token must be computed
-        host = req.host_blocks[:limit]
-        if not host and self.kv_reuse and req.conversation is not None:
-            host = self.swap_space.match(req.conversation, req.all_token_ids, limit)
-        if len(host) * self.bm.block_size <= req.num_cached_tokens:
-            return None  # the device prefix cache has at least as much
-        return host
-
-    def _reuse_in(self, req: Request, host: list[int]) -> None:
-        """Queue the copy-in of host blocks past the device prefix hits."""
-        first = req.num_cached_tokens // self.bm.block_size
-        if not req.host_blocks:  # the conversation's blocks: take references
-            self.swap_space.retain(host)
-            req.host_blocks = list(host)
-        table = self.bm.block_table(req.request_id)[first:len(host)]
-        self._swap_in.append((req.request_id, list(contiguous_runs(table)), host[first:]))
-        self._swapping_in.add(id(req))
-        self.num_reused_blocks += len(host) - first
-        req.num_cached_tokens = len(host) * self.bm.block_size
-
-    def _swap_in_blocks(self, req: Request) -> None:
-        host = req.host_blocks
-        table = self.bm.block_table(req.request_id)[:len(host)]
-        self._swap_in.append((req.request_id, list(contiguous_runs(table)), host))
-        self._swapping_in.add(id(req))
-        req.swapped_out = False
-        # Keep the host copies of full blocks (they never change) so a later swap-out
-        # copies only new blocks; a partial last block will change. Without reuse, keep none.
-        full = req.num_computed_tokens // self.bm.block_size if self.kv_reuse else 0
-        self._release.extend(req.host_blocks[full:])
-        req.host_blocks = req.host_blocks[:full]
 
     def _admit(self, budget: int, prefills: int, scheduled: list[tuple[Request, int]],
                claimant: Request | None = None) -> None:
@@ -471,17 +388,20 @@ class LocalScheduler:
             claimant = None
             if not self._may_fit(req, budget):
                 break
+            swapped = self.kv.is_swapped(req.request_id)
             reuse = self._begin(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.bm.allocate_slots(req.request_id, req.num_computed_tokens + n):
-                self.bm.free(req.request_id)
-                if not req.swapped_out:
+            if not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+                self.kv.free(req.request_id)
+                if not swapped:
                     req.num_computed_tokens = 0
                 break
-            if req.swapped_out:
-                self._swap_in_blocks(req)
+            if swapped:
+                self.kv.swap_in(req)
             elif reuse is not None:
-                self._reuse_in(req, reuse)
+                self.kv.reuse_in(req, reuse)
+                self.num_reused_blocks += len(reuse) - req.num_cached_tokens // self.kv.block_size
+                req.num_cached_tokens = len(reuse) * self.kv.block_size
             self.waiting.remove(req)
             self.running.append(req)
             req.status = RequestStatus.RUNNING
@@ -489,7 +409,7 @@ class LocalScheduler:
             # A request whose copy-in overlaps this step runs from the next one; it
             # still takes its share of this step's limits, so a step starts no more
             # copy-ins than it could have run.
-            if not (self.overlap_swap_in and id(req) in self._swapping_in):
+            if not (self.kv.overlap_swap_in and self.kv.swapping_in(req.request_id)):
                 scheduled.append((req, n))
             budget -= n
             prefills += 1
@@ -497,20 +417,11 @@ class LocalScheduler:
     def _may_fit(self, req: Request, budget: int) -> bool:
         """Cheap read-only check before `begin`, so a request that cannot get its
         blocks is not admitted and rolled back (and counted as a cache query) every step."""
-        return self._blocks_to_admit(req, budget) <= self.bm.num_free_blocks
-
-    def _blocks_to_admit(self, req: Request, budget: int) -> int:
-        """New blocks admitting ``req`` with ``budget`` tokens would take."""
-        if req.swapped_out:  # all its blocks are new
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            return -(-(req.num_computed_tokens + n) // self.bm.block_size)
-        cached = self.bm.lookup_prefix(req.all_token_ids)
-        n = min(req.num_tokens - cached, budget)
-        return self.bm.admission_cost(req.all_token_ids, cached + n)
+        return self.kv.blocks_to_admit(req, budget) <= self.kv.num_free_blocks
 
     def _room_by_displacing(self, head: Request, need: int, movable: list[Request]) -> bool:
         """Whether displacing every request of ``movable`` that ``head`` outranks
         would free the ``need`` blocks it lacks (at most: shared blocks may stay in use)."""
         outranked = [r for r in movable if self.policy.outranks(head, r)]
-        freed = sum(len(self.bm.block_table(r.request_id)) for r in outranked)
-        return need <= self.bm.num_free_blocks + freed
+        freed = sum(len(self.kv.block_table(r.request_id)) for r in outranked)
+        return need <= self.kv.num_free_blocks + freed

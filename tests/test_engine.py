@@ -71,7 +71,7 @@ def test_greedy_matches_one_at_a_time(tiny, engine_kw):
         assert any(o.metrics[0].num_preemptions > 0 for o in outs)
         assert (engine.stats().num_swap_outs > 0) == ("swap_space" in engine_kw)
     if "swap_space" in engine_kw:
-        space = engine.scheduler.swap_space
+        space = engine.scheduler.kv.host
         assert space.num_free_blocks == space.num_blocks
     assert engine.block_manager.num_free_blocks == free0 == engine.block_manager.num_blocks
 
@@ -190,7 +190,7 @@ def test_random_requests_with_aborts_leak_nothing(tiny):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     stats = engine.stats()
     assert 0 < stats.num_swap_outs < stats.num_preemptions
-    assert engine.scheduler.swap_space.num_free_blocks == engine.scheduler.swap_space.num_blocks
+    assert engine.scheduler.kv.host.num_free_blocks == engine.scheduler.kv.host.num_blocks
     # Preempted (swapped or recomputed) greedy requests still match the reference.
     assert len(preempted) >= 5
     for rid, tokens in sorted(preempted.items())[:8]:

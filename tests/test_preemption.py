@@ -10,7 +10,7 @@ import pytest
 
 from sluice.runtime import SamplingParams, greedy_generate, load_model
 from sluice.runtime.engine import EngineConfig, LLMEngine
-from sluice.runtime.kv_cache import KVCacheSpec
+from sluice.runtime.kv_cache import KVCacheSpec, blocks_for
 from sluice.runtime.model_runner import ModelRunner
 from sluice.runtime.swap import (HostSwapSpace, SwapCostModel, SwapExecutor, _pieces,
                                  _update_blocks)
@@ -190,7 +190,7 @@ def test_greedy_outputs_survive_preemption_storms(tiny, name):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     if engine.swapper is not None:
         engine.swapper.close()
-        space = sched.swap_space
+        space = sched.kv.host
         assert space.num_free_blocks == space.num_blocks  # no conversations: nothing kept
 
 
@@ -243,15 +243,15 @@ def test_next_turn_copies_in_the_conversation_kv(tiny, reuse):
     engine.add_request("urgent", {"prompt_token_ids": [3] * 20},
                        SamplingParams(max_tokens=4, **GREEDY), priority=0)
     engine.step()
-    assert req.swapped_out
-    total = -(-req.num_computed_tokens // 16)
+    assert sched.kv.is_swapped(req.request_id)
+    total = blocks_for(req.num_computed_tokens, 16)
     assert stats.blocks_out - before == total - (saved if reuse else 0)
     outs = _drain(engine)
     assert outs["t2"] == greedy_generate(tiny, turn2, 30, stop_at_eos=False)
     assert outs["urgent"] == greedy_generate(tiny, [3] * 20, 4, stop_at_eos=False)
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     engine.swapper.wait()
-    space = sched.swap_space
+    space = sched.kv.host
     assert ("conv" in space.conversations) == reuse
     space.forget("conv")
     assert space.num_free_blocks == space.num_blocks
@@ -260,7 +260,7 @@ def test_next_turn_copies_in_the_conversation_kv(tiny, reuse):
 
 def test_conversation_lru_is_bounded_and_reuse_survives_eviction_of_others(tiny):
     engine = engine_for(tiny, max_num_seqs=2, swap_space=6 * BLOCK, preemption_mode="swap")
-    space = engine.scheduler.swap_space
+    space = engine.scheduler.kv.host
     prompts = {f"conv{i}": [i + 1] * 50 for i in range(4)}  # 3 full blocks each once done
     for cid, p in prompts.items():
         engine.add_request(cid, {"prompt_token_ids": p}, SamplingParams(max_tokens=4, **GREEDY),
@@ -314,8 +314,8 @@ def _log_step_events(engine: LLMEngine, monkeypatch) -> list[tuple[str, object]]
         events.append(("step", [r.request.request_id for r in rows]))
         return execute(rows, during)
 
-    def spy_sample(logits, rows):
-        out = sample(logits, rows)
+    def spy_sample(logits, rows, *rest):
+        out = sample(logits, rows, *rest)
         events.append("sample")
         return tuple(_Fetched(a, events) for a in out)
 
@@ -363,7 +363,7 @@ def _check_outputs(tiny, engine: LLMEngine, outs: dict, requests: dict) -> None:
         assert outs[rid] == greedy_generate(tiny, prompt, n, stop_at_eos=False), rid
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     engine.swapper.close()
-    space = engine.scheduler.swap_space
+    space = engine.scheduler.kv.host
     assert space.num_free_blocks == space.num_blocks
 
 
@@ -456,9 +456,10 @@ def test_a_failed_step_with_swaps_recomputes_and_leaks_nothing(tiny, asynchronou
                            SamplingParams(max_tokens=n, **GREEDY), priority=priority)
         _step(engine, outs)
         _step(engine, outs)
-    assert [r.request_id for r in engine.scheduler.waiting if r.swapped_out] == ["B"]
+    assert [r.request_id for r in engine.scheduler.waiting
+            if engine.scheduler.kv.is_swapped(r.request_id)] == ["B"]
     engine.set_priority("A", 9)  # now B displaces A: one step swaps A out and B in
-    target = {"swap-in": (engine.scheduler.swap_space, "load"),
+    target = {"swap-in": (engine.scheduler.kv.host, "load"),
               "swap-out": (engine.swapper, "copy_out"),
               "forward": (engine.runner, "_sample")}[where]
     calls = _fail_once(monkeypatch, *target)
@@ -497,6 +498,10 @@ def test_deferred_copy_ins_count_against_the_step_limits(tiny, monkeypatch):
     outs = _drain(engine)
     assert engine.scheduler.num_reused_blocks == 3 * (47 // 16)  # full blocks of 47 KV tokens
     assert max(len(s.swap_in) for s in seen) == 1
+    # the schedule is plain data: ids, block ids, counts (no live request objects)
+    assert all(isinstance(c[0], str) for s in seen for c in s.swap_out + s.swap_in)
+    assert all(isinstance(r.request_id, str) and all(isinstance(b, int) for b in r.block_table)
+               for s in seen for r in s.rows)
     for cid, prompt in second.items():
         assert outs[f"{cid}-2"] == greedy_generate(tiny, prompt, 8, stop_at_eos=False)
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
@@ -514,7 +519,8 @@ def test_abort_right_after_a_swap_in_leaks_nothing(tiny, asynchronous):
     while engine.swapper.stats.num_swap_ins == 0:
         _step(engine, outs)
     low = engine.groups["low"].requests[0]
-    assert low in engine.scheduler.running and low.host_blocks == []
+    assert low in engine.scheduler.running
+    assert engine.scheduler.kv.host_blocks(low.request_id) == []
     engine.abort_request("low")
     outs.update(_drain(engine))
     assert "low" not in outs
