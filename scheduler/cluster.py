@@ -65,6 +65,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from sluice.runtime.intake import Group, Intake, Prompt, check_priority
+from sluice.runtime.kv_cache import blocks_for
 from sluice.runtime.health import Health
 from sluice.runtime.outputs import RequestFailed, RequestOutput
 from sluice.runtime.sampling_params import SamplingParams
@@ -542,5 +543,5 @@ def _choose_request(candidates: list[tuple[str, int]], choice: str) -> str | Non
 
 def _fits(dst: LoadReport, num_tokens: int) -> bool:
     """Whether the destination has room for the request and a little growth."""
-    need = -(-(num_tokens + 1) // dst.block_size) + 1
+    need = blocks_for(num_tokens + 1, dst.block_size) + 1
     return dst.num_free_blocks - dst.demand_blocks >= need

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from sluice.runtime.engine import EngineStats, LLMEngine
 from sluice.runtime.engine_worker import EngineWorker
 from sluice.runtime.intake import Group
+from sluice.runtime.kv_manager import blocks_to_start
 from sluice.runtime.migration import Epoch, Handover, KVChunk
 from sluice.runtime.outputs import RequestOutput
 
@@ -131,7 +132,7 @@ def load_report(name: str, engine: LLMEngine, draining: bool, pending: int = 0) 
     """An engine's load; ``pending`` = blocks of groups submitted but not yet enqueued."""
     bm, sched = engine.block_manager, engine.scheduler
     bs = bm.block_size
-    demand = pending + _blocks_to_start(sched.waiting, bs)
+    demand = pending + sched.demand_blocks
     high = sum(r.priority < 0 for r in sched.waiting + sched.running)
     candidates = tuple(engine.migration.migratable())
     return LoadReport(name, bm.num_blocks, bm.num_free_blocks, sched.num_running,
@@ -141,11 +142,7 @@ def load_report(name: str, engine: LLMEngine, draining: bool, pending: int = 0) 
 
 def group_demand(group: Group, block_size: int) -> int:
     """Blocks a group needs to start (its prompts plus one generated token)."""
-    return _blocks_to_start(group.requests, block_size)
-
-
-def _blocks_to_start(requests, block_size: int) -> int:
-    return sum(-(-(r.num_tokens + 1) // block_size) for r in requests)
+    return blocks_to_start(group.requests, block_size)
 
 
 class LocalInstance(MigrationForwarder):
