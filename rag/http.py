@@ -9,7 +9,7 @@ says what is achievable; the server's own wrapper turns anything else into a 500
 ``GET /v1/rag/status``: ``{"classes": RagService.status()}`` (per class: configuration in
 use, arrival rate, replicas wanted, SLO).
 
-``rag_part(index_dir)`` is the server part (`sluice.runtime.server.ServerPart`) that ``sluice
+``rag_part(index_dir, on_demand=None)`` is the server part (`sluice.runtime.server.ServerPart`) that ``sluice
 serve --rag-index`` mounts. ``rag_routes(service, wrap, read_body)`` returns the Starlette
 routes; ``wrap`` is the server's endpoint wrapper (error objects, logging).
 ``load_rag_service(index_dir, engine, model_name)`` builds the ``RagService`` a server uses:
@@ -75,11 +75,16 @@ def rag_routes(service: RagService, wrap: Callable[[Handler], Handler],
             Route("/v1/rag/status", wrap(status), methods=["GET"])]
 
 
-def rag_part(index_dir: str | Path) -> Callable[[ServerContext], list[Route]]:
+def rag_part(index_dir: str | Path, on_demand: Callable[[Callable[[], int]], None] | None = None
+             ) -> Callable[[ServerContext], list[Route]]:
     """The server part serving the index in ``index_dir``: the `RagService` is loaded
-    over the server's own front end when the server is built."""
+    over the server's own front end when the server is built. ``on_demand`` (the
+    cluster autoscaler's ``add_demand``, under ``--autoscale``) is given the
+    service's replica demand, ``service.capacity.replicas``."""
     def mount(server: ServerContext) -> list[Route]:
         service = load_rag_service(index_dir, server.engine, server.model_name)
+        if on_demand is not None:
+            on_demand(service.capacity.replicas)
         return rag_routes(service, server.wrap, server.read_body)
     return mount
 

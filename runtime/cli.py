@@ -421,7 +421,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     parts = []
     if args.rag_index is not None:
         from sluice.rag.http import rag_part
-        parts.append(rag_part(args.rag_index))
+        scaler = front.cluster.autoscaler if many else None  # RAG's replicas are an input
+        parts.append(rag_part(args.rag_index, scaler.add_demand if scaler else None))
     asyncio.run(run_server(front, config, sock, args.shutdown_timeout, ready, parts))
     return 0
 

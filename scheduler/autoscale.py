@@ -3,6 +3,7 @@
 Interface (`Autoscaler`), called by the cluster:
 
 - ``observe(group, now)``: a new request was dispatched (what it asks for);
+- ``add_demand(demand)``: one more input (below);
 - ``tick(cluster, reports, now)``: one round (every ``ClusterConfig.interval_s``
   from the cluster's thread, or `Cluster.tick` in tests), with the live
   instances' `LoadReport`s and the cluster's clock; it may launch instances
@@ -25,8 +26,9 @@ Both take ``demands``: callables ``demand() -> int``, each the instances some
 consumer needs now, such as the RAG layer's replica demand
 (`sluice.rag.capacity.Capacity.replicas`: the replicas its latency SLOs need at
 the observed arrival rates). The fleet never goes below the
-largest (capped at ``max_instances`` for the freeness decider): a larger demand
-scales out at once and blocks scaling in.
+largest (capped at ``max_instances``): a larger demand scales out at once and
+blocks scaling in. ``sluice serve --autoscale ... --rag-index DIR`` adds the RAG
+service's (`sluice.rag.http.rag_part`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ AUTOSCALERS = ("freeness", "replan")
 
 class Autoscaler(Protocol):
     def observe(self, group: Group, now: float) -> None: ...
+    def add_demand(self, demand: Demand) -> None: ...
     def tick(self, cluster: Cluster, reports: dict[str, LoadReport], now: float) -> None: ...
 
 
@@ -68,6 +71,7 @@ class FreenessAutoscaler:
     demands: Sequence[Demand] = ()
 
     def __post_init__(self) -> None:
+        self.demands = list(self.demands)
         if not 1 <= self.min_instances <= self.max_instances:
             raise ValueError("min_instances, max_instances: need 1 <= min <= max")
         if not self.scale_out_below < self.scale_in_above:
@@ -75,6 +79,9 @@ class FreenessAutoscaler:
 
     def observe(self, group: Group, now: float) -> None:
         pass  # it decides from the load reports alone
+
+    def add_demand(self, demand: Demand) -> None:
+        self.demands.append(demand)
 
     def tick(self, cluster: Cluster, reports: dict[str, LoadReport], now: float) -> None:
         from sluice.scheduler.cluster import freeness
@@ -111,7 +118,7 @@ class ReplanAutoscaler:
             raise ValueError(f"demands: no launcher for type(s) {sorted(unknown)}")
         self.fleet = fleet
         self.interval_s = interval_s
-        self.demands = dict(demands or {})
+        self.demands = {t: list(ds) for t, ds in (demands or {}).items()}
         self.replanner = Replanner(profiles, buckets, self, **replan_kw)
         self.diffs: list[FleetDiff] = []  # every change applied, oldest first
         self._last: float | None = None
@@ -120,6 +127,16 @@ class ReplanAutoscaler:
     def observe(self, group: Group, now: float) -> None:
         req = group.requests[0]
         self.replanner.observe(now, len(req.prompt_token_ids), req.max_tokens)
+
+    def add_demand(self, demand: Demand, type_name: str | None = None) -> None:
+        """A demand for instances of ``type_name`` (default: the fleet's only type)."""
+        if type_name is None:
+            if len(self.fleet.launchers) != 1:
+                raise ValueError("type_name: the fleet has several types; name one")
+            type_name = next(iter(self.fleet.launchers))
+        if type_name not in self.fleet.launchers:
+            raise ValueError(f"type_name: no launcher for type {type_name!r}")
+        self.demands.setdefault(type_name, []).append(demand)
 
     def tick(self, cluster: Cluster, reports: dict[str, LoadReport], now: float) -> None:
         from sluice.provision.replan import FleetDiff

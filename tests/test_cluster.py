@@ -742,3 +742,22 @@ def test_rag_replica_demand_drives_the_autoscaler(tiny):
     for _ in range(want + 2):
         cluster.tick()
     assert len(open_instances(cluster)) == want  # one launch per round, up to the demand
+
+
+def test_rag_part_hands_its_replica_demand_to_the_autoscaler(monkeypatch):
+    """``sluice serve --autoscale ... --rag-index``: the RAG part gives the autoscaler
+    its service's replica demand when the server mounts it."""
+    from types import SimpleNamespace
+
+    from sluice.rag import http as rag_http
+    from sluice.rag.capacity import Capacity
+    from sluice.runtime.server import ServerContext
+    from sluice.scheduler.autoscale import FreenessAutoscaler
+
+    capacity = Capacity({"c": 1.0})
+    monkeypatch.setattr(rag_http, "load_rag_service",
+                        lambda *args: SimpleNamespace(capacity=capacity))
+    monkeypatch.setattr(rag_http, "rag_routes", lambda service, wrap, read_body: [])
+    scaler = FreenessAutoscaler()
+    rag_http.rag_part("index", scaler.add_demand)(ServerContext(None, "tiny", None, None))
+    assert scaler.demands == [capacity.replicas] and scaler.demands[0]() == 1
