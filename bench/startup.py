@@ -23,11 +23,19 @@ Before the servers (alone with ``--cli-only``): time to ``sluice --help`` and ``
 provision --help``, median of 5 fresh processes each, less the same median for a bare
 interpreter (``python -c pass``, the peer in the same run): the command's own start-up
 time, whose goal is under 1 s.
+
+Then (alone with ``--features-only``), on the tiny model, a server with warm-up and
+one with ``--no-warmup``: each one's time to ready, then the time of the first
+request of each sampling feature (`FEATURES`, one request each, in turn) and of a
+first embeddings call, and the compiles the server counted while serving
+(``sluice:compiles_total{reason="serving"}``). With warm-up the goal is under 1 s
+each and no serving compile.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -38,6 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 
@@ -46,13 +55,16 @@ MODEL = "smollm2-135m-instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def start_to_first_token(model: str, cache_dir: Path, extra: list[str]) -> dict:
-    """Launch one server, time its ready line and its first streamed token."""
+@contextlib.contextmanager
+def served(model: str, cache_dir: Path, extra: list[str],
+           max_model_len: int = 2048) -> Iterator[tuple[str, float]]:
+    """A ``sluice serve`` process: yields its URL and the seconds from launch to its
+    ready line; SIGTERM on exit."""
     env = {**os.environ, "SLUICE_CACHE_DIR": str(cache_dir)}
     t0 = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "sluice.runtime.cli", "serve", "--model", model, "--port", "0",
-         "--max-model-len", "2048", "--access-log", "off", *extra],
+         "--max-model-len", str(max_model_len), "--access-log", "off", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
     try:
         url = None
@@ -62,7 +74,19 @@ def start_to_first_token(model: str, cache_dir: Path, extra: list[str]) -> dict:
                 break
         if url is None:
             raise RuntimeError(f"server for {model} exited with {proc.wait()} before ready")
-        ready = time.monotonic() - t0
+        yield url, time.monotonic() - t0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def start_to_first_token(model: str, cache_dir: Path, extra: list[str]) -> dict:
+    """Launch one server, time its ready line and its first streamed token."""
+    t0 = time.monotonic()
+    with served(model, cache_dir, extra) as (url, ready):
         body = {"model": model, "messages": QUESTION, "max_tokens": 8, "temperature": 0,
                 "stream": True}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
@@ -71,12 +95,50 @@ def start_to_first_token(model: str, cache_dir: Path, extra: list[str]) -> dict:
                     first = time.monotonic() - t0
                     break
         return {"ready_s": round(ready, 2), "first_token_s": round(first, 2)}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+
+
+# One request per sampling feature (completions, 8 tokens), then embeddings.
+FEATURES: dict[str, dict] = {
+    "greedy": {"temperature": 0},
+    "temperature": {"temperature": 0.8},
+    "logprobs": {"logprobs": 0},
+    "top_logprobs": {"logprobs": 5},
+    "top_k": {"top_k": 20},
+    "top_p": {"top_p": 0.9},
+    "min_p": {"min_p": 0.05},
+    "repetition_penalty": {"repetition_penalty": 1.2},
+    "presence_penalty": {"presence_penalty": 0.5},
+    "frequency_penalty": {"frequency_penalty": 0.5},
+    "seed": {"seed": 1},
+    "n": {"n": 2},
+    "stop": {"stop": ["\n\n"]},
+}
+
+
+def first_requests(model: str, cache_dir: Path, extra: list[str]) -> dict:
+    """Ready time of one server, then the time of the first request of each feature
+    (each feature alone, in turn) and of a first embeddings call, and the compiles
+    it counted while serving (``sluice:compiles_total{reason="serving"}``)."""
+    with served(model, cache_dir, extra, max_model_len=256) as (url, ready):
+        out: dict = {"ready_s": round(ready, 2), "first_request_s": {}}
+        with httpx.Client(base_url=url, timeout=600) as http:
+            def timed(path: str, body: dict) -> float:
+                t0 = time.monotonic()
+                http.post(path, json={"model": model, **body}).raise_for_status()
+                return round(time.monotonic() - t0, 3)
+
+            for name, fields in FEATURES.items():
+                out["first_request_s"][name] = timed("/v1/completions", {
+                    "prompt": f"A first request with {name}", "max_tokens": 8,
+                    "ignore_eos": True, **fields})
+            out["first_request_s"]["embeddings"] = timed("/v1/embeddings",
+                                                         {"input": "a first embedding"})
+            out["serving_compiles"] = sum(
+                float(line.rsplit(" ", 1)[1]) for line in http.get("/metrics").text.splitlines()
+                if line.startswith("sluice:compiles_total{") and 'reason="serving"' in line)
+        out["slowest_s"] = max(out["first_request_s"].values())
+        out["goal_met"] = out["slowest_s"] < 1.0
+        return out
 
 
 def cli_start_s(runs: int = 5) -> dict:
@@ -129,6 +191,8 @@ def main() -> int:
                     help="start servers with --no-warmup (shapes compile on first use)")
     ap.add_argument("--cli-only", action="store_true",
                     help="measure the time to --help only (no servers)")
+    ap.add_argument("--features-only", action="store_true",
+                    help="measure only the first request of each feature on the tiny model")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "startup.json")
     args = ap.parse_args()
     extra = ["--no-warmup"] if args.no_warmup else []
@@ -138,6 +202,15 @@ def main() -> int:
     print("cli", json.dumps(results["cli"]), flush=True)
     if args.cli_only:
         print(json.dumps(results, indent=2))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        results["features"] = {
+            label: first_requests("tiny", Path(tmp) / f"cache-tiny-{label}", flags)
+            for label, flags in (("warmup", []), ("no_warmup", ["--no-warmup"]))}
+        print("features", json.dumps(results["features"]), flush=True)
+    if args.features_only:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         sources = {"gguf": MODEL}
