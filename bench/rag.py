@@ -30,8 +30,20 @@ Parts:
    mean $ per query (the per-query price of ``sluice.rag.cost``) and server-seconds
    provisioned (idle time included). Same random numbers for every policy.
 
+4. Plain documents (issue 23; ``--documents-run`` runs only this part): the subset's
+   passages written as one ``.txt`` file each, labels hidden, through ``sluice rag
+   build-index``'s defaults (``sluice.rag.build.build_index``): its wall time (goal: under
+   3 minutes on the 2-core machine); the unlabelled quality estimate (questions generated
+   from the passages, ``sluice.rag.synthetic``) of every default configuration against the
+   labelled one (the SQuAD questions of the same passages): Spearman's rho of the two
+   rankings (goal >= 0.8), for the build's own profiles and for a larger sample of
+   ``--docs-questions``; and the extractive EM/F1 on the labelled sample of every
+   configuration (with ``--quick``: of ``BEFORE_AFTER``) with today's answerer and with the
+   one before issue 23 (sub-spans, no lexical term), measured in the same run.
+
 Writes ``bench/results/rag.json``, ``bench/results/rag_pareto.png`` and
-``bench/results/rag_slo.png``.
+``bench/results/rag_slo.png``; the plain-documents part writes
+``bench/results/rag_documents.json``.
 """
 
 from __future__ import annotations
@@ -41,7 +53,9 @@ import heapq
 import json
 import os
 import platform
+import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +70,13 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from scipy.stats import spearmanr  # noqa: E402
+
+from sluice.rag.agents import ExtractiveAnswerer  # noqa: E402
+from sluice.rag.build import build_index  # noqa: E402
 from sluice.rag.capacity import Capacity  # noqa: E402
+from sluice.rag.profiling import default_configs, measure_all, sample_questions  # noqa: E402
+from sluice.rag.synthetic import generate_questions  # noqa: E402
 from sluice.rag.config import EXTRACTIVE, PipelineConfig  # noqa: E402
 from sluice.rag.corpus import LabelledQuestion, load_squad  # noqa: E402
 from sluice.rag.cost import MINILM, CostModel, ModelTier, spec_from_config  # noqa: E402
@@ -366,6 +386,95 @@ def plot_attainment(sim: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# --- 4. plain documents ---------------------------------------------------------------------
+
+def write_documents(corpus, folder: Path) -> None:
+    """One .txt file per passage (the text only: no questions, no answers)."""
+    for p in corpus.passages:
+        (folder / (re.sub(r"[^A-Za-z0-9_.-]", "_", p.id) + ".txt")).write_text(p.text)
+
+
+def rho(a: dict[str, float], b: dict[str, float]) -> float:
+    names = sorted(set(a) & set(b))
+    return float(spearmanr([a[n] for n in names], [b[n] for n in names]).statistic)
+
+
+BEFORE_AFTER = ("bm25-k1-1xextractive", "dense-k3-1xextractive", "hybrid-k5-rr-1xextractive")
+
+
+def documents_run(n_questions: int, quick: bool = False) -> dict:
+    """Part 4: plain documents in; build time, rank agreement, F1 before and after."""
+    corpus = load_squad(DATA)
+    configs = default_configs()
+    with tempfile.TemporaryDirectory() as tmp:
+        docs, out = Path(tmp) / "docs", Path(tmp) / "index"
+        docs.mkdir()
+        write_documents(corpus, docs)
+        print(f"plain documents: {len(corpus.passages)} .txt files, labels hidden; "
+              "sluice rag build-index with its defaults ...", flush=True)
+        start, cpu = time.perf_counter(), time.process_time()
+        report = build_index(docs, out, log=lambda m: print(m, flush=True))
+        build_s = time.perf_counter() - start  # what the CLI takes, embedder load included
+        build_cpu_s = time.process_time() - cpu  # all threads: the machine is shared
+        embedder = Embedder.load()
+        built = {p["name"]: p for p in json.loads((out / "profiles.json").read_text())}
+        index = RetrievalIndex.load(out, embedder)
+    pipeline = RagPipeline(index, CostModel({EXTRACTIVE: ModelTier(EXTRACTIVE, MINILM)}))
+    generated = generate_questions(index.corpus, n_questions)
+    print(f"unlabelled estimate: {len(generated)} generated questions x {len(configs)} "
+          "configurations ...", flush=True)
+    unlabelled = {m.profile.config.name: m.profile.quality
+                  for m in measure_all(pipeline, configs, generated, method="generated",
+                                       progress=True, early_stop=False)}
+    squad_index = RetrievalIndex.build(corpus, embedder, progress=True)
+    labelled_q = sample_questions(corpus.answerable(), n_questions)
+    squad = RagPipeline(squad_index, CostModel({EXTRACTIVE: ModelTier(EXTRACTIVE, MINILM)}))
+    print(f"labelled: {len(labelled_q)} SQuAD questions x {len(configs)} configurations, "
+          "today's extractive answerer ...", flush=True)
+    after = {m.profile.config.name: m for m in measure_all(squad, configs, labelled_q,
+                                                           progress=True, early_stop=False)}
+    agreement = rho(unlabelled, {n: m.f1 for n, m in after.items()})
+    print(f"  Spearman unlabelled vs labelled: {agreement:.3f}", flush=True)
+    squad.extractive = ExtractiveAnswerer("subspans", lexical_weight=0.0)
+    compared = [c for c in configs if c.name in BEFORE_AFTER] if quick else configs
+    print(f"... and the answerer before issue 23 (sub-spans, no lexical term) on "
+          f"{len(compared)} configurations", flush=True)
+    before = {m.profile.config.name: m for m in measure_all(squad, compared, labelled_q,
+                                                            progress=True, early_stop=False)}
+    labelled = {n: m.f1 for n, m in after.items()}
+    rows = [{"config": n, "labelled_f1": labelled[n], "labelled_em": after[n].exact_match,
+             "before_f1": before[n].f1 if n in before else None,
+             "before_em": before[n].exact_match if n in before else None,
+             "unlabelled_f1": unlabelled[n], "build_profile_f1": built[n]["quality"],
+             "build_profile_stopped_early": built[n]["stopped_early"]} for n in labelled]
+    for r in rows:
+        print(f"  {r['config']:32s} labelled F1 {r['labelled_f1']:.3f} (before "
+              f"{r['before_f1']})  EM {r['labelled_em']:.3f} (before {r['before_em']})"
+              f"  unlabelled {r['unlabelled_f1']:.3f}  build {r['build_profile_f1']:.3f}")
+    result = {
+        "passages": len(index.corpus.passages), "files": len(corpus.passages),
+        "build": {**report.to_dict(), "wall_s": build_s, "cpu_s": build_cpu_s,
+                  "load_avg_1m_after": os.getloadavg()[0], "goal_s": 180,
+                  "goal_met": build_s < 180},
+        "quality_method": "generated questions (template cloze from passage sentences; the "
+                          "source passage and span are the labels)",
+        "questions": {"generated": len(generated), "labelled": len(labelled_q)},
+        "spearman_unlabelled_vs_labelled": rho(unlabelled, labelled),
+        "spearman_build_profiles_vs_labelled": rho(
+            {n: r["quality"] for n, r in built.items()}, labelled),
+        "spearman_goal": 0.8,
+        "before_after_configurations": sorted(before),
+        "extractive_mean_f1": {"before": float(np.mean([m.f1 for m in before.values()])),
+                               "after": float(np.mean([after[n].f1 for n in before]))},
+        "extractive_mean_em": {"before": float(np.mean([m.exact_match
+                                                        for m in before.values()])),
+                               "after": float(np.mean([after[n].exact_match
+                                                       for n in before]))},
+        "configurations": rows}
+    print(json.dumps({k: v for k, v in result.items() if k != "configurations"}, indent=1))
+    return result
+
+
 # --- main -----------------------------------------------------------------------------------
 
 def class_mix(classifier: IntentClassifier, sample: list[LabelledQuestion]) -> dict[str, float]:
@@ -400,7 +509,23 @@ def main() -> None:
                     help="also profile generative answerers on this model (checkpoint directory "
                          "or built-in name), served by Sluice")
     ap.add_argument("--out", type=Path, default=RESULTS / "rag.json")
+    ap.add_argument("--documents-run", action="store_true",
+                    help="only part 4: plain documents (build time, rank agreement, F1)")
+    ap.add_argument("--docs-questions", type=int, default=24,
+                    help="questions per configuration in part 4's comparisons (default: 24)")
     args = ap.parse_args()
+    if args.documents_run:
+        t0 = time.perf_counter()
+        result = documents_run(args.docs_questions, args.quick)
+        result.update(command=" ".join(["bench/rag.py", *sys.argv[1:]]),
+                      machine={"platform": platform.platform(), "cpus": os.cpu_count(),
+                               "jax": jax.__version__, "load_avg_1m": os.getloadavg()[0]},
+                      wall_s=time.perf_counter() - t0)
+        path = args.out.parent / "rag_documents.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+        print(f"wrote {path}")
+        return
     n_sample = args.sample or (30 if args.quick else 100)
     seconds = args.sim_seconds or (200.0 if args.quick else 600.0)
     t0 = time.perf_counter()
