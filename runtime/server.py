@@ -13,7 +13,10 @@ server-sent events ending in ``data: [DONE]`` when ``stream`` is true),
 unfinished completion while it waits or runs; 404 if none has that id; a
 stream's id is in its ``X-Request-Id`` header before the first token; under a
 ``scheduling_policy`` that ignores priorities the response's ``warning`` says so). Schemas and the
-request -> `SamplingParams` mapping live in `sluice.runtime.openai_protocol`.
+request -> `SamplingParams` mapping live in `sluice.runtime.openai_protocol`. With
+``tools``, chat responses carry the calls parsed from the text (`sluice.runtime.tool_calls`)
+as ``message.tool_calls`` with ``finish_reason: "tool_calls"``, and streams send them as
+``delta.tool_calls`` (a call's id and name first, then its argument fragments).
 
 Optional parts (the RAG routes: `sluice.rag.http.rag_part`) are mounted by
 ``OpenAIServer(engine, config, parts=[...])``, so the server imports none of them: a
