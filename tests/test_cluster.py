@@ -218,6 +218,8 @@ def test_migration_storm_loses_nothing(tiny):
     try:
         for rid, prompt, params in jobs:
             cluster.submit(rid, prompt, params, col.sink)
+        for rid, _, _ in jobs:  # the storm starts once every request runs (shapes compiled)
+            col.wait_tokens(rid, 1, timeout=1800)  # a hang guard
         # A bounded number of storm rounds (not a deadline): a loaded machine only makes
         # the storm and the requests take longer, never fails the test.
         for _ in range(2400):
