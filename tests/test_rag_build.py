@@ -158,6 +158,7 @@ def test_interrupted_build_resumes(tmp_path: Path, built: Path, docs: Path,
         c.name for c in CONFIGS]
 
 
+@pytest.mark.slow  # shares the built index fixture (an embedding pass and 3 profiles)
 def test_unreachable_slo_is_served_best_effort_and_reported(
         tmp_path: Path, built: Path, docs: Path, embedder: Embedder) -> None:
     _copy(built, tmp_path, profiles=True)
