@@ -219,9 +219,18 @@ def main() -> None:
                                                    f"{', '.join(FLAG_SETS)}")
     ap.add_argument("--no-chains", action="store_true",
                     help="skip the fused / [out, in] chain variants (flags only)")
+    ap.add_argument("--chain-rows", default=None,
+                    help="only the four chain variants, in this process, at these comma-"
+                         "separated row counts (no model, no children: the cheap check)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--chains", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.chain_rows:
+        from sluice.runtime.config import BUILTIN_CONFIGS
+        cfg = BUILTIN_CONFIGS["smollm2-135m-random"]
+        for rows in map(int, args.chain_rows.split(",")):
+            print(rows, json.dumps(best_ms(chain_variants(cfg, rows), args.calls)), flush=True)
+        return
     if args.child:
         print(json.dumps(child(args.calls, args.chains)))
         return
