@@ -2,7 +2,10 @@
 
 Run from the repository root::
 
-    .venv/bin/python bench/projections.py [--rounds 3] [--flags all|none]
+    .venv/bin/python bench/projections.py [--rounds 3] [--flags all|NAME,...]
+    .venv/bin/python bench/projections.py --chain-rows 1,8,32 --calls 20  # chain only
+
+Each child holds about 4 GB; on a 23 GB machine run at most 3 flag sets at once.
 
 On ``smollm2-135m-random`` (float32) at 1, 8 and 32 decode rows and a 128-token
 prefill chunk. Everything a variant is compared against runs in the same process,
