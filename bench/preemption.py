@@ -78,8 +78,7 @@ from sluice.runtime.loader import load_model
 from sluice.runtime.model_runner import ModelRunner, StepRow
 from sluice.runtime.request import Request
 from sluice.runtime.sampling_params import SamplingParams
-from sluice.runtime.swap import (COPY_MODES, HostSwapSpace, SwapExecutor, _slice_blocks,
-                                _update_blocks)
+from sluice.runtime.swap import COPY_MODES, HostSwapSpace, SwapExecutor
 from sluice.scheduler.policies import FairPolicy, PriorityPolicy
 
 RESULTS = Path(__file__).parent / "results"
@@ -279,12 +278,12 @@ def make_engine(model, name: str, args) -> LLMEngine:
                        swap_space=args.swap_blocks * spec.bytes_per_block,
                        max_preemptions=args.max_preemptions, seed=0, **kw)
     engine = LLMEngine(model, cfg, policy)
-    kv = engine.runner.kv_cache  # compile the copy shapes outside the measured run
+    runner = engine.runner  # compile the copy shapes outside the measured run
     size = 1
     while size <= engine.block_manager.num_blocks:
-        kv = _update_blocks(kv, 0, _slice_blocks(kv, 0, size))
+        runner.copy_in([(0, size)], runner.gather([(0, size)]))
         size *= 2
-    engine.runner.kv_cache = jax.block_until_ready(kv)
+    jax.block_until_ready(runner.kv_cache)
     return engine
 
 

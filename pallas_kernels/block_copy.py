@@ -1,4 +1,7 @@
-"""KV block gather/scatter in Pallas: the copy behind preemption swap and migration.
+"""KV block gather/scatter in Pallas: the GPU and TPU copies behind the model
+runner's block mover, which both preemption swap and live migration use (via
+`sluice.pallas_kernels.dispatch`, which picks the variant per platform and
+runs `reference.gather_blocks` / `scatter_blocks` elsewhere, e.g. on CPU).
 
 Interface::
 

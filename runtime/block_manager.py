@@ -2,10 +2,12 @@
 
 The device pool is one block-major array ``[num_blocks, num_layers, 2,
 block_size, kv_heads, head_dim]`` (see ``kv_cache.py``); this module only
-decides which block ids a sequence's tokens live in. It is pure Python and is
-called by the scheduler every step, so every operation costs time in the number
-of blocks it touches (plus a bisect over the free runs), never a scan of the
-whole pool.
+decides which block ids a sequence's tokens live in. One instance's block
+manager belongs to its KV cache manager (`sluice.runtime.kv_manager`), which
+the per-instance scheduler owns: only they change it, others read it. It is
+pure Python and is called by the scheduler every step, so every operation
+costs time in the number of blocks it touches (plus a bisect over the free
+runs), never a scan of the whole pool.
 
 Lifecycle of a sequence (``seq_id`` is any hashable)::
 

@@ -1,4 +1,5 @@
-"""Sizing and allocation of the device-resident paged KV pool.
+"""Sizing and allocation of the device-resident paged KV pool, and the block
+arithmetic (`blocks_for`) the rest of the runtime uses.
 
 One array per model, ``[num_blocks, num_layers, 2, block_size, num_kv_heads,
 head_dim]``: block-major, so a block's keys and values for all layers are one

@@ -12,6 +12,16 @@ logprobs, top_ids, top_logprobs)`` numpy arrays, one row per entry of ``batch``
 ``during`` is host work to overlap with the step on the device (asynchronous
 swap-in); ``token_masks()`` returns the rows' allowed-token bitmasks
 (structured outputs), computed on the host while the forward runs.
+
+Block mover, the one device copy path of swap and live migration: runs of
+consecutive pool blocks ``[(start, length), ...]`` move as whole block slabs
+(`sluice.pallas_kernels.block_copy` on GPU/TPU, its reference elsewhere):
+``gather(runs, rows=None) -> jax.Array`` (dispatched, not waited for),
+``copy_out(runs) -> np.ndarray`` (the same, in host memory),
+``copy_in(runs, blocks, rows=None)`` (host or device blocks into the runs,
+dispatched; the pool is donated, so it updates in place). ``rows`` fixes the
+staging shape, so one compiled copy serves every chunk (migration); without
+it, staging is padded to a power of two.
 """
 
 from __future__ import annotations
@@ -254,7 +264,7 @@ class ModelRunner:
         idx = np.asarray([where[id(r)] for r in batch], np.int64)
         return tuple(np.asarray(a)[idx] for a in out)
 
-    # -- block copies (swap) --------------------------------------------------
+    # -- block mover (swap and migration) --------------------------------------
 
     def copy_out(self, groups: list[tuple[int, int]]) -> np.ndarray:
         """The blocks of ``groups`` (runs of consecutive blocks), staged to host memory."""

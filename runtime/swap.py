@@ -19,13 +19,15 @@ in only those blocks instead of recomputing them. Exhaustion is not an error:
 `SwapExecutor` runs a step's copies on the engine thread:
 
 - ``grouped`` mode moves each contiguous run of device blocks as a few
-  static-size slices of the block-major pool (a run of ``n`` blocks is one
-  slice per set bit of ``n``, so the compiled copies stay few); ``per_block``
-  mode, the baseline of `bench/preemption.py`, issues one synchronous copy per
-  block (all its layers: the pool is block-major); ``per_layer_block`` mode
-  issues one copy per block, layer and K/V, all of a swap's copies before
-  waiting for them, the granularity of swap implementations that keep one
-  cache per layer (vLLM v0's ``swap_blocks``: a queued ``cudaMemcpyAsync`` per
+  power-of-two pieces (a run of ``n`` blocks is one piece per set bit of
+  ``n``, so the compiled copies stay few) through the model runner's block
+  mover (`ModelRunner.gather` / `copy_in`, the one that live migration uses
+  too); ``per_block`` mode, the baseline of `bench/preemption.py`, issues one
+  synchronous copy per block (all its layers: the pool is block-major) through
+  the same mover; ``per_layer_block`` mode (a baseline too, with its own
+  per-layer copies) issues one copy per block, layer and K/V, all of a swap's
+  copies before waiting for them, the granularity of swap implementations that
+  keep one cache per layer (vLLM v0's ``swap_blocks``: a queued ``cudaMemcpyAsync`` per
   block, for each layer's key and value cache).
 - Swap-outs are issued before the step's forward. Asynchronous swapping
   (``asynchronous``): the slices are dispatched on the engine thread (JAX
@@ -178,16 +180,8 @@ class HostSwapSpace:
 # -- copies ----------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _slice_blocks(cache: jax.Array, start: jax.Array, n: int) -> jax.Array:
-    return jax.lax.dynamic_slice_in_dim(cache, start, n, 0)
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _update_blocks(cache: jax.Array, start: jax.Array, blocks: jax.Array) -> jax.Array:
-    return jax.lax.dynamic_update_slice_in_dim(cache, blocks.astype(cache.dtype), start, 0)
-
-
+# The per_layer_block baseline's copies: one layer's K or V of one block (the
+# other modes move whole blocks through the runner's block mover).
 @jax.jit
 def _slice_layer(cache: jax.Array, block: jax.Array, layer: jax.Array, kv: jax.Array) -> jax.Array:
     """The K or V (``kv``) of one layer of one block."""
@@ -386,12 +380,12 @@ class SwapExecutor:
             if self.mode == "per_layer_block":
                 self._store_layers(host, [start for start, _ in pieces])
                 return
-            kv = self.runner.kv_cache
+            gather = self.runner.gather
             if self.mode == "per_block" or not self.asynchronous:
                 # lazily: each piece is fetched before the next is issued
-                self._store(host, (_slice_blocks(kv, start, size) for start, size in pieces))
+                self._store(host, (gather([piece]) for piece in pieces))
                 return
-            staged = [_slice_blocks(kv, start, size) for start, size in pieces]  # dispatch only
+            staged = [gather([piece]) for piece in pieces]  # dispatch only
             future = self._worker.submit(self._store, list(host), staged)
             with self._lock:
                 for h in host:
@@ -440,8 +434,8 @@ class SwapExecutor:
         else:
             off = 0
             for start, size in pieces:
-                part = self._put(self.space.load(host[off:off + size]))  # fresh per piece
-                self.runner.kv_cache = _update_blocks(self.runner.kv_cache, start, part)
+                # a fresh host array per piece, written through the runner's block mover
+                self.runner.copy_in([(start, size)], self.space.load(host[off:off + size]))
                 if self.mode == "per_block":
                     jax.block_until_ready(self.runner.kv_cache)  # synchronous, block by block
                 off += size

@@ -12,8 +12,7 @@ from sluice.runtime import SamplingParams, greedy_generate, load_model
 from sluice.runtime.engine import EngineConfig, LLMEngine
 from sluice.runtime.kv_cache import KVCacheSpec, blocks_for
 from sluice.runtime.model_runner import ModelRunner
-from sluice.runtime.swap import (HostSwapSpace, SwapCostModel, SwapExecutor, _pieces,
-                                 _update_blocks)
+from sluice.runtime.swap import HostSwapSpace, SwapCostModel, SwapExecutor, _pieces
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 BLOCK = 32 * 1024  # bytes of one tiny-model KV block (16 tokens)
@@ -63,7 +62,7 @@ def test_copies_round_trip_while_device_blocks_are_reused(tiny, mode, asynchrono
     host = space.reserve(8)
     ex.run([(None, runs, host)], [])
     junk = jnp.full((8,) + runner.spec.shape[1:], 7.0, runner.spec.dtype)
-    runner.kv_cache = _update_blocks(runner.kv_cache, 2, junk)  # reuse before the store lands
+    runner.copy_in([(2, 8)], junk)  # reuse before the store lands
     behind = (runner.kv_cache * 2.0).sum() if asynchronous else None  # a step in flight
     ex.run([], [(None, [(20, 8)], host)], release=host, behind=behind)
     restored = np.asarray(runner.kv_cache)
@@ -310,9 +309,9 @@ def _log_step_events(engine: LLMEngine, monkeypatch) -> list[tuple[str, object]]
     execute, sample, copy_in = runner.execute, runner._sample, swapper._copy_in
     observe = swapper.cost.observe_step
 
-    def spy_execute(rows, during=None):
+    def spy_execute(rows, during=None, *rest):
         events.append(("step", [r.request.request_id for r in rows]))
-        return execute(rows, during)
+        return execute(rows, during, *rest)
 
     def spy_sample(logits, rows, *rest):
         out = sample(logits, rows, *rest)
