@@ -103,9 +103,9 @@ class StepRecorder:
     def attach(self, engine: LLMEngine) -> None:
         inner = engine.runner.execute
 
-        def execute(rows, during=None):
+        def execute(rows, during=None, *rest):
             start = time.perf_counter()
-            out = inner(rows, during)
+            out = inner(rows, during, *rest)
             if self.enabled:
                 tokens = sum(r.num_new_tokens for r in rows)
                 kv = sum(r.request.num_computed_tokens + r.num_new_tokens for r in rows)

@@ -138,12 +138,12 @@ def decode_steps(llm: LLM, prompts: list[list[int]], output_len: int) -> dict:
     record: list[dict] = []
     orig_execute, orig_step = runner.execute, engine.step
 
-    def execute(batch, during=None):
+    def execute(batch, during=None, *rest):
         info = {"rows": len(batch),
                 "decode": all(r.request.is_decode(r.num_new_tokens) for r in batch),
                 "context": float(np.mean([r.request.num_computed_tokens + 1 for r in batch]))}
         t = time.perf_counter()
-        out = orig_execute(batch, during)
+        out = orig_execute(batch, during, *rest)
         info["execute_s"] = time.perf_counter() - t
         record.append(info)
         return out

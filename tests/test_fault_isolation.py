@@ -55,13 +55,13 @@ class Poison:
         self.fail_next = 0
         engine.runner.execute = self
 
-    def __call__(self, batch, during=None):
+    def __call__(self, batch, during=None, *rest):
         if self.fail_next:
             self.fail_next -= 1
             raise RuntimeError("a transient fault")
         if any(self.is_poison(r.request) for r in batch):
             raise OverflowError(POISON)
-        return self.inner(batch, during)
+        return self.inner(batch, during, *rest)
 
 
 def by_id(*request_ids: str) -> Callable[[Request], bool]:
@@ -140,7 +140,7 @@ def test_a_fault_that_loses_the_kv_pool_kills_the_engine(tiny):
     engine = LLMEngine(tiny, EngineConfig(**ENGINE))
     inner = engine.runner.execute
 
-    def lose_pool(batch, during=None):
+    def lose_pool(batch, during=None, *rest):
         for leaf in jax.tree_util.tree_leaves(engine.runner.kv_cache):
             leaf.delete()
         raise RuntimeError("device lost")
