@@ -366,11 +366,12 @@ class ChatCompletionRequest(_Sampling, ChatPrompt):
         self._unsupported()
         constraint, field = self.constraint()
         calling = self.tool_calling()
-        if calling is not None and calling.constraint is not None:
+        tool_constraint = None if calling is None else _tool_constraint(calling)
+        if tool_constraint is not None:
             if constraint is not None:
                 raise APIError(400, f"tool_choice: {calling.choice!r} constrains the output, "
                                f"so {field} cannot be given too", param="tool_choice")
-            constraint = calling.constraint
+            constraint = tool_constraint
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true",
                            param="top_logprobs")
@@ -385,6 +386,17 @@ class ChatCompletionRequest(_Sampling, ChatPrompt):
                 e.message = e.message.replace("max_tokens", "max_completion_tokens", 1)
                 e.param = "max_completion_tokens"
             raise
+
+
+def _tool_constraint(calling: ToolCalling) -> StructuredOutputs | None:
+    """The decoding constraint of ``tool_choice`` over ``tools`` (each tool's schema was
+    checked alone; combined they can still fail), a 400 naming both if it cannot be built."""
+    try:
+        return calling.constraint
+    except ValueError as e:
+        raise APIError(400, f"tools: with tool_choice {calling.choice!r} the tools' parameter "
+                       f"schemas cannot constrain decoding ({str(e).split(': ', 1)[-1]})",
+                       param="tools") from None
 
 
 class EmbeddingRequest(_Request):

@@ -187,11 +187,16 @@ class ToolCalling:
             return StructuredOutputs(json=self.parameters(self.named))
         if self.choice != "required":
             return None
+        # Each tool's schema goes under the root's $defs (its own refs rewritten to
+        # point there), so a "#/$defs/X" of pydantic's nested models still resolves.
+        defs = {f"tool_{i}": _rebased(self.parameters(name), f"#/$defs/tool_{i}")
+                for i, name in enumerate(self.names)}
         items = {"anyOf": [{"type": "object", "properties": {
-            "name": {"type": "string", "enum": [name]}, "parameters": self.parameters(name)},
+            "name": {"type": "string", "enum": [name]},
+            "parameters": {"$ref": f"#/$defs/tool_{i}"}},
             "required": ["name", "parameters"], "additionalProperties": False}
-            for name in self.names]}
-        schema = {"type": "array", "items": items, "minItems": 1}
+            for i, name in enumerate(self.names)]}
+        schema = {"$defs": defs, "type": "array", "items": items, "minItems": 1}
         if not self.parallel:
             schema["maxItems"] = 1
         return StructuredOutputs(json=schema)
@@ -235,6 +240,31 @@ class ToolCalling:
         if not self.parallel:
             calls = calls[:1]
         return (content.strip() or None) if calls else text, calls
+
+
+_LITERAL_KEYWORDS = ("const", "enum", "default", "examples")  # values, not schemas
+_NAMED_SCHEMAS = ("properties", "patternProperties", "$defs", "definitions",
+                  "dependentSchemas")  # name -> schema maps
+
+
+def _rebased(schema: Any, root: str) -> Any:
+    """``schema`` with its document-local refs ("#", "#/$defs/X", "#/properties/..")
+    rewritten to point under ``root``, where the combined schema places it."""
+    if isinstance(schema, list):
+        return [_rebased(v, root) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            out[key] = root + value[1:]
+        elif key in _LITERAL_KEYWORDS:
+            out[key] = value
+        elif key in _NAMED_SCHEMAS and isinstance(value, dict):  # names are not keywords
+            out[key] = {name: _rebased(v, root) for name, v in value.items()}
+        else:
+            out[key] = _rebased(value, root)
+    return out
 
 
 def _is_json(text: str) -> bool:

@@ -158,6 +158,32 @@ def test_named_and_required_tool_choice(client, live):
     live.wait_idle()
 
 
+class Street(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=8)
+
+
+class Address(pydantic.BaseModel):
+    street: Street
+    number: int = pydantic.Field(ge=1, le=99)
+
+
+def test_required_tool_with_a_nested_pydantic_model(client, live):
+    """pydantic writes a nested model as "$defs" + "$ref"; "required" still
+    constrains (and validates) the call (it was a 500)."""
+    schema = Address.model_json_schema()
+    assert "$defs" in schema
+    tool = {"type": "function", "function": {"name": "mail", "parameters": schema}}
+    r = client.chat.completions.create(model="tiny", messages=ASK, tools=[tool, CLOCK],
+                                       tool_choice="required", parallel_tool_calls=False,
+                                       **SAMPLED)
+    (call,) = r.choices[0].message.tool_calls
+    if call.function.name == "mail":
+        Address.model_validate_json(call.function.arguments)
+    else:
+        _check_call(call, CLOCK)
+    live.wait_idle()
+
+
 def test_streamed_tool_calls_reassemble_in_the_client(client, live):
     tools = [WEATHER, CLOCK]
     with client.chat.completions.stream(model="tiny", messages=ASK, tools=tools,

@@ -110,3 +110,29 @@ def test_format_follows_the_chat_template():
     assert detect_format("<tool_call>\n{{ tool_call | tojson }}") == "hermes"
     assert detect_format("<|start_header_id|>ipython<|end_header_id|>") == "llama3"
     assert detect_format(None) == "hermes"
+
+
+def _nested_tool(name: str, leaf: dict) -> dict:
+    """A tool whose parameters are what pydantic writes for a nested model: the
+    inner model in ``$defs``, referenced as "#/$defs/Inner" (clashing across tools)."""
+    return {"type": "function", "function": {"name": name, "parameters": {
+        "$defs": {"Inner": {"type": "object", "properties": leaf,
+                            "required": list(leaf), "additionalProperties": False}},
+        "type": "object", "properties": {"inner": {"$ref": "#/$defs/Inner"},
+                                         "more": {"type": "array",
+                                                  "items": {"$ref": "#/$defs/Inner"}}},
+        "required": ["inner", "more"], "additionalProperties": False}}}
+
+
+def test_required_keeps_each_tools_defs_resolvable():
+    tools = [_nested_tool("a", {"x": {"type": "integer"}}),
+             _nested_tool("b", {"y": {"type": "string", "enum": ["$ref"]}})]
+    required = ToolCalling(tools, "required")
+    schema = json.loads(required.constraint.json)  # built (and compiled) without a ValueError
+    good = [{"name": "a", "parameters": {"inner": {"x": 1}, "more": [{"x": 2}]}},
+            {"name": "b", "parameters": {"inner": {"y": "$ref"}, "more": []}}]
+    jsonschema.validate(good, schema)
+    for bad in ([{"name": "a", "parameters": {"inner": {"y": "$ref"}, "more": []}}],
+                [{"name": "b", "parameters": {"inner": {"y": "$ref"}, "more": [{"x": 1}]}}]):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
