@@ -110,8 +110,8 @@ class Request:
         p = self.params
         if self.detokenizer.add_token(token_id):
             self._finish("stop", self.detokenizer.stop_reason, now)
-        elif not p.ignore_eos and token_id in self.eos_token_ids:
-            self._finish("stop", None, now)
+        elif token_id in self.eos_token_ids and (not p.ignore_eos or self.grammar is not None):
+            self._finish("stop", None, now)  # a grammar that took EOS allows nothing after it
         elif p.stop_token_ids and token_id in p.stop_token_ids:
             self._finish("stop", token_id, now)
         elif len(self.output_token_ids) >= self.max_tokens:

@@ -223,13 +223,15 @@ class LocalScheduler:
     def _record(self, req: Request, token: int, output: ModelOutput, i: int,
                 now: float) -> None:
         """Append the token sampled for ``req`` (row ``i`` of ``output``) with its
-        log-probs: the one place a sampled token enters a request."""
-        if req.params.logprobs is not None:
+        log-probs (only if it was appended: a grammar may refuse it): the one place a
+        sampled token enters a request."""
+        before = len(req.output_token_ids)
+        req.append_token(token, now)
+        if req.params.logprobs is not None and len(req.output_token_ids) > before:
             k = req.params.logprobs
             top = {int(t): float(lp) for t, lp in zip(output.top_ids[i][:k],
                                                       output.top_logprobs[i][:k])}
             req.logprobs.append(TokenLogprobs(token, float(output.logprobs[i]), top))
-        req.append_token(token, now)
         if req.is_finished:
             self._finish(req)
 

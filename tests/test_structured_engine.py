@@ -6,6 +6,7 @@ the same token for token under swap and recompute preemption and live migration
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import re
@@ -191,3 +192,29 @@ def test_redispatch_replays_the_tokens_into_a_fresh_grammar(tiny, undisturbed):
                 outs[o.request_id] = [(c.token_ids, c.text, c.finish_reason)
                                       for c in o.outputs]
     assert outs["so0"] == undisturbed["so0"]
+
+
+def test_ignore_eos_ends_a_finished_grammar_with_stop_and_logprobs_per_token(tiny):
+    """With ignore_eos the grammar's own end (it allowed only EOS, and got it) is
+    still the end: "stop", not an "error" from refusing the token after it; and a
+    refused token's log-probs are never recorded (one entry per output token)."""
+    engine = engine_for(tiny)
+    params = SamplingParams(temperature=1.0, seed=1, max_tokens=60, ignore_eos=True,
+                            logprobs=2, structured_outputs=StructuredOutputs(
+                                choice=["alpha", "beta"]))
+    engine.add_request("c", {"prompt_token_ids": [5, 6, 7]}, params)
+    final = None
+    while engine.has_unfinished_requests():
+        final = next((o for o in engine.step() if o.finished), final)
+    (comp,) = final.outputs
+    assert (comp.finish_reason, comp.text in ("alpha", "beta")) == ("stop", True)
+    assert comp.token_ids[-1] in tiny.eos_token_ids
+    assert len(comp.logprobs) == len(comp.token_ids)
+    stuck = dataclasses.replace(params, structured_outputs=StructuredOutputs(regex="x[a&&b]"))
+    engine.add_request("s", {"prompt_token_ids": [5, 6, 7]}, stuck)  # allows no token
+    while engine.has_unfinished_requests():
+        final = next((o for o in engine.step() if o.finished), final)
+    (comp,) = final.outputs
+    assert (comp.finish_reason, comp.text) == ("error", "")
+    assert len(comp.logprobs) == len(comp.token_ids) == 0
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
