@@ -13,7 +13,10 @@ Structured outputs (both endpoints; `sluice.runtime.structured_output`):
 "json_schema": {"name", "schema", "strict"}}`` (``"text"``: none), vLLM's
 ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``, or
 its newer ``structured_outputs`` object (``json``, ``regex``, ``choice``,
-``grammar``, ``json_object``); at most one of these per request. An invalid
+``grammar``, ``json_object``; its backend options ``backend``,
+``disable_fallback``, ``disable_any_whitespace``, ``disable_additional_properties``
+and ``whitespace_pattern`` are accepted and ignored, any other field is a 400);
+at most one of these per request. An invalid
 schema, a schema keyword the grammar engine does not implement, a regex that
 does not compile, a grammar with a syntax error, or two constraints at once are
 a 400 naming the field the client sent.
@@ -126,7 +129,7 @@ class _Sampling(_Request):
         if field == "response_format":
             kwargs, param = _response_format(value)
         elif field == "structured_outputs":
-            kwargs, param = value, field
+            kwargs, param = _structured_outputs(value), field
         else:
             kwargs, param = {_GUIDED[field]: value}, field
         try:
@@ -159,6 +162,19 @@ _CONSTRAINT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_
                       "guided_grammar", "structured_outputs")
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
            "guided_grammar": "grammar"}
+
+
+# vLLM's `structured_outputs` options that pick or tune its backends rather than say
+# what the output is: accepted and ignored (Sluice has one backend, and its JSON has
+# no free whitespace and keeps a schema's own additionalProperties).
+_VLLM_BACKEND_OPTIONS = ("backend", "disable_fallback", "disable_any_whitespace",
+                         "disable_additional_properties", "whitespace_pattern")
+
+
+def _structured_outputs(value: dict[str, Any]) -> dict[str, Any]:
+    """The constraint fields of a ``structured_outputs`` object (unknown ones stay,
+    to be a 400)."""
+    return {k: v for k, v in value.items() if k not in _VLLM_BACKEND_OPTIONS}
 
 
 def _response_format(value: dict[str, Any]) -> tuple[dict[str, Any], str]:

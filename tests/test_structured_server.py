@@ -101,7 +101,11 @@ def test_json_object_and_streamed_json_schema(client, live):
 
 def test_completions_take_vllms_guided_fields_both_spellings(client, live):
     for extra in ({"guided_regex": r"[0-9]{3}-[a-z]{2,5}"},
-                  {"structured_outputs": {"regex": r"[0-9]{3}-[a-z]{2,5}"}}):
+                  {"structured_outputs": {"regex": r"[0-9]{3}-[a-z]{2,5}",  # vLLM's backend
+                                          "backend": "xgrammar", "disable_fallback": True,
+                                          "disable_any_whitespace": True,  # options: ignored
+                                          "disable_additional_properties": False,
+                                          "whitespace_pattern": None}}):
         r = client.completions.create(model="tiny", prompt="Code:", n=3, extra_body=extra,
                                       **SAMPLED)
         for c in r.choices:
