@@ -513,7 +513,7 @@ class OpenAIServer:
         req = await self._parse(proto.ChatCompletionRequest, request)
         self._check_model(req.model)
         params = req.sampling_params(self.max_model_len)
-        tools = req.tool_calling(self.tokenizer.chat_template)
+        tools = req.tool_calling(self.tokenizer.chat_template_for(req.template_tools()))
         prompt = {"prompt_token_ids": await self._offload(req.render, self.tokenizer)}
         rid = proto.new_id("chatcmpl")
         jobs = await self._start(request, rid, [prompt], params, req, "messages")

@@ -97,9 +97,8 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"messages[{i}]: must be an object with 'role' and 'content'")
-        if tools and template_name is None and "tool_use" in self.chat_templates:
-            template_name = "tool_use"
-        template = self._template(template_name)
+        template = self._template(template_name if template_name is not None
+                                  else self._tools_template(tools))
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
         env.globals["raise_exception"] = _raise_template_error
@@ -108,6 +107,15 @@ class Tokenizer:
         return env.from_string(template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+    def chat_template_for(self, tools: list[dict[str, Any]] | None) -> str | None:
+        """The template a chat with ``tools`` renders through by default (None: none)."""
+        name = self._tools_template(tools)
+        return self.chat_template if name is None else self.chat_templates[name]
+
+    def _tools_template(self, tools: list[dict[str, Any]] | None) -> str | None:
+        """``tool_use`` when tools are given and the model has a template by that name."""
+        return "tool_use" if tools and "tool_use" in self.chat_templates else None
 
     def _template(self, name: str | None) -> str:
         if name is not None:

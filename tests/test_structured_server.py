@@ -226,6 +226,24 @@ def test_auto_tool_calls_are_parsed_from_the_hermes_format(client, live):
     live.wait_idle()
 
 
+def test_tool_calls_are_parsed_in_the_format_of_the_template_that_renders(client, live,
+                                                                         monkeypatch):
+    """A model whose 'tool_use' template (the one chats with tools render through)
+    writes Mistral calls while its default one does not: calls parse as Mistral."""
+    tok = live.server.tokenizer
+    assert "[TOOL_CALLS]" not in tok.chat_template
+    monkeypatch.setitem(tok.chat_templates, "tool_use", "{% for m in messages %}"
+                        "{{ m['content'] }}{% endfor %}{{ '[TOOL_CALLS]' if tools }}")
+    forced = {"guided_regex": r'\[TOOL_CALLS\] \[\{"name": "get_time", "arguments": '
+                              r'\{"zone": "(UTC|CET)"\}\}\]'}
+    r = client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, CLOCK],
+                                       extra_body=forced, **SAMPLED)
+    assert r.choices[0].finish_reason == "tool_calls"
+    (call,) = r.choices[0].message.tool_calls
+    _check_call(call, CLOCK)
+    live.wait_idle()
+
+
 def test_tool_results_round_trip_through_the_template(http):
     """An assistant turn with tool_calls and a role "tool" reply render (the
     tiny model's template prints contents) and generate."""
