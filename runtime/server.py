@@ -100,6 +100,7 @@ from sluice.runtime.metrics import CONTENT_TYPE, RequestTracker, ServerMetrics
 from sluice.runtime.openai_protocol import APIError
 from sluice.runtime.outputs import RequestOutput, accumulate
 from sluice.runtime.sampling_params import SamplingParams
+from sluice.runtime.structured_output import compile_constraint
 from sluice.scheduler.policies import POLICIES, PriorityPolicy
 from sluice.runtime.tool_calls import ToolCalling, ToolCallStream
 
@@ -437,6 +438,7 @@ class OpenAIServer:
         req = await self._parse(proto.CompletionRequest, request)
         self._check_model(req.model)
         params = req.sampling_params(self.max_model_len)
+        await self._offload(self._compile, req, params)
         prompts = req.prompts()
         rid = proto.new_id("cmpl")
         jobs = await self._start(request, rid, prompts, params, req, "prompt")
@@ -446,6 +448,20 @@ class OpenAIServer:
                                 lambda: self._close(jobs), rid)
         return await self._until_disconnect(request, self._completion_full(
             request, req, jobs, rid, created), lambda: self._close(jobs))
+
+    def _compile(self, req: proto.CompletionRequest | proto.ChatCompletionRequest,
+                 params: SamplingParams) -> None:
+        """Compile the request's constraint now, off the event loop and before the
+        engine steps it (`compile_constraint`): a grammar llguidance cannot build is a
+        400 naming the field the client sent."""
+        if params.structured_outputs is None:
+            return
+        try:
+            compile_constraint(self.tokenizer, self.model.config.vocab_size,
+                               self.model.eos_token_ids, params.structured_outputs)
+        except ValueError as e:
+            field = req.constraint()[1] or "tools"
+            raise APIError(400, f"{field}: {str(e).split(': ', 1)[-1]}", param=field) from None
 
     async def _completion_full(self, request: Request, req: proto.CompletionRequest,
                                jobs: list[_Job], rid: str, created: int) -> Response:
@@ -513,6 +529,7 @@ class OpenAIServer:
         req = await self._parse(proto.ChatCompletionRequest, request)
         self._check_model(req.model)
         params = req.sampling_params(self.max_model_len)
+        await self._offload(self._compile, req, params)
         tools = req.tool_calling(self.tokenizer.chat_template_for(req.template_tools()))
         prompt = {"prompt_token_ids": await self._offload(req.render, self.tokenizer)}
         rid = proto.new_id("chatcmpl")

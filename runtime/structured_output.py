@@ -25,6 +25,13 @@ Interface:
   rows, in parallel, while the device runs the forward (the model runner's
   ``token_masks`` hook). Compiled grammars are cached by constraint, so a
   request costs a copy of a compiled matcher, not a compilation.
+- `compile_constraint(tokenizer, ...)`: the compiled matcher (its first mask, the
+  costly part, computed), cached per tokenizer for the whole process. The server
+  calls it at intake, on a worker thread, so the engine step that first masks the
+  request finds it compiled (a grammar llguidance cannot build is a 400 there).
+  Every matcher runs under `PARSER_LIMITS`, so a pathological grammar costs a
+  bounded, small time and then ends its completion ``"error"`` (the limit it hit),
+  instead of seconds of a step that every other request waits for.
 - A constraint that reaches a state where no token is allowed (the matcher hit
   an error or a limit): `GrammarState.refusal(token)` says why, and the request
   ends with ``finish_reason`` ``"error"`` and that message as ``stop_reason``
@@ -74,7 +81,13 @@ if TYPE_CHECKING:
 # spend its tokens on blanks and every completion that ends is the compact form.
 JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ",
                                 "key_separator": ": "}
-GRAMMAR_CACHE_SIZE = 128  # compiled constraints kept per engine
+GRAMMAR_CACHE_SIZE = 128  # compiled constraints kept per tokenizer
+# llguidance's parser limits, for validation and every matcher: a tenth of its default
+# lexer fuel (for the first mask; per later mask). A pathological regex
+# ("(a{1000}){1000}", "a{99999999}") spent 0.5-1.9 s (tiny vocabulary; seconds more on
+# 49k) of lexer building at the defaults before failing anyway; under these it fails
+# within 0.1 s, while the nested schemas and regexes of the tests use a fraction.
+PARSER_LIMITS = llguidance.LLParserLimits(initial_lexer_fuel=100_000, step_lexer_fuel=100_000)
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
 GRAMMAR_ERROR = "error"  # the finish reason of a completion its grammar left no token
 
@@ -177,7 +190,8 @@ def _check(kind: str, spec: str) -> str:
             _checked.move_to_end(key)
             return _checked[key]
     grammar = _grammar(kind, spec)
-    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+        grammar, limits=PARSER_LIMITS)
     if is_error:
         raise ValueError(f"structured_outputs.{kind}: {_first_line(messages[0])}")
     with _grammar_lock:
@@ -247,7 +261,7 @@ class GrammarState:
 class StructuredOutputManager:
     """Masks for the constrained rows of an engine's steps (module docstring).
     The llguidance tokenizer (seconds for a large vocabulary) is built on the
-    first constrained request."""
+    first constrained request (at intake, with the server)."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]):
         self.tokenizer = tokenizer
@@ -255,36 +269,13 @@ class StructuredOutputManager:
         self.eos_token_ids = eos_token_ids
         from sluice.runtime.sampler import mask_words  # the sampler imports SamplingParams,
         self.words = mask_words(vocab_size)            # which imports this module
-        self._ll_tokenizer: llguidance.LLTokenizer | None = None
-        self._compiled: collections.OrderedDict[_Key, llguidance.LLMatcher] = \
-            collections.OrderedDict()
         self._executor = llguidance.LLExecutor()
 
-    @property
-    def ll_tokenizer(self) -> llguidance.LLTokenizer:
-        if self._ll_tokenizer is None:
-            self._ll_tokenizer = llguidance.LLTokenizer(
-                self.tokenizer.hf.to_str(), n_vocab=self.vocab_size,
-                eos_token=list(self.eos_token_ids) or None)
-        return self._ll_tokenizer
-
     def matcher(self, constraint: StructuredOutputs) -> llguidance.LLMatcher:
-        """A fresh matcher in the constraint's start state (a copy of the cached
-        compiled one)."""
-        key = _Key(constraint.kind, constraint.spec)
-        template = self._compiled.get(key)
-        if template is None:
-            template = llguidance.LLMatcher(self.ll_tokenizer, _check(key.kind, key.spec),
-                                            log_level=0)
-            if template.is_error():
-                raise ValueError(f"structured_outputs.{key.kind}: "
-                                 f"{_first_line(template.get_error())}")
-            self._compiled[key] = template
-            while len(self._compiled) > GRAMMAR_CACHE_SIZE:
-                self._compiled.popitem(last=False)
-        else:
-            self._compiled.move_to_end(key)
-        return template.deep_copy()
+        """A fresh matcher in the constraint's start state (a copy of the compiled one:
+        `compile`)."""
+        return compile_constraint(self.tokenizer, self.vocab_size, self.eos_token_ids,
+                                  constraint).deep_copy()
 
     def fill_masks(self, requests: list[Request | None]) -> dict[int, np.ndarray]:
         """Masks by index into ``requests`` for those with a constraint (others, and
@@ -319,3 +310,65 @@ class StructuredOutputManager:
             state.mask, state.mask_at = out[k], state.consumed
             masks[i] = out[k]
         return masks
+
+
+class _Compiler:
+    """A tokenizer's compiled constraints (see `compile`)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]):
+        self.ll_tokenizer = llguidance.LLTokenizer(
+            tokenizer.hf.to_str(), n_vocab=vocab_size, eos_token=list(eos_token_ids) or None)
+        self.compiled: collections.OrderedDict[_Key, llguidance.LLMatcher] = \
+            collections.OrderedDict()
+        self.lock = threading.Lock()
+
+    def compile(self, constraint: StructuredOutputs) -> llguidance.LLMatcher:
+        key = _Key(constraint.kind, constraint.spec)
+        with self.lock:
+            template = self.compiled.get(key)
+            if template is not None:
+                self.compiled.move_to_end(key)
+                return template
+        template = llguidance.LLMatcher(self.ll_tokenizer, _check(key.kind, key.spec),
+                                        log_level=0, limits=PARSER_LIMITS)
+        if template.is_error():
+            raise ValueError(f"structured_outputs.{key.kind}: {_reason(template)}")
+        # The first mask builds the lexer: the costly part. A grammar that fails there
+        # (no token allowed, a limit hit) is left for its completion to end "error".
+        template.compute_bitmask()
+        with self.lock:
+            self.compiled[key] = template
+            while len(self.compiled) > GRAMMAR_CACHE_SIZE:
+                self.compiled.popitem(last=False)
+        return template
+
+
+_compilers: collections.OrderedDict[tuple[int, int, tuple[int, ...]],
+                                    tuple[Tokenizer, _Compiler]] = collections.OrderedDict()
+_compilers_lock = threading.Lock()
+COMPILERS_KEPT = 4  # tokenizers whose compiled constraints stay cached
+
+
+def _compiler(tokenizer: Tokenizer, vocab_size: int,
+              eos_token_ids: tuple[int, ...]) -> _Compiler:
+    """The process's one `_Compiler` per tokenizer (the llguidance tokenizer takes
+    seconds to build for a large vocabulary), shared by servers and engines."""
+    key = (id(tokenizer), vocab_size, tuple(eos_token_ids))
+    with _compilers_lock:
+        held = _compilers.get(key)
+        if held is None or held[0] is not tokenizer:
+            held = _compilers[key] = (tokenizer, _Compiler(tokenizer, vocab_size,
+                                                           tuple(eos_token_ids)))
+            while len(_compilers) > COMPILERS_KEPT:
+                _compilers.popitem(last=False)
+        _compilers.move_to_end(key)
+        return held[1]
+
+
+def compile_constraint(tokenizer: Tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...],
+            constraint: StructuredOutputs) -> llguidance.LLMatcher:
+    """The compiled matcher of ``constraint`` for ``tokenizer`` in its start state, its
+    first mask computed (cached per tokenizer; not to be advanced: copy it). Called
+    at intake (the server, on a worker thread) so an engine step finds it compiled; a
+    grammar llguidance cannot build raises a ``ValueError`` naming the field."""
+    return _compiler(tokenizer, vocab_size, eos_token_ids).compile(constraint)

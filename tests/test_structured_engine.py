@@ -218,3 +218,23 @@ def test_ignore_eos_ends_a_finished_grammar_with_stop_and_logprobs_per_token(tin
     assert (comp.finish_reason, comp.text) == ("error", "")
     assert len(comp.logprobs) == len(comp.token_ids) == 0
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_a_grammar_over_the_parser_limits_ends_error_and_others_go_on(tiny):
+    """"(a{300}){300}" builds a lexer of millions of expressions: within llguidance's
+    default limits (a second and more of one step, every request waiting), past
+    `PARSER_LIMITS`, so it ends "error" naming the limit; the request beside it is
+    unaffected."""
+    engine = engine_for(tiny)
+    heavy = SamplingParams(temperature=0.0, max_tokens=8,
+                           structured_outputs=StructuredOutputs(regex="(a{300}){300}"))
+    free = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    engine.add_request("heavy", {"prompt_token_ids": [5, 6, 7]}, heavy)
+    engine.add_request("free", {"prompt_token_ids": [5, 6, 7]}, free)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
+    assert done["heavy"].finish_reason == "error"
+    assert "too many expressions" in done["heavy"].stop_reason
+    assert (done["free"].finish_reason, len(done["free"].token_ids)) == ("length", 8)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
