@@ -16,7 +16,8 @@ stream's id is in its ``X-Request-Id`` header before the first token; under a
 request -> `SamplingParams` mapping live in `sluice.runtime.openai_protocol`. With
 ``tools``, chat responses carry the calls parsed from the text (`sluice.runtime.tool_calls`)
 as ``message.tool_calls`` with ``finish_reason: "tool_calls"``, and streams send them as
-``delta.tool_calls`` (a call's id and name first, then its argument fragments).
+``delta.tool_calls`` (each call once it has closed and parses: its id and name, then
+its arguments), so streamed and non-streamed responses carry the same calls.
 
 Optional parts (the RAG routes: `sluice.rag.http.rag_part`) are mounted by
 ``OpenAIServer(engine, config, parts=[...])``, so the server imports none of them: a

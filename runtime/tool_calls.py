@@ -11,13 +11,17 @@ Interface:
   ``"required"`` outputs a JSON array of ``{"name", "parameters"}`` objects, one of
   the tools each (``parallel_tool_calls: false``: exactly one). With ``"auto"`` the
   model writes what it likes and `parse` finds calls in its family's format.
-- `parse(text) -> (content, calls)`: the finished text's content and `ToolCall`s;
-  text whose calls do not parse is all content.
+- `parse(text) -> (content, calls)`: the finished text's content and `ToolCall`s:
+  the calls that closed and whose arguments parse (malformed or truncated ones are
+  dropped; ``parallel_tool_calls: false`` keeps the first of them); text with no
+  such call is all content.
 - `ToolCallStream`: per streamed choice, ``update(text, final)`` turns the text so
-  far into the next ``delta`` (content and/or ``tool_calls``): a call's ``index``,
-  ``id``, ``type`` and ``function.name`` come first, then its ``arguments`` in
-  fragments as the model writes them, so the official client's accumulation of
-  fragments gives the same arguments string as the non-streamed response.
+  far into the next ``delta`` (content and/or ``tool_calls``) by the same rule: a
+  call is sent once it has closed and parses, as a ``delta.tool_calls`` entry with
+  its ``index``, ``id``, ``type`` and ``function.name`` (arguments ``""``) followed
+  by one with its ``arguments``, so the official client reassembles exactly the
+  non-streamed response (the same calls, content and finish reason), never a call
+  the final text does not bear out.
 
 Formats (`FORMATS`, picked from the chat template's text by `detect_format`):
 
@@ -226,20 +230,26 @@ class ToolCalling:
             calls.extend(_calls_in(block.split(_HERMES_END, 1)[0]))
         return head, 0, calls
 
-    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        """The finished text's content (None when it is only calls) and calls; calls
-        that do not parse leave all of the text as content."""
-        content, _, partials = self._partials(text)
-        if self.named is not None:
+    def settled(self, text: str, final: bool) -> tuple[str, int, list[_Partial]]:
+        """Content so far, how many of its last characters to hold back, and the calls
+        that have closed and whose arguments parse, in order (the first only without
+        parallel_tool_calls); a malformed or unfinished call is never one of them,
+        streamed or not, so both give the same calls."""
+        content, hold, partials = self._partials(text)
+        if self.named is not None and final:
             partials[0].complete = True
-        calls = []
-        for p in partials:
-            if p.name is None or not p.complete or not _is_json(p.arguments):
-                return text, []
-            calls.append(ToolCall(new_call_id(), p.name, p.arguments))
-        if not self.parallel:
-            calls = calls[:1]
-        return (content.strip() or None) if calls else text, calls
+        calls = [p for p in partials
+                 if p.name is not None and p.complete and _is_json(p.arguments)]
+        return content, hold, calls if self.parallel else calls[:1]
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """The finished text's content (None when it is only calls) and calls; text
+        with no call that parses is all content."""
+        content, _, calls = self.settled(text, True)
+        if not calls:
+            return text, []
+        return content.strip() or None, [ToolCall(new_call_id(), p.name, p.arguments)
+                                         for p in calls]
 
 
 _LITERAL_KEYWORDS = ("const", "enum", "default", "examples")  # values, not schemas
@@ -281,39 +291,26 @@ class ToolCallStream:
     def __init__(self, tools: ToolCalling):
         self.tools = tools
         self.content_sent = 0
-        self.ids: list[str] = []  # per call whose header was sent
-        self.args_sent: list[int] = []
+        self.ids: list[str] = []  # per call sent
 
     def update(self, text: str, final: bool) -> dict[str, Any]:
         """The delta that brings the client from what it has to ``text`` (all of the
-        choice's text so far); ``final`` releases held-back content."""
-        content, hold, partials = self.tools._partials(text)
-        if not self.tools.parallel:
-            partials = partials[:1]
-        if final and not partials:
-            hold = 0
+        choice's text so far); ``final`` releases held-back content, and all of the
+        text when no call parsed (as `ToolCalling.parse`)."""
+        content, hold, calls = self.tools.settled(text, final)
+        visible = text if final and not calls else content[:len(content) - hold]
         delta: dict[str, Any] = {}
-        visible = content[:len(content) - hold]
         if len(visible) > self.content_sent:
             delta["content"] = visible[self.content_sent:]
             self.content_sent = len(visible)
-        calls = []
-        for i, p in enumerate(partials):
-            if p.name is None:
-                break
-            if i == len(self.ids):  # the header goes alone: the arguments follow it
-                self.ids.append(new_call_id())
-                self.args_sent.append(0)
-                calls.append({"index": i, "id": self.ids[i], "type": "function",
-                              "function": {"name": p.name, "arguments": ""}})
-                if not final:
-                    continue
-            if len(p.arguments) > self.args_sent[i]:
-                calls.append({"index": i,
-                              "function": {"arguments": p.arguments[self.args_sent[i]:]}})
-                self.args_sent[i] = len(p.arguments)
-        if calls:
-            delta["tool_calls"] = calls
+        out = []
+        for i in range(len(self.ids), len(calls)):  # the header, then the arguments
+            self.ids.append(new_call_id())
+            out.append({"index": i, "id": self.ids[i], "type": "function",
+                        "function": {"name": calls[i].name, "arguments": ""}})
+            out.append({"index": i, "function": {"arguments": calls[i].arguments}})
+        if out:
+            delta["tool_calls"] = out
         return delta
 
     @property

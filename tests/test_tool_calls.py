@@ -65,8 +65,8 @@ def test_each_format_parses_and_streams_to_the_same_calls(fmt):
     first = next(d for d in deltas if "tool_calls" in d)["tool_calls"][0]
     assert first["id"].startswith("call_") and first["function"] == {
         "name": "get_weather", "arguments": ""}  # the header comes before any argument
-    assert sum(1 for d in deltas if any(len(tc["function"]["arguments"]) > 0
-                                        for tc in d.get("tool_calls", []))) > 5  # fragments
+    sent = [len(d.get("tool_calls", [])) for d in deltas if d.get("tool_calls")]
+    assert sent == [2, 2]  # each call once it closed and parsed: header, then arguments
     assert "<tool_call" not in s_content and "[TOOL_CALLS" not in s_content
 
 
@@ -136,3 +136,39 @@ def test_required_keeps_each_tools_defs_resolvable():
                 [{"name": "b", "parameters": {"inner": {"y": "$ref"}, "more": [{"x": 1}]}}]):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
+
+
+def _both(tools: ToolCalling, text: str) -> tuple[tuple, tuple]:
+    """(content, [(name, arguments)]) as parsed, and as a client reassembles the stream."""
+    content, calls = tools.parse(text)
+    stream = ToolCallStream(tools)
+    deltas = [stream.update(text[:i], i == len(text)) for i in range(1, len(text) + 1)]
+    s_content, s_calls = accumulate(deltas)
+    return ((content, [(c.name, c.arguments) for c in calls]),
+            (s_content.strip() or None if s_calls else s_content,
+             [(c["name"], c["arguments"]) for c in s_calls]))
+
+
+CALL1 = f'<tool_call>\n{{"name": "get_weather", "arguments": {ARGS1}}}\n</tool_call>'
+BAD = '<tool_call>\n{"name": "get_time", "arguments": {"zone": CET}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("text,parallel,want", [
+    # truncated (max_tokens) mid-arguments: no call anywhere, all of it is content
+    (f'Hi {CALL1[:40]}', True, (f'Hi {CALL1[:40]}', [])),
+    # malformed arguments: the same
+    (f'Hi {BAD}', True, (f'Hi {BAD}', [])),
+    # a malformed second call does not drop a valid first one, parallel or not
+    (f'Hi {CALL1}{BAD}', True, ("Hi", [("get_weather", ARGS1)])),
+    (f'Hi {CALL1}{BAD}', False, ("Hi", [("get_weather", ARGS1)])),
+    (f'Hi {BAD}{CALL1}', False, ("Hi", [("get_weather", ARGS1)])),
+])
+def test_stream_and_parse_agree_on_malformed_and_truncated_calls(text, parallel, want):
+    parsed, streamed = _both(ToolCalling([WEATHER, TIME], "auto", parallel=parallel), text)
+    assert parsed == streamed == want
+
+
+def test_named_call_truncated_by_length_streams_no_call():
+    tools = ToolCalling([WEATHER, TIME], "get_time")
+    assert _both(tools, ARGS2[:-3]) == ((ARGS2[:-3], []), (ARGS2[:-3], []))
+    assert _both(tools, ARGS2) == ((None, [("get_time", ARGS2)]),) * 2
