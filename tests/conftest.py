@@ -27,6 +27,12 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=4").strip()
 
+# The suite's time is mostly XLA:CPU compiling small programs, and LLVM's -O0 halves
+# that (the fault-isolation poison test: 48 -> 32 s of CPU). Tests check behaviour,
+# never speed; benchmarks (bench/) and the runtime keep XLA's default level.
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
