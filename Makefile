@@ -40,8 +40,11 @@ ARGS ?=
 run: install
 	$(VENV)/bin/sluice serve --model smollm2-135m-instruct --max-model-len 2048 --port $(PORT) $(ARGS)
 
+# The suite is bound by XLA compiling on one thread at a time, so two workers (a whole
+# test file each, so a file's module fixtures are built once) use both cores.
+TEST_WORKERS ?= 2
 test: install-test
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TPU_VENV) $(GPU_VENV) $(JAX012_VENV)

@@ -17,9 +17,13 @@ from pathlib import Path
 # from an earlier run (or another checkout) are never read back. Two full runs over
 # a warm persistent compilation cache crashed the process (SIGABRT, then SIGSEGV) at
 # the same test; the one over a cold cache did not.
-if "SLUICE_CACHE_DIR" not in os.environ:
+# Each pytest-xdist worker gets its own (a worker inherits the controller's environment,
+# so the directory made there would be shared).
+if "SLUICE_CACHE_DIR" not in os.environ or os.environ.get("SLUICE_TEST_CACHE_OWNER") not in (
+        None, os.environ.get("PYTEST_XDIST_WORKER", "main")):
     import tempfile
     os.environ["SLUICE_CACHE_DIR"] = tempfile.mkdtemp(prefix="sluice-test-cache-")
+    os.environ["SLUICE_TEST_CACHE_OWNER"] = os.environ.get("PYTEST_XDIST_WORKER", "main")
 
 # Several CPU devices, so multi-instance tests put each instance on its own device
 # (set before anything imports jax).
