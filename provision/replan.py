@@ -23,6 +23,7 @@ current fleet keeps serving, with routing re-solved for it, in between.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections import deque
 from typing import Protocol, Sequence
 
@@ -65,6 +66,8 @@ class Replanner:
         self.min_saving = min_saving
         self.patience = patience
         self._seen: deque[tuple[float, tuple[int, int]]] = deque()
+        # arrivals are observed on the serving threads while a re-plan reads them
+        self._seen_lock = threading.Lock()
         self._cheaper_streak = 0
         self._max_in = buckets.input_edges[-1]
         self._max_out = buckets.output_edges[-1]
@@ -72,13 +75,16 @@ class Replanner:
     def observe(self, t: float, input_len: int, output_len: int) -> None:
         idx = self.buckets.index(min(max(input_len, 1), self._max_in),
                                  min(max(output_len, 1), self._max_out))
-        self._seen.append((t, idx))
+        with self._seen_lock:
+            self._seen.append((t, idx))
 
     def rates(self, now: float) -> np.ndarray:
-        while self._seen and self._seen[0][0] <= now - self.window_s:
-            self._seen.popleft()
+        with self._seen_lock:
+            while self._seen and self._seen[0][0] <= now - self.window_s:
+                self._seen.popleft()
+            seen = [idx for _, idx in self._seen]
         counts = np.zeros(self.buckets.shape)
-        for _, idx in self._seen:
+        for idx in seen:
             counts[idx] += 1
         return counts / self.window_s
 

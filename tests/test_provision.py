@@ -453,3 +453,34 @@ def test_cli_prints_headroom_raised_by_the_simulation(tmp_path, capsys):
     assert f"headroom raised from 0% to {plan['headroom']:.0%}: the simulation missed" in out
     assert _cli(argv + ["--headroom", str(plan["headroom"])]) == 0
     assert "headroom raised" not in capsys.readouterr().out
+
+
+def test_replanner_rates_while_arrivals_are_observed_from_another_thread():
+    """Arrivals are observed on serving threads while the global scheduler re-plans:
+    reading the rates must never see the arrival window change under it."""
+    import sys
+    import threading
+
+    rp = Replanner([TypeProfile("small", 1.0, [[4.0, 0.5]], "test")],
+                   Buckets((0, 100), (0, 100, 1000)), FakeActuator(), window_s=1e9)
+    for i in range(20000):
+        rp.observe(float(i), 50, 50)
+    stop = threading.Event()
+
+    def arrivals():
+        i = 20000
+        while not stop.is_set():
+            rp.observe(float(i), 50, 50)
+            i += 1
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    thread = threading.Thread(target=arrivals)
+    thread.start()
+    try:
+        for _ in range(50):
+            assert rp.rates(0.0).sum() >= 20000 / 1e9
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(old)
