@@ -153,7 +153,8 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None  # where outputs are delivered
         self._ids = itertools.count()
         self._worker = EngineWorker(engine, "engine", self._on_outputs,
-                                    on_step_error=self._on_step_error)
+                                    on_step_error=self._on_step_error,
+                                    on_death=self._on_worker_death)
 
     @property
     def model(self) -> Model:
@@ -207,6 +208,9 @@ class AsyncEngine:
     def health(self) -> Health:
         """Serving unless the engine is dead (`EngineDeadError`: it cannot step)."""
         dead = self.engine.dead
+        if dead is None and self._worker.error is not None:
+            dead = f"its worker thread died ({type(self._worker.error).__name__}: " \
+                   f"{self._worker.error})"
         if dead is None:
             return Health(serving=1)
         return Health(serving=0, dead=1, deaths=1, reason=f"the engine is dead: {dead}")
@@ -215,6 +219,13 @@ class AsyncEngine:
 
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
         self._post(self._deliver, outputs)
+
+    def _on_worker_death(self, error: BaseException) -> None:
+        """The worker's loop died (not a failed step: something around it): no
+        request will advance again, so every open stream ends with the error
+        instead of waiting forever, and `health` reports the engine dead."""
+        log.error("engine worker died", exc_info=error)
+        self._post(self._fail_all, error)
 
     def _on_step_error(self, engine: LLMEngine, error: Exception) -> None:
         """A failed step fails its requests, not the server: abort them all before

@@ -159,3 +159,28 @@ def test_stalled_http_stream_ends_with_an_error_event_and_is_counted(tiny):
         await front.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_dead_worker_ends_every_stream_and_reports_unhealthy(tiny):
+    """If the worker's loop itself dies (not a failed step, which fails only its
+    requests), no request can advance again: open streams end with the error
+    instead of waiting forever, and health says the engine is dead."""
+    engine = make_engine(tiny)
+    aeng = AsyncEngine(engine)
+    params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+
+    def broken() -> bool:
+        raise RuntimeError("the loop broke")
+
+    async def main():
+        stream = await aeng.generate({"prompt_token_ids": [5, 6, 7]}, params, delta=True)
+        assert aeng.health().serving == 1
+        engine.has_unfinished_requests = broken  # the loop's next turn raises
+        with pytest.raises(RuntimeError, match="the loop broke"):
+            async for _ in stream:
+                pass
+        health = aeng.health()
+        assert health.serving == 0 and "worker thread died" in health.reason
+        await aeng.shutdown()
+
+    asyncio.run(main())
