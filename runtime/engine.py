@@ -48,7 +48,7 @@ from sluice.runtime.loader import Model
 from sluice.runtime.migration import MigrationEndpoint
 from sluice.runtime.model_runner import ModelRunner, StepRow
 from sluice.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from sluice.runtime.sampling_params import SamplingParams
+from sluice.runtime.sampling_params import MAX_LOGPROBS, SamplingParams
 from sluice.runtime.structured_output import StructuredOutputManager
 from sluice.runtime.swap import HostSwapSpace, SwapExecutor
 from sluice.scheduler.local import LocalScheduler, ModelOutput, ScheduledRow, SchedulerOutput
@@ -466,18 +466,11 @@ class LLMEngine:
 
 def _concat_rows(parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
     """One (tokens, logprobs, top ids, top logprobs) from the parts' rows, in
-    order. Parts may hold different numbers of top log-probs (each as many as
-    its rows ask for at most): the narrower are zero-padded."""
+    order (every part's top log-probs are `MAX_LOGPROBS` wide)."""
     if not parts:
         return (np.zeros(0, np.int32), np.zeros(0, np.float32),
-                np.zeros((0, 0), np.int32), np.zeros((0, 0), np.float32))
-    out = []
-    for arrays in zip(*parts):
-        if arrays[0].ndim == 2:
-            k = max(a.shape[1] for a in arrays)
-            arrays = [np.pad(a, ((0, 0), (0, k - a.shape[1]))) for a in arrays]
-        out.append(np.concatenate(arrays))
-    return tuple(out)
+                np.zeros((0, MAX_LOGPROBS), np.int32), np.zeros((0, MAX_LOGPROBS), np.float32))
+    return tuple(np.concatenate(arrays) for arrays in zip(*parts))
 
 
 def make_intake(model: Model, config: EngineConfig) -> Intake:
