@@ -83,6 +83,18 @@ def run(engine: LLMEngine, reqs: dict, reshuffle: bool = False) -> dict[str, lis
     return outs
 
 
+def _run_out(engine: LLMEngine) -> dict:
+    """Step ``engine`` until idle: each finished request's (tokens, text, finish reason)
+    per completion."""
+    outs = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                outs[o.request_id] = [(c.token_ids, c.text, c.finish_reason)
+                                      for c in o.outputs]
+    return outs
+
+
 def _drain(engine: LLMEngine, reqs: dict, rng, reshuffle: bool, done: dict) -> dict:
     outs = {}
     while engine.has_unfinished_requests():
@@ -158,13 +170,7 @@ def test_live_migration_rebuilds_the_grammar_from_the_tokens(tiny, undisturbed):
     assert all(r.grammar.matcher is None for r in handover.group.requests)
     assert dst.migration.adopt(handover)
     src.migration.release("so0")
-    outs = {}
-    while dst.has_unfinished_requests():
-        for o in dst.step():
-            if o.finished:
-                outs[o.request_id] = [(c.token_ids, c.text, c.finish_reason)
-                                      for c in o.outputs]
-    assert outs["so0"] == undisturbed["so0"]
+    assert _run_out(dst)["so0"] == undisturbed["so0"]
     for e in (src, dst):
         assert e.block_manager.num_free_blocks == e.block_manager.num_blocks
 
@@ -185,13 +191,7 @@ def test_redispatch_replays_the_tokens_into_a_fresh_grammar(tiny, undisturbed):
     assert group.requests[0].grammar.consumed == 0  # nothing fed to a matcher yet
     src.abort_request("so0")
     dst.enqueue(group)
-    outs = {}
-    while dst.has_unfinished_requests():
-        for o in dst.step():
-            if o.finished:
-                outs[o.request_id] = [(c.token_ids, c.text, c.finish_reason)
-                                      for c in o.outputs]
-    assert outs["so0"] == undisturbed["so0"]
+    assert _run_out(dst)["so0"] == undisturbed["so0"]
 
 
 def test_ignore_eos_ends_a_finished_grammar_with_stop_and_logprobs_per_token(tiny):
