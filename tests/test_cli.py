@@ -241,15 +241,18 @@ def test_make_run_takes_port_and_args():
     import shlex
     import subprocess
     from pathlib import Path
+    import os
     root = Path(__file__).resolve().parents[1]
-    dry = subprocess.run(["make", "-n", "-o", "install", "run", "PORT=8123",
-                          "ARGS=--no-warmup --api-key 'k 1'"], cwd=root, capture_output=True,
-                         text=True, check=True).stdout
+    # under `make test` the outer make's settings would make this one print its directory
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    make = ["make", "--no-print-directory", "-n", "-o", "install"]
+    dry = subprocess.run([*make, "run", "PORT=8123", "ARGS=--no-warmup --api-key 'k 1'"],
+                         cwd=root, capture_output=True, text=True, check=True, env=env).stdout
     words = shlex.split(dry.strip().splitlines()[-1])
     assert words[0].endswith("sluice") and words[1] == "serve"
     assert words[-5:] == ["--port", "8123", "--no-warmup", "--api-key", "k 1"]
-    default = subprocess.run(["make", "-n", "-o", "install", "run"], cwd=root,
-                             capture_output=True, text=True, check=True).stdout
+    default = subprocess.run([*make, "run"], cwd=root, capture_output=True, text=True,
+                             check=True, env=env).stdout
     assert shlex.split(default.strip().splitlines()[-1])[-2:] == ["--port", "8000"]
 
 
