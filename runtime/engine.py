@@ -452,8 +452,13 @@ class LLMEngine:
         first = group.requests[0]
         prompt_ids = first.prompt_token_ids if group.delta_outputs \
             else list(first.prompt_token_ids)
+        # complete once the prompt is computed, i.e. from the first output on (a delta
+        # output: in that one only)
+        first_output = not group.delta_outputs or not first.token_times[:-1]
+        prompt_lps = list(first.prompt_logprobs) if first.params.prompt_logprobs is not None \
+            and not first.needs_prompt_logprobs and first_output else None
         return RequestOutput(group.request_id, group.prompt, prompt_ids, completions, finished,
-                             metrics, group.delta_outputs)
+                             metrics, group.delta_outputs, prompt_logprobs=prompt_lps)
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
@@ -465,11 +470,12 @@ class LLMEngine:
 
 
 def _concat_rows(parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
-    """One (tokens, logprobs, top ids, top logprobs) from the parts' rows, in
-    order (every part's top log-probs are `MAX_LOGPROBS` wide)."""
+    """One (tokens, logprobs, top ids, top logprobs, prompt logprobs) from the parts'
+    rows, in order (every part's top log-probs are `MAX_LOGPROBS` wide)."""
     if not parts:
         return (np.zeros(0, np.int32), np.zeros(0, np.float32),
-                np.zeros((0, MAX_LOGPROBS), np.int32), np.zeros((0, MAX_LOGPROBS), np.float32))
+                np.zeros((0, MAX_LOGPROBS), np.int32), np.zeros((0, MAX_LOGPROBS), np.float32),
+                np.zeros(0, object))
     return tuple(np.concatenate(arrays) for arrays in zip(*parts))
 
 

@@ -88,9 +88,10 @@ class KVCacheManager:
         if self.is_swapped(req.request_id):  # all its blocks are new
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             return blocks_for(req.num_computed_tokens + n, self.block_size)
-        cached = self.blocks.lookup_prefix(req.all_token_ids)
+        key = self._prefix_key(req)
+        cached = self.blocks.lookup_prefix(key)
         n = min(req.num_tokens - cached, budget)
-        return self.blocks.admission_cost(req.all_token_ids, cached + n)
+        return self.blocks.admission_cost(key, cached + n)
 
     # -- device blocks --------------------------------------------------------
 
@@ -125,8 +126,14 @@ class KVCacheManager:
         if self.is_swapped(req.request_id):
             self.blocks.begin(req.request_id, [])
             return 0, None
-        cached = self.blocks.begin(req.request_id, req.all_token_ids)
-        return cached, self._host_prefix(req, cached)
+        cached = self.blocks.begin(req.request_id, self._prefix_key(req))
+        return cached, None if req.needs_prompt_logprobs else self._host_prefix(req, cached)
+
+    @staticmethod
+    def _prefix_key(req: Request) -> list[int]:
+        """The tokens a request may find cached: none while it needs prompt
+        log-probs (a cached token's logits are not kept), else all of them."""
+        return [] if req.needs_prompt_logprobs else req.all_token_ids
 
     def _host_prefix(self, req: Request, cached: int) -> list[int] | None:
         if self.host is None:

@@ -7,8 +7,12 @@ of compiled programs is bounded and known; `warmup` compiles them all. The KV po
 every call, so the step never copies it.
 
 Interface: ``execute(batch, during=None, token_masks=None) -> (token_ids,
-logprobs, top_ids, top_logprobs)`` numpy arrays, one row per entry of ``batch``
-(rows of unfinished prefill chunks are garbage and ignored by the engine);
+logprobs, top_ids, top_logprobs, prompt_logprobs)`` numpy arrays, one row per entry of ``batch``
+(rows of unfinished prefill chunks are garbage and ignored by the engine;
+``prompt_logprobs`` is an object array, None but for the prompt chunks of
+requests that need prompt log-probs: ``(first prompt position, [TokenLogprobs])``.
+Only a step holding such a chunk computes logits at every row, in a program of
+its own, so other steps pay nothing);
 ``during`` is host work to overlap with the step on the device (asynchronous
 swap-in); ``token_masks()`` returns the rows' allowed-token bitmasks
 (structured outputs), computed on the host while the forward runs.
@@ -43,8 +47,9 @@ from sluice.runtime.attention import AttentionMetadata, get_backend
 from sluice.runtime.kv_cache import KVCacheSpec, blocks_for
 from sluice.runtime.loader import Model
 from sluice.runtime.model import compute_logits, forward_unjitted
-from sluice.runtime.request import Request
-from sluice.runtime.sampler import ALL_ALLOWED, SamplingTensors, mask_words, sample
+from sluice.runtime.request import Request, TokenLogprobs
+from sluice.runtime.sampler import (ALL_ALLOWED, SamplingTensors, mask_words, sample,
+                                    token_logprobs)
 
 
 # Packed allowed-token masks for a step, by index into the batch given to
@@ -81,10 +86,18 @@ class StepRow:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "backend"), donate_argnames=("kv_cache",))
-def _forward_logits(params, kv_cache, token_ids, positions, metas, sample_rows, *, cfg, backend):
+def _forward_logits(params, kv_cache, token_ids, positions, metas, sample_rows, targets=None,
+                    *, cfg, backend):
+    """Logits at ``sample_rows`` and the updated pool; with ``targets`` (int32, a
+    next token per row: a step with prompt log-probs, a program of its own), also
+    every row's log-prob of its target and top alternatives (`token_logprobs`)."""
     hidden, kv_cache = forward_unjitted(params, cfg, token_ids, positions, kv_cache, metas,
                                         backend)
-    return compute_logits(params, hidden[sample_rows]), kv_cache
+    logits = compute_logits(params, hidden[sample_rows])
+    if targets is None:
+        return logits, kv_cache
+    every = token_logprobs(compute_logits(params, hidden), targets)
+    return logits, kv_cache, (every.logprobs, every.top_ids, every.top_logprobs)
 
 
 _gather_blocks = jax.jit(dispatch.gather_blocks, static_argnums=2)
@@ -241,7 +254,8 @@ class ModelRunner:
     def execute(self, batch: list[StepRow],
                 during: Callable[[jax.Array], None] | None = None,
                 token_masks: TokenMasks | None = None) -> tuple[np.ndarray, ...]:
-        """Run one step; returns per-row (token, logprob, top ids, top logprobs).
+        """Run one step; returns per-row (token, logprob, top ids, top logprobs,
+        prompt logprobs) (module docstring).
         ``during(tokens)`` runs on this thread once the step is dispatched and
         before its results are fetched (``tokens``: the step's device output), so
         host work there (a swap-in) overlaps the step on the device.
@@ -251,8 +265,10 @@ class ModelRunner:
         decode = [r for r in batch if r.request.is_decode(r.num_new_tokens)]
         prefill = [r for r in batch if not r.request.is_decode(r.num_new_tokens)]
         token_ids, positions, metas, sample_rows = self._build(decode, prefill)
-        logits, self.kv_cache = _forward_logits(
+        targets, spans = self._prompt_targets(decode, prefill)
+        logits, self.kv_cache, *every = _forward_logits(
             self.model.params, self.kv_cache, token_ids, positions, metas, sample_rows,
+            None if targets is None else jax.device_put(targets, self.device),
             cfg=self.model.config, backend=self.backend)
         ordered = decode + prefill
         where = {id(r): i for i, r in enumerate(ordered)}
@@ -261,8 +277,31 @@ class ModelRunner:
                            {where[id(batch[i])]: m for i, m in masks.items()} if masks else None)
         if during is not None:
             during(out[0])
+        prompt = _prompt_logprobs(len(ordered), spans, targets, every[0] if every else None)
         idx = np.asarray([where[id(r)] for r in batch], np.int64)
-        return tuple(np.asarray(a)[idx] for a in out)
+        return tuple(np.asarray(a)[idx] for a in out + (prompt,))
+
+    def _prompt_targets(self, decode: list[StepRow], prefill: list[StepRow]
+                        ) -> tuple[np.ndarray | None, list[tuple[int, int, int, int]]]:
+        """For the prompt chunks of requests that need prompt log-probs: each query
+        row's next prompt token (int32 over the step's rows; None when no row needs
+        them, so the step runs the plain program) and spans ``(index into decode +
+        prefill, first row, first prompt position scored, rows)``. Row ``j`` of a
+        chunk holds position ``p`` and scores the prompt token at ``p + 1``."""
+        if not any(r.request.needs_prompt_logprobs for r in prefill):
+            return None, []
+        shape = self.shape_for(decode, prefill)
+        targets = np.zeros(sum(rows for _, rows, _ in shape.groups()), np.int32)
+        spans, row = [], shape.decode_seqs  # the prompt group follows the decode rows
+        for i, r in enumerate(prefill):
+            req, first = r.request, r.request.num_computed_tokens
+            count = min(first + r.num_new_tokens, len(req.prompt_token_ids) - 1) - first
+            if req.needs_prompt_logprobs and count > 0:
+                targets[row:row + count] = req.prompt_token_ids[first + 1:first + 1 + count]
+                spans.append((len(decode) + i, row, first + 1, count))
+            row += r.num_new_tokens
+        return targets, spans
+
 
     # -- block mover (swap and migration) --------------------------------------
 
@@ -322,6 +361,21 @@ class ModelRunner:
                                         self.max_model_len)
         out = _sample(logits, tensors, self._token_mask(logits.shape[0], masks))
         return out.token_ids, out.logprobs, out.top_ids, out.top_logprobs
+
+
+def _prompt_logprobs(num_rows: int, spans: list[tuple[int, int, int, int]],
+                     targets: np.ndarray | None, every: tuple[jax.Array, ...] | None
+                     ) -> np.ndarray:
+    """Per row of the step (object array): None, or ``(first position, [TokenLogprobs])``
+    with all `MAX_LOGPROBS` alternatives (the scheduler keeps the request's number)."""
+    out = np.full(num_rows, None, object)
+    if every is None:
+        return out
+    lps, top_ids, top_lps = (np.asarray(a) for a in every)
+    for index, row, start, count in spans:
+        out[index] = (start, [TokenLogprobs(int(targets[j]), float(lps[j]), dict(zip(
+            top_ids[j].tolist(), top_lps[j].tolist()))) for j in range(row, row + count)])
+    return out
 
 
 def _padding_group(spec: KVCacheSpec, n_seqs: int, n_tok: int, max_q: int,

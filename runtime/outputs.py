@@ -56,6 +56,9 @@ class RequestOutput:
     # Set on the final output of a request that failed on its own (the engine's step
     # raised for it alone): why. Its completions end with finish_reason "abort".
     error: str | None = None
+    # with SamplingParams.prompt_logprobs: one entry per prompt token, None for the
+    # first (nothing precedes it); a delta stream carries them in its first output only
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class RequestFailed(RuntimeError):
@@ -86,6 +89,8 @@ def merge(into: RequestOutput, new: RequestOutput) -> RequestOutput:
         old_m.__dict__.update(m.__dict__)
         old_m.token_times = times
     into.finished = new.finished
+    if into.prompt_logprobs is None:
+        into.prompt_logprobs = new.prompt_logprobs
     return into
 
 

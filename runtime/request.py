@@ -74,6 +74,9 @@ class Request:
     # its structured-output matcher (sluice.runtime.structured_output); rebuilt from
     # output_token_ids wherever the request runs
     grammar: GrammarState | None = None
+    # log-probs of prompt tokens 0.. so far (params.prompt_logprobs); token 0 has none
+    prompt_logprobs: list[TokenLogprobs | None] = dataclasses.field(
+        default_factory=lambda: [None])
 
     def __post_init__(self) -> None:
         if self.grammar is None and self.params.structured_outputs is not None:
@@ -89,6 +92,21 @@ class Request:
     def is_decode(self, num_new_tokens: int) -> bool:
         """One new token that completes the sequence: a decode, not a prompt chunk."""
         return num_new_tokens == 1 and self.num_computed_tokens + 1 == self.num_tokens
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether this request still has prompt log-probs to compute (only the first
+        completion of a group computes them; its siblings share them). Such a
+        request takes no prefix-cache hit: a cached token has no logits."""
+        return (self.params.prompt_logprobs is not None and self.index == 0
+                and len(self.prompt_logprobs) < len(self.prompt_token_ids))
+
+    def add_prompt_logprobs(self, start: int, lps: list[TokenLogprobs]) -> None:
+        """Record the log-probs of prompt tokens ``start, start + 1, ...``; positions
+        already recorded (a chunk recomputed after preemption) are kept, not doubled."""
+        skip = len(self.prompt_logprobs) - start
+        if skip >= 0:
+            self.prompt_logprobs.extend(lps[skip:])
 
     @property
     def is_finished(self) -> bool:

@@ -183,7 +183,7 @@ def sample(logits: jax.Array, t: SamplingTensors, token_mask: jax.Array) -> Samp
     greedy_ids = _argmax(x)
     sampled = t.temperature >= GREEDY_TEMPERATURE
     token_ids = jax.lax.cond(jnp.any(sampled), _sampled_ids, lambda x, t, g: g, x, t, greedy_ids)
-    return jax.lax.cond(jnp.any(t.want_logprobs), _with_logprobs, _without_logprobs,
+    return jax.lax.cond(jnp.any(t.want_logprobs), token_logprobs, _without_logprobs,
                         logits, token_ids)
 
 
@@ -362,7 +362,9 @@ def _inverse_cdf(w: jax.Array, u: jax.Array) -> jax.Array:
     return jnp.where(first < n, first, last)
 
 
-def _with_logprobs(logits: jax.Array, token_ids: jax.Array) -> SamplerOutput:
+def token_logprobs(logits: jax.Array, token_ids: jax.Array) -> SamplerOutput:
+    """``token_ids`` with their log-probs under the raw distribution of ``logits``
+    and its `MAX_LOGPROBS` most likely tokens (also prompt log-probs, in the runner)."""
     lse = jax.nn.logsumexp(logits, -1)
     chosen = jnp.take_along_axis(logits, token_ids[:, None], -1)[:, 0] - lse
     top_values, top_ids = jax.lax.top_k(logits, _num_top(logits))

@@ -7,6 +7,9 @@ multiplies negative ones), ``presence_penalty`` / ``frequency_penalty`` (OpenAI:
 subtracted per generated occurrence), ``seed``, ``max_tokens``, ``stop`` strings,
 ``stop_token_ids``, ``ignore_eos``, ``logprobs`` (number of top alternatives to
 return besides the chosen token; 0 = the chosen token only; None = no logprobs),
+``prompt_logprobs`` (vLLM's: the log-probability of every prompt token but the
+first, given the tokens before it, with this many top alternatives; None = none;
+a request asking for them computes its whole prompt, taking no prefix-cache hit),
 ``include_stop_str_in_output``, ``skip_special_tokens`` and
 ``structured_outputs`` (a `StructuredOutputs` constraint, or a dict of its fields:
 JSON schema, JSON object, regex, choice or grammar; checked when made, see
@@ -35,6 +38,7 @@ field                        accepted values
 ``seed``                     None or -2**63 .. 2**63 - 1 (int64; used modulo 2**32)
 ``max_tokens``               1 .. 2**31 - 1 (capped by the context left)
 ``logprobs``                 None or 0 .. 20 (`MAX_LOGPROBS`)
+``prompt_logprobs``          None or 0 .. 20 (`MAX_LOGPROBS`)
 ``stop_token_ids``           each 0 .. 2**31 - 1
 ============================ ==================================================
 
@@ -107,6 +111,7 @@ RANGES: dict[str, Range] = {
     "seed": Range(int, INT64_MIN, INT64_MAX, optional=True),
     "max_tokens": Range(int, 1, INT32_MAX),
     "logprobs": Range(int, 0, MAX_LOGPROBS, optional=True),
+    "prompt_logprobs": Range(int, 0, MAX_LOGPROBS, optional=True),
 }
 TOKEN_ID_RANGE = Range(int, 0, INT32_MAX)  # each of ``stop_token_ids``
 
@@ -129,6 +134,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputs | None = None

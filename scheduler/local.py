@@ -109,6 +109,9 @@ class ModelOutput:
     logprobs: np.ndarray  # [rows]
     top_ids: np.ndarray  # [rows, k]
     top_logprobs: np.ndarray  # [rows, k]
+    # [rows] objects: None, or a prompt chunk's (first position, [TokenLogprobs]) for
+    # a request that needs prompt log-probs (`sluice.runtime.model_runner`)
+    prompt_logprobs: np.ndarray | None = None
 
 
 class LocalScheduler:
@@ -207,6 +210,8 @@ class LocalScheduler:
         tokens = output.token_ids.tolist()
         for i, row in enumerate(output.rows):
             req = self.requests[row.request_id]
+            if output.prompt_logprobs is not None and output.prompt_logprobs[i] is not None:
+                self._record_prompt(req, *output.prompt_logprobs[i])
             req.num_computed_tokens += row.num_new_tokens
             self.kv.commit(req)
             if req.num_computed_tokens < req.num_tokens:
@@ -234,6 +239,14 @@ class LocalScheduler:
             req.logprobs.append(TokenLogprobs(token, float(output.logprobs[i]), top))
         if req.is_finished:
             self._finish(req)
+
+    @staticmethod
+    def _record_prompt(req: Request, start: int, lps: list[TokenLogprobs]) -> None:
+        """Record a prompt chunk's log-probs, with the request's number of alternatives."""
+        k = req.params.prompt_logprobs
+        req.add_prompt_logprobs(start, [
+            TokenLogprobs(lp.token_id, lp.logprob, dict(list(lp.top.items())[:k]))
+            for lp in lps])
 
     def _finish(self, request: Request) -> None:
         self.running.remove(request)

@@ -1,0 +1,96 @@
+"""Prompt log-probs (vLLM's ``prompt_logprobs``; ``echo`` with ``logprobs`` on
+/v1/completions): equal to a full forward of the prompt, across prefill chunks
+and past a cached prefix, without changing other requests' outputs or leaking
+blocks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sluice.runtime import SamplingParams, greedy_generate
+from sluice.runtime.engine import EngineConfig, LLMEngine
+from sluice.runtime.kv_cache import KVCacheSpec, blocks_for
+from sluice.runtime.loader import single_sequence_metadata
+from sluice.runtime.model import compute_logits, forward
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+PROMPT = list(range(3, 43))  # 40 tokens: three prefill chunks of at most 16
+
+
+def full_forward_logprobs(model, ids: list[int]) -> np.ndarray:
+    """log_softmax of the logits at every row of one forward over ``ids`` [T, V]."""
+    spec = KVCacheSpec.for_model(model.config, blocks_for(len(ids), 16), 16, model.dtype)
+    meta = single_sequence_metadata(len(ids), 0, spec.num_blocks, 16)
+    hidden, _ = forward(model.params, model.config, jnp.asarray(ids, jnp.int32),
+                        jnp.arange(len(ids), dtype=jnp.int32), spec.allocate(), meta)
+    return np.asarray(jax.nn.log_softmax(compute_logits(model.params, hidden), -1))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    # 16 tokens a step: a 40-token prompt is prefilled in three chunks
+    return LLMEngine(tiny, EngineConfig(max_num_seqs=4, max_num_batched_tokens=16,
+                                        max_prefill_seqs=2, max_model_len=128, warmup=False))
+
+
+def run(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict:
+    for rid, (ids, params) in requests.items():
+        engine.add_request(rid, {"prompt_token_ids": ids}, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
+def test_prompt_logprobs_equal_a_full_forward_across_chunks_and_a_cached_prefix(tiny, engine):
+    free = engine.block_manager.num_free_blocks
+    other = [7, 8, 9, 10, 11]
+    # the prompt's first two blocks enter the prefix cache; the scored request must
+    # not take them (a cached token has no logits)
+    run(engine, {"warm": (PROMPT, SamplingParams(max_tokens=1, **GREEDY))})
+    hits = engine.block_manager.prefix_cache_hits
+    done = run(engine, {
+        "scored": (PROMPT, SamplingParams(max_tokens=3, prompt_logprobs=3, **GREEDY)),
+        "other": (other, SamplingParams(max_tokens=6, **GREEDY)),
+    })
+    assert engine.block_manager.prefix_cache_hits == hits  # no prefix hit was taken
+    ref = full_forward_logprobs(tiny, PROMPT)
+    lps = done["scored"].prompt_logprobs
+    assert len(lps) == len(PROMPT) and lps[0] is None
+    for pos in range(1, len(PROMPT)):
+        row = ref[pos - 1]  # the logits before token pos predict it
+        lp = lps[pos]
+        assert lp.token_id == PROMPT[pos]
+        np.testing.assert_allclose(lp.logprob, row[PROMPT[pos]], atol=2e-5)
+        assert list(lp.top) == np.argsort(-row)[:3].tolist()
+        np.testing.assert_allclose(list(lp.top.values()), np.sort(row)[::-1][:3], atol=2e-5)
+    # neither request's tokens changed: each equals the one-at-a-time reference
+    assert done["scored"].outputs[0].token_ids == greedy_generate(tiny, PROMPT, 3, False)
+    assert done["other"].outputs[0].token_ids == greedy_generate(tiny, other, 6, False)
+    assert done["other"].prompt_logprobs is None
+    assert engine.block_manager.num_free_blocks == free
+
+
+def test_prompt_logprobs_agree_with_the_requests_own_greedy_logprobs(engine):
+    first = run(engine, {"gen": (PROMPT[:20], SamplingParams(max_tokens=5, logprobs=2,
+                                                              **GREEDY))})["gen"]
+    comp = first.outputs[0]
+    again = run(engine, {"score": (PROMPT[:20] + comp.token_ids, SamplingParams(
+        max_tokens=1, prompt_logprobs=2, n=2, **GREEDY))})["score"]
+    scored = again.prompt_logprobs[20:]
+    assert [lp.token_id for lp in scored] == comp.token_ids
+    for generated, prompt in zip(comp.logprobs, scored):
+        np.testing.assert_allclose(prompt.logprob, generated.logprob, atol=2e-5)
+        assert list(prompt.top) == list(generated.top)  # a greedy token is the top one
+        assert max(prompt.top.values()) == pytest.approx(prompt.logprob, abs=1e-6)
+
+
+def test_bad_prompt_logprobs_name_the_field():
+    for bad in (-1, 21, 1.5, True):
+        with pytest.raises(ValueError, match="^prompt_logprobs: "):
+            SamplingParams(prompt_logprobs=bad)
