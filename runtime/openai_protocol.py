@@ -5,8 +5,16 @@ Requests are pydantic models validated in strict JSON mode, so ``"max_tokens":
 "5"`` or ``"stream": 1`` is a 400 rather than a silent coercion (as OpenAI
 does). Unknown fields are ignored (as vLLM does, so clients that send newer
 OpenAI fields keep working); known fields that Sluice cannot honour
-(``logit_bias``, ``echo``, ``suffix``, ``best_of`` != n, non-text content parts)
-are a 400 naming the field instead of being ignored.
+(``logit_bias``, ``suffix``, ``best_of`` != n, non-text content parts, ``echo``
+or ``prompt_logprobs`` with ``stream``) are a 400 naming the field instead of being ignored.
+
+Loglikelihood scoring (completions; what evaluation harnesses such as lm-eval
+send): ``echo`` returns the prompt before the completion, and with ``logprobs``
+the prompt tokens' log-probs first (the first token's is null, as in OpenAI's
+and vLLM's responses); ``max_tokens: 0`` (only with ``echo``) returns the
+prompt alone. vLLM's ``prompt_logprobs`` (0..20) adds a choice's
+``prompt_logprobs`` list: null, then ``{token id: {"logprob", "decoded_token"}}``
+per prompt token, the token itself first.
 
 Structured outputs (both endpoints; `sluice.runtime.structured_output`):
 ``response_format`` ``{"type": "json_object"}`` or ``{"type": "json_schema",
@@ -207,6 +215,7 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = 16
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=MAX_N)
 
@@ -223,15 +232,27 @@ class CompletionRequest(_Sampling):
 
     def sampling_params(self, max_model_len: int) -> SamplingParams:
         self._unsupported()
-        if self.echo:
-            raise APIError(400, "echo is not supported", param="echo")
+        if self.echo and self.stream:
+            raise APIError(400, "echo: not supported with stream", param="echo")
+        if self.prompt_logprobs is not None and self.stream:
+            raise APIError(400, "prompt_logprobs: not supported with stream",
+                           param="prompt_logprobs")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens: must be at least 1 (0 only with echo)",
+                           param="max_tokens")
         if self.suffix is not None:
             raise APIError(400, "suffix is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(400, "best_of: only best_of == n is supported", param="best_of")
         constraint, _ = self.constraint()
-        return _make_params({**self._sampling_kwargs(), "structured_outputs": constraint},
-                            self.max_tokens, max_model_len, self.logprobs)
+        # echoed log-probs are prompt log-probs; with max_tokens 0 one token is
+        # generated and left out of the response
+        wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None)
+                  if k is not None]
+        return _make_params({**self._sampling_kwargs(), "structured_outputs": constraint,
+                             "prompt_logprobs": max(wanted) if wanted else None},
+                            1 if self.max_tokens == 0 else self.max_tokens, max_model_len,
+                            self.logprobs)
 
 
 class TextPart(_Request):
@@ -526,6 +547,32 @@ def completion_logprobs(tokenizer: Tokenizer, lps: list[TokenLogprobs],
             "top_logprobs": [{token_text(tokenizer, t): v for t, v in lp.top.items()}
                              for lp in lps],
             "text_offset": offsets}
+
+
+def echo_logprobs(tokenizer: Tokenizer, prompt_ids: list[int],
+                  prompt_lps: list[TokenLogprobs | None], lps: list[TokenLogprobs],
+                  k: int) -> dict[str, list]:
+    """The completions ``logprobs`` object of an echoed prompt (its first token's
+    log-prob null; ``k`` alternatives per prompt token) then the generated tokens."""
+    first = token_text(tokenizer, prompt_ids[0])
+    rest = [TokenLogprobs(lp.token_id, lp.logprob, dict(list(lp.top.items())[:k]))
+            for lp in prompt_lps[1:]]
+    tail = completion_logprobs(tokenizer, rest + lps, len(first))
+    return {"tokens": [first] + tail["tokens"],
+            "token_logprobs": [None] + tail["token_logprobs"],
+            "top_logprobs": [None] + tail["top_logprobs"],
+            "text_offset": [0] + tail["text_offset"]}
+
+
+def prompt_logprobs(tokenizer: Tokenizer, lps: list[TokenLogprobs | None],
+                    k: int) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's ``prompt_logprobs``: null, then per prompt token its own and its ``k``
+    alternatives' ``{"logprob", "decoded_token"}`` by token id."""
+    def entries(lp: TokenLogprobs) -> dict[str, dict[str, Any]]:
+        both = {lp.token_id: lp.logprob, **dict(list(lp.top.items())[:k])}
+        return {str(t): {"logprob": v, "decoded_token": token_text(tokenizer, t)}
+                for t, v in both.items()}
+    return [None if lp is None else entries(lp) for lp in lps]
 
 
 def chat_logprobs(tokenizer: Tokenizer, lps: list[TokenLogprobs]) -> dict[str, Any]:

@@ -99,7 +99,7 @@ from sluice.runtime.embed import mean_pooled
 from sluice.runtime.frontend import FrontEnd
 from sluice.runtime.metrics import CONTENT_TYPE, RequestTracker, ServerMetrics
 from sluice.runtime.openai_protocol import APIError
-from sluice.runtime.outputs import RequestOutput, accumulate
+from sluice.runtime.outputs import CompletionOutput, RequestOutput, accumulate
 from sluice.runtime.sampling_params import SamplingParams
 from sluice.runtime.structured_output import compile_constraint
 from sluice.scheduler.policies import POLICIES, PriorityPolicy
@@ -471,7 +471,8 @@ class OpenAIServer:
             ttft = ttft if ttft is not None else time.monotonic() - start
         outs = [job.last for job in jobs]
         prompt_tokens = sum(len(out.prompt_token_ids) for out in outs)
-        completion_tokens = sum(len(c.token_ids) for out in outs for c in out.outputs)
+        completion_tokens = 0 if req.max_tokens == 0 else sum(  # max_tokens 0: dropped
+            len(c.token_ids) for out in outs for c in out.outputs)
         self._usage_state(request, prompt_tokens, completion_tokens, ttft)
         return await self._offload(self._completion_response, req, outs, rid, created,
                                    prompt_tokens, completion_tokens)
@@ -483,15 +484,33 @@ class OpenAIServer:
         choices = []
         for j, out in enumerate(outs):
             for comp in out.outputs:
-                lps = None if comp.logprobs is None else proto.completion_logprobs(
-                    self.tokenizer, comp.logprobs, 0)
-                choices.append({"index": j * req.n + comp.index, "text": comp.text,
-                                "logprobs": lps, "finish_reason": comp.finish_reason,
-                                "stop_reason": comp.stop_reason})
+                choice = {"index": j * req.n + comp.index,
+                          **self._completion_choice(req, out, comp),
+                          "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason}
+                if req.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = proto.prompt_logprobs(
+                        self.tokenizer, out.prompt_logprobs, req.prompt_logprobs)
+                choices.append(choice)
         return JSONResponse({"id": rid, "object": "text_completion", "created": created,
                              "model": self.config.model_name, "choices": choices,
                              "usage": proto.usage(prompt_tokens, completion_tokens),
                              "system_fingerprint": None})
+
+    def _completion_choice(self, req: proto.CompletionRequest, out: RequestOutput,
+                           comp: CompletionOutput) -> dict[str, Any]:
+        """A choice's text and logprobs: with ``echo``, the prompt's first (and with
+        ``max_tokens`` 0 only the prompt: the one token generated is dropped)."""
+        generated = req.max_tokens != 0
+        text = comp.text if generated else ""
+        lps = comp.logprobs if generated else []
+        if not req.echo:
+            return {"text": text, "logprobs": None if lps is None else
+                    proto.completion_logprobs(self.tokenizer, lps, 0)}
+        prompt = out.prompt if out.prompt is not None else self.tokenizer.decode(
+            out.prompt_token_ids, skip_special_tokens=False)
+        return {"text": prompt + text, "logprobs": None if req.logprobs is None else
+                proto.echo_logprobs(self.tokenizer, out.prompt_token_ids,
+                                    out.prompt_logprobs, lps, req.logprobs)}
 
     async def _completion_chunks(self, request: Request, req: proto.CompletionRequest,
                                  jobs: list[_Job], rid: str, created: int

@@ -94,3 +94,77 @@ def test_bad_prompt_logprobs_name_the_field():
     for bad in (-1, 21, 1.5, True):
         with pytest.raises(ValueError, match="^prompt_logprobs: "):
             SamplingParams(prompt_logprobs=bad)
+
+
+@pytest.fixture(scope="module")
+def http(tiny):
+    """The completions endpoint in process, over an engine configured like ``engine``
+    (so the two share compiled programs)."""
+    from starlette.testclient import TestClient
+
+    from sluice.runtime import AsyncEngine
+    from sluice.runtime.server import OpenAIServer, ServerConfig
+    llm = LLMEngine(tiny, EngineConfig(max_num_seqs=4, max_num_batched_tokens=16,
+                                       max_prefill_seqs=2, max_model_len=128, warmup=False))
+    with TestClient(OpenAIServer(AsyncEngine(llm), ServerConfig("tiny")).app) as client:
+        client.engine = llm
+        yield client
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(tiny, http):
+    """lm-eval's loglikelihood request: token-id prompt, echo, logprobs 1, greedy,
+    max_tokens 1 (or 0); it sums token_logprobs[ctxlen:-1] and checks greediness
+    against top_logprobs."""
+    free = http.engine.block_manager.num_free_blocks
+    ref = full_forward_logprobs(tiny, PROMPT)
+    body = {"prompt": PROMPT, "echo": True, "logprobs": 1, "temperature": 0, "seed": 1234}
+    one = http.post("/v1/completions", json={**body, "max_tokens": 1}).json()
+    zero = http.post("/v1/completions", json={**body, "max_tokens": 0}).json()
+    text = tiny.tokenizer.decode(PROMPT, skip_special_tokens=False)
+    greedy = greedy_generate(tiny, PROMPT, 1, False)
+    for res, extra in ((one, greedy), (zero, [])):
+        choice = res["choices"][0]
+        assert choice["text"] == tiny.tokenizer.decode(PROMPT + extra, skip_special_tokens=False)
+        lps = choice["logprobs"]
+        assert len(lps["tokens"]) == len(PROMPT) + len(extra)
+        assert lps["token_logprobs"][0] is None and lps["top_logprobs"][0] is None
+        np.testing.assert_allclose(lps["token_logprobs"][1:len(PROMPT)],
+                                   [ref[p - 1, PROMPT[p]] for p in range(1, len(PROMPT))],
+                                   atol=2e-5)
+        for p in range(1, len(PROMPT)):
+            (best, value), = lps["top_logprobs"][p].items()
+            assert best == tiny.tokenizer.decode([int(np.argmax(ref[p - 1]))],
+                                                 skip_special_tokens=False)
+            assert value == pytest.approx(float(ref[p - 1].max()), abs=2e-5)
+        assert lps["text_offset"] == np.cumsum([0] + [len(t) for t in lps["tokens"]][:-1]).tolist()
+        assert "".join(lps["tokens"]) == choice["text"]
+    assert one["usage"]["completion_tokens"] == 1 and zero["usage"]["completion_tokens"] == 0
+    assert zero["choices"][0]["text"] == text
+    np.testing.assert_allclose(one["choices"][0]["logprobs"]["token_logprobs"][-1],
+                               ref[-1, greedy[0]], atol=2e-5)
+    # a string prompt echoes as sent; vLLM's prompt_logprobs field, the token itself first
+    res = http.post("/v1/completions", json={"prompt": "hello there", "echo": True,
+                                             "max_tokens": 2, "prompt_logprobs": 2,
+                                             "temperature": 0}).json()
+    choice = res["choices"][0]
+    assert choice["text"].startswith("hello there") and choice["logprobs"] is None
+    ids = tiny.tokenizer.encode("hello there")
+    plp = choice["prompt_logprobs"]
+    assert len(plp) == len(ids) and plp[0] is None
+    assert all(next(iter(entry)) == str(t) and 2 <= len(entry) <= 3
+               for entry, t in zip(plp[1:], ids[1:]))
+    assert http.engine.block_manager.num_free_blocks == free
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"echo": True, "stream": True}, "echo"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs"),
+    ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+    ({"echo": True, "logprobs": 21}, "logprobs"),
+])
+def test_bad_echo_and_prompt_logprobs_requests_are_400s_naming_the_field(http, body, param):
+    r = http.post("/v1/completions", json={"prompt": "hi", **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
