@@ -275,10 +275,8 @@ def configure_generate(gen: argparse.ArgumentParser) -> None:
 
 
 def configure_serve(srv: argparse.ArgumentParser) -> None:
-    from sluice.runtime.metrics import COMPAT_MODES
-    from sluice.runtime.server import ACCESS_LOG_FORMATS
-    from sluice.scheduler.autoscale import AUTOSCALERS
-    from sluice.scheduler.cluster import DISPATCH_POLICIES
+    from sluice.runtime.option_names import (ACCESS_LOG_FORMATS, AUTOSCALERS, COMPAT_MODES,
+                                             DISPATCH_POLICIES)
 
     _add_model_args(srv)
     _add_engine_args(srv)

@@ -68,6 +68,7 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
 from sluice.runtime import compiles
 from sluice.runtime.engine import EngineStats
 from sluice.runtime.health import Health
+from sluice.runtime.option_names import COMPAT_MODES
 from sluice.runtime.outputs import RequestOutput
 
 if TYPE_CHECKING:
@@ -76,7 +77,6 @@ if TYPE_CHECKING:
 disable_created_metrics()
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-COMPAT_MODES = ("vllm",)
 
 # vLLM's buckets (seconds).
 _TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,

@@ -99,6 +99,7 @@ from sluice.runtime.embed import mean_pooled
 from sluice.runtime.frontend import FrontEnd
 from sluice.runtime.metrics import CONTENT_TYPE, RequestTracker, ServerMetrics
 from sluice.runtime.openai_protocol import APIError
+from sluice.runtime.option_names import ACCESS_LOG_FORMATS
 from sluice.runtime.outputs import CompletionOutput, RequestOutput, accumulate
 from sluice.runtime.sampling_params import SamplingParams
 from sluice.runtime.structured_output import compile_constraint
@@ -112,7 +113,6 @@ OPEN_PATHS = ("/health", "/version", "/metrics")
 KEY_CLIENT_PREFIX = "key:"  # clients named by their API key: see _key_client
 
 
-ACCESS_LOG_FORMATS = ("json", "text")
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on one request's inputs
 
 

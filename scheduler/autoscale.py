@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from sluice.runtime.intake import Group
+from sluice.runtime.option_names import AUTOSCALERS
 from sluice.scheduler.instance import LoadReport
 
 if TYPE_CHECKING:
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
     from sluice.scheduler.fleet import FleetActuator
 
 Demand = Callable[[], int]  # instances some consumer needs now
-AUTOSCALERS = ("freeness", "replan")
 
 
 class Autoscaler(Protocol):

@@ -67,6 +67,7 @@ from typing import Protocol
 from sluice.runtime.intake import Group, Intake, Prompt, check_priority
 from sluice.runtime.kv_cache import blocks_for
 from sluice.runtime.health import Health
+from sluice.runtime.option_names import DISPATCH_POLICIES
 from sluice.runtime.outputs import RequestFailed, RequestOutput
 from sluice.runtime.sampling_params import SamplingParams
 from sluice.scheduler.autoscale import Autoscaler
@@ -76,7 +77,6 @@ from sluice.scheduler.migration import MigrationResult, migrate
 log = logging.getLogger(__name__)
 
 Sink = Callable[[RequestOutput | Exception], None]  # an Exception ends the stream
-DISPATCH_POLICIES = ("freest", "least-loaded", "round-robin")
 MIGRATION_CHOICES = ("last", "shortest", "longest")
 MAX_CONVERSATION_HOMES = 100_000  # conversation -> instance entries kept (LRU)
 MAX_DEATHS_KEPT = 100  # dead instances' causes kept for health reports

@@ -191,6 +191,18 @@ def test_help_imports_nothing_heavy():
         assert name in out
 
 
+@pytest.mark.parametrize("command", [["serve"], ["generate"], ["bench"], ["bench", "throughput"]])
+def test_command_help_imports_no_jax(command):
+    """Each command's --help lists its flags (their choices included) without JAX,
+    uvicorn or the engine; the policies' option classes (plain data) may load."""
+    out, heavy = _imported_by([*command, "--help"])
+    assert heavy <= {"sluice.scheduler", "sluice.scheduler.policies"}, heavy
+    assert "usage: sluice " + " ".join(command) in out
+    if command == ["serve"]:
+        from sluice.runtime.option_names import DISPATCH_POLICIES
+        assert all(name in out for name in DISPATCH_POLICIES)
+
+
 def test_provision_help_imports_neither_jax_nor_scipy():
     out, heavy = _imported_by(["provision", "--help"])
     assert heavy == set(), heavy
