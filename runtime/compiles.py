@@ -9,6 +9,12 @@ issue 24), so the runtime aims for none once warmed up. The reason of a compile:
 - ``startup``: before the process is `mark_ready` (model loading, KV allocation);
 - ``serving``: everything after, i.e. a shape or variant no warm-up covered.
 
+Readiness is the server's: its lifespan calls `mark_ready` once every
+instance it starts with has warmed up (a model runner's warm-up does not, since
+another instance may still be starting), and a cluster instance launched later
+(scale-up, replacement) starts inside `warming_up()`, so its start-up compiles
+count as ``warmup`` too.
+
 `install()` (idempotent) registers a ``jax.monitoring`` listener on JAX's
 backend-compile event, which jax 0.10.2 through 0.12 record once per executable
 built (compiled, or loaded from the persistent compilation cache: either way the

@@ -173,11 +173,12 @@ class ModelRunner:
     def warmup(self) -> None:
         """Compile every step shape (padding-only inputs: the pool is untouched) and
         the sampler for its row count (one program serves every sampling feature),
-        plus the fixed-size block copy of live migration. Compiles from then on
-        count as ``serving`` ones (`sluice.runtime.compiles`)."""
+        plus the fixed-size block copy of live migration. Whether later compiles
+        are ``serving`` ones is the server's decision (`sluice.runtime.compiles`:
+        it marks the process ready once every instance has warmed up), not this
+        runner's: another instance may still be starting."""
         with compiles.warming_up():
             self._warmup()
-        compiles.mark_ready()
 
     def _warmup(self) -> None:
         self.copy_in([], self.gather([], COPY_CHUNK_BLOCKS), COPY_CHUNK_BLOCKS)  # copies nothing

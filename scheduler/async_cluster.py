@@ -23,6 +23,7 @@ from typing import AsyncIterator
 
 import jax
 
+from sluice.runtime import compiles
 from sluice.runtime.async_engine import OutputStream, StreamLimits
 from sluice.runtime.engine import EngineConfig, EngineStats, LLMEngine, Prompt, make_intake
 from sluice.runtime.loader import Model
@@ -45,7 +46,9 @@ class LocalLauncher:
         i = next(self._count)
         devices = jax.devices()
         config = dataclasses.replace(self.config, device=devices[i % len(devices)])
-        return LocalInstance(f"instance-{i}", LLMEngine(self.model, config), on_outputs, on_death)
+        with compiles.warming_up():  # an instance's start-up is warm-up, whenever it runs
+            engine = LLMEngine(self.model, config)
+        return LocalInstance(f"instance-{i}", engine, on_outputs, on_death)
 
     def terminate(self, instance: LocalInstance) -> None:
         instance.stop()

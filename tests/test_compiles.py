@@ -114,3 +114,39 @@ def test_throughput_warmup_batch_does_not_prime_the_prefix_cache():
     result = throughput(llm, prompts, output_len=1)  # prefill steps only: few compiles
     assert result["output_tokens"] == 2
     assert llm.engine.stats().prefix_cache_hits == 0
+
+
+def test_readiness_is_the_servers_and_later_instances_start_warming_up(tiny, monkeypatch):
+    """A model runner's warm-up does not mark the process ready (another instance
+    may still be starting; the server's lifespan decides), and a cluster instance
+    launched once the server is ready (scale-up, replacement) counts its start-up
+    compiles as warm-up, not as compiles that stall a request."""
+    import dataclasses
+
+    from sluice.runtime.model_runner import ModelRunner
+    from sluice.scheduler.async_cluster import LocalLauncher
+    # the step programs' compiles are not the point here: only what warm-up decides
+    monkeypatch.setattr(ModelRunner, "_warmup", lambda self: None)
+    compiles.install()
+    ready = compiles._state["ready"]
+    compiles._state["ready"] = False
+    config = EngineConfig(warmup=True, max_model_len=32, max_num_seqs=1,
+                          max_num_batched_tokens=16, max_prefill_seqs=1)
+    launched = []
+    try:
+        first = LocalLauncher(tiny, config)
+        launched.append((first, first.launch(lambda out: None, lambda *a: None)))
+        assert not compiles._state["ready"]
+        compiles.mark_ready()  # what the server's lifespan does once it starts
+        before = compiles.counts()
+        # a pool size of its own: its allocation compiles anew
+        later = LocalLauncher(tiny, dataclasses.replace(config, warmup=False,
+                                                        kv_cache_memory=37 * 32 * 1024))
+        launched.append((later, later.launch(lambda out: None, lambda *a: None)))
+        new = {k: v - before.get(k, 0) for k, v in compiles.counts().items()
+               if v != before.get(k, 0)}
+        assert new and {reason for reason, _ in new} == {"warmup"}, new
+    finally:
+        compiles._state["ready"] = ready
+        for launcher, instance in launched:
+            launcher.terminate(instance)
