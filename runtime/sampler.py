@@ -70,6 +70,7 @@ _BLOCK = 256  # tokens per block of the two-level draw; ~sqrt(V) balances the le
 _CANDIDATES = 128  # largest logits among which top-k / top-p cut-offs are looked for first
 _GREEDY_PAD = SamplingParams(temperature=0.0)
 ALL_ALLOWED = -1  # a token-mask word with all 32 bits set, as int32
+_MIN_PENALTY_WIDTH = 512  # see `penalty_width`
 
 
 @jax.tree_util.register_dataclass
@@ -81,7 +82,8 @@ class SamplingTensors:
     frequency_penalty: f32 [S]. top_k: i32 [S], 0 = off. seeds: u32 [S].
     steps: i32 [S], tokens the request has sampled before this step.
     want_logprobs: bool [S]. tokens: i32 [S, W], the prompt then the output so
-    far, padded with the vocabulary size (an id the penalties ignore);
+    far, padded with the vocabulary size (an id the penalties ignore) to a
+    `penalty_width` W;
     prompt_lens: i32 [S], how many of them are the prompt.
     """
 
@@ -103,10 +105,11 @@ class SamplingTensors:
               token_width: int) -> SamplingTensors:
         """Tensors for ``rows`` followed by greedy dummies up to ``pad_rows`` rows.
 
-        Seeds are taken modulo 2**32. ``token_width`` (the longest prompt plus
-        output, i.e. the engine's max_model_len) is the fixed width of ``tokens``,
-        so no token count changes a shape. Only rows with a penalty fill it; a
-        batch without any reuses one cached padding array (nothing to transfer).
+        Seeds are taken modulo 2**32. ``token_width`` is the most prompt plus
+        output tokens a row may have (the engine's max_model_len); ``tokens`` is
+        `penalty_width` (token_width) wide whatever the rows hold, so no token
+        count changes a shape. Only rows with a penalty fill it; a batch without
+        any reuses one cached padding array (nothing to transfer).
         """
         if pad_rows < len(rows):
             raise ValueError(f"pad_rows: must be >= the number of rows {len(rows)}, "
@@ -120,8 +123,9 @@ class SamplingTensors:
             return np.asarray(values + [0] * (pad_rows - len(values)), dtype)
 
         penalized = [i for i, r in enumerate(rows) if has_penalties(r[0])]
+        width = penalty_width(token_width)
         if penalized:
-            tokens = np.full((pad_rows, token_width), vocab_size, np.int32)
+            tokens = np.full((pad_rows, width), vocab_size, np.int32)
             for i in penalized:
                 prompt, output = rows[i][3], rows[i][4]
                 if len(prompt) + len(output) > token_width:
@@ -130,7 +134,7 @@ class SamplingTensors:
                 tokens[i, :len(prompt)] = prompt
                 tokens[i, len(prompt):len(prompt) + len(output)] = output
         else:
-            tokens = _padding_tokens(pad_rows, token_width, vocab_size)
+            tokens = _padding_tokens(pad_rows, width, vocab_size)
         tensors = cls(
             temperature=column(lambda p: p.temperature, np.float32),
             top_p=column(lambda p: p.top_p, np.float32),
@@ -147,6 +151,14 @@ class SamplingTensors:
             prompt_lens=padded([len(r[3]) for r in rows], np.int32),
         )
         return jax.device_put(tensors)
+
+
+def penalty_width(token_width: int) -> int:
+    """Columns of `SamplingTensors.tokens` for rows of up to ``token_width`` tokens:
+    the next power of two, at least `_MIN_PENALTY_WIDTH`. The sampler compiles one
+    program per width, so engines whose max_model_len differ a little (512 and 300,
+    say) share their programs; the padding ids cost the penalties nothing."""
+    return max(_MIN_PENALTY_WIDTH, 1 << max(0, token_width - 1).bit_length())
 
 
 def has_penalties(p: SamplingParams) -> bool:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from sluice.runtime.sampler import (ALL_ALLOWED, SamplingTensors, apply_filters, apply_penalties,
-                                    mask_words, pack_token_mask, sample)
+                                    mask_words, pack_token_mask, penalty_width, sample)
 from sluice.runtime.sampling_params import MAX_LOGPROBS, SamplingParams
 
 V = 300  # more than one 256-token block of the draw, more than the 128 top-k candidates
@@ -80,7 +80,7 @@ def test_build_pads_rows_and_fills_tokens_of_penalized_rows():
     rows = [(SamplingParams(top_k=-1, temperature=0.5, logprobs=0), 2**32 + 7, 3, [1, 2, 3], []),
             (SamplingParams(repetition_penalty=1.5), -1, 0, list(range(17)), [4] * 5)]
     t = SamplingTensors.build(rows, 4, V, 32)
-    assert t.tokens.shape == (4, 32)  # fixed width, whatever the token counts
+    assert t.tokens.shape == (4, penalty_width(32))  # fixed width, whatever the token counts
     tokens = np.asarray(t.tokens)
     np.testing.assert_array_equal(tokens[1, :23], list(range(17)) + [4] * 5 + [V])
     assert (tokens[[0, 2, 3]] == V).all()  # no penalty: nothing to fill
@@ -91,12 +91,19 @@ def test_build_pads_rows_and_fills_tokens_of_penalized_rows():
     np.testing.assert_array_equal(np.asarray(t.want_logprobs), [True, False, False, False])
     assert t.seeds.dtype == jnp.uint32 and t.steps.dtype == jnp.int32
     lean = SamplingTensors.build(rows[:1], 2, V, 32)
-    assert lean.tokens.shape == (2, 32)
+    assert lean.tokens.shape == (2, penalty_width(32))
     assert lean.tokens is SamplingTensors.build(rows[:1], 2, V, 32).tokens  # cached, no transfer
     with pytest.raises(ValueError, match="^pad_rows: "):
         SamplingTensors.build(rows, 1, V, 32)
     with pytest.raises(ValueError, match="^token_width: row 1 "):
         SamplingTensors.build(rows, 2, V, 21)
+
+
+def test_penalty_width_is_a_power_of_two_bucket_shared_by_nearby_lengths():
+    """Engines with different max_model_len share sampler programs within a bucket."""
+    assert [penalty_width(w) for w in (1, 32, 500, 512, 513, 2048, 3000)] == [
+        512, 512, 512, 512, 1024, 2048, 4096]
+    assert SamplingTensors.build([], 2, V, 100).tokens.shape == (2, 512)
 
 
 # --- greedy and filters ---------------------------------------------------------------
