@@ -4,13 +4,14 @@ does to latency and fairness, Sluice's design vs the common one, in one run.
 Two parts, both on CPU by default (``--part micro|workload|all``):
 
 micro: swap-out + swap-in of one request's KV (default 2048 tokens of
-`smollm2-135m-random`) through the engine's copy paths (`SwapExecutor`): as
-block groups (the sequence's contiguous runs as a few static-size slices of
-the pool) vs one synchronous copy per block (all its layers at once, as
-Sluice's block-major pool allows) vs one copy per block, layer and K/V, all
-issued before waiting (the copy granularity of per-block swapping over one
-cache per layer, as in vLLM v0's ``swap_blocks``); plus the kernels' gather/scatter
-primitive (`ModelRunner.copy_out` / `copy_in`) for reference. Each is timed
+`smollm2-135m-random`): the runtime's `SwapExecutor` (the sequence's
+contiguous runs as a few power-of-two slices through the model runner's block
+mover) vs two baselines defined here, `PerBlockSwapExecutor` (one
+synchronous copy per block, all its layers at once, as Sluice's block-major
+pool allows) and `PerLayerBlockSwapExecutor` (one copy per block, layer and
+K/V, all issued before waiting: the copy granularity of per-block swapping
+over one cache per layer, as in vLLM v0's ``swap_blocks``); plus the block
+mover itself (`ModelRunner.copy_out` / `copy_in`, one group) for reference. Each is timed
 over several repeats after a warm-up; the restored bytes are checked. Also one
 forward step with the request's swap-in issued before it (synchronous) vs
 while it runs (asynchronous, as the engine does).
@@ -24,8 +25,9 @@ The KV pool is small, so the priority changes and memory pressure preempt
 often. Configurations, one after another in the same process on the same
 workload (same seeds):
 
-- ``baseline``: the common design: per-block synchronous swap copies (one per
-  block of the block-major pool, the kinder of the two per-block modes), always
+- ``baseline``: the common design: per-block synchronous swap copies
+  (`PerBlockSwapExecutor`: one per block of the block-major pool, the kinder
+  of the two per-block baselines), always
   swap while host space lasts, no KV reuse across turns, swapped-out requests
   resume in FCFS (arrival) order ahead of the rest;
 - ``sluice``: block-group copies, device->host copies on a worker thread,
@@ -78,7 +80,7 @@ from sluice.runtime.loader import load_model
 from sluice.runtime.model_runner import ModelRunner, StepRow
 from sluice.runtime.request import Request
 from sluice.runtime.sampling_params import SamplingParams
-from sluice.runtime.swap import COPY_MODES, HostSwapSpace, SwapExecutor
+from sluice.runtime.swap import HostSwapSpace, SwapExecutor
 from sluice.scheduler.policies import FairPolicy, PriorityPolicy
 
 RESULTS = Path(__file__).parent / "results"
@@ -90,6 +92,80 @@ def machine() -> dict:
             "platform": platform.platform(),
             "python": platform.python_version(), "jax": jax.__version__,
             "backend": jax.default_backend()}
+
+
+# -- the copy-granularity baselines ---------------------------------------------------
+
+
+class PerBlockSwapExecutor(SwapExecutor):
+    """Baseline: one synchronous copy per block (all its layers: the pool is
+    block-major) through the runner's block mover; each copy completes before
+    the next is issued."""
+
+    def split(self, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        return [(start + i, 1) for start, length in runs for i in range(length)]
+
+    def issue_out(self, pieces: list[tuple[int, int]], host: list[int]) -> None:
+        self.store(host, (self.runner.gather([piece]) for piece in pieces))  # lazily
+
+    def issue_in(self, pieces: list[tuple[int, int]], host: list[int]) -> None:
+        for (start, _), h in zip(pieces, host):
+            self.runner.copy_in([(start, 1)], self.space.load([h]))
+            jax.block_until_ready(self.runner.kv_cache)
+
+
+@jax.jit
+def _slice_layer(cache: jax.Array, block: jax.Array, layer: jax.Array, kv: jax.Array) -> jax.Array:
+    """The K or V (``kv``) of one layer of one block."""
+    return jax.lax.dynamic_slice(cache, (block, layer, kv, 0, 0, 0), (1, 1, 1) + cache.shape[3:])
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _update_layer(cache: jax.Array, block: jax.Array, layer: jax.Array, kv: jax.Array,
+                  part: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_slice(cache, part.astype(cache.dtype),
+                                        (block, layer, kv, 0, 0, 0))
+
+
+class PerLayerBlockSwapExecutor(PerBlockSwapExecutor):
+    """Baseline: one copy per block, layer and K/V, all of a swap's copies issued
+    before waiting for them (as queued ``cudaMemcpyAsync`` calls are), the
+    granularity of swapping over one cache per layer."""
+
+    @property
+    def copies_per_piece(self) -> int:
+        layers, halves = self.space.blocks.shape[1:3]
+        return layers * halves
+
+    def _parts(self, pieces: list[tuple[int, int]], host: list[int]):
+        """(host block, device block, layer, K or V) of each copy, in order."""
+        layers, halves = self.space.blocks.shape[1:3]
+        for h, (b, _) in zip(host, pieces):
+            for layer in range(layers):
+                for half in range(halves):
+                    yield h, b, layer, half
+
+    def issue_out(self, pieces: list[tuple[int, int]], host: list[int]) -> None:
+        t0 = time.perf_counter()
+        kv = self.runner.kv_cache
+        parts = list(self._parts(pieces, host))
+        staged = [_slice_layer(kv, b, layer, half) for _, b, layer, half in parts]
+        for (h, _, layer, half), a in zip(parts, staged):
+            self.space.blocks[h, layer, half] = np.asarray(a)[0, 0, 0]
+        self.cost.observe_copy(len(host) * self.space.bytes_per_block, time.perf_counter() - t0)
+
+    def issue_in(self, pieces: list[tuple[int, int]], host: list[int]) -> None:
+        for h, b, layer, half in self._parts(pieces, host):  # all issued, then waited for once
+            part = self.space.blocks[h, layer, half][None, None, None].copy()
+            if self.runner.device is not None:
+                part = jax.device_put(part, self.runner.device)
+            self.runner.kv_cache = _update_layer(self.runner.kv_cache, b, layer, half, part)
+        jax.block_until_ready(self.runner.kv_cache)
+
+
+# the runtime's copy path and the baselines, by the name results report them under
+EXECUTORS = {"grouped": SwapExecutor, "per_block": PerBlockSwapExecutor,
+             "per_layer_block": PerLayerBlockSwapExecutor}
 
 
 # -- micro: one context switch -------------------------------------------------------
@@ -114,8 +190,8 @@ def micro_one(args, model_name: str) -> dict:
     before = np.asarray(runner.kv_cache[:n])
     space = HostSwapSpace(runner.spec, n)
     runs, host = [(0, n)], list(range(n))
-    executors = {mode: SwapExecutor(runner, space, mode, asynchronous=False)
-                 for mode in COPY_MODES}
+    executors = {mode: cls(runner, space, asynchronous=False)
+                 for mode, cls in EXECUTORS.items()}
 
     def executor_switch(mode: str) -> float:
         start = time.perf_counter()
@@ -128,7 +204,7 @@ def micro_one(args, model_name: str) -> dict:
         runner.kv_cache.block_until_ready()
         return time.perf_counter() - start
 
-    paths = {m: functools.partial(executor_switch, m) for m in COPY_MODES}
+    paths = {m: functools.partial(executor_switch, m) for m in EXECUTORS}
     paths["gather_scatter_primitive"] = primitive_switch
     for f in paths.values():  # warm-up compiles every copy shape
         f()
@@ -162,7 +238,7 @@ def swap_in_overlap(args, model, runner: ModelRunner, space: HostSwapSpace, runs
     req = Intake(model, args.tokens, 0).prepare(
         "step", {"prompt_token_ids": [1] * 16}, SamplingParams(max_tokens=1)).requests[0]
     rows = [StepRow(req, 16, [n])]
-    ex = SwapExecutor(runner, space, "grouped", asynchronous=True)
+    ex = SwapExecutor(runner, space, asynchronous=True)
     ins = [(None, runs, host)]
 
     def timed(f) -> float:
@@ -240,6 +316,7 @@ class FCFSResumePolicy(PriorityPolicy):
         return self.next_waiting(waiting)
 
 
+# engine options; "swap_copy" names the swap executor (`EXECUTORS`)
 BASELINE = dict(swap_copy="per_block", async_swap=False, kv_reuse=False, preemption_mode="swap")
 SLUICE = dict(swap_copy="grouped", async_swap=True, kv_reuse=True, preemption_mode="auto")
 # name -> (engine options, policy factory given the args)
@@ -270,6 +347,7 @@ CONFIGS = {
 def make_engine(model, name: str, args) -> LLMEngine:
     kw, make_policy = CONFIGS[name]
     kw = dict(kw, scheduling_policy="priority")
+    executor = EXECUTORS[kw.pop("swap_copy")]
     policy = make_policy(args)
     spec = KVCacheSpec.for_model(model.config, 1, 16, model.dtype)
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.batch_tokens,
@@ -277,7 +355,7 @@ def make_engine(model, name: str, args) -> LLMEngine:
                        kv_cache_memory=args.kv_blocks * spec.bytes_per_block,
                        swap_space=args.swap_blocks * spec.bytes_per_block,
                        max_preemptions=args.max_preemptions, seed=0, **kw)
-    engine = LLMEngine(model, cfg, policy)
+    engine = LLMEngine(model, cfg, policy, swap_executor=executor)
     runner = engine.runner  # compile the copy shapes outside the measured run
     size = 1
     while size <= engine.block_manager.num_blocks:
@@ -397,6 +475,7 @@ def run_workload(engine: LLMEngine, convs: list[Conversation], args) -> dict:
     stats = sw.stats if sw is not None else None
     return {
         "config": dataclasses.asdict(engine.config) | {"device": None},
+        "swap_executor": type(engine.swapper).__name__ if engine.swapper else None,
         "policy": type(sched.policy).__name__,
         "turns": len(ttft), "steps": steps, "wall_s": wall, "idle_skipped_s": skipped,
         "output_tokens": tokens_out, "throughput_tok_s": tokens_out / wall,

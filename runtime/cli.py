@@ -98,8 +98,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    from sluice.runtime.swap import COPY_MODES  # imports JAX
-    from sluice.scheduler.policies import FairPolicy, PriorityOptions
+    from sluice.scheduler.policies import FairOptions, PriorityOptions
 
     g = p.add_argument_group("engine")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
@@ -117,26 +116,14 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="admission order: fcfs, priority (request `priority`, lower first, "
                         "preempting lower-priority running requests), or fair (virtual token "
                         "counters per client) (default: fcfs)")
-    add_option_flags(g, PriorityOptions, "with --scheduling-policy priority")
-    g.add_argument("--fair-weights", type=_token_weights,
-                   default=(FairPolicy.W_IN, FairPolicy.W_OUT),
-                   metavar="IN,OUT",
-                   help="with --scheduling-policy fair: service counted per prompt token and "
-                        f"per generated token (default: {FairPolicy.W_IN:g},"
-                        f"{FairPolicy.W_OUT:g})")
-    g.add_argument("--client-weights", type=_client_weights, default=None,
-                   metavar="CLIENT=W,...",
-                   help="with --scheduling-policy fair: relative shares of service per client "
-                        "(the request's `user`, else its API key); unlisted clients: 1")
+    add_option_flags(g, PriorityOptions, "with --scheduling-policy priority", "priority")
+    add_option_flags(g, FairOptions, "with --scheduling-policy fair", "fair")
     g.add_argument("--swap-space", type=float, default=0.0,
                    help="GiB of host memory for the KV of preempted requests; 0 preempts by "
                         "recompute (default: 0)")
     g.add_argument("--preemption-mode", default="auto", choices=["auto", "swap"],
                    help="with --swap-space: swap only when copying is estimated cheaper than "
                         "recomputing (auto), or whenever host blocks are free (default: auto)")
-    g.add_argument("--swap-copy", default="grouped", choices=list(COPY_MODES),
-                   help="swap copies by block groups, or (baselines) one copy per block, or "
-                        "one per block, layer and K/V")
     g.add_argument("--no-async-swap", action="store_true",
                    help="swap synchronously: swap-outs finish and swap-ins complete "
                         "on the engine thread before the step")
@@ -154,60 +141,68 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "embedder's) at start-up: first requests compile instead")
 
 
-def add_option_flags(group: argparse._ArgumentGroup, options: type, scope: str) -> None:
+def add_option_flags(group: argparse._ArgumentGroup, options: type, scope: str,
+                     prefix: str) -> None:
     """The flags of an options dataclass's fields (`sluice.scheduler.policies.option`):
     each field's flag, default, help and metavar are stated once, on the field; the
-    parsed value lands under the field's `EngineConfig` name. A bool field gives a
-    switch that flips its default; fields without a flag are left to the caller."""
-    for f in dataclasses.fields(options):
+    parsed value lands under ``{prefix}_{field}`` (`option_values` builds the options
+    back). A bool field gives a switch that flips its default; a flag that spans
+    fields takes their defaults as a tuple; fields without a flag belong to a span."""
+    fields = dataclasses.fields(options)
+    for i, f in enumerate(fields):
         meta = f.metadata
         if meta.get("flag") is None:
             continue
-        text = f"{scope}: {meta['help']}"
+        dest, text = f"{prefix}_{f.name}", f"{scope}: {meta['help']}"
         if isinstance(f.default, bool):
-            group.add_argument(meta["flag"], dest=meta["config"], default=f.default,
+            group.add_argument(meta["flag"], dest=dest, default=f.default,
                                action="store_false" if f.default else "store_true", help=text)
-        else:
-            group.add_argument(meta["flag"], dest=meta["config"], type=meta["parse"],
-                               default=f.default, metavar=meta["metavar"], help=text)
+            continue
+        default = f.default
+        if meta["span"] > 1:
+            default = tuple(g.default for g in fields[i:i + meta["span"]])
+            text += f" (default: {','.join(f'{d:g}' for d in default)})"
+        group.add_argument(meta["flag"], dest=dest, type=_argument_type(meta["parse"]),
+                           default=default, metavar=meta["metavar"], help=text)
 
 
-def _token_weights(text: str) -> tuple[float, float]:
-    try:
-        w_in, w_out = (float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected IN,OUT (two numbers), got {text!r}")
-    return w_in, w_out
+def option_values(args: argparse.Namespace, options: type, prefix: str) -> Any:
+    """The ``options`` dataclass from the flags `add_option_flags` added."""
+    fields, values = dataclasses.fields(options), {}
+    for i, f in enumerate(fields):
+        meta = f.metadata
+        if meta.get("flag") is None:
+            continue
+        value = getattr(args, f"{prefix}_{f.name}")
+        span = fields[i:i + meta["span"]]
+        values.update(zip((g.name for g in span), value) if len(span) > 1 else [(f.name, value)])
+    return options(**values)
 
 
-def _client_weights(text: str) -> dict[str, float]:
-    weights = {}
-    for item in text.split(","):
-        client, sep, weight = item.rpartition("=")
-        if client in weights:
-            raise argparse.ArgumentTypeError(f"client {client!r} is given twice")
+def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` for argparse: its ``ValueError`` is the flag's error message."""
+    def convert(text: str) -> Any:
         try:
-            weights[client] = float(weight)
-        except ValueError:
-            sep = ""
-        if not sep or not client:
-            raise argparse.ArgumentTypeError(f"expected CLIENT=WEIGHT, got {item!r}")
-    return weights
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return convert
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
+    from sluice.scheduler.policies import FairOptions, PriorityOptions
+
     return dict(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=args.max_model_len,
                 kv_cache_memory=None if args.kv_cache_memory is None
                 else int(args.kv_cache_memory * GiB),
                 enable_prefix_caching=not args.no_prefix_caching,
-                scheduling_policy=args.scheduling_policy, resume_deadline_s=args.resume_deadline_s,
-                aging_s=args.aging_s, displace_streaming=args.displace_streaming,
-                fair_w_in=args.fair_weights[0], fair_w_out=args.fair_weights[1],
-                client_weights=args.client_weights,
+                scheduling_policy=args.scheduling_policy,
+                priority=option_values(args, PriorityOptions, "priority"),
+                fair=option_values(args, FairOptions, "fair"),
                 swap_space=int(args.swap_space * GiB), preemption_mode=args.preemption_mode,
-                swap_copy=args.swap_copy, async_swap=not args.no_async_swap,
+                async_swap=not args.no_async_swap,
                 kv_reuse=not args.no_kv_reuse,
                 attention_backend=args.attention_backend, warmup=not args.no_warmup)
 

@@ -52,7 +52,8 @@ from sluice.runtime.sampling_params import MAX_LOGPROBS, SamplingParams
 from sluice.runtime.structured_output import StructuredOutputManager
 from sluice.runtime.swap import HostSwapSpace, SwapExecutor
 from sluice.scheduler.local import LocalScheduler, ModelOutput, ScheduledRow, SchedulerOutput
-from sluice.scheduler.policies import POLICY_OPTIONS, FairPolicy, Policy, make_policy
+from sluice.scheduler.policies import (OPTIONS, FairOptions, Policy, PriorityOptions,
+                                       changed_options, make_policy)
 
 log = logging.getLogger(__name__)
 
@@ -71,24 +72,12 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"  # fcfs | priority | fair (sluice.scheduler.policies)
     max_preemptions: int = 4  # times a request may be displaced by higher-priority work
-    # priority policy options (sluice.scheduler.policies.PriorityPolicy): a request
-    # preempted mid-generation resumes first after resume_deadline_s; a waiting request
-    # gains a level per aging_s; displace_streaming=False never displaces a request
-    # that has produced a token
-    resume_deadline_s: float | None = None
-    aging_s: float | None = None
-    displace_streaming: bool = True
-    # fair policy options (sluice.scheduler.policies.FairPolicy): service counted per
-    # prompt token and per generated token, and per-client weights (a client with
-    # weight 2 gets twice the service of one with weight 1; unlisted clients: 1)
-    fair_w_in: float = FairPolicy.W_IN
-    fair_w_out: float = FairPolicy.W_OUT
-    client_weights: dict[str, float] | None = None
+    # the options of the priority and fair policies (sluice.scheduler.policies); those of
+    # a policy the config does not name must stay at their defaults
+    priority: PriorityOptions = dataclasses.field(default_factory=PriorityOptions)
+    fair: FairOptions = dataclasses.field(default_factory=FairOptions)
     swap_space: int = 0  # bytes of host memory for swapped-out KV; 0 = preempt by recompute
     preemption_mode: str = "auto"  # with swap space: auto (cheaper of swap/recompute) | swap
-    # grouped (block groups) | per_block (one copy per block) | per_layer_block (per block,
-    # layer and K/V); the last two are baselines
-    swap_copy: str = "grouped"
     # swap-outs finish on a worker thread, swap-ins overlap a forward step: off the step
     async_swap: bool = True
     kv_reuse: bool = True  # finished conversations' KV stays in the swap space (multi-turn reuse)
@@ -120,7 +109,11 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, model: Model, config: EngineConfig | None = None,
-                 policy: Policy | None = None):
+                 policy: Policy | None = None,
+                 swap_executor: type[SwapExecutor] = SwapExecutor):
+        """``policy``: a policy object instead of the one the config names (then the
+        config's policy options must be at their defaults); ``swap_executor``: the
+        class that runs swap copies (`bench/preemption.py` passes its baselines)."""
         self.config = config = config or EngineConfig()
         if config.device is not None:
             model = dataclasses.replace(model, params=jax.device_put(model.params, config.device))
@@ -137,7 +130,7 @@ class LLMEngine:
                                   config.max_num_batched_tokens, config.max_prefill_seqs,
                                   self.max_model_len, config.attention_backend,
                                   config.device)
-        self.swapper = self._swap_executor()
+        self.swapper = self._swap_executor(swap_executor)
         self.groups: dict[str, Group] = {}
         self.migration = MigrationEndpoint(self.scheduler, self.runner, self.groups,
                                            model.tokenizer)
@@ -173,13 +166,15 @@ class LLMEngine:
 
     def _policy(self, policy: Policy | None) -> Policy:
         """The policy passed in, or the one the config names (with its options)."""
-        options = {f: getattr(self.config, f) for f in POLICY_OPTIONS}
+        options = {name: getattr(self.config, name) for name in OPTIONS}
         if policy is None:
             return make_policy(self.config.scheduling_policy, **options)
-        for field, value in options.items():
-            if value != POLICY_OPTIONS[field][2]:
-                raise ValueError(f"{field}: set it on the policy passed in, not in the config "
-                                 "(the config's options are for the policy it builds)")
+        for name, value in options.items():
+            changed = changed_options(value)
+            if changed:
+                raise ValueError(f"{name}.{changed[0]}: set it on the policy passed in, not "
+                                 "in the config (the config's options are for the policy "
+                                 "it builds)")
         return policy
 
     def _swap_space(self, num_blocks: int) -> HostSwapSpace | None:
@@ -191,14 +186,14 @@ class LLMEngine:
                                      self.model.dtype)
         return HostSwapSpace.for_budget(spec, self.config.swap_space)
 
-    def _swap_executor(self) -> SwapExecutor | None:
+    def _swap_executor(self, cls: type[SwapExecutor]) -> SwapExecutor | None:
         c, space = self.config, self.scheduler.kv.host
         if c.preemption_mode not in ("auto", "swap"):
             raise ValueError(f"preemption_mode: must be 'auto' or 'swap', "
                              f"got {c.preemption_mode!r}")
         if space is None:
             return None
-        swapper = SwapExecutor(self.runner, space, c.swap_copy, c.async_swap)
+        swapper = cls(self.runner, space, c.async_swap)
         self.scheduler.configure_swap(swapper, c.preemption_mode, c.kv_reuse)
         return swapper
 

@@ -16,19 +16,15 @@ block-aligned prefix of its prompt that equals the stored tokens, and copies
 in only those blocks instead of recomputing them. Exhaustion is not an error:
 ``reserve`` returns None and the scheduler falls back to recompute.
 
-`SwapExecutor` runs a step's copies on the engine thread:
+`SwapExecutor` runs a step's copies on the engine thread. It moves each
+contiguous run of device blocks as a few power-of-two pieces (a run of ``n``
+blocks is one piece per set bit of ``n``, so the compiled copies stay few)
+through the model runner's block mover (`ModelRunner.gather` / `copy_in`, the
+one that live migration uses too). Its copy granularity is three methods
+(``split``, ``issue_out``, ``issue_in``) that `bench/preemption.py`'s
+per-block and per-layer-block baselines override; the runtime has no other
+copy path.
 
-- ``grouped`` mode moves each contiguous run of device blocks as a few
-  power-of-two pieces (a run of ``n`` blocks is one piece per set bit of
-  ``n``, so the compiled copies stay few) through the model runner's block
-  mover (`ModelRunner.gather` / `copy_in`, the one that live migration uses
-  too); ``per_block`` mode, the baseline of `bench/preemption.py`, issues one
-  synchronous copy per block (all its layers: the pool is block-major) through
-  the same mover; ``per_layer_block`` mode (a baseline too, with its own
-  per-layer copies) issues one copy per block, layer and K/V, all of a swap's
-  copies before waiting for them, the granularity of swap implementations that
-  keep one cache per layer (vLLM v0's ``swap_blocks``: a queued ``cudaMemcpyAsync`` per
-  block, for each layer's key and value cache).
 - Swap-outs are issued before the step's forward. Asynchronous swapping
   (``asynchronous``): the slices are dispatched on the engine thread (JAX
   orders them before any later write to the pool, so the device blocks can be
@@ -57,7 +53,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import threading
 import time
 from collections import OrderedDict
@@ -65,7 +60,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sluice.runtime.kv_cache import KVCacheSpec
@@ -73,7 +67,6 @@ from sluice.runtime.kv_cache import KVCacheSpec
 if TYPE_CHECKING:
     from sluice.runtime.model_runner import ModelRunner
 
-COPY_MODES = ("grouped", "per_block", "per_layer_block")
 # Largest slice of one grouped copy. Bounding the staging buffers lets the
 # allocator recycle them: on CPU, a fresh 100 MB staging buffer costs more in
 # page faults than the copy itself (measured: bench/RESULTS.md, preemption).
@@ -180,31 +173,13 @@ class HostSwapSpace:
 # -- copies ----------------------------------------------------------------------
 
 
-# The per_layer_block baseline's copies: one layer's K or V of one block (the
-# other modes move whole blocks through the runner's block mover).
-@jax.jit
-def _slice_layer(cache: jax.Array, block: jax.Array, layer: jax.Array, kv: jax.Array) -> jax.Array:
-    """The K or V (``kv``) of one layer of one block."""
-    return jax.lax.dynamic_slice(cache, (block, layer, kv, 0, 0, 0), (1, 1, 1) + cache.shape[3:])
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _update_layer(cache: jax.Array, block: jax.Array, layer: jax.Array, kv: jax.Array,
-                  part: jax.Array) -> jax.Array:
-    return jax.lax.dynamic_update_slice(cache, part.astype(cache.dtype),
-                                        (block, layer, kv, 0, 0, 0))
-
-
-def _pieces(runs: Sequence[tuple[int, int]], per_block: bool,
+def _pieces(runs: Sequence[tuple[int, int]],
             max_piece: int = 1 << 30) -> list[tuple[int, int]]:
-    """(start, size) slices covering the runs in order: one per block, or, for
-    each run, ``max_piece``-block slices (a power of two) then one per set bit
-    of the remainder (sizes are powers of two, so compiled copies stay few)."""
+    """(start, size) slices covering the runs in order: for each run,
+    ``max_piece``-block slices (a power of two) then one per set bit of the
+    remainder (sizes are powers of two, so compiled copies stay few)."""
     out = []
     for start, length in runs:
-        if per_block:
-            out.extend((start + i, 1) for i in range(length))
-            continue
         off = 0
         while length - off >= max_piece:
             out.append((start + off, max_piece))
@@ -286,13 +261,18 @@ SwapCopy = tuple[Any, list[tuple[int, int]], list[int]]
 
 
 class SwapExecutor:
-    """Runs swap copies between a `ModelRunner`'s pool and a `HostSwapSpace`."""
+    """Runs swap copies between a `ModelRunner`'s pool and a `HostSwapSpace`.
 
-    def __init__(self, runner: "ModelRunner", space: HostSwapSpace, mode: str = "grouped",
-                 asynchronous: bool = True, cost: SwapCostModel | None = None):
-        if mode not in COPY_MODES:
-            raise ValueError(f"swap_copy: must be one of {COPY_MODES}, got {mode!r}")
-        self.runner, self.space, self.mode = runner, space, mode
+    The copy granularity is ``split`` (device runs -> the pieces copied),
+    ``issue_out`` and ``issue_in`` (one piece list each way) and
+    ``copies_per_piece`` (device copy operations per piece, for the stats);
+    `bench/preemption.py`'s baselines override them."""
+
+    copies_per_piece = 1
+
+    def __init__(self, runner: "ModelRunner", space: HostSwapSpace, asynchronous: bool = True,
+                 cost: SwapCostModel | None = None):
+        self.runner, self.space = runner, space
         self.asynchronous = asynchronous
         self.cost = cost or SwapCostModel(space.bytes_per_block)
         self.stats = SwapStats()
@@ -373,25 +353,32 @@ class SwapExecutor:
     def copy_out(self, runs: list[tuple[int, int]], host: list[int]) -> None:
         """Device runs -> host blocks (same order); asynchronous if configured."""
         with self._stall():
-            pieces = _pieces(runs, self.mode != "grouped", self.max_piece)
+            pieces = self.split(runs)
             self.stats.num_swap_outs += 1
             self.stats.blocks_out += len(host)
-            self.stats.copy_calls += len(pieces) * self._copies_per_piece
-            if self.mode == "per_layer_block":
-                self._store_layers(host, [start for start, _ in pieces])
-                return
-            gather = self.runner.gather
-            if self.mode == "per_block" or not self.asynchronous:
-                # lazily: each piece is fetched before the next is issued
-                self._store(host, (gather([piece]) for piece in pieces))
-                return
-            staged = [gather([piece]) for piece in pieces]  # dispatch only
-            future = self._worker.submit(self._store, list(host), staged)
-            with self._lock:
-                for h in host:
-                    self._pending[h] = future
+            self.stats.copy_calls += len(pieces) * self.copies_per_piece
+            self.issue_out(pieces, host)
 
-    def _store(self, host: list[int], staged: Iterable[jax.Array]) -> None:
+    def split(self, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The (start, size) pieces that copy ``runs``: power-of-two groups."""
+        return _pieces(runs, self.max_piece)
+
+    def issue_out(self, pieces: list[tuple[int, int]], host: list[int]) -> None:
+        """Copy the pieces to the host blocks (in order): synchronously, one piece
+        fetched before the next is issued, or all dispatched at once and stored by
+        the worker thread."""
+        gather = self.runner.gather
+        if not self.asynchronous:
+            self.store(host, (gather([piece]) for piece in pieces))  # lazily
+            return
+        staged = [gather([piece]) for piece in pieces]  # dispatch only
+        future = self._worker.submit(self.store, list(host), staged)
+        with self._lock:
+            for h in host:
+                self._pending[h] = future
+
+    def store(self, host: list[int], staged: Iterable[jax.Array]) -> None:
+        """Write staged device pieces into the host blocks, in order, and time it."""
         t0 = time.perf_counter()
         off = 0
         for a in staged:  # piece by piece: no staging buffer as large as the whole copy
@@ -399,53 +386,22 @@ class SwapExecutor:
             off += a.shape[0]
         self.cost.observe_copy(len(host) * self.space.bytes_per_block, time.perf_counter() - t0)
 
-    @property
-    def _copies_per_piece(self) -> int:
-        layers, halves = self.space.blocks.shape[1:3]
-        return layers * halves if self.mode == "per_layer_block" else 1
-
-    def _layer_parts(self, host: list[int], device: list[int]):
-        """(host block, device block, layer, K or V) of each per-layer copy, in order."""
-        layers, halves = self.space.blocks.shape[1:3]
-        for h, b in zip(host, device):
-            for layer in range(layers):
-                for half in range(halves):
-                    yield h, b, layer, half
-
-    def _store_layers(self, host: list[int], device: list[int]) -> None:
-        """All per-layer copies issued first, then fetched in order (as queued
-        ``cudaMemcpyAsync`` calls are): one dispatch per copy, no wait between."""
-        t0 = time.perf_counter()
-        kv = self.runner.kv_cache
-        parts = list(self._layer_parts(host, device))
-        staged = [_slice_layer(kv, b, layer, half) for _, b, layer, half in parts]
-        for (h, _, layer, half), a in zip(parts, staged):
-            self.space.blocks[h, layer, half] = np.asarray(a)[0, 0, 0]
-        self.cost.observe_copy(len(host) * self.space.bytes_per_block, time.perf_counter() - t0)
-
     def _copy_in(self, runs: list[tuple[int, int]], host: list[int]) -> None:
         """Host blocks -> device runs (the caller waited for pending stores into them)."""
-        pieces = _pieces(runs, self.mode != "grouped", self.max_piece)
-        if self.mode == "per_layer_block":  # all issued, then waited for once
-            for h, b, layer, half in self._layer_parts(host, [start for start, _ in pieces]):
-                part = self._put(self.space.blocks[h, layer, half][None, None, None].copy())
-                self.runner.kv_cache = _update_layer(self.runner.kv_cache, b, layer, half, part)
-            jax.block_until_ready(self.runner.kv_cache)
-        else:
-            off = 0
-            for start, size in pieces:
-                # a fresh host array per piece, written through the runner's block mover
-                self.runner.copy_in([(start, size)], self.space.load(host[off:off + size]))
-                if self.mode == "per_block":
-                    jax.block_until_ready(self.runner.kv_cache)  # synchronous, block by block
-                off += size
+        pieces = self.split(runs)
+        self.issue_in(pieces, host)
         self.stats.num_swap_ins += 1
         self.stats.blocks_in += len(host)
-        self.stats.copy_calls += len(pieces) * self._copies_per_piece
+        self.stats.copy_calls += len(pieces) * self.copies_per_piece
 
-    def _put(self, blocks: np.ndarray) -> jax.Array:
-        device = getattr(self.runner, "device", None)
-        return jax.device_put(blocks, device) if device is not None else jnp.asarray(blocks)
+    def issue_in(self, pieces: list[tuple[int, int]], host: list[int]) -> None:
+        """Write the host blocks (in order) into the pieces through the block mover;
+        issued, not waited for."""
+        off = 0
+        for start, size in pieces:
+            # a fresh host array per piece, written through the runner's block mover
+            self.runner.copy_in([(start, size)], self.space.load(host[off:off + size]))
+            off += size
 
     def wait(self, host: Sequence[int] | None = None) -> None:
         """Block until the pending stores into ``host`` (default: all) are done."""

@@ -34,9 +34,11 @@ blocks run out, says whether a waiting request may displace a running one
   to those memory pressure forces.
 
 The options of a policy are stated once, in its options dataclass
-(`PriorityOptions`, `FairOptions`): each field's default, validation, help text,
-`EngineConfig` field name and CLI flag (`option`); `POLICY_OPTIONS` and the CLI's
-flags are derived from them.
+(`PriorityOptions`, `FairOptions`): each field's default, validation, help text
+and CLI flag (`option`). `EngineConfig` holds one object of each (its
+``priority`` and ``fair`` fields, named as in `OPTIONS`), `make_policy` builds
+the named policy from its own and refuses another policy's options that are not
+at their defaults, and the CLI's flags are generated from the fields.
 
 Every policy reads time from its ``clock`` (``time.monotonic`` unless one is
 injected), and the scheduler stamps the times policies compare with it
@@ -55,14 +57,41 @@ from typing import Any
 from sluice.runtime.request import Request
 
 
-def option(default: Any, help: str, config: str, flag: str | None = None,
-           parse: Callable[[str], Any] | None = None, metavar: str | None = None) -> Any:
-    """A policy option's field: its ``default`` and ``help``, the `EngineConfig`
-    field it is set by (``config``), and the CLI ``flag`` generated for it (parsed
-    by ``parse``; a bool default gives a switch that flips it). ``flag=None``: the
-    CLI states a combined flag itself (``--fair-weights IN,OUT``)."""
+def option(default: Any, help: str, flag: str | None = None,
+           parse: Callable[[str], Any] | None = None, metavar: str | None = None,
+           span: int = 1) -> Any:
+    """A policy option's field: its ``default`` and ``help``, and the CLI ``flag``
+    generated for it, parsed by ``parse`` (which raises ``ValueError`` on bad
+    text; a bool default gives a switch that flips it). ``span=n``: the flag sets
+    this field and the next ``n - 1`` ones, from the tuple ``parse`` returns
+    (``--fair-weights IN,OUT``); those fields take ``flag=None``."""
     return dataclasses.field(default=default, metadata=dict(
-        help=help, config=config, flag=flag, parse=parse, metavar=metavar))
+        help=help, flag=flag, parse=parse, metavar=metavar, span=span))
+
+
+def parse_pair(text: str) -> tuple[float, float]:
+    """``"A,B"`` -> two floats."""
+    try:
+        a, b = (float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected two numbers A,B, got {text!r}") from None
+    return a, b
+
+
+def parse_client_weights(text: str) -> dict[str, float]:
+    """``"alice=2,bob=0.5"`` -> {client: weight} (a client at most once)."""
+    weights = {}
+    for item in text.split(","):
+        client, sep, weight = item.rpartition("=")
+        if client in weights:
+            raise ValueError(f"client {client!r} is given twice")
+        try:
+            weights[client] = float(weight)
+        except ValueError:
+            sep = ""
+        if not sep or not client:
+            raise ValueError(f"expected CLIENT=WEIGHT, got {item!r}")
+    return weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,41 +99,44 @@ class PriorityOptions:
     resume_deadline_s: float | None = option(
         None, "a request preempted in mid-generation that has waited this long resumes "
         "before new requests, bounding the pause between its tokens (default: strict "
-        "priority)", "resume_deadline_s", "--resume-deadline", float, "SECONDS")
+        "priority)", "--resume-deadline", float, "SECONDS")
     aging_s: float | None = option(
         None, "a waiting request gains one priority level per SECONDS waited, bounding "
-        "starvation (default: off)", "aging_s", "--priority-aging", float, "SECONDS")
+        "starvation (default: off)", "--priority-aging", float, "SECONDS")
     displace_streaming: bool = option(
         True, "never displace a request that has produced a token (no pause in a stream "
-        "for priority's sake)", "displace_streaming", "--no-displace-streaming")
+        "for priority's sake)", "--no-displace-streaming")
 
     def __post_init__(self) -> None:
         if self.aging_s is not None and not self.aging_s > 0:
-            raise ValueError(f"aging_s: must be > 0, got {self.aging_s}")
+            raise ValueError(f"priority.aging_s: must be > 0, got {self.aging_s}")
         if self.resume_deadline_s is not None and not self.resume_deadline_s >= 0:
-            raise ValueError(f"resume_deadline_s: must be >= 0, got {self.resume_deadline_s}")
+            raise ValueError(f"priority.resume_deadline_s: must be >= 0, got "
+                             f"{self.resume_deadline_s}")
         if not isinstance(self.displace_streaming, bool):
-            raise ValueError(f"displace_streaming: must be true or false, got "
+            raise ValueError(f"priority.displace_streaming: must be true or false, got "
                              f"{self.displace_streaming!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class FairOptions:
-    w_in: float = option(1.0, "service counted per prompt token", "fair_w_in")
-    w_out: float = option(2.0, "service counted per generated token", "fair_w_out")
+    w_in: float = option(1.0, "service counted per prompt token (IN) and per generated "
+                         "token (OUT)", "--fair-weights", parse_pair, "IN,OUT", span=2)
+    w_out: float = option(2.0, "service counted per generated token")
     weights: dict[str, float] | None = option(
-        None, "relative shares of service per client (unlisted clients: 1)", "client_weights")
+        None, "relative shares of service per client (the request's `user`, else its API "
+        "key); unlisted clients: 1", "--client-weights", parse_client_weights, "CLIENT=W,...")
 
     def __post_init__(self) -> None:
-        for field, w in (("fair_w_in", self.w_in), ("fair_w_out", self.w_out)):
+        for field, w in (("w_in", self.w_in), ("w_out", self.w_out)):
             if not _finite(w) or w < 0:
-                raise ValueError(f"{field}: must be a finite number >= 0, got {w!r}")
+                raise ValueError(f"fair.{field}: must be a finite number >= 0, got {w!r}")
         if self.weights is not None and not isinstance(self.weights, dict):
-            raise ValueError(f"client_weights: must map client names to weights, got "
+            raise ValueError(f"fair.weights: must map client names to weights, got "
                              f"{self.weights!r}")
         for client, w in (self.weights or {}).items():
             if not _finite(w) or w <= 0:
-                raise ValueError(f"client_weights: the weight of {client!r} must be a finite "
+                raise ValueError(f"fair.weights: the weight of {client!r} must be a finite "
                                  f"number > 0, got {w!r}")
 
 
@@ -268,27 +300,32 @@ def _finite(x: object) -> bool:
 POLICIES = {p.name: p for p in (FCFSPolicy, PriorityPolicy, FairPolicy)}
 
 
-OPTIONS = {"priority": PriorityOptions, "fair": FairOptions}  # policy -> its options
-
-# Policy options, by `EngineConfig` field: (the policy, its keyword, the "not set"
-# value), derived from the options dataclasses.
-POLICY_OPTIONS = {f.metadata["config"]: (name, f.name, f.default)
-                  for name, cls in OPTIONS.items() for f in dataclasses.fields(cls)}
+# policy -> its options class; also the `EngineConfig` field that holds them
+OPTIONS = {"priority": PriorityOptions, "fair": FairOptions}
+Options = PriorityOptions | FairOptions
 
 
-def make_policy(name: str, **options) -> Policy:
-    """The policy ``name`` with ``options`` (`POLICY_OPTIONS`, by config field);
-    an option of another policy is refused unless unset."""
+def changed_options(options: Options) -> list[str]:
+    """The fields of ``options`` that are not at their defaults."""
+    return [f.name for f in dataclasses.fields(options)
+            if getattr(options, f.name) != f.default]
+
+
+def make_policy(name: str, **options: Options | None) -> Policy:
+    """The policy ``name``, given its options object by its `OPTIONS` name
+    (``make_policy("fair", fair=FairOptions(...))``); another policy's options
+    are refused unless they are at their defaults (they would do nothing)."""
     if name not in POLICIES:
         raise ValueError(f"scheduling_policy: unknown policy {name!r}; "
                          f"choose from {sorted(POLICIES)}")
-    kwargs = {}
     for key, value in options.items():
-        if key not in POLICY_OPTIONS:
-            raise TypeError(f"make_policy: unknown option {key!r}")
-        policy, keyword, unset = POLICY_OPTIONS[key]
-        if policy == name:
-            kwargs[keyword] = value
-        elif value != unset:
-            raise ValueError(f"{key}: applies to the {policy} policy, not {name!r}")
+        if key not in OPTIONS:
+            raise TypeError(f"make_policy: unknown options {key!r}")
+        if value is not None and not isinstance(value, OPTIONS[key]):
+            raise ValueError(f"{key}: must be a {OPTIONS[key].__name__}, got {value!r}")
+        changed = changed_options(value) if key != name and value is not None else []
+        if changed:
+            raise ValueError(f"{key}.{changed[0]}: applies to the {key} policy, not {name!r}")
+    own = options.get(name)
+    kwargs = {f.name: getattr(own, f.name) for f in dataclasses.fields(own)} if own else {}
     return POLICIES[name](**kwargs)

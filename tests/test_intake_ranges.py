@@ -25,6 +25,7 @@ from sluice.runtime.intake import check_priority
 from sluice.runtime.sampling_params import (INT32_MAX, INT64_MAX, INT64_MIN, RANGES,
                                             TOKEN_ID_RANGE, Range, SamplingParams)
 from sluice.runtime.server import OpenAIServer, ServerConfig
+from sluice.scheduler.policies import PriorityOptions
 
 MAX_MODEL_LEN = 24  # max_tokens at its bound (2**31 - 1) is capped by the context
 
@@ -176,7 +177,8 @@ def test_property_accepted_values_run_through_the_sampler(engine, fv):
 
 
 def test_priority_is_an_int64_and_runs_at_its_bounds(tiny):
-    eng = LLMEngine(tiny, EngineConfig(**ENGINE, scheduling_policy="priority", aging_s=0.5))
+    eng = LLMEngine(tiny, EngineConfig(**ENGINE, scheduling_policy="priority",
+                                       priority=PriorityOptions(aging_s=0.5)))
     for priority in (INT64_MIN, INT64_MAX):
         run(eng, SamplingParams(max_tokens=2), priority=priority)
     for priority in (INT64_MAX + 1, INT64_MIN - 1, 10**400):

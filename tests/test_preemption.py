@@ -4,6 +4,10 @@ invariant that greedy outputs do not change under preemption storms."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,6 +19,19 @@ from sluice.runtime.model_runner import ModelRunner
 from sluice.runtime.swap import HostSwapSpace, SwapCostModel, SwapExecutor, _pieces
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def _bench_preemption():
+    """``bench/preemption.py`` as a module: its copy-granularity baselines."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_preemption", Path(__file__).parents[1] / "bench" / "preemption.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+EXECUTORS = _bench_preemption().EXECUTORS  # the runtime's SwapExecutor and the baselines
 BLOCK = 32 * 1024  # bytes of one tiny-model KV block (16 tokens)
 
 
@@ -34,14 +51,11 @@ def engine_for(model, **kw) -> LLMEngine:
 @pytest.mark.parametrize("max_piece", [1 << 30, 4])
 def test_pieces_cover_runs_in_order(max_piece):
     runs = [(3, 13), (40, 1), (50, 8), (70, 0)]
-    for per_block in (False, True):
-        pieces = _pieces(runs, per_block, max_piece)
-        covered = [b for s, n in pieces for b in range(s, s + n)]
-        assert covered == [b for s, n in runs for b in range(s, s + n)]
-        assert all(n & (n - 1) == 0 and n <= max_piece for _, n in pieces)
-        if per_block:
-            assert all(n == 1 for _, n in pieces)
-    assert len(_pieces([(0, 13)], False)) == 3  # 8 + 4 + 1
+    pieces = _pieces(runs, max_piece)
+    covered = [b for s, n in pieces for b in range(s, s + n)]
+    assert covered == [b for s, n in runs for b in range(s, s + n)]
+    assert all(n & (n - 1) == 0 and n <= max_piece for _, n in pieces)
+    assert len(_pieces([(0, 13)])) == 3  # 8 + 4 + 1
 
 
 @pytest.mark.parametrize("mode,asynchronous", [("grouped", True), ("grouped", False),
@@ -50,14 +64,15 @@ def test_pieces_cover_runs_in_order(max_piece):
 def test_copies_round_trip_while_device_blocks_are_reused(tiny, mode, asynchronous):
     """Swap out, overwrite the vacated device blocks at once (as a new request
     would), then swap back into other blocks (asynchronously: issued behind a
-    step still in flight, not waited for): the bytes come back unchanged."""
+    step still in flight, not waited for): the bytes come back unchanged. Also
+    for bench/preemption.py's baselines, whose comparison relies on it."""
     runner = ModelRunner(tiny, 32, 16, max_num_seqs=1, max_num_batched_tokens=16,
                          max_prefill_seqs=1, max_model_len=128)
     rng = np.random.default_rng(0)
     runner.kv_cache = jnp.asarray(rng.standard_normal(runner.spec.shape, np.float32))
     original = np.asarray(runner.kv_cache)
     space = HostSwapSpace(runner.spec, 16)
-    ex = SwapExecutor(runner, space, mode, asynchronous)
+    ex = EXECUTORS[mode](runner, space, asynchronous)
     runs = [(2, 5), (9, 3)]
     host = space.reserve(8)
     ex.run([(None, runs, host)], [])
@@ -159,11 +174,8 @@ def _storm(engine: LLMEngine, prompts: dict[str, list[int]], max_tokens: int, se
 
 STORMS = {
     "recompute": dict(),
-    "swap-per-block-sync": dict(swap_space=64 * BLOCK, preemption_mode="swap",
-                                swap_copy="per_block", async_swap=False),
+    "swap-grouped-sync": dict(swap_space=64 * BLOCK, preemption_mode="swap", async_swap=False),
     "swap-grouped-async": dict(swap_space=64 * BLOCK, preemption_mode="swap"),
-    "swap-per-layer-block-async": dict(swap_space=64 * BLOCK, preemption_mode="swap",
-                                       swap_copy="per_layer_block"),
     "swap-exhausted": dict(swap_space=3 * BLOCK, preemption_mode="swap"),
     "auto": dict(swap_space=64 * BLOCK),
 }
@@ -409,7 +421,7 @@ def test_swap_in_stall_and_copy_samples_depend_on_overlap(tiny, behind):
     runner = ModelRunner(tiny, 8, 16, max_num_seqs=1, max_num_batched_tokens=16,
                          max_prefill_seqs=1, max_model_len=128)
     space = HostSwapSpace(runner.spec, 4)
-    ex = SwapExecutor(runner, space, "grouped", asynchronous=True)
+    ex = SwapExecutor(runner, space, asynchronous=True)
     host = space.reserve(4)
     ex.run([], [(None, [(2, 4)], host)], release=host,
            behind=None if behind is None else _Step(behind == "finished"))

@@ -7,7 +7,7 @@ import pytest
 
 from sluice.runtime import SamplingParams, greedy_generate
 from sluice.runtime.engine import EngineConfig, LLMEngine
-from sluice.scheduler.policies import FairPolicy, make_policy
+from sluice.scheduler.policies import FairOptions, FairPolicy, PriorityOptions, make_policy
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -138,18 +138,20 @@ def test_fair_policy_lifts_returning_client():
 def test_bad_policy_values():
     with pytest.raises(ValueError, match="scheduling_policy"):
         make_policy("lottery")
-    with pytest.raises(ValueError, match="fair_w_in: must be a finite number >= 0"):
+    with pytest.raises(ValueError, match="fair.w_in: must be a finite number >= 0"):
         FairPolicy(w_in=-1)
-    with pytest.raises(ValueError, match="fair_w_out: must be a finite number >= 0"):
+    with pytest.raises(ValueError, match="fair.w_out: must be a finite number >= 0"):
         FairPolicy(w_out=float("nan"))
-    with pytest.raises(ValueError, match="client_weights: the weight of 'x' must be a finite"):
+    with pytest.raises(ValueError, match="fair.weights: the weight of 'x' must be a finite"):
         FairPolicy(weights={"x": 0})
-    with pytest.raises(ValueError, match="client_weights: the weight of 'y'"):
+    with pytest.raises(ValueError, match="fair.weights: the weight of 'y'"):
         FairPolicy(weights={"y": float("inf")})
-    with pytest.raises(ValueError, match="client_weights: must map client names"):
+    with pytest.raises(ValueError, match="fair.weights: must map client names"):
         FairPolicy(weights=[("x", 1.0)])
-    with pytest.raises(ValueError, match="client_weights: applies to the fair policy"):
-        make_policy("priority", client_weights={"x": 2.0})
+    with pytest.raises(ValueError, match="fair.weights: applies to the fair policy"):
+        make_policy("priority", fair=FairOptions(weights={"x": 2.0}))
+    with pytest.raises(ValueError, match="fair: must be a FairOptions"):
+        make_policy("fair", fair={"w_in": 1.0})
 
 
 def test_fair_options_from_the_config_weigh_service(tiny):
@@ -157,8 +159,8 @@ def test_fair_options_from_the_config_weigh_service(tiny):
     ``light`` weighted 2, a generated token costs ``light`` half what it costs
     ``heavy``."""
     engine = LLMEngine(tiny, EngineConfig(
-        warmup=False, max_model_len=128, scheduling_policy="fair", fair_w_in=0.0,
-        fair_w_out=3.0, client_weights={"light": 2.0}))
+        warmup=False, max_model_len=128, scheduling_policy="fair",
+        fair=FairOptions(w_in=0.0, w_out=3.0, weights={"light": 2.0})))
     for client in ("heavy", "light"):
         engine.add_request(client, {"prompt_token_ids": [1] * 20},
                            SamplingParams(max_tokens=6, **GREEDY), client=client)
@@ -226,7 +228,7 @@ def test_resume_deadline_bounds_a_preempted_requests_pause(tiny, deadline):
     a resume deadline it comes back first once it has waited that long, without
     displacing the running request, and is then not displaced again for as long
     (so it finishes here); outputs stay the reference's."""
-    engine = engine_for(tiny, "priority", resume_deadline_s=deadline)
+    engine = engine_for(tiny, "priority", priority=PriorityOptions(resume_deadline_s=deadline))
     engine.scheduler.policy.clock = clock = Clock()
     prompts = {"low": [1, 2, 3, 4], "high1": [9, 8, 7], "high2": [5, 6, 7]}
     engine.add_request("low", {"prompt_token_ids": prompts["low"]},
@@ -255,7 +257,7 @@ def test_resume_deadline_bounds_a_preempted_requests_pause(tiny, deadline):
 def test_displacement_serves_the_request_it_was_made_for(tiny):
     """An overdue preempted request claims free room but never displaces; a more
     urgent waiting request still displaces a running one, and takes its slot."""
-    engine = engine_for(tiny, "priority", resume_deadline_s=0.05)
+    engine = engine_for(tiny, "priority", priority=PriorityOptions(resume_deadline_s=0.05))
     engine.scheduler.policy.clock = clock = Clock()
     params = SamplingParams(max_tokens=8, **GREEDY)
     engine.add_request("low", {"prompt_token_ids": [1, 2, 3]}, params, priority=5)
@@ -274,34 +276,44 @@ def test_displacement_serves_the_request_it_was_made_for(tiny):
 
 
 def test_priority_option_values():
-    assert make_policy("priority", resume_deadline_s=0.5).resume_deadline_s == 0.5
-    assert make_policy("priority", resume_deadline_s=0.0).resume_deadline_s == 0.0  # at once
-    with pytest.raises(ValueError, match="resume_deadline_s: must be >= 0"):
-        make_policy("priority", resume_deadline_s=-1.0)
-    with pytest.raises(ValueError, match="resume_deadline_s: applies to the priority policy"):
-        make_policy("fair", resume_deadline_s=1.0)
-    with pytest.raises(ValueError, match="aging_s: applies to the priority policy"):
-        make_policy("fcfs", aging_s=1.0)
-    with pytest.raises(ValueError, match="aging_s: must be > 0"):
-        make_policy("priority", aging_s=0.0)
+    for deadline in (0.5, 0.0):  # 0: at once
+        policy = make_policy("priority", priority=PriorityOptions(resume_deadline_s=deadline))
+        assert policy.resume_deadline_s == deadline
+    with pytest.raises(ValueError, match="priority.resume_deadline_s: must be >= 0"):
+        PriorityOptions(resume_deadline_s=-1.0)
+    with pytest.raises(ValueError, match="priority.resume_deadline_s: applies to the priority "
+                                         "policy, not 'fair'"):
+        make_policy("fair", priority=PriorityOptions(resume_deadline_s=1.0))
+    with pytest.raises(ValueError, match="priority.aging_s: applies to the priority policy"):
+        make_policy("fcfs", priority=PriorityOptions(aging_s=1.0))
+    with pytest.raises(ValueError, match="priority.aging_s: must be > 0"):
+        PriorityOptions(aging_s=0.0)
     with pytest.raises(ValueError, match="displace_streaming: applies to the priority policy"):
-        make_policy("fair", displace_streaming=False)
+        make_policy("fair", priority=PriorityOptions(displace_streaming=False))
     with pytest.raises(ValueError, match="displace_streaming: must be true or false"):
-        make_policy("priority", displace_streaming="no")
-    assert isinstance(make_policy("fair", aging_s=None, displace_streaming=True),
-                      FairPolicy)
-    policy = make_policy("priority", aging_s=2.0, displace_streaming=False)
+        PriorityOptions(displace_streaming="no")
+    with pytest.raises(TypeError, match="unknown options 'speed'"):
+        make_policy("fair", speed=PriorityOptions())
+    # another policy's options at their defaults do nothing, and are accepted
+    assert isinstance(make_policy("fair", priority=PriorityOptions(), fair=None), FairPolicy)
+    policy = make_policy("priority", fair=FairOptions(),
+                         priority=PriorityOptions(aging_s=2.0, displace_streaming=False))
     assert (policy.aging_s, policy.displace_streaming) == (2.0, False)
 
 
 def test_config_policy_options_refused_with_a_policy_object(tiny):
     from sluice.scheduler.policies import PriorityPolicy
 
-    for field, value in (("aging_s", 1.0), ("resume_deadline_s", 0.0),
-                         ("displace_streaming", False), ("fair_w_in", 0.5),
-                         ("fair_w_out", 1.0), ("client_weights", {"a": 2.0})):
+    for field, options in (("priority.aging_s", dict(priority=PriorityOptions(aging_s=1.0))),
+                           ("priority.resume_deadline_s",
+                            dict(priority=PriorityOptions(resume_deadline_s=0.0))),
+                           ("priority.displace_streaming",
+                            dict(priority=PriorityOptions(displace_streaming=False))),
+                           ("fair.w_in", dict(fair=FairOptions(w_in=0.5))),
+                           ("fair.w_out", dict(fair=FairOptions(w_out=1.0))),
+                           ("fair.weights", dict(fair=FairOptions(weights={"a": 2.0})))):
         with pytest.raises(ValueError, match=f"{field}: set it on the policy passed in"):
-            LLMEngine(tiny, EngineConfig(warmup=False, max_model_len=128, **{field: value}),
+            LLMEngine(tiny, EngineConfig(warmup=False, max_model_len=128, **options),
                       PriorityPolicy())
 
 
@@ -310,7 +322,8 @@ def test_displace_streaming_off_spares_streaming_requests(tiny, displace_streami
     """With displace_streaming=False an urgent request waits for a streaming one
     instead of pausing its stream, but still displaces one that has produced no
     token yet; outputs stay the reference's and no block leaks."""
-    engine = engine_for(tiny, "priority", displace_streaming=displace_streaming,
+    engine = engine_for(tiny, "priority",
+                        priority=PriorityOptions(displace_streaming=displace_streaming),
                         max_num_batched_tokens=8, max_prefill_seqs=1)
     prompts = {"low": [1, 2, 3, 4], "high": [9, 8, 7], "long": list(range(10, 40))}
     engine.add_request("low", {"prompt_token_ids": prompts["low"]},
@@ -375,7 +388,8 @@ def test_no_displacement_that_cannot_make_room(tiny):
     spec = KVCacheSpec.for_model(tiny.config, 1, 4, tiny.dtype)
     engine = engine_for(tiny, "priority", max_num_seqs=4, block_size=4,
                         max_num_batched_tokens=32, kv_cache_memory=34 * spec.bytes_per_block,
-                        enable_prefix_caching=False, displace_streaming=False)
+                        enable_prefix_caching=False,
+                        priority=PriorityOptions(displace_streaming=False))
     bm, sched = engine.block_manager, engine.scheduler
     assert bm.num_blocks == 34
 
@@ -426,26 +440,33 @@ def test_aging_is_kept_while_running():
 
 
 def test_policy_options_are_stated_once():
-    """CLI flags are generated from the options' fields (flag, default, help, the
-    EngineConfig name they set), and EngineConfig's policy defaults are the options'."""
+    """CLI flags are generated from the options' fields (flag, default, help; one
+    flag may span fields), parse back into the options, and EngineConfig's policy
+    options default to the options' defaults."""
     import argparse
     import dataclasses
 
-    from sluice.runtime.cli import add_option_flags
-    from sluice.scheduler.policies import POLICY_OPTIONS, option
+    from sluice.runtime.cli import add_option_flags, option_values
+    from sluice.scheduler.policies import OPTIONS, option, parse_pair
 
     @dataclasses.dataclass(frozen=True)
     class Demo:
-        speed: float | None = option(None, "how fast", "speed_s", "--speed", float, "S")
-        loud: bool = option(True, "be quiet", "loud", "--quiet")
-        combined: int = option(3, "the caller's own flag", "combined")
+        speed: float | None = option(None, "how fast", "--speed", float, "S")
+        loud: bool = option(True, "be quiet", "--quiet")
+        lo: float = option(1.0, "range", "--range", parse_pair, "LO,HI", span=2)
+        hi: float = option(2.5, "top")
 
     parser = argparse.ArgumentParser()
-    add_option_flags(parser.add_argument_group("g"), Demo, "with --demo")
-    assert vars(parser.parse_args([])) == {"speed_s": None, "loud": True}
-    assert vars(parser.parse_args(["--speed", "2", "--quiet"])) == {"speed_s": 2.0,
-                                                                     "loud": False}
-    assert "with --demo: how fast" in parser.format_help()
+    add_option_flags(parser.add_argument_group("g"), Demo, "with --demo", "demo")
+    assert vars(parser.parse_args([])) == {"demo_speed": None, "demo_loud": True,
+                                           "demo_lo": (1.0, 2.5)}
+    args = parser.parse_args(["--speed", "2", "--quiet", "--range", "3,4"])
+    assert option_values(args, Demo, "demo") == Demo(2.0, False, 3.0, 4.0)
+    assert option_values(parser.parse_args([]), Demo, "demo") == Demo()
+    text = " ".join(parser.format_help().split())
+    assert "with --demo: how fast" in text and "with --demo: range (default: 1,2.5)" in text
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--range", "3"])  # parse_pair's ValueError: a usage error
     defaults = EngineConfig()
-    assert {name: getattr(defaults, name) for name in POLICY_OPTIONS} == \
-        {name: unset for name, (_, _, unset) in POLICY_OPTIONS.items()}
+    assert {name: getattr(defaults, name) for name in OPTIONS} == \
+        {name: cls() for name, cls in OPTIONS.items()}
