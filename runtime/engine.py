@@ -132,11 +132,11 @@ class LLMEngine:
                                   config.device)
         self.swapper = self._swap_executor(swap_executor)
         self.groups: dict[str, Group] = {}
-        self.migration = MigrationEndpoint(self.scheduler, self.runner, self.groups,
-                                           model.tokenizer)
-        self.intake = make_intake(model, config)
         self.structured = StructuredOutputManager(model.tokenizer, model.config.vocab_size,
-                                                  model.eos_token_ids)
+                                                  model.eos_token_ids, self.groups)
+        self.migration = MigrationEndpoint(self.scheduler, self.runner, self.groups,
+                                           model.tokenizer, self.structured)
+        self.intake = make_intake(model, config)
         self.dead: str | None = None  # why the engine cannot step any more (`EngineDeadError`)
         self.num_failed_requests = 0  # requests failed alone by a step (`_isolate`)
         if config.warmup:
@@ -213,6 +213,7 @@ class LLMEngine:
         if group.request_id in self.groups:
             raise ValueError(f"request_id: {group.request_id!r} is already in use")
         self.groups[group.request_id] = group
+        self.structured.admit(group.requests)
         for req in group.requests:
             if not req.is_finished:  # a re-dispatched group may carry finished siblings
                 self.scheduler.add(req)
@@ -378,10 +379,9 @@ class LLMEngine:
         batch = [StepRow(requests[r.request_id], r.num_new_tokens, r.block_table)
                  for r in rows]
         # grammar masks of the rows that sample, computed while the forward runs (the
-        # matchers catch up with their requests' outputs: the same masks on a re-run)
-        out = self.runner.execute(batch, during, lambda: self.structured.fill_masks(
-            [s.request if s.request.num_computed_tokens + s.num_new_tokens
-             >= s.request.num_tokens else None for s in batch]))
+        # matchers catch up with their requests' outputs: the same masks on a re-run);
+        # None while no constrained request is live
+        out = self.runner.execute(batch, during, self.structured.token_masks(batch))
         if self.swapper is not None and during is None and sched is not None:
             # per-token compute time, for swap-vs-recompute estimates
             self.swapper.cost.observe_step(sched.num_tokens, sched.num_prefill_tokens,

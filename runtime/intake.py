@@ -18,6 +18,7 @@ from sluice.runtime.detokenizer import IncrementalDetokenizer
 from sluice.runtime.loader import Model
 from sluice.runtime.request import Request
 from sluice.runtime.sampling_params import INT64_MAX, INT64_MIN, SamplingParams
+from sluice.runtime.structured_output import compile_constraint
 
 Prompt = str | dict[str, Any]
 
@@ -75,6 +76,12 @@ class Intake:
             raise ValueError(f"conversation: needs n = 1 (one completion to continue), "
                              f"got n = {params.n}")
         text, ids = self._tokenize(prompt)
+        if params.structured_outputs is not None:
+            # compiled here, on the caller's thread, not by the engine's step (which
+            # every running request waits for); a grammar llguidance cannot build or
+            # that fails its probe is a ValueError naming the field
+            compile_constraint(self.model.tokenizer, self.model.config.vocab_size,
+                               self.model.eos_token_ids, params.structured_outputs)
         max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
         requests = []
         for i in range(params.n):

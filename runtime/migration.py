@@ -51,6 +51,7 @@ from sluice.runtime.request import Request
 
 if TYPE_CHECKING:
     from sluice.runtime.intake import Group
+    from sluice.runtime.structured_output import StructuredOutputManager
     from sluice.runtime.tokenizer import Tokenizer
     from sluice.scheduler.local import LocalScheduler
 
@@ -96,16 +97,19 @@ class Handover:
 class MigrationEndpoint:
     """Both halves of live migration for one engine (see the module docstring).
 
-    It sees the engine through four parts: the scheduler (which requests run,
+    It sees the engine through five parts: the scheduler (which requests run,
     ``detach``/``attach``, and the KV blocks: ``reserve_blocks``,
     ``free_blocks``, tables through its KV manager), the model runner's block
-    mover (``gather``/``copy_in``), the engine's groups by id, and the
-    tokenizer (adopted requests' detokenizers bind to it)."""
+    mover (``gather``/``copy_in``), the engine's groups by id, the
+    tokenizer (adopted requests' detokenizers bind to it) and the structured-output
+    manager (it tracks adopted constrained requests, to mask their rows)."""
 
     def __init__(self, scheduler: LocalScheduler, runner: ModelRunner,
-                 groups: dict[str, Group], tokenizer: Tokenizer):
+                 groups: dict[str, Group], tokenizer: Tokenizer,
+                 structured: StructuredOutputManager):
         self.scheduler, self.runner = scheduler, runner
         self.groups, self.tokenizer = groups, tokenizer
+        self.structured = structured
         # group id -> its suspended siblings and their places in the running list
         self._suspended: dict[str, list[tuple[Request, int]]] = {}
         self._incoming: dict[str, set[str]] = {}  # group id -> siblings with reserved blocks
@@ -231,6 +235,7 @@ class MigrationEndpoint:
             req.detokenizer.bind(self.tokenizer)
         del self._incoming[group.request_id]
         self.groups[group.request_id] = group
+        self.structured.admit(group.requests)
         for req in group.requests:
             if req.request_id in handover.num_computed_tokens:
                 self.scheduler.attach(req, num_computed_tokens=handover.num_computed_tokens[

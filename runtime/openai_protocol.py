@@ -135,15 +135,13 @@ class _Sampling(_Request):
         field = given[0]
         value = getattr(self, field)
         if field == "response_format":
-            kwargs, param = _response_format(value)
+            fields, param = _response_format(value)
         elif field == "structured_outputs":
-            kwargs, param = _structured_outputs(value), field
+            fields, param = value, field
         else:
-            kwargs, param = {_GUIDED[field]: value}, field
+            fields, param = {_GUIDED[field]: value}, field
         try:
-            return StructuredOutputs(**kwargs), field
-        except TypeError as e:  # a field StructuredOutputs does not have
-            raise APIError(400, f"{param}: {e}", param=param) from None
+            return StructuredOutputs.from_dict(fields), field
         except ValueError as e:
             msg = str(e).split(": ", 1)[-1]
             raise APIError(400, f"{param}: {msg}", param=param) from None
@@ -171,18 +169,6 @@ _CONSTRAINT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
            "guided_grammar": "grammar"}
 
-
-# vLLM's `structured_outputs` options that pick or tune its backends rather than say
-# what the output is: accepted and ignored (Sluice has one backend, and its JSON has
-# no free whitespace and keeps a schema's own additionalProperties).
-_VLLM_BACKEND_OPTIONS = ("backend", "disable_fallback", "disable_any_whitespace",
-                         "disable_additional_properties", "whitespace_pattern")
-
-
-def _structured_outputs(value: dict[str, Any]) -> dict[str, Any]:
-    """The constraint fields of a ``structured_outputs`` object (unknown ones stay,
-    to be a 400)."""
-    return {k: v for k, v in value.items() if k not in _VLLM_BACKEND_OPTIONS}
 
 
 def _response_format(value: dict[str, Any]) -> tuple[dict[str, Any], str]:

@@ -170,10 +170,7 @@ def _structured_outputs(value: object) -> StructuredOutputs | None:
     if value is None or isinstance(value, StructuredOutputs):
         return value
     if isinstance(value, dict):
-        try:
-            return StructuredOutputs(**value)
-        except TypeError as e:  # an unknown field
-            raise ValueError(f"structured_outputs: {e}") from None
+        return StructuredOutputs.from_dict(value)
     raise ValueError("structured_outputs: must be a StructuredOutputs or a dict, "
                      f"got {_short(value)}")
 

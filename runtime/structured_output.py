@@ -18,20 +18,33 @@ Interface:
   migrated to another engine or re-dispatched after an instance died (its output
   tokens replayed) rebuilds the same state; pickling (Ray) drops the native matcher,
   which is rebuilt from the tokens where the request lands.
-- `StructuredOutputManager`: one per engine (its tokenizer and vocabulary).
-  ``fill_masks(requests)`` computes the packed allowed-token masks (int32
+- `StructuredOutputManager`: one per engine (its tokenizer and vocabulary). It
+  tracks the engine's constrained requests (``admit`` when a group enters the
+  engine, queued or adopted by migration; dropped once finished or gone), so
+  ``token_masks(rows)`` is None, and a step does no per-row grammar work, while
+  none is live. ``fill_masks(requests)`` computes the packed allowed-token masks (int32
   ``[ceil(V / 32)]`` rows, token t = bit t % 32 of word t // 32: the sampler's
   layout, `sluice.runtime.sampler`) of the constrained requests among a step's
   rows, in parallel, while the device runs the forward (the model runner's
   ``token_masks`` hook). Compiled grammars are cached by constraint, so a
   request costs a copy of a compiled matcher, not a compilation.
 - `compile_constraint(tokenizer, ...)`: the compiled matcher (its first mask, the
-  costly part, computed), cached per tokenizer for the whole process. The server
-  calls it at intake, on a worker thread, so the engine step that first masks the
-  request finds it compiled (a grammar llguidance cannot build is a 400 there).
-  Every matcher runs under `PARSER_LIMITS`, so a pathological grammar costs a
-  bounded, small time and then ends its completion ``"error"`` (the limit it hit),
-  instead of seconds of a step that every other request waits for.
+  costly part, computed), cached per tokenizer for the whole process. Intake calls
+  it (`sluice.runtime.intake`: the caller's thread for `LLMEngine.add_request` and
+  `LLM`, a worker thread for the server and `AsyncEngine`), so the engine step that
+  first masks the request finds it compiled, and a grammar llguidance cannot build
+  is a ``ValueError`` naming the field (a 400 over HTTP) before the request queues.
+  Every matcher runs under `PARSER_LIMITS`. llguidance builds its lexer lazily, so
+  a grammar over those limits (``"(a{300}){300}"``: millions of regex expressions)
+  can pass the build and fail at its first tokens; compiling therefore also walks
+  it `PROBE_TOKENS` tokens down (the lowest allowed token each time) and refuses a
+  grammar that fails there. A limit first hit deeper than the probe still ends
+  that completion ``"error"`` (below) in a bounded, small time, instead of seconds
+  of a step that every other request waits for.
+- `StructuredOutputs.from_dict`: the one mapping of a dict of constraint fields
+  (the Python API's ``structured_outputs={...}`` and vLLM's ``structured_outputs``
+  request object) to the constraint; vLLM's backend options are accepted and
+  ignored.
 - A constraint that reaches a state where no token is allowed (the matcher hit
   an error or a limit): `GrammarState.refusal(token)` says why, and the request
   ends with ``finish_reason`` ``"error"`` and that message as ``stop_reason``
@@ -68,12 +81,14 @@ import collections
 import dataclasses
 import json
 import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import llguidance
 import numpy as np
 
 if TYPE_CHECKING:
+    from sluice.runtime.model_runner import StepRow
     from sluice.runtime.request import Request
     from sluice.runtime.tokenizer import Tokenizer
 
@@ -88,7 +103,16 @@ GRAMMAR_CACHE_SIZE = 128  # compiled constraints kept per tokenizer
 # 49k) of lexer building at the defaults before failing anyway; under these it fails
 # within 0.1 s, while the nested schemas and regexes of the tests use a fraction.
 PARSER_LIMITS = llguidance.LLParserLimits(initial_lexer_fuel=100_000, step_lexer_fuel=100_000)
+# Tokens a compile walks a new grammar down (module docstring): enough for a byte-level
+# vocabulary to reach the first value of a small JSON object; each step is one mask
+# (tens of microseconds on a 49k vocabulary), once per constraint (compiles are cached).
+PROBE_TOKENS = 16
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
+# vLLM's `structured_outputs` options that pick or tune its backends rather than say
+# what the output is: accepted and ignored (Sluice has one backend, and its JSON has
+# no free whitespace and keeps a schema's own additionalProperties).
+VLLM_BACKEND_OPTIONS = ("backend", "disable_fallback", "disable_any_whitespace",
+                        "disable_additional_properties", "whitespace_pattern")
 GRAMMAR_ERROR = "error"  # the finish reason of a completion its grammar left no token
 
 
@@ -124,6 +148,17 @@ class StructuredOutputs:
         if kind == "json":
             object.__setattr__(self, "json", _schema_text(self.json))
         _check(self.kind, self.spec)
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> StructuredOutputs:
+        """The constraint a dict of its fields describes; vLLM's backend options
+        (`VLLM_BACKEND_OPTIONS`) are ignored, any other unknown field is a
+        ``ValueError`` naming it."""
+        unknown = [k for k in fields if k not in KINDS and k not in VLLM_BACKEND_OPTIONS]
+        if unknown:
+            raise ValueError(f"structured_outputs: unknown field {unknown[0]!r} (the "
+                             f"constraint is one of {', '.join(KINDS)})")
+        return cls(**{k: v for k, v in fields.items() if k in KINDS})
 
     @property
     def kind(self) -> str:
@@ -213,6 +248,14 @@ def _reason(matcher: llguidance.LLMatcher) -> str:
     return f"{matcher.stop_reason()}: {detail}" if detail else matcher.stop_reason()
 
 
+def _failure(matcher: llguidance.LLMatcher) -> str | None:
+    """Why a probed matcher failed, or None for a dead end (no token can follow:
+    llguidance's ``NoExtension``, reported as ``NoExtensionBias`` by its mask), which
+    is the completion's to report, not a reason to refuse the grammar."""
+    reason = _reason(matcher)
+    return None if reason.split(": ")[-1] in ("NoExtension", "NoExtensionBias") else reason
+
+
 class GrammarState:
     """A completion's matcher (module docstring). ``matcher`` is bound by the
     engine's `StructuredOutputManager`; ``consumed`` counts the output tokens fed
@@ -263,13 +306,40 @@ class StructuredOutputManager:
     The llguidance tokenizer (seconds for a large vocabulary) is built on the
     first constrained request (at intake, with the server)."""
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]):
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...],
+                 groups: Mapping[str, object] | None = None):
+        """``groups``: the engine's groups by id; a tracked request whose group left
+        them (migrated away) is dropped like a finished one."""
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
         from sluice.runtime.sampler import mask_words  # the sampler imports SamplingParams,
         self.words = mask_words(vocab_size)            # which imports this module
         self._executor = llguidance.LLExecutor()
+        self._groups = groups
+        self._live: dict[str, Request] = {}  # the constrained requests in the engine
+
+    def admit(self, requests: Iterable[Request]) -> None:
+        """Track the constrained ones of a group's requests as the group enters
+        the engine (queued, or adopted by migration)."""
+        for r in requests:
+            if r.grammar is not None and not r.is_finished:
+                self._live[r.request_id] = r
+
+    def token_masks(self, rows: Sequence[StepRow]) -> Callable[[], dict[int, np.ndarray]] | None:
+        """The model runner's ``token_masks`` hook for a step over ``rows``: None
+        while no tracked constrained request is live (the step does no grammar work
+        per row), else one that masks the rows that sample, i.e. bring their request
+        up to its ``num_tokens`` (a prefill chunk short of that samples nothing)."""
+        if not self._live:
+            return None
+        self._live = {rid: r for rid, r in self._live.items() if not r.is_finished and (
+            self._groups is None or r.parent_id in self._groups)}
+        if not self._live:
+            return None
+        return lambda: self.fill_masks(
+            [s.request if s.request.num_computed_tokens + s.num_new_tokens
+             >= s.request.num_tokens else None for s in rows])
 
     def matcher(self, constraint: StructuredOutputs) -> llguidance.LLMatcher:
         """A fresh matcher in the constraint's start state (a copy of the compiled one:
@@ -318,6 +388,7 @@ class _Compiler:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]):
         self.ll_tokenizer = llguidance.LLTokenizer(
             tokenizer.hf.to_str(), n_vocab=vocab_size, eos_token=list(eos_token_ids) or None)
+        self.vocab_size, self.eos_token_ids = vocab_size, eos_token_ids
         self.compiled: collections.OrderedDict[_Key, llguidance.LLMatcher] = \
             collections.OrderedDict()
         self.lock = threading.Lock()
@@ -333,14 +404,35 @@ class _Compiler:
                                         log_level=0, limits=PARSER_LIMITS)
         if template.is_error():
             raise ValueError(f"structured_outputs.{key.kind}: {_reason(template)}")
-        # The first mask builds the lexer: the costly part. A grammar that fails there
-        # (no token allowed, a limit hit) is left for its completion to end "error".
+        # The first mask builds the lexer: the costly part. The probe then refuses a
+        # grammar that hits a parser limit in its first tokens (module docstring).
         template.compute_bitmask()
+        error = self._probe(template.deep_copy())
+        if error is not None:
+            raise ValueError(f"structured_outputs.{key.kind}: {error}")
         with self.lock:
             self.compiled[key] = template
             while len(self.compiled) > GRAMMAR_CACHE_SIZE:
                 self.compiled.popitem(last=False)
         return template
+
+
+    def _probe(self, matcher: llguidance.LLMatcher) -> str | None:
+        """Walk ``matcher`` up to `PROBE_TOKENS` tokens down, taking the lowest
+        allowed token that is not EOS each time: why it failed (a parser limit, a
+        lexer error), or None. Reaching a state where no token (or only EOS) is
+        allowed ends the walk without an error: a dead end is its completion's to
+        report (finish reason ``"error"``), as it would be after any prefix."""
+        eos = set(self.eos_token_ids)
+        for _ in range(PROBE_TOKENS):
+            words = np.frombuffer(matcher.compute_bitmask(), np.uint32)
+            if matcher.is_error():
+                return _failure(matcher)
+            bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:self.vocab_size]
+            token = next((int(t) for t in np.flatnonzero(bits) if int(t) not in eos), None)
+            if token is None or not matcher.consume_token(token):
+                return _failure(matcher) if matcher.is_error() else None
+        return None
 
 
 _compilers: collections.OrderedDict[tuple[int, int, tuple[int, ...]],

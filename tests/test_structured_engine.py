@@ -10,6 +10,7 @@ import dataclasses
 import json
 import pickle
 import re
+import threading
 
 import jsonschema
 import numpy as np
@@ -17,7 +18,8 @@ import pytest
 
 from sluice.runtime import SamplingParams, greedy_generate
 from sluice.runtime.engine import EngineConfig, LLMEngine
-from sluice.runtime.structured_output import StructuredOutputs
+from sluice.runtime import structured_output
+from sluice.runtime.structured_output import PROBE_TOKENS, StructuredOutputs
 
 BLOCK = 32 * 1024  # bytes of one tiny-model KV block (16 tokens)
 ITEM = {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0,
@@ -220,14 +222,27 @@ def test_ignore_eos_ends_a_finished_grammar_with_stop_and_logprobs_per_token(tin
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
-def test_a_grammar_over_the_parser_limits_ends_error_and_others_go_on(tiny):
-    """"(a{300}){300}" builds a lexer of millions of expressions: within llguidance's
-    default limits (a second and more of one step, every request waiting), past
-    `PARSER_LIMITS`, so it ends "error" naming the limit; the request beside it is
-    unaffected."""
+def test_a_grammar_over_the_parser_limits_is_refused_at_add_request(tiny):
+    """"(a{300}){300}" builds a lexer of millions of expressions: llguidance accepts
+    the grammar and its first mask, then fails at the first token past `PARSER_LIMITS`.
+    The compile's probe finds that, so ``add_request`` raises naming the field and
+    nothing is queued (it used to be queued and end "error" later)."""
     engine = engine_for(tiny)
-    heavy = SamplingParams(temperature=0.0, max_tokens=8,
-                           structured_outputs=StructuredOutputs(regex="(a{300}){300}"))
+    heavy = SamplingParams(max_tokens=8, structured_outputs=StructuredOutputs(
+        regex="(a{300}){300}"))
+    with pytest.raises(ValueError, match=r"^structured_outputs\.regex: .*too many expressions"):
+        engine.add_request("heavy", {"prompt_token_ids": [5, 6, 7]}, heavy)
+    assert not engine.has_unfinished_requests() and not engine.groups
+
+
+def test_a_limit_hit_past_the_probe_ends_error_and_others_go_on(tiny):
+    """A grammar whose limit is first hit deeper than `PROBE_TOKENS` (20 forced
+    tokens, then the heavy part) passes intake and ends "error" naming the limit
+    there, in a bounded time; the request beside it is unaffected."""
+    assert PROBE_TOKENS < 20
+    engine = engine_for(tiny)
+    heavy = SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=StructuredOutputs(
+        regex="[xy]{20}(a{300}){300}"))
     free = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     engine.add_request("heavy", {"prompt_token_ids": [5, 6, 7]}, heavy)
     engine.add_request("free", {"prompt_token_ids": [5, 6, 7]}, free)
@@ -236,5 +251,58 @@ def test_a_grammar_over_the_parser_limits_ends_error_and_others_go_on(tiny):
         done.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
     assert done["heavy"].finish_reason == "error"
     assert "too many expressions" in done["heavy"].stop_reason
+    assert re.fullmatch("[xy]{20}a*", done["heavy"].text)  # the mask held until then
     assert (done["free"].finish_reason, len(done["free"].token_ids)) == ("length", 8)
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_add_request_compiles_on_the_callers_thread(tiny, monkeypatch):
+    """`LLMEngine.add_request` (and `LLM`, through the same intake) compiles the
+    constraint on the caller's thread: the engine's step, here on its own thread,
+    finds it compiled (it used to compile there, stalling every request's step)."""
+    compiled_on = []
+    compile_ = structured_output._Compiler.compile
+
+    def spy(self, constraint):
+        if structured_output._Key(constraint.kind, constraint.spec) not in self.compiled:
+            compiled_on.append(threading.current_thread().name)
+        return compile_(self, constraint)
+
+    monkeypatch.setattr(structured_output._Compiler, "compile", spy)
+    engine = engine_for(tiny)
+    params = SamplingParams(temperature=0.0, max_tokens=30, structured_outputs=StructuredOutputs(
+        regex="[0-9]{3}-callers-thread"))
+    engine.add_request("r", {"prompt_token_ids": [5, 6, 7]}, params)
+    outs = {}
+    stepper = threading.Thread(target=lambda: outs.update(_run_out(engine)), name="step")
+    stepper.start()
+    stepper.join()
+    assert compiled_on == [threading.current_thread().name]
+    assert re.fullmatch("[0-9]{3}-callers-thread", outs["r"][0][1])
+
+
+def test_steps_without_constrained_requests_pass_no_mask_hook(tiny):
+    """The engine tracks its constrained requests: a step while none is live gives
+    the model runner no ``token_masks`` hook (no per-row grammar work), one while a
+    constrained request runs does, and once it finished the hook is gone again."""
+    engine = engine_for(tiny)
+    hooks = []
+    execute = engine.runner.execute
+
+    def spy(batch, during=None, token_masks=None):
+        hooks.append(token_masks is not None)
+        return execute(batch, during, token_masks)
+
+    engine.runner.execute = spy
+    long = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    choice = SamplingParams(temperature=0.0, max_tokens=20,
+                            structured_outputs=StructuredOutputs(choice=["ab", "cd"]))
+    engine.add_request("free", {"prompt_token_ids": [5, 6, 7]}, long)
+    engine.step()
+    engine.step()
+    engine.add_request("choice", {"prompt_token_ids": [8, 9]}, choice)
+    outs = _run_out(engine)
+    assert outs["choice"][0][1] in ("ab", "cd") and len(outs["free"][0][0]) == 40
+    assert hooks[:2] == [False, False]  # only the free request
+    assert hooks[2] and not hooks[-1]  # with the constrained one; after it finished
+    assert hooks.count(True) <= 4  # its prefill, 2 tokens, EOS (and the step it ends)

@@ -57,6 +57,12 @@ def test_sampling_params_takes_a_dict_or_the_object():
     assert SamplingParams(structured_outputs={"choice": ["a", "b"]}).structured_outputs == c
     with pytest.raises(ValueError, match="^structured_outputs: must be"):
         SamplingParams(structured_outputs="json")
+    # the one dict mapping (also the server's for vLLM's structured_outputs object):
+    # vLLM's backend options are ignored, another unknown field is named
+    assert SamplingParams(structured_outputs={"choice": ["a", "b"], "backend": "xgrammar",
+                                              "disable_fallback": True}).structured_outputs == c
+    with pytest.raises(ValueError, match="^structured_outputs: unknown field 'colour'"):
+        SamplingParams(structured_outputs={"choice": ["a"], "colour": "red"})
 
 
 def test_masks_allow_exactly_the_constraints_continuations(manager):

@@ -38,6 +38,10 @@ CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
     "type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
     "required": ["zone"], "additionalProperties": False}}}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+HEAVY = "(a{300}){300}"  # a lexer of millions of expressions (test_structured_engine)
+HEAVY_SCHEMA = {"type": "object", "properties": {"s": {"type": "string",
+                                                      "pattern": f"^{HEAVY}$"}},
+                "required": ["s"], "additionalProperties": False}
 SAMPLED = dict(temperature=1.0, seed=7, max_tokens=120)
 
 
@@ -320,7 +324,20 @@ JS = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "fo
         "name": "f", "parameters": {"type": "foo"}}}], "tool_choice": "required"},
      "tools[0].function.parameters"),
     ("/v1/chat/completions", {**CHAT, "tools": [WEATHER, WEATHER]}, "tools"),
+    # over llguidance's parser limits (`PARSER_LIMITS`), found by the compile's probe:
+    # they used to be accepted and end with finish_reason "error"
+    ("/v1/completions", {"prompt": "x", "guided_regex": HEAVY}, "guided_regex"),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {"regex": HEAVY}},
+     "structured_outputs"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {**JS, "json_schema": {
+        "name": "x", "schema": HEAVY_SCHEMA}}}, "response_format"),
+    ("/v1/chat/completions", {**CHAT, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": HEAVY_SCHEMA}}]},
+     "tools"),
 ])
 def test_bad_constraints_are_400s_naming_the_field(live, http, path, body, param):
-    assert_error(http.post(path, json=body), 400, param)
+    r = http.post(path, json=body)
+    assert_error(r, 400, param)
+    if HEAVY in json.dumps(body):
+        assert "too many expressions" in r.json()["error"]["message"]
     live.wait_idle()
