@@ -15,7 +15,13 @@ Implementations:
 - `FreenessAutoscaler`: the global scheduler's own load metric. Average
   `freeness` of the open instances below ``scale_out_below`` launches one more
   (through the cluster's launcher), above ``scale_in_above`` drains the least
-  loaded one, within ``[min_instances, max_instances]``.
+  loaded one, within ``[min_instances, max_instances]``; after either, it
+  decides nothing on freeness for ``cooldown_s`` (the reports must show the
+  change first). A launch runs in the background (``spawn``: a thread), so a
+  round never waits for an instance to load and compile; until it has joined
+  the cluster it counts as an instance (no second launch for the same load,
+  no scale-in meanwhile). A launch that fails is retried after ``backoff_s``,
+  doubling per failure in a row up to ``max_backoff_s``, not every round.
 - `ReplanAutoscaler`: the provisioner's MILP re-planner
   (`sluice.provision.replan.Replanner`) over a `sluice.scheduler.fleet.FleetActuator`
   (instances of several accelerator types, per-bucket routing); it observes every
@@ -26,14 +32,17 @@ Both take ``demands``: callables ``demand() -> int``, each the instances some
 consumer needs now, such as the RAG layer's replica demand
 (`sluice.rag.capacity.Capacity.replicas`: the replicas its latency SLOs need at
 the observed arrival rates). The fleet never goes below the
-largest (capped at ``max_instances``): a larger demand scales out at once and
-blocks scaling in. ``sluice serve --autoscale ... --rag-index DIR`` adds the RAG
+largest (capped at ``max_instances``): a larger demand scales out at once (the
+whole shortfall, cooldown or not) and blocks scaling in. ``sluice serve --autoscale ... --rag-index DIR`` adds the RAG
 service's (`sluice.rag.http.rag_part`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
+import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -48,7 +57,10 @@ if TYPE_CHECKING:
     from sluice.scheduler.cluster import Cluster
     from sluice.scheduler.fleet import FleetActuator
 
+log = logging.getLogger(__name__)
+
 Demand = Callable[[], int]  # instances some consumer needs now
+Spawn = Callable[[Callable[[], None]], None]  # runs a function in the background
 
 
 class Autoscaler(Protocol):
@@ -62,6 +74,11 @@ def demanded(demands: Sequence[Demand]) -> int:
     return max((int(d()) for d in demands), default=0)
 
 
+def in_thread(work: Callable[[], None]) -> None:
+    """`Spawn` on a daemon thread of its own."""
+    threading.Thread(target=work, name="sluice-launch", daemon=True).start()
+
+
 @dataclasses.dataclass
 class FreenessAutoscaler:
     scale_out_below: float = 2.0  # average freeness (blocks per running request)
@@ -69,6 +86,10 @@ class FreenessAutoscaler:
     min_instances: int = 1
     max_instances: int = 8
     demands: Sequence[Demand] = ()
+    cooldown_s: float = 30.0  # after a scale action, no freeness decision for this long
+    backoff_s: float = 5.0  # after a failed launch, none for this long; doubles per failure
+    max_backoff_s: float = 300.0
+    spawn: Spawn = in_thread  # how a launch runs off the cluster's thread
 
     def __post_init__(self) -> None:
         self.demands = list(self.demands)
@@ -76,6 +97,17 @@ class FreenessAutoscaler:
             raise ValueError("min_instances, max_instances: need 1 <= min <= max")
         if not self.scale_out_below < self.scale_in_above:
             raise ValueError("scale_out_below, scale_in_above: need out < in (else it flaps)")
+        if not self.cooldown_s >= 0:
+            raise ValueError(f"cooldown_s: must be >= 0, got {self.cooldown_s}")
+        if not 0 < self.backoff_s <= self.max_backoff_s:
+            raise ValueError("backoff_s, max_backoff_s: need 0 < backoff_s <= max_backoff_s")
+        self._lock = threading.Lock()
+        self.pending = 0  # launches in flight
+        self.failures_in_a_row = 0
+        self.num_failed_launches = 0
+        self._failed = False  # a launch failed since the last round
+        self._quiet_until = -math.inf  # no freeness decision before (cooldown)
+        self._retry_at = -math.inf  # no launch before (backoff)
 
     def observe(self, group: Group, now: float) -> None:
         pass  # it decides from the load reports alone
@@ -89,14 +121,73 @@ class FreenessAutoscaler:
         open_ = [r for r in reports.values() if not r.draining]
         if not open_ or cluster.launcher is None:
             return
+        self._back_off_after_failures(now)
+        size = self._size(cluster, reports, len(open_))
         floor = min(max(self.min_instances, demanded(self.demands)), self.max_instances)
+        if size < floor:  # a consumer needs them now: the whole shortfall, cooldown or not
+            for _ in range(floor - size if now >= self._retry_at else 0):
+                self._launch(cluster, now)
+            return
+        if now < self._quiet_until or size > len(open_):  # cooling down, or still launching
+            return
         headroom = cluster.config.high_priority_headroom
         avg = sum(freeness(r, headroom) for r in open_) / len(open_)
-        if len(open_) < self.max_instances and (avg < self.scale_out_below
-                                                or len(open_) < floor):
-            cluster.add_instance(cluster.launcher.launch(cluster.on_outputs, cluster.on_death))
-        elif avg > self.scale_in_above and len(open_) > floor:
+        if size < self.max_instances and avg < self.scale_out_below:
+            if now >= self._retry_at:
+                self._launch(cluster, now)
+        elif avg > self.scale_in_above and size > floor:
             cluster.drain(min(open_, key=lambda r: r.num_requests).name)
+            self._quiet_until = now + self.cooldown_s
+
+    def _back_off_after_failures(self, now: float) -> None:
+        """If a launch failed since the last round, no launch for the back-off
+        (instead of the cooldown the launch started)."""
+        with self._lock:
+            failed, self._failed = self._failed, False
+            in_a_row = self.failures_in_a_row
+        if failed and in_a_row:
+            delay = min(self.max_backoff_s, self.backoff_s * 2 ** (in_a_row - 1))
+            self._retry_at = now + delay
+            self._quiet_until = -math.inf  # nothing changed: the back-off alone applies
+            log.warning("autoscaler: %d launch(es) in a row failed; next try in %g s",
+                        in_a_row, delay)
+
+    def _size(self, cluster: Cluster, reports: dict[str, LoadReport], num_open: int) -> int:
+        """Open instances, counting launches in flight and instances that joined
+        after this round's reports (pending is read first: a launch adds its
+        instance before it stops counting as pending, so none is missed)."""
+        with self._lock:
+            pending = self.pending
+        joined = sum(1 for name, inst in list(cluster.instances.items())
+                     if name not in reports and inst.alive and not inst.draining)
+        return num_open + pending + joined
+
+    def _launch(self, cluster: Cluster, now: float) -> None:
+        with self._lock:
+            self.pending += 1
+        self._quiet_until = now + self.cooldown_s
+        self.spawn(lambda: self._run_launch(cluster))
+
+    def _run_launch(self, cluster: Cluster) -> None:
+        """One launch, off the cluster's thread: the instance joins the cluster,
+        or, if the cluster shut down meanwhile, is terminated."""
+        try:
+            inst = cluster.launcher.launch(cluster.on_outputs, cluster.on_death)
+        except Exception:
+            log.exception("autoscaler: launching an instance failed")
+            with self._lock:
+                self.pending -= 1
+                self.failures_in_a_row += 1
+                self.num_failed_launches += 1
+                self._failed = True
+            return
+        try:
+            cluster.add_instance(inst)
+        except RuntimeError:  # shut down
+            cluster.launcher.terminate(inst)
+        with self._lock:
+            self.pending -= 1
+            self.failures_in_a_row = 0
 
 
 class ReplanAutoscaler:

@@ -244,8 +244,11 @@ class Cluster:
         return True
 
     def add_instance(self, instance: Instance) -> None:
-        """Serve with one more instance (wired to `on_outputs` / `on_death`)."""
+        """Serve with one more instance (wired to `on_outputs` / `on_death`); raises
+        ``RuntimeError`` once the cluster is shut down (the caller stops it)."""
         with self._lock:
+            if self._stop.is_set():
+                raise RuntimeError("add_instance: the cluster is shut down")
             self.instances[instance.name] = instance
 
     def _dispatch(self, request_id: str, group: Group) -> None:
@@ -526,7 +529,9 @@ class Cluster:
         if self._thread is not None:
             self._thread.join()
         self._executor.shutdown(wait=True)
-        for inst in list(self.instances.values()):
+        with self._lock:  # after this, `add_instance` refuses (a launch that was in flight)
+            insts = list(self.instances.values())
+        for inst in insts:
             if inst.alive:
                 inst.stop()
 

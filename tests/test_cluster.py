@@ -688,7 +688,8 @@ def test_autoscaler_scales_a_local_cluster_out_under_load_and_back_in(tiny, tmp_
     blocks = next(iter(cluster.instances.values())).report().num_blocks
     if kind == "freeness":  # loaded: ~40 free blocks per running request; idle: all free
         cluster.autoscaler = FreenessAutoscaler(scale_out_below=blocks / 4,
-                                                scale_in_above=0.9 * blocks, max_instances=2)
+                                                scale_in_above=0.9 * blocks, max_instances=2,
+                                                spawn=lambda launch: launch())  # at once
     else:  # 3 requests in a 100 s window = 0.03 req/s, one instance serves 0.02
         path = tmp_path / "profile.json"
         buckets = Buckets((0, 512), (0, 512))
@@ -728,12 +729,13 @@ def test_rag_replica_demand_drives_the_autoscaler(tiny):
 
     prof = Profile(PipelineConfig("bm25", 1), 0.5, 0.5, 1e-7, 0.25)
     capacity = Capacity({"c": 1.0}, window_s=10.0, hold_s=30.0)
-    launcher = FakeLauncher("new-")
+    launcher, launches = FakeLauncher("new-"), []
     cluster = Cluster([FakeInstance("a", num_free_blocks=90, num_running=0)],
                       Intake(tiny, 512, seed=0), ClusterConfig(migrate=False), launcher,
                       autoscaler=FreenessAutoscaler(scale_out_below=1.0, scale_in_above=50.0,
                                                     max_instances=8,
-                                                    demands=[capacity.replicas]))
+                                                    demands=[capacity.replicas],
+                                                    spawn=launches.append))
     cluster.tick()
     assert open_instances(cluster) == ["a"]  # idle, at its minimum: nothing to do
     t = 0.0
@@ -742,9 +744,99 @@ def test_rag_replica_demand_drives_the_autoscaler(tiny):
         capacity.arrival("c", t)
     want = capacity.wanted("c", t, prof)
     assert want > 2
-    for _ in range(want + 2):
+    cluster.tick()
+    cluster.tick()  # the launches in flight count: none more
+    assert len(launches) == want - 1  # the whole shortfall at once, cooldown or not
+    for launch in launches:
+        launch()
+    cluster.tick()
+    assert len(open_instances(cluster)) == want and len(launches) == want - 1
+
+
+class FlakyLauncher(FakeLauncher):
+    """Fails its first ``failures`` launches; records what it terminates."""
+
+    def __init__(self, prefix, failures=0):
+        super().__init__(prefix)
+        self.failures, self.terminated = failures, []
+
+    def launch(self, on_outputs, on_death):
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("no capacity")
+        return super().launch(on_outputs, on_death)
+
+    def terminate(self, instance):
+        self.terminated.append(instance.name)
+
+
+def test_freeness_autoscaler_launches_in_the_background_and_backs_off(tiny):
+    """A round only starts a launch (the global thread never waits for an
+    instance to load); the launch in flight counts, so later rounds start no
+    second one for the same load; a failing launch is retried after a back-off
+    that doubles (5 s, then 10 s), not every round; an instance that arrives
+    after shutdown is terminated, not added."""
+    from sluice.scheduler.autoscale import FreenessAutoscaler
+
+    clock, launches, launcher = ManualClock(), [], FlakyLauncher("new-", failures=2)
+    scaler = FreenessAutoscaler(max_instances=4, spawn=launches.append)
+    cluster = Cluster([FakeInstance("a", num_free_blocks=1, num_running=4)],  # full
+                      Intake(tiny, 512, seed=0), ClusterConfig(migrate=False), launcher,
+                      clock=clock, autoscaler=scaler)
+
+    def rounds_at(*times):
+        for t in times:
+            clock.now = t
+            cluster.tick()
+
+    rounds_at(0.0, 1.0, 2.0)
+    assert len(launches) == 1 and scaler.pending == 1 and open_instances(cluster) == ["a"]
+    launches[0]()  # fails
+    assert scaler.pending == 0 and scaler.failures_in_a_row == 1
+    rounds_at(3.0, 7.9)  # backing off until 3 + 5
+    assert len(launches) == 1
+    rounds_at(8.0)
+    assert len(launches) == 2
+    launches[1]()  # fails again: 10 s now
+    rounds_at(9.0, 18.9)
+    assert len(launches) == 2
+    rounds_at(19.0)
+    assert len(launches) == 3
+    launches[2]()  # succeeds
+    assert open_instances(cluster) == ["a", "new-1"] and scaler.failures_in_a_row == 0
+    assert scaler.num_failed_launches == 2
+    cluster.instances["new-1"].load = dict(num_free_blocks=1, num_running=4)  # full too
+    rounds_at(20.0)  # cooling down after the launch at 19
+    assert len(launches) == 3
+    rounds_at(49.0)
+    assert len(launches) == 4
+    cluster.shutdown()
+    launches[3]()  # lands after shutdown: stopped, not served
+    assert launcher.terminated == ["new-2"] and "new-2" not in cluster.instances
+
+
+def test_freeness_autoscaler_cools_down_between_scale_ins(tiny):
+    """Idle instances are drained one per cooldown, not one per round."""
+    from sluice.scheduler.autoscale import FreenessAutoscaler
+
+    clock = ManualClock()
+    insts = [FakeInstance(n, num_free_blocks=90, num_running=0, num_waiting=0) for n in "abc"]
+    for inst in insts:  # a drained instance keeps a request, so it stays (draining) in view
+        inst.load["num_running"] = 1
+    cluster = Cluster(insts, Intake(tiny, 512, seed=0), ClusterConfig(migrate=False),
+                      FakeLauncher("new-"), clock=clock,
+                      autoscaler=FreenessAutoscaler(cooldown_s=30.0, spawn=lambda f: None))
+    for t in (0.0, 1.0, 29.9):
+        clock.now = t
         cluster.tick()
-    assert len(open_instances(cluster)) == want  # one launch per round, up to the demand
+    assert len(open_instances(cluster)) == 2
+    clock.now = 30.0
+    cluster.tick()
+    assert len(open_instances(cluster)) == 1
+    with pytest.raises(ValueError, match="cooldown_s"):
+        FreenessAutoscaler(cooldown_s=-1)
+    with pytest.raises(ValueError, match="backoff_s"):
+        FreenessAutoscaler(backoff_s=10, max_backoff_s=5)
 
 
 def test_rag_part_hands_its_replica_demand_to_the_autoscaler(monkeypatch):
