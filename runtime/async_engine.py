@@ -164,6 +164,10 @@ class AsyncEngine:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    @property
+    def scheduling_policy(self) -> str:
+        return self.engine.scheduler.policy.name
+
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None, priority: int = 0,
                        client: str | None = None, conversation: str | None = None,

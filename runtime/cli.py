@@ -391,7 +391,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log_format="json" if args.access_log == "off" else args.access_log,
         timeout_keep_alive_s=args.timeout_keep_alive, header_timeout_s=args.header_timeout,
         limit_concurrency=args.limit_concurrency, max_header_bytes=args.max_header_bytes,
-        metrics_compat=args.metrics_compat, scheduling_policy=args.scheduling_policy)
+        metrics_compat=args.metrics_compat)
     limits = StreamLimits(stall_timeout_s=args.stream_stall_timeout)
     sock = bind_socket(args.host, args.port)  # fail on a taken port before loading the model
     if args.ray:  # before anything starts JAX's threads: Ray forks its processes

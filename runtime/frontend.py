@@ -2,8 +2,10 @@
 requests, whether that is one engine (`sluice.runtime.async_engine.AsyncEngine`)
 or many under the global scheduler (`sluice.scheduler.async_cluster.AsyncCluster`).
 
-- ``model`` (tokenizer, config, and the parameters ``/v1/embeddings`` runs on) and
-  ``max_model_len``: what every instance serves;
+- ``model`` (tokenizer, config, and the parameters ``/v1/embeddings`` runs on),
+  ``max_model_len`` and ``scheduling_policy`` (the policy's name, None if
+  unknown; ``/admin/priority`` warns when it ignores priorities): what every
+  instance serves;
 - ``generate(prompt, params, request_id=, priority=, client=, conversation=,
   delta=)``: validates at once (``ValueError``) and returns an async iterator of
   `RequestOutput`s; closing it early aborts the request;
@@ -34,6 +36,9 @@ class FrontEnd(Protocol):
 
     @property
     def max_model_len(self) -> int: ...
+
+    @property
+    def scheduling_policy(self) -> str | None: ...
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None, priority: int = 0,

@@ -12,7 +12,8 @@ server-sent events ending in ``data: [DONE]`` when ``stream`` is true),
 (``{"request_id": <a completion's id>, "priority": <int>}``: re-rank an
 unfinished completion while it waits or runs; 404 if none has that id; a
 stream's id is in its ``X-Request-Id`` header before the first token; under a
-``scheduling_policy`` that ignores priorities the response's ``warning`` says so). Schemas and the
+scheduling policy that ignores priorities (the front end's ``scheduling_policy``)
+the response's ``warning`` says so). Schemas and the
 request -> `SamplingParams` mapping live in `sluice.runtime.openai_protocol`. With
 ``tools``, chat responses carry the calls parsed from the text (`sluice.runtime.tool_calls`)
 as ``message.tool_calls`` with ``finish_reason: "tool_calls"``, and streams send them as
@@ -103,7 +104,7 @@ from sluice.runtime.option_names import ACCESS_LOG_FORMATS
 from sluice.runtime.outputs import CompletionOutput, RequestOutput, accumulate
 from sluice.runtime.sampling_params import SamplingParams
 from sluice.runtime.structured_output import compile_constraint
-from sluice.scheduler.policies import POLICIES, PriorityPolicy
+from sluice.scheduler.policies import PriorityPolicy
 from sluice.runtime.tool_calls import ToolCalling, ToolCallStream
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,6 @@ class ServerConfig:
     limit_concurrency: int | None = 1024  # connections + requests at once; 503 past it
     max_header_bytes: int = 16 << 10  # largest incomplete request head (h11), else 400
     metrics_compat: str | None = None  # "vllm": /metrics also under vLLM's names (metrics.py)
-    scheduling_policy: str | None = None  # the engine's, for /admin/priority; None: unknown
 
     def __post_init__(self) -> None:
         if self.access_log_format not in ACCESS_LOG_FORMATS:
@@ -146,9 +146,6 @@ class ServerConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}: must be >= 1, got {value}")
-        if self.scheduling_policy not in (None, *POLICIES):
-            raise ValueError(f"scheduling_policy: must be one of {sorted(POLICIES)}, "
-                             f"got {self.scheduling_policy!r}")
 
 
 @dataclasses.dataclass
@@ -767,7 +764,7 @@ class OpenAIServer:
                            param="request_id", code="request_not_found")
         body = {"request_id": req.request_id, "priority": req.priority,
                 "engine_requests": changed}
-        policy = self.config.scheduling_policy
+        policy = self.engine.scheduling_policy
         if policy not in (None, PriorityPolicy.name):
             body["warning"] = (f"scheduling policy {policy!r} ignores priorities: the order "
                                f"does not change (serve with --scheduling-policy "

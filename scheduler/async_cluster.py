@@ -79,6 +79,13 @@ class AsyncCluster:
     def max_model_len(self) -> int:
         return self.cluster.intake.max_model_len
 
+    @property
+    def scheduling_policy(self) -> str | None:
+        """The live instances' policy (None if none is live or they differ)."""
+        names = {r.scheduling_policy for r in self.cluster.stats().instances.values()
+                 if r.alive}
+        return names.pop() if len(names) == 1 else None
+
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None, priority: int = 0,
                        client: str | None = None,

@@ -59,6 +59,7 @@ class LoadReport:
     # Requests that could migrate now, in admission order: (request id, tokens).
     candidates: tuple[tuple[str, int], ...] = ()
     stats: EngineStats | None = None  # the engine's own counters (for metrics)
+    scheduling_policy: str | None = None  # the engine's policy (`Policy.name`)
 
     @property
     def num_requests(self) -> int:
@@ -137,7 +138,7 @@ def load_report(name: str, engine: LLMEngine, draining: bool, pending: int = 0) 
     candidates = tuple(engine.migration.migratable())
     return LoadReport(name, bm.num_blocks, bm.num_free_blocks, sched.num_running,
                       sched.num_waiting, demand, high, draining, True, bs, candidates,
-                      engine.stats())
+                      engine.stats(), sched.policy.name)
 
 
 def group_demand(group: Group, block_size: int) -> int:

@@ -432,13 +432,15 @@ def test_dead_instance_requests_complete_elsewhere(tiny):
 
 
 def test_async_cluster_serves_and_sums_stats(tiny):
-    """The asyncio front the HTTP server uses: streams complete, early close aborts."""
+    """The asyncio front the HTTP server uses: streams complete, early close aborts;
+    it says which policy its instances run (None once none is live)."""
     import asyncio
 
     from sluice.scheduler.async_cluster import AsyncCluster, local_cluster
 
     want = reference(tiny, [("x", "async cluster", SamplingParams(max_tokens=30, **GREEDY))])
-    front = AsyncCluster(local_cluster(tiny, EngineConfig(**ENGINE), 2))
+    front = AsyncCluster(local_cluster(tiny, EngineConfig(**ENGINE, scheduling_policy="fair"), 2))
+    assert front.scheduling_policy == "fair"
 
     async def run():
         outs = [o async for o in await front.generate(
@@ -457,6 +459,7 @@ def test_async_cluster_serves_and_sums_stats(tiny):
         await front.shutdown()
         return outs, stats
     outs, stats = asyncio.run(run())
+    assert front.scheduling_policy is None
     assert outs[-1].outputs[0].token_ids == want["x"].outputs[0].token_ids
     assert stats.num_blocks == 2 * front.cluster.instances["instance-0"].report().num_blocks
     assert stats.num_free_blocks == stats.num_blocks and stats.num_running == 0
@@ -507,6 +510,7 @@ def test_serve_instances_over_http():
             rid = r.headers["x-request-id"]
             ok = httpx.post(url + "/admin/priority", json={"request_id": rid, "priority": 3})
             assert ok.status_code == 200 and ok.json()["engine_requests"] == [rid], ok.text
+            assert "'fcfs' ignores priorities" in ok.json()["warning"]  # the instances' policy
         gone = httpx.post(url + "/admin/priority", json={"request_id": rid, "priority": 3})
         assert gone.status_code == 404 and gone.json()["error"]["param"] == "request_id"
     finally:
