@@ -9,6 +9,7 @@ of seconds); generations are short.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,57 @@ def test_greedy_chat_matches_transformers(sluice_gguf, reference):
         assert got.text == ref_tok.decode(expected, skip_special_tokens=True)
     assert finish == ["stop", "length"]  # both endings are exercised
     assert outs[0].outputs[0].text == "The capital of France is Paris."
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 20},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+
+
+@pytest.mark.slow
+def test_tool_call_round_trip_with_the_official_client(sluice_gguf):
+    """Issue 19 on the real SmolLM2 over HTTP: with ``tool_choice="required"`` the
+    reply is a tool call whose arguments validate against the tool's schema; the
+    call and a ``role: "tool"`` result sent back render through the template into
+    a next turn that is an assistant message (and the server is idle after)."""
+    import jsonschema
+    import openai
+    from test_server import KEY, LiveServer
+
+    live = LiveServer(sluice_gguf, dict(api_key=KEY), dict(max_num_seqs=2))
+    try:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key=KEY, max_retries=0,
+                               timeout=300)
+        model = live.server.config.model_name
+        messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+        first = client.chat.completions.create(
+            model=model, messages=messages, tools=[WEATHER_TOOL], tool_choice="required",
+            temperature=0.0, max_tokens=60)
+        (choice,) = first.choices
+        assert choice.finish_reason == "tool_calls", choice
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_weather" and call.id.startswith("call_")
+        args = json.loads(call.function.arguments)
+        jsonschema.validate(args, WEATHER_TOOL["function"]["parameters"])
+        result = json.dumps({"city": args["city"], "temperature": 21, "unit": args["unit"]})
+        messages += [choice.message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": result}]
+        second = client.chat.completions.create(
+            model=model, messages=messages, tools=[WEATHER_TOOL], temperature=0.0,
+            max_tokens=30)
+        (reply,) = second.choices
+        assert reply.message.role == "assistant"
+        assert reply.finish_reason in ("stop", "length", "tool_calls")
+        assert reply.message.content or reply.message.tool_calls
+        # the call and its result were in the second prompt
+        tool_tokens = len(sluice_gguf.tokenizer.encode(result, add_special_tokens=False))
+        assert second.usage.prompt_tokens > first.usage.prompt_tokens + tool_tokens
+        live.wait_idle()
+    finally:
+        live.stop()
 
 
 def test_hf_dir_written_from_the_gguf_is_the_same_model(sluice_gguf, reference, cache_dir):
