@@ -7,7 +7,8 @@ serves it with uvicorn until SIGTERM/SIGINT (``sluice serve`` calls it).
 Endpoints: ``POST /v1/completions`` and ``/v1/chat/completions`` (JSON, or
 server-sent events ending in ``data: [DONE]`` when ``stream`` is true),
 ``POST /v1/embeddings``, ``GET /v1/models[/{id}]``, ``POST /tokenize``,
-``POST /detokenize``, ``GET /health``, ``GET /version``, ``GET /metrics``
+``POST /detokenize``, ``GET /tokenizer_info`` (vLLM's, for lm-eval's remote
+tokenizer), ``GET /health``, ``GET /version``, ``GET /metrics``
 (Prometheus, see `sluice.runtime.metrics`), ``POST /admin/priority``
 (``{"request_id": <a completion's id>, "priority": <int>}``: re-rank an
 unfinished completion while it waits or runs; 404 if none has that id; a
@@ -205,6 +206,7 @@ class OpenAIServer:
                   methods=["GET"]),
             Route("/tokenize", self._endpoint(self.tokenize), methods=["POST"]),
             Route("/detokenize", self._endpoint(self.detokenize), methods=["POST"]),
+            Route("/tokenizer_info", self._endpoint(self.tokenizer_info), methods=["GET"]),
             Route("/health", self._endpoint(self.health), methods=["GET"]),
             Route("/version", self._endpoint(self.version), methods=["GET"]),
             Route("/metrics", self._endpoint(self.prometheus), methods=["GET"]),
@@ -751,6 +753,16 @@ class OpenAIServer:
     def _detokenize_response(self, req: proto.DetokenizeRequest) -> Response:
         ids = self._token_ids(req.tokens, "tokens") if req.tokens else []
         return JSONResponse({"prompt": self.tokenizer.decode(ids)})
+
+    async def tokenizer_info(self, request: Request) -> Response:
+        """vLLM's ``GET /tokenizer_info``: the special tokens, context length and chat
+        template, which lm-eval's ``tokenizer_backend=remote`` reads before it
+        tokenizes through ``/tokenize`` and ``/detokenize``."""
+        tok = self.tokenizer
+        return JSONResponse({"tokenizer_class": type(tok.hf).__name__,
+                             "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+                             "pad_token": None, "model_max_length": self.max_model_len,
+                             "chat_template": tok.chat_template})
 
     async def set_priority(self, request: Request) -> Response:
         """Re-rank every unfinished engine request of a completion (all its prompts)."""

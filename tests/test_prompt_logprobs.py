@@ -168,3 +168,13 @@ def test_bad_echo_and_prompt_logprobs_requests_are_400s_naming_the_field(http, b
     r = http.post("/v1/completions", json={"prompt": "hi", **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_tokenizer_info_serves_lm_evals_remote_tokenizer(tiny, http):
+    """lm-eval's ``tokenizer_backend=remote`` needs ``GET /tokenizer_info`` with an
+    ``eos_token`` key and ``/tokenize`` without special tokens."""
+    info = http.get("/tokenizer_info").json()
+    assert info["eos_token"] == tiny.tokenizer.eos_token
+    assert info["model_max_length"] == 128
+    ids = http.post("/tokenize", json={"prompt": "a b", "add_special_tokens": False}).json()
+    assert ids["tokens"] == tiny.tokenizer.encode("a b", add_special_tokens=False)
