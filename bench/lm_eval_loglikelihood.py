@@ -7,9 +7,9 @@ environment of its own that also sees Sluice's, and run this from the repository
 root with that environment's Python::
 
     .venv/bin/python -m venv /tmp/lmeval
-    echo "import site; site.addsitedir('$(.venv/bin/python -c 'import site; \
-print(site.getsitepackages()[0])')')" > /tmp/lmeval/lib/python3.11/site-packages/zz_sluice.pth
-    /tmp/lmeval/bin/pip install lm-eval
+    echo "import site; site.addsitedir('$PWD/.venv/lib/python3.11/site-packages')" \
+        > /tmp/lmeval/lib/python3.11/site-packages/zz_sluice.pth  # sees Sluice's packages
+    /tmp/lmeval/bin/pip install "lm-eval[api]"
     /tmp/lmeval/bin/python bench/lm_eval_loglikelihood.py [--model tiny]
 
 No Hugging Face hub is reachable, so the task is defined by a local YAML file over
