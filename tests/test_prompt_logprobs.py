@@ -90,6 +90,30 @@ def test_prompt_logprobs_agree_with_the_requests_own_greedy_logprobs(engine):
         assert max(prompt.top.values()) == pytest.approx(prompt.logprob, abs=1e-6)
 
 
+def test_prompt_logprobs_survive_a_recompute_preemption_mid_prompt(tiny, engine):
+    """Preempted (KV dropped) after two of its three prompt chunks, the request
+    recomputes its prompt from the start, past its own blocks now in the prefix
+    cache: the log-probs already recorded are kept once, the rest added, and the
+    whole equals a full forward; its tokens equal the one-at-a-time reference."""
+    free = engine.block_manager.num_free_blocks
+    engine.add_request("pre", {"prompt_token_ids": PROMPT},
+                       SamplingParams(max_tokens=2, prompt_logprobs=1, **GREEDY))
+    req = engine.scheduler.requests["pre"]
+    for _ in range(2):
+        assert engine.step() == []  # prompt chunks sample nothing
+    assert req.num_computed_tokens == 32 and len(req.prompt_logprobs) == 33
+    engine.scheduler._preempt(req)  # recompute: its KV is dropped
+    done = run(engine, {})["pre"]
+    assert req.num_preemptions == 1
+    ref = full_forward_logprobs(tiny, PROMPT)
+    lps = done.prompt_logprobs
+    assert len(lps) == len(PROMPT)
+    np.testing.assert_allclose([lp.logprob for lp in lps[1:]],
+                               [ref[p - 1, PROMPT[p]] for p in range(1, len(PROMPT))], atol=2e-5)
+    assert done.outputs[0].token_ids == greedy_generate(tiny, PROMPT, 2, False)
+    assert engine.block_manager.num_free_blocks == free
+
+
 def test_bad_prompt_logprobs_name_the_field():
     for bad in (-1, 21, 1.5, True):
         with pytest.raises(ValueError, match="^prompt_logprobs: "):
