@@ -27,6 +27,11 @@ What it measures, all in one process on the same weights:
 5. Writes bench/out/throughput.{json,png} and copies them to
    bench/results/throughput.{json,png} (``throughput-<model>.*`` for another
    ``--model``).
+
+``--points 1x128+32,8x128+32,32x128+32,1x512+32`` instead runs only those
+points (requests x prompt + output tokens), both systems in the same process,
+and writes bench/out/throughput-points.json (``max_model_len`` grows to fit the
+longest point): the quick check of one change against transformers.
 """
 
 from __future__ import annotations
@@ -94,12 +99,12 @@ def hf_throughput(hf, prompts: list[list[int]], output_len: int) -> dict:
     kw = dict(attention_mask=mask, do_sample=False, pad_token_id=0)
     with torch.inference_mode():
         hf.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = hf.generate(ids, max_new_tokens=output_len, min_new_tokens=output_len, **kw)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     generated = (out.shape[1] - ids.shape[1]) * ids.shape[0]
-    return {"num_prompts": len(prompts), "elapsed_s": elapsed, "output_tokens": generated,
-            "output_tokens_per_s": generated / elapsed}
+    return {"num_prompts": len(prompts), "elapsed_s": elapsed, "cpu_s": cpu,
+            "output_tokens": generated, "output_tokens_per_s": generated / elapsed}
 
 
 # -- roofline ----------------------------------------------------------------
@@ -197,20 +202,80 @@ def plot(sweep: dict, path: Path, output_len: int, model: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def parse_points(text: str) -> list[tuple[int, int, int]]:
+    """'8x128+32,...' -> [(requests, prompt tokens, output tokens), ...]."""
+    try:
+        out = []
+        for item in text.split(","):
+            n, rest = item.strip().split("x")
+            i, o = rest.split("+")
+            out.append((int(n), int(i), int(o)))
+        return out
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--points: expected NxIN+OUT[,...], got {text!r}") from None
+
+
+def run_points(model_name: str, points: list[tuple[int, int, int]]) -> None:
+    """Both systems at each point, in this process; ratios printed and saved."""
+    longest = max(i + o for _, i, o in points)
+    engine_kw = dict(ENGINE_KW, max_model_len=max(ENGINE_KW["max_model_len"],
+                                                  -(-longest // 128) * 128))
+    res: dict = {"machine": machine_info(), "model": model_name, "engine": engine_kw,
+                 "load_before": os.getloadavg(), "points": []}
+    t = time.perf_counter()
+    model = load_model(model_name, dtype="float32")
+    llm = LLM(model, **engine_kw)
+    res["sluice_startup_s"] = time.perf_counter() - t
+    print(f"sluice start-up (load + compile {len(llm.engine.runner.shapes())} shapes): "
+          f"{res['sluice_startup_s']:.1f}s")
+    vocab = model.config.vocab_size
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = load_hf(model, Path(tmp))
+        for n, i, o in points:
+            prompts = random_prompts(n, i, vocab, seed=1000 * n + i)
+            c = time.process_time()
+            s = throughput(llm, prompts, o, warmup_batch=False)
+            s["cpu_s"] = time.process_time() - c
+            h = hf_throughput(hf, prompts, o)
+            ratio = s["output_tokens_per_s"] / h["output_tokens_per_s"]
+            # CPU seconds each system used: on a shared, loaded machine wall time
+            # mostly measures waiting for a core
+            cpu_ratio = h["cpu_s"] / s["cpu_s"]
+            res["points"].append({"requests": n, "input_len": i, "output_len": o,
+                                  "sluice": s, "transformers": h, "ratio": ratio,
+                                  "cpu_time_ratio": cpu_ratio, "load": os.getloadavg()})
+            print(f"[{n:3d} x {i}+{o}] sluice {s['output_tokens_per_s']:.1f} tok/s "
+                  f"({s['elapsed_s']:.2f}s, {s['cpu_s']:.2f} CPU s), transformers "
+                  f"{h['output_tokens_per_s']:.1f} tok/s ({h['elapsed_s']:.2f}s, "
+                  f"{h['cpu_s']:.2f} CPU s), ratio {ratio:.2f}x (CPU time {cpu_ratio:.2f}x), "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+    out = ROOT / "out"
+    out.mkdir(exist_ok=True)
+    (out / "throughput-points.json").write_text(json.dumps(res, indent=2))
+    print(f"wrote {out}/throughput-points.json")
+
+
+def machine_info() -> dict:
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "jax": jax.__version__,
+            "jax_backend": jax.default_backend(), "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "command": " ".join([".venv/bin/python", *sys.argv])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="output length 32 in the sweep")
     ap.add_argument("--model", default=MODEL,
                     help="a Llama-family model for load_model: a name, an HF directory or a .gguf file")
+    ap.add_argument("--points", type=parse_points, default=None,
+                    help="only these points, e.g. 1x128+32,32x128+32,1x512+32")
     args = ap.parse_args()
+    if args.points:
+        return run_points(args.model, args.points)
     sweep_out = 32 if args.quick else OUTPUT_LEN
-    res: dict = {"machine": {
-        "cpu_count": os.cpu_count(), "platform": platform.platform(),
-        "python": platform.python_version(), "jax": jax.__version__,
-        "jax_backend": jax.default_backend(), "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "command": " ".join([".venv/bin/python", *sys.argv])},
-        "model": args.model, "dtype": "float32", "engine": ENGINE_KW,
+    res: dict = {"machine": machine_info(), "model": args.model, "dtype": "float32", "engine": ENGINE_KW,
         "input_len": INPUT_LEN, "output_len": OUTPUT_LEN, "sweep_output_len": sweep_out}
 
     t = time.perf_counter()

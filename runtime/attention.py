@@ -20,6 +20,16 @@ A backend is a pair of such functions. The registry is deliberately small:
 - ``pallas-interpret`` / ``pallas-tpu-interpret``: the GPU / TPU kernels in
   Pallas interpret mode, on any platform; slow, for checking the kernels
   end to end on CPU.
+
+The pure-JAX paths lay each sequence's queries out padded to the group's
+``max_query_len``, so a step's attention work grows with sequences x
+``max_query_len``. For them (`AttentionBackend.query_piece`) the model runner
+cuts every prompt chunk into pieces of at most `QUERY_PIECE` query rows, each
+piece a sequence of the metadata over its request's pages (its ``seq_lens``
+end at the piece's last token, so causal masking is unchanged): the chunks
+stay back to back in the token rows, and the padding inside attention is at
+most one piece per chunk instead of the whole token bucket per chunk. The
+natively ragged kernels (Triton, Mosaic) take the chunks whole.
 """
 
 from __future__ import annotations
@@ -30,7 +40,13 @@ from typing import Callable
 from sluice.pallas_kernels import chunked, dispatch, reference
 from sluice.pallas_kernels.metadata import AttentionMetadata
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "get_backend", "BACKENDS"]
+__all__ = ["AttentionBackend", "AttentionMetadata", "get_backend", "BACKENDS", "QUERY_PIECE"]
+
+# Query rows per piece of a prompt chunk on the padded-query paths: small enough
+# that a piece's padding is cheap, large enough that re-reading the request's
+# pages per piece stays below the query padding it saves (measured in
+# bench/RESULTS.md, offline throughput).
+QUERY_PIECE = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,14 +58,27 @@ class AttentionBackend:
     # longest sequence (true of the reference); if not, the engine keeps one
     # full-width table and compiles no per-width shapes.
     cost_grows_with_table_width: bool = False
+    # Platforms on which `attend` pads each sequence's queries to max_query_len
+    # (it runs a pure-JAX path there); "*": every platform.
+    pads_queries_on: tuple[str, ...] = ()
+
+    def query_piece(self, platform: str) -> int | None:
+        """Most query rows per sequence the model runner should give `attend` on
+        ``platform`` (a prompt chunk is cut into pieces of this many), or None
+        to pass chunks whole (natively ragged kernels)."""
+        padded = "*" in self.pads_queries_on or platform in self.pads_queries_on
+        return QUERY_PIECE if padded else None
 
 
 BACKENDS: dict[str, AttentionBackend] = {
     "reference": AttentionBackend("reference", reference.write_kv,
                                   reference.ragged_paged_attention,
-                                  cost_grows_with_table_width=True),
-    "chunked": AttentionBackend("chunked", reference.write_kv, chunked.ragged_paged_attention),
-    "pallas": AttentionBackend("pallas", dispatch.write_kv, dispatch.ragged_paged_attention),
+                                  cost_grows_with_table_width=True, pads_queries_on=("*",)),
+    "chunked": AttentionBackend("chunked", reference.write_kv, chunked.ragged_paged_attention,
+                                pads_queries_on=("*",)),
+    # chunked on CPU (dispatch's fallback for platforms without kernels)
+    "pallas": AttentionBackend("pallas", dispatch.write_kv, dispatch.ragged_paged_attention,
+                               pads_queries_on=("cpu",)),
     **{name: AttentionBackend(name, ops.write_kv, ops.attend)
        for name, ops in (("pallas-interpret", dispatch.interpreted("gpu")),
                          ("pallas-tpu-interpret", dispatch.interpreted("tpu")))},

@@ -112,22 +112,28 @@ _sample = jax.jit(sample)
 class StepShape:
     """A step's padded shape; one compiled program each.
 
-    Decode-only steps: ``decode_seqs`` rows, no prefill group. Steps with prompt
-    chunks: a decode group of the full ``max_num_seqs`` (possibly all padding)
-    plus a prefill group of ``prefill_seqs`` sequences and ``prefill_tokens``
-    rows. ``pages`` is the block-table width of both groups.
+    ``decode_seqs`` decode rows (one query each; 0: no decode group), then, in
+    steps with prompt chunks, a prompt group of ``prefill_tokens`` rows holding
+    the chunks back to back. Attention sees the prompt group as
+    ``prefill_seqs`` sequences of at most ``query_rows`` queries: pieces of the
+    chunks on backends that pad queries per sequence (see
+    `sluice.runtime.attention.QUERY_PIECE`), whole chunks on ragged kernels.
+    ``sample_rows``: logits rows (one per decode row and per possible chunk).
+    ``pages``: block-table width of both groups.
     """
 
     decode_seqs: int
     prefill_seqs: int
     prefill_tokens: int
+    query_rows: int
+    sample_rows: int
     pages: int
 
     def groups(self) -> list[tuple[int, int, int]]:
-        """(sequences, rows, max query rows) of each row group."""
-        out = [(self.decode_seqs, self.decode_seqs, 1)]
-        if self.prefill_seqs:
-            out.append((self.prefill_seqs, self.prefill_tokens, self.prefill_tokens))
+        """(sequences, rows, max query rows) of each row group present."""
+        out = [(self.decode_seqs, self.decode_seqs, 1)] if self.decode_seqs else []
+        if self.prefill_tokens:
+            out.append((self.prefill_seqs, self.prefill_tokens, self.query_rows))
         return out
 
 
@@ -142,10 +148,17 @@ class ModelRunner:
         self.kv_cache = self.spec.allocate(device)
         self.backend = backend
         self.max_num_seqs = max_num_seqs
+        self.max_prefill_seqs = max_prefill_seqs
         max_pages = blocks_for(max_model_len, block_size)
         self.seq_buckets = pow2_buckets(1, max_num_seqs)
-        self.prefill_seq_buckets = tuple(sorted({1, max_prefill_seqs}))
         self.token_buckets = pow2_buckets(16, max(16, max_num_batched_tokens))
+        # A step with prompt chunks but no decode rows leaves the decode group out
+        # where a full one would add over a quarter of the smallest prompt group's
+        # rows; otherwise one decode group of max_num_seqs serves every mixed step.
+        self.mixed_decode_buckets = ((0, max_num_seqs) if 4 * max_num_seqs > self.token_buckets[0]
+                                     else (max_num_seqs,))
+        platform = device.platform if device is not None else jax.default_backend()
+        self.query_piece = get_backend(backend).query_piece(platform)
         if get_backend(backend).cost_grows_with_table_width:
             # At most four widths: padding to the next one at most doubles attention reads.
             self.page_buckets = pow2_buckets(max(1, max_pages // 8), max_pages)
@@ -157,18 +170,28 @@ class ModelRunner:
 
     def shapes(self) -> list[StepShape]:
         """Every shape a step can take (all compiled by `warmup`)."""
-        decode = [StepShape(s, 0, 0, p) for s in self.seq_buckets for p in self.page_buckets]
-        mixed = [StepShape(self.max_num_seqs, s, t, p) for s in self.prefill_seq_buckets
-                 for t in self.token_buckets if s <= t for p in self.page_buckets]
+        decode = [StepShape(s, 0, 0, 0, s, p) for s in self.seq_buckets for p in self.page_buckets]
+        mixed = [self._mixed_shape(d, t, p) for d in self.mixed_decode_buckets
+                 for t in self.token_buckets for p in self.page_buckets]
         return decode + mixed
 
     def shape_for(self, decode: list[StepRow], prefill: list[StepRow]) -> StepShape:
         pages = bucket(max(len(r.block_table) for r in decode + prefill), self.page_buckets)
         if not prefill:
-            return StepShape(bucket(len(decode), self.seq_buckets), 0, 0, pages)
-        return StepShape(self.max_num_seqs, bucket(len(prefill), self.prefill_seq_buckets),
-                         bucket(sum(r.num_new_tokens for r in prefill), self.token_buckets),
-                         pages)
+            n = bucket(len(decode), self.seq_buckets)
+            return StepShape(n, 0, 0, 0, n, pages)
+        return self._mixed_shape(bucket(len(decode), self.mixed_decode_buckets),
+                                 bucket(sum(r.num_new_tokens for r in prefill),
+                                        self.token_buckets), pages)
+
+    def _mixed_shape(self, decode_seqs: int, tokens: int, pages: int) -> StepShape:
+        """The shape of a step with prompt chunks of up to ``tokens`` rows in all.
+        Chunks are cut into pieces of ``q`` query rows: up to max_prefill_seqs
+        chunks of ``tokens`` rows in all make at most
+        ``(tokens + chunks * (q - 1)) // q`` pieces (each chunk's last one may be short)."""
+        q = min(tokens, self.query_piece or tokens)
+        seqs = min(tokens, (tokens + self.max_prefill_seqs * (q - 1)) // q)
+        return StepShape(decode_seqs, seqs, tokens, q, decode_seqs + self.max_prefill_seqs, pages)
 
     def warmup(self) -> None:
         """Compile every step shape (padding-only inputs: the pool is untouched) and
@@ -186,7 +209,7 @@ class ModelRunner:
             metas = tuple(_padding_group(self.spec, n, t, q, shape.pages)
                           for n, t, q in shape.groups())
             n_tok = sum(t for _, t, _ in shape.groups())
-            n_seq = sum(n for n, _, _ in shape.groups())
+            n_seq = shape.sample_rows
             logits, self.kv_cache = _forward_logits(
                 self.model.params, self.kv_cache, jnp.zeros(n_tok, jnp.int32),
                 jnp.zeros(n_tok, jnp.int32), metas, jnp.zeros(n_seq, jnp.int32),
@@ -198,38 +221,42 @@ class ModelRunner:
     # -- batch construction -------------------------------------------------
 
     def _group(self, rows: list[StepRow], dims: tuple[int, int, int], pages: int,
-               tokens: list[int], positions: list[int]) -> tuple[AttentionMetadata, np.ndarray]:
-        """Pad one row group to ``dims`` and append its tokens/positions; returns its
-        metadata and its host copy of ``query_start_loc``."""
+               tokens: list[int], positions: list[int]) -> tuple[tuple[np.ndarray, ...], list[int]]:
+        """Pad one row group to ``dims`` (sequences, rows, max query rows), each
+        row's chunk one sequence of the metadata per piece of max-query rows, and
+        append its tokens/positions; returns its metadata arrays (host; in
+        `AttentionMetadata` order) and the group row of each row's last token."""
         bs = self.spec.block_size
         n_seqs, n_tok, max_q = dims
         slots = np.full(n_tok, self.spec.num_slots, np.int32)
         qsl = np.zeros(n_seqs + 1, np.int32)
         seq_lens = np.zeros(n_seqs, np.int32)
         tables = np.zeros((n_seqs, pages), np.int32)
-        start = 0
-        for i, r in enumerate(rows):
+        ends: list[int] = []
+        start = seq = 0
+        for r in rows:
             req, n = r.request, r.num_new_tokens
             first = req.num_computed_tokens
-            pos = np.arange(first, first + n)
             table = np.asarray(r.block_table, np.int32)
+            pos = np.arange(first, first + n)
             slots[start:start + n] = table[pos // bs] * bs + pos % bs
             tokens.extend(req.all_token_ids[first:first + n])
-            positions.extend(pos.tolist())
+            positions.extend(range(first, first + n))
+            for lo in range(0, n, max_q):  # the chunk's pieces, a sequence each
+                hi = min(n, lo + max_q)
+                qsl[seq + 1] = start + hi
+                seq_lens[seq] = first + hi
+                tables[seq, :len(table)] = table
+                seq += 1
             start += n
-            qsl[i + 1] = start
-            seq_lens[i] = first + n
-            tables[i, :len(table)] = table
-        qsl[len(rows) + 1:] = start
+            ends.append(start - 1)
+        qsl[seq + 1:] = start
         if os.environ.get(DEBUG_ENV) == "1":  # debug mode: name bad metadata on the host
-            check_host_metadata(slots, qsl, seq_lens, tables, len(rows),
+            check_host_metadata(slots, qsl, seq_lens, tables, seq,
                                 num_blocks=self.spec.num_blocks, block_size=bs)
         tokens.extend([0] * (n_tok - start))
         positions.extend([0] * (n_tok - start))
-        # device_put, not jnp.asarray: the latter compiles a copy per new shape
-        meta = AttentionMetadata(*jax.device_put((slots, qsl, seq_lens, tables,
-                                                  np.int32(len(rows)))), max_q)
-        return meta, qsl
+        return (slots, qsl, seq_lens, tables, np.int32(seq)), ends
 
     def _build(self, decode: list[StepRow], prefill: list[StepRow]):
         """Device inputs for the step. Sample rows list the last query row of every
@@ -237,18 +264,23 @@ class ModelRunner:
         shape = self.shape_for(decode, prefill)
         tokens: list[int] = []
         positions: list[int] = []
-        metas, real_rows, pad_rows = [], [], []
-        for rows, dims in zip((decode, prefill), shape.groups()):
+        groups, sample_rows = [], []
+        present = [rows for rows, n in ((decode, shape.decode_seqs),
+                                        (prefill, shape.prefill_tokens)) if n]
+        for rows, dims in zip(present, shape.groups()):
             offset = len(tokens)
-            meta, qsl = self._group(rows, dims, shape.pages, tokens, positions)
-            ends = qsl[1:len(rows) + 1] - 1
-            real_rows.extend((offset + ends).tolist())
-            pad_rows.extend([offset] * (dims[0] - len(rows)))
-            metas.append(meta)
-        ids, pos, sample_rows = jax.device_put(
+            arrays, ends = self._group(rows, dims, shape.pages, tokens, positions)
+            sample_rows.extend(offset + e for e in ends)
+            groups.append(arrays)
+        sample_rows.extend([0] * (shape.sample_rows - len(sample_rows)))
+        # one device_put for the whole step (each call costs host time); not
+        # jnp.asarray, which compiles a copy per new shape
+        ids, pos, sample_rows, groups = jax.device_put(
             (np.asarray(tokens, np.int32), np.asarray(positions, np.int32),
-             np.asarray(real_rows + pad_rows, np.int32)))
-        return ids, pos, tuple(metas), sample_rows
+             np.asarray(sample_rows, np.int32), groups))
+        metas = tuple(AttentionMetadata(*g, max_q) for g, (_, _, max_q) in
+                      zip(groups, shape.groups()))
+        return ids, pos, metas, sample_rows
 
     # -- execution ----------------------------------------------------------
 
@@ -263,24 +295,29 @@ class ModelRunner:
         ``token_masks()`` runs once the forward is dispatched and before sampling,
         so grammar masks are computed while the device runs the forward; it maps
         indices into ``batch`` to packed masks (see `TokenMasks`)."""
-        decode = [r for r in batch if r.request.is_decode(r.num_new_tokens)]
-        prefill = [r for r in batch if not r.request.is_decode(r.num_new_tokens)]
+        decode, prefill, is_decode = [], [], []
+        for r in batch:
+            is_decode.append(r.request.is_decode(r.num_new_tokens))
+            (decode if is_decode[-1] else prefill).append(r)
+        # where[i]: batch row i's row in decode + prefill (the sample-row order)
+        is_decode = np.asarray(is_decode, bool)
+        where = np.cumsum(is_decode, dtype=np.int64) - 1
+        where[~is_decode] = len(decode) + np.arange(len(prefill))
         token_ids, positions, metas, sample_rows = self._build(decode, prefill)
         targets, spans = self._prompt_targets(decode, prefill)
         logits, self.kv_cache, *every = _forward_logits(
             self.model.params, self.kv_cache, token_ids, positions, metas, sample_rows,
-            None if targets is None else jax.device_put(targets, self.device),
+            # no argument when None: warm-up compiled the plain program without it (an
+            # explicit None is another jit cache key, a compile per shape while serving)
+            *(() if targets is None else (jax.device_put(targets, self.device),)),
             cfg=self.model.config, backend=self.backend)
-        ordered = decode + prefill
-        where = {id(r): i for i, r in enumerate(ordered)}
         masks = token_masks() if token_masks is not None else None
-        out = self._sample(logits, ordered,
-                           {where[id(batch[i])]: m for i, m in masks.items()} if masks else None)
+        out = self._sample(logits, decode + prefill,
+                           {int(where[i]): m for i, m in masks.items()} if masks else None)
         if during is not None:
             during(out[0])
-        prompt = _prompt_logprobs(len(ordered), spans, targets, every[0] if every else None)
-        idx = np.asarray([where[id(r)] for r in batch], np.int64)
-        return tuple(np.asarray(a)[idx] for a in out + (prompt,))
+        prompt = _prompt_logprobs(len(batch), spans, targets, every[0] if every else None)
+        return tuple(np.asarray(a)[where] for a in out + (prompt,))
 
     def _prompt_targets(self, decode: list[StepRow], prefill: list[StepRow]
                         ) -> tuple[np.ndarray | None, list[tuple[int, int, int, int]]]:
