@@ -1,5 +1,6 @@
-"""Shared fixtures: the built-in ``tiny`` model (``tiny``), and tiny random Hugging
-Face checkpoints written with `transformers`.
+"""Shared fixtures: the built-in ``tiny`` model (``tiny``), tiny random Hugging
+Face checkpoints written with `transformers`, and `ThreadedServer` (an app served
+by uvicorn on a background thread, for the live-server tests).
 
 Every checkpoint is hidden 64, 2 layers, vocabulary 300 (the byte-level
 tokenizer's 259 ids plus spare rows), with all weights (norms and biases
@@ -8,9 +9,12 @@ included) drawn at a scale that makes greedy continuations non-trivial.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 # A fresh cache directory per test session: compiled programs and converted models
@@ -46,6 +50,48 @@ settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
+
+
+class ThreadedServer:
+    """An ASGI app served by uvicorn on a background thread, on 127.0.0.1 at a free
+    port (``url``, ``port``); construction returns once uvicorn has started.
+
+    ``config(app)`` builds the uvicorn settings (default: `quiet_config`; the
+    connection-limit tests pass the server's `connection_config`). ``timeout``
+    bounds both the start and `stop`. A context manager, or call `stop`."""
+
+    def __init__(self, app, config=None, timeout: float = 30.0):
+        import uvicorn
+
+        from sluice.runtime.server import bind_socket  # imported late: it imports jax
+        sock = bind_socket("127.0.0.1", 0)
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.uv = uvicorn.Server((config or quiet_config)(app))
+        self.thread = threading.Thread(
+            target=lambda: asyncio.run(self.uv.serve(sockets=[sock])), daemon=True)
+        self.thread.start()
+        self.timeout = timeout
+        deadline = time.monotonic() + timeout
+        while not self.uv.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.uv.should_exit = True
+        self.thread.join(self.timeout)
+
+    def __enter__(self) -> ThreadedServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def quiet_config(app):
+    """uvicorn settings for tests: no logging config, no access log, lifespan on."""
+    import uvicorn
+    return uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
 
 
 @pytest.fixture(scope="session")

@@ -5,20 +5,16 @@ and exported as ``sluice:compiles_total``."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-import time
-
 import httpx
 import jax
 import numpy as np
 import pytest
-import uvicorn
 
+from conftest import ThreadedServer
 from sluice.runtime import compiles, embed, load_model
 from sluice.runtime.async_engine import AsyncEngine
 from sluice.runtime.engine import EngineConfig, LLMEngine
-from sluice.runtime.server import OpenAIServer, ServerConfig, bind_socket
+from sluice.runtime.server import OpenAIServer, ServerConfig
 
 MAX_LEN = 32  # small, so the warm-up compiles few shapes
 
@@ -42,7 +38,7 @@ def test_counter_attributes_compiles_to_warmup_and_serving():
     assert new == {("warmup", "jit(<lambda>)"): 1, ("serving", "jit(<lambda>)"): 1}
 
 
-class Served:
+class Served(ThreadedServer):
     """A warmed-up engine behind `OpenAIServer`, served by uvicorn on a thread."""
 
     def __init__(self, model):
@@ -51,20 +47,7 @@ class Served:
             max_prefill_seqs=1, seed=0))
         embed.warmup(model, MAX_LEN)
         self.server = OpenAIServer(AsyncEngine(self.engine), ServerConfig("tiny"))
-        sock = bind_socket("127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.uv = uvicorn.Server(uvicorn.Config(self.server.app, log_config=None,
-                                                access_log=False, lifespan="on"))
-        self.thread = threading.Thread(
-            target=lambda: asyncio.run(self.uv.serve(sockets=[sock])), daemon=True)
-        self.thread.start()
-        while not self.uv.started:
-            assert self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.uv.should_exit = True
-        self.thread.join(30)
+        super().__init__(self.server.app)
 
 
 @pytest.mark.slow

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 
+from conftest import ThreadedServer
 from sluice.runtime.engine import EngineConfig, EngineStats
 from sluice.runtime.health import Health
 from sluice.runtime.metrics import ServerMetrics
 from sluice.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from sluice.runtime.server import OpenAIServer, ServerConfig, bind_socket
+from sluice.runtime.server import OpenAIServer, ServerConfig
 from sluice.scheduler.cluster import ClusterStats
 from sluice.scheduler.instance import LoadReport
 from sluice.scheduler.migration import MigrationResult
@@ -157,22 +155,8 @@ def test_per_instance_and_migration_metrics_under_instances():
 @contextlib.contextmanager
 def serving(server: OpenAIServer):
     """``server`` on loopback (uvicorn on a thread); yields an httpx client for it."""
-    sock = bind_socket("127.0.0.1", 0)
-    uv = uvicorn.Server(uvicorn.Config(server.app, log_config=None, access_log=False,
-                                       lifespan="on"))
-    thread = threading.Thread(target=lambda: asyncio.run(uv.serve(sockets=[sock])), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}",
-                          timeout=60) as http:
-            yield http
-    finally:
-        uv.should_exit = True
-        thread.join(30)
+    with ThreadedServer(server.app) as live, httpx.Client(base_url=live.url, timeout=60) as http:
+        yield http
 
 
 def samples(text: str) -> dict[str, float]:

@@ -9,7 +9,6 @@ built-in ``tiny`` model (no warm-up, ``max_model_len`` 256).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
@@ -22,14 +21,14 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import ThreadedServer
 from sluice.runtime import AsyncEngine, greedy_generate
 from sluice.runtime.embed import mean_pooled
 from sluice.runtime.engine import EngineConfig, LLMEngine
-from sluice.runtime.server import OpenAIServer, ServerConfig, bind_socket
+from sluice.runtime.server import OpenAIServer, ServerConfig
 
 KEY = "sk-test-key"
 BODY_LIMIT = 64 * 1024
@@ -37,27 +36,13 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 LONG = dict(max_tokens=200, ignore_eos=True, temperature=0.0)
 
 
-class LiveServer:
-    """An `OpenAIServer` served by uvicorn on a background thread."""
+class LiveServer(ThreadedServer):
+    """An `OpenAIServer` over ``model`` served by uvicorn on a background thread."""
 
     def __init__(self, model, server_kw: dict, engine_kw: dict):
         self.engine = LLMEngine(model, EngineConfig(warmup=False, max_model_len=256, **engine_kw))
         self.server = OpenAIServer(AsyncEngine(self.engine), ServerConfig("tiny", **server_kw))
-        sock = bind_socket("127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.uv = uvicorn.Server(uvicorn.Config(self.server.app, log_config=None,
-                                                access_log=False, lifespan="on"))
-        self.thread = threading.Thread(
-            target=lambda: asyncio.run(self.uv.serve(sockets=[sock])), daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.uv.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.uv.should_exit = True
-        self.thread.join(30)
+        super().__init__(self.server.app)
 
     def wait_idle(self, timeout: float = 20.0) -> None:
         """Until the engine holds no request and every block is free again."""
@@ -87,7 +72,8 @@ def http(live):
 
 @pytest.fixture(scope="module")
 def client(live):
-    return openai.OpenAI(base_url=live.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    # generous: a request may wait for first-use compiles on a loaded machine
+    return openai.OpenAI(base_url=live.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
 
 
 def assert_error(r: httpx.Response, status: int, param: str | None = "any") -> dict:

@@ -12,7 +12,6 @@ built-in ``tiny`` model (no warm-up, ``max_model_len`` 256).
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import io
 import json
@@ -23,14 +22,13 @@ import time
 
 import httpx
 import pytest
-import uvicorn
 
+from conftest import ThreadedServer
 from sluice.runtime import load_model
 from sluice.runtime.async_engine import AsyncEngine, StreamLimits
 from sluice.runtime.cli import build_parser, configure_logging
 from sluice.runtime.engine import EngineConfig, LLMEngine
-from sluice.runtime.server import (OpenAIServer, ServerConfig, bearer_token, bind_socket,
-                                   connection_config)
+from sluice.runtime.server import OpenAIServer, ServerConfig, bearer_token, connection_config
 
 KEY = "sk-limits"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -38,28 +36,15 @@ LONG = dict(max_tokens=200, ignore_eos=True, temperature=0.0)
 HANG = 30  # seconds after which a client gives up: only a hang takes this long
 
 
-class LiveServer:
+class LiveServer(ThreadedServer):
     def __init__(self, model, engine_kw: dict | None = None, limits: StreamLimits | None = None,
                  **server_kw):
         self.engine = LLMEngine(model, EngineConfig(warmup=False, max_model_len=256,
                                                     **(engine_kw or {})))
         self.front = AsyncEngine(self.engine, limits)
         self.server = OpenAIServer(self.front, ServerConfig("tiny", **server_kw))
-        sock = bind_socket("127.0.0.1", 0)
-        self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.uv = uvicorn.Server(connection_config(self.server.app, self.server.config))
-        self.thread = threading.Thread(
-            target=lambda: asyncio.run(self.uv.serve(sockets=[sock])), daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + HANG
-        while not self.uv.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.uv.should_exit = True
-        self.thread.join(HANG)
+        super().__init__(self.server.app,
+                         lambda app: connection_config(app, self.server.config), HANG)
 
     def wait_for(self, cond, what: str) -> None:
         deadline = time.monotonic() + HANG
