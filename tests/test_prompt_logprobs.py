@@ -31,8 +31,10 @@ def full_forward_logprobs(model, ids: list[int]) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def engine(tiny):
-    # 16 tokens a step: a 40-token prompt is prefilled in three chunks
-    return LLMEngine(tiny, EngineConfig(max_num_seqs=4, max_num_batched_tokens=16,
+    # 16 tokens a step: a 40-token prompt is prefilled in three chunks. Steps of prompt
+    # chunks alone and steps with decode rows both occur (where the prompt group's
+    # rows start may differ between them: the runner may leave an empty decode group out)
+    return LLMEngine(tiny, EngineConfig(max_num_seqs=8, max_num_batched_tokens=16,
                                         max_prefill_seqs=2, max_model_len=128, warmup=False))
 
 
@@ -128,7 +130,7 @@ def http(tiny):
 
     from sluice.runtime import AsyncEngine
     from sluice.runtime.server import OpenAIServer, ServerConfig
-    llm = LLMEngine(tiny, EngineConfig(max_num_seqs=4, max_num_batched_tokens=16,
+    llm = LLMEngine(tiny, EngineConfig(max_num_seqs=8, max_num_batched_tokens=16,
                                        max_prefill_seqs=2, max_model_len=128, warmup=False))
     with TestClient(OpenAIServer(AsyncEngine(llm), ServerConfig("tiny")).app) as client:
         client.engine = llm
