@@ -93,6 +93,12 @@ class Request:
         """One new token that completes the sequence: a decode, not a prompt chunk."""
         return num_new_tokens == 1 and self.num_computed_tokens + 1 == self.num_tokens
 
+    def samples(self, num_new_tokens: int) -> bool:
+        """Whether a step computing ``num_new_tokens`` more tokens (from
+        ``num_computed_tokens``) samples this request's next token: it brings the
+        request up to ``num_tokens`` (a prefill chunk short of that samples nothing)."""
+        return self.num_computed_tokens + num_new_tokens >= self.num_tokens
+
     @property
     def needs_prompt_logprobs(self) -> bool:
         """Whether this request still has prompt log-probs to compute (only the first

@@ -329,8 +329,7 @@ class StructuredOutputManager:
     def token_masks(self, rows: Sequence[StepRow]) -> Callable[[], dict[int, np.ndarray]] | None:
         """The model runner's ``token_masks`` hook for a step over ``rows``: None
         while no tracked constrained request is live (the step does no grammar work
-        per row), else one that masks the rows that sample, i.e. bring their request
-        up to its ``num_tokens`` (a prefill chunk short of that samples nothing)."""
+        per row), else one that masks the rows that sample (`Request.samples`)."""
         if not self._live:
             return None
         self._live = {rid: r for rid, r in self._live.items() if not r.is_finished and (
@@ -338,8 +337,7 @@ class StructuredOutputManager:
         if not self._live:
             return None
         return lambda: self.fill_masks(
-            [s.request if s.request.num_computed_tokens + s.num_new_tokens
-             >= s.request.num_tokens else None for s in rows])
+            [s.request if s.request.samples(s.num_new_tokens) else None for s in rows])
 
     def matcher(self, constraint: StructuredOutputs) -> llguidance.LLMatcher:
         """A fresh matcher in the constraint's start state (a copy of the compiled one:

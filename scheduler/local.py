@@ -212,10 +212,11 @@ class LocalScheduler:
             req = self.requests[row.request_id]
             if output.prompt_logprobs is not None and output.prompt_logprobs[i] is not None:
                 self._record_prompt(req, *output.prompt_logprobs[i])
+            samples = req.samples(row.num_new_tokens)
             req.num_computed_tokens += row.num_new_tokens
             self.kv.commit(req)
-            if req.num_computed_tokens < req.num_tokens:
-                continue  # a prefill chunk that does not finish the prompt samples nothing
+            if not samples:
+                continue  # a prefill chunk that does not finish the prompt
             try:
                 self._record(req, tokens[i], output, i, now)
             except Exception as error:
