@@ -20,7 +20,7 @@ plus continuation as token ids (tokenized by the server itself:
 with ``echo``, ``logprobs: 1``, ``max_tokens: 1`` and temperature 0, and sums the
 continuation tokens' ``token_logprobs``. The reference is the same sum from
 ``SamplingParams(prompt_logprobs=1)`` through `sluice.runtime.LLM` in this
-process, over the same token ids. Writes bench/results/lm_eval_loglikelihood.json
+process, over the same token ids. Writes bench/results/lm_eval_loglikelihood_MODEL.json
 and exits 1 if any loglikelihood differs by more than `TOLERANCE`.
 """
 
@@ -127,7 +127,7 @@ def main() -> int:
     result = {"model": args.model, "lm_eval_version": version("lm-eval"),
               "documents": len(rows), "max_abs_diff": worst,
               "tolerance": TOLERANCE, "lm_eval_wall_s": round(lm_eval_s, 1), "rows": rows}
-    out = ROOT / "bench" / "results" / "lm_eval_loglikelihood.json"
+    out = ROOT / "bench" / "results" / f"lm_eval_loglikelihood_{args.model}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     for r in rows:
         print(f"{r['lm_eval']:12.6f} {r['in_process']:12.6f}  {r['context']!r} + "
