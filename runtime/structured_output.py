@@ -304,7 +304,7 @@ class GrammarState:
 class StructuredOutputManager:
     """Masks for the constrained rows of an engine's steps (module docstring).
     The llguidance tokenizer (seconds for a large vocabulary) is built on the
-    first constrained request (at intake, with the server)."""
+    first constrained request (at intake: `compile_constraint`)."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...],
                  groups: Mapping[str, object] | None = None):
@@ -413,7 +413,6 @@ class _Compiler:
             while len(self.compiled) > GRAMMAR_CACHE_SIZE:
                 self.compiled.popitem(last=False)
         return template
-
 
     def _probe(self, matcher: llguidance.LLMatcher) -> str | None:
         """Walk ``matcher`` up to `PROBE_TOKENS` tokens down, taking the lowest
