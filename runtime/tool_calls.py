@@ -10,18 +10,34 @@ Interface:
   function's output is its arguments, a JSON object of its parameter schema;
   ``"required"`` outputs a JSON array of ``{"name", "parameters"}`` objects, one of
   the tools each (``parallel_tool_calls: false``: exactly one). With ``"auto"`` the
-  model writes what it likes and `parse` finds calls in its family's format.
-- `parse(text) -> (content, calls)`: the finished text's content and `ToolCall`s:
-  the calls that closed and whose arguments parse (malformed or truncated ones are
-  dropped; ``parallel_tool_calls: false`` keeps the first of them); text with no
-  such call is all content.
+  model writes what it likes and `scan` finds calls in its family's format.
+- `ToolCalling.scan(text)`: the one parser both paths use, so they agree by
+  construction. A call exists from the moment its name is known (``{"name": "...",
+  "arguments": `` followed by the ``{`` or ``[`` that opens the arguments; a call
+  whose keys come in another order is known only once its object closes); its
+  ``arguments`` are the model's own JSON text of the arguments value so far, up to
+  where that value closes (or breaks: a ``<`` outside a string, as a closing
+  ``</tool_call>`` written too early, is never JSON). As the text grows, a call's
+  arguments only grow, which is what lets them stream.
+- `parse(text) -> (content, calls)`: the finished text's content and `ToolCall`s.
+  A call cut short (``max_tokens``) keeps its partial arguments, as OpenAI's does
+  (the finish reason stays ``"length"``); with ``"auto"`` the arguments are not
+  checked (as OpenAI's: the model may write invalid JSON). With ``"required"`` or a
+  named function decoding is constrained, so a call that ends normally has valid
+  arguments of its schema. ``parallel_tool_calls: false`` keeps the first call.
 - `ToolCallStream`: per streamed choice, ``update(text, final)`` turns the text so
-  far into the next ``delta`` (content and/or ``tool_calls``) by the same rule: a
-  call is sent once it has closed and parses, as a ``delta.tool_calls`` entry with
-  its ``index``, ``id``, ``type`` and ``function.name`` (arguments ``""``) followed
-  by one with its ``arguments``, so the official client reassembles exactly the
-  non-streamed response (the same calls, content and finish reason), never a call
-  the final text does not bear out.
+  far into the next ``delta``: content before the first call as it is decoded; a
+  new call's ``index``, ``id``, ``type`` and ``function.name`` (arguments ``""``)
+  as soon as its name is known; then each new piece of its arguments' text. The
+  official client's reassembly (concatenating each index's arguments) gives
+  exactly `parse`'s calls and content. Markup (``<tool_call>``, ``[TOOL_CALLS]``,
+  or a prefix that may become one) is never sent as content: from the first
+  marker on, the text is the calls'.
+
+Content: the text before the first call's markup; with calls, ``None`` when it is
+only whitespace (the stream holds whitespace back until something else comes);
+with no call at all, all of the text (for ``llama3``, a reply that opens with
+``{`` is held back until it is known to be a call or the text ends).
 
 Formats (`FORMATS`, picked from the chat template's text by `detect_format`):
 
@@ -32,9 +48,9 @@ Formats (`FORMATS`, picked from the chat template's text by `detect_format`):
   "parameters": {...}}`` (several separated by ``;``); ``<|python_tag|>`` is a
   special token, gone from decoded text.
 
-A call's ``arguments`` string is the model's own JSON text of the arguments
-object, checked to parse (as OpenAI, Sluice does not check it against the
-schema when decoding was not constrained).
+`scan` re-reads the text so far on each streamed update (linear in a reply of at
+most a few thousand characters) rather than keeping a second, resumable parser:
+one parser is what makes the stream and the response agree.
 """
 
 from __future__ import annotations
@@ -49,7 +65,6 @@ from sluice.runtime.structured_output import StructuredOutputs
 
 FORMATS = ("hermes", "mistral", "llama3")
 _MARKERS = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]"}
-_HERMES_END = "</tool_call>"
 _NAME = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 
 
@@ -78,12 +93,10 @@ class ToolCall:
 
 @dataclasses.dataclass
 class _Partial:
-    """A call as far as the text goes: its name once complete, the arguments text
-    so far, and whether the whole call object has closed."""
+    """A call as far as the text goes: its name, and its arguments' text so far."""
 
-    name: str | None
+    name: str
     arguments: str
-    complete: bool
 
 
 def new_call_id() -> str:
@@ -91,8 +104,9 @@ def new_call_id() -> str:
 
 
 def _value_end(text: str, i: int) -> int | None:
-    """The end of the JSON object or array starting at ``text[i]``, None if the
-    text stops first."""
+    """Where the JSON object or array starting at ``text[i]`` ends: after its
+    closing bracket, or at a ``<`` outside a string (never JSON: markup such as
+    ``</tool_call>`` ends a broken value); None if the text stops first."""
     depth, in_string, escaped = 0, False, False
     for j in range(i, len(text)):
         c = text[j]
@@ -105,6 +119,8 @@ def _value_end(text: str, i: int) -> int | None:
                 in_string = False
         elif c == '"':
             in_string = True
+        elif c == "<":
+            return j
         elif c in "{[":
             depth += 1
         elif c in "}]":
@@ -114,44 +130,43 @@ def _value_end(text: str, i: int) -> int | None:
     return None
 
 
-def _partial_call(body: str, i: int) -> tuple[_Partial, int | None]:
-    """The call object at ``body[i]`` (a ``{``) and where it ends (None: unfinished)."""
+def _call_at(body: str, i: int) -> tuple[_Partial | None, int | None]:
+    """The call object at ``body[i]`` (a ``{``) and where it ends (None: unfinished).
+    The call is None while its name is not known yet, or for good if the object
+    closed without one."""
     end = _value_end(body, i)
     m = _NAME.match(body, i)
-    if m is not None:
+    if m is not None and m.end() < len(body) and body[m.end()] in "{[":
         start = m.end()
-        if start < len(body) and body[start] in "{[":
-            args_end = _value_end(body, start)
-            args = body[start:args_end if args_end is not None else len(body)]
-            name = json.loads(f'"{m.group(1)}"')
-            return _Partial(name, args, end is not None and args_end is not None), end
+        args_end = _value_end(body, start)
+        name = json.loads(f'"{m.group(1)}"')
+        return _Partial(name, body[start:len(body) if args_end is None else args_end]), end
     if end is None:
-        return _Partial(None, "", False), None
+        return None, None
     try:  # keys in another order: only the whole object tells
         obj = json.loads(body[i:end])
-        args = obj.get("arguments", obj.get("parameters", {}))
-        name = obj["name"]
-    except (json.JSONDecodeError, KeyError, AttributeError):
-        return _Partial(None, "", True), end
+        name, args = obj["name"], obj.get("arguments", obj.get("parameters", {}))
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None, end
     if not isinstance(name, str):
-        return _Partial(None, "", True), end
-    return _Partial(name, json.dumps(args, ensure_ascii=False), True), end
+        return None, end
+    return _Partial(name, json.dumps(args, ensure_ascii=False)), end
 
 
-def _calls_in(body: str) -> list[_Partial]:
-    """The call objects of ``body``: one, several separated by ``,``/``;``, or an
-    array of them."""
+def _calls_in(body: str, i: int = 0) -> tuple[list[_Partial], int | None]:
+    """The call objects of ``body`` from ``i``: one, several separated by ``,``/``;``,
+    or an array of them; and where they stop (None: inside an unfinished one)."""
     calls: list[_Partial] = []
-    i = 0
     while True:
         while i < len(body) and body[i] in " \t\r\n[,;]":
             i += 1
         if i >= len(body) or body[i] != "{":
-            return calls
-        call, end = _partial_call(body, i)
-        calls.append(call)
+            return calls, i
+        call, end = _call_at(body, i)
+        if call is not None:
+            calls.append(call)
         if end is None:
-            return calls
+            return calls, None
         i = end
 
 
@@ -205,51 +220,46 @@ class ToolCalling:
             schema["maxItems"] = 1
         return StructuredOutputs(json=schema)
 
-    def _partials(self, text: str) -> tuple[str, int, list[_Partial]]:
-        """Content so far, how many of its last characters to hold back (they may
-        start a call), and the calls so far."""
+    def scan(self, text: str) -> tuple[str, int, list[_Partial]]:
+        """Content so far, how many of its last characters a stream holds back (they
+        may begin a call, or are whitespace before one), and the calls so far, in
+        order (the first only without parallel_tool_calls). Module docstring."""
+        content, hold, calls = self._scan(text)
+        if not content[:len(content) - hold].strip():
+            hold = len(content)
+        return content, hold, calls if self.parallel else calls[:1]
+
+    def _scan(self, text: str) -> tuple[str, int, list[_Partial]]:
         if self.named is not None:
-            return "", 0, [_Partial(self.named, text.lstrip(), False)]
+            return "", 0, [_Partial(self.named, text.lstrip())]
         if self.choice == "required":
-            return "", 0, _calls_in(text)
+            return "", 0, _calls_in(text)[0]
         if self.format == "llama3":
-            stripped = text.lstrip()
-            if not stripped:
-                return "", 0, []
-            if stripped.startswith("{"):
-                return "", 0, _calls_in(stripped)
-            return text, 0, []
+            if not text.lstrip().startswith("{"):
+                return text, 0, []
+            calls = _calls_in(text)[0]
+            return ("", 0, calls) if calls else (text, len(text), [])
         marker = _MARKERS[self.format]
-        head, found, rest = text.partition(marker)
+        head, found, _ = text.partition(marker)
         if not found:
             return head, _held_back(head, marker), []
         if self.format == "mistral":
-            return head, 0, _calls_in(rest)
-        calls = []
-        for block in text[len(head):].split(marker)[1:]:
-            calls.extend(_calls_in(block.split(_HERMES_END, 1)[0]))
+            return head, 0, _calls_in(text, len(head) + len(marker))[0]
+        calls: list[_Partial] = []
+        at: int | None = len(head)
+        while at is not None and (at := text.find(marker, at)) >= 0:
+            block, at = _calls_in(text, at + len(marker))
+            calls.extend(block)
         return head, 0, calls
 
-    def settled(self, text: str, final: bool) -> tuple[str, int, list[_Partial]]:
-        """Content so far, how many of its last characters to hold back, and the calls
-        that have closed and whose arguments parse, in order (the first only without
-        parallel_tool_calls); a malformed or unfinished call is never one of them,
-        streamed or not, so both give the same calls."""
-        content, hold, partials = self._partials(text)
-        if self.named is not None and final:
-            partials[0].complete = True
-        calls = [p for p in partials
-                 if p.name is not None and p.complete and _is_json(p.arguments)]
-        return content, hold, calls if self.parallel else calls[:1]
-
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        """The finished text's content (None when it is only calls) and calls; text
-        with no call that parses is all content."""
-        content, _, calls = self.settled(text, True)
+        """The finished text's content (None when there are calls and it is only
+        whitespace) and calls (module docstring)."""
+        content, _, calls = self.scan(text)
         if not calls:
-            return text, []
-        return content.strip() or None, [ToolCall(new_call_id(), p.name, p.arguments)
-                                         for p in calls]
+            return content, []
+        return content if content.strip() else None, [
+            ToolCall(new_call_id(), p.name, p.arguments) for p in calls]
 
 
 _LITERAL_KEYWORDS = ("const", "enum", "default", "examples")  # values, not schemas
@@ -277,14 +287,6 @@ def _rebased(schema: Any, root: str) -> Any:
     return out
 
 
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except json.JSONDecodeError:
-        return False
-    return True
-
-
 class ToolCallStream:
     """One streamed choice's deltas (module docstring)."""
 
@@ -292,23 +294,31 @@ class ToolCallStream:
         self.tools = tools
         self.content_sent = 0
         self.ids: list[str] = []  # per call sent
+        self.arguments_sent: list[int] = []  # characters of each call's arguments sent
 
     def update(self, text: str, final: bool) -> dict[str, Any]:
         """The delta that brings the client from what it has to ``text`` (all of the
-        choice's text so far); ``final`` releases held-back content, and all of the
-        text when no call parsed (as `ToolCalling.parse`)."""
-        content, hold, calls = self.tools.settled(text, final)
-        visible = text if final and not calls else content[:len(content) - hold]
+        choice's text so far); ``final`` releases held-back content (whitespace
+        before calls stays unsent, as `ToolCalling.parse` makes it None)."""
+        content, hold, calls = self.tools.scan(text)
+        if final and (not calls or content.strip()):
+            hold = 0
+        visible = content[:len(content) - hold]
         delta: dict[str, Any] = {}
         if len(visible) > self.content_sent:
             delta["content"] = visible[self.content_sent:]
             self.content_sent = len(visible)
         out = []
-        for i in range(len(self.ids), len(calls)):  # the header, then the arguments
-            self.ids.append(new_call_id())
-            out.append({"index": i, "id": self.ids[i], "type": "function",
-                        "function": {"name": calls[i].name, "arguments": ""}})
-            out.append({"index": i, "function": {"arguments": calls[i].arguments}})
+        for i, call in enumerate(calls):
+            if i == len(self.ids):  # the header first, as soon as the name is known
+                self.ids.append(new_call_id())
+                self.arguments_sent.append(0)
+                out.append({"index": i, "id": self.ids[i], "type": "function",
+                            "function": {"name": call.name, "arguments": ""}})
+            if len(call.arguments) > self.arguments_sent[i]:
+                out.append({"index": i, "function": {
+                    "arguments": call.arguments[self.arguments_sent[i]:]}})
+                self.arguments_sent[i] = len(call.arguments)
         if out:
             delta["tool_calls"] = out
         return delta
