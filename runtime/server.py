@@ -18,8 +18,9 @@ the response's ``warning`` says so). Schemas and the
 request -> `SamplingParams` mapping live in `sluice.runtime.openai_protocol`. With
 ``tools``, chat responses carry the calls parsed from the text (`sluice.runtime.tool_calls`)
 as ``message.tool_calls`` with ``finish_reason: "tool_calls"``, and streams send them as
-``delta.tool_calls`` (each call once it has closed and parses: its id and name, then
-its arguments), so streamed and non-streamed responses carry the same calls.
+``delta.tool_calls`` (each call's id and name as soon as the name is known, then its
+arguments' text as it is decoded), so the client reassembles exactly the
+non-streamed response's calls (one parser serves both).
 
 Optional parts (the RAG routes: `sluice.rag.http.rag_part`) are mounted by
 ``OpenAIServer(engine, config, parts=[...])``, so the server imports none of them: a
