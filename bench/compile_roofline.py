@@ -83,8 +83,9 @@ def _seqs(name: str) -> list[tuple[int, int]]:
     return MIXED if q_len is None else [(q_len, kv_len)] * n
 
 
-def _tiling(seqs, block: int):
-    """The kernel's static plan for this batch (tile rows, padded group)."""
+def _tiling(seqs, block: int, platform: str):
+    """The platform kernel's static plan for this batch (tile rows, padded
+    group, KV positions per loop step)."""
     tokens = sum(q for q, _ in seqs)
     pages = max(-(-kv // block) for _, kv in seqs)
     q = jax.ShapeDtypeStruct((tokens, Q_HEADS, HEAD_DIM), DTYPE)
@@ -97,20 +98,29 @@ def _tiling(seqs, block: int):
                              jax.ShapeDtypeStruct((), i32), max(q for q, _ in seqs))
     plan = {}
 
+    if platform == "tpu":  # as ragged_paged_attention_tpu plans it
+        kw = dict(prefill_rows=ragged_attention.TPU_PREFILL_TILE_ROWS,
+                  pages_per_step=max(1, min(ragged_attention.TPU_STEP_TOKENS // block, pages)))
+    else:
+        kw = {}
+
     def capture(q, c, m):
-        plan["static"], tiles = ragged_attention._plan(q, c, 0, m, 1.0, None, None)
+        plan["static"], tiles = ragged_attention._plan(q, c, 0, m, 1.0, None, None, **kw)
         return tiles.q
 
     jax.eval_shape(capture, q, cache, meta)
     return plan["static"]
 
 
-def attention_model(name: str) -> dict:
-    """Bytes and flops the attention kernel moves and executes for this batch."""
+def attention_model(name: str, platform: str) -> dict:
+    """Bytes and flops the platform's attention kernel moves and executes for
+    this batch: pages are read in the kernel's loop steps (`_Static.step_tokens`
+    KV positions: one page on GPU, 128 positions on TPU), and a GPU KV split
+    (`kv_splits`) adds its float32 partial outputs, written and read back."""
     seqs = _seqs(name)
     window, block = ATTENTION[name][3], ATTENTION[name][5]
-    st = _tiling(seqs, block)
-    bq, rows = st.tile_tokens, st.rows
+    st = _tiling(seqs, block, platform)
+    bq, rows, step = st.tile_tokens, st.rows, st.step_tokens
     page_bytes = 2 * block * KV_HEADS * HEAD_DIM * ITEM  # keys and values, all KV heads
     pages_read, starts = 0, np.cumsum([0] + [q for q, _ in seqs])
     tokens = int(starts[-1])
@@ -123,12 +133,22 @@ def attention_model(name: str) -> dict:
             ctx = kv_len - q_len
             kv_hi = ctx + r_hi - starts[s]
             kv_lo = 0 if window is None else max(0, ctx + r_lo - starts[s] - window + 1)
-            pages_read += -(-kv_hi // block) - kv_lo // block
+            pages_read += (-(-kv_hi // step) - kv_lo // step) * st.pages_per_step
     io = 2 * tokens * Q_HEADS * HEAD_DIM * ITEM
+    tiles = -(-tokens // bq)
+    splits = 1 if platform != "gpu" else ragged_attention.kv_splits(
+        tiles * KV_HEADS, st.pages * block, _max_query_len(seqs))
+    if splits > 1:  # each part's [rows, D] output and log-sum-exp, float32, written and read
+        io += 2 * splits * KV_HEADS * tiles * rows * (HEAD_DIM + 1) * 4
     # Per page a program executes [rows, D] x [D, B] and [rows, B] x [B, D] for each KV head.
     flops = pages_read * KV_HEADS * 2 * (2 * rows * block * HEAD_DIM)
     return dict(bytes=int(pages_read * page_bytes + io), flops=int(flops), tile_tokens=bq,
+                kv_splits=splits,
                 kv_reads_per_token=round(float(pages_read * block / sum(kv for _, kv in seqs)), 2))
+
+
+def _max_query_len(seqs) -> int:
+    return max(q for q, _ in seqs)
 
 
 def compile_attention(target, name: str):
@@ -205,7 +225,7 @@ def main() -> None:
     target, peak = TARGETS[args.target], PEAKS[args.target]
     seen: set = set()
     rows = []
-    cases = [(n, lambda n=n: (compile_attention(target, n), attention_model(n)))
+    cases = [(n, lambda n=n: (compile_attention(target, n), attention_model(n, target.platform)))
              for n in ATTENTION]
     cases += [("write_kv 64 tokens", lambda: compile_write(target, 64)),
               ("write_kv 2048 tokens", lambda: compile_write(target, 2048)),

@@ -12,7 +12,9 @@ In one process, on ``jax.default_backend()``:
    prefill-heavy (a few sequences, chunk of queries each on top of a context)
    ragged batches in one pool of one layer. Paths: ``reference`` (pure JAX,
    always), ``pallas`` (Sluice's kernel for the platform; GPU/TPU only, since
-   interpret mode on CPU is a correctness tool, not a kernel to time) and
+   interpret mode on CPU is a correctness tool, not a kernel to time),
+   ``pallas-nosplit`` (GPU decode: the same kernel without its KV split, so the
+   split's gain is a ratio within one run) and
    ``builtin`` (JAX's ``pallas.ops.gpu.paged_attention`` for decode on GPU,
    ``pallas.ops.tpu.ragged_paged_attention`` on TPU; fed the same data in
    their own layouts). Bytes = KV of every sequence, queries and output each
@@ -37,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sluice.pallas_kernels import block_copy, dispatch, reference
+from sluice.pallas_kernels import block_copy, dispatch, ragged_attention, reference
 from sluice.pallas_kernels.metadata import AttentionMetadata
 
 BLOCK_SIZE = 16
@@ -142,6 +144,10 @@ def attention_sweep(platform: str, quick: bool, reps: int) -> list[dict]:
         if accel:
             paths["pallas"] = jax.jit(lambda q, c, m: dispatch.ragged_paged_attention(
                 q, c, 0, m, scale=scale))
+        if platform == "gpu" and kind == "decode":  # the KV split's gain, same run
+            paths["pallas-nosplit"] = jax.jit(
+                lambda q, c, m: ragged_attention.ragged_paged_attention_gpu(
+                    q, c, 0, m, scale=scale, splits=1))
         runs = {name: (lambda f=f: f(q, cache, meta)) for name, f in paths.items()}
         try:
             builtin = builtin_attention(platform, q, cache, meta, scale, kind == "decode")
@@ -159,7 +165,7 @@ def attention_sweep(platform: str, quick: bool, reps: int) -> list[dict]:
             rows.append(dict(kind=kind, path=name, batch=len(q_lens), query_len=q_lens[0],
                              context=kv_lens[0], seconds=seconds, bytes=nbytes, flops=flops,
                              bytes_per_s=nbytes / seconds, flops_per_s=flops / seconds))
-            print(f"{kind:8s} {name:9s} batch {len(q_lens):4d} q {q_lens[0]:5d} "
+            print(f"{kind:8s} {name:14s} batch {len(q_lens):4d} q {q_lens[0]:5d} "
                   f"kv {kv_lens[0]:6d}: {seconds * 1e3:9.3f} ms {nbytes / seconds / 1e9:8.2f} GB/s "
                   f"{flops / seconds / 1e12:8.3f} TFLOP/s")
     return rows

@@ -14,7 +14,10 @@ calls) and asserts that the compiled module holds the target's kernel custom
 call, so it fails if dispatch picks the CPU path (except GPU attention at
 head_dim 96, which is documented to take the pure-JAX path: Triton needs
 power-of-two blocks); kernels that update the pool are compiled with it
-donated and must alias it, never copy it.
+donated and must alias it, never copy it. Pools are the ones the runtime
+allocates for the target (`pool_layout.pool_head_dim`): on TPU, head dims 64
+and 96 are padded to 128 lanes, without which XLA gave the pool a layout other
+than the kernels' row-major one and copied it whole around every call.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ import itertools
 import jax.numpy as jnp
 import pytest
 
-from compile_tests.check import (PoolCopied, assert_kernels, assert_pool_in_place,
+from compile_tests.check import (assert_kernels, assert_pool_in_place,
                                  assert_pool_not_copied, compile_for, kernel_calls, record, sds)
 from sluice.pallas_kernels import dispatch
 from sluice.pallas_kernels.metadata import AttentionMetadata
-from sluice.pallas_kernels.ragged_attention import triton_shapes
+from sluice.pallas_kernels.pool_layout import pool_head_dim
+from sluice.pallas_kernels.ragged_attention import kv_splits, triton_shapes
 
 MODELS = {  # name: (query heads, KV heads, head_dim, layers)
     "llama3-8b": (32, 8, 128, 32),
@@ -59,33 +63,17 @@ ATTENTION_CASES += [(model, list(BATCHES)[i], _latin(i, i + 1), "float32")
                     for i, model in enumerate(MODELS)]
 
 
-# Known defect (issue 22, open): on TPU, for these head layouts XLA gives the pool
-# a different tiling than the Mosaic call asks for (T(2,128) for 2 KV heads of 64,
-# T(8,128) for Phi-3's head_dim 96) and copies the whole pool around the kernel.
-# Measured on v5e and v6e, jax 0.10.2 and 0.12; Llama-3-8B and Gemma 3 layouts do
-# not copy. Each case must fail in exactly that way (strict): once the layout is
-# fixed it passes, the run fails, and the entry goes.
-KNOWN_TPU_POOL_COPIES = {("attention", "qwen2-0.5b"), ("attention", "phi3-mini"),
-                         ("write_kv", "qwen2-0.5b"), ("write_kv", "phi3-mini"),
-                         ("scatter_blocks", "qwen2-0.5b")}
-
-
-def _expect_known_copy(request, target, kernel: str, model: str) -> None:
-    if target.platform == "tpu" and (kernel, model) in KNOWN_TPU_POOL_COPIES:
-        request.applymarker(pytest.mark.xfail(
-            raises=PoolCopied, strict=True,
-            reason=f"issue 22: XLA copies the KV pool around the TPU {kernel} kernel for {model}"))
-
-
 def _pool(target, model: str, block: int, num_blocks: int, layers: int, dtype):
+    """The pool the runtime allocates on ``target`` (`pool_head_dim` pads the
+    head dimension where the target's kernels need it)."""
     _, kv_heads, head_dim, _ = MODELS[model]
-    return sds(target, (num_blocks, layers, 2, block, kv_heads, head_dim), dtype)
+    return sds(target, (num_blocks, layers, 2, block, kv_heads,
+                        pool_head_dim(head_dim, target.platform)), dtype)
 
 
 @pytest.mark.parametrize("model,batch,block,dtype", ATTENTION_CASES,
                          ids=[f"{m}-{b}-bs{s}-{d}" for m, b, s, d in ATTENTION_CASES])
-def test_attention_compiles(request, target, model, batch, block, dtype):
-    _expect_known_copy(request, target, "attention", model)
+def test_attention_compiles(target, model, batch, block, dtype):
     q_heads, _, head_dim, _ = MODELS[model]
     seqs, tokens, max_q, kv_len, window, cap = BATCHES[batch]
     pages = -(-kv_len // block)
@@ -120,8 +108,7 @@ WRITE_CASES = [(model, tokens, _latin(i, j), dtype)
 
 @pytest.mark.parametrize("model,tokens,block,dtype", WRITE_CASES,
                          ids=[f"{m}-t{t}-bs{b}-{d}" for m, t, b, d in WRITE_CASES])
-def test_write_kv_compiles_in_place(request, target, model, tokens, block, dtype):
-    _expect_known_copy(request, target, "write_kv", model)
+def test_write_kv_compiles_in_place(target, model, tokens, block, dtype):
     _, kv_heads, head_dim, _ = MODELS[model]
     cache = _pool(target, model, block, 4096 * 16 // block, KERNEL_POOL_LAYERS, dtype)
     new = sds(target, (tokens, kv_heads, head_dim), dtype)
@@ -145,8 +132,7 @@ COPY_RUNS, COPY_STAGED, COPY_POOL_BLOCKS = 8, 32, 96
 
 
 @pytest.mark.parametrize("model,block", COPY_CASES, ids=[f"{m}-bs{b}" for m, b in COPY_CASES])
-def test_block_copies_compile(request, target, model, block):
-    _expect_known_copy(request, target, "scatter_blocks", model)
+def test_block_copies_compile(target, model, block):
     layers = MODELS[model][3]
     cache = _pool(target, model, block, COPY_POOL_BLOCKS, layers, "bfloat16")
     groups = sds(target, (COPY_RUNS, 2), jnp.int32)
@@ -164,3 +150,39 @@ def test_block_copies_compile(request, target, model, block):
     assert_pool_in_place(hlo, 0, cache.shape)
     record(target, compiled, seconds, kernel="scatter_blocks", model=model, block=block,
            dtype="bfloat16")
+
+
+# A few long decodes (4 sequences of 32k tokens, with a window and a soft cap)
+# at the smallest and largest block size. On GPU the 4 rows are one tile, 8
+# programs for 8 KV heads, so flash-decoding's KV split cuts every sequence
+# into parts, one program each, merged in XLA: the kernel must write per-part
+# float32 outputs.
+SPLIT_BLOCKS = (16, 128)
+
+
+@pytest.mark.parametrize("block", SPLIT_BLOCKS, ids=[f"bs{b}" for b in SPLIT_BLOCKS])
+def test_long_decode_compiles(target, block):
+    q_heads, kv_heads, head_dim, _ = MODELS["llama3-8b"]
+    seqs, kv_len = 4, 32768
+    pages = kv_len // block
+    cache = _pool(target, "llama3-8b", block, seqs * pages + 1, KERNEL_POOL_LAYERS, "bfloat16")
+    meta = AttentionMetadata(
+        sds(target, (seqs,), jnp.int32), sds(target, (seqs + 1,), jnp.int32),
+        sds(target, (seqs,), jnp.int32), sds(target, (seqs, pages), jnp.int32),
+        sds(target, (), jnp.int32), max_query_len=1)
+    q = sds(target, (seqs, q_heads, head_dim), "bfloat16")
+    splits = kv_splits(kv_heads, kv_len, 1)  # GPU: one tile x 8 KV heads
+
+    def attend(q, cache, layer, meta):
+        return dispatch.ragged_paged_attention(q, cache, layer, meta, scale=head_dim ** -0.5,
+                                               sliding_window=8192, soft_cap=30.0)
+
+    compiled, hlo, seconds = compile_for(target, attend,
+                                         (q, cache, sds(target, (), jnp.int32), meta))
+    assert_kernels(hlo, target)
+    if target.platform == "gpu":
+        assert splits > 1 and f"f32[{splits},{kv_heads}," in hlo, "no per-part outputs: no split"
+    assert_pool_not_copied(hlo, cache.shape)
+    record(target, compiled, seconds, kernel="attention_split", model="llama3-8b",
+           batch=f"decode{seqs}x{kv_len}", block=block, dtype="bfloat16",
+           splits=splits if target.platform == "gpu" else 1)

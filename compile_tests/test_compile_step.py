@@ -3,8 +3,8 @@ write and attention for a decode group and a prefill group, then the logits)
 compiled for each target with the KV pool donated, as the engine runs it.
 
 Models are built from their Hugging Face ``config.json`` fields (so the step is
-the one a real checkpoint gets): Llama-3-8B, and Qwen2-7B with its sliding
-window switched on in every layer. The layer loop is a scan, so the compiled
+the one a real checkpoint gets): Llama-3-8B, Qwen2-7B with its sliding
+window switched on in every layer, and Qwen2-0.5B (head_dim 64, 2 KV heads). The layer loop is a scan, so the compiled
 layer is the same at any depth; where a model's bfloat16 weights would not fit
 the chip (Llama-3-8B's 16 GB on a 16 GiB v5e, which serves it sharded over
 several chips), the step keeps as many of its layers as fit in half the memory.
@@ -21,9 +21,11 @@ import numpy as np
 import pytest
 
 from compile_tests.check import assert_kernels, assert_pool_in_place, record, sds
+from compile_tests.targets import device
 from sluice.runtime import model_runner
 from sluice.runtime.attention import AttentionMetadata
 from sluice.runtime.config import ModelConfig
+from sluice.runtime.kv_cache import KVCacheSpec, num_blocks_for_budget
 from sluice.runtime.model import param_shapes
 
 LLAMA3_8B = dict(
@@ -39,12 +41,19 @@ QWEN2_7B_WINDOWED = dict(
     num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
     rope_theta=1000000.0, tie_word_embeddings=False, use_sliding_window=True,
     sliding_window=4096, max_window_layers=0)
-MODELS = {"llama3-8b": LLAMA3_8B, "qwen2-7b-window": QWEN2_7B_WINDOWED}
+# head_dim 64 with 2 KV heads: the TPU pool's head dimension is padded (see
+# `pool_layout`); before that, XLA copied this pool around every kernel.
+QWEN2_05B = dict(
+    architectures=["Qwen2ForCausalLM"], vocab_size=151936, hidden_size=896,
+    intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+    num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
+    rope_theta=1000000.0, tie_word_embeddings=True)
+MODELS = {"llama3-8b": LLAMA3_8B, "qwen2-7b-window": QWEN2_7B_WINDOWED, "qwen2-0.5b": QWEN2_05B}
 
 # The engine's mixed step shape: a decode group of max_num_seqs rows plus a
 # prefill group, both with the block-table width of max_model_len.
 MAX_NUM_SEQS, PREFILL_SEQS, PREFILL_TOKENS, MAX_MODEL_LEN = 64, 4, 2048, 8192
-STEP_BLOCK_SIZES = {"llama3-8b": 16, "qwen2-7b-window": 64}
+STEP_BLOCK_SIZES = {"llama3-8b": 16, "qwen2-7b-window": 64, "qwen2-0.5b": 32}
 DTYPE = jnp.bfloat16
 
 
@@ -70,11 +79,11 @@ def test_engine_step_compiles_in_place(target, model):
     cfg = _fitting(ModelConfig.from_hf_dict(MODELS[model]), target.hbm_bytes)
     block = STEP_BLOCK_SIZES[model]
     pages = MAX_MODEL_LEN // block
-    per_block = cfg.num_layers * 2 * block * cfg.num_kv_heads * cfg.head_dim * 2
-    num_blocks = int(target.hbm_bytes // 8 // per_block)  # an eighth of memory for KV
+    # The pool the engine allocates on this target, an eighth of memory.
+    num_blocks = num_blocks_for_budget(cfg, target.hbm_bytes // 8, block, DTYPE, device(target))
     params = jax.tree_util.tree_map(lambda s: sds(target, s, DTYPE), param_shapes(cfg),
                                     is_leaf=lambda x: isinstance(x, tuple))
-    pool = sds(target, (num_blocks, cfg.num_layers, 2, block, cfg.num_kv_heads, cfg.head_dim),
+    pool = sds(target, KVCacheSpec.for_model(cfg, num_blocks, block, DTYPE, device(target)).shape,
                DTYPE)
     tokens = MAX_NUM_SEQS + PREFILL_TOKENS
     metas = (_group(target, MAX_NUM_SEQS, MAX_NUM_SEQS, 1, pages),

@@ -15,11 +15,13 @@ import jax
 import jax.numpy as jnp
 
 from sluice.pallas_kernels.metadata import AttentionMetadata
+from sluice.pallas_kernels.pool_layout import pads_queries
 from sluice.pallas_kernels.reference import padded_queries, scatter_rows
 
 PAGES_PER_CHUNK = 4
 
 
+@pads_queries
 def ragged_paged_attention(q: jax.Array, cache: jax.Array, layer: jax.Array | int,
                            meta: AttentionMetadata, *, scale: float,
                            sliding_window: int | None = None,

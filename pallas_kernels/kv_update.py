@@ -24,6 +24,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from sluice.pallas_kernels.platform import tpu_interpret_params
+from sluice.pallas_kernels.pool_layout import pads_rows
 
 
 def row_pieces(n: int) -> list[tuple[int, int]]:
@@ -55,6 +56,7 @@ def _gpu_kernel(num_slots: int, block_size: int, num_layers: int, row: int, slot
             cache_ref[block, layer, 1, offset, cols] = v_ref[t, cols].astype(cache_ref.dtype)
 
 
+@pads_rows
 def write_kv_gpu(cache: jax.Array, layer, k: jax.Array, v: jax.Array, slot_mapping: jax.Array,
                  *, interpret: bool = False) -> jax.Array:
     """Pallas-Triton variant: one program per token stores its keys and values
@@ -114,6 +116,7 @@ def _tpu_kernel(num_tokens: int, num_slots: int, block_size: int, chunk: int, sl
     each("wait")   # then drained
 
 
+@pads_rows
 def write_kv_tpu(cache: jax.Array, layer, k: jax.Array, v: jax.Array, slot_mapping: jax.Array,
                  *, interpret: bool = False) -> jax.Array:
     """Mosaic-TPU variant: slots in SMEM (scalar prefetch); each token's

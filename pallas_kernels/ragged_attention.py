@@ -19,6 +19,12 @@ the tile is shared, and padding rows end with zero weight and return zeros.
 This keeps the grid static for every batch shape, needs no per-sequence
 padding of queries, and reads each sequence's KV once per tile.
 
+Long decodes on GPU (a decode-only batch whose tiles x KV heads leave SMs
+idle) add a third grid axis, flash-decoding's KV split: each program takes
+one of ``splits`` equal parts of every sequence's visible pages and writes its
+part's output (normalised over the part) and log-sum-exp in float32; XLA then
+merges the parts by their log-sum-exps (`kv_splits`, `_combine_splits`).
+
 The ``G`` query heads sharing a KV head are processed together: the wrapper
 lays queries out as ``[kv_heads, rows * G', head_dim]`` (``G'`` = G rounded up
 to a power of two, extra heads zero) so a tile is one 2-D ``[BQ * G', D]``
@@ -51,6 +57,7 @@ from jax.experimental.pallas import triton as pltriton
 from sluice.pallas_kernels import chunked
 from sluice.pallas_kernels.metadata import AttentionMetadata
 from sluice.pallas_kernels.platform import next_power_of_2, tpu_interpret_params
+from sluice.pallas_kernels.pool_layout import pads_queries
 
 # Target query rows (BQ * G') per tile: small for decode-only groups (the
 # matmuls are tiny and memory-bound), larger for prefill chunks.
@@ -176,8 +183,10 @@ class _Pages:
 
 def _attend_tile(st: _Static, tile, q: jax.Array, qsl_ref, seq_lens_ref, tables_ref,
                  seq_lo, seq_hi, load_page: Callable | _Pages, *,
-                 state_refs: tuple | None = None) -> jax.Array:
-    """Online-softmax attention of one tile's rows ``q``; returns float32 of q's shape.
+                 state_refs: tuple | None = None, split=None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Online-softmax attention of one tile's rows ``q``; returns the float32
+    state (row max, row sum, unnormalised accumulator), see `_normalized`.
 
     ``q`` is ``[M, D]`` (one KV head) or ``[Hkv, M, D]`` (every KV head of the
     tile at once, as batched matmuls). ``load_page(page, kv)`` returns one
@@ -188,6 +197,10 @@ def _attend_tile(st: _Static, tile, q: jax.Array, qsl_ref, seq_lens_ref, tables_
     loops, or kept in ``state_refs`` (three float32 VMEM refs shaped like
     ``q[..., :1]``, ``q[..., :1]`` and ``q``) when given, which keeps large
     tiles out of the loop-carried registers.
+
+    ``split`` = (index, count) restricts each sequence to the ``index``-th of
+    ``count`` equal parts of the KV pages its rows see (flash-decoding's KV
+    split; the parts' states are merged by `_combine_splits`).
 
     Guards: the page loop stops at the block-table width and page indices are
     clamped into the pool, so no metadata can make it read outside either.
@@ -222,6 +235,11 @@ def _attend_tile(st: _Static, tile, q: jax.Array, qsl_ref, seq_lens_ref, tables_
         in_seq = (row >= q_start) & (row < q_end)
         q_pos = ctx + row - q_start  # [M, 1]
         p_lo, p_hi = kv_lo // bs, (kv_hi + bs - 1) // bs
+        if split is not None:
+            index, count = split
+            per = (p_hi - p_lo + count - 1) // count
+            p_lo, p_hi = (jnp.minimum(p_lo + index * per, p_hi),
+                          jnp.minimum(p_lo + (index + 1) * per, p_hi))
 
         def page_of(i):
             i = jnp.minimum(i, st.pages - 1)  # a step's last pages may lie past the row
@@ -259,30 +277,38 @@ def _attend_tile(st: _Static, tile, q: jax.Array, qsl_ref, seq_lens_ref, tables_
     stat = q.shape[:-1] + (1,)
     init = (jnp.full(stat, -jnp.inf, jnp.float32), jnp.zeros(stat, jnp.float32),
             jnp.zeros(q.shape, jnp.float32))
-    if state_refs is None:
-        _, l, acc = jax.lax.fori_loop(seq_lo, seq_hi, seq_body, init)
-    else:
+    if state_refs is not None:
         for ref, value in zip(state_refs, init):
             ref[...] = value
         jax.lax.fori_loop(seq_lo, seq_hi, seq_body, jnp.int32(0))
-        _, l, acc = (ref[...] for ref in state_refs)
+        return tuple(ref[...] for ref in state_refs)
+    return jax.lax.fori_loop(seq_lo, seq_hi, seq_body, init)
+
+
+def _normalized(state: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+    """Attention output of an online-softmax state (zero for rows that saw nothing)."""
+    _, l, acc = state
     return acc / jnp.where(l > 0, l, 1.0)
 
 
 # -- GPU (Pallas Triton) --------------------------------------------------------
 
 
-def _gpu_kernel(st: _Static, layer_ref, qsl_ref, seq_lens_ref, tables_ref, seq_lo_ref,
-                seq_hi_ref, q_ref, cache_ref, o_ref):
+def _gpu_kernel(st: _Static, splits: int, layer_ref, qsl_ref, seq_lens_ref, tables_ref,
+                seq_lo_ref, seq_hi_ref, q_ref, cache_ref, o_ref, *lse_ref):
     tile, head = pl.program_id(0), pl.program_id(1)
     layer = layer_ref[0]
 
     def load_page(page, kv):
         return cache_ref[page, layer, kv, :, head, :]
 
-    out = _attend_tile(st, tile, q_ref[...], qsl_ref, seq_lens_ref, tables_ref,
-                       seq_lo_ref[tile], seq_hi_ref[tile], load_page)
-    o_ref[...] = out.astype(o_ref.dtype)
+    state = _attend_tile(st, tile, q_ref[...], qsl_ref, seq_lens_ref, tables_ref,
+                         seq_lo_ref[tile], seq_hi_ref[tile], load_page,
+                         split=(pl.program_id(2), splits) if splits > 1 else None)
+    o_ref[...] = _normalized(state).astype(o_ref.dtype)
+    if splits > 1:
+        m, l, _ = state
+        lse_ref[0][...] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
 
 
 def triton_shapes(head_dim: int, block_size: int) -> bool:
@@ -291,14 +317,54 @@ def triton_shapes(head_dim: int, block_size: int) -> bool:
         and block_size >= 16
 
 
+def _gpu_warps(st: _Static) -> int:
+    """Warps per Triton program: 8 once a page's score tile reaches 64 x 128
+    (ptxas: a prefill tile at block size 128 with 4 warps needs 255 registers
+    and spills; with 8, 254 and no spills, compiled for sm_90a), else 4."""
+    return 8 if st.rows * st.block_size >= 64 * 128 else 4
+
+
+# KV split for long decodes (flash-decoding): a decode-only batch with fewer
+# than `GPU_TARGET_PROGRAMS` programs (tiles x KV heads) leaves SMs idle while
+# each program walks its sequences' whole context, so every sequence's pages
+# are cut into `kv_splits` parts, one program each, merged by their
+# log-sum-exp. Two waves of an H100/H200's 132 SMs; a part walks at least
+# `GPU_MIN_SPLIT_TOKENS` KV positions so the partial outputs (float32, one
+# [rows, head_dim] per part) stay small next to the KV read.
+GPU_TARGET_PROGRAMS = 264
+GPU_MIN_SPLIT_TOKENS = 512
+
+
+def kv_splits(programs: int, max_kv_tokens: int, max_query_len: int) -> int:
+    """How many KV parts the GPU kernel cuts each sequence into (1: no split)."""
+    if max_query_len != 1:  # prefill tiles already fill the grid and are compute-bound
+        return 1
+    return max(1, min(-(-GPU_TARGET_PROGRAMS // programs), max_kv_tokens // GPU_MIN_SPLIT_TOKENS))
+
+
+def _combine_splits(parts: jax.Array, lse: jax.Array, dtype) -> jax.Array:
+    """Merge per-part outputs ``parts`` [N, Hkv, R, D] (each normalised over its
+    own part) by their log-sum-exps ``lse`` [N, Hkv, R, 1]; rows no part saw
+    (lse -inf everywhere) are zero."""
+    top = jnp.max(lse, axis=0)
+    weights = jnp.exp(lse - jnp.where(jnp.isfinite(top), top, 0.0))  # exp(-inf) = 0
+    total = jnp.sum(weights, axis=0)
+    out = jnp.sum(weights * parts, axis=0) / jnp.where(total > 0, total, 1.0)
+    return out.astype(dtype)
+
+
+@pads_queries
 def ragged_paged_attention_gpu(q: jax.Array, cache: jax.Array, layer, meta: AttentionMetadata,
                                *, scale: float, sliding_window: int | None = None,
-                               soft_cap: float | None = None,
+                               soft_cap: float | None = None, splits: int | None = None,
                                interpret: bool = False) -> jax.Array:
     """Pallas-Triton variant. Triton blocks and dots need power-of-two sizes:
     compiled with a ``head_dim`` or ``block_size`` that is not a power of two
     (or a block size under 16), it is the pure-JAX `chunked` path instead, the
-    same results without a kernel (Phi-3's head_dim 96, for instance)."""
+    same results without a kernel (Phi-3's head_dim 96, for instance).
+
+    The grid is ``(tiles, kv_heads, splits)``; ``splits`` (None: `kv_splits`)
+    > 1 is the KV split, whose parts are merged in XLA (`_combine_splits`)."""
     head_dim, block_size = q.shape[2], cache.shape[3]
     if not interpret and not triton_shapes(head_dim, block_size):
         return chunked.ragged_paged_attention(q, cache, layer, meta, scale=scale,
@@ -306,18 +372,28 @@ def ragged_paged_attention_gpu(q: jax.Array, cache: jax.Array, layer, meta: Atte
     st, t = _plan(q, cache, layer, meta, scale, sliding_window, soft_cap)
     num_kv_heads, total_rows, _ = t.q.shape
     tiles = total_rows // st.rows
+    if splits is None:
+        splits = kv_splits(tiles * num_kv_heads, st.pages * block_size, meta.max_query_len)
     whole = pl.no_block_spec
-    tile_spec = pl.BlockSpec((None, st.rows, head_dim), lambda i, h: (h, i, 0))
-    out = pl.pallas_call(
-        functools.partial(_gpu_kernel, st),
-        out_shape=jax.ShapeDtypeStruct(t.q.shape, q.dtype),
-        grid=(tiles, num_kv_heads),
+    tile_spec = pl.BlockSpec((None, st.rows, head_dim), lambda i, h, s: (h, i, 0))
+    out_shape = [jax.ShapeDtypeStruct(t.q.shape, q.dtype)]
+    out_specs = [tile_spec]
+    if splits > 1:  # per-part outputs (float32) and their log-sum-exps
+        out_shape = [jax.ShapeDtypeStruct((splits,) + t.q.shape, jnp.float32),
+                     jax.ShapeDtypeStruct((splits, num_kv_heads, total_rows, 1), jnp.float32)]
+        out_specs = [pl.BlockSpec((None, None, st.rows, head_dim), lambda i, h, s: (s, h, i, 0)),
+                     pl.BlockSpec((None, None, st.rows, 1), lambda i, h, s: (s, h, i, 0))]
+    outs = pl.pallas_call(
+        functools.partial(_gpu_kernel, st, splits),
+        out_shape=out_shape,
+        grid=(tiles, num_kv_heads, splits),
         in_specs=[whole] * 6 + [tile_spec, whole],
-        out_specs=tile_spec,
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+        out_specs=out_specs,
+        compiler_params=pltriton.CompilerParams(num_warps=_gpu_warps(st), num_stages=2),
         interpret=interpret,
         name="sluice_ragged_paged_attention",
     )(t.layer, t.query_start_loc, t.seq_lens, t.block_tables, t.seq_lo, t.seq_hi, t.q, cache)
+    out = outs[0] if splits == 1 else _combine_splits(*outs, q.dtype)
     return _unplan(out, q)
 
 
@@ -373,9 +449,10 @@ def _tpu_kernel(st: _Static, layer_ref, qsl_ref, seq_lens_ref, tables_ref, seq_l
     out = _attend_tile(st, tile, q_ref[...], qsl_ref, seq_lens_ref, tables_ref,
                        seq_lo_ref[tile], seq_hi_ref[tile], pages,
                        state_refs=(m_ref, l_ref, acc_ref))
-    o_ref[...] = out.astype(o_ref.dtype)
+    o_ref[...] = _normalized(out).astype(o_ref.dtype)
 
 
+@pads_queries
 def ragged_paged_attention_tpu(q: jax.Array, cache: jax.Array, layer, meta: AttentionMetadata,
                                *, scale: float, sliding_window: int | None = None,
                                soft_cap: float | None = None,

@@ -12,8 +12,10 @@ import jax
 import jax.numpy as jnp
 
 from sluice.pallas_kernels.metadata import AttentionMetadata
+from sluice.pallas_kernels.pool_layout import pads_queries, pads_rows
 
 
+@pads_rows
 def write_kv(cache: jax.Array, layer: jax.Array | int, k: jax.Array, v: jax.Array,
              slot_mapping: jax.Array) -> jax.Array:
     """Write keys/values [T, kv_heads, head_dim] of ``layer`` to their slots.
@@ -28,6 +30,7 @@ def write_kv(cache: jax.Array, layer: jax.Array | int, k: jax.Array, v: jax.Arra
     return cache.at[blocks, layer, 1, offsets].set(v.astype(cache.dtype), mode="drop")
 
 
+@pads_queries
 def ragged_paged_attention(q: jax.Array, cache: jax.Array, layer: jax.Array | int,
                            meta: AttentionMetadata, *, scale: float,
                            sliding_window: int | None = None,

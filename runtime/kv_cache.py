@@ -12,6 +12,12 @@ writing one token's keys is a DMA to ``[block, layer, kv, offset]`` (a
 head-major page would need an offset along the tiled token axis, i.e. a
 read-modify-write of a 16-row group), and attention fetches a page for all
 KV heads at once and separates heads in VMEM.
+
+The pool's ``head_dim`` is the model's, padded where the kernels of the
+device's platform need it (`pool_layout.pool_head_dim`: to a multiple of 128
+on TPU, so XLA's default layout of the pool is the row-major one the Mosaic
+kernels take and the pool is never copied around them); the kernels take q/k/v
+at the model's ``head_dim``. Sizes (`bytes_per_block`) include the padding.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sluice.pallas_kernels.pool_layout import pool_head_dim
 from sluice.runtime.config import ModelConfig
 
 
@@ -36,9 +43,11 @@ class KVCacheSpec:
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, num_blocks: int, block_size: int = 16,
-                  dtype=jnp.float32) -> "KVCacheSpec":
-        return cls(num_blocks, block_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                   jnp.dtype(dtype))
+                  dtype=jnp.float32, device: jax.Device | None = None) -> "KVCacheSpec":
+        """The pool of ``cfg`` for ``device`` (None: the default backend's)."""
+        platform = device.platform if device is not None else jax.default_backend()
+        return cls(num_blocks, block_size, cfg.num_layers, cfg.num_kv_heads,
+                   pool_head_dim(cfg.head_dim, platform), jnp.dtype(dtype))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -64,9 +73,9 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 
 
 def num_blocks_for_budget(cfg: ModelConfig, budget_bytes: int, block_size: int = 16,
-                          dtype=jnp.float32) -> int:
-    """How many blocks fit in ``budget_bytes``; raises if not even one does."""
-    per_block = KVCacheSpec.for_model(cfg, 1, block_size, dtype).bytes_per_block
+                          dtype=jnp.float32, device: jax.Device | None = None) -> int:
+    """How many blocks fit in ``budget_bytes`` on ``device``; raises if not even one does."""
+    per_block = KVCacheSpec.for_model(cfg, 1, block_size, dtype, device).bytes_per_block
     n = int(budget_bytes // per_block)
     if n < 1:
         raise ValueError(f"kv_cache_memory: {budget_bytes} bytes is less than one block "

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sluice.pallas_kernels import block_copy, dispatch, reference
+from sluice.pallas_kernels import block_copy, dispatch, ragged_attention, reference
 from sluice.pallas_kernels.metadata import AttentionMetadata
+from sluice.pallas_kernels.pool_layout import pool_head_dim
 
 NUM_LAYERS, LAYER, BLOCK_SIZE, NUM_KV_HEADS = 2, 1, 16, 2
 # (query rows, KV length after this step): decodes, a fresh prefill, chunked
@@ -113,6 +114,81 @@ def test_write_kv_exact(variant, dtype):
     np.testing.assert_array_equal(np.asarray(out, np.float32),
                                   np.asarray(reference.write_kv(cache, LAYER, k, v, slots),
                                              np.float32))
+
+
+
+
+# The GPU kernel's KV split (flash-decoding): each sequence's pages cut into
+# parts merged by log-sum-exp. Sequences of 1 to 3 pages in 3 or 4 parts leave
+# some parts empty, and the window leaves some parts of a row with no key.
+SPLIT_CASES = [(DECODE, 3, jnp.float32, 9, 20.0), (DECODE, 4, jnp.bfloat16, None, 30.0),
+               (MIXED, 2, jnp.float32, 9, None)]
+
+
+@pytest.mark.parametrize("seqs,splits,dtype,window,cap", SPLIT_CASES,
+                         ids=[f"{'mixed' if c[0] is MIXED else 'decode'}-x{c[1]}-"
+                              f"{jnp.dtype(c[2]).name}-w{c[3]}-cap{c[4]}" for c in SPLIT_CASES])
+def test_gpu_kv_split_matches_reference(seqs, splits, dtype, window, cap):
+    q, cache, meta = make_batch(11, seqs, group=4, head_dim=64, dtype=dtype)
+    kw = dict(scale=64 ** -0.5, sliding_window=window, soft_cap=cap)
+    attend = dispatch.interpreted("gpu").attend
+    out = jax.jit(lambda q, c, m: attend(q, c, LAYER, m, splits=splits, **kw))(q, cache, meta)
+    want = reference.ragged_paged_attention(q, cache, LAYER, meta, **kw)
+    out = np.asarray(out, np.float32)
+    assert np.isfinite(out).all()
+    tol = TOLERANCE[dtype]
+    np.testing.assert_allclose(out, np.asarray(want, np.float32), atol=tol, rtol=tol)
+    np.testing.assert_array_equal(out[int(meta.query_start_loc[-1]):], 0.0)  # padding rows
+
+
+def test_gpu_kv_split_choice():
+    # Llama-3-8B decode of 64 sequences: 16 tiles x 8 KV heads = 128 programs.
+    assert ragged_attention.kv_splits(128, 4096, 1) == 3
+    assert ragged_attention.kv_splits(8, 32768, 1) == 33  # one sequence, long context
+    assert ragged_attention.kv_splits(8, 1024, 1) == 2    # parts walk >= 512 positions
+    assert ragged_attention.kv_splits(8, 256, 1) == 1     # too short to split
+    assert ragged_attention.kv_splits(512, 32768, 1) == 1  # the grid is full already
+    assert ragged_attention.kv_splits(8, 32768, 2048) == 1  # prefill never splits
+
+
+# A pool whose head dimension is padded past the model's (the TPU pool for
+# head_dim 64 / 96, `pool_layout.pool_head_dim`): every path takes q/k/v at the
+# model's head_dim and gives what the unpadded pool gives.
+PADDED_CASES = [("tpu", MIXED, jnp.float32), ("tpu", DECODE, jnp.bfloat16),
+                ("cpu", MIXED, jnp.bfloat16)]
+
+
+def _padded(cache: jax.Array, size: int) -> jax.Array:
+    return jnp.pad(cache, [(0, 0)] * 5 + [(0, size - cache.shape[-1])])
+
+
+@pytest.mark.parametrize("path,seqs,dtype", PADDED_CASES,
+                         ids=[f"{p}-{'mixed' if s is MIXED else 'decode'}-{jnp.dtype(d).name}"
+                              for p, s, d in PADDED_CASES])
+def test_padded_pool_gives_the_unpadded_results(path, seqs, dtype):
+    head_dim, group = 96, 2
+    pool_dim = pool_head_dim(head_dim, "tpu")
+    assert pool_dim == 128 and pool_head_dim(head_dim, "cpu") == head_dim
+    q, cache, meta = make_batch(7, seqs, group=group, head_dim=head_dim, dtype=dtype)
+    ops = dispatch.interpreted("tpu") if path == "tpu" else dispatch  # dispatch on CPU: chunked
+    kw = dict(scale=head_dim ** -0.5, sliding_window=9, soft_cap=20.0)
+    out = jax.jit(lambda q, c, m: ops.ragged_paged_attention(q, c, LAYER, m, **kw)
+                  if ops is dispatch else ops.attend(q, c, LAYER, m, **kw))(
+        q, _padded(cache, pool_dim), meta)
+    want = reference.ragged_paged_attention(q, cache, LAYER, meta, **kw)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    tol = TOLERANCE[dtype]
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32),
+                               atol=tol, rtol=tol)
+
+    rng = np.random.default_rng(3)
+    slots = jnp.asarray([5, 17, 3 * BLOCK_SIZE + 1, cache.shape[0] * BLOCK_SIZE], jnp.int32)
+    k, v = (jnp.asarray(rng.normal(size=(4, NUM_KV_HEADS, head_dim)), dtype) for _ in range(2))
+    write = ops.write_kv
+    written = jax.jit(write)(_padded(cache, pool_dim), jnp.int32(LAYER), k, v, slots)
+    np.testing.assert_array_equal(
+        np.asarray(written, np.float32),
+        np.asarray(_padded(reference.write_kv(cache, LAYER, k, v, slots), pool_dim), np.float32))
 
 
 # Runs of every kind: length 1, a power of two (one DMA), 3 and 7 (several DMAs).

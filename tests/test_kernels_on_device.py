@@ -16,15 +16,21 @@ import pytest
 from sluice.pallas_kernels import block_copy, dispatch, reference
 from test_kernels import DECODE, GROUPS, LAYER, MIXED, NUM_KV_HEADS, TOLERANCE, make_batch
 
+# A few long decodes: on GPU 4 programs (2 tiles x 2 KV heads), so the kernel
+# takes its KV split (`ragged_attention.kv_splits`: 7 parts here).
+LONG_DECODE = [(1, 4000), (1, 2500), (1, 700)]
 CASES = [  # seqs, group, head_dim, dtype, sliding window, soft cap
     (MIXED, 4, 128, jnp.bfloat16, 9, 20.0),
     (DECODE, 8, 64, jnp.float32, None, 30.0),
     (MIXED, 2, 96, jnp.bfloat16, None, None),  # GPU: the documented pure-JAX fallback
+    (LONG_DECODE, 4, 128, jnp.bfloat16, 1024, 30.0),
+    (LONG_DECODE, 4, 64, jnp.float32, None, None),
 ]
+SEQ_NAMES = {id(MIXED): "mixed", id(DECODE): "decode", id(LONG_DECODE): "long-decode"}
 
 
 @pytest.mark.parametrize("seqs,group,head_dim,dtype,window,cap", CASES,
-                         ids=[f"{'mixed' if c[0] is MIXED else 'decode'}-g{c[1]}-d{c[2]}-"
+                         ids=[f"{SEQ_NAMES[id(c[0])]}-g{c[1]}-d{c[2]}-"
                               f"{jnp.dtype(c[3]).name}" for c in CASES])
 def test_attention_on_device(seqs, group, head_dim, dtype, window, cap):
     q, cache, meta = make_batch(7 * head_dim + group, seqs, group=group, head_dim=head_dim,
