@@ -9,16 +9,11 @@ import random
 import numpy as np
 import pytest
 
-from sluice.runtime import LLM, AsyncEngine, SamplingParams, greedy_generate, load_model
+from sluice.runtime import LLM, AsyncEngine, SamplingParams, greedy_generate
 from sluice.runtime import model_runner
 from sluice.runtime.engine import EngineConfig, LLMEngine
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny", dtype="float32")
 
 
 def make_engine(model, **kw) -> LLMEngine:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sluice.runtime import SamplingParams, greedy_generate, load_model
+from sluice.runtime import SamplingParams, greedy_generate
 from sluice.runtime.engine import EngineConfig, LLMEngine
 from sluice.runtime.kv_cache import KVCacheSpec, blocks_for
 from sluice.runtime.model_runner import ModelRunner
@@ -33,11 +33,6 @@ def _bench_preemption():
 
 EXECUTORS = _bench_preemption().EXECUTORS  # the runtime's SwapExecutor and the baselines
 BLOCK = 32 * 1024  # bytes of one tiny-model KV block (16 tokens)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny", dtype="float32")
 
 
 def engine_for(model, **kw) -> LLMEngine:
