@@ -218,20 +218,39 @@ def test_required_tool_with_a_nested_pydantic_model(client, live):
     live.wait_idle()
 
 
-def test_streamed_tool_calls_reassemble_in_the_client(client, live):
-    tools = [WEATHER, CLOCK]
-    with client.chat.completions.stream(model="tiny", messages=ASK, tools=tools,
-                                        tool_choice="required", **SAMPLED) as stream:
-        deltas = [e for e in stream if e.type == "chunk"]
-        final = stream.get_final_completion()
-    headers = [tc for e in deltas for c in e.chunk.choices for tc in c.delta.tool_calls or []
-               if tc.id is not None]
-    assert headers and all(h.function.arguments == "" for h in headers)  # name first
-    (choice,) = final.choices
-    assert choice.finish_reason == "tool_calls"
-    assert len(choice.message.tool_calls) >= 1
-    for call in choice.message.tool_calls:
-        _check_call(call, {"get_weather": WEATHER, "get_time": CLOCK}[call.function.name])
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.mark.parametrize("choice,max_tokens", [("required", 120), (NAMED, 120), (NAMED, 5)])
+def test_streamed_tool_calls_reassemble_to_the_non_streamed_calls(client, live, choice,
+                                                                  max_tokens):
+    """Greedy, streamed and not: the client's reassembly of the stream (header
+    first, then several argument fragments per call) is the non-streamed response;
+    cut by max_tokens, both keep the partial call with finish_reason "length"."""
+    kw = dict(model="tiny", messages=ASK, tools=[WEATHER, CLOCK], tool_choice=choice,
+              parallel_tool_calls=False, temperature=0.0, max_tokens=max_tokens)
+    full = client.chat.completions.create(**kw).choices[0]
+    with client.chat.completions.stream(**kw) as stream:
+        chunks = [e.chunk for e in stream if e.type == "chunk"]
+        # the client's own reassembly (get_final_completion refuses a "length" finish)
+        final = stream.current_completion_snapshot.choices[0]
+    assert final.finish_reason == full.finish_reason
+    assert full.finish_reason == ("length" if max_tokens == 5 else "tool_calls")
+    assert full.message.content is None and not final.message.content
+    calls = [(c.function.name, c.function.arguments) for c in full.message.tool_calls]
+    assert calls and [(c.function.name, c.function.arguments)
+                      for c in final.message.tool_calls] == calls
+    entries = [tc for ch in chunks for c in ch.choices for tc in c.delta.tool_calls or []]
+    for i, (name, arguments) in enumerate(calls):
+        mine = [e for e in entries if e.index == i]
+        assert mine[0].id.startswith("call_") and mine[0].function.name == name
+        assert mine[0].function.arguments == ""  # the name first
+        assert all(e.id is None for e in mine[1:])
+        if i == 0:  # the arguments arrive as they are decoded, not in one piece
+            assert len([e for e in mine[1:] if e.function.arguments]) > 1
+        if full.finish_reason == "tool_calls":
+            _check_call(full.message.tool_calls[i], {"get_weather": WEATHER,
+                                                     "get_time": CLOCK}[name])
     live.wait_idle()
 
 
@@ -251,6 +270,9 @@ def test_auto_tool_calls_are_parsed_from_the_hermes_format(client, live):
     args = "".join(tc.function.arguments or "" for ch in chunks for c in ch.choices
                    for tc in c.delta.tool_calls or [])
     assert args == call.function.arguments
+    fragments = [tc.function.arguments for ch in chunks for c in ch.choices
+                 for tc in c.delta.tool_calls or [] if tc.function.arguments]
+    assert len(fragments) > 1  # streamed as decoded
     assert not any(c.delta.content for ch in chunks for c in ch.choices)  # no markup leaks
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     live.wait_idle()
