@@ -103,30 +103,29 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
+# A JSON text's pieces: a whole string, a string the text stops inside (a lone
+# quote), a bracket, a "<", or a run of anything else (read in C, not per character:
+# a stream re-reads its text on every token).
+_PIECES = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|"|[{}\[\]<]|[^"{}\[\]<]+', re.DOTALL)
+
+
 def _value_end(text: str, i: int) -> int | None:
     """Where the JSON object or array starting at ``text[i]`` ends: after its
     closing bracket, or at a ``<`` outside a string (never JSON: markup such as
     ``</tool_call>`` ends a broken value); None if the text stops first."""
-    depth, in_string, escaped = 0, False, False
-    for j in range(i, len(text)):
-        c = text[j]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif c == "\\":
-                escaped = True
-            elif c == '"':
-                in_string = False
-        elif c == '"':
-            in_string = True
-        elif c == "<":
-            return j
-        elif c in "{[":
+    depth = 0
+    for m in _PIECES.finditer(text, i):
+        c = m.group()
+        if c == '"':
+            return None
+        if c == "<":
+            return m.start()
+        if c in "{[":
             depth += 1
         elif c in "}]":
             depth -= 1
             if depth == 0:
-                return j + 1
+                return m.end()
     return None
 
 
