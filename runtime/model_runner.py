@@ -12,7 +12,8 @@ logprobs, top_ids, top_logprobs, prompt_logprobs)`` numpy arrays, one row per en
 ``prompt_logprobs`` is an object array, None but for the prompt chunks of
 requests that need prompt log-probs: ``(first prompt position, [TokenLogprobs])``.
 Only a step holding such a chunk computes logits at every row, in a program of
-its own, so other steps pay nothing);
+its own padded to the widest mixed shape (`scoring_shapes`: few, all warmed up),
+so other steps pay nothing);
 ``during`` is host work to overlap with the step on the device (asynchronous
 swap-in); ``token_masks()`` returns the rows' allowed-token bitmasks
 (structured outputs), computed on the host while the forward runs.
@@ -194,7 +195,8 @@ class ModelRunner:
         return StepShape(decode_seqs, seqs, tokens, q, decode_seqs + self.max_prefill_seqs, pages)
 
     def warmup(self) -> None:
-        """Compile every step shape (padding-only inputs: the pool is untouched) and
+        """Compile every step shape (padding-only inputs: the pool is untouched), the
+        scoring variant of the `scoring_shapes` (prompt log-probs), and
         the sampler for its row count (one program serves every sampling feature),
         plus the fixed-size block copy of live migration. Whether later compiles
         are ``serving`` ones is the server's decision (`sluice.runtime.compiles`:
@@ -205,14 +207,18 @@ class ModelRunner:
 
     def _warmup(self) -> None:
         self.copy_in([], self.gather([], COPY_CHUNK_BLOCKS), COPY_CHUNK_BLOCKS)  # copies nothing
-        for shape in tqdm(self.shapes(), desc="compiling", unit="shape"):
+        steps = [(shape, False) for shape in self.shapes()]
+        steps += [(shape, True) for shape in self.scoring_shapes()]
+        for shape, scoring in tqdm(steps, desc="compiling", unit="shape"):
             metas = tuple(_padding_group(self.spec, n, t, q, shape.pages)
                           for n, t, q in shape.groups())
             n_tok = sum(t for _, t, _ in shape.groups())
             n_seq = shape.sample_rows
-            logits, self.kv_cache = _forward_logits(
+            targets = ((jax.device_put(np.zeros(n_tok, np.int32), self.device),) if scoring
+                       else ())
+            logits, self.kv_cache, *_ = _forward_logits(
                 self.model.params, self.kv_cache, jnp.zeros(n_tok, jnp.int32),
-                jnp.zeros(n_tok, jnp.int32), metas, jnp.zeros(n_seq, jnp.int32),
+                jnp.zeros(n_tok, jnp.int32), metas, jnp.zeros(n_seq, jnp.int32), *targets,
                 cfg=self.model.config, backend=self.backend)
             tensors = SamplingTensors.build([], n_seq, self.model.config.vocab_size,
                                             self.max_model_len)
@@ -258,10 +264,12 @@ class ModelRunner:
         positions.extend([0] * (n_tok - start))
         return (slots, qsl, seq_lens, tables, np.int32(seq)), ends
 
-    def _build(self, decode: list[StepRow], prefill: list[StepRow]):
-        """Device inputs for the step. Sample rows list the last query row of every
-        real sequence (decode group first), then padding rows."""
-        shape = self.shape_for(decode, prefill)
+    def _build(self, decode: list[StepRow], prefill: list[StepRow],
+               shape: StepShape | None = None):
+        """Device inputs for the step (padded to ``shape``, default `shape_for`'s).
+        Sample rows list the last query row of every real sequence (decode group
+        first), then padding rows."""
+        shape = shape or self.shape_for(decode, prefill)
         tokens: list[int] = []
         positions: list[int] = []
         groups, sample_rows = [], []
@@ -303,8 +311,9 @@ class ModelRunner:
         is_decode = np.asarray(is_decode, bool)
         where = np.cumsum(is_decode, dtype=np.int64) - 1
         where[~is_decode] = len(decode) + np.arange(len(prefill))
-        token_ids, positions, metas, sample_rows = self._build(decode, prefill)
-        targets, spans = self._prompt_targets(decode, prefill)
+        scoring = self._scoring_shape(decode, prefill)
+        token_ids, positions, metas, sample_rows = self._build(decode, prefill, scoring)
+        targets, spans = self._prompt_targets(decode, prefill, scoring)
         logits, self.kv_cache, *every = _forward_logits(
             self.model.params, self.kv_cache, token_ids, positions, metas, sample_rows,
             # no argument when None: warm-up compiled the plain program without it (an
@@ -319,16 +328,34 @@ class ModelRunner:
         prompt = _prompt_logprobs(len(batch), spans, targets, every[0] if every else None)
         return tuple(np.asarray(a)[where] for a in out + (prompt,))
 
-    def _prompt_targets(self, decode: list[StepRow], prefill: list[StepRow]
-                        ) -> tuple[np.ndarray | None, list[tuple[int, int, int, int]]]:
-        """For the prompt chunks of requests that need prompt log-probs: each query
-        row's next prompt token (int32 over the step's rows; None when no row needs
-        them, so the step runs the plain program) and spans ``(index into decode +
-        prefill, first row, first prompt position scored, rows)``. Row ``j`` of a
-        chunk holds position ``p`` and scores the prompt token at ``p + 1``."""
+    def scoring_shapes(self) -> list[StepShape]:
+        """The shapes of steps that score prompts (a prompt chunk needs prompt
+        log-probs): the widest mixed shape per decode bucket, so few programs of
+        the scoring variant exist and `warmup` compiles them all; such steps pad
+        to them (a scoring workload's steps are full anyway)."""
+        return [self._widest_mixed(d) for d in self.mixed_decode_buckets]
+
+    def _widest_mixed(self, decode_seqs: int) -> StepShape:
+        return self._mixed_shape(decode_seqs, self.token_buckets[-1], self.page_buckets[-1])
+
+    def _scoring_shape(self, decode: list[StepRow], prefill: list[StepRow]
+                       ) -> StepShape | None:
+        """The step's scoring shape (`scoring_shapes`), or None if no chunk scores."""
         if not any(r.request.needs_prompt_logprobs for r in prefill):
+            return None
+        return self._widest_mixed(bucket(len(decode), self.mixed_decode_buckets))
+
+    def _prompt_targets(self, decode: list[StepRow], prefill: list[StepRow],
+                        shape: StepShape | None
+                        ) -> tuple[np.ndarray | None, list[tuple[int, int, int, int]]]:
+        """For the prompt chunks of requests that need prompt log-probs, in a step
+        of scoring ``shape`` (None: no chunk scores, the step runs the plain
+        program): each query row's next prompt token (int32 over the step's rows)
+        and spans ``(index into decode + prefill, first row, first prompt position
+        scored, rows)``. Row ``j`` of a chunk holds position ``p`` and scores the
+        prompt token at ``p + 1``."""
+        if shape is None:
             return None, []
-        shape = self.shape_for(decode, prefill)
         targets = np.zeros(sum(rows for _, rows, _ in shape.groups()), np.int32)
         spans, row = [], shape.decode_seqs  # the prompt group follows the decode rows
         for i, r in enumerate(prefill):

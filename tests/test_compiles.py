@@ -64,6 +64,11 @@ def test_no_compile_while_serving_after_warmup():
                 logprobs=3, ignore_eos=True))
             assert r.status_code == 200, r.text
             assert [len(c["logprobs"]["tokens"]) for c in r.json()["choices"]] == [6, 6]
+            r = http.post("/v1/completions", json=dict(  # scoring a prompt, as lm-eval does
+                model="tiny", prompt="Hello there", max_tokens=0, echo=True, logprobs=1,
+                temperature=0))
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["logprobs"]["token_logprobs"][0] is None
             r = http.post("/v1/chat/completions", json=dict(
                 model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
                 logprobs=True, top_logprobs=2))
