@@ -42,11 +42,11 @@ run: install
 
 # The suite is bound by XLA compiling on one thread at a time, so two workers (a whole
 # test file each, so a file's module fixtures are built once) use both cores. Files go
-# out in collection order (tests/conftest.py puts the costliest first), not xdist's
-# most-tests-first order, so both workers finish together.
+# out in collection order, which tests/conftest.py sorts costliest first (it also turns
+# off xdist's most-tests-first reordering), so both workers finish together.
 TEST_WORKERS ?= 2
 test: install-test
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TPU_VENV) $(GPU_VENV) $(JAX012_VENV)

@@ -55,7 +55,7 @@ if os.environ.get("CI"):
 # 2-core machine (Dec 2; loaded, so for ranking): Gemma 3 ~180, engine ~175,
 # preemption ~100, server ~60, fault isolation ~36, scheduling ~35, sampler ~26,
 # server processes ~25; the others by their engines and models. `make test` hands
-# whole files to two pytest-xdist workers in collection order (--no-loadscope-reorder),
+# whole files to two pytest-xdist workers in collection order (see pytest_configure),
 # so these start first and the many short files fill in at the end. xdist's default
 # order (most collected tests first) put several heavy few-test files last (Gemma 3
 # 3 tests, fault isolation 9, the server processes 2, Ray 1), where a long file
@@ -67,6 +67,13 @@ HEAVY_FILES = (
     "test_fault_isolation.py", "test_scheduling_policies.py", "test_structured_server.py",
     "test_sampler.py", "test_server_process.py", "test_output_streams.py", "test_compiles.py",
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # xdist's --no-loadscope-reorder, set here so a plain `pytest -n 2 --dist loadfile`
+    # gets it too (the scheduler reads it once collection is done)
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
