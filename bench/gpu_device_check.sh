@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA H100/H200 (CUDA 12 driver), in one go:
 #   1. the kernels compiled for the device against the reference
-#      (tests/test_kernels_on_device.py: Triton attention, KV update, block copies);
+#      (tests/test_kernels_on_device.py: Triton attention, including long decodes
+#      that take the KV split, KV update, block copies);
 #   2. bench/kernels.py: decode attention against the copy bandwidth measured in
-#      the same run (goal: at least 80%), block copies;
+#      the same run (goal: at least 80%), the same decodes without the KV split
+#      (path pallas-nosplit: the split's gain as a ratio), block copies;
 #   3. bench/throughput.py (smollm2-135m-random), and `sluice bench throughput`
 #      on a real checkpoint when MODEL_DIR names one;
 #   4. bench/compile_roofline.py for the device's target, for the "modelled"

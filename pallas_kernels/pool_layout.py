@@ -14,6 +14,10 @@ with ``head_dim`` padded to a multiple of 128 takes the same memory as that
 layout, is row-major by default, and is never copied. Other platforms keep the
 model's ``head_dim`` (no padding, nothing to gain).
 
+Not covered: in bfloat16 a pool with one KV head or an odd number of them
+(``[.., 1, 256]``, ``[.., 3, 128]``) is still re-laid out by XLA (probed on
+v5e), since a packed tile holds pairs of rows; such pools still copy on TPU.
+
 Padding is invisible to callers: the implementations take q/k/v at the model's
 ``head_dim`` and are wrapped by `pads_queries` / `pads_rows`, which zero-pad
 them to the pool's and slice the output back. Zero lanes add nothing to a
