@@ -136,6 +136,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "chunked pure-JAX path on CPU), chunked, reference, or "
                         "pallas-interpret / pallas-tpu-interpret (kernels in interpret mode, "
                         "for testing) (default: pallas)")
+    g.add_argument("--num-speculative-tokens", type=int, default=0,
+                   help="n-gram (prompt-lookup) speculative decoding: draft tokens per decode "
+                        "step of greedy requests, verified in one step; 0 disables "
+                        "(default: 0)")
     g.add_argument("--no-warmup", action="store_true",
                    help="skip compiling every shape bucket (and, for serve, the "
                         "embedder's) at start-up: first requests compile instead")
@@ -204,7 +208,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
                 swap_space=int(args.swap_space * GiB), preemption_mode=args.preemption_mode,
                 async_swap=not args.no_async_swap,
                 kv_reuse=not args.no_kv_reuse,
-                attention_backend=args.attention_backend, warmup=not args.no_warmup)
+                attention_backend=args.attention_backend, warmup=not args.no_warmup,
+                num_speculative_tokens=args.num_speculative_tokens)
 
 
 def _make_llm(args: argparse.Namespace) -> LLM:

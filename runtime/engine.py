@@ -49,6 +49,7 @@ from sluice.runtime.migration import MigrationEndpoint
 from sluice.runtime.model_runner import ModelRunner, StepRow
 from sluice.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sluice.runtime.sampling_params import MAX_LOGPROBS, SamplingParams
+from sluice.runtime.spec_decode import check_num_speculative_tokens
 from sluice.runtime.structured_output import StructuredOutputManager
 from sluice.runtime.swap import HostSwapSpace, SwapExecutor
 from sluice.scheduler.local import LocalScheduler, ModelOutput, ScheduledRow, SchedulerOutput
@@ -85,6 +86,9 @@ class EngineConfig:
     warmup: bool = True
     seed: int | None = None  # draws seeds for unseeded requests; None = nondeterministic
     device: jax.Device | None = None  # the device the engine runs on; None = the default
+    # n-gram speculative decoding (sluice.runtime.spec_decode): draft tokens per
+    # decode row of greedy requests, verified in one step; 0 = off
+    num_speculative_tokens: int = 0
 
 
 class EngineDeadError(RuntimeError):
@@ -115,6 +119,7 @@ class LLMEngine:
         config's policy options must be at their defaults); ``swap_executor``: the
         class that runs swap copies (`bench/preemption.py` passes its baselines)."""
         self.config = config = config or EngineConfig()
+        check_num_speculative_tokens(config.num_speculative_tokens)
         if config.device is not None:
             model = dataclasses.replace(model, params=jax.device_put(model.params, config.device))
         self.model = model
@@ -125,11 +130,11 @@ class LLMEngine:
                             self._swap_space(num_blocks))
         self.scheduler = LocalScheduler(kv, config.max_num_seqs, config.max_num_batched_tokens,
                                         config.max_prefill_seqs, self._policy(policy),
-                                        config.max_preemptions)
+                                        config.max_preemptions, config.num_speculative_tokens)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.max_num_seqs,
                                   config.max_num_batched_tokens, config.max_prefill_seqs,
                                   self.max_model_len, config.attention_backend,
-                                  config.device)
+                                  config.device, config.num_speculative_tokens)
         self.swapper = self._swap_executor(swap_executor)
         self.groups: dict[str, Group] = {}
         self.structured = StructuredOutputManager(model.tokenizer, model.config.vocab_size,
@@ -376,7 +381,7 @@ class LLMEngine:
         cost model."""
         now = time.monotonic()
         requests = self.scheduler.requests
-        batch = [StepRow(requests[r.request_id], r.num_new_tokens, r.block_table)
+        batch = [StepRow(requests[r.request_id], r.num_new_tokens, r.block_table, r.draft)
                  for r in rows]
         # grammar masks of the rows that sample, computed while the forward runs (the
         # matchers catch up with their requests' outputs: the same masks on a re-run);
@@ -465,12 +470,12 @@ class LLMEngine:
 
 
 def _concat_rows(parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
-    """One (tokens, logprobs, top ids, top logprobs, prompt logprobs) from the parts'
-    rows, in order (every part's top log-probs are `MAX_LOGPROBS` wide)."""
+    """One (tokens, logprobs, top ids, top logprobs, prompt logprobs, draft targets)
+    from the parts' rows, in order (every part's top log-probs are `MAX_LOGPROBS` wide)."""
     if not parts:
         return (np.zeros(0, np.int32), np.zeros(0, np.float32),
                 np.zeros((0, MAX_LOGPROBS), np.int32), np.zeros((0, MAX_LOGPROBS), np.float32),
-                np.zeros(0, object))
+                np.zeros(0, object), np.zeros(0, object))
     return tuple(np.concatenate(arrays) for arrays in zip(*parts))
 
 

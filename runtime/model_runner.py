@@ -7,13 +7,16 @@ of compiled programs is bounded and known; `warmup` compiles them all. The KV po
 every call, so the step never copies it.
 
 Interface: ``execute(batch, during=None, token_masks=None) -> (token_ids,
-logprobs, top_ids, top_logprobs, prompt_logprobs)`` numpy arrays, one row per entry of ``batch``
+logprobs, top_ids, top_logprobs, prompt_logprobs, draft_targets)`` numpy arrays, one row per entry of ``batch``
 (rows of unfinished prefill chunks are garbage and ignored by the engine;
 ``prompt_logprobs`` is an object array, None but for the prompt chunks of
 requests that need prompt log-probs: ``(first prompt position, [TokenLogprobs])``.
 Only a step holding such a chunk computes logits at every row, in a program of
 its own padded to the widest mixed shape (`scoring_shapes`: few, all warmed up),
-so other steps pay nothing);
+so other steps pay nothing; ``draft_targets`` likewise: None but for drafted
+rows (speculative decoding, `sluice.runtime.spec_decode`), the sampled token at
+each of their positions, from programs with a sample row per position, used only
+by steps with such rows);
 ``during`` is host work to overlap with the step on the device (asynchronous
 swap-in); ``token_masks()`` returns the rows' allowed-token bitmasks
 (structured outputs), computed on the host while the forward runs.
@@ -79,11 +82,14 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int:
 
 @dataclasses.dataclass
 class StepRow:
-    """One scheduled request in a step: its tokens and where they go."""
+    """One scheduled request in a step: its tokens and where they go. With a
+    ``draft`` (speculative decoding), the request's last token and then the draft
+    tokens (``num_new_tokens = 1 + len(draft)``), and the step samples at each."""
 
     request: Request
     num_new_tokens: int
     block_table: list[int]
+    draft: list[int] = dataclasses.field(default_factory=list)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "backend"), donate_argnames=("kv_cache",))
@@ -119,7 +125,9 @@ class StepShape:
     ``prefill_seqs`` sequences of at most ``query_rows`` queries: pieces of the
     chunks on backends that pad queries per sequence (see
     `sluice.runtime.attention.QUERY_PIECE`), whole chunks on ragged kernels.
-    ``sample_rows``: logits rows (one per decode row and per possible chunk).
+    ``sample_rows``: logits rows (one per decode row and per possible chunk; in
+    the programs of steps with drafted rows, also ``num_speculative_tokens`` per
+    possible chunk: every position of a drafted row is verified).
     ``pages``: block-table width of both groups.
     """
 
@@ -141,7 +149,8 @@ class StepShape:
 class ModelRunner:
     def __init__(self, model: Model, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_prefill_seqs: int, max_model_len: int,
-                 backend: str = "reference", device: jax.Device | None = None):
+                 backend: str = "reference", device: jax.Device | None = None,
+                 num_speculative_tokens: int = 0):
         compiles.install()  # count compiles from the pool's allocation on
         self.model = model
         self.device = device
@@ -150,6 +159,7 @@ class ModelRunner:
         self.backend = backend
         self.max_num_seqs = max_num_seqs
         self.max_prefill_seqs = max_prefill_seqs
+        self.num_speculative_tokens = num_speculative_tokens
         max_pages = blocks_for(max_model_len, block_size)
         self.seq_buckets = pow2_buckets(1, max_num_seqs)
         self.token_buckets = pow2_buckets(16, max(16, max_num_batched_tokens))
@@ -172,7 +182,9 @@ class ModelRunner:
     def shapes(self) -> list[StepShape]:
         """Every shape a step can take (all compiled by `warmup`)."""
         decode = [StepShape(s, 0, 0, 0, s, p) for s in self.seq_buckets for p in self.page_buckets]
-        mixed = [self._mixed_shape(d, t, p) for d in self.mixed_decode_buckets
+        drafts = (False, True) if self.num_speculative_tokens else (False,)
+        mixed = [self._mixed_shape(d, t, p, spec) for spec in drafts
+                 for d in self.mixed_decode_buckets
                  for t in self.token_buckets for p in self.page_buckets]
         return decode + mixed
 
@@ -183,16 +195,21 @@ class ModelRunner:
             return StepShape(n, 0, 0, 0, n, pages)
         return self._mixed_shape(bucket(len(decode), self.mixed_decode_buckets),
                                  bucket(sum(r.num_new_tokens for r in prefill),
-                                        self.token_buckets), pages)
+                                        self.token_buckets), pages,
+                                 any(r.draft for r in prefill))
 
-    def _mixed_shape(self, decode_seqs: int, tokens: int, pages: int) -> StepShape:
-        """The shape of a step with prompt chunks of up to ``tokens`` rows in all.
+    def _mixed_shape(self, decode_seqs: int, tokens: int, pages: int,
+                     drafts: bool = False) -> StepShape:
+        """The shape of a step with prompt chunks of up to ``tokens`` rows in all
+        (``drafts``: some are drafted rows, each sampling at every position).
         Chunks are cut into pieces of ``q`` query rows: up to max_prefill_seqs
         chunks of ``tokens`` rows in all make at most
         ``(tokens + chunks * (q - 1)) // q`` pieces (each chunk's last one may be short)."""
         q = min(tokens, self.query_piece or tokens)
         seqs = min(tokens, (tokens + self.max_prefill_seqs * (q - 1)) // q)
-        return StepShape(decode_seqs, seqs, tokens, q, decode_seqs + self.max_prefill_seqs, pages)
+        chunk_rows = 1 + (self.num_speculative_tokens if drafts else 0)
+        return StepShape(decode_seqs, seqs, tokens, q,
+                         decode_seqs + self.max_prefill_seqs * chunk_rows, pages)
 
     def warmup(self) -> None:
         """Compile every step shape (padding-only inputs: the pool is untouched), the
@@ -246,7 +263,8 @@ class ModelRunner:
             table = np.asarray(r.block_table, np.int32)
             pos = np.arange(first, first + n)
             slots[start:start + n] = table[pos // bs] * bs + pos % bs
-            tokens.extend(req.all_token_ids[first:first + n])
+            tokens.extend(req.all_token_ids[first:first + n - len(r.draft)])
+            tokens.extend(r.draft)
             positions.extend(range(first, first + n))
             for lo in range(0, n, max_q):  # the chunk's pieces, a sequence each
                 hi = min(n, lo + max_q)
@@ -268,7 +286,8 @@ class ModelRunner:
                shape: StepShape | None = None):
         """Device inputs for the step (padded to ``shape``, default `shape_for`'s).
         Sample rows list the last query row of every real sequence (decode group
-        first), then padding rows."""
+        first), then every other row of each drafted row (`_draft_targets`), then
+        padding rows."""
         shape = shape or self.shape_for(decode, prefill)
         tokens: list[int] = []
         positions: list[int] = []
@@ -280,6 +299,9 @@ class ModelRunner:
             arrays, ends = self._group(rows, dims, shape.pages, tokens, positions)
             sample_rows.extend(offset + e for e in ends)
             groups.append(arrays)
+            if rows is prefill:
+                sample_rows.extend(offset + e - r.num_new_tokens + 1 + j
+                                   for r, e in zip(rows, ends) for j in range(len(r.draft)))
         sample_rows.extend([0] * (shape.sample_rows - len(sample_rows)))
         # one device_put for the whole step (each call costs host time); not
         # jnp.asarray, which compiles a copy per new shape
@@ -296,7 +318,7 @@ class ModelRunner:
                 during: Callable[[jax.Array], None] | None = None,
                 token_masks: TokenMasks | None = None) -> tuple[np.ndarray, ...]:
         """Run one step; returns per-row (token, logprob, top ids, top logprobs,
-        prompt logprobs) (module docstring).
+        prompt logprobs, draft targets) (module docstring).
         ``during(tokens)`` runs on this thread once the step is dispatched and
         before its results are fetched (``tokens``: the step's device output), so
         host work there (a swap-in) overlaps the step on the device.
@@ -326,7 +348,8 @@ class ModelRunner:
         if during is not None:
             during(out[0])
         prompt = _prompt_logprobs(len(batch), spans, targets, every[0] if every else None)
-        return tuple(np.asarray(a)[where] for a in out + (prompt,))
+        verified = _draft_targets(out[0], decode, prefill)
+        return tuple(np.asarray(a)[where] for a in out + (prompt, verified))
 
     def scoring_shapes(self) -> list[StepShape]:
         """The shapes of steps that score prompts (a prompt chunk needs prompt
@@ -422,6 +445,9 @@ class ModelRunner:
         ``masks``: packed allowed-token masks by index into ``rows``."""
         entries = [(r.request.params, r.request.seed, len(r.request.output_token_ids),
                     r.request.prompt_token_ids, r.request.output_token_ids) for r in rows]
+        # then a row per draft token (`_build`'s order); only greedy requests draft
+        # (`sluice.runtime.spec_decode.may_draft`), so the step index changes nothing
+        entries += [entries[i] for i, r in enumerate(rows) for _ in r.draft]
         tensors = SamplingTensors.build(entries, logits.shape[0], self.model.config.vocab_size,
                                         self.max_model_len)
         out = _sample(logits, tensors, self._token_mask(logits.shape[0], masks))
@@ -440,6 +466,25 @@ def _prompt_logprobs(num_rows: int, spans: list[tuple[int, int, int, int]],
     for index, row, start, count in spans:
         out[index] = (start, [TokenLogprobs(int(targets[j]), float(lps[j]), dict(zip(
             top_ids[j].tolist(), top_lps[j].tolist()))) for j in range(row, row + count)])
+    return out
+
+
+def _draft_targets(sampled: jax.Array, decode: list[StepRow], prefill: list[StepRow]
+                   ) -> np.ndarray:
+    """Per row of decode + prefill (object array): None, or for a drafted row the
+    sampled token at each of its positions (its draft rows, then its last row), from
+    the step's ``sampled`` tokens in `_build`'s sample-row order."""
+    out = np.full(len(decode) + len(prefill), None, object)
+    if not any(r.draft for r in prefill):
+        return out
+    tokens = np.asarray(sampled)
+    extra = len(decode) + len(prefill)  # the draft rows follow one row per sequence
+    for i, r in enumerate(prefill):
+        if r.draft:
+            m = len(r.draft)
+            out[len(decode) + i] = tokens[extra:extra + m].tolist() + [
+                int(tokens[len(decode) + i])]
+            extra += m
     return out
 
 

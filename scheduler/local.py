@@ -51,6 +51,11 @@ scheduling), and only when displacing all of those it outranks would make room
 for it; the room freed goes to that request first. A request is displaced
 at most ``max_preemptions`` times (preemptions forced by memory pressure do not
 count), so it cannot thrash.
+
+With ``num_speculative_tokens`` (`sluice.runtime.spec_decode`), decodes of
+greedy requests take an n-gram draft as extra tokens of their row, from what
+the budget and blocks leave once every other row is scheduled, and
+`update_from_output` keeps the verified run.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ import numpy as np
 
 from sluice.runtime.kv_manager import KVCacheManager, blocks_to_start
 from sluice.runtime.request import Request, RequestStatus, TokenLogprobs
+from sluice.runtime.spec_decode import may_draft, propose
 from sluice.runtime.swap import SwapCopy, SwapExecutor
 from sluice.scheduler.policies import FCFSPolicy, Policy
 
@@ -72,13 +78,16 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class ScheduledRow:
     """One request's share of a step: ``num_new_tokens`` tokens from position
-    ``num_computed_tokens`` on, written into the blocks of ``block_table``."""
+    ``num_computed_tokens`` on, written into the blocks of ``block_table``. A
+    row with a ``draft`` (speculative decoding, `sluice.runtime.spec_decode`) is
+    a decode-ready request's last token followed by its draft tokens
+    (``num_new_tokens = 1 + len(draft)``)."""
 
     request_id: str
     num_new_tokens: int
     num_computed_tokens: int
     block_table: list[int]
-
+    draft: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -112,13 +121,20 @@ class ModelOutput:
     # [rows] objects: None, or a prompt chunk's (first position, [TokenLogprobs]) for
     # a request that needs prompt log-probs (`sluice.runtime.model_runner`)
     prompt_logprobs: np.ndarray | None = None
+    # [rows] objects: None, or for a row with a draft the target's token at each of
+    # its 1 + len(draft) positions (`update_from_output` verifies the draft)
+    spec_token_ids: np.ndarray | None = None
 
 
 class LocalScheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int,
                  max_num_batched_tokens: int, max_prefill_seqs: int = 4,
-                 policy: Policy | None = None, max_preemptions: int = 4):
+                 policy: Policy | None = None, max_preemptions: int = 4,
+                 num_speculative_tokens: int = 0):
         self.kv = kv
+        self.num_speculative_tokens = num_speculative_tokens  # draft tokens per row; 0: off
+        self.num_draft_tokens = 0  # draft tokens verified so far
+        self.num_accepted_tokens = 0  # of them, accepted
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_prefill_seqs = max_prefill_seqs
@@ -210,6 +226,15 @@ class LocalScheduler:
         tokens = output.token_ids.tolist()
         for i, row in enumerate(output.rows):
             req = self.requests[row.request_id]
+            if row.draft:
+                try:
+                    self._accept(req, row, output.spec_token_ids[i], now)
+                except Exception as error:
+                    log.exception("request %s failed after sampling", req.parent_id)
+                    broken.append((req, error))
+                    continue
+                sampled.append(req)
+                continue
             if output.prompt_logprobs is not None and output.prompt_logprobs[i] is not None:
                 self._record_prompt(req, *output.prompt_logprobs[i])
             samples = req.samples(row.num_new_tokens)
@@ -238,6 +263,28 @@ class LocalScheduler:
             top = {int(t): float(lp) for t, lp in zip(output.top_ids[i][:k],
                                                       output.top_logprobs[i][:k])}
             req.logprobs.append(TokenLogprobs(token, float(output.logprobs[i]), top))
+        if req.is_finished:
+            self._finish(req)
+
+    def _accept(self, req: Request, row: ScheduledRow, targets: list[int], now: float) -> None:
+        """Verify a row's draft against ``targets`` (the target's token after each
+        of the row's positions): the draft tokens that equal them, then the
+        target's next token, are appended (greedy acceptance: the tokens plain
+        decoding would have produced), up to where the request finishes. Only the
+        KV of the accepted positions counts as computed; the rest is overwritten
+        later."""
+        accepted = 0
+        while accepted < len(row.draft) and targets[accepted] == row.draft[accepted]:
+            accepted += 1
+        self.num_draft_tokens += len(row.draft)
+        self.num_accepted_tokens += accepted
+        for token in targets[:accepted + 1]:
+            req.append_token(int(token), now)
+            if req.is_finished:
+                break
+        # the KV of every token but the newest (sampled, not yet fed) is written
+        req.num_computed_tokens = req.num_tokens - 1
+        self.kv.commit(req)
         if req.is_finished:
             self._finish(req)
 
@@ -304,17 +351,48 @@ class LocalScheduler:
                 prefills += is_prefill
         if not preempted:  # under memory pressure, admit nobody new this step
             self._admit(budget, prefills, scheduled, claimant)
+        drafts = self._add_drafts(scheduled)
         self.policy.account(scheduled)
-        return self._output(scheduled, displaced + preempted)
+        return self._output(scheduled, displaced + preempted, drafts)
 
-    def _output(self, scheduled: list[tuple[Request, int]],
-                preempted: list[Request]) -> SchedulerOutput:
+    def _add_drafts(self, scheduled: list[tuple[Request, int]]) -> dict[str, list[int]]:
+        """Speculative decoding (`sluice.runtime.spec_decode`): give scheduled
+        decodes of requests that may draft their n-gram draft as extra tokens,
+        with what the step's token budget and prompt-chunk cap leave once every
+        other row is scheduled (a drafted row runs in the prompt group) and only
+        where its KV blocks are free without preempting anyone. Not in a step
+        that scores a prompt (its program samples one row per chunk). Returns
+        the drafts by request id (``scheduled`` is updated in place)."""
+        k = self.num_speculative_tokens
+        if not k or any(r.needs_prompt_logprobs for r, _ in scheduled):
+            return {}
+        budget = self.max_num_batched_tokens - sum(n for _, n in scheduled)
+        prefills = sum(not r.is_decode(n) for r, n in scheduled)
+        drafts: dict[str, list[int]] = {}
+        for i, (req, n) in enumerate(scheduled):
+            if budget <= 0 or prefills >= self.max_prefill_seqs:
+                break
+            if not req.is_decode(n) or not may_draft(req):
+                continue
+            room = min(k, budget, req.max_tokens - len(req.output_token_ids) - 1)
+            draft = propose(req.all_token_ids, room)
+            if not draft or not self.kv.allocate(req.request_id, req.num_tokens + len(draft)):
+                continue
+            drafts[req.request_id] = draft
+            scheduled[i] = (req, n + len(draft))
+            budget -= len(draft)
+            prefills += 1
+        return drafts
+
+    def _output(self, scheduled: list[tuple[Request, int]], preempted: list[Request],
+                drafts: dict[str, list[int]] | None = None) -> SchedulerOutput:
         """The step as plain data; marks the requests' first scheduling."""
         now = time.monotonic()
         rows, prefill = [], 0
         for req, n in scheduled:
             rows.append(ScheduledRow(req.request_id, n, req.num_computed_tokens,
-                                     self.kv.block_table(req.request_id)))
+                                     self.kv.block_table(req.request_id),
+                                     (drafts or {}).get(req.request_id, [])))
             prefill += 0 if req.is_decode(n) else n
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
