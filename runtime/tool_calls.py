@@ -136,9 +136,12 @@ def _call_at(body: str, i: int) -> tuple[_Partial | None, int | None]:
     end = _value_end(body, i)
     m = _NAME.match(body, i)
     if m is not None and m.end() < len(body) and body[m.end()] in "{[":
+        try:  # the model's own text: an escape JSON rejects is no name
+            name = json.loads(f'"{m.group(1)}"')
+        except json.JSONDecodeError:
+            return None, end
         start = m.end()
         args_end = _value_end(body, start)
-        name = json.loads(f'"{m.group(1)}"')
         return _Partial(name, body[start:len(body) if args_end is None else args_end]), end
     if end is None:
         return None, None

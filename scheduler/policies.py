@@ -108,11 +108,12 @@ class PriorityOptions:
         "for priority's sake)", "--no-displace-streaming")
 
     def __post_init__(self) -> None:
-        if self.aging_s is not None and not self.aging_s > 0:
-            raise ValueError(f"priority.aging_s: must be > 0, got {self.aging_s}")
-        if self.resume_deadline_s is not None and not self.resume_deadline_s >= 0:
-            raise ValueError(f"priority.resume_deadline_s: must be >= 0, got "
-                             f"{self.resume_deadline_s}")
+        if self.aging_s is not None and not (_finite(self.aging_s) and self.aging_s > 0):
+            raise ValueError(f"priority.aging_s: must be a number > 0, got {self.aging_s!r}")
+        if self.resume_deadline_s is not None and not (_finite(self.resume_deadline_s)
+                                                       and self.resume_deadline_s >= 0):
+            raise ValueError(f"priority.resume_deadline_s: must be a number >= 0, got "
+                             f"{self.resume_deadline_s!r}")
         if not isinstance(self.displace_streaming, bool):
             raise ValueError(f"priority.displace_streaming: must be true or false, got "
                              f"{self.displace_streaming!r}")

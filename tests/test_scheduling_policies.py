@@ -279,15 +279,18 @@ def test_priority_option_values():
     for deadline in (0.5, 0.0):  # 0: at once
         policy = make_policy("priority", priority=PriorityOptions(resume_deadline_s=deadline))
         assert policy.resume_deadline_s == deadline
-    with pytest.raises(ValueError, match="priority.resume_deadline_s: must be >= 0"):
+    with pytest.raises(ValueError, match="priority.resume_deadline_s: must be a number >= 0"):
         PriorityOptions(resume_deadline_s=-1.0)
     with pytest.raises(ValueError, match="priority.resume_deadline_s: applies to the priority "
                                          "policy, not 'fair'"):
         make_policy("fair", priority=PriorityOptions(resume_deadline_s=1.0))
     with pytest.raises(ValueError, match="priority.aging_s: applies to the priority policy"):
         make_policy("fcfs", priority=PriorityOptions(aging_s=1.0))
-    with pytest.raises(ValueError, match="priority.aging_s: must be > 0"):
-        PriorityOptions(aging_s=0.0)
+    for bad in (0.0, "5", True, float("nan")):  # strings and booleans were a TypeError or 1 s
+        with pytest.raises(ValueError, match="priority.aging_s: must be a number > 0"):
+            PriorityOptions(aging_s=bad)
+    with pytest.raises(ValueError, match="priority.resume_deadline_s: must be a number >= 0"):
+        PriorityOptions(resume_deadline_s="1")
     with pytest.raises(ValueError, match="displace_streaming: applies to the priority policy"):
         make_policy("fair", priority=PriorityOptions(displace_streaming=False))
     with pytest.raises(ValueError, match="displace_streaming: must be true or false"):

@@ -240,6 +240,9 @@ BAD = '<tool_call>\n{"name": "get_time", "arguments": {"zone": CET}}\n</tool_cal
      (None, [("get_time", json.dumps(json.loads(ARGS2)))])),
     # whitespace before a call is no content
     (f'\n {CALL1}', True, (None, [("get_weather", ARGS1)])),
+    # a name with an escape JSON rejects, or a raw newline, is no call (was a crash: a 500)
+    ('x <tool_call>{"name": "a\\q", "arguments": {}}</tool_call>', True, ("x ", [])),
+    ('x <tool_call>{"name": "a\nb", "arguments": {}}</tool_call>', True, ("x ", [])),
 ])
 def test_stream_and_parse_agree_on_malformed_and_truncated_calls(text, parallel, want):
     parsed, streamed = _both(ToolCalling([WEATHER, TIME], "auto", parallel=parallel), text)
