@@ -55,6 +55,8 @@ LAYERS: dict[str, int] = {
     **{m: INSTANCE for m in (
         "sluice.scheduler.local", "sluice.scheduler.policies", "sluice.runtime.block_manager",
         "sluice.runtime.swap", "sluice.runtime.kv_manager",
+        # n-gram draft proposals for speculative decoding: a scheduling decision
+        "sluice.runtime.spec_decode",
         # the package docstring only: importing it runs nothing
         "sluice.scheduler",
     )},
