@@ -73,7 +73,8 @@ def test_greedy_outputs_match_plain_decoding(tiny):
     requests["sampled"] = (repeating(rng), SamplingParams(temperature=1.0, seed=5,
                                                              max_tokens=12, ignore_eos=True))
     requests["logprobs"] = (repeating(rng), greedy(12, logprobs=2))
-    plain = run(engine_for(tiny, 0), requests)
+    off = engine_for(tiny, 0)
+    plain = run(off, requests)
     spec = engine_for(tiny, K)
     shapes, shape_for = set(), spec.runner.shape_for
     spec.runner.shape_for = lambda *a: shapes.add(shape_for(*a)) or shape_for(*a)
@@ -89,7 +90,7 @@ def test_greedy_outputs_match_plain_decoding(tiny):
     rid = "rep3"
     stop = plain[rid][0][len(plain[rid][0]) // 2]
     again = {"stop": (requests[rid][0], greedy(30, stop_token_ids=[stop]))}
-    assert run(spec, again) == run(engine_for(tiny, 0), again)
+    assert run(spec, again) == run(off, again)
     assert spec.block_manager.num_free_blocks == start
 
 
@@ -97,7 +98,7 @@ def test_greedy_outputs_survive_recompute_preemption_with_drafts(tiny):
     """12 KV blocks for 6 self-quoting requests: they preempt one another (by
     recompute) while drafting; outputs equal plain decoding's and nothing leaks."""
     rng = np.random.default_rng(1)
-    requests = {f"r{i}": (repeating(rng), greedy(40)) for i in range(6)}
+    requests = {f"r{i}": (repeating(rng), greedy(32)) for i in range(6)}
     kw = dict(kv_cache_memory=12 * BLOCK, scheduling_policy="priority", max_preemptions=100)
     plain = run(engine_for(tiny, 0, **kw), requests)
     spec = engine_for(tiny, K, **kw)
@@ -106,3 +107,20 @@ def test_greedy_outputs_survive_recompute_preemption_with_drafts(tiny):
     assert sched.num_preemptions > 0 and sched.num_recomputes == sched.num_preemptions
     assert sched.num_accepted_tokens > 0
     assert spec.block_manager.num_free_blocks == spec.block_manager.num_blocks
+
+
+def test_generate_flag_reaches_the_engine_and_keeps_the_output(capsys):
+    """``sluice generate --num-speculative-tokens``: same text as without, the
+    flag reaches the engine config, and a bad value is a usage error naming the field."""
+    from sluice.runtime.cli import _engine_kwargs, build_parser, main
+    args = ["generate", "--model", "tiny", "--prompt", "abc abc abc abc ", "--max-tokens",
+            "24", "--ignore-eos", "--no-warmup", "--max-model-len", "128",
+            "--max-num-seqs", "4", "--max-num-batched-tokens", "64"]  # engine_for's shapes
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--num-speculative-tokens", "3"]) == 0
+    assert capsys.readouterr().out == plain
+    kw = _engine_kwargs(build_parser().parse_args(args + ["--num-speculative-tokens", "3"]))
+    assert kw["num_speculative_tokens"] == 3
+    assert main(args + ["--num-speculative-tokens", "-1"]) == 2
+    assert "num_speculative_tokens" in capsys.readouterr().err
