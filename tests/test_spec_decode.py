@@ -65,8 +65,8 @@ def test_num_speculative_tokens_is_validated(tiny, bad):
 def test_greedy_outputs_match_plain_decoding(tiny):
     """Self-quoting and random prompts, varied max_tokens, plus requests that take
     no drafts (seeded sampling, logprobs) in the same steps: spec on gives the
-    tokens and finish reasons of spec off, drafts are accepted on the quoting
-    prompts, every step's shape is a warmed-up one, and no block leaks."""
+    tokens and finish reasons of spec off, drafts are accepted and rejected,
+    every step's shape is one `warmup` compiles, and no block leaks."""
     rng = np.random.default_rng(0)
     requests = {f"rep{i}": (repeating(rng), greedy(7 + 5 * i)) for i in range(4)}
     requests |= {f"rand{i}": (rng.integers(0, 250, 30).tolist(), greedy(20)) for i in range(3)}
@@ -86,7 +86,8 @@ def test_greedy_outputs_match_plain_decoding(tiny):
     assert shapes <= set(spec.runner.shapes()) and any(
         s.sample_rows > s.decode_seqs + spec.runner.max_prefill_seqs for s in shapes)
     assert spec.block_manager.num_free_blocks == start == spec.block_manager.num_blocks
-    # a stop token inside an accepted run ends the request right there
+    # a stop token ends the request where plain decoding stops, the rest of an
+    # accepted run dropped
     rid = "rep3"
     stop = plain[rid][0][len(plain[rid][0]) // 2]
     again = {"stop": (requests[rid][0], greedy(30, stop_token_ids=[stop]))}
