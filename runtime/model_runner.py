@@ -103,8 +103,29 @@ def _forward_logits(params, kv_cache, token_ids, positions, metas, sample_rows, 
     logits = compute_logits(params, hidden[sample_rows])
     if targets is None:
         return logits, kv_cache
-    every = token_logprobs(compute_logits(params, hidden), targets)
-    return logits, kv_cache, (every.logprobs, every.top_ids, every.top_logprobs)
+    return logits, kv_cache, _score_rows(params, hidden, targets)
+
+
+# Rows scored at a time in a prompt-scoring step: its full-vocabulary logits exist
+# for this many rows at once, not for the step's every row (a 152k vocabulary at
+# 8,192 rows would be 5 GB of float32 logits).
+SCORE_CHUNK_ROWS = 256
+
+
+def _score_rows(params, hidden: jax.Array, targets: jax.Array) -> tuple[jax.Array, ...]:
+    """Every row's (log-prob of its target, top ids, top log-probs), computed
+    `SCORE_CHUNK_ROWS` rows at a time (`token_logprobs` per chunk)."""
+    rows = hidden.shape[0]
+    chunk = min(rows, SCORE_CHUNK_ROWS)
+    pad = -rows % chunk
+    h = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, chunk, hidden.shape[-1])
+    t = jnp.pad(targets, (0, pad)).reshape(-1, chunk)
+
+    def score(part):
+        out = token_logprobs(compute_logits(params, part[0]), part[1])
+        return out.logprobs, out.top_ids, out.top_logprobs
+
+    return tuple(a.reshape(-1, *a.shape[2:])[:rows] for a in jax.lax.map(score, (h, t)))
 
 
 _gather_blocks = jax.jit(dispatch.gather_blocks, static_argnums=2)

@@ -204,3 +204,21 @@ def test_tokenizer_info_serves_lm_evals_remote_tokenizer(tiny, http):
     assert info["model_max_length"] == 128
     ids = http.post("/tokenize", json={"prompt": "a b", "add_special_tokens": False}).json()
     assert ids["tokens"] == tiny.tokenizer.encode("a b", add_special_tokens=False)
+
+
+def test_scoring_in_row_chunks_equals_scoring_all_rows_at_once():
+    """A scoring step wider than SCORE_CHUNK_ROWS (600 rows: two full chunks and a
+    padded one) gets exactly what one full-vocabulary pass would give."""
+    from sluice.runtime.model_runner import SCORE_CHUNK_ROWS, _score_rows
+    from sluice.runtime.sampler import token_logprobs
+
+    rows, hidden_size, vocab = 2 * SCORE_CHUNK_ROWS + 88, 16, 300
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    params = {"embed": jax.random.normal(k1, (vocab, hidden_size), jnp.float32)}
+    hidden = jax.random.normal(k2, (rows, hidden_size), jnp.float32)
+    targets = jax.random.randint(k3, (rows,), 0, vocab, jnp.int32)
+    want = token_logprobs(compute_logits(params, hidden), targets)
+    got = jax.jit(_score_rows)(params, hidden, targets)
+    np.testing.assert_allclose(got[0], want.logprobs, atol=1e-5)
+    np.testing.assert_array_equal(got[1], want.top_ids)
+    np.testing.assert_allclose(got[2], want.top_logprobs, atol=1e-5)
