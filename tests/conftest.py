@@ -117,6 +117,36 @@ class ThreadedServer:
         self.stop()
 
 
+def run_to_finish(engine, requests: dict) -> dict:
+    """Add ``requests`` (id -> (prompt token ids, SamplingParams)) to an `LLMEngine`
+    and step it until nothing is unfinished; the finished outputs by request id."""
+    for rid, (ids, params) in requests.items():
+        engine.add_request(rid, {"prompt_token_ids": ids}, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
+@pytest.fixture
+def compile_threads(monkeypatch) -> list[str]:
+    """The names of the threads that compiled a constraint not cached yet (a spy on
+    `structured_output._Compiler.compile`), in order."""
+    from sluice.runtime import structured_output
+    names: list[str] = []
+    compile_ = structured_output._Compiler.compile
+
+    def spy(self, constraint):
+        if structured_output._Key(constraint.kind, constraint.spec) not in self.compiled:
+            names.append(threading.current_thread().name)
+        return compile_(self, constraint)
+
+    monkeypatch.setattr(structured_output._Compiler, "compile", spy)
+    return names
+
+
 def quiet_config(app):
     """uvicorn settings for tests: no logging config, no access log, lifespan on."""
     import uvicorn

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_to_finish
 
 from sluice.runtime import SamplingParams, greedy_generate
 from sluice.runtime.engine import EngineConfig, LLMEngine
@@ -38,15 +39,6 @@ def engine(tiny):
                                         max_prefill_seqs=2, max_model_len=128, warmup=False))
 
 
-def run(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict:
-    for rid, (ids, params) in requests.items():
-        engine.add_request(rid, {"prompt_token_ids": ids}, params)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return done
 
 
 def test_prompt_logprobs_equal_a_full_forward_across_chunks_and_a_cached_prefix(tiny, engine):
@@ -54,9 +46,9 @@ def test_prompt_logprobs_equal_a_full_forward_across_chunks_and_a_cached_prefix(
     other = [7, 8, 9, 10, 11]
     # the prompt's first two blocks enter the prefix cache; the scored request must
     # not take them (a cached token has no logits)
-    run(engine, {"warm": (PROMPT, SamplingParams(max_tokens=1, **GREEDY))})
+    run_to_finish(engine, {"warm": (PROMPT, SamplingParams(max_tokens=1, **GREEDY))})
     hits = engine.block_manager.prefix_cache_hits
-    done = run(engine, {
+    done = run_to_finish(engine, {
         "scored": (PROMPT, SamplingParams(max_tokens=3, prompt_logprobs=3, **GREEDY)),
         "other": (other, SamplingParams(max_tokens=6, **GREEDY)),
     })
@@ -79,10 +71,10 @@ def test_prompt_logprobs_equal_a_full_forward_across_chunks_and_a_cached_prefix(
 
 
 def test_prompt_logprobs_agree_with_the_requests_own_greedy_logprobs(engine):
-    first = run(engine, {"gen": (PROMPT[:20], SamplingParams(max_tokens=5, logprobs=2,
+    first = run_to_finish(engine, {"gen": (PROMPT[:20], SamplingParams(max_tokens=5, logprobs=2,
                                                               **GREEDY))})["gen"]
     comp = first.outputs[0]
-    again = run(engine, {"score": (PROMPT[:20] + comp.token_ids, SamplingParams(
+    again = run_to_finish(engine, {"score": (PROMPT[:20] + comp.token_ids, SamplingParams(
         max_tokens=1, prompt_logprobs=2, n=2, **GREEDY))})["score"]
     scored = again.prompt_logprobs[20:]
     assert [lp.token_id for lp in scored] == comp.token_ids
@@ -105,7 +97,7 @@ def test_prompt_logprobs_survive_a_recompute_preemption_mid_prompt(tiny, engine)
         assert engine.step() == []  # prompt chunks sample nothing
     assert req.num_computed_tokens == 32 and len(req.prompt_logprobs) == 33
     engine.scheduler._preempt(req)  # recompute: its KV is dropped
-    done = run(engine, {})["pre"]
+    done = run_to_finish(engine, {})["pre"]
     assert req.num_preemptions == 1
     ref = full_forward_logprobs(tiny, PROMPT)
     lps = done.prompt_logprobs

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import run_to_finish
 
 from sluice.runtime import SamplingParams
 from sluice.runtime.engine import EngineConfig, LLMEngine
@@ -26,14 +27,8 @@ def engine_for(model, k: int, **kw) -> LLMEngine:
 
 def run(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]
         ) -> dict[str, tuple[list[int], str | None]]:
-    for rid, (prompt, params) in requests.items():
-        engine.add_request(rid, {"prompt_token_ids": prompt}, params)
-    outs = {}
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            if o.finished:
-                outs[o.request_id] = (o.outputs[0].token_ids, o.outputs[0].finish_reason)
-    return outs
+    return {rid: (o.outputs[0].token_ids, o.outputs[0].finish_reason)
+            for rid, o in run_to_finish(engine, requests).items()}
 
 
 def repeating(rng: np.random.Generator) -> list[int]:

@@ -18,7 +18,6 @@ import pytest
 
 from sluice.runtime import SamplingParams, greedy_generate
 from sluice.runtime.engine import EngineConfig, LLMEngine
-from sluice.runtime import structured_output
 from sluice.runtime.structured_output import PROBE_TOKENS, StructuredOutputs
 
 BLOCK = 32 * 1024  # bytes of one tiny-model KV block (16 tokens)
@@ -256,19 +255,11 @@ def test_a_limit_hit_past_the_probe_ends_error_and_others_go_on(tiny):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
-def test_add_request_compiles_on_the_callers_thread(tiny, monkeypatch):
+def test_add_request_compiles_on_the_callers_thread(tiny, compile_threads):
     """`LLMEngine.add_request` (and `LLM`, through the same intake) compiles the
     constraint on the caller's thread: the engine's step, here on its own thread,
     finds it compiled (it used to compile there, stalling every request's step)."""
-    compiled_on = []
-    compile_ = structured_output._Compiler.compile
-
-    def spy(self, constraint):
-        if structured_output._Key(constraint.kind, constraint.spec) not in self.compiled:
-            compiled_on.append(threading.current_thread().name)
-        return compile_(self, constraint)
-
-    monkeypatch.setattr(structured_output._Compiler, "compile", spy)
+    compiled_on = compile_threads
     engine = engine_for(tiny)
     params = SamplingParams(temperature=0.0, max_tokens=30, structured_outputs=StructuredOutputs(
         regex="[0-9]{3}-callers-thread"))

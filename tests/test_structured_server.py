@@ -7,7 +7,6 @@ constraints are 400s naming the field."""
 from __future__ import annotations
 
 import json
-import threading
 
 import httpx
 import jsonschema
@@ -16,7 +15,6 @@ import pydantic
 import pytest
 from test_server import KEY, LiveServer, assert_error
 
-from sluice.runtime import structured_output
 
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -133,19 +131,11 @@ def test_completions_take_vllms_guided_fields_both_spellings(client, live):
     live.wait_idle()
 
 
-def test_constraints_are_compiled_at_intake_not_in_the_engine_step(client, live, monkeypatch):
+def test_constraints_are_compiled_at_intake_not_in_the_engine_step(client, live, compile_threads):
     """The costly compile (the matcher and its first mask) happens on the server's
     worker thread; the engine's step finds it cached (it used to compile there,
     stalling every other request's step)."""
-    misses = []
-    compile_ = structured_output._Compiler.compile
-
-    def spy(self, constraint):
-        if structured_output._Key(constraint.kind, constraint.spec) not in self.compiled:
-            misses.append(threading.current_thread().name)
-        return compile_(self, constraint)
-
-    monkeypatch.setattr(structured_output._Compiler, "compile", spy)
+    misses = compile_threads
     for extra in ({"guided_regex": "[0-9]{2}-intake"},
                   {"response_format": {"type": "json_schema", "json_schema": {
                       "name": "p", "schema": {**PERSON, "title": "intake"}}}}):
