@@ -156,13 +156,13 @@ class LLMEngine:
         c, cfg = self.config, self.model.config
         budget = c.kv_cache_memory
         if budget is None:
-            budget = _free_device_memory(c.memory_fraction)
+            budget = _free_device_memory(c.memory_fraction, c.device)
         if budget is None:  # CPU: enough for every sequence at full length, capped
             per_seq = KVCacheSpec.for_model(cfg, blocks_for(self.max_model_len, c.block_size),
-                                            c.block_size, self.model.dtype)
+                                            c.block_size, self.model.dtype, c.device)
             budget = min(CPU_KV_CACHE_CAP, c.max_num_seqs * per_seq.num_blocks
                          * per_seq.bytes_per_block)
-        n = num_blocks_for_budget(cfg, budget, c.block_size, self.model.dtype)
+        n = num_blocks_for_budget(cfg, budget, c.block_size, self.model.dtype, c.device)
         need = blocks_for(self.max_model_len, c.block_size)
         if n < need:
             raise ValueError(f"kv_cache_memory: {n} blocks cannot hold one sequence of "
@@ -188,7 +188,7 @@ class LLMEngine:
         if self.config.swap_space == 0:
             return None
         spec = KVCacheSpec.for_model(self.model.config, num_blocks, self.config.block_size,
-                                     self.model.dtype)
+                                     self.model.dtype, self.config.device)
         return HostSwapSpace.for_budget(spec, self.config.swap_space)
 
     def _swap_executor(self, cls: type[SwapExecutor]) -> SwapExecutor | None:
@@ -496,9 +496,10 @@ def resolve_max_model_len(model: Model, config: EngineConfig) -> int:
     return config.max_model_len
 
 
-def _free_device_memory(fraction: float) -> int | None:
-    """Bytes of accelerator memory to use for the pool; None on CPU."""
-    dev = jax.devices()[0]
+def _free_device_memory(fraction: float, device: jax.Device | None) -> int | None:
+    """Bytes of ``device``'s memory (None: the first device) to use for the pool;
+    None on CPU."""
+    dev = device if device is not None else jax.devices()[0]
     if dev.platform == "cpu":
         return None
     stats = dev.memory_stats() or {}

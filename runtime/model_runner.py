@@ -175,7 +175,7 @@ class ModelRunner:
         compiles.install()  # count compiles from the pool's allocation on
         self.model = model
         self.device = device
-        self.spec = KVCacheSpec.for_model(model.config, num_blocks, block_size, model.dtype)
+        self.spec = KVCacheSpec.for_model(model.config, num_blocks, block_size, model.dtype, device)
         self.kv_cache = self.spec.allocate(device)
         self.backend = backend
         self.max_num_seqs = max_num_seqs

@@ -304,3 +304,16 @@ def test_warmup_compiles_buckets(tiny):
     assert [len(o.outputs[0].token_ids) for o in out] == [3, 4, 5, 6, 7]
     assert (model_runner._forward_logits._cache_size(),
             model_runner._sample._cache_size()) == compiled
+
+
+def test_pool_budget_reads_the_engines_own_device():
+    """The pool's memory budget comes from the device the engine is pinned to, not
+    from the process's first device (a CPU here, which would mean 'no budget')."""
+    from types import SimpleNamespace
+
+    from sluice.runtime.engine import _free_device_memory
+
+    gpu = SimpleNamespace(platform="gpu",
+                          memory_stats=lambda: {"bytes_limit": 1000, "bytes_in_use": 200})
+    assert _free_device_memory(0.5, gpu) == 400
+    assert _free_device_memory(0.5, None) is None  # the first device here is a CPU
