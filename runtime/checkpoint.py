@@ -180,8 +180,18 @@ def load_safetensors(path: str | Path, cfg: ModelConfig, dtype=jnp.float32,
                         bar.update(1)
             except SafetensorError as e:
                 raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from e
-    params = {k: jnp.asarray(top.pop(k)) for k in list(top)}
-    params["layers"] = {k: jnp.asarray(layer_bufs.pop(k)) for k in list(layer_bufs)}
+    return to_device(top, layer_bufs)
+
+
+def to_device(top: dict[str, np.ndarray], layers: dict[str, np.ndarray]) -> Params:
+    """Converted host arrays as parameters, committed to the default device as
+    `restore_params` returns them: JAX compiles another program for committed than
+    for uncommitted arguments, so a second start (restored from orbax) would miss
+    every step program a first start (converted) put in the compilation cache. The
+    dicts are emptied as they go, so one host copy of each weight exists at a time."""
+    device = jax.devices()[0]
+    params = {k: jax.device_put(top.pop(k), device) for k in list(top)}
+    params["layers"] = {k: jax.device_put(layers.pop(k), device) for k in list(layers)}
     return params
 
 

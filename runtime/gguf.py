@@ -35,6 +35,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
+from sluice.runtime.checkpoint import to_device
 from sluice.runtime.config import FULL, SLIDING, ModelConfig
 from sluice.runtime.model import Params, param_shapes
 from sluice.runtime.tokenizer import Tokenizer, _byte_to_unicode, set_special_token_processor
@@ -127,9 +128,7 @@ def load_gguf_params(f: GGUFFile, dtype, progress: bool = True) -> Params:
             top[leaf] = w
         else:
             layer_bufs[leaf][layer] = w
-    params = {k: jnp.asarray(v) for k, v in top.items()}
-    params["layers"] = {k: jnp.asarray(v) for k, v in layer_bufs.items()}
-    return params
+    return to_device(top, layer_bufs)
 
 
 def _rows_cols(t) -> tuple[int, ...]:

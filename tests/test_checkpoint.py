@@ -34,6 +34,10 @@ def _assert_trees_equal(a, b):
     assert ta == tb
     for x, y in zip(la, lb):
         assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
+        # placed alike: JAX compiles another program for committed and uncommitted
+        # arguments, so a converted first start's step programs would never be found in
+        # the compilation cache by an orbax-restored second start
+        assert (x.committed, x.sharding) == (y.committed, y.sharding)
 
 
 # --------------------------------------------------------------------------- cache
