@@ -87,7 +87,7 @@ class EngineConfig:
     seed: int | None = None  # draws seeds for unseeded requests; None = nondeterministic
     device: jax.Device | None = None  # the device the engine runs on; None = the default
     # n-gram speculative decoding (sluice.runtime.spec_decode): draft tokens per
-    # decode row of greedy requests, verified in one step; 0 = off
+    # decode row (greedy or sampled; not structured outputs), verified in one step; 0 = off
     num_speculative_tokens: int = 0
 
 
@@ -109,6 +109,11 @@ class EngineStats:
     num_swapped: int = 0  # waiting requests whose KV is in host memory
     num_swap_outs: int = 0
     num_failed_requests: int = 0  # requests a failing step failed on their own
+    # speculative decoding (sluice.runtime.spec_decode): drafts verified, their
+    # tokens, and the tokens accepted
+    num_spec_drafts: int = 0
+    num_spec_draft_tokens: int = 0
+    num_spec_accepted_tokens: int = 0
 
 
 class LLMEngine:
@@ -461,12 +466,13 @@ class LLMEngine:
                              metrics, group.delta_outputs, prompt_logprobs=prompt_lps)
 
     def stats(self) -> EngineStats:
-        bm = self.block_manager
-        return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, bm.usage,
+        bm, sched = self.block_manager, self.scheduler
+        spec = sched.spec_stats
+        return EngineStats(sched.num_running, sched.num_waiting, bm.usage,
                            bm.num_free_blocks, bm.num_blocks, bm.prefix_cache_queries,
-                           bm.prefix_cache_hits, self.scheduler.num_preemptions,
-                           self.scheduler.kv.num_swapped,
-                           self.scheduler.num_swap_outs, self.num_failed_requests)
+                           bm.prefix_cache_hits, sched.num_preemptions, sched.kv.num_swapped,
+                           sched.num_swap_outs, self.num_failed_requests, spec.num_drafts,
+                           spec.num_draft_tokens, spec.num_accepted_tokens)
 
 
 def _concat_rows(parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:

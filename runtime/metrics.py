@@ -31,7 +31,10 @@ Refreshed from `EngineStats` on every scrape: the gauges ``num_requests_running`
 in host swap space), ``kv_cache_usage_perc`` (fraction, 0..1; ``vllm:`` also
 under its older name ``gpu_cache_usage_perc``), and, mirrored from the engine's
 cumulative counts, ``num_preemptions``, ``prefix_cache_queries`` and
-``prefix_cache_hits`` (prompt tokens looked up and found cached, as vLLM counts).
+``prefix_cache_hits`` (prompt tokens looked up and found cached, as vLLM counts),
+and speculative decoding's ``spec_decode_num_drafts``,
+``spec_decode_num_draft_tokens`` and ``spec_decode_num_accepted_tokens`` (vLLM's
+names; acceptance rate = accepted / draft tokens).
 
 Sluice's own (``sluice:`` only): ``num_streams_stalled`` (streams cut off
 because their reader left output unread too long,
@@ -123,6 +126,11 @@ _SHARED = (
      "Prompt tokens looked up in the prefix cache.", None),
     ("prefix_hits", Counter, "prefix_cache_hits", "Prompt tokens found in the prefix cache.",
      None),
+    ("spec_drafts", Counter, "spec_decode_num_drafts", "Speculative drafts verified.", None),
+    ("spec_draft_tokens", Counter, "spec_decode_num_draft_tokens",
+     "Speculative draft tokens verified.", None),
+    ("spec_accepted_tokens", Counter, "spec_decode_num_accepted_tokens",
+     "Speculative draft tokens accepted.", None),
 )
 # ``sluice:`` only:
 _OWN = (
@@ -243,7 +251,9 @@ class ServerMetrics:
         self._compiles_seen: dict[tuple[str, str], int] = {}
         self._render_lock = threading.Lock()  # scrapes run on worker threads
         self._mirrored = {"num_preemptions": 0, "prefix_cache_queries": 0,
-                          "prefix_cache_hits": 0, "num_failed_requests": 0, "deaths": 0,
+                          "prefix_cache_hits": 0, "num_failed_requests": 0,
+                          "num_spec_drafts": 0, "num_spec_draft_tokens": 0,
+                          "num_spec_accepted_tokens": 0, "deaths": 0,
                           "replaced": 0, "quarantined": 0, "redispatched": 0}
 
     def track(self) -> RequestTracker:
@@ -274,7 +284,10 @@ class ServerMetrics:
         for name, counter in (("num_preemptions", self.preemptions),
                               ("prefix_cache_queries", self.prefix_queries),
                               ("prefix_cache_hits", self.prefix_hits),
-                              ("num_failed_requests", self.failed)):
+                              ("num_failed_requests", self.failed),
+                              ("num_spec_drafts", self.spec_drafts),
+                              ("num_spec_draft_tokens", self.spec_draft_tokens),
+                              ("num_spec_accepted_tokens", self.spec_accepted_tokens)):
             self._mirror(name, counter, getattr(stats, name))
         if health is not None:
             for state in ("serving", "draining", "dead"):

@@ -14,9 +14,10 @@ requests that need prompt log-probs: ``(first prompt position, [TokenLogprobs])`
 Only a step holding such a chunk computes logits at every row, in a program of
 its own padded to the widest mixed shape (`scoring_shapes`: few, all warmed up),
 so other steps pay nothing; ``draft_targets`` likewise: None but for drafted
-rows (speculative decoding, `sluice.runtime.spec_decode`), the sampled token at
-each of their positions, from programs with a sample row per position, used only
-by steps with such rows);
+rows (speculative decoding, `sluice.runtime.spec_decode`), the sampler's token
+and log-probs at each of their positions (each sampled at the step index and
+with the output plain decoding would have there), from programs with a sample
+row per position, used only by steps with such rows);
 ``during`` is host work to overlap with the step on the device (asynchronous
 swap-in); ``token_masks()`` returns the rows' allowed-token bitmasks
 (structured outputs), computed on the host while the forward runs.
@@ -52,7 +53,7 @@ from sluice.runtime.kv_cache import KVCacheSpec, blocks_for
 from sluice.runtime.loader import Model
 from sluice.runtime.model import compute_logits, forward_unjitted
 from sluice.runtime.request import Request, TokenLogprobs
-from sluice.runtime.sampler import (ALL_ALLOWED, SamplingTensors, mask_words, sample,
+from sluice.runtime.sampler import (ALL_ALLOWED, Row, SamplingTensors, mask_words, sample,
                                     token_logprobs)
 
 
@@ -369,7 +370,7 @@ class ModelRunner:
         if during is not None:
             during(out[0])
         prompt = _prompt_logprobs(len(batch), spans, targets, every[0] if every else None)
-        verified = _draft_targets(out[0], decode, prefill)
+        verified = _draft_targets(out, decode, prefill)
         return tuple(np.asarray(a)[where] for a in out + (prompt, verified))
 
     def scoring_shapes(self) -> list[StepShape]:
@@ -464,15 +465,25 @@ class ModelRunner:
                 masks: dict[int, np.ndarray] | None = None) -> tuple[jax.Array, ...]:
         """Dispatch sampling; device arrays with a row per padded logits row.
         ``masks``: packed allowed-token masks by index into ``rows``."""
-        entries = [(r.request.params, r.request.seed, len(r.request.output_token_ids),
-                    r.request.prompt_token_ids, r.request.output_token_ids) for r in rows]
-        # then a row per draft token (`_build`'s order); only greedy requests draft
-        # (`sluice.runtime.spec_decode.may_draft`), so the step index changes nothing
-        entries += [entries[i] for i, r in enumerate(rows) for _ in r.draft]
+        # a drafted row's last row samples after its whole draft; then a row per
+        # draft position (`_build`'s order), each at its own step with the draft
+        # tokens before it as output (penalties), as plain decoding would sample it
+        entries = [_sampling_row(r, len(r.draft)) for r in rows]
+        entries += [_sampling_row(r, j) for r in rows for j in range(len(r.draft))]
         tensors = SamplingTensors.build(entries, logits.shape[0], self.model.config.vocab_size,
                                         self.max_model_len)
         out = _sample(logits, tensors, self._token_mask(logits.shape[0], masks))
         return out.token_ids, out.logprobs, out.top_ids, out.top_logprobs
+
+
+def _sampling_row(row: StepRow, drafted: int) -> Row:
+    """The sampler's row for the position of ``row`` after ``drafted`` of its draft
+    tokens: the step index and output plain decoding has there once they are
+    accepted (so a seeded request draws the same random numbers as without drafts)."""
+    req = row.request
+    output = req.output_token_ids + row.draft[:drafted] if drafted else req.output_token_ids
+    return (req.params, req.seed, len(req.output_token_ids) + drafted, req.prompt_token_ids,
+            output)
 
 
 def _prompt_logprobs(num_rows: int, spans: list[tuple[int, int, int, int]],
@@ -490,22 +501,22 @@ def _prompt_logprobs(num_rows: int, spans: list[tuple[int, int, int, int]],
     return out
 
 
-def _draft_targets(sampled: jax.Array, decode: list[StepRow], prefill: list[StepRow]
-                   ) -> np.ndarray:
+def _draft_targets(sampled: tuple[jax.Array, ...], decode: list[StepRow],
+                   prefill: list[StepRow]) -> np.ndarray:
     """Per row of decode + prefill (object array): None, or for a drafted row the
-    sampled token at each of its positions (its draft rows, then its last row), from
-    the step's ``sampled`` tokens in `_build`'s sample-row order."""
+    sampler's output at each of its positions (its draft rows, then its last row),
+    as (token ids, log-probs, top ids, top log-probs) arrays with a row per
+    position, from the step's ``sampled`` outputs in `_build`'s sample-row order."""
     out = np.full(len(decode) + len(prefill), None, object)
     if not any(r.draft for r in prefill):
         return out
-    tokens = np.asarray(sampled)
+    arrays = [np.asarray(a) for a in sampled]
     extra = len(decode) + len(prefill)  # the draft rows follow one row per sequence
     for i, r in enumerate(prefill):
         if r.draft:
-            m = len(r.draft)
-            out[len(decode) + i] = tokens[extra:extra + m].tolist() + [
-                int(tokens[len(decode) + i])]
-            extra += m
+            rows = list(range(extra, extra + len(r.draft))) + [len(decode) + i]
+            out[len(decode) + i] = tuple(a[rows] for a in arrays)
+            extra += len(r.draft)
     return out
 
 

@@ -1,5 +1,6 @@
-"""n-gram (prompt-lookup) speculative decoding: the draft proposer and which
-requests take drafts (``EngineConfig.num_speculative_tokens``, default 0: off).
+"""n-gram (prompt-lookup) speculative decoding: the draft proposer, which
+requests take drafts, and the acceptance counters
+(``EngineConfig.num_speculative_tokens``, default 0: off).
 
 A draft is guessed from the request's own tokens: the longest suffix of 3, 2 or
 1 tokens that occurred earlier in the prompt or output, and the tokens that
@@ -9,26 +10,42 @@ padding-free extra work per drafted token.
 
 The scheduler (`sluice.scheduler.local`) gives a decode-ready request its draft
 as extra tokens of its row (within the step's token budget and KV reservation);
-the runner returns the target's token at every one of the row's positions; the
-scheduler keeps the longest run of draft tokens equal to the target's argmax
-there plus the target's next token (greedy acceptance), so greedy output is
-token-identical to plain decoding. KV written for rejected positions lies past
-``num_computed_tokens`` and is overwritten by the next step.
+the runner samples the target's token at every one of the row's positions, each
+with the request's own settings (temperature, top-k/top-p/min-p, penalties over
+the output up to that position) and its own random numbers (the step index plain
+decoding has there); the scheduler keeps the draft tokens up to the first one the
+target did not sample, plus the target's token at that position (or after the
+whole draft). KV written for rejected positions lies past ``num_computed_tokens``
+and is overwritten later.
 
-Only greedy requests without logprobs, prompt_logprobs, penalties or structured
-outputs take drafts (`may_draft`): sampled requests would need the rejection rule
-(not implemented), and the others read or depend on per-position state the
-verification step does not build. They decode as usual alongside drafted rows.
+Acceptance is the standard rejection rule of speculative sampling for a draft
+that is a point mass q = delta(x) (n-gram drafts are deterministic): accept x with
+probability min(1, p(x) / q(x)) = p(x), where p is the target's distribution after
+the request's sampling settings; on rejection take a token from p with x removed,
+renormalized; after a fully accepted draft, one more from p. Drawing y ~ p with
+the random numbers plain decoding would use and accepting iff y == x is that rule
+(P(y == x) = p(x), and y given y != x is p without x, renormalized), so outputs
+are distributed as plain sampling's, and a seeded request's tokens are the ones it
+gets without drafts. Greedy rows are its temperature-0 case (p is a point mass on
+the argmax): token-identical to plain decoding.
+
+What drafts (`may_draft`): greedy and sampled requests, with penalties, with
+logprobs (each accepted token carries the log-probs of its own position, as plain
+decoding's) and with prompt_logprobs (a decode-ready request's prompt log-probs
+are complete; a step that scores a prompt chunk takes no drafts, its program
+samples one row per chunk). Not drafted: structured outputs, whose grammar would
+have to advance through the draft to mask each position (the step computes one
+mask per request); they decode as usual alongside drafted rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
 
 from sluice.runtime.request import Request
-from sluice.runtime.sampler import has_penalties
 
 MAX_NGRAM = 3  # longest suffix looked up
 MAX_SPECULATIVE_TOKENS = 16  # EngineConfig.num_speculative_tokens' upper bound
@@ -54,10 +71,33 @@ def propose(token_ids: Sequence[int], k: int) -> list[int]:
 
 def may_draft(req: Request) -> bool:
     """Whether the request's next tokens may be drafted (module docstring)."""
-    p = req.params
-    return (p.is_greedy and p.logprobs is None and p.prompt_logprobs is None
-            and p.structured_outputs is None and req.grammar is None
-            and not has_penalties(p))
+    return req.params.structured_outputs is None and req.grammar is None
+
+
+@dataclasses.dataclass
+class SpecDecodeStats:
+    """Drafts verified so far (vLLM's ``spec_decode`` counters): drafts, their
+    tokens, the tokens accepted, and accepted tokens by draft position."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = dataclasses.field(default_factory=list)
+
+    def record(self, num_draft_tokens: int, num_accepted: int) -> None:
+        """One draft of ``num_draft_tokens`` tokens whose first ``num_accepted`` were accepted."""
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted
+        missing = num_accepted - len(self.accepted_per_position)
+        self.accepted_per_position.extend([0] * max(0, missing))
+        for j in range(num_accepted):
+            self.accepted_per_position[j] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted over drafted tokens (0 before any draft)."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
 
 
 def check_num_speculative_tokens(k: object) -> None:

@@ -53,9 +53,10 @@ at most ``max_preemptions`` times (preemptions forced by memory pressure do not
 count), so it cannot thrash.
 
 With ``num_speculative_tokens`` (`sluice.runtime.spec_decode`), decodes of
-greedy requests take an n-gram draft as extra tokens of their row, from what
-the budget and blocks leave once every other row is scheduled, and
-`update_from_output` keeps the verified run.
+requests that may draft (greedy or sampled; not structured outputs) take an
+n-gram draft as extra tokens of their row, from what the budget and blocks leave
+once every other row is scheduled, and `update_from_output` keeps the verified
+run (the rejection rule; ``spec_stats`` counts drafts and accepted tokens).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ import numpy as np
 
 from sluice.runtime.kv_manager import KVCacheManager, blocks_to_start
 from sluice.runtime.request import Request, RequestStatus, TokenLogprobs
-from sluice.runtime.spec_decode import may_draft, propose
+from sluice.runtime.spec_decode import SpecDecodeStats, may_draft, propose
 from sluice.runtime.swap import SwapCopy, SwapExecutor
 from sluice.scheduler.policies import FCFSPolicy, Policy
 
@@ -121,9 +122,15 @@ class ModelOutput:
     # [rows] objects: None, or a prompt chunk's (first position, [TokenLogprobs]) for
     # a request that needs prompt log-probs (`sluice.runtime.model_runner`)
     prompt_logprobs: np.ndarray | None = None
-    # [rows] objects: None, or for a row with a draft the target's token at each of
-    # its 1 + len(draft) positions (`update_from_output` verifies the draft)
+    # [rows] objects: None, or for a row with a draft the sampler's (token ids,
+    # log-probs, top ids, top log-probs) at each of its 1 + len(draft) positions
+    # (`update_from_output` verifies the draft)
     spec_token_ids: np.ndarray | None = None
+
+
+# One sampled token as the runner returns it: (token id, its log-prob, the top
+# alternatives' ids and log-probs).
+Sample = tuple[int, float, np.ndarray, np.ndarray]
 
 
 class LocalScheduler:
@@ -133,8 +140,7 @@ class LocalScheduler:
                  num_speculative_tokens: int = 0):
         self.kv = kv
         self.num_speculative_tokens = num_speculative_tokens  # draft tokens per row; 0: off
-        self.num_draft_tokens = 0  # draft tokens verified so far
-        self.num_accepted_tokens = 0  # of them, accepted
+        self.spec_stats = SpecDecodeStats()  # drafts verified so far
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_prefill_seqs = max_prefill_seqs
@@ -243,7 +249,8 @@ class LocalScheduler:
             if not samples:
                 continue  # a prefill chunk that does not finish the prompt
             try:
-                self._record(req, tokens[i], output, i, now)
+                self._record(req, (tokens[i], output.logprobs[i], output.top_ids[i],
+                                   output.top_logprobs[i]), now)
             except Exception as error:
                 log.exception("request %s failed after sampling", req.parent_id)
                 broken.append((req, error))
@@ -251,35 +258,41 @@ class LocalScheduler:
             sampled.append(req)
         return sampled, broken
 
-    def _record(self, req: Request, token: int, output: ModelOutput, i: int,
-                now: float) -> None:
-        """Append the token sampled for ``req`` (row ``i`` of ``output``) with its
-        log-probs (only if it was appended: a grammar may refuse it): the one place a
-        sampled token enters a request."""
+    def _record(self, req: Request, sample: Sample, now: float) -> None:
+        """Append a token sampled for ``req``, then finish it if it is done."""
+        self._append(req, sample, now)
+        if req.is_finished:
+            self._finish(req)
+
+    @staticmethod
+    def _append(req: Request, sample: Sample, now: float) -> None:
+        """Append a sampled token with its log-probs (only if it was appended: a
+        grammar may refuse it): the one place a sampled token enters a request."""
+        token, logprob, top_ids, top_logprobs = sample
+        token = int(token)
         before = len(req.output_token_ids)
         req.append_token(token, now)
         if req.params.logprobs is not None and len(req.output_token_ids) > before:
             k = req.params.logprobs
-            top = {int(t): float(lp) for t, lp in zip(output.top_ids[i][:k],
-                                                      output.top_logprobs[i][:k])}
-            req.logprobs.append(TokenLogprobs(token, float(output.logprobs[i]), top))
-        if req.is_finished:
-            self._finish(req)
+            top = {int(t): float(lp) for t, lp in zip(top_ids[:k], top_logprobs[:k])}
+            req.logprobs.append(TokenLogprobs(token, float(logprob), top))
 
-    def _accept(self, req: Request, row: ScheduledRow, targets: list[int], now: float) -> None:
-        """Verify a row's draft against ``targets`` (the target's token after each
-        of the row's positions): the draft tokens that equal them, then the
-        target's next token, are appended (greedy acceptance: the tokens plain
-        decoding would have produced), up to where the request finishes. Only the
-        KV of the accepted positions counts as computed; the rest is overwritten
-        later."""
+    def _accept(self, req: Request, row: ScheduledRow, targets: tuple[np.ndarray, ...],
+                now: float) -> None:
+        """Verify a row's draft against ``targets`` (the sampler's token ids, log-probs,
+        top ids and top log-probs at each of the row's positions): the draft
+        tokens the target sampled too, then the target's token after them, are
+        appended, up to where the request finishes (`sluice.runtime.spec_decode`:
+        for greedy rows the argmax, for sampled ones the rejection rule). Only
+        the KV of the accepted positions counts as computed; the rest is
+        overwritten later."""
+        tokens = targets[0]
         accepted = 0
-        while accepted < len(row.draft) and targets[accepted] == row.draft[accepted]:
+        while accepted < len(row.draft) and tokens[accepted] == row.draft[accepted]:
             accepted += 1
-        self.num_draft_tokens += len(row.draft)
-        self.num_accepted_tokens += accepted
-        for token in targets[:accepted + 1]:
-            req.append_token(int(token), now)
+        self.spec_stats.record(len(row.draft), accepted)
+        for j in range(accepted + 1):
+            self._append(req, tuple(a[j] for a in targets), now)
             if req.is_finished:
                 break
         # the KV of every token but the newest (sampled, not yet fed) is written

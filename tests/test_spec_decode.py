@@ -1,9 +1,13 @@
 """n-gram speculative decoding (issue 21, `sluice.runtime.spec_decode`): the draft
-proposer, the config check, and the invariant that greedy outputs with drafts
-are token-identical to plain decoding (drafts accepted or not, under recompute
-preemption too), with every KV block back at the end."""
+proposer, the config check, the invariant that outputs with drafts are those of
+plain decoding (greedy and seeded sampled requests token for token, drafts
+accepted or not, under recompute and swap preemption and live migration), with
+every KV block back at the end; sampled outputs distributed as plain sampling's
+(a rule that accepts every draft fails); the acceptance counters in /metrics."""
 
 from __future__ import annotations
+
+import collections
 
 import numpy as np
 import pytest
@@ -11,7 +15,9 @@ from conftest import run_to_finish
 
 from sluice.runtime import SamplingParams
 from sluice.runtime.engine import EngineConfig, LLMEngine
+from sluice.runtime.metrics import ServerMetrics
 from sluice.runtime.spec_decode import propose
+from sluice.scheduler import local
 
 BLOCK = 32 * 1024  # bytes of one tiny-model KV block (16 tokens), as in test_preemption
 K = 4
@@ -57,52 +63,176 @@ def test_num_speculative_tokens_is_validated(tiny, bad):
                                      num_speculative_tokens=bad))
 
 
-def test_greedy_outputs_match_plain_decoding(tiny):
-    """Self-quoting and random prompts, varied max_tokens, plus requests that take
-    no drafts (seeded sampling, logprobs) in the same steps: spec on gives the
-    tokens and finish reasons of spec off, drafts are accepted and rejected,
-    every step's shape is one `warmup` compiles, and no block leaks."""
+def test_outputs_match_plain_decoding(tiny):
+    """Self-quoting and random prompts, varied max_tokens, greedy and seeded sampled
+    requests (top-k, top-p, logprobs) in the same steps: spec on gives
+    the tokens, log-probs and finish reasons of spec off, drafts are accepted and
+    rejected, every step's shape is one `warmup` compiles, no block leaks, and
+    /metrics counts the drafts."""
     rng = np.random.default_rng(0)
     requests = {f"rep{i}": (repeating(rng), greedy(7 + 5 * i)) for i in range(4)}
     requests |= {f"rand{i}": (rng.integers(0, 250, 30).tolist(), greedy(20)) for i in range(3)}
-    requests["sampled"] = (repeating(rng), SamplingParams(temperature=1.0, seed=5,
+    requests["sampled"] = (repeating(rng), SamplingParams(temperature=1.0, seed=5, top_k=3,
                                                              max_tokens=12, ignore_eos=True))
+    requests["top-p"] = (repeating(rng), SamplingParams(temperature=0.7, top_p=0.5, seed=6,
+                                                          max_tokens=12, ignore_eos=True,
+                                                          logprobs=2))
     requests["logprobs"] = (repeating(rng), greedy(12, logprobs=2))
     off = engine_for(tiny, 0)
-    plain = run(off, requests)
+    plain = run_to_finish(off, requests)
     spec = engine_for(tiny, K)
     shapes, shape_for = set(), spec.runner.shape_for
     spec.runner.shape_for = lambda *a: shapes.add(shape_for(*a)) or shape_for(*a)
     start = spec.block_manager.num_free_blocks
-    assert run(spec, requests) == plain
-    sched = spec.scheduler
+    drafted: set[str] = set()  # request ids that took a draft
+    add_drafts = spec.scheduler._add_drafts
+    spec.scheduler._add_drafts = lambda s: drafted.update(d := add_drafts(s)) or d
+    got = run_to_finish(spec, requests)
+    assert summary(got) == summary(plain)
+    for rid in ("top-p", "logprobs"):  # each accepted token has its own position's
+        lps = [[(lp.token_id, lp.logprob, sorted(lp.top)) for lp in o.outputs[0].logprobs]
+               for o in (got[rid], plain[rid])]
+        assert [t for t, _, _ in lps[0]] == [t for t, _, _ in lps[1]]
+        np.testing.assert_allclose([lp for _, lp, _ in lps[0]], [lp for _, lp, _ in lps[1]],
+                                   rtol=1e-4, atol=1e-5)
+        assert [top for _, _, top in lps[0]] == [top for _, _, top in lps[1]]
+    assert {"sampled", "top-p", "logprobs"} <= drafted  # they drafted too
+    stats = spec.scheduler.spec_stats
     # drafts were accepted, and some rejected (so both paths of the verification ran)
-    assert 0 < sched.num_accepted_tokens < sched.num_draft_tokens
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
     assert shapes <= set(spec.runner.shapes()) and any(
         s.sample_rows > s.decode_seqs + spec.runner.max_prefill_seqs for s in shapes)
     assert spec.block_manager.num_free_blocks == start == spec.block_manager.num_blocks
+    text = ServerMetrics("tiny", compat="vllm").render(spec.stats()).decode()
+    for prefix in ("sluice", "vllm"):
+        for name, value in (("num_drafts", stats.num_drafts),
+                            ("num_draft_tokens", stats.num_draft_tokens),
+                            ("num_accepted_tokens", stats.num_accepted_tokens)):
+            assert f'{prefix}:spec_decode_{name}_total{{' in text
+            assert metric(text, f"{prefix}:spec_decode_{name}_total") == value > 0
     # a stop token ends the request where plain decoding stops, the rest of an
     # accepted run dropped
     rid = "rep3"
-    stop = plain[rid][0][len(plain[rid][0]) // 2]
-    again = {"stop": (requests[rid][0], greedy(30, stop_token_ids=[stop]))}
+    tokens = plain[rid].outputs[0].token_ids
+    again = {"stop": (requests[rid][0], greedy(30, stop_token_ids=[tokens[len(tokens) // 2]]))}
     assert run(spec, again) == run(off, again)
     assert spec.block_manager.num_free_blocks == start
 
 
-def test_greedy_outputs_survive_recompute_preemption_with_drafts(tiny):
-    """12 KV blocks for 6 self-quoting requests: they preempt one another (by
-    recompute) while drafting; outputs equal plain decoding's and nothing leaks."""
+def summary(outputs: dict) -> dict[str, tuple[list[int], str | None]]:
+    return {rid: (o.outputs[0].token_ids, o.outputs[0].finish_reason)
+            for rid, o in outputs.items()}
+
+
+def metric(text: str, name: str) -> float:
+    """The value of the one series of ``name`` in an exposition ``text``."""
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(name + "{")]
+    assert len(values) == 1, (name, values)
+    return values[0]
+
+
+def test_sampled_outputs_are_distributed_as_plain_sampling(tiny, monkeypatch):
+    """The rejection rule, on a 2-token support (top_k=2, with penalties over the
+    output so far, draft tokens included): drafts of the most common plain
+    continuation at every decode position; over 96 seeds the first 3 tokens of
+    spec decoding are distributed as plain sampling's with other seeds (total
+    variation within sampling noise; a rule that accepts every draft is off by
+    ~0.5) and, seed for seed, all 4 are the very tokens plain sampling gives."""
+    prompt = repeating(np.random.default_rng(2))
+    n = 96
+
+    def sampled(base: int) -> dict:
+        return {f"s{i}": (prompt, SamplingParams(
+            temperature=1.0, top_k=2, seed=base + i, max_tokens=4, ignore_eos=True,
+            repetition_penalty=1.2, presence_penalty=0.3)) for i in range(n)}
+
+    plain = summary(run_to_finish(engine_for(tiny, 0), sampled(0)))
+    counts = [collections.Counter(t[j] for t, _ in plain.values()) for j in range(4)]
+    common = [c.most_common(1)[0][0] for c in counts]  # the draft at every position
+    monkeypatch.setattr(local, "propose", lambda ids, k: common[len(ids) - len(prompt):][:k])
+    spec = engine_for(tiny, K)
+    assert summary(run_to_finish(spec, sampled(0))) == plain
+    other = summary(run_to_finish(spec, sampled(n)))
+    stats = spec.scheduler.spec_stats
+    assert 0.2 < stats.acceptance_rate < 0.8  # drafts are accepted and rejected
+    # two samples of 96 over <= 8 outcomes: expected distance ~0.13
+    assert total_variation([t[:3] for t, _ in plain.values()],
+                           [t[:3] for t, _ in other.values()]) < 0.25
+    assert spec.block_manager.num_free_blocks == spec.block_manager.num_blocks
+
+
+def total_variation(a: list[list[int]], b: list[list[int]]) -> float:
+    """Total variation distance between the empirical distributions of two equally
+    large samples of token sequences."""
+    ca, cb = collections.Counter(map(tuple, a)), collections.Counter(map(tuple, b))
+    return sum(abs(ca[x] - cb[x]) for x in ca.keys() | cb.keys()) / (2 * len(a))
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_outputs_survive_preemption_with_drafts(tiny, mode):
+    """12 KV blocks for 6 self-quoting requests (one sampled): they preempt one
+    another (by recompute, or swapping out to host memory and back) while
+    drafting; outputs equal plain decoding's and no device or host block leaks."""
     rng = np.random.default_rng(1)
-    requests = {f"r{i}": (repeating(rng), greedy(32)) for i in range(6)}
+    requests = {f"r{i}": (repeating(rng), greedy(32)) for i in range(5)}
+    requests["sampled"] = (repeating(rng), SamplingParams(temperature=1.0, top_k=3, seed=4,
+                                                             max_tokens=32, ignore_eos=True))
     kw = dict(kv_cache_memory=12 * BLOCK, scheduling_policy="priority", max_preemptions=100)
+    if mode == "swap":
+        kw |= dict(swap_space=64 * BLOCK, preemption_mode="swap")
     plain = run(engine_for(tiny, 0, **kw), requests)
     spec = engine_for(tiny, K, **kw)
     assert run(spec, requests) == plain
     sched = spec.scheduler
-    assert sched.num_preemptions > 0 and sched.num_recomputes == sched.num_preemptions
-    assert sched.num_accepted_tokens > 0
+    assert sched.num_preemptions > 0
+    assert (sched.num_swap_outs if mode == "swap" else sched.num_recomputes) \
+        == sched.num_preemptions
+    assert sched.spec_stats.num_accepted_tokens > 0
     assert spec.block_manager.num_free_blocks == spec.block_manager.num_blocks
+    if mode == "swap":
+        spec.swapper.close()
+        assert sched.kv.host.num_free_blocks == sched.kv.host.num_blocks
+
+
+def test_outputs_survive_live_migration_with_drafts(tiny):
+    """A drafting request moves to another engine through the migration port
+    (`LLMEngine.migration`: pre-copy while it keeps drafting, suspend, adopt,
+    release) and keeps drafting there: its output and a sampled neighbour's equal
+    plain decoding's; every block is back on both engines."""
+    rng = np.random.default_rng(3)
+    requests = {"g": (repeating(rng), greedy(40)),
+                "s": (repeating(rng), SamplingParams(temperature=1.0, top_k=3, seed=8,
+                                                     max_tokens=40, ignore_eos=True))}
+    plain = run(engine_for(tiny, 0), requests)
+    src, dst = engine_for(tiny, K), engine_for(tiny, K)
+    for rid, (ids, params) in requests.items():
+        src.add_request(rid, {"prompt_token_ids": ids}, params)
+    done: dict = {}
+
+    def step(engine: LLMEngine) -> None:
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+
+    while len(src.groups["g"].requests[0].output_token_ids) < 20:
+        step(src)
+    drafted = src.scheduler.spec_stats.num_drafts
+    epoch = src.migration.epoch("g")
+    chunks = src.migration.export_kv("g", {}, epoch)
+    assert dst.migration.import_kv("g", chunks) and chunks[0].num_blocks > 0
+    step(src)  # it decodes (and drafts) between the copy stages
+    handover = src.migration.suspend("g", {c.seq_id: c.first_block + c.num_blocks
+                                           for c in chunks}, epoch)
+    assert handover is not None and dst.migration.adopt(handover)
+    src.migration.release("g")
+    while src.has_unfinished_requests() or dst.has_unfinished_requests():
+        for engine in (src, dst):
+            if engine.has_unfinished_requests():
+                step(engine)
+    assert summary(done) == plain
+    assert src.scheduler.spec_stats.num_drafts > drafted  # kept drafting on both sides
+    assert dst.scheduler.spec_stats.num_accepted_tokens > 0
+    for engine in (src, dst):
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
 def test_generate_flag_reaches_the_engine_and_keeps_the_output(capsys):
