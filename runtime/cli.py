@@ -230,13 +230,14 @@ def _make_cluster(args: argparse.Namespace, limits: StreamLimits) -> AsyncCluste
 
     engine_config = EngineConfig(**_engine_kwargs(args))
     config = ClusterConfig(dispatch=args.dispatch, migrate=not args.no_migration)
+    cache = None if args.no_compile_cache else enable_compile_cache()
     if args.ray:
         from sluice.scheduler.ray_instance import ModelSpec, ray_cluster  # imports Ray
-        spec = ModelSpec(args.model, args.dtype, args.model_seed)
+        # the actors share this process's compilation cache (the first fills it)
+        spec = ModelSpec(args.model, args.dtype, args.model_seed,
+                         None if cache is None else str(cache))
         cluster = ray_cluster(spec, engine_config, args.instances, config, args.ray_address)
     else:
-        if not args.no_compile_cache:
-            enable_compile_cache()
         model = load_model(args.model, dtype=args.dtype, seed=args.model_seed)
         cluster = local_cluster(model, engine_config, args.instances, config)
     if args.autoscale is not None:
@@ -405,7 +406,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     many = args.instances != 1 or args.ray or args.autoscale is not None
     llm = None if many else _make_llm(args)
     front = _make_cluster(args, limits) if many else AsyncEngine(llm.engine, limits)
-    if not args.no_warmup:  # so a first /v1/embeddings request compiles nothing
+    # so a first /v1/embeddings request compiles nothing; not with --ray, whose driver
+    # holds no weights (`ray_cluster`) until a first embeddings request loads them
+    if not args.no_warmup and not args.ray:
         from sluice.runtime.embed import warmup
         warmup(front.model, front.max_model_len)
     # A model with a chat template is shown a question; others a prompt to continue.

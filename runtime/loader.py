@@ -13,6 +13,11 @@ Converted parameters are cached with orbax (`sluice.runtime.checkpoint`); for a
 GGUF file the config and the rebuilt tokenizer are cached beside them, so a
 second start does not read the file's metadata again (for a large vocabulary
 that costs more than restoring the weights).
+
+``load_model(..., weights=False)`` reads only what a front end needs (config,
+tokenizer, EOS ids), e.g. the Ray driver's request intake, whose engines run in
+actors that load the weights themselves: its parameters load on first use
+(`LazyModel`), so a driver that never needs them never holds them.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import importlib.util
 import json
 import logging
 import shutil
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -62,6 +68,47 @@ class Model:
         hidden, _ = forward(self.params, self.config, jnp.asarray(token_ids, jnp.int32),
                             jnp.arange(n, dtype=jnp.int32), spec.allocate(), meta)
         return np.asarray(compute_logits(self.params, hidden))
+
+
+class LazyModel(Model):
+    """A `Model` whose parameters are loaded on first access of ``params`` (once,
+    under a lock; ``loaded`` says whether they have been)."""
+
+    def __init__(self, name: str, config: ModelConfig, tokenizer: Tokenizer, dtype: jnp.dtype,
+                 eos_token_ids: tuple[int, ...], load: Callable[[], tuple[Params, bool]]):
+        self._load = load
+        self._lock = threading.Lock()
+        self._params: Params | None = None
+        super().__init__(name, config, None, tokenizer, dtype, eos_token_ids)
+
+    @property  # type: ignore[override]
+    def params(self) -> Params:
+        with self._lock:
+            if self._params is None:
+                log.info("loading the weights of %s (first use in this process)", self.name)
+                self._params, self.from_cache = self._load()
+        return self._params
+
+    @params.setter
+    def params(self, value: Params | None) -> None:
+        self._params = value
+
+    @property
+    def loaded(self) -> bool:
+        return self._params is not None
+
+    def __repr__(self) -> str:  # the dataclass's would load the weights
+        return f"LazyModel(name={self.name!r}, loaded={self.loaded})"
+
+
+def _model(name: str, config: ModelConfig, tokenizer: Tokenizer, dtype: jnp.dtype,
+           eos_token_ids: tuple[int, ...], load: Callable[[], tuple[Params, bool]],
+           weights: bool) -> Model:
+    """The model, its parameters loaded now (``weights``) or on first use."""
+    if not weights:
+        return LazyModel(name, config, tokenizer, dtype, eos_token_ids, load)
+    params, from_cache = load()
+    return Model(name, config, params, tokenizer, dtype, eos_token_ids, from_cache)
 
 
 def single_sequence_metadata(kv_len: int, start: int, num_pages: int,
@@ -108,19 +155,20 @@ PACKAGED_MODELS: dict[str, Callable[[], Path]] = {
 
 def load_model(model: str | Path, dtype: str | jnp.dtype | None = None, seed: int = 0,
                cache_dir: Path | None = None, use_cache: bool = True,
-               progress: bool = True) -> Model:
+               progress: bool = True, weights: bool = True) -> Model:
     """Load a built-in or packaged model by name, a Hugging Face checkpoint directory
-    or a GGUF file."""
+    or a GGUF file. ``weights=False``: config, tokenizer and EOS ids now, the
+    parameters on first use (a `LazyModel`)."""
     dtype = jnp.dtype(dtype) if dtype is not None else default_dtype()
     name = str(model)
     if name in BUILTIN_CONFIGS:
         cfg = BUILTIN_CONFIGS[name]
-        return Model(name, cfg, init_params(cfg, seed, dtype), Tokenizer.byte_level(), dtype,
-                     cfg.eos_token_ids)
+        return _model(name, cfg, Tokenizer.byte_level(), dtype, cfg.eos_token_ids,
+                      lambda: (init_params(cfg, seed, dtype), False), weights)
     path = PACKAGED_MODELS[name]() if name in PACKAGED_MODELS else Path(model)
     if path.is_file() and path.suffix == ".gguf":
-        model = _load_gguf(path, dtype, cache_dir, use_cache, progress)
-        return dataclasses.replace(model, name=name) if name in PACKAGED_MODELS else model
+        return _load_gguf(path, name if name in PACKAGED_MODELS else path.name, dtype,
+                          cache_dir, use_cache, progress, weights)
     if not path.is_dir():
         raise FileNotFoundError(f"model: {name!r} is neither a built-in model "
                                 f"({', '.join(BUILTIN_CONFIGS)}), a packaged one "
@@ -130,16 +178,17 @@ def load_model(model: str | Path, dtype: str | jnp.dtype | None = None, seed: in
     gen = _read_json(path / "generation_config.json", required=False)
     eos = as_id_tuple(gen.get("eos_token_id")) or cfg.eos_token_ids
     tokenizer = Tokenizer.from_dir(path, eos)
-    if use_cache:
-        params, from_cache = _load_cached(path, cfg, dtype, cache_dir, progress)
-    else:
-        params, from_cache = checkpoint.load_safetensors(path, cfg, dtype, progress), False
-    return Model(path.name, cfg, params, tokenizer, dtype, eos or tokenizer.eos_token_ids,
-                 from_cache)
+
+    def load() -> tuple[Params, bool]:
+        if use_cache:
+            return _load_cached(path, cfg, dtype, cache_dir, progress)
+        return checkpoint.load_safetensors(path, cfg, dtype, progress), False
+    return _model(path.name, cfg, tokenizer, dtype, eos or tokenizer.eos_token_ids, load,
+                  weights)
 
 
-def _load_gguf(path: Path, dtype, cache_dir: Path | None, use_cache: bool,
-               progress: bool) -> Model:
+def _load_gguf(path: Path, name: str, dtype, cache_dir: Path | None, use_cache: bool,
+               progress: bool, weights: bool) -> Model:
     """A GGUF file, through the cache of its converted parameters, config and tokenizer."""
     from sluice.runtime import gguf
 
@@ -149,22 +198,30 @@ def _load_gguf(path: Path, dtype, cache_dir: Path | None, use_cache: bool,
         cfg = ModelConfig.from_dict(json.loads((meta / "config.json").read_text()))
         eos = tuple(cfg.eos_token_ids)
         tokenizer = Tokenizer.from_dir(meta, eos, source=str(path))
-        return Model(path.name, cfg, checkpoint.restore_params(entry, cfg, dtype), tokenizer,
-                     dtype, eos, from_cache=True)
+        return _model(name, cfg, tokenizer, dtype, eos,
+                      lambda: (checkpoint.restore_params(entry, cfg, dtype), True), weights)
     f = gguf.open_gguf(path)  # checks everything before any weight is read
-    params = gguf.load_gguf_params(f, dtype, progress)
-    if meta is not None:
-        try:
-            checkpoint.save_params(params, entry)
-            tmp = meta.with_name(meta.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            f.tokenizer.save(tmp)
-            (tmp / "config.json").write_text(json.dumps(f.config.to_dict()))
-            shutil.rmtree(meta, ignore_errors=True)
-            tmp.rename(meta)  # complete or absent: a crash leaves no half-written entry
-        except OSError as e:
-            log.warning("orbax cache unavailable (%s); loading without it", e)
-    return Model(path.name, f.config, params, f.tokenizer, dtype, f.eos_token_ids)
+
+    def load() -> tuple[Params, bool]:
+        params = gguf.load_gguf_params(f, dtype, progress)
+        if meta is not None:
+            _save_gguf_cache(f, params, entry, meta)
+        return params, False
+    return _model(name, f.config, f.tokenizer, dtype, f.eos_token_ids, load, weights)
+
+
+def _save_gguf_cache(f, params: Params, entry: Path, meta: Path) -> None:
+    """The converted parameters, and the config and tokenizer beside them."""
+    try:
+        checkpoint.save_params(params, entry)
+        tmp = meta.with_name(meta.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        f.tokenizer.save(tmp)
+        (tmp / "config.json").write_text(json.dumps(f.config.to_dict()))
+        shutil.rmtree(meta, ignore_errors=True)
+        tmp.rename(meta)  # complete or absent: a crash leaves no half-written entry
+    except OSError as e:
+        log.warning("orbax cache unavailable (%s); loading without it", e)
 
 
 def _load_cached(path, cfg, dtype, cache_dir, progress):

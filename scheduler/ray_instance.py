@@ -14,6 +14,14 @@ reports through ``on_death``: the cluster re-dispatches its requests.
 ``ray_cluster(model, engine_config, n, address=None)`` starts ``n`` actors (on
 an existing cluster when ``address`` is given, else a local one, through
 ``start_ray(address, dashboard=False)``, which logs the addresses Ray opened).
+Start-up is dominated by compiling the step shapes (each actor is its own
+process, so nothing compiled in one is in another's memory): the actors use
+JAX's persistent compilation cache (the directory the driver chose,
+`ModelSpec.compile_cache`), the first actor warms up alone, and the others,
+launched together once it is ready, load its programs from that cache instead of
+compiling them again. The driver needs only the tokenizer and config for its
+intake: it loads no weights (`load_model(..., weights=False)`); they load in
+the driver only if something uses them there (the server's ``/v1/embeddings``).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from typing import Any
 
 import ray
 
+from sluice.runtime.compile_cache import enable_compile_cache
 from sluice.runtime.engine import EngineConfig, LLMEngine, make_intake
 from sluice.runtime.intake import Group
 from sluice.runtime.loader import load_model
@@ -44,17 +53,24 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """How an actor loads the model: `load_model` arguments, picklable."""
+    """How an actor loads the model (`load_model` arguments) and where it keeps its
+    compiled programs (``compile_cache``: a persistent compilation cache directory
+    shared by the actors, or None for none); picklable."""
 
     model: str | Path
     dtype: str | None = None
     seed: int = 0
+    compile_cache: str | None = None
 
 
 class EngineActor:
-    """The actor body: a `LocalInstance` whose outputs wait here to be polled."""
+    """The actor body: a `LocalInstance` whose outputs wait here to be polled. Its
+    construction is the instance's start-up (model load, warm-up): a call on the
+    actor returns only after it (`RayInstance` waits on one)."""
 
     def __init__(self, name: str, spec: ModelSpec, config: EngineConfig):
+        if spec.compile_cache is not None:  # before anything compiles
+            enable_compile_cache(spec.compile_cache)
         self.model = load_model(spec.model, dtype=spec.dtype, seed=spec.seed, progress=False)
         self._cv = threading.Condition()
         self._outputs: list[RequestOutput] = []
@@ -199,9 +215,26 @@ class RayLauncher:
         self._count = itertools.count()
 
     def launch(self, on_outputs: OutputSink, on_death: DeathSink) -> RayInstance:
-        name = f"ray-{next(self._count)}"
-        actor = self._actor_class.remote(name, self.spec, self.config)
-        return RayInstance(name, actor, on_outputs, on_death)
+        """One instance, returned once its actor has warmed up."""
+        return self.launch_many(1, on_outputs, on_death)[0]
+
+    def launch_many(self, n: int, on_outputs: OutputSink,
+                    on_death: DeathSink) -> list[RayInstance]:
+        """``n`` instances whose actors start together; returned once all are warm."""
+        names = [f"ray-{next(self._count)}" for _ in range(n)]
+        actors = [self._actor_class.remote(name, self.spec, self.config) for name in names]
+        return [RayInstance(name, actor, on_outputs, on_death)
+                for name, actor in zip(names, actors)]
+
+    def launch_cluster(self, n: int, on_outputs: OutputSink,
+                       on_death: DeathSink) -> list[RayInstance]:
+        """A cluster's first ``n`` instances: with a compilation cache, one warms up
+        alone and fills it, then the others start together and load its programs
+        (concurrent cold warm-ups would each compile every shape, competing for the
+        same cores); without one, all start together."""
+        first = self.launch_many(1 if self.spec.compile_cache is not None else n,
+                                 on_outputs, on_death)
+        return first + self.launch_many(n - len(first), on_outputs, on_death)
 
     def terminate(self, instance: RayInstance) -> None:
         instance.stop()
@@ -232,11 +265,16 @@ def start_ray(address: str | None = None, dashboard: bool = False) -> None:
 def ray_cluster(spec: ModelSpec, config: EngineConfig, num_instances: int,
                 cluster_config: ClusterConfig | None = None, address: str | None = None,
                 num_gpus: float = 0.0) -> Cluster:
-    """``num_instances`` engine actors under one `Cluster` (Ray started if needed)."""
+    """``num_instances`` engine actors under one `Cluster` (Ray started if needed);
+    the driver's intake holds the model without its weights."""
     if num_instances < 1:
         raise ValueError(f"instances: must be >= 1, got {num_instances}")
     start_ray(address)
-    model = load_model(spec.model, dtype=spec.dtype, seed=spec.seed, progress=False)
+    model = load_model(spec.model, dtype=spec.dtype, seed=spec.seed, progress=False,
+                       weights=False)
+    intake = make_intake(model, config)  # validates the config before any actor starts
+    log.info("ray: the driver holds %s's tokenizer and config, not its weights (they load "
+             "here on first use: a first /v1/embeddings request)", model.name)
     launcher = RayLauncher(spec, config, num_gpus)
-    return Cluster(lambda out, death: [launcher.launch(out, death) for _ in range(num_instances)],
-                   make_intake(model, config), cluster_config, launcher)
+    return Cluster(lambda out, death: launcher.launch_cluster(num_instances, out, death),
+                   intake, cluster_config, launcher)

@@ -1,12 +1,16 @@
 """Instances as Ray actors (a local Ray cluster): dispatch, live migration across
-processes, and recovery from a crashed actor, all token-identical to one engine."""
+processes, and recovery from a crashed actor, all token-identical to one engine;
+the actors share a compilation cache, and the driver holds no weights until an
+embedding needs them."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import ray
 
 from sluice.runtime import SamplingParams
+from sluice.runtime.embed import mean_pooled
 from sluice.runtime.engine import EngineConfig
 from sluice.scheduler.cluster import ClusterConfig
 from sluice.scheduler.migration import migrate
@@ -14,16 +18,48 @@ from sluice.scheduler.ray_instance import ModelSpec, ray_cluster
 from test_cluster import ENGINE, GREEDY, Collector, free_blocks_restored, reference
 
 
+def test_weight_free_model_prepares_requests_and_loads_its_weights_on_first_use(
+        tiny, monkeypatch):
+    """``load_model(weights=False)`` (the Ray driver's): an intake tokenizes and
+    validates with it without building parameters; the first ``params`` access
+    builds them once, equal to a full load's."""
+    from sluice.runtime import loader
+    from sluice.runtime.engine import make_intake
+
+    built, init_params = [], loader.init_params
+    monkeypatch.setattr(loader, "init_params", lambda *a: built.append(a) or init_params(*a))
+    model = loader.load_model("tiny", "float32", weights=False)
+    group = make_intake(model, EngineConfig(**ENGINE)).prepare(
+        "r", "a prompt", SamplingParams(max_tokens=4))
+    assert group.requests[0].prompt_token_ids == tiny.tokenizer.encode("a prompt")
+    assert model.eos_token_ids == tiny.eos_token_ids and not model.loaded and not built
+    params = model.params
+    assert model.params is params and model.loaded and len(built) == 1
+    np.testing.assert_array_equal(np.asarray(params["embed"]), np.asarray(tiny.params["embed"]))
+
+
+def _cache_dir(actor) -> str:
+    """The persistent compilation cache directory JAX uses in ``actor``'s process."""
+    return ray.get(actor.__ray_call__.remote(
+        lambda self: __import__("jax").config.jax_compilation_cache_dir))
+
+
 @pytest.mark.slow
-def test_ray_instances_migrate_and_survive_a_crash():
+def test_ray_instances_migrate_and_survive_a_crash(tiny, tmp_path):
     config = EngineConfig(**ENGINE)
-    cluster = ray_cluster(ModelSpec("tiny", "float32"), config, 2,
+    cache = tmp_path / "jax"
+    cluster = ray_cluster(ModelSpec("tiny", "float32", compile_cache=str(cache)), config, 2,
                           ClusterConfig(dispatch="round-robin", migrate=False))
     col = Collector()
     jobs = [(f"r{i}", f"ray instance {i}", SamplingParams(max_tokens=480, **GREEDY))
             for i in range(3)]
     try:
-        want = reference(cluster.intake.model, jobs)
+        # The driver's intake has the tokenizer and config, not the weights; both
+        # actors use the compilation cache the driver chose, and wrote to it.
+        assert not cluster.intake.model.loaded
+        assert [_cache_dir(i.actor) for i in cluster.instances.values()] == [str(cache)] * 2
+        assert any(cache.iterdir())
+        want = reference(tiny, jobs)
         for rid, prompt, params in jobs:
             cluster.submit(rid, prompt, params, col.sink)
         # Block copies compile on first use in each actor, so a first try may chase
@@ -40,7 +76,7 @@ def test_ray_instances_migrate_and_survive_a_crash():
             if result.ok:
                 cluster._records[rid].owner = dst
                 jobs.append((rid, f"migrate me {attempt}", params))
-                want.update(reference(cluster.intake.model, [jobs[-1]]))
+                want.update(reference(tiny, [jobs[-1]]))
                 if not col.finished(rid):
                     break
         assert result.ok, result
@@ -54,6 +90,13 @@ def test_ray_instances_migrate_and_survive_a_crash():
             assert col.outputs[rid][-1].outputs[0].token_ids == want[rid].outputs[0].token_ids
             assert col.text(rid) == want[rid].outputs[0].text
         assert free_blocks_restored([i for i in cluster.instances.values() if i.alive])
+        # An embedding (the server's /v1/embeddings runs in the driver) loads the
+        # driver's weights on first use: the same vectors as the full model's.
+        assert not cluster.intake.model.loaded
+        ids = cluster.intake.model.tokenizer.encode("embed me")
+        np.testing.assert_allclose(mean_pooled(cluster.intake.model, ids),
+                                   mean_pooled(tiny, ids), rtol=1e-6)
+        assert cluster.intake.model.loaded
     finally:
         cluster.shutdown()
         ray.shutdown()
