@@ -26,8 +26,11 @@ renormalized; after a fully accepted draft, one more from p. Drawing y ~ p with
 the random numbers plain decoding would use and accepting iff y == x is that rule
 (P(y == x) = p(x), and y given y != x is p without x, renormalized), so outputs
 are distributed as plain sampling's, and a seeded request's tokens are the ones it
-gets without drafts. Greedy rows are its temperature-0 case (p is a point mass on
-the argmax): token-identical to plain decoding.
+gets without drafts (as far as the drafted step's logits round like the plain
+step's, which greedy ties need too). Greedy rows are its temperature-0 case (p is
+a point mass on the argmax): token-identical to plain decoding. A draft token is
+kept with probability p(x), so drafts pay off for greedy and low-temperature
+requests, much less at high temperatures.
 
 What drafts (`may_draft`): greedy and sampled requests, with penalties, with
 logprobs (each accepted token carries the log-probs of its own position, as plain
