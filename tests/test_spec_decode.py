@@ -137,8 +137,9 @@ def test_sampled_outputs_are_distributed_as_plain_sampling(tiny, monkeypatch):
     output so far, draft tokens included): drafts of the most common plain
     continuation at every decode position; over 96 seeds the first 3 tokens of
     spec decoding are distributed as plain sampling's with other seeds (total
-    variation within sampling noise; a rule that accepts every draft is off by
-    ~0.5) and, seed for seed, all 4 are the very tokens plain sampling gives."""
+    variation 0.125, within sampling noise; a rule that accepts every draft gives
+    1.0) and, seed for seed, all 4 are the very tokens plain sampling gives (a
+    drafted position sampled at the wrong step index fails that)."""
     prompt = repeating(np.random.default_rng(2))
     n = 96
 
