@@ -30,6 +30,13 @@ request of each sampling feature (`FEATURES`, one request each, in turn) and of 
 first embeddings call, and the compiles the server counted while serving
 (``sluice:compiles_total{reason="serving"}``). With warm-up the goal is under 1 s
 each and no serving compile.
+
+``--ray`` (alone): ``sluice serve --model tiny --instances 2 --ray`` started twice on
+one fresh ``SLUICE_CACHE_DIR`` (cold: nothing compiled yet; warm: the compilation
+cache filled by the first), each timed from launch to ``/health`` 200, with the
+CPU-seconds of the server's whole session (driver, Ray's processes, the actors) at
+that moment (Linux: read from /proc). The goal is under 60 s for the cold start on
+the 2-core machine.
 """
 
 from __future__ import annotations
@@ -141,6 +148,58 @@ def first_requests(model: str, cache_dir: Path, extra: list[str]) -> dict:
         return out
 
 
+def ray_start(cache_dir: Path, instances: int = 2) -> dict:
+    """Seconds from launching ``sluice serve --ray`` to ``/health`` 200, and the CPU
+    seconds its session (the server and every process Ray started) had used then."""
+    env = {**os.environ, "SLUICE_CACHE_DIR": str(cache_dir)}
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sluice.runtime.cli", "serve", "--model", "tiny", "--port", "0",
+         "--instances", str(instances), "--ray", "--access-log", "off"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT,
+        start_new_session=True)  # Ray's processes join its session: counted, then stopped
+    try:
+        url = next((m.group(1) for line in proc.stdout
+                    if (m := re.search(r"serving .* at (http://\S+)", line))), None)
+        if url is None:
+            raise RuntimeError(f"ray server exited with {proc.wait()} before ready")
+        while httpx.get(url + "/health", timeout=60).status_code != 200:
+            time.sleep(0.1)
+        return {"health_s": round(time.monotonic() - t0, 2),
+                "cpu_s": round(session_cpu_s(proc.pid), 1)}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        for pid in session_stats(proc.pid):  # whatever of Ray outlived the server
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def session_cpu_s(sid: int) -> float:
+    """User + system CPU seconds of the live processes of session ``sid`` (and of
+    their waited-for children)."""
+    ticks = sum(sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+                for fields in session_stats(sid).values())
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def session_stats(sid: int) -> dict[int, list[str]]:
+    """pid -> the /proc/<pid>/stat fields after the name (state ppid pgrp session
+    ...) of each live process of session ``sid``."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields[3]) == sid:
+            out[int(stat.parent.name)] = fields
+    return out
+
+
 def cli_start_s(runs: int = 5) -> dict:
     """Median wall time of ``sluice --help`` and ``sluice provision --help`` and of a
     bare interpreter, and the commands' own time (the difference)."""
@@ -193,8 +252,12 @@ def main() -> int:
                     help="measure the time to --help only (no servers)")
     ap.add_argument("--features-only", action="store_true",
                     help="measure only the first request of each feature on the tiny model")
+    ap.add_argument("--ray", action="store_true",
+                    help="measure only the cold and warm start of 2 Ray instances (tiny)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "startup.json")
     args = ap.parse_args()
+    if args.ray:
+        return ray_main(args.out.with_name("startup_ray.json"))
     extra = ["--no-warmup"] if args.no_warmup else []
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                            "load_average": os.getloadavg()[0]},
@@ -230,6 +293,20 @@ def main() -> int:
             print(label, json.dumps(results["sources"][label]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def ray_main(out: Path) -> int:
+    """``--ray``: cold then warm start on one fresh cache directory."""
+    results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label in ("cold", "warm"):
+            load = os.getloadavg()[0]
+            results[label] = {**ray_start(Path(tmp) / "cache"), "load_average": load}
+            print(label, json.dumps(results[label]), flush=True)
+    results["goal_met"] = results["cold"]["health_s"] < 60
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

@@ -17,9 +17,9 @@ an existing cluster when ``address`` is given, else a local one, through
 Start-up is dominated by compiling the step shapes (each actor is its own
 process, so nothing compiled in one is in another's memory): the actors use
 JAX's persistent compilation cache (the directory the driver chose,
-`ModelSpec.compile_cache`), the first actor warms up alone, and the others,
-launched together once it is ready, load its programs from that cache instead of
-compiling them again. The driver needs only the tokenizer and config for its
+`ModelSpec.compile_cache`); all actors start together, but only the first warms
+up at once: the others load the model, wait for its ``ready``, and then load its
+programs from that cache instead of compiling them again. The driver needs only the tokenizer and config for its
 intake: it loads no weights (`load_model(..., weights=False)`); they load in
 the driver only if something uses them there (the server's ``/v1/embeddings``).
 """
@@ -33,7 +33,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import ray
 
@@ -66,12 +66,16 @@ class ModelSpec:
 class EngineActor:
     """The actor body: a `LocalInstance` whose outputs wait here to be polled. Its
     construction is the instance's start-up (model load, warm-up): a call on the
-    actor returns only after it (`RayInstance` waits on one)."""
+    actor (``ready``) returns only after it. ``after``: object refs (other actors'
+    ``ready``) to wait for between loading the model and building the engine, whose
+    warm-up then loads their compiled programs from the shared cache."""
 
-    def __init__(self, name: str, spec: ModelSpec, config: EngineConfig):
+    def __init__(self, name: str, spec: ModelSpec, config: EngineConfig,
+                 after: Sequence[ray.ObjectRef] = ()):
         if spec.compile_cache is not None:  # before anything compiles
             enable_compile_cache(spec.compile_cache)
         self.model = load_model(spec.model, dtype=spec.dtype, seed=spec.seed, progress=False)
+        ray.get(list(after))
         self._cv = threading.Condition()
         self._outputs: list[RequestOutput] = []
         self._death: str | None = None
@@ -87,6 +91,9 @@ class EngineActor:
         with self._cv:
             self._death = f"{type(error).__name__}: {error}"
             self._cv.notify_all()
+
+    def ready(self) -> None:
+        """Returns once the actor is constructed (warmed up)."""
 
     def poll(self, timeout: float) -> tuple[list[RequestOutput], LoadReport, str | None]:
         """Outputs since the last poll (waiting up to ``timeout`` for some), the
@@ -220,21 +227,19 @@ class RayLauncher:
 
     def launch_many(self, n: int, on_outputs: OutputSink,
                     on_death: DeathSink) -> list[RayInstance]:
-        """``n`` instances whose actors start together; returned once all are warm."""
+        """``n`` instances whose actors start together; returned once all are warm.
+        With a compilation cache, the first warms up alone and fills it while the
+        others start their processes and load the model, then they warm up from its
+        programs (concurrent cold warm-ups would each compile every shape, competing
+        for the same cores); without one, all warm up at once."""
         names = [f"ray-{next(self._count)}" for _ in range(n)]
-        actors = [self._actor_class.remote(name, self.spec, self.config) for name in names]
+        actors = [self._actor_class.remote(names[0], self.spec, self.config)]
+        after = [actors[0].ready.remote()] if self.spec.compile_cache is not None else []
+        # in a list, so Ray passes the ref instead of waiting for it before __init__
+        actors += [self._actor_class.remote(name, self.spec, self.config, after)
+                   for name in names[1:]]
         return [RayInstance(name, actor, on_outputs, on_death)
                 for name, actor in zip(names, actors)]
-
-    def launch_cluster(self, n: int, on_outputs: OutputSink,
-                       on_death: DeathSink) -> list[RayInstance]:
-        """A cluster's first ``n`` instances: with a compilation cache, one warms up
-        alone and fills it, then the others start together and load its programs
-        (concurrent cold warm-ups would each compile every shape, competing for the
-        same cores); without one, all start together."""
-        first = self.launch_many(1 if self.spec.compile_cache is not None else n,
-                                 on_outputs, on_death)
-        return first + self.launch_many(n - len(first), on_outputs, on_death)
 
     def terminate(self, instance: RayInstance) -> None:
         instance.stop()
@@ -276,5 +281,5 @@ def ray_cluster(spec: ModelSpec, config: EngineConfig, num_instances: int,
     log.info("ray: the driver holds %s's tokenizer and config, not its weights (they load "
              "here on first use: a first /v1/embeddings request)", model.name)
     launcher = RayLauncher(spec, config, num_gpus)
-    return Cluster(lambda out, death: launcher.launch_cluster(num_instances, out, death),
+    return Cluster(lambda out, death: launcher.launch_many(num_instances, out, death),
                    intake, cluster_config, launcher)
