@@ -35,6 +35,7 @@ it, staging is padded to a power of two.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -135,6 +136,21 @@ _scatter_blocks = jax.jit(dispatch.scatter_blocks, donate_argnums=0)
 
 # One program per row count, whatever sampling features the rows use.
 _sample = jax.jit(sample)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _zero_logits(params, kv_cache, rows: int) -> jax.Array:
+    """Zero logits of ``rows`` rows on the device, and as committed to it, as
+    `_forward_logits`'s (a jit output follows its inputs: the sampler's programs
+    differ for committed and uncommitted arguments): the sampler's warm-up input."""
+    hidden = jnp.zeros((rows, params["embed"].shape[1]), params["embed"].dtype)
+    return compute_logits(params, hidden) + 0 * kv_cache.ravel()[0].astype(jnp.float32)
+
+
+def _compile_warm(lowered: jax.stages.Lowered) -> None:
+    """Compile on a worker thread, counted as warm-up (`compiles` is per thread)."""
+    with compiles.warming_up():
+        lowered.compile()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,20 +264,35 @@ class ModelRunner:
         self.copy_in([], self.gather([], COPY_CHUNK_BLOCKS), COPY_CHUNK_BLOCKS)  # copies nothing
         steps = [(shape, False) for shape in self.shapes()]
         steps += [(shape, True) for shape in self.scoring_shapes()]
-        for shape, scoring in tqdm(steps, desc="compiling", unit="shape"):
-            metas = tuple(_padding_group(self.spec, n, t, q, shape.pages)
-                          for n, t, q in shape.groups())
-            n_tok = sum(t for _, t, _ in shape.groups())
-            n_seq = shape.sample_rows
-            targets = ((jax.device_put(np.zeros(n_tok, np.int32), self.device),) if scoring
-                       else ())
-            logits, self.kv_cache, *_ = _forward_logits(
-                self.model.params, self.kv_cache, jnp.zeros(n_tok, jnp.int32),
-                jnp.zeros(n_tok, jnp.int32), metas, jnp.zeros(n_seq, jnp.int32), *targets,
-                cfg=self.model.config, backend=self.backend)
-            tensors = SamplingTensors.build([], n_seq, self.model.config.vocab_size,
-                                            self.max_model_len)
-            jax.block_until_ready(_sample(logits, tensors, self._token_mask(n_seq, None)))
+        # Forwards are lowered here and compiled, not run (a padding step's forward
+        # costs what a real one does: most of a warm start), on a thread per core
+        # (XLA compiles without the GIL); jit's call path then finds the executables.
+        # The sampler runs, on zero logits placed as the forward's would be.
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            done = [pool.submit(_compile_warm, self._lower_step(shape, scoring))
+                    for shape, scoring in steps]
+            for shape, _ in steps:
+                n_seq = shape.sample_rows
+                tensors = SamplingTensors.build([], n_seq, self.model.config.vocab_size,
+                                                self.max_model_len)
+                logits = _zero_logits(self.model.params, self.kv_cache, n_seq)
+                jax.block_until_ready(_sample(logits, tensors, self._token_mask(n_seq, None)))
+            for future in tqdm(concurrent.futures.as_completed(done), total=len(done),
+                               desc="compiling", unit="shape"):
+                future.result()
+
+    def _lower_step(self, shape: "StepShape", scoring: bool) -> jax.stages.Lowered:
+        """The step program of ``shape`` (with prompt scoring or not), lowered with
+        padding-only inputs of exactly the types and placement `execute` passes."""
+        metas = tuple(_padding_group(self.spec, n, t, q, shape.pages)
+                      for n, t, q in shape.groups())
+        n_tok = sum(t for _, t, _ in shape.groups())
+        targets = ((jax.device_put(np.zeros(n_tok, np.int32), self.device),) if scoring
+                   else ())
+        return _forward_logits.lower(
+            self.model.params, self.kv_cache, jnp.zeros(n_tok, jnp.int32),
+            jnp.zeros(n_tok, jnp.int32), metas, jnp.zeros(shape.sample_rows, jnp.int32),
+            *targets, cfg=self.model.config, backend=self.backend)
 
     # -- batch construction -------------------------------------------------
 
