@@ -334,3 +334,30 @@ def test_serve_ray_starts_ray_before_jax_initializes():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.split() == ["jax_initialized", "False", "dashboard", "True"]
+
+
+def test_serve_ray_passes_the_compile_cache_choice_to_the_actors(monkeypatch, tmp_path):
+    """``--ray``: the actors' `ModelSpec` carries the driver's compilation cache
+    directory, and none with ``--no-compile-cache`` (``ray_cluster`` is intercepted:
+    what is under test is what the CLI asks it for)."""
+    from sluice.runtime import cli, compile_cache
+    from sluice.runtime.async_engine import StreamLimits
+    from sluice.scheduler import ray_instance
+
+    class Intercepted(Exception):
+        pass
+
+    specs = []
+
+    def fake_cluster(spec, *args, **kwargs):
+        specs.append(spec)
+        raise Intercepted
+
+    monkeypatch.setattr(compile_cache, "enable_compile_cache", lambda: tmp_path / "jax")
+    monkeypatch.setattr(ray_instance, "ray_cluster", fake_cluster)
+    for extra in ([], ["--no-compile-cache"]):
+        args = cli.build_parser(["serve"]).parse_args(
+            ["serve", "--ray", "--instances", "2", *extra])
+        with pytest.raises(Intercepted):
+            cli._make_cluster(args, StreamLimits())
+    assert [s.compile_cache for s in specs] == [str(tmp_path / "jax"), None]
