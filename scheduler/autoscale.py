@@ -17,16 +17,21 @@ Implementations:
   (through the cluster's launcher), above ``scale_in_above`` drains the least
   loaded one, within ``[min_instances, max_instances]``; after either, it
   decides nothing on freeness for ``cooldown_s`` (the reports must show the
-  change first). A launch runs in the background (``spawn``: a thread), so a
-  round never waits for an instance to load and compile; until it has joined
-  the cluster it counts as an instance (no second launch for the same load,
-  no scale-in meanwhile). A launch that fails is retried after ``backoff_s``,
-  doubling per failure in a row up to ``max_backoff_s``, not every round.
+  change first). Its launches, and the cluster's replacements in flight, count
+  as instances (no second launch for the same load, no scale-in meanwhile).
 - `ReplanAutoscaler`: the provisioner's MILP re-planner
   (`sluice.provision.replan.Replanner`) over a `sluice.scheduler.fleet.FleetActuator`
   (instances of several accelerator types, per-bucket routing); it observes every
   request's bucket, and re-plans every ``interval_s`` of the cluster's clock (the
-  re-planner's hysteresis decides whether the fleet changes).
+  re-planner's hysteresis decides whether the fleet changes); while the fleet's
+  launches back off, no plan that launches is applied.
+
+Every instance launch for a cluster -- these two deciders' and the cluster's
+replacement of a dead instance -- goes through `Launches`: it runs in the
+background (``spawn``: a thread), so an autoscaler round or a death handler
+never waits for an instance to load and compile; it counts as pending until the
+instance has joined the cluster; failures in a row back off (``backoff_s``,
+doubling up to ``max_backoff_s``) for deciders that retry.
 
 Both take ``demands``: callables ``demand() -> int``, each the instances some
 consumer needs now, such as the RAG layer's replica demand
@@ -48,13 +53,13 @@ from typing import TYPE_CHECKING, Protocol
 
 from sluice.runtime.intake import Group
 from sluice.runtime.option_names import AUTOSCALERS
-from sluice.scheduler.instance import LoadReport
+from sluice.scheduler.instance import Instance, LoadReport
 
 if TYPE_CHECKING:
     from sluice.provision.profiles import TypeProfile
     from sluice.provision.replan import FleetDiff, Routing
     from sluice.provision.workload import Buckets
-    from sluice.scheduler.cluster import Cluster
+    from sluice.scheduler.cluster import Cluster, Launcher
     from sluice.scheduler.fleet import FleetActuator
 
 log = logging.getLogger(__name__)
@@ -79,6 +84,99 @@ def in_thread(work: Callable[[], None]) -> None:
     threading.Thread(target=work, name="sluice-launch", daemon=True).start()
 
 
+class Launches:
+    """Instance launches for a cluster, off the caller's thread.
+
+    ``start(cluster, launcher, kind, joined, failed)`` runs
+    ``launcher.launch`` through ``spawn``; the new instance joins the cluster
+    (``cluster.add_instance``; one arriving after shutdown is terminated), then
+    ``joined(instance)`` runs; a launch that raises is logged and ``failed()``
+    runs. Until then it is pending (`num_pending`, per ``kind``: an accelerator
+    type, or None). Failures in a row back off: `back_off` (a decider calls it
+    each round with its clock) turns failures since its last call into a retry
+    time ``backoff_s`` later, doubling per failure in a row up to
+    ``max_backoff_s``; `ready` says whether a launch may start now."""
+
+    def __init__(self, spawn: Spawn = in_thread, backoff_s: float = 5.0,
+                 max_backoff_s: float = 300.0):
+        if not 0 < backoff_s <= max_backoff_s:
+            raise ValueError("backoff_s, max_backoff_s: need 0 < backoff_s <= max_backoff_s")
+        self.spawn, self.backoff_s, self.max_backoff_s = spawn, backoff_s, max_backoff_s
+        self._cv = threading.Condition()
+        self._pending: dict[str | None, int] = {}
+        self.failures_in_a_row = 0
+        self.num_failed = 0
+        self._failed = False  # a launch failed since the last `back_off`
+        self._retry_at = -math.inf
+
+    def num_pending(self, kind: str | None = None) -> int:
+        """Launches in flight: of ``kind``, or of every kind when None."""
+        with self._cv:
+            return self._pending.get(kind, 0) if kind is not None else sum(self._pending.values())
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no launch is in flight; False if ``timeout`` s passed first."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not any(self._pending.values()), timeout)
+
+    def back_off(self, now: float) -> bool:
+        """If a launch failed since the last call, no launch before the back-off
+        from ``now``; True if one had."""
+        with self._cv:
+            failed, self._failed = self._failed, False
+            in_a_row = self.failures_in_a_row
+        if not (failed and in_a_row):
+            return False
+        delay = min(self.max_backoff_s, self.backoff_s * 2 ** (in_a_row - 1))
+        self._retry_at = now + delay
+        log.warning("%d instance launch(es) in a row failed; next try in %g s", in_a_row, delay)
+        return True
+
+    def ready(self, now: float) -> bool:
+        """Whether a launch may start at ``now`` (no back-off running)."""
+        self.back_off(now)
+        return now >= self._retry_at
+
+    def start(self, cluster: Cluster, launcher: Launcher, kind: str | None = None,
+              joined: Callable[[Instance], None] | None = None,
+              failed: Callable[[], None] | None = None) -> None:
+        with self._cv:
+            self._pending[kind] = self._pending.get(kind, 0) + 1
+        self.spawn(lambda: self._run(cluster, launcher, kind, joined, failed))
+
+    def _run(self, cluster: Cluster, launcher: Launcher, kind: str | None,
+             joined: Callable[[Instance], None] | None,
+             failed: Callable[[], None] | None) -> None:
+        try:
+            inst = launcher.launch(cluster.on_outputs, cluster.on_death)
+        except Exception:
+            log.exception("launching an instance failed")
+            self._done(kind, ok=False)
+            if failed is not None:
+                failed()
+            return
+        try:  # it joins before it stops counting as pending: never counted as neither
+            cluster.add_instance(inst)
+        except RuntimeError:  # shut down
+            launcher.terminate(inst)
+        else:
+            if joined is not None:
+                joined(inst)
+        finally:
+            self._done(kind, ok=True)
+
+    def _done(self, kind: str | None, ok: bool) -> None:
+        with self._cv:
+            self._pending[kind] -= 1
+            if ok:
+                self.failures_in_a_row = 0
+            else:
+                self.failures_in_a_row += 1
+                self.num_failed += 1
+                self._failed = True
+            self._cv.notify_all()
+
+
 @dataclasses.dataclass
 class FreenessAutoscaler:
     scale_out_below: float = 2.0  # average freeness (blocks per running request)
@@ -99,15 +197,8 @@ class FreenessAutoscaler:
             raise ValueError("scale_out_below, scale_in_above: need out < in (else it flaps)")
         if not self.cooldown_s >= 0:
             raise ValueError(f"cooldown_s: must be >= 0, got {self.cooldown_s}")
-        if not 0 < self.backoff_s <= self.max_backoff_s:
-            raise ValueError("backoff_s, max_backoff_s: need 0 < backoff_s <= max_backoff_s")
-        self._lock = threading.Lock()
-        self.pending = 0  # launches in flight
-        self.failures_in_a_row = 0
-        self.num_failed_launches = 0
-        self._failed = False  # a launch failed since the last round
+        self.launches = Launches(self.spawn, self.backoff_s, self.max_backoff_s)
         self._quiet_until = -math.inf  # no freeness decision before (cooldown)
-        self._retry_at = -math.inf  # no launch before (backoff)
 
     def observe(self, group: Group, now: float) -> None:
         pass  # it decides from the load reports alone
@@ -121,11 +212,12 @@ class FreenessAutoscaler:
         open_ = [r for r in reports.values() if not r.draining]
         if not open_ or cluster.launcher is None:
             return
-        self._back_off_after_failures(now)
+        if self.launches.back_off(now):  # nothing changed: the back-off alone applies
+            self._quiet_until = -math.inf
         size = self._size(cluster, reports, len(open_))
         floor = min(max(self.min_instances, demanded(self.demands)), self.max_instances)
         if size < floor:  # a consumer needs them now: the whole shortfall, cooldown or not
-            for _ in range(floor - size if now >= self._retry_at else 0):
+            for _ in range(floor - size if self.launches.ready(now) else 0):
                 self._launch(cluster, now)
             return
         if now < self._quiet_until or size > len(open_):  # cooling down, or still launching
@@ -133,61 +225,25 @@ class FreenessAutoscaler:
         headroom = cluster.config.high_priority_headroom
         avg = sum(freeness(r, headroom) for r in open_) / len(open_)
         if size < self.max_instances and avg < self.scale_out_below:
-            if now >= self._retry_at:
+            if self.launches.ready(now):
                 self._launch(cluster, now)
         elif avg > self.scale_in_above and size > floor:
             cluster.drain(min(open_, key=lambda r: r.num_requests).name)
             self._quiet_until = now + self.cooldown_s
 
-    def _back_off_after_failures(self, now: float) -> None:
-        """If a launch failed since the last round, no launch for the back-off
-        (instead of the cooldown the launch started)."""
-        with self._lock:
-            failed, self._failed = self._failed, False
-            in_a_row = self.failures_in_a_row
-        if failed and in_a_row:
-            delay = min(self.max_backoff_s, self.backoff_s * 2 ** (in_a_row - 1))
-            self._retry_at = now + delay
-            self._quiet_until = -math.inf  # nothing changed: the back-off alone applies
-            log.warning("autoscaler: %d launch(es) in a row failed; next try in %g s",
-                        in_a_row, delay)
-
     def _size(self, cluster: Cluster, reports: dict[str, LoadReport], num_open: int) -> int:
-        """Open instances, counting launches in flight and instances that joined
-        after this round's reports (pending is read first: a launch adds its
-        instance before it stops counting as pending, so none is missed)."""
-        with self._lock:
-            pending = self.pending
+        """Open instances, counting launches in flight (its own and the cluster's
+        replacements) and instances that joined after this round's reports
+        (pending is read first: a launch adds its instance before it stops
+        counting as pending, so none is missed)."""
+        pending = self.launches.num_pending() + cluster.launches.num_pending()
         joined = sum(1 for name, inst in list(cluster.instances.items())
                      if name not in reports and inst.alive and not inst.draining)
         return num_open + pending + joined
 
     def _launch(self, cluster: Cluster, now: float) -> None:
-        with self._lock:
-            self.pending += 1
         self._quiet_until = now + self.cooldown_s
-        self.spawn(lambda: self._run_launch(cluster))
-
-    def _run_launch(self, cluster: Cluster) -> None:
-        """One launch, off the cluster's thread: the instance joins the cluster,
-        or, if the cluster shut down meanwhile, is terminated."""
-        try:
-            inst = cluster.launcher.launch(cluster.on_outputs, cluster.on_death)
-        except Exception:
-            log.exception("autoscaler: launching an instance failed")
-            with self._lock:
-                self.pending -= 1
-                self.failures_in_a_row += 1
-                self.num_failed_launches += 1
-                self._failed = True
-            return
-        try:
-            cluster.add_instance(inst)
-        except RuntimeError:  # shut down
-            cluster.launcher.terminate(inst)
-        with self._lock:
-            self.pending -= 1
-            self.failures_in_a_row = 0
+        self.launches.start(cluster, cluster.launcher)
 
 
 class ReplanAutoscaler:
@@ -195,7 +251,9 @@ class ReplanAutoscaler:
     ``replan_kw`` go to `Replanner` (``options``, ``window_s``, ``min_saving``,
     ``patience``). ``demands`` are per type, ``{type name: [demand, ...]}``: the
     fleet keeps at least that many open instances of the type (a plan's removals
-    are trimmed to it, a shortfall is launched at once)."""
+    are trimmed to it, a shortfall is launched at once). While the fleet's
+    launches back off after failures, a plan or shortfall that would launch is
+    not applied (the next re-plan tries again)."""
 
     def __init__(self, fleet: FleetActuator, profiles: Sequence[TypeProfile], buckets: Buckets,
                  interval_s: float = 10.0, demands: dict[str, Sequence[Demand]] | None = None,
@@ -214,6 +272,7 @@ class ReplanAutoscaler:
         self.diffs: list[FleetDiff] = []  # every change applied, oldest first
         self._last: float | None = None
         self._floors: dict[str, int] = {}
+        self._may_launch = True  # no back-off running at this round
 
     def observe(self, group: Group, now: float) -> None:
         req = group.requests[0]
@@ -236,6 +295,7 @@ class ReplanAutoscaler:
             return
         self._last = now
         self._floors = {t: demanded(ds) for t, ds in self.demands.items()}
+        self._may_launch = self.fleet.launches.ready(now)
         self.replanner.replan(now)
         counts = self.counts()
         short = {t: k - counts.get(t, 0) for t, k in self._floors.items() if k > counts.get(t, 0)}
@@ -249,6 +309,8 @@ class ReplanAutoscaler:
         return self.fleet.counts()
 
     def apply(self, diff: FleetDiff) -> None:
+        if diff.add and not self._may_launch:
+            return
         counts = self.counts()
         remove = {t: min(k, counts.get(t, 0) + diff.add.get(t, 0) - self._floors.get(t, 0))
                   for t, k in diff.remove.items()}
@@ -262,10 +324,11 @@ class ReplanAutoscaler:
 
 
 def attach(cluster: Cluster, kind: str, max_instances: int, profile_path: str | None = None,
-           demands: Sequence[Demand] = ()) -> Autoscaler:
+           demands: Sequence[Demand] = (), spawn: Spawn = in_thread) -> Autoscaler:
     """Give a one-type cluster (its instances all from ``cluster.launcher``) the
     autoscaler ``kind`` (`AUTOSCALERS`), which never runs more than
-    ``max_instances`` nor fewer than it started with. ``replan`` needs
+    ``max_instances`` nor fewer than it started with; its launches run through
+    ``spawn`` (`Launches`). ``replan`` needs
     ``profile_path``: a profile file (`sluice.provision.profiles.save_profiles`,
     ``sluice provision``) holding one type, the type of these instances."""
     if kind not in AUTOSCALERS:
@@ -277,15 +340,15 @@ def attach(cluster: Cluster, kind: str, max_instances: int, profile_path: str | 
         raise ValueError(f"max_instances: must be >= instances ({start}), got {max_instances}")
     if kind == "freeness":
         scaler: Autoscaler = FreenessAutoscaler(min_instances=start, max_instances=max_instances,
-                                                demands=demands)
+                                                demands=demands, spawn=spawn)
     else:
-        scaler = _replan_autoscaler(cluster, max_instances, profile_path, demands)
+        scaler = _replan_autoscaler(cluster, max_instances, profile_path, demands, spawn)
     cluster.autoscaler = scaler
     return scaler
 
 
 def _replan_autoscaler(cluster: Cluster, max_instances: int, profile_path: str | None,
-                       demands: Sequence[Demand]) -> ReplanAutoscaler:
+                       demands: Sequence[Demand], spawn: Spawn) -> ReplanAutoscaler:
     import json
 
     from sluice.provision.planner import Options
@@ -303,7 +366,7 @@ def _replan_autoscaler(cluster: Cluster, max_instances: int, profile_path: str |
         raise ValueError(f"autoscale_profile: {profile_path}: a local cluster is one instance "
                          f"type; the file has {len(profiles)}")
     name = profiles[0].name
-    fleet = FleetActuator(cluster, {name: cluster.launcher}, buckets)
+    fleet = FleetActuator(cluster, {name: cluster.launcher}, buckets, spawn=spawn)
     fleet.adopt(name, list(cluster.instances))
     floor = len(cluster.instances)
     return ReplanAutoscaler(fleet, profiles, buckets,

@@ -36,9 +36,11 @@ on both dying instances counts, so an innocent one that shared two with the
 culprit goes too; the engine's own fault isolation, which fails a culprit
 without killing its instance, makes deaths rare to begin with.) With a
 launcher and ``replace_dead``, a dead instance is replaced by a fresh one (at
-most ``max_replacements`` per ``replacement_window_s``, so a crash loop ends);
-its requests go to survivors at once, or wait for the replacement when none
-survived. `health` says whether any instance takes requests (``GET /health``).
+most ``max_replacements`` per ``replacement_window_s``, so a crash loop ends),
+launched in the background (`sluice.scheduler.autoscale.Launches`, ``spawn``:
+the death handler never waits for an instance to load and compile); its
+requests go to survivors at once, or, when none survived, wait for a
+replacement to join (and fail if none comes). `health` says whether any instance takes requests (``GET /health``).
 
 A ``router`` (`sluice.scheduler.fleet.FleetActuator`, driven by the
 provisioner's re-planner) may restrict a request to instances of one
@@ -70,7 +72,7 @@ from sluice.runtime.health import Health
 from sluice.runtime.option_names import DISPATCH_POLICIES
 from sluice.runtime.outputs import RequestFailed, RequestOutput
 from sluice.runtime.sampling_params import SamplingParams
-from sluice.scheduler.autoscale import Autoscaler
+from sluice.scheduler.autoscale import Autoscaler, Launches, Spawn, in_thread
 from sluice.scheduler.instance import DeathSink, Instance, LoadReport, OutputSink
 from sluice.scheduler.migration import MigrationResult, migrate
 
@@ -161,11 +163,12 @@ class Cluster:
                  intake: Intake, config: ClusterConfig | None = None,
                  launcher: Launcher | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 autoscaler: Autoscaler | None = None):
+                 autoscaler: Autoscaler | None = None, spawn: Spawn = in_thread):
         """``instances``: a factory called with this cluster's output and death
         sinks (instances report to it), or instances already wired to
         `on_outputs` / `on_death`. ``clock`` times the replacement window and
-        the autoscaler's observations and rounds."""
+        the autoscaler's observations and rounds; ``spawn`` runs replacement
+        launches (`launches`) off the death handler's thread."""
         self.config = config or ClusterConfig()
         self.intake = intake
         self.launcher = launcher
@@ -183,6 +186,8 @@ class Cluster:
         self.deaths: OrderedDict[str, str] = OrderedDict()  # dead instance -> cause
         self._clock = clock
         self._replacements: deque[float] = deque()  # when each replacement started
+        self.launches = Launches(spawn)  # replacements of dead instances in flight
+        self._dead: set[str] = set()  # dead instances whose requests may still wait
         made = instances(self.on_outputs, self.on_death) if callable(instances) else instances
         self.instances: dict[str, Instance] = {i.name: i for i in made}
         # Restricts where a new group may go (the fleet actuator's per-bucket
@@ -308,8 +313,9 @@ class Cluster:
 
     def on_death(self, name: str, error: BaseException) -> None:
         """An instance died: quarantine the requests it held that have now seen
-        ``quarantine_after`` deaths, re-dispatch the rest (to survivors at once;
-        when none survived, to its replacement), and replace it."""
+        ``quarantine_after`` deaths, start its replacement, and re-dispatch the
+        rest (to survivors at once; when none survived, to the first replacement
+        that joins)."""
         cause = f"{type(error).__name__}: {error}"
         log.error("instance %s died (%s); re-dispatching its requests", name, cause)
         with self._lock:
@@ -318,11 +324,9 @@ class Cluster:
             while len(self.deaths) > MAX_DEATHS_KEPT:
                 self.deaths.popitem(last=False)
             self._quarantine(name, cause)
-            survivors = any(i.alive for n, i in self.instances.items() if n != name)
-        if survivors:
-            self._redispatch(name)
+            self._dead.add(name)
         self._replace(name)
-        self._redispatch(name)  # any still here: to the replacement, or failed if none
+        self._redispatch()
 
     def _quarantine(self, dead: str, cause: str) -> None:
         """Count the death against every request the instance held; fail those
@@ -340,8 +344,8 @@ class Cluster:
                     f"while running it: {'; '.join(rec.deaths)}"))
 
     def _replace(self, dead: str) -> None:
-        """With a launcher: stop the dead instance and launch a fresh one in its
-        place, unless ``max_replacements`` happened within the window."""
+        """With a launcher: stop the dead instance and start launching a fresh
+        one in its place, unless ``max_replacements`` happened within the window."""
         if self.launcher is None or not self.config.replace_dead:
             return
         with self._lock:
@@ -361,29 +365,37 @@ class Cluster:
             self.launcher.terminate(inst)
         except Exception:  # it is dead; whatever is left of it must not stop the replacement
             log.exception("terminating dead instance %s failed", dead)
-        try:
-            fresh = self.launcher.launch(self.on_outputs, self.on_death)
-        except Exception:
-            log.exception("launching a replacement for instance %s failed", dead)
-            return
+        self.launches.start(self, self.launcher, joined=lambda fresh: self._replaced(dead, fresh),
+                            failed=self._redispatch)
+
+    def _replaced(self, dead: str, fresh: Instance) -> None:
         log.warning("instance %s replaced by %s", dead, fresh.name)
         with self._lock:
-            self.instances[fresh.name] = fresh
             self.num_replaced += 1
+        self._redispatch()  # requests that waited for it
 
-    def _redispatch(self, dead: str) -> None:
-        """Recompute the dead instance's requests elsewhere, from what callers saw."""
+    def _redispatch(self, dead: str | None = None) -> None:
+        """Recompute dead instances' requests (``dead``'s too) elsewhere, from
+        what callers saw. With no live instance they wait while a replacement is
+        launching, and fail when none is."""
         with self._lock:
+            if dead is not None:
+                self._dead.add(dead)
             if not any(i.alive for i in self.instances.values()):
-                for rid in [r for r, rec in self._records.items() if rec.owner == dead]:
+                if self.launches.num_pending():
+                    return
+                for rid in [r for r, rec in self._records.items() if rec.owner in self._dead]:
+                    owner = self._records[rid].owner
                     self._fail(rid, RequestFailed(
-                        f"every instance has died (the last, {dead}: "
-                        f"{self.deaths.get(dead, 'unknown cause')})"))
-                return
-            for rid, rec in list(self._records.items()):
-                if rec.owner == dead and rid not in self._migrating:
-                    self._dispatch(rid, self._revive(rid, rec))
-                    self.num_redispatched += 1
+                        f"every instance has died (the last, {owner}: "
+                        f"{self.deaths.get(owner, 'unknown cause')})"))
+            else:
+                for rid, rec in list(self._records.items()):
+                    if rec.owner in self._dead and rid not in self._migrating:
+                        self._dispatch(rid, self._revive(rid, rec))
+                        self.num_redispatched += 1
+            self._dead = {rec.owner for rid, rec in self._records.items()
+                          if rec.owner in self._dead}  # only the migrating ones still wait
 
     def _revive(self, rid: str, rec: _Record):
         group = self.intake.prepare(rid, rec.prompt, rec.params, rec.priority, rec.client,
@@ -521,6 +533,8 @@ class Cluster:
             why = [f"{n} died ({causes.get(n, 'unknown cause')})" for n in dead]
             if draining:
                 why.append(f"{draining} draining")
+            if self.launches.num_pending():
+                why.append(f"{self.launches.num_pending()} replacement(s) starting")
             reason = "no instance takes requests: " + ("; ".join(why) or "there are none")
         return Health(serving, draining, len(dead), reason=reason, **counts)
 

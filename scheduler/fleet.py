@@ -3,9 +3,12 @@ several accelerator types, resized by `sluice.provision.replan.Replanner`.
 
 ``FleetActuator(cluster, launchers, buckets)`` implements the `ScaleActuator`
 protocol: ``counts()`` is the open (not draining) instances per type;
-``apply(diff)`` launches ``diff.add`` at once and drains ``diff.remove`` (the
-least loaded instances of each type: they take no new requests, their running
-ones live-migrate away, and the cluster stops them once empty); ``route``
+``apply(diff)`` starts launching ``diff.add`` in the background
+(`sluice.scheduler.autoscale.Launches`: the caller does not wait for instances
+to load and compile; a launch in flight counts in ``counts()`` for its type
+until its instance has joined) and drains ``diff.remove`` (the least loaded
+open instances of each type: they take no new requests, their running ones
+live-migrate away, and the cluster stops them once empty); ``route``
 installs per-bucket routing weights, after which each new request goes to an
 instance of a type drawn with its bucket's weights (the cluster's dispatch
 policy picks among that type's instances). `sluice.scheduler.autoscale.ReplanAutoscaler`
@@ -20,15 +23,18 @@ import numpy as np
 from sluice.provision.replan import FleetDiff, Routing
 from sluice.provision.workload import Buckets
 from sluice.runtime.intake import Group
+from sluice.scheduler.autoscale import Launches, Spawn, in_thread
 from sluice.scheduler.cluster import Cluster, Launcher
+from sluice.scheduler.instance import Instance
 
 
 class FleetActuator:
     def __init__(self, cluster: Cluster, launchers: dict[str, Launcher], buckets: Buckets,
-                 seed: int = 0):
+                 seed: int = 0, spawn: Spawn = in_thread):
         self.cluster = cluster
         self.launchers = launchers
         self.buckets = buckets
+        self.launches = Launches(spawn)
         self.type_of: dict[str, str] = {}  # instance name -> accelerator type
         self.routing: Routing = {}
         self._rng = np.random.default_rng(seed)
@@ -39,8 +45,10 @@ class FleetActuator:
         self.type_of.update({n: type_name for n in names})
 
     def counts(self) -> dict[str, int]:
-        counts = {t: 0 for t in self.launchers}
-        for name, inst in self.cluster.instances.items():
+        """Open instances per type, launches in flight included (read first: a
+        launch's instance joins and is typed before it stops counting)."""
+        counts = {t: self.launches.num_pending(t) for t in self.launchers}
+        for name, inst in list(self.cluster.instances.items()):
             if inst.alive and not inst.draining and name in self.type_of:
                 counts[self.type_of[name]] += 1
         return counts
@@ -48,15 +56,16 @@ class FleetActuator:
     def apply(self, diff: FleetDiff) -> None:
         for type_name, n in diff.add.items():
             for _ in range(n):
-                inst = self.launchers[type_name].launch(self.cluster.on_outputs,
-                                                        self.cluster.on_death)
-                self.type_of[inst.name] = type_name
-                self.cluster.add_instance(inst)
+                self.launches.start(self.cluster, self.launchers[type_name], type_name,
+                                    joined=lambda inst, t=type_name: self._typed(inst, t))
         for type_name, n in diff.remove.items():
             open_ = [i.report() for name, i in self.cluster.instances.items()
                      if self.type_of.get(name) == type_name and i.alive and not i.draining]
             for report in sorted(open_, key=lambda r: r.num_requests)[:n]:
                 self.cluster.drain(report.name)
+
+    def _typed(self, inst: Instance, type_name: str) -> None:
+        self.type_of[inst.name] = type_name
 
     def route(self, routing: Routing) -> None:
         self.routing = routing

@@ -571,12 +571,18 @@ def test_fleet_actuator_applies_plans_and_routes(tiny):
 
     cluster = Cluster([FakeInstance("l4-0", num_free_blocks=50, num_running=2)],
                       Intake(tiny, 512, seed=0))
-    fleet = FleetActuator(cluster, {"L4": FakeLauncher("l4-"), "H100": FakeLauncher("h100-")},
-                          Buckets((0, 64, 512), (0, 64, 512)))
+    launches, h100 = [], FakeLauncher("h100-")
+    fleet = FleetActuator(cluster, {"L4": FakeLauncher("l4-"), "H100": h100},
+                          Buckets((0, 64, 512), (0, 64, 512)), spawn=launches.append)
     fleet.adopt("L4", ["l4-0"])
     assert fleet.counts() == {"L4": 1, "H100": 0}
     fleet.apply(FleetDiff({"H100": 2}, {}, {"L4": 1, "H100": 2}, 1.0, 2.0, "scale_up"))
+    # apply only starts the launches (in the background); in flight, they count
+    assert len(launches) == 2 and h100.n == 0 and list(cluster.instances) == ["l4-0"]
     assert fleet.counts() == {"L4": 1, "H100": 2}
+    for launch in launches:
+        launch()
+    assert fleet.counts() == {"L4": 1, "H100": 2} and len(cluster.instances) == 3
     fleet.route({(0, 0): {"L4": 1.0}, (1, 1): {"H100": 1.0}})
     cluster.submit("short", "hi", SamplingParams(max_tokens=10), lambda out: None)
     cluster.submit("long", "x" * 100, SamplingParams(max_tokens=100), lambda out: None)
@@ -698,7 +704,8 @@ def test_autoscaler_scales_a_local_cluster_out_under_load_and_back_in(tiny, tmp_
         path = tmp_path / "profile.json"
         buckets = Buckets((0, 512), (0, 512))
         save_profiles(path, buckets, [TypeProfile("cpu", 1.0, np.full((1, 1), 0.02), "test")])
-        scaler = attach(cluster, "replan", max_instances=2, profile_path=str(path))
+        scaler = attach(cluster, "replan", max_instances=2, profile_path=str(path),
+                        spawn=lambda launch: launch())
         scaler.replanner.window_s = 100.0
 
     def ticks(phase):
@@ -794,9 +801,9 @@ def test_freeness_autoscaler_launches_in_the_background_and_backs_off(tiny):
             cluster.tick()
 
     rounds_at(0.0, 1.0, 2.0)
-    assert len(launches) == 1 and scaler.pending == 1 and open_instances(cluster) == ["a"]
+    assert len(launches) == 1 and scaler.launches.num_pending() == 1 and open_instances(cluster) == ["a"]
     launches[0]()  # fails
-    assert scaler.pending == 0 and scaler.failures_in_a_row == 1
+    assert scaler.launches.num_pending() == 0 and scaler.launches.failures_in_a_row == 1
     rounds_at(3.0, 7.9)  # backing off until 3 + 5
     assert len(launches) == 1
     rounds_at(8.0)
@@ -807,8 +814,8 @@ def test_freeness_autoscaler_launches_in_the_background_and_backs_off(tiny):
     rounds_at(19.0)
     assert len(launches) == 3
     launches[2]()  # succeeds
-    assert open_instances(cluster) == ["a", "new-1"] and scaler.failures_in_a_row == 0
-    assert scaler.num_failed_launches == 2
+    assert open_instances(cluster) == ["a", "new-1"] and scaler.launches.failures_in_a_row == 0
+    assert scaler.launches.num_failed == 2
     cluster.instances["new-1"].load = dict(num_free_blocks=1, num_running=4)  # full too
     rounds_at(20.0)  # cooling down after the launch at 19
     assert len(launches) == 3
@@ -817,6 +824,86 @@ def test_freeness_autoscaler_launches_in_the_background_and_backs_off(tiny):
     cluster.shutdown()
     launches[3]()  # lands after shutdown: stopped, not served
     assert launcher.terminated == ["new-2"] and "new-2" not in cluster.instances
+
+
+def test_replan_autoscaler_launches_in_the_background_and_backs_off(tiny):
+    """The re-planner's fleet launches off the round too: a shortfall starts a
+    launch and the next rounds, seeing it in flight, start no second one; after a
+    failed launch no plan that launches is applied until the back-off (5 s) ends."""
+    import numpy as np
+
+    from sluice.provision.profiles import TypeProfile
+    from sluice.provision.workload import Buckets
+    from sluice.scheduler.autoscale import ReplanAutoscaler
+    from sluice.scheduler.fleet import FleetActuator
+
+    clock, launches, launcher = ManualClock(), [], FlakyLauncher("new-", failures=1)
+    cluster = Cluster([FakeInstance("a", num_free_blocks=90, num_running=0)],
+                      Intake(tiny, 512, seed=0), ClusterConfig(migrate=False), launcher,
+                      clock=clock)
+    buckets = Buckets((0, 512), (0, 512))
+    fleet = FleetActuator(cluster, {"cpu": launcher}, buckets, spawn=launches.append)
+    fleet.adopt("cpu", ["a"])
+    cluster.autoscaler = ReplanAutoscaler(
+        fleet, [TypeProfile("cpu", 1.0, np.full((1, 1), 0.02), "test")], buckets,
+        interval_s=1.0, demands={"cpu": [lambda: 2]})
+
+    def rounds_at(*times):
+        for t in times:
+            clock.now = t
+            cluster.tick()
+
+    rounds_at(0.0, 1.0, 2.0)
+    assert len(launches) == 1 and launcher.n == 0 and fleet.counts() == {"cpu": 2}
+    launches[0]()  # fails
+    rounds_at(3.0, 7.0)  # backing off until 3 + 5
+    assert len(launches) == 1 and fleet.counts() == {"cpu": 1}
+    rounds_at(8.0)
+    assert len(launches) == 2
+    launches[1]()
+    rounds_at(9.0)
+    assert open_instances(cluster) == ["a", "new-1"] and len(launches) == 2
+
+
+def test_dead_instance_is_replaced_in_the_background(tiny):
+    """The death handler only starts the replacement: the dead instance's requests
+    go to a survivor at once; with no survivor they wait (not failed) while a
+    replacement is launching, go to the first that joins, and fail once every
+    launch has failed."""
+    launches, launcher, col = [], FlakyLauncher("new-"), Collector()
+    insts = {n: FakeInstance(n, num_free_blocks=90, num_running=0) for n in "ab"}
+    cluster = Cluster(list(insts.values()), Intake(tiny, 512, seed=0),
+                      ClusterConfig(dispatch="round-robin", migrate=False, quarantine_after=9),
+                      launcher, spawn=launches.append)
+
+    def kill(name):
+        inst = cluster.instances[name]
+        inst.alive = False
+        cluster.on_death(name, RuntimeError("boom"))
+        return inst
+
+    for rid in ("r0", "r1"):
+        cluster.submit(rid, "hi", SamplingParams(max_tokens=4), col.sink)
+    kill("a")
+    assert len(launches) == 1 and launcher.n == 0 and set(insts["b"].groups) == {"r0", "r1"}
+    launches[0]()
+    assert sorted(cluster.instances) == ["b", "new-1"] and cluster.stats().num_replaced == 1
+    kill("b")  # r0, r1 -> new-1
+    kill("new-1")  # no survivor: they wait for a replacement
+    assert len(launches) == 3 and "error" not in col.outputs
+    assert "2 replacement(s) starting" in cluster.health().reason
+    launcher.failures = 1
+    launches[1]()  # fails; the other is still launching
+    assert "error" not in col.outputs and cluster.launches.num_pending() == 1
+    launches[2]()
+    assert set(cluster.instances["new-2"].groups) == {"r0", "r1"}
+    assert cluster.stats().num_replaced == 2 and "error" not in col.outputs
+    launcher.failures = 1
+    kill("new-2")
+    launches[3]()  # the only replacement failed: nothing is left to serve them
+    assert len(col.outputs["error"]) == 2 and "every instance has died" in str(
+        col.outputs["error"][0])
+    assert cluster.stats().num_requests == 0
 
 
 def test_freeness_autoscaler_cools_down_between_scale_ins(tiny):
