@@ -1,9 +1,10 @@
 """Every kernel entry point compiled for each target at realistic shapes.
 
 Head layouts (query heads, KV heads, head_dim, layers): Llama-3-8B, Qwen2-0.5B
-(7 query heads per KV head: the group pads to 8), Gemma 3 4B (head_dim 256)
-and Phi-3-mini (head_dim 96, no grouping), so head dims 64, 96, 128 and 256
-all compile. Batches: decode of 1 and of 64 sequences at 4k tokens, a prefill
+(7 query heads per KV head: the group pads to 8), Gemma 3 4B (head_dim 256),
+Gemma 3 1B (one KV head, as in 270M: 4 query heads x 256) and Phi-3-mini
+(head_dim 96, no grouping), so head dims 64, 96, 128 and 256 all compile.
+Batches: decode of 1 and of 64 sequences at 4k tokens, a prefill
 of 8 x 2048 tokens, and a ragged mixed batch (30 decodes, a 512-token chunk
 continuing a prompt, a fresh prompt) with a sliding window and a soft cap.
 Block sizes 16 to 128 rotate through the cases (each model and each batch
@@ -16,8 +17,9 @@ head_dim 96, which is documented to take the pure-JAX path: Triton needs
 power-of-two blocks); kernels that update the pool are compiled with it
 donated and must alias it, never copy it. Pools are the ones the runtime
 allocates for the target (`pool_layout.pool_head_dim`): on TPU, head dims 64
-and 96 are padded to 128 lanes, without which XLA gave the pool a layout other
-than the kernels' row-major one and copied it whole around every call.
+and 96 are padded to 128 lanes, and a bfloat16 pool with one KV head stores it
+twice (`pool_layout.pool_kv_heads`), without which XLA gave the pool a layout
+other than the kernels' row-major one and copied it whole around every call.
 """
 
 from __future__ import annotations
@@ -29,15 +31,17 @@ import pytest
 
 from compile_tests.check import (assert_kernels, assert_pool_in_place,
                                  assert_pool_not_copied, compile_for, kernel_calls, record, sds)
+from compile_tests.targets import device
 from sluice.pallas_kernels import dispatch
 from sluice.pallas_kernels.metadata import AttentionMetadata
-from sluice.pallas_kernels.pool_layout import pool_head_dim
-from sluice.pallas_kernels.ragged_attention import kv_splits, triton_shapes
+from sluice.pallas_kernels.pool_layout import pool_head_dim, pool_kv_heads
+from sluice.pallas_kernels.ragged_attention import gpu_sm_count, kv_splits, triton_shapes
 
 MODELS = {  # name: (query heads, KV heads, head_dim, layers)
     "llama3-8b": (32, 8, 128, 32),
     "qwen2-0.5b": (14, 2, 64, 24),
     "gemma3-4b": (8, 4, 256, 34),
+    "gemma3-1b": (4, 1, 256, 26),
     "phi3-mini": (32, 32, 96, 32),
 }
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -59,15 +63,16 @@ def _latin(i: int, j: int) -> int:
 ATTENTION_CASES = [(model, batch, _latin(i, j), "bfloat16")
                    for (i, model), (j, batch) in itertools.product(enumerate(MODELS),
                                                                    enumerate(BATCHES))]
-ATTENTION_CASES += [(model, list(BATCHES)[i], _latin(i, i + 1), "float32")
+ATTENTION_CASES += [(model, list(BATCHES)[i % len(BATCHES)], _latin(i, i + 1), "float32")
                     for i, model in enumerate(MODELS)]
 
 
 def _pool(target, model: str, block: int, num_blocks: int, layers: int, dtype):
-    """The pool the runtime allocates on ``target`` (`pool_head_dim` pads the
-    head dimension where the target's kernels need it)."""
+    """The pool the runtime allocates on ``target`` (`pool_head_dim` and
+    `pool_kv_heads` pad where the target's kernels need it)."""
     _, kv_heads, head_dim, _ = MODELS[model]
-    return sds(target, (num_blocks, layers, 2, block, kv_heads,
+    return sds(target, (num_blocks, layers, 2, block,
+                        pool_kv_heads(kv_heads, target.platform, dtype),
                         pool_head_dim(head_dim, target.platform)), dtype)
 
 
@@ -171,7 +176,8 @@ def test_long_decode_compiles(target, block):
         sds(target, (seqs,), jnp.int32), sds(target, (seqs, pages), jnp.int32),
         sds(target, (), jnp.int32), max_query_len=1)
     q = sds(target, (seqs, q_heads, head_dim), "bfloat16")
-    splits = kv_splits(kv_heads, kv_len, 1)  # GPU: one tile x 8 KV heads
+    # GPU: one tile x 8 KV heads on the target's SMs (its GpuTargetConfig's core_count).
+    splits = kv_splits(kv_heads, kv_len, 1, gpu_sm_count(device(target)))
 
     def attend(q, cache, layer, meta):
         return dispatch.ragged_paged_attention(q, cache, layer, meta, scale=head_dim ** -0.5,

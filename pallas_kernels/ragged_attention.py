@@ -325,21 +325,40 @@ def _gpu_warps(st: _Static) -> int:
 
 
 # KV split for long decodes (flash-decoding): a decode-only batch with fewer
-# than `GPU_TARGET_PROGRAMS` programs (tiles x KV heads) leaves SMs idle while
-# each program walks its sequences' whole context, so every sequence's pages
-# are cut into `kv_splits` parts, one program each, merged by their
-# log-sum-exp. Two waves of an H100/H200's 132 SMs; a part walks at least
+# programs (tiles x KV heads) than `GPU_WAVES` waves of the GPU's SMs leaves
+# SMs idle while each program walks its sequences' whole context, so every
+# sequence's pages are cut into `kv_splits` parts, one program each, merged by
+# their log-sum-exp. The SM count is the target device's (`gpu_sm_count`;
+# an H100/H200's 132 where the device does not say); a part walks at least
 # `GPU_MIN_SPLIT_TOKENS` KV positions so the partial outputs (float32, one
 # [rows, head_dim] per part) stay small next to the KV read.
-GPU_TARGET_PROGRAMS = 264
+GPU_WAVES = 2
+HOPPER_SMS = 132
 GPU_MIN_SPLIT_TOKENS = 512
 
 
-def kv_splits(programs: int, max_kv_tokens: int, max_query_len: int) -> int:
-    """How many KV parts the GPU kernel cuts each sequence into (1: no split)."""
+def gpu_sm_count(device: jax.Device | None = None) -> int:
+    """SMs of ``device`` (None: the default device, which is the target
+    device while `dispatch` lowers for it): PJRT's ``core_count`` of a GPU,
+    else `HOPPER_SMS` (interpret mode on CPU; an export without devices)."""
+    if device is None:
+        device = jax.config.jax_default_device
+        if not isinstance(device, jax.Device):
+            device = jax.devices()[0]
+    if device.platform not in ("gpu", "cuda", "rocm"):
+        return HOPPER_SMS
+    count = getattr(device, "core_count", None)
+    return int(count) if isinstance(count, int) and count > 0 else HOPPER_SMS
+
+
+def kv_splits(programs: int, max_kv_tokens: int, max_query_len: int,
+              sm_count: int = HOPPER_SMS) -> int:
+    """How many KV parts the GPU kernel cuts each sequence into (1: no split)
+    on a GPU with ``sm_count`` SMs."""
     if max_query_len != 1:  # prefill tiles already fill the grid and are compute-bound
         return 1
-    return max(1, min(-(-GPU_TARGET_PROGRAMS // programs), max_kv_tokens // GPU_MIN_SPLIT_TOKENS))
+    target = GPU_WAVES * sm_count
+    return max(1, min(-(-target // programs), max_kv_tokens // GPU_MIN_SPLIT_TOKENS))
 
 
 def _combine_splits(parts: jax.Array, lse: jax.Array, dtype) -> jax.Array:
@@ -363,7 +382,8 @@ def ragged_paged_attention_gpu(q: jax.Array, cache: jax.Array, layer, meta: Atte
     (or a block size under 16), it is the pure-JAX `chunked` path instead, the
     same results without a kernel (Phi-3's head_dim 96, for instance).
 
-    The grid is ``(tiles, kv_heads, splits)``; ``splits`` (None: `kv_splits`)
+    The grid is ``(tiles, kv_heads, splits)``; ``splits`` (None: `kv_splits`
+    for the target device's SM count)
     > 1 is the KV split, whose parts are merged in XLA (`_combine_splits`)."""
     head_dim, block_size = q.shape[2], cache.shape[3]
     if not interpret and not triton_shapes(head_dim, block_size):
@@ -373,7 +393,8 @@ def ragged_paged_attention_gpu(q: jax.Array, cache: jax.Array, layer, meta: Atte
     num_kv_heads, total_rows, _ = t.q.shape
     tiles = total_rows // st.rows
     if splits is None:
-        splits = kv_splits(tiles * num_kv_heads, st.pages * block_size, meta.max_query_len)
+        splits = kv_splits(tiles * num_kv_heads, st.pages * block_size, meta.max_query_len,
+                           gpu_sm_count())
     whole = pl.no_block_spec
     tile_spec = pl.BlockSpec((None, st.rows, head_dim), lambda i, h, s: (h, i, 0))
     out_shape = [jax.ShapeDtypeStruct(t.q.shape, q.dtype)]

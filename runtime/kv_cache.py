@@ -16,8 +16,10 @@ KV heads at once and separates heads in VMEM.
 The pool's ``head_dim`` is the model's, padded where the kernels of the
 device's platform need it (`pool_layout.pool_head_dim`: to a multiple of 128
 on TPU, so XLA's default layout of the pool is the row-major one the Mosaic
-kernels take and the pool is never copied around them); the kernels take q/k/v
-at the model's ``head_dim``. Sizes (`bytes_per_block`) include the padding.
+kernels take and the pool is never copied around them), and so is its KV-head
+count (`pool_layout.pool_kv_heads`: a bfloat16 TPU pool stores each of 1 KV
+head twice, for the same reason); the kernels take q/k/v at the model's
+``head_dim`` and head counts. Sizes (`bytes_per_block`) include the padding.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sluice.pallas_kernels.pool_layout import pool_head_dim
+from sluice.pallas_kernels.pool_layout import pool_head_dim, pool_kv_heads
 from sluice.runtime.config import ModelConfig
 
 
@@ -46,7 +48,8 @@ class KVCacheSpec:
                   dtype=jnp.float32, device: jax.Device | None = None) -> "KVCacheSpec":
         """The pool of ``cfg`` for ``device`` (None: the default backend's)."""
         platform = device.platform if device is not None else jax.default_backend()
-        return cls(num_blocks, block_size, cfg.num_layers, cfg.num_kv_heads,
+        return cls(num_blocks, block_size, cfg.num_layers,
+                   pool_kv_heads(cfg.num_kv_heads, platform, dtype),
                    pool_head_dim(cfg.head_dim, platform), jnp.dtype(dtype))
 
     @property

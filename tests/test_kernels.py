@@ -14,6 +14,7 @@ copies must match exactly.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ import pytest
 
 from sluice.pallas_kernels import block_copy, dispatch, ragged_attention, reference
 from sluice.pallas_kernels.metadata import AttentionMetadata
-from sluice.pallas_kernels.pool_layout import pool_head_dim
+from sluice.pallas_kernels.pool_layout import pool_head_dim, pool_kv_heads
 
 NUM_LAYERS, LAYER, BLOCK_SIZE, NUM_KV_HEADS = 2, 1, 16, 2
 # (query rows, KV length after this step): decodes, a fresh prefill, chunked
@@ -151,6 +152,50 @@ def test_gpu_kv_split_choice():
     assert ragged_attention.kv_splits(8, 32768, 2048) == 1  # prefill never splits
 
 
+def test_gpu_kv_split_follows_the_sm_count():
+    """The split aims at two waves of the target's SMs, read off the device."""
+    assert ragged_attention.kv_splits(128, 4096, 1, sm_count=108) == 2  # an A100
+    assert ragged_attention.kv_splits(8, 32768, 1, sm_count=58) == 15   # an L4
+    gpu = dataclasses.make_dataclass("FakeGpu", ["platform", "core_count"])
+    assert ragged_attention.gpu_sm_count(gpu("gpu", 78)) == 78
+    assert ragged_attention.gpu_sm_count(gpu("gpu", None)) == ragged_attention.HOPPER_SMS
+    assert ragged_attention.gpu_sm_count(jax.devices("cpu")[0]) == ragged_attention.HOPPER_SMS
+
+
+def _exported_warps(seqs, block: int) -> set[int]:
+    """``num_warps`` of every Triton call in GPU attention exported for cuda
+    (Llama-3 heads: 4 query heads per KV head) at ``seqs`` (query rows, KV length)."""
+    q_heads, kv_heads, head_dim = 32, 8, 128
+    pages = max(-(-kv // block) for _, kv in seqs)
+    tokens = sum(q for q, _ in seqs)
+    sds = jax.ShapeDtypeStruct
+    meta = AttentionMetadata(sds((tokens,), jnp.int32), sds((len(seqs) + 1,), jnp.int32),
+                             sds((len(seqs),), jnp.int32), sds((len(seqs), pages), jnp.int32),
+                             sds((), jnp.int32), max_query_len=max(q for q, _ in seqs))
+    args = (sds((tokens, q_heads, head_dim), jnp.bfloat16),
+            sds((len(seqs) * pages + 1, 1, 2, block, kv_heads, head_dim), jnp.bfloat16), meta)
+    from jax import export
+    from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+
+    kind, device_platform = EXPORT_CHIPS["cuda"]
+    with use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+            kind, 1, device_platform))):
+        module = export.export(
+            jax.jit(lambda q, c, m: dispatch.ragged_paged_attention(q, c, 0, m, scale=0.1)),
+            platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call(
+                KERNEL_CALLS["cuda"])])(*args).mlir_module()
+    assert f"@{KERNEL_CALLS['cuda']}(" in module
+    return {int(n) for n in re.findall(r"num_warps = (\d+)", module)}
+
+
+def test_gpu_prefill_launches_8_warps():
+    """The 8-warp rule (`ragged_attention._gpu_warps`) reaches the Triton launch:
+    a prefill tile (64 rows) at block size 128 with 4 warps needs 255 registers
+    and spills on sm_90a (ptxas), with 8 none; decodes at block 16 keep 4."""
+    assert _exported_warps([(64, 256), (64, 64)], 128) == {8}
+    assert _exported_warps([(1, 100), (1, 40)], 16) == {4}
+
+
 # A pool whose head dimension is padded past the model's (the TPU pool for
 # head_dim 64 / 96, `pool_layout.pool_head_dim`): every path takes q/k/v at the
 # model's head_dim and gives what the unpadded pool gives.
@@ -189,6 +234,54 @@ def test_padded_pool_gives_the_unpadded_results(path, seqs, dtype):
     np.testing.assert_array_equal(
         np.asarray(written, np.float32),
         np.asarray(_padded(reference.write_kv(cache, LAYER, k, v, slots), pool_dim), np.float32))
+
+
+# A pool that stores each KV head twice (the bfloat16 TPU pool of a model with
+# one KV head, Gemma 3 270M/1B, `pool_layout.pool_kv_heads`): every path takes
+# q/k/v at the model's head counts and gives what the model's pool gives, with
+# an even query group (4: Gemma 3) and an odd one (3: each query head goes to
+# both copies).
+DOUBLED_CASES = [("tpu", DECODE, 4, jnp.bfloat16), ("tpu", MIXED, 3, jnp.float32),
+                 ("cpu", MIXED, 3, jnp.bfloat16)]
+
+
+def test_pool_kv_heads_doubles_only_where_tpu_relays_out():
+    assert pool_kv_heads(1, "tpu", jnp.bfloat16) == 2  # Gemma 3 270M / 1B
+    assert pool_kv_heads(12, "tpu", jnp.bfloat16) == 24
+    for heads in (2, 4, 8, 16, 24, 32):  # kept row-major by XLA
+        assert pool_kv_heads(heads, "tpu", jnp.bfloat16) == heads
+    assert pool_kv_heads(3, "tpu", jnp.bfloat16) == 3  # 6 copies too: not doubled
+    assert pool_kv_heads(1, "tpu", jnp.float32) == 1
+    assert pool_kv_heads(1, "cpu", jnp.bfloat16) == pool_kv_heads(1, "cuda", jnp.bfloat16) == 1
+
+
+@pytest.mark.parametrize("path,seqs,group,dtype", DOUBLED_CASES,
+                         ids=[f"{p}-{'mixed' if s is MIXED else 'decode'}-g{g}-{jnp.dtype(d).name}"
+                              for p, s, g, d in DOUBLED_CASES])
+def test_doubled_kv_heads_give_the_single_head_results(path, seqs, group, dtype):
+    head_dim = 128
+    q, cache, meta = make_batch(5, seqs, group=group, head_dim=head_dim, dtype=dtype)
+    q, cache = q[:, :group], cache[:, :, :, :, :1]  # the model: one KV head
+    doubled = jnp.repeat(cache, 2, axis=4)
+    ops = dispatch.interpreted("tpu") if path == "tpu" else dispatch  # dispatch on CPU: chunked
+    attend = ops.ragged_paged_attention if ops is dispatch else ops.attend
+    kw = dict(scale=head_dim ** -0.5, sliding_window=9, soft_cap=20.0)
+    out = jax.jit(lambda q, c, m: attend(q, c, LAYER, m, **kw))(q, doubled, meta)
+    want = reference.ragged_paged_attention(q, cache, LAYER, meta, **kw)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    out = np.asarray(out, np.float32)
+    assert np.isfinite(out).all()
+    tol = TOLERANCE[dtype]
+    np.testing.assert_allclose(out, np.asarray(want, np.float32), atol=tol, rtol=tol)
+
+    rng = np.random.default_rng(4)
+    slots = jnp.asarray([5, 17, 3 * BLOCK_SIZE + 1, cache.shape[0] * BLOCK_SIZE], jnp.int32)
+    k, v = (jnp.asarray(rng.normal(size=(4, 1, head_dim)), dtype) for _ in range(2))
+    written = jax.jit(ops.write_kv)(doubled, jnp.int32(LAYER), k, v, slots)
+    np.testing.assert_array_equal(
+        np.asarray(written, np.float32),
+        np.asarray(jnp.repeat(reference.write_kv(cache, LAYER, k, v, slots), 2, axis=4),
+                   np.float32))
 
 
 # Runs of every kind: length 1, a power of two (one DMA), 3 and 7 (several DMAs).

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from sluice.pallas_kernels import block_copy, dispatch, reference
+from sluice.pallas_kernels.pool_layout import pool_head_dim, pool_kv_heads
 from test_kernels import DECODE, GROUPS, LAYER, MIXED, NUM_KV_HEADS, TOLERANCE, make_batch
 
 # A few long decodes: on GPU 4 programs (2 tiles x 2 KV heads), so the kernel
@@ -67,3 +68,34 @@ def test_write_kv_and_block_copies_on_device(head_dim):
     want = reference.scatter_blocks(cache, ids, new[:len(ids)])
     out = jax.jit(dispatch.scatter_blocks, donate_argnums=0)(jnp.array(cache), groups, new)
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
+
+
+def test_one_kv_head_pool_on_device():
+    """Gemma 3 270M/1B's layout (4 query heads, one KV head of 256) in the pool
+    the runtime allocates on this device (`pool_layout`: on TPU in bfloat16 the
+    head is stored twice): attention and the KV update equal the reference on
+    the model's own one-head pool."""
+    platform, dtype = jax.default_backend(), jnp.bfloat16
+    q, cache, meta = make_batch(41, DECODE, group=4, head_dim=256, dtype=dtype)
+    q, cache = q[:, :4], cache[:, :, :, :, :1]
+    pool = jnp.repeat(cache, pool_kv_heads(1, platform, dtype), axis=4)
+    pool = jnp.pad(pool, [(0, 0)] * 5 + [(0, pool_head_dim(256, platform) - 256)])
+    kw = dict(scale=256 ** -0.5, sliding_window=9, soft_cap=20.0)
+    out = jax.jit(lambda q, c, m: dispatch.ragged_paged_attention(q, c, LAYER, m, **kw))(
+        q, pool, meta)
+    want = reference.ragged_paged_attention(q, cache, LAYER, meta, **kw)
+    out = np.asarray(out, np.float32)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, np.asarray(want, np.float32), atol=TOLERANCE[dtype],
+                               rtol=TOLERANCE[dtype])
+
+    rng = np.random.default_rng(5)
+    slots = jnp.asarray([3, 40, cache.shape[0] * 16], jnp.int32)
+    k, v = (jnp.asarray(rng.normal(size=(3, 1, 256)), dtype) for _ in range(2))
+    written = jax.jit(lambda c, k, v, s: dispatch.write_kv(c, LAYER, k, v, s),
+                      donate_argnums=0)(jnp.array(pool), k, v, slots)
+    copies = pool.shape[4]
+    got = np.asarray(written, np.float32)[..., :256]
+    want = np.asarray(reference.write_kv(cache, LAYER, k, v, slots), np.float32)
+    for copy in range(copies):
+        np.testing.assert_array_equal(got[:, :, :, :, copy:copy + 1], want)
