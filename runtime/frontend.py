@@ -2,7 +2,8 @@
 requests, whether that is one engine (`sluice.runtime.async_engine.AsyncEngine`)
 or many under the global scheduler (`sluice.scheduler.async_cluster.AsyncCluster`).
 
-- ``model`` (tokenizer, config, and the parameters ``/v1/embeddings`` runs on),
+- ``model`` (tokenizer, config, and the parameters ``/v1/embeddings`` runs on;
+  a Ray cluster's driver loads those on first use, `sluice.runtime.loader.LazyModel`),
   ``max_model_len`` and ``scheduling_policy`` (the policy's name, None if
   unknown; ``/admin/priority`` warns when it ignores priorities): what every
   instance serves;
