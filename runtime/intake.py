@@ -16,7 +16,7 @@ import numpy as np
 
 from sluice.runtime.detokenizer import IncrementalDetokenizer
 from sluice.runtime.loader import Model
-from sluice.runtime.request import Request
+from sluice.runtime.request import Request, TokenLogprobs
 from sluice.runtime.sampling_params import INT64_MAX, INT64_MIN, SamplingParams
 from sluice.runtime.structured_output import compile_constraint
 
@@ -34,10 +34,26 @@ class Group:
     # ``sent`` counts each completion's tokens already in an output.
     delta_outputs: bool = False
     sent: list[int] = dataclasses.field(default_factory=list)
+    prompt_logprobs_sent: bool = False  # a delta output has carried them (once per group)
 
     @property
     def finished(self) -> bool:
         return all(r.is_finished for r in self.requests)
+
+    def output_prompt_logprobs(self) -> list[TokenLogprobs | None] | None:
+        """The prompt log-probs the group's next output carries: None until the
+        first completion (which scores the prompt for its siblings) has them all;
+        then a copy in every cumulative output, and in the first delta output only
+        (a fact of the group: a sibling's progress, or the first completion ending
+        before the others, does not send them again)."""
+        first = self.requests[0]
+        if first.params.prompt_logprobs is None or first.needs_prompt_logprobs:
+            return None
+        if self.delta_outputs:
+            if self.prompt_logprobs_sent:
+                return None
+            self.prompt_logprobs_sent = True
+        return list(first.prompt_logprobs)
 
 
 def check_priority(priority: Any) -> int:
@@ -76,13 +92,14 @@ class Intake:
             raise ValueError(f"conversation: needs n = 1 (one completion to continue), "
                              f"got n = {params.n}")
         text, ids = self._tokenize(prompt)
+        self._check_length(len(ids), params.max_tokens)
         if params.structured_outputs is not None:
             # compiled here, on the caller's thread, not by the engine's step (which
             # every running request waits for); a grammar llguidance cannot build or
             # that fails its probe is a ValueError naming the field
             compile_constraint(self.model.tokenizer, self.model.config.vocab_size,
                                self.model.eos_token_ids, params.structured_outputs)
-        max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
+        max_tokens = min(params.max_tokens, max(1, self.max_model_len - len(ids)))
         requests = []
         for i in range(params.n):
             if seeds is not None:
@@ -120,8 +137,16 @@ class Intake:
             raise ValueError("prompt: must be a string or {'prompt_token_ids': [...]}")
         if not ids:
             raise ValueError("prompt: must not be empty")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt: {len(ids)} tokens leave no room to generate within "
-                             f"max_model_len={self.max_model_len}")
         return text, ids
+
+    def _check_length(self, num_prompt: int, max_tokens: int) -> None:
+        """A prompt must leave room for what it generates. The last generated token
+        needs no KV (it is sampled from the position before it and ends the
+        request), so a prompt of exactly ``max_model_len`` tokens takes one token:
+        what scoring a full-context prompt sends (``echo`` with ``max_tokens`` 0)."""
+        limit = self.max_model_len
+        if num_prompt > limit or num_prompt == limit and max_tokens > 1:
+            raise ValueError(f"prompt: {num_prompt} tokens leave no room to generate within "
+                             f"max_model_len={limit} (a prompt of exactly max_model_len tokens "
+                             "is accepted for max_tokens 1 only)")
 

@@ -5,8 +5,9 @@ Requests are pydantic models validated in strict JSON mode, so ``"max_tokens":
 "5"`` or ``"stream": 1`` is a 400 rather than a silent coercion (as OpenAI
 does). Unknown fields are ignored (as vLLM does, so clients that send newer
 OpenAI fields keep working); known fields that Sluice cannot honour
-(``logit_bias``, ``suffix``, ``best_of`` != n, non-text content parts, ``echo``
-or ``prompt_logprobs`` with ``stream``) are a 400 naming the field instead of being ignored.
+(``logit_bias``, ``suffix``, ``best_of`` != n, non-text content parts,
+``prompt_logprobs`` on a streamed chat) are a 400 naming the field instead of being
+ignored.
 
 Loglikelihood scoring (completions; what evaluation harnesses such as lm-eval
 send): ``echo`` returns the prompt before the completion, and with ``logprobs``
@@ -14,7 +15,14 @@ the prompt tokens' log-probs first (the first token's is null, as in OpenAI's
 and vLLM's responses); ``max_tokens: 0`` (only with ``echo``) returns the
 prompt alone. vLLM's ``prompt_logprobs`` (0..20) adds a choice's
 ``prompt_logprobs`` list: null, then ``{token id: {"logprob", "decoded_token"}}``
-per prompt token, the token itself first.
+per prompt token, the token itself first; on chat completions it is the
+response's top-level ``prompt_logprobs`` (as vLLM's; not with ``stream``).
+Streamed, each choice's first chunk carries the echoed prompt (text and
+log-probs) before its first generated text, as vLLM streams it, and its
+``prompt_logprobs`` (vLLM refuses ``prompt_logprobs`` > 0 with ``stream``; Sluice
+sends them). ``text_offset`` counts characters of the text the choice returned:
+a token the echoed string does not contain (the BOS a tokenizer adds to a string
+prompt) has no width, and a stream's offsets continue across its chunks.
 
 Structured outputs (both endpoints; `sluice.runtime.structured_output`):
 ``response_format`` ``{"type": "json_object"}`` or ``{"type": "json_schema",
@@ -218,11 +226,6 @@ class CompletionRequest(_Sampling):
 
     def sampling_params(self, max_model_len: int) -> SamplingParams:
         self._unsupported()
-        if self.echo and self.stream:
-            raise APIError(400, "echo: not supported with stream", param="echo")
-        if self.prompt_logprobs is not None and self.stream:
-            raise APIError(400, "prompt_logprobs: not supported with stream",
-                           param="prompt_logprobs")
         if self.max_tokens == 0 and not self.echo:
             raise APIError(400, "max_tokens: must be at least 1 (0 only with echo)",
                            param="max_tokens")
@@ -346,6 +349,7 @@ class ChatCompletionRequest(_Sampling, ChatPrompt):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
@@ -398,10 +402,14 @@ class ChatCompletionRequest(_Sampling, ChatPrompt):
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true",
                            param="top_logprobs")
+        if self.prompt_logprobs is not None and self.stream:  # vLLM refuses it too
+            raise APIError(400, "prompt_logprobs: not supported with stream on chat "
+                           "completions", param="prompt_logprobs")
         newer = self.max_completion_tokens is not None
         max_tokens = self.max_completion_tokens if newer else self.max_tokens
         try:
-            return _make_params({**self._sampling_kwargs(), "structured_outputs": constraint},
+            return _make_params({**self._sampling_kwargs(), "structured_outputs": constraint,
+                                 "prompt_logprobs": self.prompt_logprobs},
                                 max_tokens, max_model_len,
                                 (self.top_logprobs or 0) if self.logprobs else None)
         except APIError as e:
@@ -523,31 +531,60 @@ def token_text(tokenizer: Tokenizer, token_id: int) -> str:
 
 def completion_logprobs(tokenizer: Tokenizer, lps: list[TokenLogprobs],
                         text_offset: int) -> dict[str, list]:
-    """The legacy completions ``logprobs`` object for some generated tokens."""
-    tokens, offsets = [], []
-    for lp in lps:
-        tokens.append(token_text(tokenizer, lp.token_id))
-        offsets.append(text_offset)
-        text_offset += len(tokens[-1])
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{token_text(tokenizer, t): v for t, v in lp.top.items()}
+    """The legacy completions ``logprobs`` object for some generated tokens, the
+    first at ``text_offset`` in the choice's text."""
+    return _logprobs_object(tokenizer, [lp.token_id for lp in lps], lps, None, text_offset)
+
+
+def echo_logprobs(tokenizer: Tokenizer, prompt_ids: list[int],
+                  prompt_lps: list[TokenLogprobs | None] | None, k: int,
+                  prompt: str | None) -> dict[str, list]:
+    """The completions ``logprobs`` object of an echoed prompt: its first token's
+    log-prob null, ``k`` alternatives per prompt token, and offsets into the echoed
+    text: ``prompt`` as sent (tokens the tokenizer added to it, such as BOS, take no
+    width), or None for a token prompt, echoed as decoded. Without ``prompt_lps`` (a
+    request that failed before its prompt was scored) the log-probs are null."""
+    lps = [None] + list(prompt_lps or [None] * len(prompt_ids))[1:]
+    widths = None if prompt is None else _echo_widths(tokenizer, prompt, prompt_ids)
+    return _logprobs_object(tokenizer, prompt_ids, lps, k, 0, widths)
+
+
+def join_logprobs(first: dict[str, list], then: dict[str, list]) -> dict[str, list]:
+    """Two consecutive pieces of one choice's ``logprobs`` object as one."""
+    return {key: first[key] + then[key] for key in first}
+
+
+def _logprobs_object(tokenizer: Tokenizer, ids: list[int], lps: list[TokenLogprobs | None],
+                     k: int | None, start: int, widths: list[int] | None = None
+                     ) -> dict[str, list]:
+    """``tokens``/``token_logprobs``/``top_logprobs``/``text_offset`` for ``ids`` from
+    ``start``, each token ``widths[i]`` characters wide (default: its text's length);
+    ``k`` caps the alternatives (None: all that were computed)."""
+    tokens = [token_text(tokenizer, t) for t in ids]
+    offsets, at = [], start
+    for width in widths if widths is not None else map(len, tokens):
+        offsets.append(at)
+        at += width
+    return {"tokens": tokens,
+            "token_logprobs": [None if lp is None else lp.logprob for lp in lps],
+            "top_logprobs": [None if lp is None else
+                             {token_text(tokenizer, t): v for t, v in list(lp.top.items())[:k]}
                              for lp in lps],
             "text_offset": offsets}
 
 
-def echo_logprobs(tokenizer: Tokenizer, prompt_ids: list[int],
-                  prompt_lps: list[TokenLogprobs | None], lps: list[TokenLogprobs],
-                  k: int) -> dict[str, list]:
-    """The completions ``logprobs`` object of an echoed prompt (its first token's
-    log-prob null; ``k`` alternatives per prompt token) then the generated tokens."""
-    first = token_text(tokenizer, prompt_ids[0])
-    rest = [TokenLogprobs(lp.token_id, lp.logprob, dict(list(lp.top.items())[:k]))
-            for lp in prompt_lps[1:]]
-    tail = completion_logprobs(tokenizer, rest + lps, len(first))
-    return {"tokens": [first] + tail["tokens"],
-            "token_logprobs": [None] + tail["token_logprobs"],
-            "top_logprobs": [None] + tail["top_logprobs"],
-            "text_offset": [0] + tail["text_offset"]}
+def _echo_widths(tokenizer: Tokenizer, prompt: str, ids: list[int]) -> list[int]:
+    """Each prompt token's width in the prompt string it was encoded from: the tokens
+    encoding added around the text (BOS, EOS: those not in ``encode(prompt,
+    add_special_tokens=False)``) are not in the string, so they take none."""
+    widths = [len(token_text(tokenizer, t)) for t in ids]
+    plain = tokenizer.encode(prompt, add_special_tokens=False)
+    for lead in range(len(ids) - len(plain) + 1):
+        if ids[lead:lead + len(plain)] == plain:
+            for i in [*range(lead), *range(lead + len(plain), len(ids))]:
+                widths[i] = 0
+            break
+    return widths
 
 
 def prompt_logprobs(tokenizer: Tokenizer, lps: list[TokenLogprobs | None],

@@ -164,6 +164,16 @@ class _Job:
     closed: bool = False
 
 
+@dataclasses.dataclass
+class _Sent:
+    """What one streamed completion choice's chunks have carried so far."""
+
+    started: bool = False  # its first chunk (the echoed prompt, prompt_logprobs) went out
+    chars: int = 0  # characters of its generated text
+    tokens: int = 0  # of its generated tokens
+    offset: int = 0  # characters of text in all, echo included (the next text_offset)
+
+
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -500,50 +510,92 @@ class OpenAIServer:
                            comp: CompletionOutput) -> dict[str, Any]:
         """A choice's text and logprobs: with ``echo``, the prompt's first (and with
         ``max_tokens`` 0 only the prompt: the one token generated is dropped)."""
-        generated = req.max_tokens != 0
-        text = comp.text if generated else ""
-        lps = comp.logprobs if generated else []
+        text, lps = (comp.text, comp.logprobs) if req.max_tokens != 0 else ("", [])
         if not req.echo:
             return {"text": text, "logprobs": None if lps is None else
                     proto.completion_logprobs(self.tokenizer, lps, 0)}
+        prompt, prompt_lps = self._echo(req, out)
+        return {"text": prompt + text, "logprobs": None if prompt_lps is None else
+                proto.join_logprobs(prompt_lps, proto.completion_logprobs(
+                    self.tokenizer, lps, len(prompt)))}
+
+    def _echo(self, req: proto.CompletionRequest, out: RequestOutput
+              ) -> tuple[str, dict[str, list] | None]:
+        """The echoed prompt's text (as sent, or a token prompt decoded) and, with
+        ``logprobs``, its part of the choice's ``logprobs`` object."""
         prompt = out.prompt if out.prompt is not None else self.tokenizer.decode(
             out.prompt_token_ids, skip_special_tokens=False)
-        return {"text": prompt + text, "logprobs": None if req.logprobs is None else
-                proto.echo_logprobs(self.tokenizer, out.prompt_token_ids,
-                                    out.prompt_logprobs, lps, req.logprobs)}
+        return prompt, None if req.logprobs is None else proto.echo_logprobs(
+            self.tokenizer, out.prompt_token_ids, out.prompt_logprobs, req.logprobs, out.prompt)
 
     async def _completion_chunks(self, request: Request, req: proto.CompletionRequest,
                                  jobs: list[_Job], rid: str, created: int
                                  ) -> AsyncIterator[bytes]:
+        """The streamed completion. Each choice's chunks are cut from its job's
+        accumulated output (``_Job.last``): the first, once the choice has something
+        to send and its prompt's log-probs (if asked for) are in, carries the echoed
+        prompt and ``prompt_logprobs``; with ``max_tokens`` 0 that one chunk (the
+        prompt alone) is sent when the choice ends."""
         head = {"id": rid, "object": "text_completion", "created": created,
                 "model": self.config.model_name}
         extra = {"usage": None} if req.include_usage else {}
-        offsets: dict[int, int] = {}  # choice -> text length sent
+        sent: dict[int, _Sent] = {}  # choice -> what its chunks have carried so far
         done: set[int] = set()
         start, ttft = time.monotonic(), None
-        async for j, out in self._outputs(jobs):
+        async for j, _ in self._outputs(jobs):
             ttft = ttft if ttft is not None else time.monotonic() - start
-            for comp in out.outputs:
+            whole = jobs[j].last
+            for comp in whole.outputs:
                 idx = j * req.n + comp.index
-                if idx in done or not (comp.token_ids or comp.delta or comp.finish_reason):
+                if idx in done:
                     continue
-                offset = offsets.get(idx, 0)
-                lps = None if comp.logprobs is None else proto.completion_logprobs(
-                    self.tokenizer, comp.logprobs, offset)
-                offsets[idx] = offset + len(comp.delta)
+                state = sent.setdefault(idx, _Sent())
+                if state.started or not (req.echo or req.prompt_logprobs is not None):
+                    choice = self._stream_choice(req, whole, comp, state)
+                else:  # the prompt's part (decoding every prompt token): off the event loop
+                    choice = await self._offload(self._stream_choice, req, whole, comp, state)
+                if choice is None:
+                    continue
                 if comp.finish_reason is not None:
                     done.add(idx)
-                yield proto.sse({**head, "choices": [{
-                    "index": idx, "text": comp.delta, "logprobs": lps,
-                    "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason}],
-                    **extra})
+                yield proto.sse({**head, "choices": [{"index": idx, **choice}], **extra})
         prompt_tokens = sum(len(job.last.prompt_token_ids) for job in jobs)
-        completion_tokens = sum(len(c.token_ids) for job in jobs for c in job.last.outputs)
+        completion_tokens = 0 if req.max_tokens == 0 else sum(  # max_tokens 0: dropped
+            len(c.token_ids) for job in jobs for c in job.last.outputs)
         self._usage_state(request, prompt_tokens, completion_tokens, ttft)
         if req.include_usage:
             yield proto.sse({**head, "choices": [],
                              "usage": proto.usage(prompt_tokens, completion_tokens)})
         yield proto.SSE_DONE
+
+    def _stream_choice(self, req: proto.CompletionRequest, whole: RequestOutput,
+                       comp: CompletionOutput, sent: _Sent) -> dict[str, Any] | None:
+        """The next chunk's choice body for ``comp``: everything since ``sent``
+        (which it advances), or None while there is nothing to send yet."""
+        first = not sent.started
+        scoring = (req.echo and req.logprobs is not None) or req.prompt_logprobs is not None
+        if first and scoring and whole.prompt_logprobs is None and not whole.finished:
+            return None  # the prompt's log-probs come with a later output
+        generated = req.max_tokens != 0
+        text = comp.text[sent.chars:] if generated else ""
+        new_tokens = len(comp.token_ids) > sent.tokens and generated
+        if not text and not new_tokens and comp.finish_reason is None:
+            return None
+        lps = comp.logprobs[sent.tokens:] if generated and comp.logprobs is not None else []
+        prompt, prompt_lps = self._echo(req, whole) if first and req.echo else ("", None)
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = proto.completion_logprobs(self.tokenizer, lps, sent.offset + len(prompt))
+            if prompt_lps is not None:
+                logprobs = proto.join_logprobs(prompt_lps, logprobs)
+        body = {"text": prompt + text, "logprobs": logprobs,
+                "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason}
+        if req.prompt_logprobs is not None:
+            body["prompt_logprobs"] = None if not first else proto.prompt_logprobs(
+                self.tokenizer, whole.prompt_logprobs or [], req.prompt_logprobs)
+        sent.started, sent.chars, sent.tokens = True, len(comp.text), len(comp.token_ids)
+        sent.offset += len(body["text"])
+        return body
 
     async def chat(self, request: Request) -> Response:
         req = await self._parse(proto.ChatCompletionRequest, request)
@@ -559,23 +611,27 @@ class OpenAIServer:
             return _SSEResponse(self._chat_chunks(request, req, jobs[0], rid, created, tools),
                                 lambda: self._close(jobs), rid)
         return await self._until_disconnect(request, self._chat_full(
-            request, jobs[0], rid, created, tools), lambda: self._close(jobs))
+            request, req, jobs[0], rid, created, tools), lambda: self._close(jobs))
 
-    async def _chat_full(self, request: Request, job: _Job, rid: str, created: int,
-                         tools: ToolCalling | None = None) -> Response:
+    async def _chat_full(self, request: Request, req: proto.ChatCompletionRequest, job: _Job,
+                         rid: str, created: int, tools: ToolCalling | None = None
+                         ) -> Response:
         start, ttft = time.monotonic(), None
         async for _ in self._outputs([job]):
             ttft = ttft if ttft is not None else time.monotonic() - start
         out = job.last
         completion_tokens = sum(len(c.token_ids) for c in out.outputs)
         self._usage_state(request, len(out.prompt_token_ids), completion_tokens, ttft)
-        return await self._offload(self._chat_response, out, rid, created, completion_tokens,
-                                   tools)
+        return await self._offload(self._chat_response, req, out, rid, created,
+                                   completion_tokens, tools)
 
-    def _chat_response(self, out: RequestOutput, rid: str, created: int,
-                       completion_tokens: int, tools: ToolCalling | None = None) -> Response:
+    def _chat_response(self, req: proto.ChatCompletionRequest, out: RequestOutput, rid: str,
+                       created: int, completion_tokens: int,
+                       tools: ToolCalling | None = None) -> Response:
         """The whole chat response, rendered (on a worker thread: it can be large);
-        with ``tools``, calls found in the text become ``message.tool_calls``."""
+        with ``tools``, calls found in the text become ``message.tool_calls``; with
+        ``prompt_logprobs``, vLLM's top-level ``prompt_logprobs`` (of the rendered
+        conversation's tokens)."""
         choices = []
         for c in out.outputs:
             content, calls = tools.parse(c.text) if tools is not None else (c.text, [])
@@ -590,7 +646,10 @@ class OpenAIServer:
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created,
                              "model": self.config.model_name, "choices": choices,
                              "usage": proto.usage(len(out.prompt_token_ids), completion_tokens),
-                             "system_fingerprint": None})
+                             "system_fingerprint": None,
+                             "prompt_logprobs": None if req.prompt_logprobs is None else
+                             proto.prompt_logprobs(self.tokenizer, out.prompt_logprobs,
+                                                   req.prompt_logprobs)})
 
     async def _chat_chunks(self, request: Request, req: proto.ChatCompletionRequest, job: _Job,
                            rid: str, created: int, tools: ToolCalling | None = None

@@ -174,18 +174,139 @@ def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(tiny, http):
     assert http.engine.block_manager.num_free_blocks == free
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"echo": True, "stream": True}, "echo"),
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"prompt_logprobs": 21}, "prompt_logprobs"),
-    ({"prompt_logprobs": -1}, "prompt_logprobs"),
-    ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
-    ({"echo": True, "logprobs": 21}, "logprobs"),
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"prompt_logprobs": 21}, "prompt_logprobs"),
+    ("/v1/completions", {"prompt_logprobs": -1}, "prompt_logprobs"),
+    ("/v1/completions", {"echo": True, "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"prompt": list(range(3, 131)), "max_tokens": 2}, "prompt"),
+    ("/v1/chat/completions", {"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+    ("/v1/chat/completions", {"prompt_logprobs": 21}, "prompt_logprobs"),
 ])
-def test_bad_echo_and_prompt_logprobs_requests_are_400s_naming_the_field(http, body, param):
-    r = http.post("/v1/completions", json={"prompt": "hi", **body})
+def test_bad_echo_and_prompt_logprobs_requests_are_400s_naming_the_field(http, path, body,
+                                                                         param):
+    base = {"prompt": "hi"} if path == "/v1/completions" else {
+        "messages": [{"role": "user", "content": "hi"}]}
+    r = http.post(path, json={**base, **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def streamed_choices(http, body: dict) -> dict[int, dict]:
+    """A streamed completion reassembled per choice: its chunks, text, joined
+    logprobs object and ``prompt_logprobs`` (first chunk)."""
+    import json
+    choices: dict[int, dict] = {}
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for c in json.loads(line[6:])["choices"]:
+                acc = choices.setdefault(c["index"], {"chunks": [], "text": "", "logprobs": None})
+                if c["logprobs"] is not None:  # each piece starts where the text so far ends
+                    assert c["logprobs"]["text_offset"][:1] in ([], [len(acc["text"])])
+                    acc["logprobs"] = c["logprobs"] if acc["logprobs"] is None else {
+                        k: acc["logprobs"][k] + v for k, v in c["logprobs"].items()}
+                acc["chunks"].append(c)
+                acc["text"] += c["text"]
+                acc["finish_reason"] = c["finish_reason"]
+    return choices
+
+
+@pytest.mark.parametrize("body", [
+    # lm-eval's request, two prompts of n = 2: each choice echoes its own prompt first
+    {"prompt": [PROMPT[:20], PROMPT[:9]], "n": 2, "echo": True, "logprobs": 1,
+     "max_tokens": 3},
+    {"prompt": PROMPT[:20], "echo": True, "logprobs": 2, "max_tokens": 0},  # the prompt alone
+    {"prompt": "hello there", "echo": True, "logprobs": 1, "prompt_logprobs": 2,
+     "max_tokens": 2},
+    {"prompt": "hello there", "prompt_logprobs": 0, "max_tokens": 2},  # no echo
+])
+def test_streamed_echo_and_prompt_logprobs_reassemble_to_the_whole_response(tiny, http, body):
+    """Streamed, each choice's first chunk carries its echoed prompt (text and
+    log-probs, then its first generated text) and ``prompt_logprobs``; put together,
+    the chunks equal the non-streamed response (vLLM streams echo the same way)."""
+    free = http.engine.block_manager.num_free_blocks
+    body = {**body, "temperature": 0, "ignore_eos": True}
+    prompt = body["prompt"]
+    prompts = [tiny.tokenizer.encode(prompt)] if isinstance(prompt, str) else \
+        prompt if isinstance(prompt[0], list) else [prompt]
+    whole = http.post("/v1/completions", json=body).json()["choices"]
+    streamed = streamed_choices(http, body)
+    assert sorted(streamed) == [c["index"] for c in whole]
+    for want in whole:
+        got = streamed[want["index"]]
+        first = got["chunks"][0]
+        assert got["text"] == want["text"] and got["finish_reason"] == want["finish_reason"]
+        if body.get("echo"):
+            prompt_text = want["text"][:len(want["text"]) - len(
+                "".join(c["text"] for c in got["chunks"][1:]))]
+            assert first["text"] == prompt_text and first["text"]
+        if body.get("max_tokens") == 0:
+            assert len(got["chunks"]) == 1
+        if want["logprobs"] is not None:
+            for key in ("tokens", "token_logprobs", "top_logprobs"):
+                assert got["logprobs"][key] == want["logprobs"][key], key
+            n_prompt = len(prompts[want["index"] // body.get("n", 1)]) if body.get("echo") else 0
+            assert got["logprobs"]["text_offset"][:n_prompt] == \
+                want["logprobs"]["text_offset"][:n_prompt]
+        if "prompt_logprobs" in body:
+            assert first["prompt_logprobs"] == want["prompt_logprobs"]
+            assert all(c["prompt_logprobs"] is None for c in got["chunks"][1:])
+    assert http.engine.block_manager.num_free_blocks == free
+
+
+def test_echo_offsets_skip_the_bos_a_string_prompt_does_not_contain(tiny, http):
+    """The byte-level tokenizer adds BOS to a string prompt; the echoed text is the
+    string as sent, so BOS takes no width and every other token's offset points at
+    its own text."""
+    res = http.post("/v1/completions", json={"prompt": "hello there", "echo": True,
+                                             "logprobs": 1, "max_tokens": 2,
+                                             "temperature": 0}).json()
+    choice = res["choices"][0]
+    lps, text = choice["logprobs"], choice["text"]
+    assert lps["tokens"][0] == tiny.tokenizer.decode([tiny.tokenizer.encode("hi")[0]],
+                                                     skip_special_tokens=False) == "<s>"
+    assert lps["text_offset"][:2] == [0, 0]
+    n = len(tiny.tokenizer.encode("hello there"))
+    for tok, at in zip(lps["tokens"][1:n], lps["text_offset"][1:n]):
+        assert text[at:at + len(tok)] == tok
+    assert lps["text_offset"][n] == len("hello there")  # the first generated token
+
+
+def test_echo_scores_a_prompt_of_exactly_max_model_len_tokens(tiny, http):
+    """With max_tokens 0 nothing is generated, so a prompt filling the context
+    (/tokenizer_info's model_max_length, here 128) is scored, not refused."""
+    free = http.engine.block_manager.num_free_blocks
+    ids = [3 + i % 250 for i in range(128)]
+    r = http.post("/v1/completions", json={"prompt": ids, "echo": True, "logprobs": 0,
+                                           "max_tokens": 0, "temperature": 0})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert len(choice["logprobs"]["token_logprobs"]) == 128
+    ref = full_forward_logprobs(tiny, ids)
+    np.testing.assert_allclose(choice["logprobs"]["token_logprobs"][1:],
+                               [ref[p - 1, ids[p]] for p in range(1, 128)], atol=2e-5)
+    assert r.json()["usage"] == {"prompt_tokens": 128, "completion_tokens": 0,
+                                 "total_tokens": 128}
+    assert http.engine.block_manager.num_free_blocks == free
+
+
+def test_chat_returns_vllms_top_level_prompt_logprobs(http):
+    messages = [{"role": "user", "content": "hi there"}]
+    res = http.post("/v1/chat/completions", json={
+        "messages": messages, "prompt_logprobs": 1, "max_tokens": 1,
+        "temperature": 0}).json()
+    ids = http.post("/tokenize", json={"messages": messages}).json()["tokens"]
+    plp = res["prompt_logprobs"]
+    assert len(plp) == len(ids) == res["usage"]["prompt_tokens"] and plp[0] is None
+    # the same tokens scored as a completion's prompt
+    want = http.post("/v1/completions", json={"prompt": ids, "prompt_logprobs": 1,
+                                              "max_tokens": 1, "temperature": 0}).json()
+    assert plp == want["choices"][0]["prompt_logprobs"]
+    plain = http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
+    assert plain.json()["prompt_logprobs"] is None
 
 
 def test_tokenizer_info_serves_lm_evals_remote_tokenizer(tiny, http):
@@ -214,3 +335,29 @@ def test_scoring_in_row_chunks_equals_scoring_all_rows_at_once():
     np.testing.assert_allclose(got[0], want.logprobs, atol=1e-5)
     np.testing.assert_array_equal(got[1], want.top_ids)
     np.testing.assert_allclose(got[2], want.top_logprobs, atol=1e-5)
+
+
+def test_a_delta_group_carries_its_prompt_logprobs_once(tiny):
+    """Review finding: "in the first delta output only" was decided from the first
+    completion's token count, so with n = 2 a first completion that had ended (or
+    been preempted) after one token resent them with each sibling's step. It is the
+    group's fact now: complete first, then once per delta group, always when
+    cumulative."""
+    from sluice.runtime.intake import Intake
+    from sluice.runtime.request import TokenLogprobs
+    intake = Intake(tiny, 64, seed=0)
+    params = SamplingParams(n=2, max_tokens=4, prompt_logprobs=1)
+    delta = intake.prepare("d", {"prompt_token_ids": [5, 6, 7]}, params)
+    delta.delta_outputs = True
+    cumulative = intake.prepare("c", {"prompt_token_ids": [5, 6, 7]}, params)
+    lps = [TokenLogprobs(6, -1.0, {6: -1.0}), TokenLogprobs(7, -2.0, {7: -2.0})]
+    for group in (delta, cumulative):
+        group.requests[0].add_prompt_logprobs(1, lps[:1])
+        assert group.output_prompt_logprobs() is None  # not complete yet
+        group.requests[0].add_prompt_logprobs(2, lps[1:])
+    assert delta.output_prompt_logprobs() == [None, *lps]
+    delta.requests[0].abort(0.0)  # the first completion ends; its sibling goes on
+    assert [delta.output_prompt_logprobs() for _ in range(3)] == [None] * 3
+    assert [cumulative.output_prompt_logprobs() for _ in range(2)] == [[None, *lps]] * 2
+    plain = intake.prepare("p", {"prompt_token_ids": [5, 6]}, SamplingParams())
+    assert plain.output_prompt_logprobs() is None

@@ -259,7 +259,6 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     ("/v1/completions", {**GOOD, "stop": [""]}, 400, "stop"),
     ("/v1/completions", {**GOOD, "stream_options": {"include_usage": True}}, 400,
      "stream_options"),
-    ("/v1/completions", {**GOOD, "echo": True, "stream": True}, 400, "echo"),
     ("/v1/completions", {**GOOD, "user": "key:0123"}, 400, "user"),
     ("/v1/chat/completions", {**CHAT, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "bot", "content": "x"}]}, 400,
