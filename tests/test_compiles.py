@@ -138,3 +138,39 @@ def test_readiness_is_the_servers_and_later_instances_start_warming_up(tiny, mon
         compiles._state["ready"] = ready
         for launcher, instance in launched:
             launcher.terminate(instance)
+
+
+def test_scoring_steps_with_and_without_decode_rows_compile_nothing_after_warmup(tiny):
+    """Review finding (7): the server test above runs max_num_seqs=1, whose one
+    scoring program always carries a (padded) decode row. With max_num_seqs=5 a
+    mixed step's decode group is either left out or 5 rows wide, so a prompt scored
+    alone and one scored beside a decoding request run two different scoring
+    programs; warm-up compiled both (max_model_len 16: one page width, few shapes)."""
+    from conftest import run_to_finish
+
+    from sluice.runtime import SamplingParams
+    compiles.install()
+    engine = LLMEngine(tiny, EngineConfig(warmup=True, max_model_len=16, max_num_seqs=5,
+                                          max_num_batched_tokens=16, max_prefill_seqs=1,
+                                          seed=0))
+    assert len(engine.runner.scoring_shapes()) == 2
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    before = compiles.counts()
+    alone = run_to_finish(engine, {"alone": ([5, 6, 7, 8, 9, 10], SamplingParams(
+        max_tokens=1, prompt_logprobs=1, **greedy))})["alone"]
+    engine.add_request("decoding", {"prompt_token_ids": [3, 4, 5]},
+                       SamplingParams(max_tokens=8, **greedy))
+    engine.step()  # its prompt: from here on it decodes
+    decoding = engine.scheduler.requests["decoding"]
+    engine.add_request("beside", {"prompt_token_ids": [5, 6, 7, 8, 9, 10]},
+                       SamplingParams(max_tokens=1, prompt_logprobs=1, **greedy))
+    tokens = len(decoding.output_token_ids)
+    outs = engine.step()  # the scored prompt chunk and a decode row in one step
+    assert len(decoding.output_token_ids) == tokens + 1
+    done = {**{o.request_id: o for o in outs if o.finished}, **run_to_finish(engine, {})}
+    new = {k: v - before.get(k, 0) for k, v in compiles.counts().items()
+           if v != before.get(k, 0)}
+    assert new == {}, f"compiled after warm-up: {new}"
+    # the two programs score alike
+    np.testing.assert_allclose([lp.logprob for lp in done["beside"].prompt_logprobs[1:]],
+                               [lp.logprob for lp in alone.prompt_logprobs[1:]], atol=2e-5)
