@@ -457,13 +457,9 @@ class LLMEngine:
         first = group.requests[0]
         prompt_ids = first.prompt_token_ids if group.delta_outputs \
             else list(first.prompt_token_ids)
-        # complete once the prompt is computed, i.e. from the first output on (a delta
-        # output: in that one only)
-        first_output = not group.delta_outputs or not first.token_times[:-1]
-        prompt_lps = list(first.prompt_logprobs) if first.params.prompt_logprobs is not None \
-            and not first.needs_prompt_logprobs and first_output else None
         return RequestOutput(group.request_id, group.prompt, prompt_ids, completions, finished,
-                             metrics, group.delta_outputs, prompt_logprobs=prompt_lps)
+                             metrics, group.delta_outputs,
+                             prompt_logprobs=group.output_prompt_logprobs())
 
     def stats(self) -> EngineStats:
         bm, sched = self.block_manager, self.scheduler
