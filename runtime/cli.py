@@ -138,8 +138,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "for testing) (default: pallas)")
     g.add_argument("--num-speculative-tokens", type=int, default=0,
                    help="n-gram (prompt-lookup) speculative decoding: draft tokens per decode "
-                        "step of greedy requests, verified in one step; 0 disables "
-                        "(default: 0)")
+                        "step (greedy and sampled requests; not structured outputs), "
+                        "verified in one step; 0 disables (default: 0)")
     g.add_argument("--no-warmup", action="store_true",
                    help="skip compiling every shape bucket (and, for serve, the "
                         "embedder's) at start-up: first requests compile instead")
