@@ -126,7 +126,7 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         check_num_speculative_tokens(config.num_speculative_tokens)
         if config.device is not None:
-            model = dataclasses.replace(model, params=jax.device_put(model.params, config.device))
+            model = model.with_params(jax.device_put(model.params, config.device))
         self.model = model
         self.max_model_len = resolve_max_model_len(model, config)
         num_blocks = self._num_blocks()

@@ -60,6 +60,12 @@ class Model:
     eos_token_ids: tuple[int, ...]
     from_cache: bool = False
 
+    def with_params(self, params: Params) -> "Model":
+        """This model with other parameters (e.g. placed on another device), as a plain
+        `Model` (``dataclasses.replace`` cannot rebuild a `LazyModel`)."""
+        return Model(self.name, self.config, params, self.tokenizer, self.dtype,
+                     self.eos_token_ids, self.from_cache)
+
     def logits(self, token_ids: list[int], block_size: int = 16) -> np.ndarray:
         """Full-sequence logits [len, vocab] (float32) of one token sequence."""
         n = len(token_ids)

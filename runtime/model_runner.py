@@ -144,7 +144,23 @@ def _zero_logits(params, kv_cache, rows: int) -> jax.Array:
     `_forward_logits`'s (a jit output follows its inputs: the sampler's programs
     differ for committed and uncommitted arguments): the sampler's warm-up input."""
     hidden = jnp.zeros((rows, params["embed"].shape[1]), params["embed"].dtype)
-    return compute_logits(params, hidden) + 0 * kv_cache.ravel()[0].astype(jnp.float32)
+    return compute_logits(params, hidden) + 0 * kv_cache[(0,) * kv_cache.ndim].astype(jnp.float32)
+
+
+# Warm-up compiles at most this many step programs at once (``$SLUICE_COMPILE_THREADS``
+# overrides): each holds its module and the compiler's working memory.
+MAX_COMPILE_THREADS = 8
+
+
+def compile_threads() -> int:
+    """Threads for warm-up compiles: ``$SLUICE_COMPILE_THREADS``, else the CPUs this
+    process may run on (not the host's: a container's quota), at most 8."""
+    env = os.environ.get("SLUICE_COMPILE_THREADS")
+    if env is not None:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"SLUICE_COMPILE_THREADS: must be a positive integer, got {env!r}")
+        return int(env)
+    return max(1, min(MAX_COMPILE_THREADS, len(os.sched_getaffinity(0))))
 
 
 def _compile_warm(lowered: jax.stages.Lowered) -> None:
@@ -193,7 +209,11 @@ class ModelRunner:
         self.model = model
         self.device = device
         self.spec = KVCacheSpec.for_model(model.config, num_blocks, block_size, model.dtype, device)
-        self.kv_cache = self.spec.allocate(device)
+        # committed to its device even when none was named: a real model's parameters
+        # are committed, and a jit output is whenever an input is, so an uncommitted
+        # pool would turn committed after the first step and every step program
+        # warmed up against it would compile again while serving
+        self.kv_cache = self.spec.allocate(device if device is not None else jax.devices()[0])
         self.backend = backend
         self.max_num_seqs = max_num_seqs
         self.max_prefill_seqs = max_prefill_seqs
@@ -268,7 +288,7 @@ class ModelRunner:
         # costs what a real one does: most of a warm start), on a thread per core
         # (XLA compiles without the GIL); jit's call path then finds the executables.
         # The sampler runs, on zero logits placed as the forward's would be.
-        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        with concurrent.futures.ThreadPoolExecutor(compile_threads()) as pool:
             done = [pool.submit(_compile_warm, self._lower_step(shape, scoring))
                     for shape, scoring in steps]
             for shape, _ in steps:

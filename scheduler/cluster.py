@@ -218,7 +218,11 @@ class Cluster:
                 prompt, group.requests[0].params, priority, client,
                 [r.seed for r in group.requests], sink, group.requests[0].arrival_time,
                 conversation)
-            self._dispatch(request_id, group)
+            try:
+                self._dispatch(request_id, group)
+            except RuntimeError:  # no live instance: the request was never taken
+                del self._records[request_id]
+                raise
         if self.autoscaler is not None:
             self.autoscaler.observe(group, self._clock())
 

@@ -947,3 +947,16 @@ def test_rag_part_hands_its_replica_demand_to_the_autoscaler(monkeypatch):
     scaler = FreenessAutoscaler()
     rag_http.rag_part("index", scaler.add_demand)(ServerContext(None, "tiny", None, None))
     assert scaler.demands == [capacity.replicas] and scaler.demands[0]() == 1
+
+
+def test_a_request_refused_for_want_of_an_instance_is_not_kept(tiny):
+    """A submit with no instance open (all draining) raises, and leaves no record
+    behind: the id stays free and the request count does not grow."""
+    inst = FakeInstance("a", num_free_blocks=90, num_running=0)
+    inst.draining = True
+    cluster = Cluster([inst], Intake(tiny, 512, seed=0),
+                      ClusterConfig(dispatch="round-robin", migrate=False))
+    for _ in range(2):  # the second is not "request_id already in use"
+        with pytest.raises(RuntimeError, match="no live instance"):
+            cluster.submit("r0", "hi", SamplingParams(max_tokens=4), lambda out: None)
+    assert cluster.stats().num_requests == 0

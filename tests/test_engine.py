@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 
+import jax
 import numpy as np
 import pytest
 
@@ -284,8 +285,11 @@ def test_async_engine_set_priority(tiny):
 
 
 def test_warmup_compiles_buckets(tiny):
-    engine = make_engine(tiny, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64,
-                         warmup=True)
+    # parameters committed to their device, as a real model's are (loaded from a file):
+    # an engine on no named device must still warm up the programs it serves with
+    committed = tiny.with_params(jax.device_put(tiny.params, jax.devices()[0]))
+    engine = make_engine(committed, max_num_seqs=4, max_num_batched_tokens=32,
+                         max_model_len=64, warmup=True)
     # Decode: 3 sequence buckets; with prompt chunks: 2 token buckets (a decode group of
     # 4 rows is cheap enough to always carry); one table width (the default backend
     # reads only live pages).
@@ -318,3 +322,13 @@ def test_pool_budget_reads_the_engines_own_device():
                           memory_stats=lambda: {"bytes_limit": 1000, "bytes_in_use": 200})
     assert _free_device_memory(0.5, gpu) == 400
     assert _free_device_memory(0.5, None) is None  # the first device here is a CPU
+
+
+def test_engine_pinned_to_a_device_from_a_weight_free_model():
+    """A `LazyModel` (``load_model(weights=False)``, the Ray driver's) can back an
+    engine pinned to a device: its weights load then, placed on that device."""
+    from sluice.runtime.loader import load_model
+
+    lazy = load_model("tiny", weights=False)
+    engine = make_engine(lazy, device=jax.devices()[1], max_num_seqs=2)
+    assert engine.model.params["embed"].devices() == {jax.devices()[1]}
