@@ -83,11 +83,7 @@ def served(model: str, cache_dir: Path, extra: list[str],
             raise RuntimeError(f"server for {model} exited with {proc.wait()} before ready")
         yield url, time.monotonic() - t0
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def start_to_first_token(model: str, cache_dir: Path, extra: list[str]) -> dict:
@@ -168,14 +164,19 @@ def ray_start(cache_dir: Path, instances: int = 2) -> dict:
         return {"health_s": round(time.monotonic() - t0, 2),
                 "cpu_s": round(session_cpu_s(proc.pid), 1)}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         for pid in session_stats(proc.pid):  # whatever of Ray outlived the server
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM a server, SIGKILL it if it has not exited within 60 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def session_cpu_s(sid: int) -> float:
