@@ -21,6 +21,15 @@ start_check() {  # kind ("gpu" / "tpu"), the script's arguments: sets QUICK, DRY
   mkdir -p "$OUT"
 }
 
+probe_device() {  # the backend jax must see ("gpu" / "tpu"), what to call it: sets KIND
+  $PY -c "import jax; print(jax.__version__, jax.devices())" > "$OUT/jax-devices.txt" 2>&1
+  $PY -m pip freeze > "$OUT/pip-freeze.txt" 2>&1
+  if [[ $($PY -c "import jax; print(jax.default_backend())" 2>/dev/null) != "$1" ]]; then
+    echo "jax sees no $2: $(cat "$OUT/jax-devices.txt")" >&2; exit 1
+  fi
+  KIND=$($PY -c "import jax; print(jax.devices()[0].device_kind)")
+}
+
 log() { echo "== $* ($(date -u +%T))" | tee -a "$OUT/steps.log"; }
 
 run() {  # run a step, keep its output and exit status, go on either way

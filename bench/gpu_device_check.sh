@@ -30,12 +30,7 @@ if [[ -z $DRY ]]; then
     run install bash -c "python3 -m venv $VENV && $VENV/bin/pip install -q \
       'jax[cuda12]==0.10.2' -e '.[test]'"
   fi
-  $PY -c "import jax; print(jax.__version__, jax.devices())" > "$OUT/jax-devices.txt" 2>&1
-  $PY -m pip freeze > "$OUT/pip-freeze.txt" 2>&1
-  if [[ $($PY -c "import jax; print(jax.default_backend())" 2>/dev/null) != gpu ]]; then
-    echo "jax sees no CUDA device: $(cat "$OUT/jax-devices.txt")" >&2; exit 1
-  fi
-  KIND=$($PY -c "import jax; print(jax.devices()[0].device_kind)")
+  probe_device gpu "CUDA device"
 else
   [[ -x $PY ]] || { echo "no $PY (set VENV)" >&2; exit 1; }
   KIND="NVIDIA H200 (dry run)"

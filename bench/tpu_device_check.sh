@@ -32,12 +32,7 @@ if [[ -z $DRY ]]; then
   # A TPU VM's libtpu finds its chips itself; the compile tier's offline
   # settings (compile_tests/offline.py) must not leak in.
   unset JAX_PLATFORMS TPU_SKIP_MDS_QUERY TPU_ACCELERATOR_TYPE
-  $PY -c "import jax; print(jax.__version__, jax.devices())" > "$OUT/jax-devices.txt" 2>&1
-  $PY -m pip freeze > "$OUT/pip-freeze.txt" 2>&1
-  if [[ $($PY -c "import jax; print(jax.default_backend())" 2>/dev/null) != tpu ]]; then
-    echo "jax sees no TPU: $(cat "$OUT/jax-devices.txt")" >&2; exit 1
-  fi
-  KIND=$($PY -c "import jax; print(jax.devices()[0].device_kind)")
+  probe_device tpu "TPU"
 else
   KIND="TPU v6 lite (dry run)"
 fi
