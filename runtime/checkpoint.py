@@ -188,8 +188,13 @@ def to_device(top: dict[str, np.ndarray], layers: dict[str, np.ndarray]) -> Para
     `restore_params` returns them: JAX compiles another program for committed than
     for uncommitted arguments, so a second start (restored from orbax) would miss
     every step program a first start (converted) put in the compilation cache. The
-    dicts are emptied as they go, so one host copy of each weight exists at a time."""
-    device = jax.devices()[0]
+    dicts are emptied as they go, so one host copy of each weight exists at a time.
+    The default device is JAX's: the ``jax.default_device`` context's or the
+    ``jax_default_device`` setting's (a device, or a platform's first local one),
+    else the first local device."""
+    device = jax.config.jax_default_device
+    if device is None or isinstance(device, str):
+        device = jax.local_devices(backend=device)[0]
     params = {k: jax.device_put(top.pop(k), device) for k in list(top)}
     params["layers"] = {k: jax.device_put(layers.pop(k), device) for k in list(layers)}
     return params

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 from conftest import edit_json
 from sluice.runtime import load_model
-from sluice.runtime.checkpoint import CheckpointError
+from sluice.runtime.checkpoint import CheckpointError, to_device
 from sluice.runtime.config import ConfigError
 
 IDS = [256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 10, 200, 3, 17, 250]
@@ -227,3 +227,23 @@ def test_qwen2_mixed_sliding_layers_rejected(hf_checkpoint, tmp_path, changes):
     shutil.copytree(src, path)
     edit_json(path / "config.json", **changes)
     _expect(path, tmp_path / "c", ConfigError, "config.json", "layer_types")
+
+
+def test_to_device_places_weights_on_jaxs_default_device():
+    """Converted weights go to JAX's default device, committed (as orbax restores
+    them): the ``jax.default_device`` context's device or platform, not always the
+    first device."""
+    devices = jax.devices()
+    assert len(devices) > 1  # conftest forces several CPU devices
+
+    def placed() -> set:
+        params = to_device({"embed": np.ones(3, np.float32)}, {"w": np.zeros((2, 2), np.float32)})
+        leaves = jax.tree_util.tree_leaves(params)
+        assert len(leaves) == 2 and all(x.committed for x in leaves)
+        return {d for x in leaves for d in x.devices()}
+
+    assert placed() == {jax.local_devices()[0]}
+    with jax.default_device(devices[2]):
+        assert placed() == {devices[2]}
+    with jax.default_device("cpu"):
+        assert placed() == {jax.local_devices(backend="cpu")[0]}
