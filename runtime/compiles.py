@@ -13,13 +13,17 @@ Readiness is the server's: its lifespan calls `mark_ready` once every
 instance it starts with has warmed up (a model runner's warm-up does not, since
 another instance may still be starting), and a cluster instance launched later
 (scale-up, replacement) starts inside `warming_up()`, so its start-up compiles
-count as ``warmup`` too.
+count as ``warmup`` too. A Ray actor is a process of its own: it counts its
+compiles the same way, marks itself ready once its instance has warmed up, and
+reports its totals to the driver, which adds them with `add_remote` (per
+instance), so the driver's counts cover every process that serves.
 
 `install()` (idempotent) registers a ``jax.monitoring`` listener on JAX's
 backend-compile event, which jax 0.10.2 through 0.12 record once per executable
 built (compiled, or loaded from the persistent compilation cache: either way the
 caller waits), with the jitted function's name. `counts()` returns the totals
-so far as ``{(reason, function): n}``; ``/metrics`` exports them as
+so far, this process's and the ones reported to it, as ``{(reason, function):
+n}`` (`remote(source)`: one reporter's); ``/metrics`` exports them as
 ``sluice:compiles_total{reason, function}``. Each compile is logged: at DEBUG
 during warm-up and start-up, at WARNING while serving, with its duration and
 its cause, the innermost Sluice source line on the compiling thread's stack
@@ -34,7 +38,7 @@ import logging
 import os
 import threading
 import traceback
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import jax
 
@@ -48,6 +52,7 @@ _THIS = os.path.abspath(__file__)
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(_THIS))
 _lock = threading.Lock()
 _counts: collections.Counter[tuple[str, str]] = collections.Counter()
+_remote: dict[str, dict[tuple[str, str], int]] = {}  # source -> its latest totals
 _local = threading.local()  # .warmup: depth of nested warming_up() on this thread
 _state = {"installed": False, "ready": False}
 
@@ -76,10 +81,30 @@ def warming_up() -> Iterator[None]:
         _local.warmup -= 1
 
 
-def counts() -> dict[tuple[str, str], int]:
-    """Compiles so far: {(reason, function): count}."""
+def add_remote(source: str, totals: Mapping[tuple[str, str], int]) -> None:
+    """Count another process's compiles (a Ray actor's; ``source``: its instance's
+    name, unique in this process) in `counts`. ``totals`` are that process's
+    `counts` so far, so each report replaces the previous one from ``source``; a
+    source's last report stays after it is gone (its compiles happened, and a
+    cumulative metric must never go down)."""
     with _lock:
-        return dict(_counts)
+        _remote[source] = dict(totals)
+
+
+def remote(source: str) -> dict[tuple[str, str], int]:
+    """The totals ``source`` last reported (`add_remote`); {} if none."""
+    with _lock:
+        return dict(_remote.get(source, {}))
+
+
+def counts() -> dict[tuple[str, str], int]:
+    """Compiles so far, this process's and those reported to it (`add_remote`):
+    {(reason, function): count}."""
+    with _lock:
+        summed = collections.Counter(_counts)
+        for totals in _remote.values():
+            summed.update(totals)
+    return dict(summed)
 
 
 def total(reason: str) -> int:

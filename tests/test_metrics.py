@@ -1,8 +1,9 @@
 """Prometheus metrics (`sluice.runtime.metrics`): vLLM's names, labels, buckets and
 meaning under ``--metrics-compat vllm``, the time per output token observed once
 per token interval as outputs stream, and the per-instance and migration
-metrics under ``--instances``. Unit tests feed outputs and stats with chosen
-times; the live ones scrape ``/metrics`` of an in-process server."""
+metrics under ``--instances``, and compiles that other processes (Ray actors)
+report. Unit tests feed outputs and stats with chosen times; the live ones
+scrape ``/metrics`` of an in-process server."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import httpx
 import pytest
 
 from conftest import ThreadedServer
+from sluice.runtime import compiles
 from sluice.runtime.engine import EngineConfig, EngineStats
 from sluice.runtime.health import Health
 from sluice.runtime.metrics import ServerMetrics
@@ -148,6 +150,29 @@ def test_per_instance_and_migration_metrics_under_instances():
     assert value(metrics, "sluice:instance_num_requests_running", inst) is None
     assert value(metrics, "sluice:instance_num_requests_running",
                  dict(SLUICE, instance="instance-0")) == 2
+
+
+def test_compiles_other_processes_report_are_in_the_compile_metric_per_source():
+    """A Ray actor's compile totals (`compiles.add_remote`, by instance) are in the
+    driver's ``sluice:compiles_total``: a later report from the same instance
+    replaces its earlier one (totals, not increments), another instance's add."""
+    metrics = ServerMetrics("m")
+    fn = f"remote_step_{id(metrics)}"  # a function no compile in this process has
+    a, b = f"test-a-{id(metrics)}", f"test-b-{id(metrics)}"
+
+    def compiled(reason: str) -> float | None:
+        metrics.render(STATS)
+        return value(metrics, "sluice:compiles_total", SLUICE, reason=reason, function=fn)
+
+    assert compiled("warmup") is None
+    compiles.add_remote(a, {("warmup", fn): 3})
+    assert compiled("warmup") == 3
+    compiles.add_remote(a, {("warmup", fn): 5, ("serving", fn): 1})
+    assert (compiled("warmup"), compiled("serving")) == (5, 1)
+    compiles.add_remote(b, {("warmup", fn): 2})
+    assert (compiled("warmup"), compiled("serving")) == (7, 1)
+    assert compiles.remote(a) == {("warmup", fn): 5, ("serving", fn): 1}
+    assert compiles.counts()[("warmup", fn)] == 7
 
 
 # -- live, in-process servers -----------------------------------------------------------
