@@ -25,10 +25,10 @@ PAGES_PER_CHUNK = 4
 def ragged_paged_attention(q: jax.Array, cache: jax.Array, layer: jax.Array | int,
                            meta: AttentionMetadata, *, scale: float,
                            sliding_window: int | None = None,
-                           soft_cap: float | None = None) -> jax.Array:
+                           soft_cap: float | None = None, num_kv_heads: int) -> jax.Array:
     _, num_q_heads, head_dim = q.shape
     num_seqs, pages = meta.block_tables.shape
-    block_size, num_kv_heads = cache.shape[3], cache.shape[4]
+    block_size = cache.shape[3]
     group = num_q_heads // num_kv_heads
     max_q = meta.max_query_len
     ppc = min(PAGES_PER_CHUNK, pages)
@@ -40,8 +40,8 @@ def ragged_paged_attention(q: jax.Array, cache: jax.Array, layer: jax.Array | in
     def body(carry):
         c, m, l, acc = carry
         blocks = jax.lax.dynamic_slice_in_dim(tables, c * ppc, ppc, axis=1)
-        k = cache[blocks, layer, 0].reshape(num_seqs, chunk, num_kv_heads, head_dim)
-        v = cache[blocks, layer, 1].reshape(num_seqs, chunk, num_kv_heads, head_dim)
+        k, v = (cache[blocks, layer, kv, :, :num_kv_heads].reshape(
+            num_seqs, chunk, num_kv_heads, head_dim) for kv in (0, 1))
         kv_pos = c * chunk + jnp.arange(chunk)
         kv_valid = kv_pos[None, :] < meta.seq_lens[:, None]  # [S, C]
         mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & kv_valid[:, None, :] \

@@ -23,7 +23,10 @@ target (TPU generation; GPU compute capability on JAX 0.12). When lowering for
 a known device that is not the default one (an AOT compile from a CPU host),
 the rule makes that device the default while the kernel lowers. An export with
 no devices at all (``jax.export`` for ``tpu`` on a host without one) still
-needs the caller's ``jax.sharding.use_abstract_mesh`` naming the chip.
+needs the caller's ``jax.sharding.use_abstract_mesh`` naming the chip. GPU
+attention is also handed the device it is compiled for, the one whose SMs and
+shared memory size its grid and tiles (`ragged_attention.gpu_sm_count`,
+`ragged_attention.gpu_shared_memory`); None where the lowering names none.
 
 `interpreted(variant)` returns the same four operations running a variant's
 kernels in interpret mode on any platform, which is how CPU tests exercise them.
@@ -73,26 +76,33 @@ _CPU = SimpleNamespace(write_kv=reference.write_kv, attend=chunked.ragged_paged_
                        gather=_reference_gather, scatter=_reference_scatter)
 # Lowering platform -> variant; platforms not listed lower the CPU path.
 PLATFORM_VARIANTS = {"tpu": "tpu", "cuda": "gpu", "rocm": "gpu"}
+# (variant, operation) whose implementation sizes itself for the target device.
+SIZED_BY_DEVICE = {("gpu", "attend")}
 
 
 # -- one primitive per operation ----------------------------------------------
 
 
-def _foreign_device(ctx) -> jax.Device | None:
-    """A device of the backend this lowering compiles for, when that is not the
-    default backend (an AOT compile for a compile-only TPU or GPU topology)."""
+def _target_device(ctx) -> jax.Device | None:
+    """The device this lowering compiles for: the first of the computation's
+    device assignment, else the first of its backend's (None: an export)."""
+    assigned = getattr(ctx.module_context.axis_context, "device_assignment", None)
+    if assigned:
+        return assigned[0]
     backend = ctx.module_context.backend
-    if backend is None or backend.platform == jax.default_backend():
-        return None
-    return backend.devices()[0]
+    return backend.devices()[0] if backend is not None else None
 
 
-def _lowering(op: str, ops: SimpleNamespace) -> Callable:
-    """A lowering rule that traces ``ops``' implementation of ``op``."""
+def _lowering(op: str, ops: SimpleNamespace, sized_by_device: bool = False) -> Callable:
+    """A lowering rule that traces ``ops``' implementation of ``op`` (passed
+    ``device=``, the target device, where ``sized_by_device``)."""
     def rule(ctx, *args, **params):
+        device = _target_device(ctx)
+        if sized_by_device:
+            params = dict(params, device=device)
         impl = functools.partial(_CALLS[op], getattr(ops, op), **params)
-        device = _foreign_device(ctx)
-        with jax.default_device(device) if device is not None else contextlib.nullcontext():
+        foreign = device is not None and device.platform != jax.default_backend()
+        with jax.default_device(device) if foreign else contextlib.nullcontext():
             return mlir.lower_fun(impl, multiple_results=False)(ctx, *args)
     return rule
 
@@ -112,7 +122,8 @@ def _primitive(op: str, abstract_eval: Callable) -> Primitive:
     prim.def_impl(functools.partial(_eager, prim))
     mlir.register_lowering(prim, _lowering(op, _CPU))
     for platform, variant in PLATFORM_VARIANTS.items():
-        mlir.register_lowering(prim, _lowering(op, _VARIANTS[variant]), platform=platform)
+        rule = _lowering(op, _VARIANTS[variant], (variant, op) in SIZED_BY_DEVICE)
+        mlir.register_lowering(prim, rule, platform=platform)
     return prim
 
 
@@ -137,11 +148,12 @@ def write_kv(cache, layer, k, v, slot_mapping):
 
 
 def ragged_paged_attention(q, cache, layer, meta: AttentionMetadata, *, scale,
-                           sliding_window=None, soft_cap=None):
+                           sliding_window=None, soft_cap=None, num_kv_heads=None):
     leaves, tree = jax.tree_util.tree_flatten(meta)
     return _attend_p.bind(q, cache, jax.numpy.asarray(layer), *leaves, meta_tree=tree,
                           scale=float(scale), sliding_window=sliding_window,
-                          soft_cap=None if soft_cap is None else float(soft_cap))
+                          soft_cap=None if soft_cap is None else float(soft_cap),
+                          num_kv_heads=None if num_kv_heads is None else int(num_kv_heads))
 
 
 def gather_blocks(cache, groups, num_staged: int):

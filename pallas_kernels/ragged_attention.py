@@ -24,6 +24,13 @@ idle) add a third grid axis, flash-decoding's KV split: each program takes
 one of ``splits`` equal parts of every sequence's visible pages and writes its
 part's output (normalised over the part) and log-sum-exp in float32; XLA then
 merges the parts by their log-sum-exps (`kv_splits`, `_combine_splits`).
+A GPU page whose keys and values overflow the target's shared memory
+(head_dim 256 at block size 128) is attended to in parts, each one KV step of
+the online softmax (`gpu_page_parts`). Both are sized for the GPU the kernel
+is compiled for (`dispatch` passes it).
+
+The query heads are grouped by the model's KV-head count, which the pool's may
+exceed (padding heads, `pool_layout`); only the pool's first heads are read.
 
 The ``G`` query heads sharing a KV head are processed together: the wrapper
 lays queries out as ``[kv_heads, rows * G', head_dim]`` (``G'`` = G rounded up
@@ -94,6 +101,7 @@ class _Static:
     sliding_window: int | None
     soft_cap: float | None
     pages_per_step: int = 1  # pages one step of the KV loop attends to together
+    page_parts: int = 1      # steps one page is cut into (GPU: shared memory)
 
     @property
     def rows(self) -> int:
@@ -101,7 +109,7 @@ class _Static:
 
     @property
     def step_tokens(self) -> int:
-        return self.block_size * self.pages_per_step
+        return self.block_size * self.pages_per_step // self.page_parts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,11 +126,12 @@ class _Tiles:
 
 
 def _plan(q: jax.Array, cache: jax.Array, layer, meta: AttentionMetadata, scale: float,
-          sliding_window: int | None, soft_cap: float | None, *,
+          sliding_window: int | None, soft_cap: float | None, num_kv_heads: int, *,
           prefill_rows: int = PREFILL_TILE_ROWS, pages_per_step: int = 1
           ) -> tuple[_Static, _Tiles]:
+    """Tiles of ``q``'s rows grouped by the model's ``num_kv_heads`` (the
+    pool's first heads; see `pool_layout`)."""
     num_tokens, num_q_heads, head_dim = q.shape
-    num_kv_heads = cache.shape[4]
     num_seqs = meta.seq_lens.shape[0]
     group = num_q_heads // num_kv_heads
     gp = next_power_of_2(group)
@@ -163,22 +172,23 @@ def _unplan(out: jax.Array, q: jax.Array) -> jax.Array:
 
 class _Pages:
     """How `_attend_tile` gets a sequence's pages: ``begin`` before its first
-    page, ``get`` for each page in order (returning keys and values). This plain
-    version loads each page when asked, through ``load_page(page, kv)``; the TPU
-    variant substitutes a double-buffered one."""
+    page, ``get`` for each KV step in order (returning keys and values). This
+    plain version loads each step when asked, through ``load_page(page, kv,
+    part)``: part ``part`` of ``parts`` equal parts of a page (the whole page
+    when ``parts`` is 1); the TPU variant substitutes a double-buffered one."""
 
-    def __init__(self, load_page: Callable):
-        self.load_page = load_page
+    def __init__(self, load_page: Callable, parts: int = 1):
+        self.load_page, self.parts = load_page, parts
 
     def begin(self, page_of: Callable, first, end) -> None:
         del page_of, first, end
 
     def get(self, page_of: Callable, p, end) -> tuple[jax.Array, jax.Array]:
-        """Keys and values of KV step ``p`` (one page here); ``page_of(i)`` is
-        the pool block of the sequence's ``i``-th page."""
+        """Keys and values of KV step ``p``; ``page_of(i)`` is the pool block
+        of the sequence's ``i``-th page."""
         del end
-        page = page_of(p)
-        return self.load_page(page, 0), self.load_page(page, 1)
+        page, part = page_of(p // self.parts), p % self.parts
+        return self.load_page(page, 0, part), self.load_page(page, 1, part)
 
 
 def _attend_tile(st: _Static, tile, q: jax.Array, qsl_ref, seq_lens_ref, tables_ref,
@@ -189,10 +199,11 @@ def _attend_tile(st: _Static, tile, q: jax.Array, qsl_ref, seq_lens_ref, tables_
     state (row max, row sum, unnormalised accumulator), see `_normalized`.
 
     ``q`` is ``[M, D]`` (one KV head) or ``[Hkv, M, D]`` (every KV head of the
-    tile at once, as batched matmuls). ``load_page(page, kv)`` returns one
-    page's keys (kv=0) or values (kv=1) as ``[block_size, D]`` or
-    ``[Hkv, block_size, D]`` to match; a `_Pages` may be passed instead, which
-    may return ``st.pages_per_step`` consecutive pages per step.
+    tile at once, as batched matmuls). ``load_page(page, kv, part)`` returns
+    keys (kv=0) or values (kv=1) of one KV step, part ``part`` of a page cut
+    into ``st.page_parts``, as ``[step_tokens, D]`` or ``[Hkv, step_tokens,
+    D]`` to match; a `_Pages` may be passed instead, which may return
+    ``st.pages_per_step`` consecutive pages per step.
     The online-softmax state (row max, row sum, accumulator) is carried by the
     loops, or kept in ``state_refs`` (three float32 VMEM refs shaped like
     ``q[..., :1]``, ``q[..., :1]`` and ``q``) when given, which keeps large
@@ -205,7 +216,8 @@ def _attend_tile(st: _Static, tile, q: jax.Array, qsl_ref, seq_lens_ref, tables_
     Guards: the page loop stops at the block-table width and page indices are
     clamped into the pool, so no metadata can make it read outside either.
     """
-    pages_of = load_page if isinstance(load_page, _Pages) else _Pages(load_page)
+    pages_of = (load_page if isinstance(load_page, _Pages)
+                else _Pages(load_page, st.page_parts))
     rows, head_dim = q.shape[-2:]
     batch = q.ndim - 2  # leading head axis or none
     bs = st.step_tokens  # KV positions per loop step
@@ -298,9 +310,11 @@ def _gpu_kernel(st: _Static, splits: int, layer_ref, qsl_ref, seq_lens_ref, tabl
                 seq_lo_ref, seq_hi_ref, q_ref, cache_ref, o_ref, *lse_ref):
     tile, head = pl.program_id(0), pl.program_id(1)
     layer = layer_ref[0]
+    step = st.step_tokens
 
-    def load_page(page, kv):
-        return cache_ref[page, layer, kv, :, head, :]
+    def load_page(page, kv, part):
+        tokens = slice(None) if st.page_parts == 1 else pl.ds(part * step, step)
+        return cache_ref[page, layer, kv, tokens, head, :]
 
     state = _attend_tile(st, tile, q_ref[...], qsl_ref, seq_lens_ref, tables_ref,
                          seq_lo_ref[tile], seq_hi_ref[tile], load_page,
@@ -318,10 +332,10 @@ def triton_shapes(head_dim: int, block_size: int) -> bool:
 
 
 def _gpu_warps(st: _Static) -> int:
-    """Warps per Triton program: 8 once a page's score tile reaches 64 x 128
+    """Warps per Triton program: 8 once a KV step's score tile reaches 64 x 128
     (ptxas: a prefill tile at block size 128 with 4 warps needs 255 registers
     and spills; with 8, 254 and no spills, compiled for sm_90a), else 4."""
-    return 8 if st.rows * st.block_size >= 64 * 128 else 4
+    return 8 if st.rows * st.step_tokens >= 64 * 128 else 4
 
 
 # KV split for long decodes (flash-decoding): a decode-only batch with fewer
@@ -337,18 +351,66 @@ HOPPER_SMS = 132
 GPU_MIN_SPLIT_TOKENS = 512
 
 
+def _default_device() -> jax.Device:
+    device = jax.config.jax_default_device
+    return device if isinstance(device, jax.Device) else jax.devices()[0]
+
+
 def gpu_sm_count(device: jax.Device | None = None) -> int:
-    """SMs of ``device`` (None: the default device, which is the target
-    device while `dispatch` lowers for it): PJRT's ``core_count`` of a GPU,
-    else `HOPPER_SMS` (interpret mode on CPU; an export without devices)."""
-    if device is None:
-        device = jax.config.jax_default_device
-        if not isinstance(device, jax.Device):
-            device = jax.devices()[0]
+    """SMs of ``device``, the GPU a kernel is sized for (None: the default
+    device): PJRT's ``core_count`` of a GPU, else `HOPPER_SMS` (interpret
+    mode on CPU; an export without devices)."""
+    device = device if device is not None else _default_device()
     if device.platform not in ("gpu", "cuda", "rocm"):
         return HOPPER_SMS
     count = getattr(device, "core_count", None)
     return int(count) if isinstance(count, int) and count > 0 else HOPPER_SMS
+
+
+# Shared memory one Triton program may use (CUDA's opt-in limit per block) by
+# compute capability; `HOPPER_SMEM` (an H100's / H200's) where the device does
+# not say (interpret mode on CPU, an export without devices), the smallest one
+# listed for a GPU not listed.
+GPU_SHARED_MEMORY = {(8, 0): 166_912, (8, 6): 101_376, (8, 7): 166_912, (8, 9): 101_376,
+                     (9, 0): 232_448, (10, 0): 232_448, (12, 0): 101_376}
+HOPPER_SMEM = GPU_SHARED_MEMORY[(9, 0)]
+GPU_STAGES = 2  # Triton software-pipelining stages of the KV loop
+GPU_SMEM_SCRATCH = 256  # bytes ptxas asked for beyond the tiles (float32)
+GPU_MIN_STEP_TOKENS = 16  # Triton dots need at least 16 rows
+
+
+def gpu_shared_memory(device: jax.Device | None = None) -> int:
+    """Shared memory (bytes) a Triton program may use on ``device``, the GPU a
+    kernel is sized for (None: the default device)."""
+    device = device if device is not None else _default_device()
+    if device.platform not in ("gpu", "cuda", "rocm"):
+        return HOPPER_SMEM
+    capability = getattr(device, "compute_capability", None)
+    if capability is None:
+        return HOPPER_SMEM
+    major, minor = (int(x) for x in str(capability).split(".")[:2])
+    return GPU_SHARED_MEMORY.get((major, minor), min(GPU_SHARED_MEMORY.values()))
+
+
+def gpu_smem_bytes(rows: int, step_tokens: int, head_dim: int, dtype) -> int:
+    """Shared memory the Triton attention program asks for with a tile of
+    ``rows`` query rows and KV steps of ``step_tokens``: ``GPU_STAGES`` buffers
+    of a step's keys and one of its values, the float32 query tile and score
+    tile, and a little scratch. Fitted to the requests of the compiler for
+    sm_90a (head_dim 256, 64 rows: 491,776 bytes at 128 float32 tokens, 278,784
+    at 64, 294,912 at 128 bfloat16 tokens; exact, within the scratch)."""
+    kv = step_tokens * head_dim * jnp.dtype(dtype).itemsize
+    return (GPU_STAGES + 1) * kv + rows * (head_dim + step_tokens) * 4 + GPU_SMEM_SCRATCH
+
+
+def gpu_page_parts(rows: int, block_size: int, head_dim: int, dtype, smem: int) -> int:
+    """Parts each page is cut into so a KV step's tiles fit ``smem`` bytes of
+    shared memory (1: whole pages); steps never go below `GPU_MIN_STEP_TOKENS`."""
+    parts = 1
+    while (block_size // parts > GPU_MIN_STEP_TOKENS
+           and gpu_smem_bytes(rows, block_size // parts, head_dim, dtype) > smem):
+        parts *= 2
+    return parts
 
 
 def kv_splits(programs: int, max_kv_tokens: int, max_query_len: int,
@@ -375,7 +437,8 @@ def _combine_splits(parts: jax.Array, lse: jax.Array, dtype) -> jax.Array:
 @pads_queries
 def ragged_paged_attention_gpu(q: jax.Array, cache: jax.Array, layer, meta: AttentionMetadata,
                                *, scale: float, sliding_window: int | None = None,
-                               soft_cap: float | None = None, splits: int | None = None,
+                               soft_cap: float | None = None, num_kv_heads: int,
+                               splits: int | None = None, device: jax.Device | None = None,
                                interpret: bool = False) -> jax.Array:
     """Pallas-Triton variant. Triton blocks and dots need power-of-two sizes:
     compiled with a ``head_dim`` or ``block_size`` that is not a power of two
@@ -383,18 +446,25 @@ def ragged_paged_attention_gpu(q: jax.Array, cache: jax.Array, layer, meta: Atte
     same results without a kernel (Phi-3's head_dim 96, for instance).
 
     The grid is ``(tiles, kv_heads, splits)``; ``splits`` (None: `kv_splits`
-    for the target device's SM count)
-    > 1 is the KV split, whose parts are merged in XLA (`_combine_splits`)."""
+    for the target device's SM count) > 1 is the KV split, whose parts are
+    merged in XLA (`_combine_splits`). ``device`` is the GPU the kernel is
+    sized for (SMs, shared memory; None: the default device); a page whose
+    keys and values do not fit its shared memory is attended to in parts
+    (`gpu_page_parts`)."""
     head_dim, block_size = q.shape[2], cache.shape[3]
     if not interpret and not triton_shapes(head_dim, block_size):
         return chunked.ragged_paged_attention(q, cache, layer, meta, scale=scale,
-                                              sliding_window=sliding_window, soft_cap=soft_cap)
-    st, t = _plan(q, cache, layer, meta, scale, sliding_window, soft_cap)
-    num_kv_heads, total_rows, _ = t.q.shape
+                                              sliding_window=sliding_window, soft_cap=soft_cap,
+                                              num_kv_heads=num_kv_heads)
+    device = device if device is not None else _default_device()
+    st, t = _plan(q, cache, layer, meta, scale, sliding_window, soft_cap, num_kv_heads)
+    st = dataclasses.replace(st, page_parts=gpu_page_parts(
+        st.rows, block_size, head_dim, cache.dtype, gpu_shared_memory(device)))
+    total_rows = t.q.shape[1]
     tiles = total_rows // st.rows
     if splits is None:
         splits = kv_splits(tiles * num_kv_heads, st.pages * block_size, meta.max_query_len,
-                           gpu_sm_count())
+                           gpu_sm_count(device))
     whole = pl.no_block_spec
     tile_spec = pl.BlockSpec((None, st.rows, head_dim), lambda i, h, s: (h, i, 0))
     out_shape = [jax.ShapeDtypeStruct(t.q.shape, q.dtype)]
@@ -434,9 +504,10 @@ class _TpuPages(_Pages):
     VMEM by one transpose to ``[Hkv, pages_per_step * block_size, D]``.
     """
 
-    def __init__(self, cache_hbm, layer, kv_buf, sems):
+    def __init__(self, cache_hbm, layer, kv_buf, sems, heads: int):
         self.cache_hbm, self.layer, self.kv_buf, self.sems = cache_hbm, layer, kv_buf, sems
         self.pages_per_step = kv_buf.shape[2]
+        self.heads = heads  # the model's KV heads: the pool's first ones
 
     def _copy(self, page, kv: int, slot, j: int):
         return pltpu.make_async_copy(self.cache_hbm.at[page, self.layer, kv],
@@ -460,13 +531,13 @@ class _TpuPages(_Pages):
                 self._copy(0, kv, slot, j).wait()  # a wait needs only the destination's shape
         _, _, n, bs, heads, dim = self.kv_buf.shape
         return tuple(jnp.swapaxes(self.kv_buf[slot, kv].reshape(n * bs, heads, dim), 0, 1)
-                     for kv in (0, 1))
+                     [:self.heads] for kv in (0, 1))
 
 
 def _tpu_kernel(st: _Static, layer_ref, qsl_ref, seq_lens_ref, tables_ref, seq_lo_ref,
                 seq_hi_ref, q_ref, cache_hbm, o_ref, kv_buf, sems, m_ref, l_ref, acc_ref):
     tile = pl.program_id(0)
-    pages = _TpuPages(cache_hbm, layer_ref[0], kv_buf, sems)
+    pages = _TpuPages(cache_hbm, layer_ref[0], kv_buf, sems, q_ref.shape[0])
     out = _attend_tile(st, tile, q_ref[...], qsl_ref, seq_lens_ref, tables_ref,
                        seq_lo_ref[tile], seq_hi_ref[tile], pages,
                        state_refs=(m_ref, l_ref, acc_ref))
@@ -476,7 +547,7 @@ def _tpu_kernel(st: _Static, layer_ref, qsl_ref, seq_lens_ref, tables_ref, seq_l
 @pads_queries
 def ragged_paged_attention_tpu(q: jax.Array, cache: jax.Array, layer, meta: AttentionMetadata,
                                *, scale: float, sliding_window: int | None = None,
-                               soft_cap: float | None = None,
+                               soft_cap: float | None = None, num_kv_heads: int,
                                interpret: bool = False) -> jax.Array:
     """Mosaic-TPU variant: scalar tables in SMEM (scalar prefetch), the KV pool
     left in HBM and pages DMA'd into a double buffer in VMEM (`_TpuPages`).
@@ -491,11 +562,11 @@ def ragged_paged_attention_tpu(q: jax.Array, cache: jax.Array, layer, meta: Atte
     250k block-table entries, e.g. 64 sequences of 64k tokens at block size
     16); past that it raises ValueError naming ``block_tables``.
     """
-    st, t = _plan(q, cache, layer, meta, scale, sliding_window, soft_cap,
+    st, t = _plan(q, cache, layer, meta, scale, sliding_window, soft_cap, num_kv_heads,
                   prefill_rows=TPU_PREFILL_TILE_ROWS,
                   pages_per_step=max(1, min(TPU_STEP_TOKENS // cache.shape[3],
                                             meta.block_tables.shape[1])))
-    num_kv_heads, total_rows, head_dim = t.q.shape
+    total_rows, head_dim = t.q.shape[1:]
     tiles = total_rows // st.rows
     scalars = [t.layer, t.query_start_loc, t.seq_lens, t.block_tables, t.seq_lo, t.seq_hi]
     smem = sum(4 * x.size for x in scalars)
@@ -511,7 +582,7 @@ def ragged_paged_attention_tpu(q: jax.Array, cache: jax.Array, layer, meta: Atte
         grid=(tiles,),
         in_specs=[tile_spec, pl.BlockSpec(memory_space=pl.ANY)],
         out_specs=tile_spec,
-        scratch_shapes=[pltpu.VMEM((2, 2, st.pages_per_step, st.block_size, num_kv_heads,
+        scratch_shapes=[pltpu.VMEM((2, 2, st.pages_per_step, st.block_size, cache.shape[4],
                                     head_dim), cache.dtype),
                         pltpu.SemaphoreType.DMA((2, 2)),
                         pltpu.VMEM((num_kv_heads, st.rows, 1), jnp.float32),

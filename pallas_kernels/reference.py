@@ -34,22 +34,24 @@ def write_kv(cache: jax.Array, layer: jax.Array | int, k: jax.Array, v: jax.Arra
 def ragged_paged_attention(q: jax.Array, cache: jax.Array, layer: jax.Array | int,
                            meta: AttentionMetadata, *, scale: float,
                            sliding_window: int | None = None,
-                           soft_cap: float | None = None) -> jax.Array:
+                           soft_cap: float | None = None, num_kv_heads: int) -> jax.Array:
     """Causal attention of ragged queries [T, q_heads, head_dim] over paged KV.
 
     Each sequence's queries are the last ``qlen`` positions of its ``seq_lens``
-    tokens. Computed in float32; returns q's dtype. Padding rows return zeros.
+    tokens; the query heads share the pool's first ``num_kv_heads`` heads in
+    equal groups (`pool_layout.pads_queries`: None there is the pool's count).
+    Computed in float32; returns q's dtype. Padding rows return zeros.
     """
     _, num_q_heads, head_dim = q.shape
     num_seqs, pages = meta.block_tables.shape
-    block_size, num_kv_heads = cache.shape[3], cache.shape[4]
+    block_size = cache.shape[3]
     max_q = meta.max_query_len
     max_kv = pages * block_size
 
     # Gather each sequence's pages: [S, P*B, Hkv, D] (keys and values separately,
     # which avoids slicing a gathered [S, P, 2, ...] copy).
-    keys = cache[meta.block_tables, layer, 0].reshape(num_seqs, max_kv, num_kv_heads, head_dim)
-    values = cache[meta.block_tables, layer, 1].reshape(num_seqs, max_kv, num_kv_heads, head_dim)
+    keys, values = (cache[meta.block_tables, layer, kv, :, :num_kv_heads].reshape(
+        num_seqs, max_kv, num_kv_heads, head_dim) for kv in (0, 1))
     keys, values = keys.astype(jnp.float32), values.astype(jnp.float32)
 
     qs, q_valid, rows, q_pos = padded_queries(q, meta, num_kv_heads)

@@ -5,8 +5,11 @@ pool (see `sluice.pallas_kernels.reference` for its layout):
 
 - ``write_kv(cache, layer, k, v, slot_mapping) -> cache``: store this step's
   keys/values.
-- ``attend(q, cache, layer, meta, scale=, sliding_window=, soft_cap=) -> out``:
-  ragged causal attention of the flattened queries over the pages in ``meta``.
+- ``attend(q, cache, layer, meta, scale=, sliding_window=, soft_cap=,
+  num_kv_heads=) -> out``: ragged causal attention of the flattened queries
+  over the pages in ``meta``; ``num_kv_heads`` is the model's KV-head count,
+  which the pool's may exceed (padding heads, `pallas_kernels.pool_layout`;
+  None: the pool's count).
 
 A backend is a pair of such functions. The registry is deliberately small:
 

@@ -17,9 +17,10 @@ The pool's ``head_dim`` is the model's, padded where the kernels of the
 device's platform need it (`pool_layout.pool_head_dim`: to a multiple of 128
 on TPU, so XLA's default layout of the pool is the row-major one the Mosaic
 kernels take and the pool is never copied around them), and so is its KV-head
-count (`pool_layout.pool_kv_heads`: a bfloat16 TPU pool stores each of 1 KV
-head twice, for the same reason); the kernels take q/k/v at the model's
-``head_dim`` and head counts. Sizes (`bytes_per_block`) include the padding.
+count (`pool_layout.pool_kv_heads`: a bfloat16 TPU pool pads 1 KV head to 2,
+SmolLM2's 3 to 4, for the same reason); the kernels take q/k/v at the model's
+``head_dim`` and head counts, attention told the model's KV-head count
+(``num_kv_heads``). Sizes (`bytes_per_block`) include the padding.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ copies must match exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -34,26 +35,27 @@ PAD_SEQS, PAD_TOKENS = 2, 3
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 
-def make_batch(seed: int, seqs, *, group: int, head_dim: int, dtype):
+def make_batch(seed: int, seqs, *, group: int, head_dim: int, dtype,
+               kv_heads: int = NUM_KV_HEADS, block_size: int = BLOCK_SIZE):
     """(q, cache, meta) with NaN wherever no live sequence's data is."""
     rng = np.random.default_rng(seed)
     seqs = [seqs[i] for i in rng.permutation(len(seqs))]
-    pages_needed = [-(-kv // BLOCK_SIZE) for _, kv in seqs]
+    pages_needed = [-(-kv // block_size) for _, kv in seqs]
     num_seqs, pages = len(seqs) + PAD_SEQS, max(pages_needed) + 1
     num_blocks = sum(pages_needed) + 4
     perm = rng.permutation(num_blocks)
     tables = rng.integers(0, num_blocks, size=(num_seqs, pages))  # unused: arbitrary pages
-    cache = np.full((num_blocks, NUM_LAYERS, 2, BLOCK_SIZE, NUM_KV_HEADS, head_dim), np.nan,
+    cache = np.full((num_blocks, NUM_LAYERS, 2, block_size, kv_heads, head_dim), np.nan,
                     np.float32)
     num_tokens = sum(q for q, _ in seqs) + PAD_TOKENS
-    q = np.full((num_tokens, NUM_KV_HEADS * group, head_dim), np.nan, np.float32)
+    q = np.full((num_tokens, kv_heads * group, head_dim), np.nan, np.float32)
     qsl, used = [0], 0
     for s, ((q_len, kv_len), n) in enumerate(zip(seqs, pages_needed)):
         tables[s, :n] = perm[used:used + n]
         used += n
         for pos in range(kv_len):
-            cache[tables[s, pos // BLOCK_SIZE], LAYER, :, pos % BLOCK_SIZE] = rng.normal(
-                size=(2, NUM_KV_HEADS, head_dim))
+            cache[tables[s, pos // block_size], LAYER, :, pos % block_size] = rng.normal(
+                size=(2, kv_heads, head_dim))
         q[qsl[-1]:qsl[-1] + q_len] = 3.0 * rng.normal(size=(q_len,) + q.shape[1:])
         qsl.append(qsl[-1] + q_len)
     qsl += [qsl[-1]] * PAD_SEQS
@@ -162,6 +164,72 @@ def test_gpu_kv_split_follows_the_sm_count():
     assert ragged_attention.gpu_sm_count(jax.devices("cpu")[0]) == ragged_attention.HOPPER_SMS
 
 
+def test_gpu_pages_are_cut_to_fit_shared_memory():
+    """A page's keys and values that overflow a GPU's shared memory (float32,
+    head_dim 256, block 128: 491,776 bytes on sm_90a, 232,448 allowed) are
+    attended to in parts that fit, sized for the device's compute capability;
+    pages that fit stay whole."""
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    smem = ragged_attention.HOPPER_SMEM
+    parts = ragged_attention.gpu_page_parts(64, 128, 256, f32, smem)
+    assert parts > 1
+    assert ragged_attention.gpu_smem_bytes(64, 128 // parts, 256, f32) <= smem
+    assert ragged_attention.gpu_smem_bytes(64, 2 * 128 // parts, 256, f32) > smem
+    assert ragged_attention.gpu_page_parts(16, 128, 128, bf16, smem) == 1
+    assert ragged_attention.gpu_page_parts(64, 16, 128, f32, smem) == 1
+    a10 = ragged_attention.gpu_page_parts(64, 128, 256, f32, 101_376)
+    assert a10 > parts and ragged_attention.gpu_page_parts(64, 16, 256, f32, 1) == 1  # floor
+    gpu = dataclasses.make_dataclass("FakeGpu", ["platform", "compute_capability"])
+    assert ragged_attention.gpu_shared_memory(gpu("gpu", "9.0")) == smem
+    assert ragged_attention.gpu_shared_memory(gpu("gpu", "8.6")) == 101_376
+    assert ragged_attention.gpu_shared_memory(gpu("gpu", "7.5")) == min(
+        ragged_attention.GPU_SHARED_MEMORY.values())
+    assert ragged_attention.gpu_shared_memory(jax.devices("cpu")[0]) == smem
+
+
+# Sequences spanning several parts of 128-token pages, one ending mid-part.
+LONG_PAGES = [(1, 300), (40, 170), (1, 31), (3, 129), (1, 1)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_attention_in_page_parts_matches_reference(dtype):
+    """GPU attention with pages cut into parts (head_dim 256, block 128, the
+    parts an H100 needs in float32) equals the reference; its parts are KV
+    steps of the online softmax, masked as whole pages are."""
+    head_dim, block = 256, 128
+    q, cache, meta = make_batch(17, LONG_PAGES, group=4, head_dim=head_dim, dtype=dtype,
+                                block_size=block)
+    kw = dict(scale=head_dim ** -0.5, sliding_window=150, soft_cap=20.0)
+    attend = dispatch.interpreted("gpu").attend
+    out = jax.jit(lambda q, c, m: attend(q, c, LAYER, m, **kw))(q, cache, meta)
+    want = reference.ragged_paged_attention(q, cache, LAYER, meta, **kw)
+    out = np.asarray(out, np.float32)
+    assert np.isfinite(out).all()
+    tol = TOLERANCE[dtype]
+    np.testing.assert_allclose(out, np.asarray(want, np.float32), atol=tol, rtol=tol)
+    np.testing.assert_array_equal(out[int(meta.query_start_loc[-1]):], 0.0)
+
+
+def _pallas_grids(fn, *args) -> list[tuple]:
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    return [tuple(e.params["grid_mapping"].grid) for e in jaxpr.eqns
+            if e.primitive.name == "pallas_call"]
+
+
+def test_gpu_attention_is_sized_for_the_given_device():
+    """The KV split follows the SMs of the device the kernel is sized for, not
+    the default device's (a decode in 2 tiles x 2 KV heads: 5 parts for 132 SMs,
+    2 for 4)."""
+    gpu = dataclasses.make_dataclass("FakeGpu", ["platform", "core_count", "compute_capability"])
+    q, cache, meta = make_batch(8, [(1, 3000), (1, 1200)], group=4, head_dim=64,
+                                dtype=jnp.float32)
+    attend = functools.partial(ragged_attention.ragged_paged_attention_gpu, scale=0.125,
+                               interpret=True)
+    grids = {sms: _pallas_grids(lambda q, c, m: attend(q, c, LAYER, m, device=gpu(
+        "gpu", sms, "9.0")), q, cache, meta) for sms in (132, 4)}
+    assert grids == {132: [(2, NUM_KV_HEADS, 5)], 4: [(2, NUM_KV_HEADS, 2)]}
+
+
 def _exported_warps(seqs, block: int) -> set[int]:
     """``num_warps`` of every Triton call in GPU attention exported for cuda
     (Llama-3 heads: 4 query heads per KV head) at ``seqs`` (query rows, KV length)."""
@@ -236,37 +304,60 @@ def test_padded_pool_gives_the_unpadded_results(path, seqs, dtype):
         np.asarray(_padded(reference.write_kv(cache, LAYER, k, v, slots), pool_dim), np.float32))
 
 
-# A pool that stores each KV head twice (the bfloat16 TPU pool of a model with
-# one KV head, Gemma 3 270M/1B, `pool_layout.pool_kv_heads`): every path takes
-# q/k/v at the model's head counts and gives what the model's pool gives, with
-# an even query group (4: Gemma 3) and an odd one (3: each query head goes to
-# both copies).
-DOUBLED_CASES = [("tpu", DECODE, 4, jnp.bfloat16), ("tpu", MIXED, 3, jnp.float32),
-                 ("cpu", MIXED, 3, jnp.bfloat16)]
+# A pool with padding KV heads (the bfloat16 TPU pool of a model whose KV-head
+# count XLA would re-lay out, `pool_layout.pool_kv_heads`): SmolLM2-135M's 3
+# heads (9 query heads) in 4, 3 heads of 4 query heads each (12 query heads:
+# as many as 4 groups of 3 would be, only num_kv_heads tells them apart) and
+# Gemma 3's one head (4 query heads) in 2. Every path, told the model's count,
+# gives what the model's pool gives; the padding heads are NaN, so a read of
+# one shows. Writes fill the padding heads with copies of the model's heads.
+PADDED_HEAD_CASES = [("tpu", MIXED, 3, 3, jnp.bfloat16), ("tpu", MIXED, 3, 3, jnp.float32),
+                     ("tpu", DECODE, 3, 4, jnp.bfloat16), ("tpu", DECODE, 1, 4, jnp.bfloat16),
+                     ("gpu", MIXED, 3, 3, jnp.float32), ("gpu", DECODE, 1, 4, jnp.bfloat16),
+                     ("cpu", MIXED, 3, 4, jnp.bfloat16), ("reference", DECODE, 3, 3, jnp.float32)]
 
 
-def test_pool_kv_heads_doubles_only_where_tpu_relays_out():
-    assert pool_kv_heads(1, "tpu", jnp.bfloat16) == 2  # Gemma 3 270M / 1B
-    assert pool_kv_heads(12, "tpu", jnp.bfloat16) == 24
-    for heads in (2, 4, 8, 16, 24, 32):  # kept row-major by XLA
+def test_pool_kv_heads_pads_only_where_tpu_relays_out():
+    """Counts XLA re-lays out in a bfloat16 TPU pool (1, 3, 6, 12 probed on v5e)
+    go to the smallest count it keeps row-major; nothing else changes."""
+    want = {1: 2, 3: 4, 5: 8, 6: 8, 7: 8, 9: 16, 12: 16, 20: 24}
+    assert {h: pool_kv_heads(h, "tpu", jnp.bfloat16) for h in want} == want
+    for heads in (2, 4, 8, 16, 24, 32, 40):  # kept row-major by XLA
         assert pool_kv_heads(heads, "tpu", jnp.bfloat16) == heads
-    assert pool_kv_heads(3, "tpu", jnp.bfloat16) == 3  # 6 copies too: not doubled
-    assert pool_kv_heads(1, "tpu", jnp.float32) == 1
-    assert pool_kv_heads(1, "cpu", jnp.bfloat16) == pool_kv_heads(1, "cuda", jnp.bfloat16) == 1
+    for heads in (1, 3, 12):
+        assert pool_kv_heads(heads, "tpu", jnp.float32) == heads
+        assert pool_kv_heads(heads, "cpu", jnp.bfloat16) == heads
+        assert pool_kv_heads(heads, "cuda", jnp.bfloat16) == heads
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        pool_kv_heads(0, "tpu", jnp.bfloat16)
 
 
-@pytest.mark.parametrize("path,seqs,group,dtype", DOUBLED_CASES,
-                         ids=[f"{p}-{'mixed' if s is MIXED else 'decode'}-g{g}-{jnp.dtype(d).name}"
-                              for p, s, g, d in DOUBLED_CASES])
-def test_doubled_kv_heads_give_the_single_head_results(path, seqs, group, dtype):
+def _path_ops(path: str):
+    """(attend, write_kv) of a test path: a variant's kernels interpreted,
+    dispatch on CPU (chunked attention) or the reference."""
+    if path in ("tpu", "gpu"):
+        ops = dispatch.interpreted(path)
+        return ops.attend, ops.write_kv
+    if path == "cpu":
+        return dispatch.ragged_paged_attention, dispatch.write_kv
+    return reference.ragged_paged_attention, reference.write_kv
+
+
+@pytest.mark.parametrize("path,seqs,heads,group,dtype", PADDED_HEAD_CASES,
+                         ids=[f"{p}-{'mixed' if s is MIXED else 'decode'}-h{h}-g{g}-"
+                              f"{jnp.dtype(d).name}" for p, s, h, g, d in PADDED_HEAD_CASES])
+def test_padded_kv_heads_give_the_model_pool_results(path, seqs, heads, group, dtype):
     head_dim = 128
-    q, cache, meta = make_batch(5, seqs, group=group, head_dim=head_dim, dtype=dtype)
-    q, cache = q[:, :group], cache[:, :, :, :, :1]  # the model: one KV head
-    doubled = jnp.repeat(cache, 2, axis=4)
-    ops = dispatch.interpreted("tpu") if path == "tpu" else dispatch  # dispatch on CPU: chunked
-    attend = ops.ragged_paged_attention if ops is dispatch else ops.attend
+    pool_heads = pool_kv_heads(heads, "tpu", jnp.bfloat16)
+    assert pool_heads > heads
+    q, cache, meta = make_batch(5, seqs, group=group, head_dim=head_dim, dtype=dtype,
+                                kv_heads=heads)
+    pool = jnp.pad(cache, [(0, 0)] * 4 + [(0, pool_heads - heads), (0, 0)],
+                   constant_values=np.nan)
+    attend, write_kv = _path_ops(path)
     kw = dict(scale=head_dim ** -0.5, sliding_window=9, soft_cap=20.0)
-    out = jax.jit(lambda q, c, m: attend(q, c, LAYER, m, **kw))(q, doubled, meta)
+    out = jax.jit(lambda q, c, m: attend(q, c, LAYER, m, num_kv_heads=heads, **kw))(
+        q, pool, meta)
     want = reference.ragged_paged_attention(q, cache, LAYER, meta, **kw)
     assert out.shape == q.shape and out.dtype == q.dtype
     out = np.asarray(out, np.float32)
@@ -276,12 +367,30 @@ def test_doubled_kv_heads_give_the_single_head_results(path, seqs, group, dtype)
 
     rng = np.random.default_rng(4)
     slots = jnp.asarray([5, 17, 3 * BLOCK_SIZE + 1, cache.shape[0] * BLOCK_SIZE], jnp.int32)
-    k, v = (jnp.asarray(rng.normal(size=(4, 1, head_dim)), dtype) for _ in range(2))
-    written = jax.jit(ops.write_kv)(doubled, jnp.int32(LAYER), k, v, slots)
+    k, v = (jnp.asarray(rng.normal(size=(4, heads, head_dim)), dtype) for _ in range(2))
+    model_pool = jnp.nan_to_num(cache)
+    padded = jnp.take(model_pool, jnp.arange(pool_heads) % heads, axis=4)
+    written = jax.jit(write_kv)(padded, jnp.int32(LAYER), k, v, slots)
+    want = reference.write_kv(model_pool, LAYER, k, v, slots)
     np.testing.assert_array_equal(
         np.asarray(written, np.float32),
-        np.asarray(jnp.repeat(reference.write_kv(cache, LAYER, k, v, slots), 2, axis=4),
-                   np.float32))
+        np.asarray(jnp.take(want, jnp.arange(pool_heads) % heads, axis=4), np.float32))
+
+
+def test_kv_head_count_errors_name_the_field():
+    """A KV-head count the pool cannot hold, or query heads that do not divide
+    among it, is a ValueError naming the field, on every path."""
+    q, cache, meta = make_batch(6, DECODE, group=3, head_dim=64, dtype=jnp.float32, kv_heads=3)
+    pool = jnp.pad(cache, [(0, 0)] * 4 + [(0, 1), (0, 0)])
+    for path in ("tpu", "gpu", "cpu", "reference"):
+        attend, write_kv = _path_ops(path)
+        with pytest.raises(ValueError, match="num_heads: 9 query heads"):  # 9 over 4 pool heads
+            attend(q, pool, LAYER, meta, scale=0.125)
+        with pytest.raises(ValueError, match="num_kv_heads: 5 KV heads"):
+            attend(q, pool, LAYER, meta, scale=0.125, num_kv_heads=5)
+        k = jnp.zeros((2, 5, 64), jnp.float32)
+        with pytest.raises(ValueError, match="num_kv_heads: 5 KV heads"):
+            write_kv(pool, LAYER, k, k, jnp.zeros(2, jnp.int32))
 
 
 # Runs of every kind: length 1, a power of two (one DMA), 3 and 7 (several DMAs).

@@ -70,19 +70,29 @@ def test_write_kv_and_block_copies_on_device(head_dim):
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
 
 
-def test_one_kv_head_pool_on_device():
-    """Gemma 3 270M/1B's layout (4 query heads, one KV head of 256) in the pool
-    the runtime allocates on this device (`pool_layout`: on TPU in bfloat16 the
-    head is stored twice): attention and the KV update equal the reference on
-    the model's own one-head pool."""
+# Head layouts whose bfloat16 TPU pool has padding KV heads (`pool_layout`):
+# Gemma 3 270M/1B (4 query heads, one KV head of 256) and SmolLM2-135M (9
+# query heads, 3 KV heads of 64). (query heads, KV heads, head_dim)
+PADDED_HEAD_LAYOUTS = [(4, 1, 256), (9, 3, 64)]
+
+
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim", PADDED_HEAD_LAYOUTS,
+                         ids=[f"q{q}-kv{h}-d{d}" for q, h, d in PADDED_HEAD_LAYOUTS])
+def test_padded_kv_head_pool_on_device(q_heads, kv_heads, head_dim):
+    """The pool the runtime allocates on this device for these layouts (on TPU
+    in bfloat16 with padding heads and head_dim padded to 128 lanes):
+    attention told the model's KV heads and the KV update equal the reference
+    on the model's own pool."""
     platform, dtype = jax.default_backend(), jnp.bfloat16
-    q, cache, meta = make_batch(41, DECODE, group=4, head_dim=256, dtype=dtype)
-    q, cache = q[:, :4], cache[:, :, :, :, :1]
-    pool = jnp.repeat(cache, pool_kv_heads(1, platform, dtype), axis=4)
-    pool = jnp.pad(pool, [(0, 0)] * 5 + [(0, pool_head_dim(256, platform) - 256)])
-    kw = dict(scale=256 ** -0.5, sliding_window=9, soft_cap=20.0)
+    q, cache, meta = make_batch(41, DECODE, group=q_heads // kv_heads, head_dim=head_dim,
+                                dtype=dtype, kv_heads=kv_heads)
+    heads = jnp.arange(pool_kv_heads(kv_heads, platform, dtype)) % kv_heads
+    pool = jnp.take(cache, heads, axis=4)
+    pool = jnp.pad(pool, [(0, 0)] * 5 + [(0, pool_head_dim(head_dim, platform) - head_dim)])
+    kw = dict(scale=head_dim ** -0.5, sliding_window=9, soft_cap=20.0, num_kv_heads=kv_heads)
     out = jax.jit(lambda q, c, m: dispatch.ragged_paged_attention(q, c, LAYER, m, **kw))(
         q, pool, meta)
+    del kw["num_kv_heads"]
     want = reference.ragged_paged_attention(q, cache, LAYER, meta, **kw)
     out = np.asarray(out, np.float32)
     assert np.isfinite(out).all()
@@ -91,11 +101,10 @@ def test_one_kv_head_pool_on_device():
 
     rng = np.random.default_rng(5)
     slots = jnp.asarray([3, 40, cache.shape[0] * 16], jnp.int32)
-    k, v = (jnp.asarray(rng.normal(size=(3, 1, 256)), dtype) for _ in range(2))
+    k, v = (jnp.asarray(rng.normal(size=(3, kv_heads, head_dim)), dtype) for _ in range(2))
     written = jax.jit(lambda c, k, v, s: dispatch.write_kv(c, LAYER, k, v, s),
                       donate_argnums=0)(jnp.array(pool), k, v, slots)
-    copies = pool.shape[4]
-    got = np.asarray(written, np.float32)[..., :256]
-    want = np.asarray(reference.write_kv(cache, LAYER, k, v, slots), np.float32)
-    for copy in range(copies):
-        np.testing.assert_array_equal(got[:, :, :, :, copy:copy + 1], want)
+    got = np.asarray(written, np.float32)[..., :head_dim]
+    want = np.asarray(jnp.take(reference.write_kv(cache, LAYER, k, v, slots), heads, axis=4),
+                      np.float32)
+    np.testing.assert_array_equal(got, want)
