@@ -8,8 +8,9 @@ aborts the request. ``abort(request_id)`` aborts explicitly;
 False if no live request has that id). ``stats()`` is the engine's
 `EngineStats` as of the last step, snapshotted on the worker thread so readers
 on the event loop never see a half-updated engine; ``model`` and
-``max_model_len`` are the engine's (`AsyncEngine` is a
-`sluice.runtime.frontend.FrontEnd`). All engine calls happen on one
+``max_model_len`` are the engine's, and ``embed(token_ids)`` computes an
+embedding with its model, on the calling thread beside the engine (`AsyncEngine`
+is a `sluice.runtime.frontend.FrontEnd`). All engine calls happen on one
 `sluice.runtime.engine_worker.EngineWorker` thread, between steps, in the order
 they were made, so the engine itself stays single-threaded and the event loop
 never blocks on a model step. A step that raises fails every request then in
@@ -38,6 +39,9 @@ import logging
 import time
 from typing import Awaitable, Callable
 
+import numpy as np
+
+from sluice.runtime.embed import mean_pooled
 from sluice.runtime.engine import EngineStats, LLMEngine, Prompt
 from sluice.runtime.engine_worker import EngineWorker
 from sluice.runtime.intake import check_priority
@@ -167,6 +171,9 @@ class AsyncEngine:
     @property
     def scheduling_policy(self) -> str:
         return self.engine.scheduler.policy.name
+
+    def embed(self, token_ids: list[int]) -> np.ndarray:
+        return mean_pooled(self.engine.model, token_ids)
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None, priority: int = 0,

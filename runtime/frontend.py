@@ -2,11 +2,15 @@
 requests, whether that is one engine (`sluice.runtime.async_engine.AsyncEngine`)
 or many under the global scheduler (`sluice.scheduler.async_cluster.AsyncCluster`).
 
-- ``model`` (tokenizer, config, and the parameters ``/v1/embeddings`` runs on;
-  a Ray cluster's driver loads those on first use, `sluice.runtime.loader.LazyModel`),
+- ``model`` (its tokenizer and config: a Ray cluster's driver holds no weights,
+  `sluice.runtime.loader.LazyModel`, so nothing above reads its parameters),
   ``max_model_len`` and ``scheduling_policy`` (the policy's name, None if
   unknown; ``/admin/priority`` warns when it ignores priorities): what every
   instance serves;
+- ``embed(token_ids) -> np.ndarray``: the embedding of one validated token
+  sequence (`sluice.runtime.embed.mean_pooled`), computed where the weights are
+  (one engine: beside it; a cluster: on an instance, `Instance.embed`); it
+  blocks, so the server calls it off the event loop (``/v1/embeddings``);
 - ``generate(prompt, params, request_id=, priority=, client=, conversation=,
   delta=)``: validates at once (``ValueError``) and returns an async iterator of
   `RequestOutput`s; closing it early aborts the request;
@@ -22,6 +26,8 @@ engine (or a cluster) behind it.
 from __future__ import annotations
 
 from typing import AsyncIterator, Protocol
+
+import numpy as np
 
 from sluice.runtime.engine import EngineStats
 from sluice.runtime.intake import Prompt
@@ -45,6 +51,8 @@ class FrontEnd(Protocol):
                        request_id: str | None = None, priority: int = 0,
                        client: str | None = None, conversation: str | None = None,
                        delta: bool = False) -> AsyncIterator[RequestOutput]: ...
+
+    def embed(self, token_ids: list[int]) -> np.ndarray: ...
 
     async def abort(self, request_id: str) -> None: ...
 

@@ -98,7 +98,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from sluice.runtime import compiles
 from sluice.runtime import openai_protocol as proto
 from sluice.runtime.async_engine import OutputStream, StreamStalled
-from sluice.runtime.embed import mean_pooled
 from sluice.runtime.frontend import FrontEnd
 from sluice.runtime.metrics import CONTENT_TYPE, RequestTracker, ServerMetrics
 from sluice.runtime.openai_protocol import APIError
@@ -756,10 +755,10 @@ class OpenAIServer:
 
     async def _embed(self, request: Request, req: proto.EmbeddingRequest,
                      seqs: list[list[int]], left: list[int]) -> Response:
-        loop, model = asyncio.get_running_loop(), self.model
+        loop = asyncio.get_running_loop()
         vectors = []
         for ids in seqs:  # one at a time: a cancelled request stops between inputs
-            vectors.append(await loop.run_in_executor(self._embedder, mean_pooled, model, ids))
+            vectors.append(await loop.run_in_executor(self._embedder, self.engine.embed, ids))
             left[0] -= 1
             self.num_waiting -= 1
         total = sum(len(s) for s in seqs)

@@ -6,8 +6,11 @@ validates at once (``ValueError``) and returns an async iterator of
 `RequestOutput`s (closing it early aborts the request); ``abort``,
 ``set_priority``, ``stats``
 (the instances' engine stats summed) and ``shutdown`` as in `AsyncEngine`.
-It implements `sluice.runtime.frontend.FrontEnd` (``model`` and
-``max_model_len`` are the cluster intake's).
+``embed(token_ids)`` runs on an instance (`Instance.embed`: the least loaded
+open one; the next if it dies first), so a Ray cluster's driver, which holds
+no weights, never loads them for an embedding. It implements
+`sluice.runtime.frontend.FrontEnd` (``model`` and ``max_model_len`` are the
+cluster intake's).
 
 `local_cluster` builds one from a model: ``n`` instances, one per JAX device
 (round-robin when there are fewer devices; on CPU,
@@ -22,6 +25,7 @@ import itertools
 from typing import AsyncIterator
 
 import jax
+import numpy as np
 
 from sluice.runtime import compiles
 from sluice.runtime.async_engine import OutputStream, StreamLimits
@@ -31,7 +35,8 @@ from sluice.runtime.health import Health
 from sluice.runtime.outputs import RequestOutput
 from sluice.runtime.sampling_params import SamplingParams
 from sluice.scheduler.cluster import Cluster, ClusterConfig
-from sluice.scheduler.instance import DeathSink, LocalInstance, OutputSink
+from sluice.scheduler.instance import (DeathSink, Instance, InstanceDied, LocalInstance,
+                                       OutputSink)
 
 
 class LocalLauncher:
@@ -48,7 +53,10 @@ class LocalLauncher:
         config = dataclasses.replace(self.config, device=devices[i % len(devices)])
         with compiles.warming_up():  # an instance's start-up is warm-up, whenever it runs
             engine = LLMEngine(self.model, config)
-        return LocalInstance(f"instance-{i}", engine, on_outputs, on_death)
+        # Embeddings run on the shared model (on the default device), whose programs
+        # the server warmed up once, not on the engine's copy on its own device.
+        return LocalInstance(f"instance-{i}", engine, on_outputs, on_death,
+                             embed_model=self.model)
 
     def terminate(self, instance: LocalInstance) -> None:
         instance.stop()
@@ -102,6 +110,26 @@ class AsyncCluster:
 
     async def abort(self, request_id: str) -> None:
         self.cluster.abort(request_id)
+
+    def embed(self, token_ids: list[int]) -> np.ndarray:
+        """The embedding of ``token_ids``, computed by the least loaded open instance
+        (or, if that one dies first, the next); blocks."""
+        tried: set[str] = set()
+        while True:
+            instance = self._embedding_instance(tried)
+            try:
+                return instance.embed(token_ids)
+            except InstanceDied:
+                tried.add(instance.name)
+
+    def _embedding_instance(self, exclude: set[str]) -> Instance:
+        """The open (live, not draining) instance with the fewest requests, outside
+        ``exclude``."""
+        open_ = [i for i in list(self.cluster.instances.values())
+                 if i.name not in exclude and i.alive and not i.draining]
+        if not open_:
+            raise RuntimeError("no live instance to compute an embedding on")
+        return min(open_, key=lambda i: i.report().num_requests)
 
     async def set_priority(self, request_id: str, priority: int) -> bool:
         return self.cluster.set_priority(request_id, priority)

@@ -13,6 +13,10 @@ Interface (`Instance`):
   side), with the meanings of `sluice.runtime.migration.MigrationEndpoint`.
   `MigrationForwarder` implements them all over one
   ``migration_call(method, *args)``, which is all an instance provides;
+- ``embed(token_ids) -> np.ndarray``: the embedding of one validated token
+  sequence (`sluice.runtime.embed.mean_pooled`), computed where the instance's
+  weights are, beside its engine (not between its steps); blocks. An instance
+  that dies before answering raises `InstanceDied`, so the caller may ask another;
 - ``draining`` (settable): a draining instance takes no new requests;
 - ``alive``, ``stop()``.
 
@@ -20,7 +24,9 @@ Interface (`Instance`):
 (the same worker `AsyncEngine` uses). Outputs flow out through the
 ``on_outputs(name, outputs)`` callback; a dead engine (an exception out of its
 step) is reported once through ``on_death(name, error)``, and every pending call
-fails with that error.
+fails with that error. Its embeddings run on the calling thread, on the engine's
+model unless it is given another (``embed_model``: a local cluster's instances
+share the server's model, whose embedding programs the server warmed up once).
 """
 
 from __future__ import annotations
@@ -31,15 +37,24 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import numpy as np
+
+from sluice.runtime.embed import mean_pooled
 from sluice.runtime.engine import EngineStats, LLMEngine
 from sluice.runtime.engine_worker import EngineWorker
 from sluice.runtime.intake import Group
 from sluice.runtime.kv_manager import blocks_to_start
+from sluice.runtime.loader import Model
 from sluice.runtime.migration import Epoch, Handover, KVChunk
 from sluice.runtime.outputs import RequestOutput
 
 OutputSink = Callable[[str, list[RequestOutput]], None]
 DeathSink = Callable[[str, BaseException], None]
+
+
+class InstanceDied(RuntimeError):
+    """The instance a call went to died before answering (its process is gone):
+    nothing of the call is left there, so it may be made on another instance."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +90,7 @@ class Instance(Protocol):
     def submit(self, group: Group) -> None: ...
     def abort(self, request_id: str) -> None: ...
     def set_priority(self, request_id: str, priority: int) -> None: ...
+    def embed(self, token_ids: list[int]) -> np.ndarray: ...
     def report(self) -> LoadReport: ...
     def epoch(self, request_id: str) -> concurrent.futures.Future: ...
     def export_kv(self, request_id: str, first_blocks: dict[str, int],
@@ -150,9 +166,10 @@ class LocalInstance(MigrationForwarder):
     """An engine on its own `EngineWorker` thread; calls are queued and run between steps."""
 
     def __init__(self, name: str, engine: LLMEngine, on_outputs: OutputSink,
-                 on_death: DeathSink | None = None):
+                 on_death: DeathSink | None = None, embed_model: Model | None = None):
         self.name = name
         self.engine = engine
+        self.embed_model = engine.model if embed_model is None else embed_model
         self.draining = False
         self._pending_blocks = 0
         self._lock = threading.Lock()
@@ -183,6 +200,10 @@ class LocalInstance(MigrationForwarder):
 
     def set_priority(self, request_id: str, priority: int) -> None:
         self._worker.call(lambda e: e.set_priority(request_id, priority))
+
+    def embed(self, token_ids: list[int]) -> np.ndarray:
+        """The embedding of ``token_ids`` with `embed_model`, on the calling thread."""
+        return mean_pooled(self.embed_model, token_ids)
 
     def report(self) -> LoadReport:
         r = self._worker.snapshot

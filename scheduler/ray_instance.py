@@ -11,6 +11,14 @@ tokenizer and is re-bound on arrival. An actor that crashes (its process dies)
 surfaces as a `ray.exceptions.RayActorError` on the poll, which the instance
 reports through ``on_death``: the cluster re-dispatches its requests.
 
+An actor counts its own compiles (`sluice.runtime.compiles`: its start-up is
+warm-up, and it marks itself ready once warmed up, so a later compile there is a
+``serving`` one); every poll brings its totals back, and the driver adds them by
+instance name (`compiles.add_remote`; names are unique in the driver process), so
+the driver's ``sluice:compiles_total`` covers the actors. Embeddings run in an
+actor too (``embed``: its own model; its warm-up compiles their programs, as
+``sluice serve`` does for one engine), so the driver never needs the weights.
+
 ``ray_cluster(model, engine_config, n, address=None)`` starts ``n`` actors (on
 an existing cluster when ``address`` is given, else a local one, through
 ``start_ray(address, dashboard=False)``, which logs the addresses Ray opened).
@@ -20,8 +28,9 @@ JAX's persistent compilation cache (the directory the driver chose,
 `ModelSpec.compile_cache`); all actors start together, but only the first warms
 up at once: the others load the model, wait for its ``ready``, and then load its
 programs from that cache instead of compiling them again. The driver needs only the tokenizer and config for its
-intake: it loads no weights (`load_model(..., weights=False)`); they load in
-the driver only if something uses them there (the server's ``/v1/embeddings``).
+intake: it loads no weights (`load_model(..., weights=False)`); they would load
+in the driver only if something read its model's parameters there, and nothing
+in serving does (embeddings go to an actor).
 """
 
 from __future__ import annotations
@@ -35,8 +44,10 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import ray
 
+from sluice.runtime import compiles, embed
 from sluice.runtime.compile_cache import enable_compile_cache
 from sluice.runtime.engine import EngineConfig, LLMEngine, make_intake
 from sluice.runtime.intake import Group
@@ -44,11 +55,14 @@ from sluice.runtime.loader import load_model
 from sluice.runtime.migration import Handover, KVChunk
 from sluice.runtime.outputs import RequestOutput
 from sluice.scheduler.cluster import Cluster, ClusterConfig
-from sluice.scheduler.instance import (DeathSink, LoadReport, LocalInstance, MigrationForwarder,
-                                       OutputSink)
+from sluice.scheduler.instance import (DeathSink, InstanceDied, LoadReport, LocalInstance,
+                                       MigrationForwarder, OutputSink)
 
 POLL_S = 0.05
 log = logging.getLogger(__name__)
+# Instance names, unique in this process: the driver keeps each actor's compile
+# counts by name (`compiles.add_remote`), across every cluster it starts.
+_numbers = itertools.count()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,13 +79,16 @@ class ModelSpec:
 
 class EngineActor:
     """The actor body: a `LocalInstance` whose outputs wait here to be polled. Its
-    construction is the instance's start-up (model load, warm-up): a call on the
-    actor (``ready``) returns only after it. ``after``: object refs (other actors'
-    ``ready``) to wait for between loading the model and building the engine, whose
-    warm-up then loads their compiled programs from the shared cache."""
+    construction is the instance's start-up (model load, warm-up of the engine and,
+    with ``config.warmup``, of the embeddings): a call on the actor (``ready``)
+    returns only after it; from then on, a compile in this process is a ``serving``
+    one. ``after``: object refs (other actors' ``ready``) to wait for between
+    loading the model and building the engine, whose warm-up then loads their
+    compiled programs from the shared cache."""
 
     def __init__(self, name: str, spec: ModelSpec, config: EngineConfig,
                  after: Sequence[ray.ObjectRef] = ()):
+        compiles.install()  # this process's compiles, from the model load on
         if spec.compile_cache is not None:  # before anything compiles
             enable_compile_cache(spec.compile_cache)
         self.model = load_model(spec.model, dtype=spec.dtype, seed=spec.seed, progress=False)
@@ -79,8 +96,12 @@ class EngineActor:
         self._cv = threading.Condition()
         self._outputs: list[RequestOutput] = []
         self._death: str | None = None
-        self.instance = LocalInstance(name, LLMEngine(self.model, config), self._collect,
-                                      self._died)
+        with compiles.warming_up():  # an instance's start-up is warm-up (`LocalLauncher`'s)
+            engine = LLMEngine(self.model, config)
+            if config.warmup:  # so that a first embedding here compiles nothing
+                embed.warmup(self.model, engine.max_model_len)
+        compiles.mark_ready()  # warmed up: a compile from here on stalls a request
+        self.instance = LocalInstance(name, engine, self._collect, self._died)
 
     def _collect(self, name: str, outputs: list[RequestOutput]) -> None:
         with self._cv:
@@ -95,14 +116,17 @@ class EngineActor:
     def ready(self) -> None:
         """Returns once the actor is constructed (warmed up)."""
 
-    def poll(self, timeout: float) -> tuple[list[RequestOutput], LoadReport, str | None]:
+    def poll(self, timeout: float) -> tuple[list[RequestOutput], LoadReport, str | None,
+                                            dict[tuple[str, str], int]]:
         """Outputs since the last poll (waiting up to ``timeout`` for some), the
-        load report, and the error that killed the engine, if any."""
+        load report, the error that killed the engine, if any, and this process's
+        compile counts (read after the outputs: they include every compile that
+        those outputs waited for)."""
         with self._cv:
             self._cv.wait_for(lambda: self._outputs or self._death, timeout)
             outputs, self._outputs = self._outputs, []
             death = self._death
-        return outputs, self.instance.report(), death
+        return outputs, self.instance.report(), death, compiles.counts()
 
     def submit(self, group: Group) -> None:
         for req in group.requests:
@@ -117,6 +141,9 @@ class EngineActor:
 
     def set_draining(self, draining: bool) -> None:
         self.instance.draining = draining
+
+    def embed(self, token_ids: list[int]) -> np.ndarray:
+        return self.instance.embed(token_ids)
 
     def migration_call(self, method: str, *args: Any) -> Any:
         """A migration call (`Instance`), run between steps; device arrays come
@@ -152,7 +179,8 @@ class RayInstance(MigrationForwarder):
         self._on_death = on_death
         self._error: BaseException | None = None
         self._stopping = False
-        _, self._report, _ = ray.get(actor.poll.remote(0.0))
+        _, self._report, _, compiled = ray.get(actor.poll.remote(0.0))
+        compiles.add_remote(name, compiled)
         self._thread = threading.Thread(target=self._poll, name=f"sluice-{name}", daemon=True)
         self._thread.start()
 
@@ -181,6 +209,12 @@ class RayInstance(MigrationForwarder):
     def set_priority(self, request_id: str, priority: int) -> None:
         self.actor.set_priority.remote(request_id, priority)
 
+    def embed(self, token_ids: list[int]) -> np.ndarray:
+        try:
+            return ray.get(self.actor.embed.remote(list(token_ids)))
+        except ray.exceptions.RayActorError as error:
+            raise InstanceDied(f"{self.name} died during an embedding: {error}") from error
+
     def migration_call(self, method: str, *args: Any) -> concurrent.futures.Future:
         return self.actor.migration_call.remote(method, *args).future()
 
@@ -200,7 +234,8 @@ class RayInstance(MigrationForwarder):
     def _poll(self) -> None:
         while not self._stopping:
             try:
-                outputs, self._report, death = ray.get(self.actor.poll.remote(POLL_S))
+                outputs, self._report, death, compiled = ray.get(self.actor.poll.remote(POLL_S))
+                compiles.add_remote(self.name, compiled)  # before the outputs that waited
             except ray.exceptions.RayActorError as error:
                 death, outputs = f"actor died: {error}", []
             if outputs:
@@ -219,7 +254,6 @@ class RayLauncher:
         self.config = config
         self._actor_class = ray.remote(num_cpus=0, num_gpus=num_gpus,
                                        max_concurrency=8)(EngineActor)
-        self._count = itertools.count()
 
     def launch(self, on_outputs: OutputSink, on_death: DeathSink) -> RayInstance:
         """One instance, returned once its actor has warmed up."""
@@ -232,7 +266,7 @@ class RayLauncher:
         others start their processes and load the model, then they warm up from its
         programs (concurrent cold warm-ups would each compile every shape, competing
         for the same cores); without one, all warm up at once."""
-        names = [f"ray-{next(self._count)}" for _ in range(n)]
+        names = [f"ray-{next(_numbers)}" for _ in range(n)]
         actors = [self._actor_class.remote(names[0], self.spec, self.config)]
         after = [actors[0].ready.remote()] if self.spec.compile_cache is not None else []
         # in a list, so Ray passes the ref instead of waiting for it before __init__
@@ -278,8 +312,8 @@ def ray_cluster(spec: ModelSpec, config: EngineConfig, num_instances: int,
     model = load_model(spec.model, dtype=spec.dtype, seed=spec.seed, progress=False,
                        weights=False)
     intake = make_intake(model, config)  # validates the config before any actor starts
-    log.info("ray: the driver holds %s's tokenizer and config, not its weights (they load "
-             "here on first use: a first /v1/embeddings request)", model.name)
+    log.info("ray: the driver holds %s's tokenizer and config, not its weights (the actors "
+             "load them, and compute embeddings too)", model.name)
     launcher = RayLauncher(spec, config, num_gpus)
     return Cluster(lambda out, death: launcher.launch_many(num_instances, out, death),
                    intake, cluster_config, launcher)

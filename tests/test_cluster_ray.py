@@ -1,7 +1,7 @@
 """Instances as Ray actors (a local Ray cluster): dispatch, live migration across
 processes, and recovery from a crashed actor, all token-identical to one engine;
-the actors share a compilation cache, and the driver holds no weights until an
-embedding needs them."""
+the actors share a compilation cache, report their compiles to the driver, and
+compute embeddings, so the driver never holds the weights."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import ray
 
-from sluice.runtime import SamplingParams
-from sluice.runtime.embed import mean_pooled
-from sluice.runtime.engine import EngineConfig
-from sluice.scheduler.cluster import ClusterConfig
+from sluice.runtime import SamplingParams, compiles
+from sluice.runtime.embed import buckets, mean_pooled
+from sluice.runtime.engine import EngineConfig, make_intake
+from sluice.runtime.metrics import ServerMetrics
+from sluice.scheduler.async_cluster import AsyncCluster
+from sluice.scheduler.cluster import Cluster, ClusterConfig
+from sluice.scheduler.instance import InstanceDied, LoadReport
 from sluice.scheduler.migration import migrate
 from sluice.scheduler.ray_instance import ModelSpec, ray_cluster
 from test_cluster import ENGINE, GREEDY, Collector, free_blocks_restored, reference
@@ -24,7 +27,6 @@ def test_weight_free_model_prepares_requests_and_loads_its_weights_on_first_use(
     validates with it without building parameters; the first ``params`` access
     builds them once, equal to a full load's."""
     from sluice.runtime import loader
-    from sluice.runtime.engine import make_intake
 
     built, init_params = [], loader.init_params
     monkeypatch.setattr(loader, "init_params", lambda *a: built.append(a) or init_params(*a))
@@ -36,6 +38,49 @@ def test_weight_free_model_prepares_requests_and_loads_its_weights_on_first_use(
     params = model.params
     assert model.params is params and model.loaded and len(built) == 1
     np.testing.assert_array_equal(np.asarray(params["embed"]), np.asarray(tiny.params["embed"]))
+
+
+class EmbeddingInstance:
+    """An instance that only computes embeddings: ``vector``, or dies first (None)."""
+
+    def __init__(self, name: str, num_running: int, vector: np.ndarray | None):
+        self.name, self.num_running, self.vector = name, num_running, vector
+        self.alive, self.draining, self.calls = True, False, []
+
+    def report(self) -> LoadReport:
+        return LoadReport(self.name, 8, 8, self.num_running, 0, 0, 0, self.draining,
+                          self.alive, 4)
+
+    def embed(self, token_ids: list[int]) -> np.ndarray:
+        self.calls.append(token_ids)
+        if self.vector is None:
+            self.alive = False
+            raise InstanceDied(f"{self.name} died during an embedding")
+        return self.vector
+
+    def stop(self) -> None:
+        self.alive = False
+
+
+def test_an_embedding_goes_to_the_least_loaded_open_instance_and_survives_its_death(tiny):
+    """`AsyncCluster.embed` (the server's ``/v1/embeddings`` under ``--instances``):
+    the least loaded open instance computes it; one that dies first hands it to the
+    next; with none left open, a clear error."""
+    vector = np.ones(4, np.float32)
+    dies, busy = EmbeddingInstance("dies", 0, None), EmbeddingInstance("busy", 2, vector)
+    drains = EmbeddingInstance("drains", 0, vector)
+    drains.draining = True
+    cluster = Cluster([busy, dies, drains], make_intake(tiny, EngineConfig(**ENGINE)),
+                      ClusterConfig(migrate=False))
+    try:
+        front = AsyncCluster(cluster)
+        assert front.embed([1, 2]) is vector
+        assert (dies.calls, busy.calls, drains.calls) == ([[1, 2]], [[1, 2]], [])
+        busy.vector = None
+        with pytest.raises(RuntimeError, match="no live instance"):
+            front.embed([3])
+    finally:
+        cluster.shutdown()
 
 
 def _cache_dir(actor) -> str:
@@ -90,13 +135,52 @@ def test_ray_instances_migrate_and_survive_a_crash(tiny, tmp_path):
             assert col.outputs[rid][-1].outputs[0].token_ids == want[rid].outputs[0].token_ids
             assert col.text(rid) == want[rid].outputs[0].text
         assert free_blocks_restored([i for i in cluster.instances.values() if i.alive])
-        # An embedding (the server's /v1/embeddings runs in the driver) loads the
-        # driver's weights on first use: the same vectors as the full model's.
-        assert not cluster.intake.model.loaded
+        # An embedding (the server's /v1/embeddings) runs on a live actor, not in the
+        # driver, which still holds no weights: the same vector as the full model's.
         ids = cluster.intake.model.tokenizer.encode("embed me")
-        np.testing.assert_allclose(mean_pooled(cluster.intake.model, ids),
-                                   mean_pooled(tiny, ids), rtol=1e-6)
-        assert cluster.intake.model.loaded
+        np.testing.assert_allclose(AsyncCluster(cluster).embed(ids), mean_pooled(tiny, ids),
+                                   rtol=1e-5, atol=1e-6)
+        assert not cluster.intake.model.loaded
+    finally:
+        cluster.shutdown()
+        ray.shutdown()
+
+
+# Warmed up, with few shapes to warm (as in test_compiles).
+WARM = EngineConfig(warmup=True, max_model_len=32, max_num_seqs=1, max_num_batched_tokens=16,
+                    max_prefill_seqs=1, seed=0)
+
+
+@pytest.mark.slow
+def test_ray_actor_reports_its_compiles_and_serves_embeddings_without_compiling(tiny):
+    """The actor's warm-up compiles (its engine's and its embeddings') are in the
+    driver's counts and its ``sluice:compiles_total``; after warm-up, an embedding
+    (computed in the actor: the driver still holds no weights) and a request
+    compile nothing in the actor."""
+    cluster = ray_cluster(ModelSpec("tiny", "float32"), WARM, 1)
+    try:
+        front = AsyncCluster(cluster)
+        (name,) = cluster.instances
+        warm = compiles.remote(name)
+        assert {reason for reason, _ in warm} <= {"warmup", "startup"}, warm
+        embeddings = ("warmup", "jit(_pooled)")  # one program per bucket
+        assert warm.get(embeddings) == len(buckets(WARM.max_model_len)), warm
+        assert sum(n for (reason, _), n in warm.items() if reason == "warmup") > \
+            warm[embeddings]  # the engine's step programs too
+        metrics = ServerMetrics("tiny")
+        metrics.render(front.stats())
+        for (reason, function), n in warm.items():
+            assert metrics.registry.get_sample_value("sluice:compiles_total", {
+                "model_name": "tiny", "reason": reason, "function": function}) >= n
+        ids = tiny.tokenizer.encode("embed me")
+        np.testing.assert_allclose(front.embed(ids), mean_pooled(tiny, ids),
+                                   rtol=1e-5, atol=1e-6)
+        assert not cluster.intake.model.loaded
+        col = Collector()
+        cluster.submit("r", "after warm-up", SamplingParams(max_tokens=8, **GREEDY), col.sink)
+        col.wait(["r"])
+        # Its outputs came with the actor's counts as of then, after the embedding.
+        assert compiles.remote(name) == warm
     finally:
         cluster.shutdown()
         ray.shutdown()
