@@ -105,7 +105,7 @@ def _tiling(seqs, block: int, platform: str):
         kw = {}
 
     def capture(q, c, m):
-        plan["static"], tiles = ragged_attention._plan(q, c, 0, m, 1.0, None, None, **kw)
+        plan["static"], tiles = ragged_attention._plan(q, c, 0, m, 1.0, None, None, KV_HEADS, **kw)
         return tiles.q
 
     jax.eval_shape(capture, q, cache, meta)
