@@ -16,6 +16,7 @@ Lifecycle of a sequence (``seq_id`` is any hashable)::
     ... the model writes KV of tokens[cached:n] ...
     bm.commit(seq_id, tokens, n)                   # those tokens' KV is written
     ... allocate_slots / commit again as decoding appends tokens ...
+    bm.truncate(seq_id, n)                         # drop blocks reserved past n tokens
     bm.free(seq_id)                                # finished, aborted or preempted
 
 ``allocate_slots`` returns False and changes nothing when the pool cannot hold
@@ -265,18 +266,20 @@ class BlockManager:
         else free.
         """
         seq = self._seqs.pop(seq_id, None)
-        if seq is None:
-            return
-        released: list[int] = []
-        for block in reversed(seq.blocks):
-            self._refcount[block] -= 1
-            if self._refcount[block] == 0:
-                if block in self._hash_of:
-                    self._evictable[block] = None
-                else:
-                    released.append(block)
-        for start, length in contiguous_runs(reversed(released)):
-            self._free.add(start, length)
+        if seq is not None:
+            self._release(seq.blocks)
+
+    def truncate(self, seq_id: Hashable, num_tokens: int) -> None:
+        """Shrink the table to the blocks holding the first ``num_tokens`` tokens,
+        releasing the rest as `free` does (tail first): blocks reserved for
+        positions the sequence will not fill, such as a draft's rejected tokens
+        (speculative decoding). A table already that short is left as it is."""
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens: must be >= 0, got {num_tokens}")
+        seq = self._seq(seq_id)
+        keep = blocks_for(num_tokens, self.block_size)
+        self._release(seq.blocks[keep:])
+        del seq.blocks[keep:], seq.hashes[keep:]
 
     def __contains__(self, seq_id: Hashable) -> bool:
         """Whether the sequence has a table (begun and not freed)."""
@@ -314,6 +317,20 @@ class BlockManager:
                 break
             hits.append((parent, block))
         return hits
+
+    def _release(self, blocks: list[int]) -> None:
+        """Drop one reference to each of ``blocks``, last first; a block no longer
+        referenced becomes evictable if cached, else free."""
+        released: list[int] = []
+        for block in reversed(blocks):
+            self._refcount[block] -= 1
+            if self._refcount[block] == 0:
+                if block in self._hash_of:
+                    self._evictable[block] = None
+                else:
+                    released.append(block)
+        for start, length in contiguous_runs(reversed(released)):
+            self._free.add(start, length)
 
     def _evict(self, n: int) -> None:
         """Return the ``n`` least-recently-used evictable blocks to the free pool."""

@@ -7,8 +7,8 @@ else (the engine's stats, the load report, live migration) reads it or asks
 the scheduler. It puts together:
 
 - the device pool's bookkeeping (`BlockManager`: block tables, reference
-  counts, prefix cache), through ``begin``, ``allocate``, ``commit``, ``free``,
-  ``block_table`` and the read-only ``blocks``;
+  counts, prefix cache), through ``begin``, ``allocate``, ``commit``,
+  ``truncate``, ``free``, ``block_table`` and the read-only ``blocks``;
 - the host swap space (`HostSwapSpace`, bookkeeping only; `SwapExecutor` moves
   the data) and, per request, the host blocks holding valid copies of its first
   blocks (``host_blocks``) and whether its KV lives only there while it waits
@@ -101,6 +101,11 @@ class KVCacheManager:
     def commit(self, req: Request) -> None:
         """The request's first ``num_computed_tokens`` tokens have their KV written."""
         self.blocks.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
+
+    def truncate(self, request_id: str, num_tokens: int) -> None:
+        """Release the request's device blocks past those of its first
+        ``num_tokens`` tokens (reserved for draft positions that were rejected)."""
+        self.blocks.truncate(request_id, num_tokens)
 
     def free(self, request_id: str) -> None:
         """Free the request's device blocks (its host copies stay)."""

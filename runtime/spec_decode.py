@@ -16,7 +16,8 @@ the output up to that position) and its own random numbers (the step index plain
 decoding has there); the scheduler keeps the draft tokens up to the first one the
 target did not sample, plus the target's token at that position (or after the
 whole draft). KV written for rejected positions lies past ``num_computed_tokens``
-and is overwritten later.
+and is overwritten later; blocks reserved only for them return to the pool as
+soon as the step's output is applied.
 
 Acceptance is the standard rejection rule of speculative sampling for a draft
 that is a point mass q = delta(x) (n-gram drafts are deterministic): accept x with

@@ -56,7 +56,8 @@ With ``num_speculative_tokens`` (`sluice.runtime.spec_decode`), decodes of
 requests that may draft (greedy or sampled; not structured outputs) take an
 n-gram draft as extra tokens of their row, from what the budget and blocks leave
 once every other row is scheduled, and `update_from_output` keeps the verified
-run (the rejection rule; ``spec_stats`` counts drafts and accepted tokens).
+run (the rejection rule; ``spec_stats`` counts drafts and accepted tokens) and
+releases the blocks reserved for the rejected rest.
 """
 
 from __future__ import annotations
@@ -284,8 +285,9 @@ class LocalScheduler:
         tokens the target sampled too, then the target's token after them, are
         appended, up to where the request finishes (`sluice.runtime.spec_decode`:
         for greedy rows the argmax, for sampled ones the rejection rule). Only
-        the KV of the accepted positions counts as computed; the rest is
-        overwritten later."""
+        the KV of the accepted positions counts as computed (the rest is
+        overwritten later), and the request keeps only the blocks its tokens
+        need: those reserved for rejected positions go back to the pool now."""
         tokens = targets[0]
         accepted = 0
         while accepted < len(row.draft) and tokens[accepted] == row.draft[accepted]:
@@ -300,6 +302,8 @@ class LocalScheduler:
         self.kv.commit(req)
         if req.is_finished:
             self._finish(req)
+        else:
+            self.kv.truncate(req.request_id, req.num_tokens)
 
     @staticmethod
     def _record_prompt(req: Request, start: int, lps: list[TokenLogprobs]) -> None:

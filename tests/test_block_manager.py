@@ -80,6 +80,35 @@ def test_allocate_grow_and_free():
     check_invariants(bm)
 
 
+def test_truncate_releases_the_blocks_past_the_tokens_kept():
+    """Blocks reserved past a sequence's tokens (a rejected draft's positions) go
+    back at once, tail first and coalesced; written, cached blocks it drops stay
+    cached (evictable); a shorter table is left alone; bad input names its field."""
+    bm = BlockManager(num_blocks=8, block_size=4)
+    tokens = list(range(9))
+    run_prompt(bm, "a", tokens)  # blocks 0, 1 full and cached; 2 holds token 8
+    assert bm.allocate_slots("a", 9 + 10) and bm.block_table("a") == [0, 1, 2, 3, 4]
+    bm.truncate("a", 10)  # the draft's first token accepted: 10 tokens, 3 blocks
+    assert bm.block_table("a") == [0, 1, 2] and bm.num_free_blocks == 5
+    assert bm._free._length == {3: 5}  # back in one run with the rest of the pool
+    check_invariants(bm)
+    bm.truncate("a", 12)  # holds fewer blocks already: nothing changes
+    assert bm.block_table("a") == [0, 1, 2]
+    assert bm.allocate_slots("a", 13) and bm.block_table("a") == [0, 1, 2, 3]  # grows again
+    bm.truncate("a", 4)  # past written blocks too: cached block 1 stays a hit
+    assert bm.block_table("a") == [0] and list(bm._evictable) == [1]
+    assert bm.lookup_prefix(tokens) == 8
+    check_invariants(bm)
+    with pytest.raises(ValueError, match="^num_tokens: "):
+        bm.truncate("a", -1)
+    with pytest.raises(KeyError):
+        bm.truncate("nobody", 0)
+    bm.commit("a", tokens, 4)
+    bm.free("a")
+    assert bm.num_free_blocks == 8
+    check_invariants(bm)
+
+
 def test_prefix_hit_shares_blocks():
     bm = BlockManager(num_blocks=8, block_size=4)
     prompt = list(range(10))
@@ -358,6 +387,44 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.bm.free(seq_id)
         del self.tokens[seq_id], self.computed[seq_id]
         self.pending.pop(seq_id, None)
+
+    def decode_ready(self) -> list[int]:
+        """Sequences not in flight whose every token is computed."""
+        return sorted(s for s in set(self.computed) - set(self.pending)
+                      if self.computed[s] == len(self.tokens[s]))
+
+    @precondition(lambda self: self.decode_ready())
+    @rule(data=st.data(), last=st.integers(0, 3),
+          draft=st.lists(st.integers(0, 3), min_size=1, max_size=8),
+          accepted=st.integers(0, 8), verified=st.integers(0, 3))
+    def draft_step(self, data: st.DataObject, last: int, draft: list[int], accepted: int,
+                   verified: int) -> None:
+        """A decode step with a draft (speculative decoding): blocks for the last
+        sampled token and the draft, the first ``accepted`` draft tokens and the
+        target's token (``verified``) appended, then the table truncated to the tokens' blocks:
+        its head stays, the blocks of rejected positions go back to the pool."""
+        bm = self.bm
+        seq_id = data.draw(st.sampled_from(self.decode_ready()))
+        tokens, start = self.tokens[seq_id], self.computed[seq_id]
+        before = snapshot(bm)
+        if not bm.allocate_slots(seq_id, start + 1 + len(draft)):
+            assert snapshot(bm) == before
+            return
+        table = bm.block_table(seq_id)
+        assert all(bm._refcount[b] == 1 for b in table[start // bm.block_size:]), \
+            "a step writes into a shared block"
+        free = bm.num_free_blocks
+        tokens += [last] + draft[:accepted] + [verified]
+        self.computed[seq_id] = len(tokens) - 1  # the target's token is not fed yet
+        bm.commit(seq_id, tokens, len(tokens) - 1)
+        bm.truncate(seq_id, len(tokens))
+        # a fully accepted draft's last token has no block yet (the next step's allocation)
+        keep = min(len(table), -(-len(tokens) // bm.block_size))
+        assert bm.block_table(seq_id) == table[:keep]
+        assert bm.num_free_blocks == free + len(table) - keep
+        for i in range(start // bm.block_size, keep):
+            full = (i + 1) * bm.block_size < len(tokens)
+            self.content[table[i]] = tuple(tokens[:(i + 1) * bm.block_size]) if full else None
 
     @precondition(lambda self: self.bm._evictable)
     @rule()

@@ -15,6 +15,7 @@ from conftest import run_to_finish
 
 from sluice.runtime import SamplingParams
 from sluice.runtime.engine import EngineConfig, LLMEngine
+from sluice.runtime.kv_cache import blocks_for
 from sluice.runtime.metrics import ServerMetrics
 from sluice.runtime.spec_decode import propose
 from sluice.scheduler import local
@@ -130,6 +131,54 @@ def metric(text: str, name: str) -> float:
               if line.startswith(name + "{")]
     assert len(values) == 1, (name, values)
     return values[0]
+
+
+def test_rejected_drafts_release_their_blocks_at_once(tiny, monkeypatch):
+    """Blocks reserved for a draft's positions go back to the pool when the step's
+    output is applied, as far as the target rejected them: after every step a
+    running request holds exactly the blocks of its tokens and the pool the rest.
+    Drafts whose first 0, 1, 2 or 3 tokens are plain decoding's next tokens and
+    the rest wrong (accepted runs end before, at and past block boundaries) keep
+    the outputs plain decoding gives; every block is back at the end. (Prompts of
+    14 and 29 tokens: no prompt fills its last block, where the first decode would
+    need one more.)"""
+    rng = np.random.default_rng(4)
+    prompts = {"a": rng.integers(0, 250, 14).tolist(), "b": rng.integers(0, 250, 29).tolist()}
+    requests = {rid: (ids, greedy(40)) for rid, ids in prompts.items()}
+    plain = run(engine_for(tiny, 0), requests)
+    vocab = tiny.config.vocab_size
+
+    def propose(ids: list[int], k: int) -> list[int]:
+        rid = next(r for r, p in prompts.items() if ids[:len(p)] == p)
+        done = len(ids) - len(prompts[rid])
+        right = plain[rid][0][done:done + k]
+        # the first 0..3 tokens are plain decoding's next ones, the rest wrong: every
+        # draft is cut short, so a running request's tokens never outgrow its blocks
+        good = min(done % 4, len(right) - 1)
+        return right[:good] + [(t + 1) % vocab for t in right[good:]]
+
+    monkeypatch.setattr(local, "propose", propose)
+    spec = engine_for(tiny, K)
+    bm = spec.block_manager
+    for rid, (ids, params) in requests.items():
+        spec.add_request(rid, {"prompt_token_ids": ids}, params)
+    done: dict = {}
+    rejected = 0
+    while spec.has_unfinished_requests():
+        stats = spec.scheduler.spec_stats
+        drafted, accepted = stats.num_draft_tokens, stats.num_accepted_tokens
+        done.update({o.request_id: o for o in spec.step() if o.finished})
+        rejected += (stats.num_draft_tokens - drafted) - (stats.num_accepted_tokens - accepted)
+        running = spec.scheduler.running
+        held: set[int] = set()
+        for req in running:
+            table = spec.scheduler.kv.block_table(req.request_id)
+            assert len(table) == blocks_for(req.num_tokens, bm.block_size), req.request_id
+            held.update(table)
+        assert bm.num_free_blocks == bm.num_blocks - len(held)
+    assert rejected > 0 and spec.scheduler.spec_stats.num_accepted_tokens > 0
+    assert summary(done) == plain
+    assert bm.num_free_blocks == bm.num_blocks
 
 
 def test_sampled_outputs_are_distributed_as_plain_sampling(tiny, monkeypatch):
