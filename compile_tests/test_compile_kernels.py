@@ -8,7 +8,9 @@ Batches: decode of 1 and of 64 sequences at 4k tokens, a prefill
 of 8 x 2048 tokens, and a ragged mixed batch (30 decodes, a 512-token chunk
 continuing a prompt, a fresh prompt) with a sliding window and a soft cap.
 Block sizes 16 to 128 rotate through the cases (each model and each batch
-meets every block size); bfloat16 everywhere, float32 once per model.
+meets every block size); bfloat16 everywhere, float32 once per model, and
+head_dim 256 prefill at block size 128 in bfloat16 (GPU shared memory). A
+SmolLM2-135M case (3 KV heads of 64) checks its padded TPU pool.
 
 Each test compiles through `sluice.pallas_kernels.dispatch` (what the engine
 calls) and asserts that the compiled module holds the target's kernel custom
@@ -17,9 +19,10 @@ head_dim 96, which is documented to take the pure-JAX path: Triton needs
 power-of-two blocks); kernels that update the pool are compiled with it
 donated and must alias it, never copy it. Pools are the ones the runtime
 allocates for the target (`pool_layout.pool_head_dim`): on TPU, head dims 64
-and 96 are padded to 128 lanes, and a bfloat16 pool with one KV head stores it
-twice (`pool_layout.pool_kv_heads`), without which XLA gave the pool a layout
-other than the kernels' row-major one and copied it whole around every call.
+and 96 are padded to 128 lanes, and a bfloat16 pool with one KV head has a
+padding head (`pool_layout.pool_kv_heads`), without which XLA gave the pool a
+layout other than the kernels' row-major one and copied it whole around every
+call.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import itertools
 import jax.numpy as jnp
 import pytest
 
-from compile_tests.check import (assert_kernels, assert_pool_in_place,
+from compile_tests.check import (PoolCopied, assert_kernels, assert_pool_in_place,
                                  assert_pool_not_copied, compile_for, kernel_calls, record, sds)
 from compile_tests.targets import device
 from sluice.pallas_kernels import dispatch
@@ -65,6 +68,11 @@ ATTENTION_CASES = [(model, batch, _latin(i, j), "bfloat16")
                                                                    enumerate(BATCHES))]
 ATTENTION_CASES += [(model, list(BATCHES)[i % len(BATCHES)], _latin(i, i + 1), "float32")
                     for i, model in enumerate(MODELS)]
+# Whole pages of head_dim 256 overflow an H100's shared memory (232,448 bytes)
+# at block size 128 with prefill tiles: 491,776 bytes in float32 (gemma3-1b's
+# float32 case above), 294,912 in bfloat16; the GPU kernel attends to such
+# pages in parts (`ragged_attention.gpu_page_parts`).
+ATTENTION_CASES += [("gemma3-4b", "prefill8x2048", 128, "bfloat16")]
 
 
 def _pool(target, model: str, block: int, num_blocks: int, layers: int, dtype):
@@ -74,12 +82,6 @@ def _pool(target, model: str, block: int, num_blocks: int, layers: int, dtype):
     return sds(target, (num_blocks, layers, 2, block,
                         pool_kv_heads(kv_heads, target.platform, dtype),
                         pool_head_dim(head_dim, target.platform)), dtype)
-
-
-# Known GPU failure (found when Gemma 3 1B joined the tier, not fixed): the
-# kernel keeps a whole page of keys and values per pipeline stage in shared
-# memory, too much in float32 at 256 x 128. The case asserts that exact error.
-GPU_SMEM_EXCEEDED = {(256, 128, "float32")}
 
 
 @pytest.mark.parametrize("model,batch,block,dtype", ATTENTION_CASES,
@@ -100,11 +102,6 @@ def test_attention_compiles(target, model, batch, block, dtype):
                                                sliding_window=window, soft_cap=cap)
 
     args = (q, cache, sds(target, (), jnp.int32), meta)
-    if target.platform == "gpu" and (head_dim, block, dtype) in GPU_SMEM_EXCEEDED:
-        with pytest.raises(Exception, match="Shared memory size limit exceeded"):
-            compile_for(target, attend, args)
-        pytest.xfail("known: the Triton attention kernel needs 491,776 bytes of shared memory "
-                     "in float32 at head_dim 256 and block size 128 (232,448 available)")
     compiled, hlo, seconds = compile_for(target, attend, args)
     if target.platform == "gpu" and not triton_shapes(head_dim, block):
         # The documented fallback: Triton needs power-of-two blocks.
@@ -203,3 +200,60 @@ def test_long_decode_compiles(target, block):
     record(target, compiled, seconds, kernel="attention_split", model="llama3-8b",
            batch=f"decode{seqs}x{kv_len}", block=block, dtype="bfloat16",
            splits=splits if target.platform == "gpu" else 1)
+
+
+# SmolLM2-135M's head layout: 9 query heads over 3 KV heads of 64. In bfloat16
+# XLA re-lays out a TPU pool of 3 KV heads and copies it whole around every KV
+# write; the pool the runtime allocates has 4 (`pool_layout.pool_kv_heads`, one
+# padding head) and is written in place and read without a copy. The probe is
+# kept honest: on TPU the model's own 3-head pool must still show the copy.
+SMOLLM2_HEADS = (9, 3, 64)  # query heads, KV heads, head_dim
+SMOLLM2_BLOCK = 32
+
+
+def test_padded_kv_heads_compile_in_place(target):
+    q_heads, kv_heads, head_dim = SMOLLM2_HEADS
+    dtype, tokens, num_blocks = "bfloat16", 64, 4096 * 16 // SMOLLM2_BLOCK
+    pool_heads = pool_kv_heads(kv_heads, target.platform, dtype)
+    assert pool_heads == (4 if target.platform == "tpu" else kv_heads)
+    new = sds(target, (tokens, kv_heads, head_dim), dtype)
+
+    def compile_write(heads: int) -> tuple:
+        cache = sds(target, (num_blocks, KERNEL_POOL_LAYERS, 2, SMOLLM2_BLOCK, heads,
+                             pool_head_dim(head_dim, target.platform)), dtype)
+        compiled, hlo, seconds = compile_for(
+            target, dispatch.write_kv, (cache, sds(target, (), jnp.int32), new, new,
+                                        sds(target, (tokens,), jnp.int32)), donate=(0,))
+        assert_kernels(hlo, target)
+        return cache, compiled, hlo, seconds
+
+    if target.platform == "tpu":  # before: the model's own head count is copied
+        cache, _, hlo, _ = compile_write(kv_heads)
+        with pytest.raises(PoolCopied):
+            assert_pool_not_copied(hlo, cache.shape)
+    cache, compiled, hlo, seconds = compile_write(pool_heads)
+    assert_pool_in_place(hlo, 0, cache.shape)
+    record(target, compiled, seconds, kernel="write_kv", model="smollm2-135m", tokens=tokens,
+           block=SMOLLM2_BLOCK, dtype=dtype)
+
+    for batch in ("decode64", "mixed-window-cap"):
+        seqs, tokens, max_q, kv_len, window, cap = BATCHES[batch]
+        pages = -(-kv_len // SMOLLM2_BLOCK)
+        pool = sds(target, (seqs * pages + 1,) + cache.shape[1:], dtype)
+        meta = AttentionMetadata(
+            sds(target, (tokens,), jnp.int32), sds(target, (seqs + 1,), jnp.int32),
+            sds(target, (seqs,), jnp.int32), sds(target, (seqs, pages), jnp.int32),
+            sds(target, (), jnp.int32), max_query_len=max_q)
+
+        def attend(q, cache, layer, meta):
+            return dispatch.ragged_paged_attention(q, cache, layer, meta, scale=head_dim ** -0.5,
+                                                   sliding_window=window, soft_cap=cap,
+                                                   num_kv_heads=kv_heads)
+
+        compiled, hlo, seconds = compile_for(
+            target, attend, (sds(target, (tokens, q_heads, head_dim), dtype), pool,
+                             sds(target, (), jnp.int32), meta))
+        assert_kernels(hlo, target)
+        assert_pool_not_copied(hlo, pool.shape)
+        record(target, compiled, seconds, kernel="attention", model="smollm2-135m", batch=batch,
+               block=SMOLLM2_BLOCK, dtype=dtype)

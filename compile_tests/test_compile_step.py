@@ -5,8 +5,9 @@ compiled for each target with the KV pool donated, as the engine runs it.
 Models are built from their Hugging Face ``config.json`` fields (so the step is
 the one a real checkpoint gets): Llama-3-8B, Qwen2-7B with its sliding
 window switched on in every layer, Qwen2-0.5B (head_dim 64, 2 KV heads) and
-Gemma 3 270M (one KV head of 256: the bfloat16 TPU pool stores it twice,
-`pool_layout.pool_kv_heads`; sliding and full layers). The layer loop is a
+Gemma 3 270M (one KV head of 256: the bfloat16 TPU pool has a padding head,
+`pool_layout.pool_kv_heads`; sliding and full layers) and SmolLM2-135M (3 KV
+heads of 64, padded to 4). The layer loop is a
 scan, so the compiled layer is the same at any depth; where a model's bfloat16 weights would not fit
 the chip (Llama-3-8B's 16 GB on a 16 GiB v5e, which serves it sharded over
 several chips), the step keeps as many of its layers as fit in half the memory.
@@ -57,13 +58,23 @@ GEMMA3_270M = dict(
     num_key_value_heads=1, head_dim=256, max_position_embeddings=32768, rms_norm_eps=1e-6,
     rope_theta=1000000.0, rope_local_base_freq=10000.0, sliding_window=512,
     query_pre_attn_scalar=256, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
+# SmolLM2-135M's config.json: 3 KV heads of 64, which the bfloat16 TPU pool
+# pads to 4 (`pool_layout.pool_kv_heads`; with 3, XLA copied it around every
+# KV write).
+SMOLLM2_135M = dict(
+    architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=576,
+    intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+    max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+    tie_word_embeddings=True)
 MODELS = {"gemma3-270m": GEMMA3_270M, "llama3-8b": LLAMA3_8B,
-          "qwen2-7b-window": QWEN2_7B_WINDOWED, "qwen2-0.5b": QWEN2_05B}
+          "qwen2-7b-window": QWEN2_7B_WINDOWED, "qwen2-0.5b": QWEN2_05B,
+          "smollm2-135m": SMOLLM2_135M}
 
 # The engine's mixed step shape: a decode group of max_num_seqs rows plus a
 # prefill group, both with the block-table width of max_model_len.
 MAX_NUM_SEQS, PREFILL_SEQS, PREFILL_TOKENS, MAX_MODEL_LEN = 64, 4, 2048, 8192
-STEP_BLOCK_SIZES = {"gemma3-270m": 32, "llama3-8b": 16, "qwen2-7b-window": 64, "qwen2-0.5b": 32}
+STEP_BLOCK_SIZES = {"gemma3-270m": 32, "llama3-8b": 16, "qwen2-7b-window": 64, "qwen2-0.5b": 32,
+                    "smollm2-135m": 16}
 DTYPE = jnp.bfloat16
 
 
