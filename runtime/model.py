@@ -132,7 +132,8 @@ def forward_unjitted(params: Params, cfg: ModelConfig, token_ids: jax.Array,
             cache = attn.write_kv(cache, idx, k[lo:hi], v[lo:hi], g.slot_mapping)
         for g, lo, hi in zip(groups, bounds[:-1], bounds[1:]):
             outs.append(attn.attend(q[lo:hi], cache, idx, g, scale=scale, sliding_window=window,
-                                    soft_cap=cfg.attn_logit_softcap))
+                                    soft_cap=cfg.attn_logit_softcap,
+                                    num_kv_heads=cfg.num_kv_heads))
         o = outs[0] if len(outs) == 1 else jnp.concatenate(outs)
         o = _linear(o.reshape(T, -1), lp["wo"], lp.get("bo"))
         h = h + (rms_norm(o, lp["post_attn_norm"], eps) if cfg.sandwich_norms else o)
