@@ -406,8 +406,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     many = args.instances != 1 or args.ray or args.autoscale is not None
     llm = None if many else _make_llm(args)
     front = _make_cluster(args, limits) if many else AsyncEngine(llm.engine, limits)
-    # so a first /v1/embeddings request compiles nothing; not with --ray, whose driver
-    # holds no weights (`ray_cluster`) until a first embeddings request loads them
+    # so a first /v1/embeddings request compiles nothing; with --ray each actor warms up
+    # its own (`EngineActor`: embeddings run there), and the driver holds no weights
     if not args.no_warmup and not args.ray:
         from sluice.runtime.embed import warmup
         warmup(front.model, front.max_model_len)

@@ -184,22 +184,20 @@ def test_max_waiting_counts_sequences(srv, http, slow):
 
 
 def test_embeddings_are_capped_admitted_and_cancelled(srv, http, monkeypatch):
-    import sluice.runtime.server as server_mod
-
     calls, entered, release = [], threading.Event(), threading.Event()
-    real = server_mod.mean_pooled
+    real = srv.front.embed
 
-    def slow_mean_pooled(model, ids):
+    def slow_embed(ids):
         calls.append(ids)
         entered.set()
         assert release.wait(HANG)
-        return real(model, ids)
+        return real(ids)
 
     r = http.post("/v1/embeddings", json={"input": ["a"] * 7})  # over max_embedding_inputs
     assert r.status_code == 400 and r.json()["error"]["param"] == "input"
     r = http.post("/v1/embeddings", json={"input": ["a"] * 5})  # over max_waiting
     assert r.status_code == 400 and "max_waiting" in r.json()["error"]["message"]
-    monkeypatch.setattr(server_mod, "mean_pooled", slow_mean_pooled)
+    monkeypatch.setattr(srv.front, "embed", slow_embed)
     try:
         s = srv.connect()
         s.sendall(http_request("/v1/embeddings", json.dumps({"input": ["a", "b", "c"]}).encode(),
@@ -213,7 +211,7 @@ def test_embeddings_are_capped_admitted_and_cancelled(srv, http, monkeypatch):
         release.set()
     srv.wait_for(lambda: srv.server._embedder._work_queue.empty(), "the embedder")
     assert len(calls) == 1  # the other two inputs never ran
-    monkeypatch.setattr(server_mod, "mean_pooled", real)
+    monkeypatch.setattr(srv.front, "embed", real)
     assert http.post("/v1/embeddings", json={"input": ["a", "b"]}).status_code == 200
 
 
