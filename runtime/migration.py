@@ -22,13 +22,18 @@ The unit that moves is a user request: a `Group` of ``n`` sibling sequences
 built from all siblings, so they move together. A group can move when each of
 its unfinished siblings is running here and not swapped out. Chunks carry the
 sibling's id (``seq_id``); ``first_blocks`` maps each sibling to the blocks
-already copied. ``epoch`` is the siblings' preemption counts when the
-migration began: a sibling preempted meanwhile (recompute may rewrite its KV,
-a swap moves it), or one that finished, fails every later call, and the
-driver aborts. Full blocks never change once written, so a block copied in an
-early stage stays valid; the stop-and-copy stage moves only the blocks filled
-since, plus the partial last one, which bounds the pause (downtime) to a few
-blocks per sibling whatever the length.
+already copied. ``epoch`` (`Epoch`) holds the siblings' preemption counts when
+the migration began: a sibling preempted meanwhile (recompute may rewrite its
+KV, a swap moves it), or one that finished, fails every later call, and the
+driver aborts. It also holds a probe, an empty chunk per sibling in the
+source pool's block layout: the driver imports it first, so a destination
+whose pool differs (layers, block size, KV heads, head_dim, dtype: another
+model, or a platform that pads heads differently) refuses before anything is
+copied; `import_kv` checks every chunk's layout before reserving blocks for
+it. Full blocks never change once written, so a block copied in an early
+stage stays valid; the stop-and-copy stage moves only the blocks filled since,
+plus the partial last one, which bounds the pause (downtime) to a few blocks
+per sibling whatever the length.
 
 Sampling state needs no copying: a request's randomness is derived from its
 seed and step (`sluice.runtime.sampler`), and the detokenizer (with its
@@ -61,9 +66,6 @@ if TYPE_CHECKING:
 CHUNK_BLOCKS = COPY_CHUNK_BLOCKS
 
 
-Epoch = tuple[tuple[str, int], ...]  # (sibling id, preemption count) of the moving siblings
-
-
 @dataclasses.dataclass
 class KVChunk:
     """Blocks ``first_block .. first_block + num_blocks - 1`` of sibling
@@ -82,6 +84,21 @@ class KVChunk:
         """The chunk in host memory without padding (to leave the process)."""
         return KVChunk(self.seq_id, self.first_block, np.asarray(self.blocks[:self.num_blocks]),
                        self.num_blocks)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Epoch:
+    """Where a migration began (`MigrationEndpoint.epoch`)."""
+
+    siblings: tuple[tuple[str, int], ...]  # (sibling id, preemption count) of the moving ones
+    probe: tuple[KVChunk, ...]  # an empty chunk per sibling, in the source pool's layout
+
+
+def _block_layout(shape: tuple[int, ...], dtype) -> str:
+    """A block's ``[layers, 2, block_size, kv_heads, head_dim]`` shape and dtype, named."""
+    layers, _, block_size, kv_heads, head_dim = shape
+    return (f"layers={layers}, block_size={block_size}, kv_heads={kv_heads}, "
+            f"head_dim={head_dim}, dtype={np.dtype(dtype).name}")
 
 
 @dataclasses.dataclass
@@ -135,7 +152,9 @@ class MigrationEndpoint:
     def epoch(self, group_id: str) -> Epoch | None:
         """What to pass to later calls; None if the group cannot move."""
         live = self._moving(group_id)
-        return None if live is None else tuple((r.request_id, r.num_preemptions) for r in live)
+        if live is None:
+            return None
+        return Epoch(_siblings(live), tuple(self._empty(r.request_id, 0) for r in live))
 
     def export_kv(self, group_id: str, first_blocks: dict[str, int],
                   epoch: Epoch) -> list[KVChunk] | None:
@@ -205,9 +224,12 @@ class MigrationEndpoint:
 
     def import_kv(self, group_id: str, chunks: list[KVChunk]) -> bool:
         """Reserve blocks for the chunks and write them; False (reserving nothing
-        more) if the pool cannot hold them."""
+        more) if the pool cannot hold them. Raises ``ValueError``, reserving
+        nothing, if a chunk's blocks are not laid out as this pool's."""
         if group_id in self.groups:
             raise ValueError(f"request_id: {group_id!r} is already served here")
+        for chunk in chunks:
+            self._check_layout(chunk)
         reserved = self._incoming.setdefault(group_id, set())
         for chunk in chunks:
             reserved.add(chunk.seq_id)
@@ -264,9 +286,18 @@ class MigrationEndpoint:
     def _current(self, group_id: str, epoch: Epoch) -> list[Request] | None:
         """The moving siblings, if the group is as it was at ``epoch``."""
         live = self._moving(group_id)
-        if live is None or tuple((r.request_id, r.num_preemptions) for r in live) != epoch:
+        if live is None or _siblings(live) != epoch.siblings:
             return None
         return live
+
+    def _check_layout(self, chunk: KVChunk) -> None:
+        """Raise ``ValueError`` if the chunk's blocks do not fit this pool."""
+        spec = self.runner.spec
+        shape, dtype = tuple(chunk.blocks.shape[1:]), np.dtype(chunk.blocks.dtype)
+        if shape != spec.shape[1:] or dtype != np.dtype(spec.dtype):
+            raise ValueError(f"kv_blocks: the KV pools differ: the source's blocks are "
+                             f"{_block_layout(shape, dtype)}; this pool's are "
+                             f"{_block_layout(spec.shape[1:], spec.dtype)}")
 
     def _chunk(self, seq_id: str, first: int, end: int) -> KVChunk:
         """Blocks ``first`` up to ``end`` (at most `CHUNK_BLOCKS`) of the table."""
@@ -279,3 +310,8 @@ class MigrationEndpoint:
     def _empty(self, seq_id: str, first: int) -> KVChunk:
         spec = self.runner.spec
         return KVChunk(seq_id, first, np.zeros((0,) + spec.shape[1:], spec.dtype), 0)
+
+
+def _siblings(live: list[Request]) -> tuple[tuple[str, int], ...]:
+    """(id, preemption count) of each moving sibling: what `Epoch` pins."""
+    return tuple((r.request_id, r.num_preemptions) for r in live)

@@ -30,8 +30,10 @@ Every instance launch for a cluster -- these two deciders' and the cluster's
 replacement of a dead instance -- goes through `Launches`: it runs in the
 background (``spawn``: a thread), so an autoscaler round or a death handler
 never waits for an instance to load and compile; it counts as pending until the
-instance has joined the cluster; failures in a row back off (``backoff_s``,
-doubling up to ``max_backoff_s``) for deciders that retry.
+instance has joined the cluster, then the instance counts (never both); after
+every launch, succeeded or not, the cluster re-dispatches the requests that wait
+for an instance; failures in a row back off (``backoff_s``, doubling up to
+``max_backoff_s``) for deciders that retry.
 
 Both take ``demands``: callables ``demand() -> int``, each the instances some
 consumer needs now, such as the RAG layer's replica demand
@@ -87,12 +89,17 @@ def in_thread(work: Callable[[], None]) -> None:
 class Launches:
     """Instance launches for a cluster, off the caller's thread.
 
-    ``start(cluster, launcher, kind, joined, failed)`` runs
-    ``launcher.launch`` through ``spawn``; the new instance joins the cluster
-    (``cluster.add_instance``; one arriving after shutdown is terminated), then
-    ``joined(instance)`` runs; a launch that raises is logged and ``failed()``
-    runs. Until then it is pending (`num_pending`, per ``kind``: an accelerator
-    type, or None). Failures in a row back off: `back_off` (a decider calls it
+    ``start(cluster, launcher, kind, joined)`` runs ``launcher.launch``
+    through ``spawn``; the new instance joins the cluster
+    (``cluster.add_instance``), and in the same step under the cluster's lock
+    it stops counting as pending (`num_pending`, per ``kind``: an accelerator
+    type, or None) and ``joined(instance)`` runs: whoever counts instances and
+    launches under that lock (``cluster.lock``) counts each launch exactly
+    once. A launch that raises, or whose instance the cluster refuses (shut
+    down, or the instance died before joining: it is terminated), is a failed
+    launch. However a launch ends, ``cluster.launch_finished()`` runs last, so
+    requests waiting for an instance go to one or fail.
+    Failures in a row back off: `back_off` (a decider calls it
     each round with its clock) turns failures since its last call into a retry
     time ``backoff_s`` later, doubling per failure in a row up to
     ``max_backoff_s``; `ready` says whether a launch may start now."""
@@ -138,32 +145,36 @@ class Launches:
         return now >= self._retry_at
 
     def start(self, cluster: Cluster, launcher: Launcher, kind: str | None = None,
-              joined: Callable[[Instance], None] | None = None,
-              failed: Callable[[], None] | None = None) -> None:
+              joined: Callable[[Instance], None] | None = None) -> None:
         with self._cv:
             self._pending[kind] = self._pending.get(kind, 0) + 1
-        self.spawn(lambda: self._run(cluster, launcher, kind, joined, failed))
+        self.spawn(lambda: self._run(cluster, launcher, kind, joined))
 
     def _run(self, cluster: Cluster, launcher: Launcher, kind: str | None,
-             joined: Callable[[Instance], None] | None,
-             failed: Callable[[], None] | None) -> None:
+             joined: Callable[[Instance], None] | None) -> None:
+        try:
+            self._launch(cluster, launcher, kind, joined)
+        finally:  # whatever happened, what waited for an instance is dispatched or failed
+            cluster.launch_finished()
+
+    def _launch(self, cluster: Cluster, launcher: Launcher, kind: str | None,
+                joined: Callable[[Instance], None] | None) -> None:
         try:
             inst = launcher.launch(cluster.on_outputs, cluster.on_death)
         except Exception:
             log.exception("launching an instance failed")
             self._done(kind, ok=False)
-            if failed is not None:
-                failed()
             return
-        try:  # it joins before it stops counting as pending: never counted as neither
-            cluster.add_instance(inst)
-        except RuntimeError:  # shut down
-            launcher.terminate(inst)
-        else:
+
+        def land() -> None:  # under the cluster's lock, with the instance's join
+            self._done(kind, ok=True)
             if joined is not None:
                 joined(inst)
-        finally:
-            self._done(kind, ok=True)
+        if not cluster.add_instance(inst, then=land):
+            log.warning("launched instance %s is not served (the cluster is shut down, "
+                        "or it died before joining)", inst.name)
+            self._done(kind, ok=False)
+            launcher.terminate(inst)
 
     def _done(self, kind: str | None, ok: bool) -> None:
         with self._cv:
@@ -233,12 +244,13 @@ class FreenessAutoscaler:
 
     def _size(self, cluster: Cluster, reports: dict[str, LoadReport], num_open: int) -> int:
         """Open instances, counting launches in flight (its own and the cluster's
-        replacements) and instances that joined after this round's reports
-        (pending is read first: a launch adds its instance before it stops
-        counting as pending, so none is missed)."""
-        pending = self.launches.num_pending() + cluster.launches.num_pending()
-        joined = sum(1 for name, inst in list(cluster.instances.items())
-                     if name not in reports and inst.alive and not inst.draining)
+        replacements) and instances that joined after this round's reports; read
+        under the cluster's lock, where a launch joins and stops being pending in
+        one step, so each counts once."""
+        with cluster.lock:
+            pending = self.launches.num_pending() + cluster.launches.num_pending()
+            joined = sum(1 for name, inst in cluster.instances.items()
+                         if name not in reports and inst.alive and not inst.draining)
         return num_open + pending + joined
 
     def _launch(self, cluster: Cluster, now: float) -> None:

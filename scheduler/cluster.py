@@ -39,8 +39,11 @@ launcher and ``replace_dead``, a dead instance is replaced by a fresh one (at
 most ``max_replacements`` per ``replacement_window_s``, so a crash loop ends),
 launched in the background (`sluice.scheduler.autoscale.Launches`, ``spawn``:
 the death handler never waits for an instance to load and compile); its
-requests go to survivors at once, or, when none survived, wait for a
-replacement to join (and fail if none comes). `health` says whether any instance takes requests (``GET /health``).
+requests go to survivors at once, or, when none that takes work survived, wait
+for a replacement to join: every launch that ends (its instance joined, or the
+launch failed, or the instance died before joining) re-dispatches them, and
+once no replacement is launching they fail with an error naming the deaths.
+`health` says whether any instance takes requests (``GET /health``).
 
 A ``router`` (`sluice.scheduler.fleet.FleetActuator`, driven by the
 provisioner's re-planner) may restrict a request to instances of one
@@ -50,7 +53,10 @@ Interface: ``submit(request_id, prompt, params, sink, priority, client, conversa
 (validates at once, raising ``ValueError``; ``sink`` receives every
 `RequestOutput`), ``abort(request_id)``, ``tick()`` (one round of the
 migration policy and the autoscaler; a background thread calls it when started with
-``start()``), ``stats()``, ``health()``, ``shutdown()``.
+``start()``), ``stats()``, ``health()``, ``shutdown()`` (every request still
+held, running or waiting for a replacement, ends with a `RequestFailed` naming
+the shutdown). For launches (`sluice.scheduler.autoscale.Launches`):
+``add_instance(instance, then)``, ``launch_finished()`` and ``lock``.
 """
 
 from __future__ import annotations
@@ -252,13 +258,30 @@ class Cluster:
             inst.set_priority(request_id, priority)
         return True
 
-    def add_instance(self, instance: Instance) -> None:
-        """Serve with one more instance (wired to `on_outputs` / `on_death`); raises
-        ``RuntimeError`` once the cluster is shut down (the caller stops it)."""
+    @property
+    def lock(self) -> threading.RLock:
+        """The cluster's lock: an instance joins under it (`add_instance`), so
+        counting instances and launches in flight under it counts each once."""
+        return self._lock
+
+    def add_instance(self, instance: Instance, then: Callable[[], None] | None = None) -> bool:
+        """Serve with one more instance (wired to `on_outputs` / `on_death`) and
+        run ``then`` in the same step, under `lock` (a launch stops counting as
+        pending there). False, adding nothing, once the cluster is shut down or
+        if the instance has died already (the caller stops it): a dead instance
+        never joins, so its death handler and this cannot both miss it."""
         with self._lock:
-            if self._stop.is_set():
-                raise RuntimeError("add_instance: the cluster is shut down")
+            if self._stop.is_set() or not instance.alive:
+                return False
             self.instances[instance.name] = instance
+            if then is not None:
+                then()
+            return True
+
+    def launch_finished(self) -> None:
+        """A launch for this cluster ended, however it did: the requests waiting
+        for an instance go to one now, or fail if none is left to come."""
+        self._redispatch()
 
     def _dispatch(self, request_id: str, group: Group) -> None:
         allowed = self.router(group) if self.router is not None else None
@@ -369,29 +392,30 @@ class Cluster:
             self.launcher.terminate(inst)
         except Exception:  # it is dead; whatever is left of it must not stop the replacement
             log.exception("terminating dead instance %s failed", dead)
-        self.launches.start(self, self.launcher, joined=lambda fresh: self._replaced(dead, fresh),
-                            failed=self._redispatch)
+        self.launches.start(self, self.launcher, joined=lambda fresh: self._replaced(dead, fresh))
 
     def _replaced(self, dead: str, fresh: Instance) -> None:
+        """``fresh`` joined in ``dead``'s place (the requests that waited for it
+        go to it when its launch finishes, `launch_finished`)."""
         log.warning("instance %s replaced by %s", dead, fresh.name)
         with self._lock:
             self.num_replaced += 1
-        self._redispatch()  # requests that waited for it
 
     def _redispatch(self, dead: str | None = None) -> None:
         """Recompute dead instances' requests (``dead``'s too) elsewhere, from
-        what callers saw. With no live instance they wait while a replacement is
-        launching, and fail when none is."""
+        what callers saw. With no live instance that takes work they wait while
+        a replacement is launching, and fail when none is."""
         with self._lock:
             if dead is not None:
                 self._dead.add(dead)
-            if not any(i.alive for i in self.instances.values()):
+            if not any(i.alive and not i.draining for i in self.instances.values()):
                 if self.launches.num_pending():
                     return
                 for rid in [r for r, rec in self._records.items() if rec.owner in self._dead]:
                     owner = self._records[rid].owner
                     self._fail(rid, RequestFailed(
-                        f"every instance has died (the last, {owner}: "
+                        f"every instance has died or is draining, and no replacement is "
+                        f"launching (the last to hold it, {owner}, died: "
                         f"{self.deaths.get(owner, 'unknown cause')})"))
             else:
                 for rid, rec in list(self._records.items()):
@@ -543,15 +567,24 @@ class Cluster:
         return Health(serving, draining, len(dead), reason=reason, **counts)
 
     def shutdown(self) -> None:
+        """Stop the rounds, the migrations and the instances; every request still
+        held (running, or waiting for a replacement) ends with a `RequestFailed`
+        naming the shutdown, so no caller is left waiting."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         self._executor.shutdown(wait=True)
         with self._lock:  # after this, `add_instance` refuses (a launch that was in flight)
             insts = list(self.instances.values())
+            held, self._records = self._records, {}  # later outputs find no record
         for inst in insts:
             if inst.alive:
                 inst.stop()
+        for rid, rec in held.items():
+            try:
+                rec.sink(RequestFailed(f"request {rid}: the cluster shut down before it finished"))
+            except Exception:  # a caller already gone must not keep the others from theirs
+                log.exception("ending request %s at shutdown failed", rid)
 
 
 def _choose_request(candidates: list[tuple[str, int]], choice: str) -> str | None:

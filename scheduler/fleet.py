@@ -6,7 +6,7 @@ protocol: ``counts()`` is the open (not draining) instances per type;
 ``apply(diff)`` starts launching ``diff.add`` in the background
 (`sluice.scheduler.autoscale.Launches`: the caller does not wait for instances
 to load and compile; a launch in flight counts in ``counts()`` for its type
-until its instance has joined) and drains ``diff.remove`` (the least loaded
+until its instance has joined, then the instance does: never both) and drains ``diff.remove`` (the least loaded
 open instances of each type: they take no new requests, their running ones
 live-migrate away, and the cluster stops them once empty); ``route``
 installs per-bucket routing weights, after which each new request goes to an
@@ -45,12 +45,14 @@ class FleetActuator:
         self.type_of.update({n: type_name for n in names})
 
     def counts(self) -> dict[str, int]:
-        """Open instances per type, launches in flight included (read first: a
-        launch's instance joins and is typed before it stops counting)."""
-        counts = {t: self.launches.num_pending(t) for t in self.launchers}
-        for name, inst in list(self.cluster.instances.items()):
-            if inst.alive and not inst.draining and name in self.type_of:
-                counts[self.type_of[name]] += 1
+        """Open instances per type, launches in flight included; read under the
+        cluster's lock, where a launch's instance joins, is typed and stops
+        counting as pending in one step, so each launch counts exactly once."""
+        with self.cluster.lock:
+            counts = {t: self.launches.num_pending(t) for t in self.launchers}
+            for name, inst in self.cluster.instances.items():
+                if inst.alive and not inst.draining and name in self.type_of:
+                    counts[self.type_of[name]] += 1
         return counts
 
     def apply(self, diff: FleetDiff) -> None:

@@ -10,9 +10,15 @@ request (``suspend``), copies the rest (the blocks filled since, plus the
 partial last ones) with the request state, and the destination adopts it. The
 pause -- suspend to adopt -- covers a few blocks whatever the sequence length.
 
-Any failure (the request finished, was aborted or preempted; the destination
-ran out of blocks; an instance died) aborts cleanly: the destination drops its
-reservation and a suspended request resumes on the source. ``max_stages=0``
+Before anything is copied, the destination checks that the source's blocks
+fit its pool (the epoch's probe: layers, block size, KV heads, head_dim,
+dtype); instances of another model or platform refuse, with a reason naming
+both layouts, and the request keeps running on its source.
+
+Any failure (the request finished, was aborted or preempted; the pools differ;
+the destination ran out of blocks; an instance died) aborts cleanly: the
+destination drops its reservation and a suspended request resumes on the
+source. ``max_stages=0``
 gives a blocking copy (stop first, then copy everything), the baseline live
 migration is measured against.
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from sluice.runtime.migration import KVChunk
 from sluice.scheduler.instance import Instance
 
 
@@ -59,14 +66,15 @@ def _run(src: Instance, dst: Instance, rid: str, max_stages: int, stop_blocks: i
     epoch = src.epoch(rid).result()
     if epoch is None:
         return "not movable"
+    if not _imported(dst, rid, list(epoch.probe)):  # raises if the pools differ: nothing copied
+        return "no room"
     copied: dict[str, int] = {}  # sibling -> blocks copied so far
     for _ in range(max_stages):
         chunks = src.export_kv(rid, copied, epoch).result()
         if chunks is None:
             dst.cancel(rid).result()
             return "gone"
-        if not dst.import_kv(rid, chunks).result():
-            dst.cancel(rid).result()
+        if not _imported(dst, rid, chunks):
             return "no room"
         moved = sum(c.num_blocks for c in chunks)
         result.stages += 1
@@ -90,6 +98,14 @@ def _run(src: Instance, dst: Instance, rid: str, max_stages: int, stop_blocks: i
     result.bytes_copied += sum(c.nbytes for c in handover.tail)
     src.release(rid).result()
     return "migrated"
+
+
+def _imported(dst: Instance, rid: str, chunks: list[KVChunk]) -> bool:
+    """Whether the destination took the chunks; if not, it drops its reservation."""
+    if dst.import_kv(rid, chunks).result():
+        return True
+    dst.cancel(rid).result()
+    return False
 
 
 def _undo(src: Instance, dst: Instance, rid: str) -> None:

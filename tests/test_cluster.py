@@ -4,6 +4,7 @@ and crash recovery. Instances run on separate CPU devices (conftest forces 4).""
 
 from __future__ import annotations
 
+import concurrent.futures
 import random
 import re
 import threading
@@ -16,13 +17,18 @@ import pytest
 from sluice.runtime import SamplingParams, load_model
 from sluice.runtime.engine import EngineConfig, LLMEngine
 from sluice.runtime.intake import Intake
+from sluice.runtime.outputs import RequestFailed
 from sluice.scheduler.cluster import Cluster, ClusterConfig, freeness
-from sluice.scheduler.instance import LoadReport, LocalInstance
+from sluice.scheduler.instance import LoadReport, LocalInstance, MigrationForwarder
 from sluice.scheduler.migration import migrate
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 ENGINE = dict(block_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=512,
               warmup=False, kv_cache_memory=400 * 4 * 1024)
+# Waits below are on events (a condition variable); this deadline only turns a hang
+# into a failure, and sits far past what any machine load reaches (a 120 s one failed
+# at load 6-7).
+HANG_GUARD_S = 1800
 
 
 class Collector:
@@ -48,12 +54,12 @@ class Collector:
         outs = self.outputs.get(rid, [])
         return bool(outs) and getattr(outs[-1], "finished", False)
 
-    def wait(self, rids, timeout=180):
+    def wait(self, rids, timeout=HANG_GUARD_S):
         with self.cv:
             assert self.cv.wait_for(lambda: all(self.finished(r) for r in rids), timeout), \
                 {r: len(self.outputs.get(r, [])) for r in rids}
 
-    def wait_tokens(self, rid, n, timeout=120):
+    def wait_tokens(self, rid, n, timeout=HANG_GUARD_S):
         with self.cv:
             assert self.cv.wait_for(lambda: self.outputs.get(rid) and len(
                 self.outputs[rid][-1].outputs[0].token_ids) >= n, timeout)
@@ -220,7 +226,7 @@ def test_migration_storm_loses_nothing(tiny):
         for rid, prompt, params in jobs:
             cluster.submit(rid, prompt, params, col.sink)
         for rid, _, _ in jobs:  # the storm starts once every request runs (shapes compiled)
-            col.wait_tokens(rid, 1, timeout=1800)  # a hang guard
+            col.wait_tokens(rid, 1)
             if rid in aborted:  # at once: waiting for the slowest instance's first token
                 cluster.abort(rid)  # could let an aborted request finish first
         # A bounded number of storm rounds (not a deadline): a loaded machine only makes
@@ -235,7 +241,7 @@ def test_migration_storm_loses_nothing(tiny):
                 dst = rng.choice([n for n in reports if n != src])
                 cluster._start_migration(src, dst, rid)
             time.sleep(0.05)
-        col.wait([r for r, _, _ in jobs if r not in aborted], timeout=1800)  # a hang guard
+        col.wait([r for r, _, _ in jobs if r not in aborted])
         cluster._executor.submit(lambda: None).result()
         for rid, _, _ in jobs:
             if rid not in aborted:
@@ -580,8 +586,12 @@ def test_fleet_actuator_applies_plans_and_routes(tiny):
     # apply only starts the launches (in the background); in flight, they count
     assert len(launches) == 2 and h100.n == 0 and list(cluster.instances) == ["l4-0"]
     assert fleet.counts() == {"L4": 1, "H100": 2}
+    seen = []  # the counts as each instance joins: as a launch or as an instance, never both
+    typed = fleet._typed
+    fleet._typed = lambda inst, t: (typed(inst, t), seen.append(fleet.counts()))
     for launch in launches:
         launch()
+    assert seen == [{"L4": 1, "H100": 2}] * 2
     assert fleet.counts() == {"L4": 1, "H100": 2} and len(cluster.instances) == 3
     fleet.route({(0, 0): {"L4": 1.0}, (1, 1): {"H100": 1.0}})
     cluster.submit("short", "hi", SamplingParams(max_tokens=10), lambda out: None)
@@ -605,7 +615,7 @@ def test_abort_of_a_suspended_request_frees_its_blocks(tiny, n):
         eng.step()
     bm = eng.block_manager
     epoch = eng.migration.epoch("a")
-    assert epoch is not None and len(epoch) == n
+    assert epoch is not None and len(epoch.siblings) == len(epoch.probe) == n
     assert eng.migration.suspend("a", {}, epoch) is not None
     assert bm.num_free_blocks < bm.num_blocks and not eng.scheduler.running
     eng.abort_request("a")
@@ -643,6 +653,57 @@ def test_resume_after_suspend_restores_a_group_in_place(tiny):
         assert [c.token_ids for c in done[rid].outputs] == \
             [c.token_ids for c in want[rid].outputs], rid
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+class SteppedInstance(MigrationForwarder):
+    """An engine the test steps itself: its migration calls run at once, with no
+    engine step in between (the test decides what runs when)."""
+
+    def __init__(self, name, eng):
+        self.name, self.engine = name, eng
+
+    def migration_call(self, method, *args):
+        future = concurrent.futures.Future()
+        try:
+            future.set_result(getattr(self.engine.migration, method)(*args))
+        except Exception as error:
+            future.set_exception(error)
+        return future
+
+
+@pytest.mark.parametrize("unlike", ["block_size=8", "dtype=bfloat16"])
+def test_migration_between_unlike_kv_pools_is_refused_before_any_copy(tiny, unlike):
+    """A destination whose KV pool is laid out differently (another block size or
+    dtype, as instances of another platform have) refuses the migration before a
+    block is copied, saying how the pools differ; the request runs on at its
+    source token-identically, and neither side keeps a block."""
+    prompt, params = "stay where you are", SamplingParams(max_tokens=30, **GREEDY)
+    want = reference(tiny, [("r", prompt, params)])["r"].outputs[0].token_ids
+    src = engine(tiny, 0)
+    if unlike == "block_size=8":
+        dst = engine(tiny, 1, block_size=8)
+    else:
+        dst = LLMEngine(load_model("tiny", dtype="bfloat16"),
+                        EngineConfig(**{**ENGINE, "device": jax.devices()[1]}))
+    src.add_request("r", prompt, params)
+    outputs = [o for _ in range(4) for o in src.step()]
+    copies = []
+    for eng in (src, dst):
+        for name in ("gather", "copy_in"):
+            def counted(*args, _call=getattr(eng.runner, name), _name=name):
+                copies.append(_name)
+                return _call(*args)
+            setattr(eng.runner, name, counted)
+    result = migrate(SteppedInstance("src", src), SteppedInstance("dst", dst), "r")
+    assert not result.ok and "the KV pools differ" in result.reason, result
+    assert unlike in result.reason and "this pool's are" in result.reason
+    assert copies == [] and result.blocks_copied == 0
+    assert dst.block_manager.num_free_blocks == dst.block_manager.num_blocks
+    while src.has_unfinished_requests():
+        outputs += src.step()
+    assert outputs[-1].finished and outputs[-1].outputs[0].token_ids == want
+    assert src.block_manager.num_free_blocks == src.block_manager.num_blocks
+    assert src.migration.num_out == 0 and dst.migration.num_in == 0
 
 
 class ManualClock:
@@ -765,17 +826,25 @@ def test_rag_replica_demand_drives_the_autoscaler(tiny):
 
 
 class FlakyLauncher(FakeLauncher):
-    """Fails its first ``failures`` launches; records what it terminates."""
+    """Fails its first ``failures`` launches; the next ``dead_on_arrival`` instances
+    it launches die before their launch returns (reporting their deaths, as one
+    crashing while it starts would); records what it terminates."""
 
     def __init__(self, prefix, failures=0):
         super().__init__(prefix)
         self.failures, self.terminated = failures, []
+        self.dead_on_arrival = 0
 
     def launch(self, on_outputs, on_death):
         if self.failures:
             self.failures -= 1
             raise RuntimeError("no capacity")
-        return super().launch(on_outputs, on_death)
+        inst = super().launch(on_outputs, on_death)
+        if self.dead_on_arrival:
+            self.dead_on_arrival -= 1
+            inst.alive = False
+            on_death(inst.name, RuntimeError("died while starting"))
+        return inst
 
     def terminate(self, instance):
         self.terminated.append(instance.name)
@@ -826,6 +895,31 @@ def test_freeness_autoscaler_launches_in_the_background_and_backs_off(tiny):
     assert launcher.terminated == ["new-2"] and "new-2" not in cluster.instances
 
 
+def test_freeness_autoscaler_counts_a_joining_launch_once(tiny):
+    """A launch counts as in flight or as the instance it brought, never both: a
+    round run the moment an instance joins sees two instances, not three, so a
+    demand grown to three launches the third."""
+    from sluice.scheduler.autoscale import FreenessAutoscaler
+
+    class RoundOnJoin(Cluster):
+        def add_instance(self, *args, **kwargs):
+            added = super().add_instance(*args, **kwargs)
+            self.tick()
+            return added
+
+    launches, demand = [], [2]
+    scaler = FreenessAutoscaler(max_instances=4, demands=[lambda: demand[0]],
+                                spawn=launches.append)
+    cluster = RoundOnJoin([FakeInstance("a", num_free_blocks=90, num_running=0)],
+                          Intake(tiny, 512, seed=0), ClusterConfig(migrate=False),
+                          FakeLauncher("new-"), clock=ManualClock(), autoscaler=scaler)
+    cluster.tick()
+    assert len(launches) == 1  # a and one launch: the demand of two
+    demand[0] = 3
+    launches[0]()  # new-1 joins, and a round runs at once
+    assert open_instances(cluster) == ["a", "new-1"] and len(launches) == 2
+
+
 def test_replan_autoscaler_launches_in_the_background_and_backs_off(tiny):
     """The re-planner's fleet launches off the round too: a shortfall starts a
     launch and the next rounds, seeing it in flight, start no second one; after a
@@ -865,31 +959,38 @@ def test_replan_autoscaler_launches_in_the_background_and_backs_off(tiny):
     assert open_instances(cluster) == ["a", "new-1"] and len(launches) == 2
 
 
+def kill(cluster, name):
+    """Make a `FakeInstance` of the cluster die, as its death handler would report it."""
+    cluster.instances[name].alive = False
+    cluster.on_death(name, RuntimeError("boom"))
+
+
+def replacing_cluster(tiny, names, **config):
+    """FakeInstances ``names`` (round-robin), a `FlakyLauncher` for their
+    replacements, launches that run only when the test calls them."""
+    launches, launcher = [], FlakyLauncher("new-")
+    insts = {n: FakeInstance(n, num_free_blocks=90, num_running=0) for n in names}
+    cluster = Cluster(list(insts.values()), Intake(tiny, 512, seed=0),
+                      ClusterConfig(dispatch="round-robin", migrate=False, quarantine_after=9,
+                                    **config), launcher, spawn=launches.append)
+    return cluster, insts, launcher, launches
+
+
 def test_dead_instance_is_replaced_in_the_background(tiny):
     """The death handler only starts the replacement: the dead instance's requests
     go to a survivor at once; with no survivor they wait (not failed) while a
     replacement is launching, go to the first that joins, and fail once every
     launch has failed."""
-    launches, launcher, col = [], FlakyLauncher("new-"), Collector()
-    insts = {n: FakeInstance(n, num_free_blocks=90, num_running=0) for n in "ab"}
-    cluster = Cluster(list(insts.values()), Intake(tiny, 512, seed=0),
-                      ClusterConfig(dispatch="round-robin", migrate=False, quarantine_after=9),
-                      launcher, spawn=launches.append)
-
-    def kill(name):
-        inst = cluster.instances[name]
-        inst.alive = False
-        cluster.on_death(name, RuntimeError("boom"))
-        return inst
-
+    cluster, insts, launcher, launches = replacing_cluster(tiny, "ab")
+    col = Collector()
     for rid in ("r0", "r1"):
         cluster.submit(rid, "hi", SamplingParams(max_tokens=4), col.sink)
-    kill("a")
+    kill(cluster, "a")
     assert len(launches) == 1 and launcher.n == 0 and set(insts["b"].groups) == {"r0", "r1"}
     launches[0]()
     assert sorted(cluster.instances) == ["b", "new-1"] and cluster.stats().num_replaced == 1
-    kill("b")  # r0, r1 -> new-1
-    kill("new-1")  # no survivor: they wait for a replacement
+    kill(cluster, "b")  # r0, r1 -> new-1
+    kill(cluster, "new-1")  # no survivor: they wait for a replacement
     assert len(launches) == 3 and "error" not in col.outputs
     assert "2 replacement(s) starting" in cluster.health().reason
     launcher.failures = 1
@@ -899,11 +1000,70 @@ def test_dead_instance_is_replaced_in_the_background(tiny):
     assert set(cluster.instances["new-2"].groups) == {"r0", "r1"}
     assert cluster.stats().num_replaced == 2 and "error" not in col.outputs
     launcher.failures = 1
-    kill("new-2")
+    kill(cluster, "new-2")
     launches[3]()  # the only replacement failed: nothing is left to serve them
     assert len(col.outputs["error"]) == 2 and "every instance has died" in str(
         col.outputs["error"][0])
     assert cluster.stats().num_requests == 0
+
+
+def test_a_replacement_that_dies_before_joining_ends_the_wait(tiny):
+    """A replacement that dies between its launch and its join is a failed launch
+    (terminated, never served): the requests waiting for an instance go to another
+    replacement that joins, or, when none is left launching, fail at once with an
+    error naming the deaths -- not at some stream timeout."""
+    cluster, _, launcher, launches = replacing_cluster(tiny, "ab")
+    col = Collector()
+    for rid in ("r0", "r1"):
+        cluster.submit(rid, "hi", SamplingParams(max_tokens=4), col.sink)
+    kill(cluster, "a")
+    kill(cluster, "b")  # no survivor: r0 and r1 wait for one of two replacements
+    assert len(launches) == 2
+    launcher.dead_on_arrival = 1
+    launches[0]()  # new-1 dies before it joins
+    assert "new-1" not in cluster.instances and launcher.terminated == ["a", "b", "new-1"]
+    assert "error" not in col.outputs and cluster.launches.num_pending() == 1
+    assert cluster.launches.failures_in_a_row == 1
+    launches[1]()  # new-2 joins: they go to it
+    assert set(cluster.instances["new-2"].groups) == {"r0", "r1"}
+    assert cluster.stats().num_replaced == 1 and "error" not in col.outputs
+    launcher.dead_on_arrival = 1
+    kill(cluster, "new-2")
+    launches[2]()  # its only replacement dies before joining: nothing is left to come
+    errors = col.outputs["error"]
+    assert len(errors) == 2 and all(isinstance(e, RequestFailed) for e in errors)
+    assert "every instance has died" in str(errors[0]) and "new-2" in str(errors[0])
+    assert cluster.stats().num_requests == 0 and cluster.launches.num_pending() == 0
+    assert sorted(cluster.instances) == []
+
+
+def test_shutdown_fails_every_request_it_still_holds(tiny):
+    """Shutdown ends each request the cluster holds with an error naming the
+    shutdown: those waiting for a replacement (the only survivor is draining, so
+    they wait rather than fail) and the one still running, even when another's
+    caller has gone; a replacement that lands afterwards is stopped, not served."""
+    cluster, insts, launcher, launches = replacing_cluster(tiny, "ab")
+    col = Collector()
+    for rid in ("waits", "runs"):  # round-robin: waits -> a, runs -> b
+        cluster.submit(rid, "hi", SamplingParams(max_tokens=4), col.sink)
+
+    def gone(out):  # a caller whose stream has closed
+        raise RuntimeError("event loop is closed")
+    cluster.submit("gone", "hi", SamplingParams(max_tokens=4), gone)  # -> a
+    cluster.drain("b")
+    kill(cluster, "a")
+    assert len(launches) == 1 and "error" not in col.outputs
+    assert insts["b"].groups == ["runs"]  # not re-dispatched to the draining one
+    assert cluster.stats().num_requests == 3
+    cluster.shutdown()
+    errors = col.outputs["error"]
+    assert len(errors) == 2 and all(isinstance(e, RequestFailed) for e in errors)
+    assert sorted(str(e) for e in errors) == [
+        f"request {rid}: the cluster shut down before it finished" for rid in ("runs", "waits")]
+    assert cluster.stats().num_requests == 0
+    launches[0]()
+    assert "new-1" in launcher.terminated and "new-1" not in cluster.instances
+    assert len(col.outputs["error"]) == 2
 
 
 def test_freeness_autoscaler_cools_down_between_scale_ins(tiny):
