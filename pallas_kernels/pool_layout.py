@@ -90,10 +90,10 @@ def _pad_heads(x: jax.Array, pool_heads: int) -> jax.Array:
     heads = x.shape[1]
     if pool_heads < heads:
         raise ValueError(f"num_kv_heads: {heads} KV heads do not fit the KV pool's {pool_heads}")
-    return jnp.take(x, jnp.arange(pool_heads) % heads, axis=1)
+    return jnp.tile(x, (1, -(-pool_heads // heads), 1))[:, :pool_heads]
 
 
-def model_kv_heads(num_q_heads: int, pool_heads: int, num_kv_heads: int | None) -> int:
+def _model_kv_heads(num_q_heads: int, pool_heads: int, num_kv_heads: int | None) -> int:
     """The model's KV-head count given to attention (None: the pool's), checked
     against the pool and the query heads (a ValueError naming the field)."""
     heads = pool_heads if num_kv_heads is None else int(num_kv_heads)
@@ -114,7 +114,7 @@ def pads_queries(attend: Callable) -> Callable:
     @functools.wraps(attend)
     def wrapper(q, cache, layer, meta, *, num_kv_heads: int | None = None, **kw):
         head_dim = q.shape[-1]
-        heads = model_kv_heads(q.shape[1], cache.shape[4], num_kv_heads)
+        heads = _model_kv_heads(q.shape[1], cache.shape[4], num_kv_heads)
         if head_dim != cache.shape[-1]:
             q = _pad_last(q, cache.shape[-1])
         out = attend(q, cache, layer, meta, num_kv_heads=heads, **kw)
