@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from sluice.runtime.config import ModelConfig
+from sluice.runtime.devices import default_device
 from sluice.runtime.model import Params, param_shapes
 
 
@@ -189,12 +190,8 @@ def to_device(top: dict[str, np.ndarray], layers: dict[str, np.ndarray]) -> Para
     for uncommitted arguments, so a second start (restored from orbax) would miss
     every step program a first start (converted) put in the compilation cache. The
     dicts are emptied as they go, so one host copy of each weight exists at a time.
-    The default device is JAX's: the ``jax.default_device`` context's or the
-    ``jax_default_device`` setting's (a device, or a platform's first local one),
-    else the first local device."""
-    device = jax.config.jax_default_device
-    if device is None or isinstance(device, str):
-        device = jax.local_devices(backend=device)[0]
+    The default device is JAX's (`devices.default_device`)."""
+    device = default_device()
     params = {k: jax.device_put(top.pop(k), device) for k in list(top)}
     params["layers"] = {k: jax.device_put(layers.pop(k), device) for k in list(layers)}
     return params

@@ -41,6 +41,7 @@ import jax
 import numpy as np
 
 from sluice.runtime.block_manager import BlockManager
+from sluice.runtime.devices import default_device
 from sluice.runtime.intake import Group, Intake, Prompt, check_priority
 from sluice.runtime.kv_cache import KVCacheSpec, blocks_for, num_blocks_for_budget
 from sluice.runtime.kv_manager import KVCacheManager
@@ -499,9 +500,9 @@ def resolve_max_model_len(model: Model, config: EngineConfig) -> int:
 
 
 def _free_device_memory(fraction: float, device: jax.Device | None) -> int | None:
-    """Bytes of ``device``'s memory (None: the first device) to use for the pool;
+    """Bytes of ``device``'s memory (None: JAX's default device) to use for the pool;
     None on CPU."""
-    dev = device if device is not None else jax.devices()[0]
+    dev = device if device is not None else default_device()
     if dev.platform == "cpu":
         return None
     stats = dev.memory_stats() or {}

@@ -138,15 +138,6 @@ _scatter_blocks = jax.jit(dispatch.scatter_blocks, donate_argnums=0)
 _sample = jax.jit(sample)
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _zero_logits(params, kv_cache, rows: int) -> jax.Array:
-    """Zero logits of ``rows`` rows on the device, and as committed to it, as
-    `_forward_logits`'s (a jit output follows its inputs: the sampler's programs
-    differ for committed and uncommitted arguments): the sampler's warm-up input."""
-    hidden = jnp.zeros((rows, params["embed"].shape[1]), params["embed"].dtype)
-    return compute_logits(params, hidden) + 0 * kv_cache[(0,) * kv_cache.ndim].astype(jnp.float32)
-
-
 # Warm-up compiles at most this many step programs at once (``$SLUICE_COMPILE_THREADS``
 # overrides): each holds its module and the compiler's working memory.
 MAX_COMPILE_THREADS = 8
@@ -179,9 +170,12 @@ class StepShape:
     ``prefill_seqs`` sequences of at most ``query_rows`` queries: pieces of the
     chunks on backends that pad queries per sequence (see
     `sluice.runtime.attention.QUERY_PIECE`), whole chunks on ragged kernels.
-    ``sample_rows``: logits rows (one per decode row and per possible chunk; in
-    the programs of steps with drafted rows, also ``num_speculative_tokens`` per
-    possible chunk: every position of a drafted row is verified).
+    ``sample_rows``: logits rows (one per decode row and per possible chunk;
+    with speculative decoding on, also ``num_speculative_tokens`` per possible
+    chunk in every program with a prompt group: every position of a drafted row
+    is verified, and steps with and without drafted rows share one program, so
+    a step without them samples ``max_prefill_seqs * num_speculative_tokens``
+    padding rows rather than warm-up compiling each such shape twice).
     ``pages``: block-table width of both groups.
     """
 
@@ -240,9 +234,7 @@ class ModelRunner:
     def shapes(self) -> list[StepShape]:
         """Every shape a step can take (all compiled by `warmup`)."""
         decode = [StepShape(s, 0, 0, 0, s, p) for s in self.seq_buckets for p in self.page_buckets]
-        drafts = (False, True) if self.num_speculative_tokens else (False,)
-        mixed = [self._mixed_shape(d, t, p, spec) for spec in drafts
-                 for d in self.mixed_decode_buckets
+        mixed = [self._mixed_shape(d, t, p) for d in self.mixed_decode_buckets
                  for t in self.token_buckets for p in self.page_buckets]
         return decode + mixed
 
@@ -253,19 +245,17 @@ class ModelRunner:
             return StepShape(n, 0, 0, 0, n, pages)
         return self._mixed_shape(bucket(len(decode), self.mixed_decode_buckets),
                                  bucket(sum(r.num_new_tokens for r in prefill),
-                                        self.token_buckets), pages,
-                                 any(r.draft for r in prefill))
+                                        self.token_buckets), pages)
 
-    def _mixed_shape(self, decode_seqs: int, tokens: int, pages: int,
-                     drafts: bool = False) -> StepShape:
-        """The shape of a step with prompt chunks of up to ``tokens`` rows in all
-        (``drafts``: some are drafted rows, each sampling at every position).
+    def _mixed_shape(self, decode_seqs: int, tokens: int, pages: int) -> StepShape:
+        """The shape of a step with prompt chunks of up to ``tokens`` rows in all,
+        any of which may be a drafted row sampling at every position (`StepShape`).
         Chunks are cut into pieces of ``q`` query rows: up to max_prefill_seqs
         chunks of ``tokens`` rows in all make at most
         ``(tokens + chunks * (q - 1)) // q`` pieces (each chunk's last one may be short)."""
         q = min(tokens, self.query_piece or tokens)
         seqs = min(tokens, (tokens + self.max_prefill_seqs * (q - 1)) // q)
-        chunk_rows = 1 + (self.num_speculative_tokens if drafts else 0)
+        chunk_rows = 1 + self.num_speculative_tokens
         return StepShape(decode_seqs, seqs, tokens, q,
                          decode_seqs + self.max_prefill_seqs * chunk_rows, pages)
 
@@ -287,19 +277,28 @@ class ModelRunner:
         # Forwards are lowered here and compiled, not run (a padding step's forward
         # costs what a real one does: most of a warm start), on a thread per core
         # (XLA compiles without the GIL); jit's call path then finds the executables.
-        # The sampler runs, on zero logits placed as the forward's would be.
+        # The sampler runs once per row count, on zero logits placed as the forward's.
         with concurrent.futures.ThreadPoolExecutor(compile_threads()) as pool:
             done = [pool.submit(_compile_warm, self._lower_step(shape, scoring))
                     for shape, scoring in steps]
-            for shape, _ in steps:
-                n_seq = shape.sample_rows
+            for n_seq in sorted({shape.sample_rows for shape, _ in steps}):
                 tensors = SamplingTensors.build([], n_seq, self.model.config.vocab_size,
                                                 self.max_model_len)
-                logits = _zero_logits(self.model.params, self.kv_cache, n_seq)
+                logits = self._zero_logits(n_seq)
                 jax.block_until_ready(_sample(logits, tensors, self._token_mask(n_seq, None)))
             for future in tqdm(concurrent.futures.as_completed(done), total=len(done),
                                desc="compiling", unit="shape"):
                 future.result()
+
+    def _zero_logits(self, rows: int) -> jax.Array:
+        """Zero logits of ``rows`` rows, the sampler's warm-up input: committed to
+        the pool's device like `_forward_logits`'s (a jit output follows its
+        inputs, and the sampler's programs differ for committed and uncommitted
+        arguments), and made on the host, so no program compiles for them."""
+        embed = self.model.params["embed"]
+        hidden = jax.ShapeDtypeStruct((rows, embed.shape[1]), embed.dtype)
+        logits = jax.eval_shape(compute_logits, self.model.params, hidden)
+        return jax.device_put(np.zeros(logits.shape, logits.dtype), self.kv_cache.sharding)
 
     def _lower_step(self, shape: "StepShape", scoring: bool) -> jax.stages.Lowered:
         """The step program of ``shape`` (with prompt scoring or not), lowered with

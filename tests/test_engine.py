@@ -284,6 +284,20 @@ def test_async_engine_set_priority(tiny):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def test_engine_on_no_named_device_uses_jaxs_default_device(tiny):
+    """An engine built inside ``jax.default_device(d)`` puts its KV pool on ``d``, beside
+    its weights (not on the first device, where the step would move the weights)."""
+    device = jax.devices()[2]
+    with jax.default_device(device):
+        model = tiny.with_params(jax.device_put(tiny.params, device))
+        engine = make_engine(model, max_num_seqs=2, max_num_batched_tokens=32,
+                             max_model_len=64)
+        engine.add_request("r", "a prompt", SamplingParams(max_tokens=3, temperature=0.0))
+        while engine.has_unfinished_requests():
+            engine.step()
+    assert engine.runner.kv_cache.devices() == {device}
+
+
 def test_warmup_compiles_buckets(tiny):
     # parameters committed to their device, as a real model's are (loaded from a file):
     # an engine on no named device must still warm up the programs it serves with

@@ -46,6 +46,7 @@ LAYERS: dict[str, int] = {
         # applies: request-level data, below the engine
         "structured_output", "tool_calls",
         "compiles",  # counts and logs XLA compiles; imports nothing from the package
+        "devices",  # JAX's default device, where unnamed placements go: no imports
         # the names serving options accept (sluice serve --help lists them, light): no imports
         "option_names",
         "export",  # writes a Model back as a checkpoint: model-level, like the loader
