@@ -50,6 +50,7 @@ from sluice.pallas_kernels import block_copy, dispatch
 from sluice.pallas_kernels.metadata import DEBUG_ENV, check_host_metadata
 from sluice.runtime import compiles
 from sluice.runtime.attention import AttentionMetadata, get_backend
+from sluice.runtime.devices import default_device
 from sluice.runtime.kv_cache import KVCacheSpec, blocks_for
 from sluice.runtime.loader import Model
 from sluice.runtime.model import compute_logits, forward_unjitted
@@ -207,7 +208,7 @@ class ModelRunner:
         # are committed, and a jit output is whenever an input is, so an uncommitted
         # pool would turn committed after the first step and every step program
         # warmed up against it would compile again while serving
-        self.kv_cache = self.spec.allocate(device if device is not None else jax.devices()[0])
+        self.kv_cache = self.spec.allocate(device if device is not None else default_device())
         self.backend = backend
         self.max_num_seqs = max_num_seqs
         self.max_prefill_seqs = max_prefill_seqs
