@@ -174,3 +174,35 @@ def test_scoring_steps_with_and_without_decode_rows_compile_nothing_after_warmup
     # the two programs score alike
     np.testing.assert_allclose([lp.logprob for lp in done["beside"].prompt_logprobs[1:]],
                                [lp.logprob for lp in alone.prompt_logprobs[1:]], atol=2e-5)
+
+
+def test_speculative_warmup_compiles_each_step_program_once(tiny):
+    """Issue 21: with speculative decoding on, warm-up compiled every step shape
+    with a prompt group twice, with and without the sample rows of drafted rows.
+    Now one program serves both: warm-up compiles one step program per decode
+    shape, per mixed shape and per scoring shape (as with speculation off), and
+    a prompt step and drafted steps compile nothing after it. (A pool of 19
+    blocks of its own, so no other test's step programs are in JAX's cache.)"""
+    from conftest import run_to_finish
+
+    from sluice.runtime import SamplingParams
+    compiles.install()
+    before = compiles.counts()
+    engine = LLMEngine(tiny, EngineConfig(
+        warmup=True, max_model_len=32, max_num_seqs=5, max_num_batched_tokens=16,
+        max_prefill_seqs=1, seed=0, num_speculative_tokens=2, kv_cache_memory=19 * 32 * 1024))
+    runner = engine.runner
+    assert engine.block_manager.num_blocks == 19
+    warm = {f: n - before.get(("warmup", f), 0) for (reason, f), n in compiles.counts().items()
+            if reason == "warmup"}
+    pages, mixed = len(runner.page_buckets), len(runner.mixed_decode_buckets)
+    assert mixed == 2  # with and without a decode group: both scoring programs too
+    assert warm["jit(_forward_logits)"] == (len(runner.seq_buckets) * pages
+                                            + mixed * len(runner.token_buckets) * pages + mixed)
+    before = compiles.counts()
+    out = run_to_finish(engine, {"quote": ([5, 6, 7, 8] * 3, SamplingParams(
+        max_tokens=12, temperature=0.0, ignore_eos=True))})["quote"]
+    assert len(out.outputs[0].token_ids) == 12 and engine.scheduler.spec_stats.num_drafts > 0
+    new = {k: v - before.get(k, 0) for k, v in compiles.counts().items()
+           if v != before.get(k, 0)}
+    assert new == {}, f"compiled after warm-up: {new}"

@@ -1,6 +1,7 @@
 """Step shapes of the model runner (issue 21): prompt chunks attend in pieces of
 `QUERY_PIECE` query rows on the padded-query (pure-JAX) paths, with the same
-logits as whole chunks, and a step with no decode rows carries no decode group."""
+logits as whole chunks, a step with no decode rows carries no decode group, and
+with speculative decoding on, steps with and without drafted rows share shapes."""
 
 from __future__ import annotations
 
@@ -73,3 +74,26 @@ def test_shapes_are_bounded_and_cover_steps(tiny):
     assert runner.shape_for([], rows) in shapes
     assert runner.shape_for([], rows).decode_seqs == 0
     assert runner.shape_for(rows[1:], rows[:1]).decode_seqs == 8
+
+
+def test_drafted_and_plain_steps_share_shapes(tiny):
+    """With speculative decoding on, a mixed shape has room for every chunk's draft
+    sample rows, so a step with a drafted row and one with a plain prompt chunk of
+    as many tokens run one program: as many shapes as with it off (the issue-21
+    fix: warm-up compiled each mixed shape twice)."""
+    k = 3
+    plain, spec = _runner(tiny), _runner(tiny, num_speculative_tokens=k)
+    assert len(spec.shapes()) == len(plain.shapes()) == len(set(spec.shapes()))
+    chunk = _rows(tiny, [1 + k])  # a prompt chunk of the drafted row's tokens
+    drafted = _rows(tiny, [17])[0]
+    drafted.request.num_computed_tokens = 16  # decode-ready: its last token, then 3 drafted
+    drafted.num_new_tokens, drafted.draft, drafted.block_table = 1 + k, [1, 2, 3], [0, 1]
+    decode = _rows(tiny, [5])
+    decode[0].request.num_computed_tokens, decode[0].num_new_tokens = 4, 1
+    shape = spec.shape_for(decode, chunk)
+    assert spec.shape_for(decode, [drafted]) == shape and shape in spec.shapes()
+    assert shape.sample_rows == shape.decode_seqs + spec.max_prefill_seqs * (1 + k)
+    # the drafted row's positions are all sampled (its draft rows after the last rows)
+    sample_rows = np.asarray(spec._build(decode, [drafted])[3])
+    assert sample_rows[:2 + k].tolist() == [0, shape.decode_seqs + k, *range(
+        shape.decode_seqs, shape.decode_seqs + k)]
