@@ -25,9 +25,11 @@ an existing cluster when ``address`` is given, else a local one, through
 Start-up is dominated by compiling the step shapes (each actor is its own
 process, so nothing compiled in one is in another's memory): the actors use
 JAX's persistent compilation cache (the directory the driver chose,
-`ModelSpec.compile_cache`); all actors start together, but only the first warms
-up at once: the others load the model, wait for its ``ready``, and then load its
-programs from that cache instead of compiling them again. The driver needs only the tokenizer and config for its
+`ModelSpec.compile_cache`); all actors start together, but only the first loads
+the model and warms up at once: the others start their processes, wait for its
+``ready``, and then load the model and its programs from that cache instead of
+compiling them again (the first's warm-up compiles on a thread per core, so
+loading beside it would only compete for the cores). The driver needs only the tokenizer and config for its
 intake: it loads no weights (`load_model(..., weights=False)`); they would load
 in the driver only if something read its model's parameters there, and nothing
 in serving does (embeddings go to an actor).
@@ -82,17 +84,17 @@ class EngineActor:
     construction is the instance's start-up (model load, warm-up of the engine and,
     with ``config.warmup``, of the embeddings): a call on the actor (``ready``)
     returns only after it; from then on, a compile in this process is a ``serving``
-    one. ``after``: object refs (other actors' ``ready``) to wait for between
-    loading the model and building the engine, whose warm-up then loads their
-    compiled programs from the shared cache."""
+    one. ``after``: object refs (other actors' ``ready``) to wait for before
+    loading the model: the load's programs (e.g. the parameters' initialisation)
+    and the engine's warm-up then come from the cache they filled."""
 
     def __init__(self, name: str, spec: ModelSpec, config: EngineConfig,
                  after: Sequence[ray.ObjectRef] = ()):
         compiles.install()  # this process's compiles, from the model load on
         if spec.compile_cache is not None:  # before anything compiles
             enable_compile_cache(spec.compile_cache)
-        self.model = load_model(spec.model, dtype=spec.dtype, seed=spec.seed, progress=False)
         ray.get(list(after))
+        self.model = load_model(spec.model, dtype=spec.dtype, seed=spec.seed, progress=False)
         self._cv = threading.Condition()
         self._outputs: list[RequestOutput] = []
         self._death: str | None = None
@@ -262,10 +264,12 @@ class RayLauncher:
     def launch_many(self, n: int, on_outputs: OutputSink,
                     on_death: DeathSink) -> list[RayInstance]:
         """``n`` instances whose actors start together; returned once all are warm.
-        With a compilation cache, the first warms up alone and fills it while the
-        others start their processes and load the model, then they warm up from its
-        programs (concurrent cold warm-ups would each compile every shape, competing
-        for the same cores); without one, all warm up at once."""
+        With a compilation cache, the first loads the model and warms up alone,
+        filling it, while the others start their processes; then they load the model
+        and warm up from its programs (concurrent cold warm-ups would each compile
+        every shape, competing for the same cores; a model load beside the first's
+        warm-up would compile its own programs, on cores that warm-up already keeps
+        busy); without one, all start at once."""
         names = [f"ray-{next(_numbers)}" for _ in range(n)]
         actors = [self._actor_class.remote(names[0], self.spec, self.config)]
         after = [actors[0].ready.remote()] if self.spec.compile_cache is not None else []

@@ -83,6 +83,32 @@ def test_an_embedding_goes_to_the_least_loaded_open_instance_and_survives_its_de
         cluster.shutdown()
 
 
+def test_a_later_actor_waits_for_the_first_before_loading_the_model(monkeypatch, tmp_path):
+    """An `EngineActor` given other actors' ``ready`` refs waits for them before it
+    loads the model, so the load's compiled programs come from the cache the first
+    filled (loading beside the first's warm-up would compile them again, on cores
+    it keeps busy). Ray's ``get`` and the load are intercepted: what is under test
+    is their order; the load stops the constructor."""
+    from sluice.scheduler import ray_instance
+
+    class Stop(Exception):
+        pass
+
+    events: list[object] = []
+
+    def load(*args, **kwargs):
+        events.append("load")
+        raise Stop
+
+    monkeypatch.setattr(ray_instance.ray, "get", lambda refs: events.append(list(refs)))
+    monkeypatch.setattr(ray_instance, "load_model", load)
+    monkeypatch.setattr(ray_instance, "enable_compile_cache", lambda d: events.append(d))
+    spec = ModelSpec("tiny", "float32", compile_cache=str(tmp_path))
+    with pytest.raises(Stop):
+        ray_instance.EngineActor("ray-x", spec, EngineConfig(**ENGINE), ["first-ready"])
+    assert events == [str(tmp_path), ["first-ready"], "load"]
+
+
 def _cache_dir(actor) -> str:
     """The persistent compilation cache directory JAX uses in ``actor``'s process."""
     return ray.get(actor.__ray_call__.remote(
