@@ -143,22 +143,25 @@ def forward_unjitted(params: Params, cfg: ModelConfig, token_ids: jax.Array,
         return h, cache
 
     # Scan over whole periods of the layer pattern, then run the remainder unrolled.
+    # Each layer's weights are indexed out of the stacked parameters by layer number
+    # inside the loop: scanning over a reshaped [n, p, ...] view instead made XLA copy
+    # every weight (the whole model) into the loop state on every step.
     L, p = cfg.num_layers, _period(windows)
     n = L // p
 
-    def period(carry, xs):
-        lp, idx = xs
+    def layer_params(i):
+        return jax.tree_util.tree_map(
+            lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), params["layers"])
+
+    def period(carry, k):
         for j in range(p):
-            carry = layer(carry, jax.tree_util.tree_map(lambda a: a[j], lp), idx[j], windows[j])
+            i = k * p + j
+            carry = layer(carry, layer_params(i), i, windows[j])
         return carry, None
 
-    stacked = jax.tree_util.tree_map(lambda a: a[:n * p].reshape(n, p, *a.shape[1:]),
-                                     params["layers"])
-    carry, _ = jax.lax.scan(period, (h, kv_cache),
-                            (stacked, jnp.arange(n * p, dtype=jnp.int32).reshape(n, p)))
+    carry, _ = jax.lax.scan(period, (h, kv_cache), jnp.arange(n, dtype=jnp.int32))
     for i in range(n * p, L):
-        carry = layer(carry, jax.tree_util.tree_map(lambda a: a[i], params["layers"]), i,
-                      windows[i])
+        carry = layer(carry, layer_params(i), i, windows[i])
     h, kv_cache = carry
     return rms_norm(h, params["final_norm"], eps), kv_cache
 
@@ -171,5 +174,9 @@ def _period(windows: tuple) -> int:
 
 def compute_logits(params: Params, hidden: jax.Array) -> jax.Array:
     """Vocabulary logits (float32) for hidden rows [N, H]."""
-    head = params["lm_head"] if "lm_head" in params else params["embed"].T
-    return jnp.dot(hidden, head, preferred_element_type=jnp.float32)
+    if "lm_head" in params:
+        return jnp.dot(hidden, params["lm_head"], preferred_element_type=jnp.float32)
+    # tied: contract with the embedding's hidden axis as stored ([V, H]); a transposed
+    # operand (embed.T) can make XLA materialize the transpose, the whole table, per call
+    return jax.lax.dot_general(hidden, params["embed"], (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
