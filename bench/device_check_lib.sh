@@ -84,7 +84,7 @@ device_steps() {  # the roofline's target (h100, h200, v5e, v6e)
   # --xla_backend_optimization_level=0, hypothesis) is not for a device.
   run_pytest device-tests -q -p no:cacheprovider --noconftest tests/test_kernels_on_device.py \
     --junitxml="$OUT/device-tests.xml"
-  run_py kernels bench/kernels.py $QUICK
+  run_py kernels bench/kernel_speed.py $QUICK
   keep bench/out/kernels.json bench/out/kernels.png
   run_py throughput bench/throughput.py $QUICK
   keep bench/out/throughput.json bench/out/throughput.png

@@ -3,7 +3,7 @@
 #   1. the kernels compiled for the device against the reference
 #      (tests/test_kernels_on_device.py: Triton attention, including long decodes
 #      that take the KV split, KV update, block copies);
-#   2. bench/kernels.py: decode attention against the copy bandwidth measured in
+#   2. bench/kernel_speed.py: decode attention against the copy bandwidth measured in
 #      the same run (goal: at least 80%), the same decodes without the KV split
 #      (path pallas-nosplit: the split's gain as a ratio), block copies;
 #   3. bench/throughput.py (smollm2-135m-random), and `sluice bench throughput`

@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python bench/kernels.py [--quick]
+    .venv/bin/python bench/kernel_speed.py [--quick]
 
 In one process, on ``jax.default_backend()``:
 

@@ -1,10 +1,12 @@
-"""Offline throughput: Sluice vs Hugging Face transformers on CPU, plus a decode roofline.
+"""Offline throughput: Sluice vs Hugging Face transformers on CPU, with the bounds
+of the issue 21 goals measured in the same run.
 
 Run from the repository root::
 
     .venv/bin/python bench/throughput.py [--quick] [--model NAME_OR_PATH]
+    .venv/bin/python bench/throughput.py --points 1x128+32,8x128+32  # only these points
 
-What it measures, all in one process on the same weights:
+All in one process, on the same weights:
 
 1. ``smollm2-135m-random`` (float32; ``--model`` picks any Llama-family model
    `load_model` accepts, e.g. the real ``smollm2-135m-instruct`` or a ``.gguf``
@@ -12,26 +14,30 @@ What it measures, all in one process on the same weights:
    checkpoint (`sluice.runtime.export.save_hf_checkpoint`) and loaded by
    transformers' ``LlamaForCausalLM`` (torch float32, sdpa, all CPU threads).
    Sanity check: the greedy first token of both agrees on a few prompts.
-2. Main point: 32 concurrent requests, 128 random prompt tokens, 128 generated
-   tokens (greedy, ignore_eos). Sluice: `sluice.runtime.benchmark.throughput`
-   (untimed warm-up batch, then the timed batch). transformers: ``generate()`` on
-   the 32 prompts as one tensor (greedy, min_new_tokens = max_new_tokens), after an
-   untimed warm-up call. Generated tokens/s of both and their ratio.
-3. Sweep over batch sizes 1/8/32/64 for both (output length 32 with ``--quick``).
-4. Roofline: the float32 matmul rate of the machine (jitted 2048^3 jnp matmul,
-   best of several) against the achieved FLOP/s of Sluice's pure-decode steps
-   at batch 32 (``engine.step()`` timed; the model call ``runner.execute`` also
-   timed, to separate engine/Python overhead from the model step).
-   Decode FLOPs per token = 2 * (non-embedding matmul params + lm-head params)
-   + 4 * layers * q_heads * head_dim * context.
-5. Writes bench/out/throughput.{json,png} and copies them to
-   bench/results/throughput.{json,png} (``throughput-<model>.*`` for another
-   ``--model``).
+2. The sweep: 1, 8, 32 and 64 concurrent requests of 128 random prompt tokens and
+   32 or 128 generated tokens, plus one prompt-heavy request of 512 + 32
+   (``--quick``: the 128 + 32 points and 512 + 32 only). Greedy, ignore_eos.
+   Sluice: `sluice.runtime.benchmark.throughput` (every step shape compiled at
+   start-up). transformers: ``generate()`` on the prompts as one tensor (static
+   batching, its best case; min_new_tokens = max_new_tokens) after an untimed
+   warm-up call. Generated tokens/s of both, their ratio, and the ratio of the
+   CPU-seconds each used (less distorted by other load than wall time).
+3. Bounds, measured here: the copy bandwidth (a 512 MiB float32 ``numpy.copyto``,
+   bytes read + written over the time, best of 5, STREAM's convention) and the
+   float32 matmul rate (jitted 2048^3 jnp matmul, best of 8). Sluice's pure-decode
+   steps are timed (``engine.step()``; ``runner.execute``, the model call, too)
+   at batch 1 and batch 32: the batch-1 step against the bandwidth bound (weight
+   bytes read per step over the copy bandwidth), the batch-32 step's FLOP/s
+   against the matmul rate. Decode FLOPs per token = 2 * (non-embedding matmul
+   params + lm-head params) + 4 * layers * q_heads * head_dim * context.
+4. Writes bench/out/throughput.{json,png} (tokens/s vs batch size, both systems,
+   the batch-1 bandwidth bound drawn) and copies them to
+   bench/results/ (``throughput-<model>.*`` for another ``--model``).
 
-``--points 1x128+32,8x128+32,32x128+32,1x512+32`` instead runs only those
-points (requests x prompt + output tokens), both systems in the same process,
-and writes bench/out/throughput-points.json (``max_model_len`` grows to fit the
-longest point): the quick check of one change against transformers.
+``--points`` runs only those points (requests x prompt + output tokens), both
+systems in the same process, and writes bench/out/throughput-points.json
+(``max_model_len`` grows to fit the longest point): the quick check of one
+change against transformers.
 """
 
 from __future__ import annotations
@@ -59,10 +65,8 @@ from sluice.runtime.loader import load_model
 from sluice.runtime.sampling_params import SamplingParams
 
 MODEL = "smollm2-135m-random"
-INPUT_LEN = 128
-OUTPUT_LEN = 128
-MAIN_BATCH = 32
-SWEEP = (1, 8, 32, 64)
+SWEEP = [(n, 128, o) for o in (32, 128) for n in (1, 8, 32, 64)] + [(1, 512, 32)]
+QUICK_SWEEP = [p for p in SWEEP if p[2] == 32]
 ENGINE_KW = dict(max_num_seqs=64, max_num_batched_tokens=512, max_model_len=256, warmup=True)
 ROOT = Path(__file__).resolve().parent
 
@@ -80,7 +84,7 @@ def load_hf(model, tmp: Path):
 
 def sanity_check(llm: LLM, hf, vocab: int) -> list[dict]:
     """Greedy first token of Sluice's engine vs transformers on a few prompts."""
-    prompts = random_prompts(3, INPUT_LEN, vocab, seed=123)
+    prompts = random_prompts(3, 128, vocab, seed=123)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
     rows = []
@@ -123,6 +127,29 @@ def matmul_roofline(n: int = 2048, repeats: int = 8) -> dict:
         times.append(time.perf_counter() - t)
     best = min(times)
     return {"n": n, "repeats": repeats, "best_s": best, "flops_per_s": 2 * n ** 3 / best}
+
+
+def copy_bandwidth(mib: int = 512, repeats: int = 5) -> dict:
+    """Best-of-``repeats`` bytes/s of a ``numpy.copyto`` of ``mib`` MiB, counting the
+    bytes read and the bytes written (STREAM's copy convention)."""
+    src = np.ones(mib * 2 ** 20 // 4, np.float32)
+    dst = np.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t)
+    return {"mib": mib, "repeats": repeats, "best_s": min(times),
+            "bytes_per_s": 2 * src.nbytes / min(times)}
+
+
+def weight_bytes_per_step(model) -> int:
+    """Parameter bytes a decode step reads: every layer weight, the final norm and
+    the lm-head (the embedding table when tied; a lookup reads one row otherwise)."""
+    p = model.params
+    head = p["lm_head"] if "lm_head" in p else p["embed"]
+    leaves = jax.tree_util.tree_leaves(p["layers"]) + [p["final_norm"], head]
+    return int(sum(x.size * x.dtype.itemsize for x in leaves))
 
 
 def decode_flops_per_token(model, context: float) -> dict:
@@ -184,20 +211,26 @@ def decode_steps(llm: LLM, prompts: list[list[int]], output_len: int) -> dict:
 
 # -- main --------------------------------------------------------------------
 
-def plot(sweep: dict, path: Path, output_len: int, model: str) -> None:
+def plot(points: list[dict], bound_tok_s: float, path: Path, model: str) -> None:
+    """Tokens/s vs concurrent requests, both systems, one line per prompt + output
+    length; the batch-1 bandwidth bound drawn as a point."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, rows in sweep.items():
-        ax.plot([r["num_prompts"] for r in rows], [r["output_tokens_per_s"] for r in rows],
-                marker="o", label=name)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (i, o), marker in zip(sorted({(p["input_len"], p["output_len"]) for p in points}), "osd^"):
+        rows = [p for p in points if (p["input_len"], p["output_len"]) == (i, o)]
+        for system, style in (("sluice", "-"), ("transformers", "--")):
+            ax.plot([p["requests"] for p in rows], [p[system]["output_tokens_per_s"] for p in rows],
+                    style, marker=marker, label=f"{system} {i}+{o}")
+    ax.plot([1], [bound_tok_s], "k*", markersize=12, label="batch-1 bandwidth bound")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("concurrent requests (batch size)")
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrent requests")
     ax.set_ylabel("generated tokens / s")
-    ax.set_title(f"{model}, fp32 CPU, {INPUT_LEN} in / {output_len} out")
+    ax.set_title(f"{model}, float32, 2-core CPU")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -216,40 +249,50 @@ def parse_points(text: str) -> list[tuple[int, int, int]]:
             f"--points: expected NxIN+OUT[,...], got {text!r}") from None
 
 
+def measure_points(llm: LLM, hf, points: list[tuple[int, int, int]]) -> list[dict]:
+    """Both systems at each point (requests, prompt tokens, output tokens)."""
+    vocab = llm.model.config.vocab_size
+    rows = []
+    for n, i, o in points:
+        prompts = random_prompts(n, i, vocab, seed=1000 * n + i)
+        c = time.process_time()
+        s = throughput(llm, prompts, o, warmup_batch=False)
+        s["cpu_s"] = time.process_time() - c
+        h = hf_throughput(hf, prompts, o)
+        ratio = s["output_tokens_per_s"] / h["output_tokens_per_s"]
+        # CPU seconds each system used: on a shared, loaded machine wall time
+        # mostly measures waiting for a core
+        cpu_ratio = h["cpu_s"] / s["cpu_s"]
+        rows.append({"requests": n, "input_len": i, "output_len": o, "sluice": s,
+                     "transformers": h, "ratio": ratio, "cpu_time_ratio": cpu_ratio,
+                     "load": os.getloadavg()})
+        print(f"[{n:3d} x {i}+{o}] sluice {s['output_tokens_per_s']:.1f} tok/s "
+              f"({s['elapsed_s']:.2f}s, {s['cpu_s']:.2f} CPU s), transformers "
+              f"{h['output_tokens_per_s']:.1f} tok/s ({h['elapsed_s']:.2f}s, "
+              f"{h['cpu_s']:.2f} CPU s), ratio {ratio:.2f}x (CPU time {cpu_ratio:.2f}x), "
+              f"load {os.getloadavg()[0]:.1f}", flush=True)
+    return rows
+
+
+def start(model_name: str, engine_kw: dict) -> tuple[LLM, float]:
+    t = time.perf_counter()
+    llm = LLM(load_model(model_name, dtype="float32"), **engine_kw)
+    startup = time.perf_counter() - t
+    print(f"sluice start-up (load + compile {len(llm.engine.runner.shapes())} shapes): "
+          f"{startup:.1f}s")
+    return llm, startup
+
+
 def run_points(model_name: str, points: list[tuple[int, int, int]]) -> None:
     """Both systems at each point, in this process; ratios printed and saved."""
     longest = max(i + o for _, i, o in points)
     engine_kw = dict(ENGINE_KW, max_model_len=max(ENGINE_KW["max_model_len"],
                                                   -(-longest // 128) * 128))
     res: dict = {"machine": machine_info(), "model": model_name, "engine": engine_kw,
-                 "load_before": os.getloadavg(), "points": []}
-    t = time.perf_counter()
-    model = load_model(model_name, dtype="float32")
-    llm = LLM(model, **engine_kw)
-    res["sluice_startup_s"] = time.perf_counter() - t
-    print(f"sluice start-up (load + compile {len(llm.engine.runner.shapes())} shapes): "
-          f"{res['sluice_startup_s']:.1f}s")
-    vocab = model.config.vocab_size
+                 "load_before": os.getloadavg()}
+    llm, res["sluice_startup_s"] = start(model_name, engine_kw)
     with tempfile.TemporaryDirectory() as tmp:
-        hf = load_hf(model, Path(tmp))
-        for n, i, o in points:
-            prompts = random_prompts(n, i, vocab, seed=1000 * n + i)
-            c = time.process_time()
-            s = throughput(llm, prompts, o, warmup_batch=False)
-            s["cpu_s"] = time.process_time() - c
-            h = hf_throughput(hf, prompts, o)
-            ratio = s["output_tokens_per_s"] / h["output_tokens_per_s"]
-            # CPU seconds each system used: on a shared, loaded machine wall time
-            # mostly measures waiting for a core
-            cpu_ratio = h["cpu_s"] / s["cpu_s"]
-            res["points"].append({"requests": n, "input_len": i, "output_len": o,
-                                  "sluice": s, "transformers": h, "ratio": ratio,
-                                  "cpu_time_ratio": cpu_ratio, "load": os.getloadavg()})
-            print(f"[{n:3d} x {i}+{o}] sluice {s['output_tokens_per_s']:.1f} tok/s "
-                  f"({s['elapsed_s']:.2f}s, {s['cpu_s']:.2f} CPU s), transformers "
-                  f"{h['output_tokens_per_s']:.1f} tok/s ({h['elapsed_s']:.2f}s, "
-                  f"{h['cpu_s']:.2f} CPU s), ratio {ratio:.2f}x (CPU time {cpu_ratio:.2f}x), "
-                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+        res["points"] = measure_points(llm, load_hf(llm.model, Path(tmp)), points)
     out = ROOT / "out"
     out.mkdir(exist_ok=True)
     (out / "throughput-points.json").write_text(json.dumps(res, indent=2))
@@ -264,9 +307,48 @@ def machine_info() -> dict:
             "command": " ".join([".venv/bin/python", *sys.argv])}
 
 
+def decode_bounds(llm: LLM) -> dict:
+    """Pure-decode steps at batch 1 against the bandwidth bound and at batch 32
+    against the matmul rate, both bounds measured now."""
+    vocab = llm.model.config.vocab_size
+    bw, roof = copy_bandwidth(), matmul_roofline()
+    weight_bytes = weight_bytes_per_step(llm.model)
+    one = decode_steps(llm, random_prompts(1, 128, vocab, seed=7), 128)
+    bound_s = weight_bytes / bw["bytes_per_s"]
+    one.update(weight_bytes=weight_bytes, bound_step_s=bound_s,
+               bandwidth_fraction=bound_s / one["decode_step_s_median"])
+    wide = decode_steps(llm, random_prompts(32, 128, vocab, seed=8), 128)
+    fl = decode_flops_per_token(llm.model, wide["decode_context_mean"])
+    wide["flops_per_token"] = fl
+    for key in ("step", "execute"):
+        achieved = fl["flops"] * 32 / wide[f"decode_{key}_s_median"]
+        wide[f"achieved_flops_per_s_{key}"] = achieved
+        wide[f"roofline_fraction_{key}"] = achieved / roof["flops_per_s"]
+    print(f"copy bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s; {weight_bytes / 1e6:.0f} MB of "
+          f"weights per step: bound {bound_s * 1e3:.1f} ms; batch-1 decode step median "
+          f"{one['decode_step_s_median'] * 1e3:.1f} ms = {one['bandwidth_fraction'] * 100:.0f}% "
+          f"of the bound (goal 85%)")
+    print(f"fp32 matmul rate {roof['flops_per_s'] / 1e9:.1f} GFLOP/s; batch-32 decode step "
+          f"median {wide['decode_step_s_median'] * 1e3:.1f} ms (runner.execute "
+          f"{wide['decode_execute_s_median'] * 1e3:.1f} ms), {fl['flops'] / 1e6:.1f} MFLOP/token "
+          f"at context {wide['decode_context_mean']:.0f}: "
+          f"{wide['roofline_fraction_step'] * 100:.1f}% of the matmul rate (goal 35%)")
+    return {"copy_bandwidth": bw, "matmul_roofline": roof, "batch_1": one, "batch_32": wide}
+
+
+def goals(points: list[dict], bounds: dict) -> dict:
+    at = {(p["requests"], p["input_len"], p["output_len"]): p["ratio"] for p in points}
+    wide = [at[k] for k in ((32, 128, 128), (64, 128, 128)) if k in at]
+    return {"ratio_ge_1x_everywhere": all(r >= 1.0 for r in at.values()),
+            "ratio_ge_2x_at_32_64_x_128_128": bool(wide) and all(r >= 2.0 for r in wide),
+            "batch_1_ge_85pct_bandwidth": bounds["batch_1"]["bandwidth_fraction"] >= 0.85,
+            "batch_32_ge_35pct_matmul": bounds["batch_32"]["roofline_fraction_step"] >= 0.35}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="output length 32 in the sweep")
+    ap.add_argument("--quick", action="store_true",
+                    help="the 128 + 32 points and 512 + 32 only")
     ap.add_argument("--model", default=MODEL,
                     help="a Llama-family model for load_model: a name, an HF directory or a .gguf file")
     ap.add_argument("--points", type=parse_points, default=None,
@@ -274,76 +356,29 @@ def main() -> None:
     args = ap.parse_args()
     if args.points:
         return run_points(args.model, args.points)
-    sweep_out = 32 if args.quick else OUTPUT_LEN
-    res: dict = {"machine": machine_info(), "model": args.model, "dtype": "float32", "engine": ENGINE_KW,
-        "input_len": INPUT_LEN, "output_len": OUTPUT_LEN, "sweep_output_len": sweep_out}
-
-    t = time.perf_counter()
-    model = load_model(args.model, dtype="float32")
-    llm = LLM(model, **ENGINE_KW)
-    res["sluice_startup_s"] = time.perf_counter() - t  # includes compiling every step shape
-    print(f"sluice start-up (load + compile): {res['sluice_startup_s']:.1f}s")
-    vocab = model.config.vocab_size
-
+    sweep = QUICK_SWEEP if args.quick else SWEEP
+    engine_kw = dict(ENGINE_KW, max_model_len=640)  # fits 512 + 32
+    res: dict = {"machine": machine_info(), "model": args.model, "dtype": "float32",
+                 "engine": engine_kw, "load_before": os.getloadavg()}
+    llm, res["sluice_startup_s"] = start(args.model, engine_kw)
     with tempfile.TemporaryDirectory() as tmp:
-        hf = load_hf(model, Path(tmp))
-        res["sanity"] = sanity_check(llm, hf, vocab)
+        hf = load_hf(llm.model, Path(tmp))
+        res["sanity"] = sanity_check(llm, hf, llm.model.config.vocab_size)
         for row in res["sanity"]:
             print(f"first greedy token: sluice={row['sluice']} "
                   f"transformers={row['transformers']} agree={row['agree']}")
-
-        prompts = random_prompts(MAIN_BATCH, INPUT_LEN, vocab)
-        s = throughput(llm, prompts, OUTPUT_LEN)
-        h = hf_throughput(hf, prompts, OUTPUT_LEN)
-        res["main"] = {"sluice": s, "transformers": h,
-                       "ratio": s["output_tokens_per_s"] / h["output_tokens_per_s"]}
-        print(f"[{MAIN_BATCH} x {INPUT_LEN}+{OUTPUT_LEN}] sluice "
-              f"{s['output_tokens_per_s']:.1f} tok/s ({s['elapsed_s']:.1f}s), transformers "
-              f"{h['output_tokens_per_s']:.1f} tok/s ({h['elapsed_s']:.1f}s), "
-              f"ratio {res['main']['ratio']:.2f}x")
-
-        res["sweep"] = {"sluice": [], "transformers": []}
-        for bs in SWEEP:
-            p = random_prompts(bs, INPUT_LEN, vocab, seed=bs)
-            # every step shape was compiled at start-up; skip the extra warm-up batch
-            s = throughput(llm, p, sweep_out, warmup_batch=False)
-            h = hf_throughput(hf, p, sweep_out)
-            res["sweep"]["sluice"].append(s)
-            res["sweep"]["transformers"].append(h)
-            print(f"[sweep bs={bs:3d} out={sweep_out}] sluice {s['output_tokens_per_s']:.1f} "
-                  f"tok/s, transformers {h['output_tokens_per_s']:.1f} tok/s")
+        res["points"] = measure_points(llm, hf, sweep)
         del hf
-
-    roof = matmul_roofline()
-    res["matmul_roofline"] = roof
-    print(f"fp32 matmul roofline: {roof['flops_per_s'] / 1e9:.1f} GFLOP/s")
-    dec = decode_steps(llm, prompts, OUTPUT_LEN)
-    ctx = dec["decode_context_mean"]
-    fl = decode_flops_per_token(model, ctx)
-    for key in ("step", "execute"):
-        t_step = dec[f"decode_{key}_s_median"]
-        achieved = fl["flops"] * MAIN_BATCH / t_step
-        dec[f"achieved_flops_per_s_{key}"] = achieved
-        dec[f"roofline_fraction_{key}"] = achieved / roof["flops_per_s"]
-    dec["flops_per_token"] = fl
-    res["decode"] = dec
-    print(f"decode step at batch {MAIN_BATCH}: median {dec['decode_step_s_median'] * 1e3:.1f} ms "
-          f"(runner.execute {dec['decode_execute_s_median'] * 1e3:.1f} ms) over "
-          f"{dec['num_full_decode_steps']} steps; {fl['flops'] / 1e6:.1f} MFLOP/token at "
-          f"context {ctx:.0f}; {dec['achieved_flops_per_s_step'] / 1e9:.1f} GFLOP/s = "
-          f"{dec['roofline_fraction_step'] * 100:.1f}% of roofline "
-          f"(execute only: {dec['roofline_fraction_execute'] * 100:.1f}%)")
-
-    res["targets"] = {
-        "ratio_ge_5x": res["main"]["ratio"] >= 5.0,
-        "decode_ge_50pct_roofline": dec["roofline_fraction_step"] >= 0.5}
-    print(f"targets: {res['targets']}")
+    res["bounds"] = decode_bounds(llm)
+    res["goals"] = goals(res["points"], res["bounds"])
+    print(f"goals: {res['goals']}")
 
     stem = "throughput" if args.model == MODEL else f"throughput-{Path(args.model).stem}"
     out = ROOT / "out"
     out.mkdir(exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(res, indent=2))
-    plot(res["sweep"], out / f"{stem}.png", sweep_out, args.model)
+    plot(res["points"], 1 / res["bounds"]["batch_1"]["bound_step_s"], out / f"{stem}.png",
+         args.model)
     results = ROOT / "results"
     results.mkdir(exist_ok=True)
     for name in (f"{stem}.json", f"{stem}.png"):

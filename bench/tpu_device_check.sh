@@ -4,7 +4,7 @@
 #   1. the kernels compiled by Mosaic for the chip against the reference
 #      (tests/test_kernels_on_device.py: attention in bf16 and f32, long decodes,
 #      KV update, block copies, Gemma 3's one-KV-head pool);
-#   2. bench/kernels.py: decode attention against the copy bandwidth measured in
+#   2. bench/kernel_speed.py: decode attention against the copy bandwidth measured in
 #      the same run (goal: at least 80%), JAX's own TPU paged attention beside it,
 #      block copies;
 #   3. bench/throughput.py (smollm2-135m-random), and `sluice bench throughput`
