@@ -155,8 +155,7 @@ def weight_bytes_per_step(model) -> int:
 def decode_flops_per_token(model, context: float) -> dict:
     """2 * (non-embedding matmul params + lm-head params) + attention at ``context``."""
     cfg, layers = model.config, model.params["layers"]
-    matmul = sum(int(np.prod(layers[k].shape)) for k in
-                 ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"))
+    matmul = sum(int(np.prod(w.shape)) for k, w in layers.items() if k.startswith("w"))
     head = cfg.vocab_size * cfg.hidden_size  # tied or not, one [hidden, vocab] matmul
     attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context
     return {"matmul_params": matmul, "lm_head_params": head,

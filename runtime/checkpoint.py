@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from sluice.runtime.config import ModelConfig
 from sluice.runtime.devices import default_device
-from sluice.runtime.model import Params, param_shapes
+from sluice.runtime.model import (PARAMS_LAYOUT, Params, checkpoint_shapes, fused_slot,
+                                  param_shapes)
 
 
 class CheckpointError(ValueError):
@@ -116,7 +117,7 @@ def _hf_name(leaf: str, layer: int | None, cfg: ModelConfig) -> str:
 
 def _plan(files: list[Path], cfg: ModelConfig) -> dict[Path, list[tuple[str, str, int | None, bool]]]:
     """Validate all headers; map each file to (hf name, leaf, layer, transpose) entries."""
-    shapes = param_shapes(cfg)
+    shapes = checkpoint_shapes(cfg)
     flat_shapes = {**{k: v for k, v in shapes.items() if k != "layers"}, **shapes["layers"]}
     expected = {(leaf, layer) for leaf in shapes["layers"] for layer in range(cfg.num_layers)}
     expected |= {(leaf, None) for leaf in shapes if leaf != "layers"}
@@ -177,7 +178,8 @@ def load_safetensors(path: str | Path, cfg: ModelConfig, dtype=jnp.float32,
                         if layer is None:
                             top[leaf] = t
                         else:
-                            layer_bufs[leaf][layer] = t
+                            stored, cols = fused_slot(cfg, leaf)
+                            layer_bufs[stored][layer][..., cols] = t
                         bar.update(1)
             except SafetensorError as e:
                 raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from e
@@ -205,6 +207,7 @@ def fingerprint(path: Path, dtype) -> str:
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     h.update(str(jnp.dtype(dtype)).encode())
+    h.update(PARAMS_LAYOUT.encode())
     return h.hexdigest()[:20]
 
 

@@ -18,6 +18,7 @@ from safetensors.numpy import save_file
 from sluice.runtime.checkpoint import _LAYER_MAP, _TOP_MAP
 from sluice.runtime.config import ModelConfig
 from sluice.runtime.loader import Model
+from sluice.runtime.model import checkpoint_shapes, fused_slot
 
 
 def hf_config(cfg: ModelConfig, dtype: str) -> dict:
@@ -51,10 +52,12 @@ def hf_state_dict(model: Model) -> dict[str, np.ndarray]:
         if leaf in model.params:
             t = np.asarray(model.params[leaf])
             out[name] = np.ascontiguousarray(t.T if transpose else t)
+    present = checkpoint_shapes(model.config)["layers"]
     for suffix, (leaf, transpose) in _LAYER_MAP.items():
-        if leaf not in model.params["layers"]:
+        if leaf not in present:
             continue
-        stacked = np.asarray(model.params["layers"][leaf])
+        stored, cols = fused_slot(model.config, leaf)
+        stacked = np.asarray(model.params["layers"][stored])[..., cols]
         for i in range(model.config.num_layers):
             t = stacked[i]
             out[f"model.layers.{i}.{suffix}"] = np.ascontiguousarray(t.T if transpose else t)

@@ -37,7 +37,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from sluice.runtime.checkpoint import to_device
 from sluice.runtime.config import FULL, SLIDING, ModelConfig
-from sluice.runtime.model import Params, param_shapes
+from sluice.runtime.model import Params, checkpoint_shapes, fused_slot, param_shapes
 from sluice.runtime.tokenizer import Tokenizer, _byte_to_unicode, set_special_token_processor
 
 
@@ -127,7 +127,8 @@ def load_gguf_params(f: GGUFFile, dtype, progress: bool = True) -> Params:
         if layer is None:
             top[leaf] = w
         else:
-            layer_bufs[leaf][layer] = w
+            stored, cols = fused_slot(cfg, leaf)
+            layer_bufs[stored][layer][..., cols] = w
     return to_device(top, layer_bufs)
 
 
@@ -232,7 +233,7 @@ def _plan(reader, cfg: ModelConfig, path: Path) -> list[tuple[Any, str, int | No
     """Match every tensor to a leaf, checking types and shapes; all leaves covered."""
     import gguf
 
-    shapes = param_shapes(cfg)
+    shapes = checkpoint_shapes(cfg)
     plan, seen = [], set()
     for t in reader.tensors:
         leaf, layer = _target(t.name)

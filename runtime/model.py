@@ -1,9 +1,15 @@
 """Functional decoder forward pass: the Llama family (Llama 2/3, Mistral,
 Qwen2) and Gemma 3.
 
-Parameters are a plain pytree (see `init_params` for the structure): per-layer
+Parameters are a plain pytree (see `param_shapes` for the structure): per-layer
 weights are stacked on a leading layer axis so the layers run as one
-``lax.scan``, which keeps compile time flat in depth. Models whose layers differ
+``lax.scan``, which keeps compile time flat in depth. The query, key and value
+projections are stored as one matrix (``wqkv``), and so are the gate and up
+projections (``w_gate_up``), so that a step runs one matrix product for each
+group: at the few rows of a decode step XLA:CPU streams a wide matrix faster
+than three narrow ones. Checkpoints keep them apart; `fused_slot` says where a
+checkpoint's projection lives in the fused layout (loaders write into it,
+export reads out of it) and `checkpoint_shapes` gives the per-projection shapes. Models whose layers differ
 (Gemma 3 interleaves sliding-window and full-attention layers, each with its
 own rope base) scan over one period of the pattern, its layers unrolled, so
 every attention call still gets a static window. Linear weights are stored
@@ -35,8 +41,36 @@ from sluice.runtime.rope import apply_rope, inverse_frequencies
 Params = dict
 
 
+# Fused leaf -> the checkpoint leaves it holds, concatenated on the last axis in this order.
+FUSED = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"), "w_gate_up": ("w_gate", "w_up")}
+# Part of the converted-parameter cache's key: a cache of another layout is not restored.
+PARAMS_LAYOUT = "fused-qkv-gate-up"
+
+
 def param_shapes(cfg: ModelConfig) -> Params:
-    """Shape of every parameter, as the same pytree `init_params` builds."""
+    """Shape of every parameter, as the pytree `init_params` builds and `forward` takes."""
+    shapes = checkpoint_shapes(cfg)
+    layers = dict(shapes["layers"])
+    for fused, parts in FUSED.items():
+        if parts[0] in layers:
+            first = layers[parts[0]]
+            layers[fused] = (*first[:-1], sum(layers.pop(p)[-1] for p in parts))
+    return {**shapes, "layers": layers}
+
+
+def fused_slot(cfg: ModelConfig, leaf: str) -> tuple[str, slice]:
+    """(stored leaf, columns of its last axis) of a checkpoint leaf: ``wk`` lives in
+    ``wqkv[..., q:q + kv]``; an unfused leaf is all of itself."""
+    layers = checkpoint_shapes(cfg)["layers"]
+    for fused, parts in FUSED.items():
+        if leaf in parts:
+            lo = sum(layers[p][-1] for p in parts[:parts.index(leaf)])
+            return fused, slice(lo, lo + layers[leaf][-1])
+    return leaf, slice(None)
+
+
+def checkpoint_shapes(cfg: ModelConfig) -> Params:
+    """Shape of every parameter with each projection apart, as checkpoints store them."""
     L, H, I = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     layers = {
@@ -59,8 +93,9 @@ def param_shapes(cfg: ModelConfig) -> Params:
 
 
 def init_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32) -> Params:
-    """Seeded random weights (normal, std 0.02; norms one; biases small)."""
-    shapes = param_shapes(cfg)
+    """Seeded random weights (normal, std 0.02; norms one; biases small), drawn per
+    checkpoint leaf and then fused (`FUSED`)."""
+    shapes = checkpoint_shapes(cfg)
     leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
     paths = [jax.tree_util.keystr(p) for p, _ in
              jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
@@ -71,7 +106,12 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32) -> Params:
             out.append(jnp.ones(shape, dtype))
         else:
             out.append((0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
+    params = jax.tree_util.tree_unflatten(treedef, out)
+    layers = params["layers"]
+    for fused, parts in FUSED.items():
+        if parts[0] in layers:
+            layers[fused] = jnp.concatenate([layers.pop(p) for p in parts], axis=-1)
+    return params
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -120,9 +160,11 @@ def forward_unjitted(params: Params, cfg: ModelConfig, token_ids: jax.Array,
     def layer(carry, lp, idx, window):
         h, cache = carry
         x = rms_norm(h, lp["attn_norm"], eps)
-        q = _linear(x, lp["wq"], lp.get("bq")).reshape(T, cfg.num_heads, cfg.head_dim)
-        k = _linear(x, lp["wk"], lp.get("bk")).reshape(T, cfg.num_kv_heads, cfg.head_dim)
-        v = _linear(x, lp["wv"], lp.get("bv")).reshape(T, cfg.num_kv_heads, cfg.head_dim)
+        qkv = _linear(x, lp["wqkv"], lp.get("bqkv"))
+        nq, nkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        q = qkv[:, :nq].reshape(T, cfg.num_heads, cfg.head_dim)
+        k = qkv[:, nq:nq + nkv].reshape(T, cfg.num_kv_heads, cfg.head_dim)
+        v = qkv[:, nq + nkv:].reshape(T, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = rms_norm(q, lp["q_norm"], eps), rms_norm(k, lp["k_norm"], eps)
         freqs = inv_freq.get(window, inv_freq[None])
@@ -138,7 +180,9 @@ def forward_unjitted(params: Params, cfg: ModelConfig, token_ids: jax.Array,
         o = _linear(o.reshape(T, -1), lp["wo"], lp.get("bo"))
         h = h + (rms_norm(o, lp["post_attn_norm"], eps) if cfg.sandwich_norms else o)
         x = rms_norm(h, lp["mlp_norm"], eps)
-        m = (act(x @ lp["w_gate"]) * (x @ lp["w_up"])) @ lp["w_down"]
+        gate_up = x @ lp["w_gate_up"]
+        inter = cfg.intermediate_size
+        m = (act(gate_up[:, :inter]) * gate_up[:, inter:]) @ lp["w_down"]
         h = h + (rms_norm(m, lp["post_mlp_norm"], eps) if cfg.sandwich_norms else m)
         return h, cache
 

@@ -18,6 +18,7 @@ import pytest
 from sluice.runtime import LLM, SamplingParams, load_model
 from sluice.runtime.gguf import GGUFError, open_gguf
 from sluice.runtime.loader import PACKAGED_MODELS
+from sluice.runtime.model import fused_slot
 
 gguf = pytest.importorskip("gguf")
 
@@ -292,7 +293,8 @@ def test_quantized_tensors_dequantize(tmp_path, quant):
     r = gguf.GGUFReader(str(path))
     t = next(t for t in r.tensors if t.name == "blk.1.ffn_up.weight")
     want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(FFN, HIDDEN).T
-    np.testing.assert_array_equal(np.asarray(model.params["layers"]["w_up"][1]), want)
+    leaf, cols = fused_slot(model.config, "w_up")
+    np.testing.assert_array_equal(np.asarray(model.params["layers"][leaf][1][:, cols]), want)
 
 
 def test_qk_rows_are_unpermuted(small_gguf):
@@ -301,7 +303,8 @@ def test_qk_rows_are_unpermuted(small_gguf):
     r = gguf.GGUFReader(str(small_gguf))
     stored = next(t for t in r.tensors if t.name == "blk.0.attn_k.weight").data  # [out, in]
     hd = HIDDEN // HEADS
-    ours = np.asarray(model.params["layers"]["wk"][0]).T  # [out, in], rotate-half order
+    leaf, cols = fused_slot(model.config, "wk")
+    ours = np.asarray(model.params["layers"][leaf][0][:, cols]).T  # [out, in], rotate-half order
     for head in range(KV_HEADS):
         for i in range(hd // 2):
             np.testing.assert_array_equal(ours[head * hd + i], stored[head * hd + 2 * i])

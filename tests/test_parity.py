@@ -75,7 +75,7 @@ def test_checkpoints_exercise_the_intended_features(loaded):
     assert m.config.rope_scaling.kind == "linear" and m.config.rope_scaling.factor == 2.5
     assert m.config.rope_theta == 50000.0
     assert m.config.head_dim * m.config.num_heads != m.config.hidden_size
-    assert {"bq", "bk", "bv", "bo"} <= set(m.params["layers"])
+    assert {"bqkv", "bo"} <= set(m.params["layers"])
     assert float(jnp.abs(m.params["layers"]["bo"]).max()) > 0
 
     _, m, _ = loaded("mistral_sliding")
@@ -83,8 +83,8 @@ def test_checkpoints_exercise_the_intended_features(loaded):
 
     _, m, path = loaded("qwen2_bias_sharded")
     assert (path / "model.safetensors.index.json").is_file()
-    assert {"bq", "bk", "bv"} <= set(m.params["layers"]) and "bo" not in m.params["layers"]
-    assert float(jnp.abs(m.params["layers"]["bq"]).max()) > 0
+    assert "bqkv" in m.params["layers"] and "bo" not in m.params["layers"]
+    assert float(jnp.abs(m.params["layers"]["bqkv"]).max()) > 0
     assert m.config.sliding_window is None  # max_window_layers covers every layer
 
     _, m, _ = loaded("qwen2_sliding_tied")
