@@ -66,7 +66,12 @@ if TYPE_CHECKING:
 CHUNK_BLOCKS = COPY_CHUNK_BLOCKS
 
 
-@dataclasses.dataclass
+class PoolMismatch(ValueError):
+    """The source's KV blocks do not fit this pool (another layout: layers, block
+    size, KV heads, head_dim or dtype); no request can move between the two."""
+
+
+@dataclasses.dataclass(frozen=True)
 class KVChunk:
     """Blocks ``first_block .. first_block + num_blocks - 1`` of sibling
     ``seq_id``'s table; ``blocks`` may have padding rows past ``num_blocks``."""
@@ -291,11 +296,11 @@ class MigrationEndpoint:
         return live
 
     def _check_layout(self, chunk: KVChunk) -> None:
-        """Raise ``ValueError`` if the chunk's blocks do not fit this pool."""
+        """Raise `PoolMismatch` if the chunk's blocks do not fit this pool."""
         spec = self.runner.spec
         shape, dtype = tuple(chunk.blocks.shape[1:]), np.dtype(chunk.blocks.dtype)
         if shape != spec.shape[1:] or dtype != np.dtype(spec.dtype):
-            raise ValueError(f"kv_blocks: the KV pools differ: the source's blocks are "
+            raise PoolMismatch(f"kv_blocks: the KV pools differ: the source's blocks are "
                              f"{_block_layout(shape, dtype)}; this pool's are "
                              f"{_block_layout(spec.shape[1:], spec.dtype)}")
 

@@ -183,6 +183,8 @@ class Cluster:
         self._records: dict[str, _Record] = {}
         self._homes: OrderedDict[str, str] = OrderedDict()  # conversation -> instance
         self._migrating: dict[str, tuple[str, str]] = {}  # request -> (source, destination)
+        # (source, destination) pairs whose KV pools differ: never planned again
+        self._incompatible: set[tuple[str, str]] = set()
         self._busy: set[str] = set()  # instances in a migration
         self._rr = itertools.count()
         self._executor = concurrent.futures.ThreadPoolExecutor(4, "sluice-migrate")
@@ -474,10 +476,13 @@ class Cluster:
                           and idle[n].candidates), key=free.get)
         dests = sorted((n for n in idle if free[n] > cfg.migrate_above), key=free.get,
                        reverse=True)
-        plan = []
-        for src, dst in zip(sources, dests):
-            if src == dst or free[dst] <= free[src]:
-                break
+        plan, taken = [], set()
+        for src in sources:
+            dst = next((d for d in dests if d != src and d not in taken
+                        and (src, d) not in self._incompatible), None)
+            if dst is None or free[dst] <= free[src]:
+                continue
+            taken.add(dst)
             candidates = [c for c in idle[src].candidates if c[0] not in moving]
             rid = _choose_request(candidates, cfg.migration_choice)
             if rid is not None and _fits(idle[dst], dict(candidates)[rid]):
@@ -506,6 +511,8 @@ class Cluster:
                 self._busy.difference_update((src, dst))
         with self._lock:
             self.migrations.append(result)
+            if result.incompatible:
+                self._incompatible.add((src, dst))
             rec = self._records.get(rid)
             if result.ok and rec is not None:
                 rec.owner = dst

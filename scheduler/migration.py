@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from sluice.runtime.migration import KVChunk
+from sluice.runtime.migration import KVChunk, PoolMismatch
 from sluice.scheduler.instance import Instance
 
 
@@ -44,6 +44,7 @@ class MigrationResult:
     bytes_copied: int = 0
     downtime_s: float = 0.0  # the request's pause: suspend on the source to adopt
     duration_s: float = 0.0
+    incompatible: bool = False  # the pools differ: no request can move from source to destination
 
 
 def migrate(src: Instance, dst: Instance, request_id: str, *, max_stages: int = 64,
@@ -56,6 +57,7 @@ def migrate(src: Instance, dst: Instance, request_id: str, *, max_stages: int = 
     except Exception as error:  # an instance died or a copy failed
         if not result.ok:  # after the adoption only the source's release can fail
             result.reason = f"{type(error).__name__}: {error}"
+            result.incompatible = isinstance(error, PoolMismatch)
             _undo(src, dst, request_id)
     result.duration_s = time.monotonic() - start
     return result

@@ -697,13 +697,37 @@ def test_migration_between_unlike_kv_pools_is_refused_before_any_copy(tiny, unli
     result = migrate(SteppedInstance("src", src), SteppedInstance("dst", dst), "r")
     assert not result.ok and "the KV pools differ" in result.reason, result
     assert unlike in result.reason and "this pool's are" in result.reason
-    assert copies == [] and result.blocks_copied == 0
+    assert result.incompatible and copies == [] and result.blocks_copied == 0
     assert dst.block_manager.num_free_blocks == dst.block_manager.num_blocks
     while src.has_unfinished_requests():
         outputs += src.step()
     assert outputs[-1].finished and outputs[-1].outputs[0].token_ids == want
     assert src.block_manager.num_free_blocks == src.block_manager.num_blocks
     assert src.migration.num_out == 0 and dst.migration.num_in == 0
+
+
+def test_planner_never_retries_a_pair_whose_pools_differ(tiny, monkeypatch):
+    """Once a migration from a to b was refused because their KV pools differ, the
+    planner sends a's requests to another destination, or to none, but never to b
+    again (it used to retry the same refused pair every round)."""
+    import sluice.scheduler.cluster as cluster_mod
+    from sluice.scheduler.migration import MigrationResult
+
+    loaded = dict(num_free_blocks=5, num_running=2, candidates=(("r", 4),))
+    insts = [FakeInstance("a", **loaded), FakeInstance("b", num_free_blocks=95, num_running=0),
+             FakeInstance("c", num_free_blocks=80, num_running=0)]
+    cluster = Cluster(insts[:2], Intake(tiny, 512, seed=0),
+                      ClusterConfig(migrate=True, migrate_below=20, migrate_above=50))
+    reports = lambda: {i.name: i.report() for i in cluster.instances.values()}  # noqa: E731
+    assert cluster._plan_migrations(reports()) == [("a", "b", "r")]
+    refused = MigrationResult("r", "a", "b", False, "PoolMismatch: the KV pools differ",
+                              incompatible=True)
+    monkeypatch.setattr(cluster_mod, "migrate", lambda *a, **k: refused)
+    cluster._migrate("a", "b", "r")
+    assert cluster._plan_migrations(reports()) == []  # b is the only destination
+    cluster.instances["c"] = insts[2]
+    assert cluster._plan_migrations(reports()) == [("a", "c", "r")]  # b freer, but refused
+    cluster.shutdown()
 
 
 class ManualClock:
