@@ -126,6 +126,17 @@ class Launcher(Protocol):
     def terminate(self, instance: Instance) -> None: ...
 
 
+@dataclasses.dataclass(frozen=True)
+class Replacement:
+    """How a dead instance is replaced: ``launcher`` starts the fresh one (None: it
+    is not), counted as a launch of ``kind``; ``joined(fresh)`` runs under the
+    cluster's lock as it joins."""
+
+    launcher: Launcher | None
+    kind: str | None = None
+    joined: Callable[[Instance], None] = lambda fresh: None
+
+
 def freeness(report: LoadReport, high_priority_headroom: int = 0) -> float:
     """(free blocks - waiting demand - headroom) / batch size; -inf when draining or dead."""
     if report.draining or not report.alive:
@@ -196,6 +207,10 @@ class Cluster:
         self._replacements: deque[float] = deque()  # when each replacement started
         self.launches = Launches(spawn)  # replacements of dead instances in flight
         self._dead: set[str] = set()  # dead instances whose requests may still wait
+        # dead instance -> its `Replacement`: the cluster's launcher by default;
+        # `sluice.scheduler.fleet.FleetActuator` relaunches the dead one's type
+        self.replacement_for: Callable[[str], Replacement] = lambda dead: Replacement(
+            self.launcher)
         made = instances(self.on_outputs, self.on_death) if callable(instances) else instances
         self.instances: dict[str, Instance] = {i.name: i for i in made}
         # Restricts where a new group may go (the fleet actuator's per-bucket
@@ -374,8 +389,10 @@ class Cluster:
 
     def _replace(self, dead: str) -> None:
         """With a launcher: stop the dead instance and start launching a fresh
-        one in its place, unless ``max_replacements`` happened within the window."""
-        if self.launcher is None or not self.config.replace_dead:
+        one in its place (`replacement_for`), unless ``max_replacements`` happened
+        within the window."""
+        how = self.replacement_for(dead)
+        if how.launcher is None or not self.config.replace_dead:
             return
         with self._lock:
             now, window = self._clock(), self.config.replacement_window_s
@@ -391,10 +408,14 @@ class Cluster:
             self._replacements.append(now)
             del self.instances[dead]
         try:
-            self.launcher.terminate(inst)
+            how.launcher.terminate(inst)
         except Exception:  # it is dead; whatever is left of it must not stop the replacement
             log.exception("terminating dead instance %s failed", dead)
-        self.launches.start(self, self.launcher, joined=lambda fresh: self._replaced(dead, fresh))
+
+        def joined(fresh: Instance) -> None:
+            how.joined(fresh)
+            self._replaced(dead, fresh)
+        self.launches.start(self, how.launcher, how.kind, joined=joined)
 
     def _replaced(self, dead: str, fresh: Instance) -> None:
         """``fresh`` joined in ``dead``'s place (the requests that waited for it

@@ -11,9 +11,11 @@ open instances of each type: they take no new requests, their running ones
 live-migrate away, and the cluster stops them once empty); ``route``
 installs per-bucket routing weights, after which each new request goes to an
 instance of a type drawn with its bucket's weights (the cluster's dispatch
-policy picks among that type's instances). `sluice.scheduler.autoscale.ReplanAutoscaler`
-drives it: it feeds the re-planner every dispatched request and re-plans on the
-cluster's rounds.
+policy picks among that type's instances). A dead instance is replaced by one
+of its own type, launched by that type's launcher (the cluster's
+``replacement_for``), and counts as that type while it launches.
+`sluice.scheduler.autoscale.ReplanAutoscaler` drives it: it feeds the
+re-planner every dispatched request and re-plans on the cluster's rounds.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from sluice.provision.replan import FleetDiff, Routing
 from sluice.provision.workload import Buckets
 from sluice.runtime.intake import Group
 from sluice.scheduler.autoscale import Launches, Spawn, in_thread
-from sluice.scheduler.cluster import Cluster, Launcher
+from sluice.scheduler.cluster import Cluster, Launcher, Replacement
 from sluice.scheduler.instance import Instance
 
 
@@ -39,6 +41,7 @@ class FleetActuator:
         self.routing: Routing = {}
         self._rng = np.random.default_rng(seed)
         cluster.router = self.eligible
+        cluster.replacement_for = self._replacement_for
 
     def adopt(self, type_name: str, names: list[str]) -> None:
         """Declare the type of instances the cluster started with."""
@@ -49,7 +52,8 @@ class FleetActuator:
         cluster's lock, where a launch's instance joins, is typed and stops
         counting as pending in one step, so each launch counts exactly once."""
         with self.cluster.lock:
-            counts = {t: self.launches.num_pending(t) for t in self.launchers}
+            counts = {t: self.launches.num_pending(t) + self.cluster.launches.num_pending(t)
+                      for t in self.launchers}
             for name, inst in self.cluster.instances.items():
                 if inst.alive and not inst.draining and name in self.type_of:
                     counts[self.type_of[name]] += 1
@@ -68,6 +72,18 @@ class FleetActuator:
 
     def _typed(self, inst: Instance, type_name: str) -> None:
         self.type_of[inst.name] = type_name
+
+    def _replacement_for(self, dead: str) -> Replacement:
+        """A dead instance's replacement: its type's launcher, typed as it joins
+        (an instance of no known type goes to the cluster's own launcher)."""
+        type_name = self.type_of.get(dead)
+        if type_name is None:
+            return Replacement(self.cluster.launcher)
+
+        def joined(fresh: Instance) -> None:
+            self.type_of.pop(dead, None)
+            self._typed(fresh, type_name)
+        return Replacement(self.launchers[type_name], type_name, joined)
 
     def route(self, routing: Routing) -> None:
         self.routing = routing

@@ -603,6 +603,34 @@ def test_fleet_actuator_applies_plans_and_routes(tiny):
     assert sum(i.draining for i in cluster.instances.values()) == 1
 
 
+def test_fleet_replaces_a_dead_instance_with_one_of_its_type(tiny):
+    """In a fleet, a dead instance is replaced through its own type's launcher; the
+    launch counts for that type while in flight and the fresh instance is typed
+    and routed to as it joins (it used to go through the cluster's one launcher,
+    untyped, so the fleet neither counted nor routed to it)."""
+    from sluice.provision.workload import Buckets
+    from sluice.scheduler.fleet import FleetActuator
+
+    spawned, l4, h100 = [], FakeLauncher("l4-"), FakeLauncher("h100-")
+    cluster = Cluster([FakeInstance("l4-0", num_free_blocks=50, num_running=0),
+                       FakeInstance("h100-0", num_free_blocks=90, num_running=0)],
+                      Intake(tiny, 512, seed=0), spawn=spawned.append)
+    fleet = FleetActuator(cluster, {"L4": l4, "H100": h100}, Buckets((0, 512), (0, 512)))
+    fleet.adopt("L4", ["l4-0"])
+    fleet.adopt("H100", ["h100-0"])
+    cluster.instances["h100-0"].alive = False
+    cluster.on_death("h100-0", RuntimeError("device lost"))
+    assert len(spawned) == 1 and "h100-0" not in cluster.instances
+    assert fleet.counts() == {"L4": 1, "H100": 1}  # the replacement, in flight
+    spawned[0]()
+    assert h100.n == 1 and l4.n == 0 and fleet.type_of.get("h100-1") == "H100"
+    assert fleet.counts() == {"L4": 1, "H100": 1} and cluster.num_replaced == 1
+    fleet.route({(0, 0): {"H100": 1.0}})
+    cluster.submit("r", "hi", SamplingParams(max_tokens=10), lambda out: None)
+    assert "r" in cluster.instances["h100-1"].groups
+    cluster.shutdown()
+
+
 @pytest.mark.parametrize("n", [1, 2])
 def test_abort_of_a_suspended_request_frees_its_blocks(tiny, n):
     """A client abort that lands between `suspend` and `release`/`resume` frees
