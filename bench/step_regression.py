@@ -16,7 +16,8 @@ best-of-rounds median, and head / base.
     .venv/bin/python bench/step_regression.py --base 5631034 --head HEAD \
         [--model tiny] [--batch 32] [--rounds 2]
 
-Writes bench/results/step_regression-<model>.json.
+Writes bench/results/step_regression-<model>[-<tag>].json (``--tag`` keeps an earlier
+comparison of the same model).
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--skip", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--tag", default="", help="suffix of the result file's name")
     args = ap.parse_args(argv)
     commits = {name: subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", c],
                                     check=True, capture_output=True, text=True).stdout.strip()
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
                                                        "skip", "rounds")},
               "runs": runs, "best_median_s": best, "head_over_base": best["head"] / best["base"]}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"step_regression-{args.model}.json").write_text(json.dumps(result, indent=2))
+    name = f"step_regression-{args.model}" + (f"-{args.tag}" if args.tag else "")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({"best_median_ms": {k: v * 1e3 for k, v in best.items()},
                       "head_over_base": result["head_over_base"]}, indent=2))
 
