@@ -160,6 +160,46 @@ def test_attention_matches_naive(case, impl):
     assert not out[live:].any(), "padding rows must be zero"
 
 
+@pytest.mark.parametrize("work_list", [False, True])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_chunked_loops_both_match_naive(case, work_list, monkeypatch):
+    """`chunked` picks, per step, the plain chunk loop or the (sequence, chunk) work
+    list for prompt pieces; each one alone, forced, agrees with the naive attention."""
+    monkeypatch.setattr(chunked, "_takes_work_list", lambda *a: jnp.asarray(work_list))
+    block_size, num_kv_heads, group, window, cap = CASES[case]
+    b = make_batch(case, block_size=block_size, num_kv_heads=num_kv_heads, group=group)
+    scale = HEAD_DIM ** -0.5
+    attend = jax.jit(functools.partial(chunked.ragged_paged_attention, scale=scale,
+                                       sliding_window=window, soft_cap=cap))
+    out = np.asarray(attend(jnp.asarray(b.q), jnp.asarray(b.cache_full),
+                            jnp.asarray(LAYER, jnp.int32), b.meta))
+    expected = naive_attention(b, scale=scale, sliding_window=window, soft_cap=cap)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    live = int(np.asarray(b.meta.query_start_loc)[len(SEQS)])
+    assert not out[live:].any(), "padding rows must be zero"
+
+
+def test_chunked_takes_the_work_list_only_when_it_saves_iterations():
+    """One long prompt's 8 pieces (the first sees 1 chunk, the last 8): the work
+    list, 36 pairs in 5 iterations instead of 8; equal pieces: the plain loop."""
+    chunk = chunked.PAGES_PER_CHUNK * 16
+    pieces = 8
+    def meta(seq_lens):
+        qsl = np.arange(pieces + 1) * 32
+        return AttentionMetadata(jnp.zeros(pieces * 32, jnp.int32), jnp.asarray(qsl, jnp.int32),
+                                 jnp.asarray(seq_lens, jnp.int32),
+                                 jnp.zeros((pieces, 40), jnp.int32), jnp.asarray(pieces, jnp.int32), 32)
+    long = meta(np.arange(1, pieces + 1) * chunk)  # pieces ending at chunk 1, 2, ..., 8
+    work = chunked._WorkList.build(long, chunk, None)
+    assert int(work.ends[-1]) == 36 and int(work.trips) == 5
+    assert bool(chunked._takes_work_list(work, long, chunk))
+    equal = meta(np.full(pieces, 2 * chunk))
+    assert not bool(chunked._takes_work_list(chunked._WorkList.build(equal, chunk, None), equal,
+                                             chunk))
+    windowed = chunked._WorkList.build(long, chunk, 2 * chunk)  # a window skips early chunks
+    assert int(windowed.ends[-1]) < 36
+
+
 def test_window_and_cap_change_the_result():
     """Guard the matrix: the windows and caps used above are not no-ops."""
     b = make_batch(0, block_size=4, num_kv_heads=2, group=1)
