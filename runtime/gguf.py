@@ -121,8 +121,8 @@ def load_gguf_params(f: GGUFFile, dtype, progress: bool = True) -> Params:
     for t, leaf, layer in tqdm(f.plan, desc=f"loading {f.path.name}", unit="tensor",
                                disable=not progress):
         w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(_rows_cols(t))
-        if cfg.architecture == "LlamaForCausalLM" and leaf in ("wq", "wk"):
-            w = _unpermute_rows(w, cfg.num_heads if leaf == "wq" else cfg.num_kv_heads)
+        if cfg.architecture == "LlamaForCausalLM" and leaf in ("wq", "wk", "bq", "bk"):
+            w = _unpermute_rows(w, cfg.num_heads if leaf in ("wq", "bq") else cfg.num_kv_heads)
         w = (w.T if leaf in _TRANSPOSED else w).astype(np_dtype)
         if layer is None:
             top[leaf] = w
@@ -138,10 +138,11 @@ def _rows_cols(t) -> tuple[int, ...]:
 
 
 def _unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
-    """Undo llama.cpp's Q/K row order: within each head it interleaves the two rope
-    halves (row pairs (i, i + d/2) become rows (2i, 2i + 1)); put the halves back."""
-    out, cols = w.shape
-    return w.reshape(heads, out // heads // 2, 2, cols).swapaxes(1, 2).reshape(out, cols)
+    """Undo llama.cpp's Q/K row order (weights and biases alike): within each head it
+    interleaves the two rope halves (row pairs (i, i + d/2) become rows (2i, 2i + 1));
+    put the halves back."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 class _Metadata:

@@ -312,6 +312,31 @@ def test_qk_rows_are_unpermuted(small_gguf):
                                           stored[head * hd + 2 * i + 1])
 
 
+def test_qk_biases_are_unpermuted(tmp_path):
+    """llama.cpp permutes a Llama's Q/K biases as it does their weight rows: loading
+    undoes both (the biases were loaded in llama.cpp's order, so attention of such
+    files was silently wrong)."""
+    hd = HIDDEN // HEADS
+    biases = {f"blk.{i}.attn_{x}.bias": ((HEADS if x == "q" else KV_HEADS) * hd,)
+              for i in range(LAYERS) for x in "qkv"}
+    path = write_gguf(tmp_path / "bias.gguf", shape_of=biases)
+    model = load_model(path, dtype="float32", use_cache=False, progress=False)
+    assert model.config.qkv_bias
+    r = gguf.GGUFReader(str(path))
+    for name, heads in (("q", HEADS), ("k", KV_HEADS)):
+        stored = next(t for t in r.tensors if t.name == f"blk.1.attn_{name}.bias").data
+        leaf, cols = fused_slot(model.config, f"b{name}")
+        ours = np.asarray(model.params["layers"][leaf][1][cols])
+        for head in range(heads):
+            np.testing.assert_array_equal(ours[head * hd:head * hd + hd // 2],
+                                          stored[head * hd:(head + 1) * hd:2])
+            np.testing.assert_array_equal(ours[head * hd + hd // 2:(head + 1) * hd],
+                                          stored[head * hd + 1:(head + 1) * hd:2])
+    stored_v = next(t for t in r.tensors if t.name == "blk.1.attn_v.bias").data
+    leaf, cols = fused_slot(model.config, "bv")
+    np.testing.assert_array_equal(np.asarray(model.params["layers"][leaf][1][cols]), stored_v)
+
+
 def test_small_file_tokenizer_and_template(small_gguf):
     f = open_gguf(small_gguf)
     assert f.tokenizer.encode("hello", add_special_tokens=False)[0] == f.tokenizer.hf.token_to_id("hel")
