@@ -390,7 +390,7 @@ class Cluster:
     def _replace(self, dead: str) -> None:
         """With a launcher: stop the dead instance and start launching a fresh
         one in its place (`replacement_for`), unless ``max_replacements`` happened
-        within the window."""
+        within the window or it was draining (being retired: it is only stopped)."""
         how = self.replacement_for(dead)
         if how.launcher is None or not self.config.replace_dead:
             return
@@ -401,21 +401,25 @@ class Cluster:
             inst = self.instances.get(dead)
             if inst is None or inst.alive:
                 return  # already replaced, or not dead
-            if len(self._replacements) >= self.config.max_replacements:
-                log.error("not replacing instance %s: %d replacements in the last %g s",
-                          dead, len(self._replacements), window)
-                return
-            self._replacements.append(now)
+            retiring = inst.draining  # being retired: not replaced, its work goes elsewhere
+            if not retiring:
+                if len(self._replacements) >= self.config.max_replacements:
+                    log.error("not replacing instance %s: %d replacements in the last %g s",
+                              dead, len(self._replacements), window)
+                    return
+                self._replacements.append(now)
             del self.instances[dead]
-        try:
-            how.launcher.terminate(inst)
-        except Exception:  # it is dead; whatever is left of it must not stop the replacement
-            log.exception("terminating dead instance %s failed", dead)
 
         def joined(fresh: Instance) -> None:
             how.joined(fresh)
             self._replaced(dead, fresh)
-        self.launches.start(self, how.launcher, how.kind, joined=joined)
+        if not retiring:  # pending from now, before the terminate below: a scaler counting
+            # instances and launches meanwhile must not see a gap and launch another
+            self.launches.start(self, how.launcher, how.kind, joined=joined)
+        try:
+            how.launcher.terminate(inst)
+        except Exception:  # it is dead; whatever is left of it must not stop the replacement
+            log.exception("terminating dead instance %s failed", dead)
 
     def _replaced(self, dead: str, fresh: Instance) -> None:
         """``fresh`` joined in ``dead``'s place (the requests that waited for it

@@ -97,5 +97,6 @@ class FleetActuator:
             return None
         types, w = zip(*[(t, x) for t, x in weights.items() if x > 0])
         chosen = types[self._rng.choice(len(types), p=np.asarray(w) / sum(w))]
-        names = {n for n, t in self.type_of.items() if t == chosen}
+        names = {n for n, t in self.type_of.items()
+                 if t == chosen and n in self.cluster.instances}  # not dead or retired ones
         return names or None

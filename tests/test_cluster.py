@@ -631,6 +631,41 @@ def test_fleet_replaces_a_dead_instance_with_one_of_its_type(tiny):
     cluster.shutdown()
 
 
+def test_fleet_replacement_counts_without_a_gap_and_skips_retiring_instances(tiny):
+    """A replacement counts as its type's launch before the dead instance is even
+    terminated (a scaler looking meanwhile sees no gap to fill); an instance that
+    dies while draining is stopped, not replaced; routing never names an instance
+    that has left the cluster."""
+    from sluice.provision.workload import Buckets
+    from sluice.scheduler.fleet import FleetActuator
+
+    seen = []
+
+    class Watching(FakeLauncher):
+        def terminate(self, instance):
+            seen.append(fleet.counts())
+
+    spawned, h100 = [], Watching("h100-")
+    cluster = Cluster([FakeInstance("h100-0", num_free_blocks=90, num_running=0),
+                       FakeInstance("h100-x", num_free_blocks=90, num_running=0)],
+                      Intake(tiny, 512, seed=0), spawn=spawned.append)
+    fleet = FleetActuator(cluster, {"H100": h100}, Buckets((0, 512), (0, 512)))
+    fleet.adopt("H100", ["h100-0", "h100-x"])
+    cluster.instances["h100-0"].alive = False
+    cluster.on_death("h100-0", RuntimeError("device lost"))
+    assert seen == [{"H100": 2}] and len(spawned) == 1  # h100-x and the launch, no gap
+    cluster.drain("h100-x")
+    cluster.instances["h100-x"].alive = False
+    cluster.on_death("h100-x", RuntimeError("device lost"))
+    assert len(spawned) == 1 and "h100-x" not in cluster.instances  # retired, not replaced
+    fleet.route({(0, 0): {"H100": 1.0}})
+    group = cluster.intake.prepare("g", "hi", SamplingParams(max_tokens=4))
+    assert fleet.eligible(group) is None  # every H100 it knew has gone: no stale names
+    spawned[0]()
+    assert fleet.eligible(group) == {"h100-1"}
+    cluster.shutdown()
+
+
 @pytest.mark.parametrize("n", [1, 2])
 def test_abort_of_a_suspended_request_frees_its_blocks(tiny, n):
     """A client abort that lands between `suspend` and `release`/`resume` frees
