@@ -8,9 +8,10 @@ Run from the repository root::
 engine cuts them on CPU) either with the plain loop, every piece advancing one
 KV chunk per iteration to the longest piece, or with the (sequence, chunk) work
 list, each piece visiting only the chunks it sees; a step takes the work list
-when it needs fewer iterations. Here both are timed in one process, interleaved
-call by call, best of ``--calls``: the chunked module as it runs, and with the
-choice forced to the plain loop. SmolLM2-135M's attention layout (9 query heads,
+when it needs fewer iterations. Here three programs are timed in one process,
+interleaved call by call, best of ``--calls``: the chunked module as it runs,
+and with the choice forced to the plain loop and to the work list (the work
+list's cost per iteration shows where it does not save iterations). SmolLM2-135M's attention layout (9 query heads,
 3 KV heads, head_dim 64, 30 layers scanned), float32, a 2,560-block pool with
 pages spread over it, 40-page block tables; prompt batches of one 512-token
 prompt, four of 128 and eight of 64 tokens (19 piece slots, as the engine's
@@ -60,8 +61,9 @@ def prompt_metadata(lengths: list[int]) -> tuple[AttentionMetadata, int]:
     return meta, tokens
 
 
-def program(meta: AttentionMetadata, plain: bool):
-    """Attention of every layer, jitted; ``plain`` forces the plain chunk loop."""
+def program(meta: AttentionMetadata, force: bool | None):
+    """Attention of every layer, compiled; ``force`` True / False: the work list /
+    the plain loop whatever the step needs, None: the module's own choice."""
     def attend_all(q, cache):
         def layer(acc, i):
             return acc + chunked.ragged_paged_attention(q, cache, i, meta, scale=0.125,
@@ -69,8 +71,8 @@ def program(meta: AttentionMetadata, plain: bool):
         return jax.lax.scan(layer, jnp.zeros_like(q), jnp.arange(LAYERS))[0]
 
     chosen = chunked._takes_work_list
-    if plain:
-        chunked._takes_work_list = lambda *a: jnp.asarray(False)
+    if force is not None:
+        chunked._takes_work_list = lambda *a: jnp.asarray(force)
     try:  # traced now, with the choice as it is
         return jax.jit(attend_all).lower(*example(meta)).compile()
     finally:
@@ -92,7 +94,8 @@ def main() -> None:
     for name, lengths in BATCHES.items():
         meta, _ = prompt_metadata(lengths)
         q, cache = example(meta)
-        fns = {"as_run": program(meta, plain=False), "plain_loop": program(meta, plain=True)}
+        fns = {"as_run": program(meta, None), "plain_loop": program(meta, False),
+               "work_list": program(meta, True)}
         outs = {k: f(q, cache) for k, f in fns.items()}
         best = {k: float("inf") for k in fns}
         for _ in range(args.calls):
@@ -100,11 +103,12 @@ def main() -> None:
                 t = time.perf_counter()
                 jax.block_until_ready(f(q, cache))
                 best[k] = min(best[k], time.perf_counter() - t)
-        rows[name] = {"as_run_ms": best["as_run"] * 1e3, "plain_loop_ms": best["plain_loop"] * 1e3,
+        rows[name] = {**{f"{k}_ms": v * 1e3 for k, v in best.items()},
                       "plain_over_as_run": best["plain_loop"] / best["as_run"],
                       "max_abs_diff": float(jnp.max(jnp.abs(outs["as_run"] - outs["plain_loop"])))}
         print(f"{name}: as run {rows[name]['as_run_ms']:.1f} ms, plain loop "
               f"{rows[name]['plain_loop_ms']:.1f} ms ({rows[name]['plain_over_as_run']:.2f}x), "
+              f"work list forced {rows[name]['work_list_ms']:.1f} ms, "
               f"max |diff| {rows[name]['max_abs_diff']:.1e}", flush=True)
     result = {"command": "bench/prompt_attention.py --calls " + str(args.calls), "rows": rows,
               "load_average": os.getloadavg(),

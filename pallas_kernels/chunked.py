@@ -12,10 +12,11 @@ of (sequence, chunk) pairs, as many pairs per iteration as there are sequences:
 each piece visits only the chunks its queries can see (up to its last position,
 from the sliding window's first), and a piece's pairs that share an iteration
 merge their partial softmaxes per sequence. That takes fewer iterations when the
-pieces' lengths differ (the pieces of one long prompt see ever more of it: a
-512-token prompt's attention took 0.30 s instead of 0.51 s on 2 CPU cores), and
-costs ~15% more per iteration (the merge), so a step takes the work list only
-when it needs fewer iterations than the plain loop (never for equal pieces).
+pieces' lengths differ (the pieces of one long prompt see ever more of it:
+`bench/prompt_attention.py`, one 512-token prompt, 1.48-1.65x faster than the
+plain loop), and costs more per iteration (the merge: forced on equal pieces
+it was 1.04-1.10x slower there), so a step takes the work list only when it
+needs fewer iterations than the plain loop (never for equal pieces).
 
 Same signature and results as `sluice.pallas_kernels.reference.ragged_paged_attention`
 (tested against it), float32 accumulation whatever the input dtype.
@@ -69,25 +70,36 @@ class _ChunkScores:
         self.chunk = ppc * cache.shape[3]
         self.scale, self.sliding_window, self.soft_cap = scale, sliding_window, soft_cap
 
-    def __call__(self, seqs: jax.Array, chunks: jax.Array, live: jax.Array):
+    def __call__(self, chunks: jax.Array, seqs: jax.Array | None = None,
+                 live: jax.Array | None = None):
         """Scores [B, Hkv, G, Qm, C] (-inf where masked), their mask and the values
         [B, C, Hkv, D] (zero where unused) of sequence ``seqs[b]`` against its chunk
-        ``chunks[b]``; items that are not ``live`` are fully masked."""
-        b, chunk, nkv = seqs.shape[0], self.chunk, self.num_kv_heads
-        cols = chunks[:, None] * self.ppc + jnp.arange(self.ppc)
-        blocks = self.tables[seqs[:, None], cols]  # [B, ppc]
+        ``chunks[b]``; items that are not ``live`` are fully masked. ``seqs`` None:
+        every sequence in order, all against chunk ``chunks`` (a scalar), read
+        without gathering the per-sequence arrays (the decode loop's case)."""
+        chunk, nkv = self.chunk, self.num_kv_heads
+        if seqs is None:
+            pick = lambda x: x  # noqa: E731
+            blocks = jax.lax.dynamic_slice_in_dim(self.tables, chunks * self.ppc, self.ppc, axis=1)
+            kv_pos = (chunks * chunk + jnp.arange(chunk))[None]  # [1, C]
+            in_use = True
+        else:
+            pick = lambda x: x[seqs]  # noqa: E731
+            blocks = self.tables[seqs[:, None], chunks[:, None] * self.ppc + jnp.arange(self.ppc)]
+            kv_pos = chunks[:, None] * chunk + jnp.arange(chunk)  # [B, C]
+            in_use = live[:, None]
+        b = blocks.shape[0]
         k, v = (self.cache[blocks, self.layer, kv, :, :nkv].reshape(b, chunk, nkv, -1)
                 for kv in (0, 1))
-        kv_pos = chunks[:, None] * chunk + jnp.arange(chunk)  # [B, C]
-        kv_valid = (kv_pos < self.seq_lens[seqs][:, None]) & live[:, None]
-        q_pos = self.q_pos[seqs]
+        kv_valid = (kv_pos < pick(self.seq_lens)[:, None]) & in_use
+        q_pos = pick(self.q_pos)
         mask = (kv_pos[:, None, :] <= q_pos[:, :, None]) & kv_valid[:, None, :] \
-            & self.q_valid[seqs][:, :, None]
+            & pick(self.q_valid)[:, :, None]
         if self.sliding_window is not None:
             mask &= kv_pos[:, None, :] > q_pos[:, :, None] - self.sliding_window
         mask = mask[:, None, None]  # [B, 1, 1, Qm, C]
         v = jnp.where(kv_valid[:, :, None, None], v.astype(jnp.float32), 0.0)
-        s = jnp.einsum("sqhgd,skhd->shgqk", self.qs[seqs], k.astype(jnp.float32)) * self.scale
+        s = jnp.einsum("sqhgd,skhd->shgqk", pick(self.qs), k.astype(jnp.float32)) * self.scale
         if self.soft_cap is not None:
             s = self.soft_cap * jnp.tanh(s / self.soft_cap)
         return jnp.where(mask, s, -jnp.inf), mask, v
@@ -112,12 +124,9 @@ def _takes_work_list(work: "_WorkList", meta: AttentionMetadata, chunk: int) -> 
 
 def _by_chunk(scores: _ChunkScores, meta: AttentionMetadata):
     """Every sequence advances one chunk per iteration, to the longest one."""
-    num_seqs = meta.seq_lens.shape[0]
-    seqs, live = jnp.arange(num_seqs), jnp.ones(num_seqs, bool)
-
     def body(carry):
         c, m, l, acc = carry
-        s, mask, v = scores(seqs, jnp.full(num_seqs, c), live)
+        s, mask, v = scores(c)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         m_safe = _finite_or_zero(m_new)
         p = jnp.where(mask, jnp.exp(s - m_safe[..., None]), 0.0)
@@ -169,7 +178,7 @@ def _by_work_list(scores: _ChunkScores, work: _WorkList):
         live = item < total
         seqs = jnp.minimum(jnp.searchsorted(ends, item, side="right"), num_seqs - 1)
         chunks = jnp.where(live, lo[seqs] + item - (ends[seqs] - count[seqs]), 0)
-        s, mask, v = scores(seqs, chunks, live)
+        s, mask, v = scores(chunks, seqs, live)
         m_item = jnp.max(s, axis=-1)  # [B, Hkv, G, Qm]
         p = jnp.where(mask, jnp.exp(s - _finite_or_zero(m_item)[..., None]), 0.0)
         ids = jnp.where(live, seqs, num_seqs)  # dead items merge into nothing
