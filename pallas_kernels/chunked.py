@@ -15,7 +15,7 @@ merge their partial softmaxes per sequence. That takes fewer iterations when the
 pieces' lengths differ (the pieces of one long prompt see ever more of it:
 `bench/prompt_attention.py`, one 512-token prompt, 1.48-1.65x faster than the
 plain loop), and costs more per iteration (the merge: forced on equal pieces
-it was 1.04-1.10x slower there), so a step takes the work list only when it
+it was 1.02-1.19x slower there), so a step takes the work list only when it
 needs fewer iterations than the plain loop (never for equal pieces).
 
 Same signature and results as `sluice.pallas_kernels.reference.ragged_paged_attention`
