@@ -53,11 +53,15 @@ def mean_pooled(model: Model, token_ids: list[int], block_size: int = 16) -> np.
 
 
 def warmup(model: Model, max_len: int, block_size: int = 16) -> None:
-    """Compile the program of every bucket up to ``max_len`` tokens (nothing runs)."""
+    """Compile the program of every bucket up to ``max_len`` tokens (nothing runs),
+    several at once (`compiles.compile_ahead`)."""
+    def lower(padded: int) -> jax.stages.Lowered:
+        args, static = _inputs(model, [0] * padded, block_size)
+        return _pooled.lower(*args, **static)
+
     with compiles.warming_up():
-        for padded in buckets(max_len):
-            args, static = _inputs(model, [0] * padded, block_size)
-            _pooled.lower(*args, **static).compile()
+        compiles.compile_ahead([functools.partial(lower, n) for n in buckets(max_len)],
+                               "compiling embedding programs")
 
 
 def _inputs(model: Model, token_ids: list[int], block_size: int) -> tuple[tuple, dict]:

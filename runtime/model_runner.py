@@ -35,7 +35,6 @@ it, staging is padded to a power of two.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -44,7 +43,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from sluice.pallas_kernels import block_copy, dispatch
 from sluice.pallas_kernels.metadata import DEBUG_ENV, check_host_metadata
@@ -137,28 +135,6 @@ _scatter_blocks = jax.jit(dispatch.scatter_blocks, donate_argnums=0)
 
 # One program per row count, whatever sampling features the rows use.
 _sample = jax.jit(sample)
-
-
-# Warm-up compiles at most this many step programs at once (``$SLUICE_COMPILE_THREADS``
-# overrides): each holds its module and the compiler's working memory.
-MAX_COMPILE_THREADS = 8
-
-
-def compile_threads() -> int:
-    """Threads for warm-up compiles: ``$SLUICE_COMPILE_THREADS``, else the CPUs this
-    process may run on (not the host's: a container's quota), at most 8."""
-    env = os.environ.get("SLUICE_COMPILE_THREADS")
-    if env is not None:
-        if not env.isdigit() or int(env) < 1:
-            raise ValueError(f"SLUICE_COMPILE_THREADS: must be a positive integer, got {env!r}")
-        return int(env)
-    return max(1, min(MAX_COMPILE_THREADS, len(os.sched_getaffinity(0))))
-
-
-def _compile_warm(lowered: jax.stages.Lowered) -> None:
-    """Compile on a worker thread, counted as warm-up (`compiles` is per thread)."""
-    with compiles.warming_up():
-        lowered.compile()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,31 +251,28 @@ class ModelRunner:
         self.copy_in([], self.gather([], COPY_CHUNK_BLOCKS), COPY_CHUNK_BLOCKS)  # copies nothing
         steps = [(shape, False) for shape in self.shapes()]
         steps += [(shape, True) for shape in self.scoring_shapes()]
-        # Forwards are lowered here and compiled, not run (a padding step's forward
-        # costs what a real one does: most of a warm start), on a thread per core
-        # (XLA compiles without the GIL); jit's call path then finds the executables.
-        # The sampler runs once per row count, on zero logits placed as the forward's.
-        with concurrent.futures.ThreadPoolExecutor(compile_threads()) as pool:
-            done = [pool.submit(_compile_warm, self._lower_step(shape, scoring))
+        # Compiled, not run: a padding step's forward costs what a real one does
+        # (most of a warm start). Their inputs are made on the host: `jnp.zeros`
+        # would compile a program per shape (42 for tiny).
+        programs = [functools.partial(self._lower_step, shape, scoring)
                     for shape, scoring in steps]
-            for n_seq in sorted({shape.sample_rows for shape, _ in steps}):
-                tensors = SamplingTensors.build([], n_seq, self.model.config.vocab_size,
-                                                self.max_model_len)
-                logits = self._zero_logits(n_seq)
-                jax.block_until_ready(_sample(logits, tensors, self._token_mask(n_seq, None)))
-            for future in tqdm(concurrent.futures.as_completed(done), total=len(done),
-                               desc="compiling", unit="shape"):
-                future.result()
+        programs += [functools.partial(self._lower_sample, rows)
+                     for rows in sorted({shape.sample_rows for shape, _ in steps})]
+        compiles.compile_ahead(programs, "compiling step programs")
 
-    def _zero_logits(self, rows: int) -> jax.Array:
-        """Zero logits of ``rows`` rows, the sampler's warm-up input: committed to
-        the pool's device like `_forward_logits`'s (a jit output follows its
-        inputs, and the sampler's programs differ for committed and uncommitted
-        arguments), and made on the host, so no program compiles for them."""
+    def _lower_sample(self, rows: int) -> jax.stages.Lowered:
+        """The sampler's program for ``rows`` rows, lowered with inputs placed as a
+        step's: logits committed to the pool's device like `_forward_logits`'s (a
+        jit output follows its inputs, and the sampler's programs differ for
+        committed and uncommitted arguments), made on the host, so nothing compiles
+        for them."""
         embed = self.model.params["embed"]
         hidden = jax.ShapeDtypeStruct((rows, embed.shape[1]), embed.dtype)
         logits = jax.eval_shape(compute_logits, self.model.params, hidden)
-        return jax.device_put(np.zeros(logits.shape, logits.dtype), self.kv_cache.sharding)
+        logits = jax.device_put(np.zeros(logits.shape, logits.dtype), self.kv_cache.sharding)
+        tensors = SamplingTensors.build([], rows, self.model.config.vocab_size,
+                                        self.max_model_len)
+        return _sample.lower(logits, tensors, self._token_mask(rows, None))
 
     def _lower_step(self, shape: "StepShape", scoring: bool) -> jax.stages.Lowered:
         """The step program of ``shape`` (with prompt scoring or not), lowered with
@@ -309,9 +282,11 @@ class ModelRunner:
         n_tok = sum(t for _, t, _ in shape.groups())
         targets = ((jax.device_put(np.zeros(n_tok, np.int32), self.device),) if scoring
                    else ())
+        ids, positions, sample_rows = jax.device_put(
+            (np.zeros(n_tok, np.int32), np.zeros(n_tok, np.int32),
+             np.zeros(shape.sample_rows, np.int32)))
         return _forward_logits.lower(
-            self.model.params, self.kv_cache, jnp.zeros(n_tok, jnp.int32),
-            jnp.zeros(n_tok, jnp.int32), metas, jnp.zeros(shape.sample_rows, jnp.int32),
+            self.model.params, self.kv_cache, ids, positions, metas, sample_rows,
             *targets, cfg=self.model.config, backend=self.backend)
 
     # -- batch construction -------------------------------------------------
@@ -573,11 +548,12 @@ def _draft_targets(sampled: tuple[jax.Array, ...], decode: list[StepRow],
 
 def _padding_group(spec: KVCacheSpec, n_seqs: int, n_tok: int, max_q: int,
                    pages: int) -> AttentionMetadata:
-    """A group of the given bucket shape that reads and writes nothing."""
-    return AttentionMetadata(jnp.full(n_tok, spec.num_slots, jnp.int32),
-                             jnp.zeros(n_seqs + 1, jnp.int32), jnp.zeros(n_seqs, jnp.int32),
-                             jnp.zeros((n_seqs, pages), jnp.int32), jnp.asarray(0, jnp.int32),
-                             max_q)
+    """A group of the given bucket shape that reads and writes nothing (its arrays
+    made on the host, as a step's are: no program compiles for them)."""
+    arrays = jax.device_put((np.full(n_tok, spec.num_slots, np.int32),
+                             np.zeros(n_seqs + 1, np.int32), np.zeros(n_seqs, np.int32),
+                             np.zeros((n_seqs, pages), np.int32), np.int32(0)))
+    return AttentionMetadata(*arrays, max_q)
 
 
 # Rows of the fixed staging buffer chunked copies (live migration) use: one

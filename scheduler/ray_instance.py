@@ -26,10 +26,12 @@ Start-up is dominated by compiling the step shapes (each actor is its own
 process, so nothing compiled in one is in another's memory): the actors use
 JAX's persistent compilation cache (the directory the driver chose,
 `ModelSpec.compile_cache`); all actors start together, but only the first loads
-the model and warms up at once: the others start their processes, wait for its
-``ready``, and then load the model and its programs from that cache instead of
-compiling them again (the first's warm-up compiles on a thread per core, so
-loading beside it would only compete for the cores). The driver needs only the tokenizer and config for its
+the model and warms up its engine at once: the others start their processes,
+wait for its ``ready``, and then load the model and the engine's programs from
+that cache instead of compiling them again (the first's warm-up keeps every
+core busy, so loading beside it would only compete for the cores); they
+do that while the first compiles the embeddings' programs, whose cached copies
+they load after it (`RayLauncher.launch_many`). The driver needs only the tokenizer and config for its
 intake: it loads no weights (`load_model(..., weights=False)`); they would load
 in the driver only if something read its model's parameters there, and nothing
 in serving does (embeddings go to an actor).
@@ -81,10 +83,10 @@ class ModelSpec:
 
 class EngineActor:
     """The actor body: a `LocalInstance` whose outputs wait here to be polled. Its
-    construction is the instance's start-up (model load, warm-up of the engine and,
-    with ``config.warmup``, of the embeddings): a call on the actor (``ready``)
-    returns only after it; from then on, a compile in this process is a ``serving``
-    one. ``after``: object refs (other actors' ``ready``) to wait for before
+    start-up is in two parts: construction (model load, the engine's warm-up;
+    ``ready`` returns after it) and `warm_embeddings` (with ``config.warmup``, the
+    embeddings' warm-up), after which a compile in this process is a ``serving``
+    one. ``after``: object refs (another actor's ``ready``) to wait for before
     loading the model: the load's programs (e.g. the parameters' initialisation)
     and the engine's warm-up then come from the cache they filled."""
 
@@ -100,10 +102,17 @@ class EngineActor:
         self._death: str | None = None
         with compiles.warming_up():  # an instance's start-up is warm-up (`LocalLauncher`'s)
             engine = LLMEngine(self.model, config)
-            if config.warmup:  # so that a first embedding here compiles nothing
-                embed.warmup(self.model, engine.max_model_len)
-        compiles.mark_ready()  # warmed up: a compile from here on stalls a request
         self.instance = LocalInstance(name, engine, self._collect, self._died)
+
+    def warm_embeddings(self, after: Sequence[ray.ObjectRef] = ()) -> None:
+        """The rest of start-up: with ``config.warmup``, compile the embeddings'
+        programs (so a first embedding here compiles nothing), once ``after``
+        (another actor's `warm_embeddings`) is done, so they come from its cache;
+        then mark this process ready."""
+        ray.get(list(after))
+        if self.instance.engine.config.warmup:
+            embed.warmup(self.model, self.instance.engine.max_model_len)
+        compiles.mark_ready()  # warmed up: a compile from here on stalls a request
 
     def _collect(self, name: str, outputs: list[RequestOutput]) -> None:
         with self._cv:
@@ -264,20 +273,26 @@ class RayLauncher:
     def launch_many(self, n: int, on_outputs: OutputSink,
                     on_death: DeathSink) -> list[RayInstance]:
         """``n`` instances whose actors start together; returned once all are warm.
-        With a compilation cache, the first loads the model and warms up alone,
-        filling it, while the others start their processes; then they load the model
-        and warm up from its programs (concurrent cold warm-ups would each compile
-        every shape, competing for the same cores; a model load beside the first's
-        warm-up would compile its own programs, on cores that warm-up already keeps
-        busy); without one, all start at once."""
+        With a compilation cache, the first loads the model and warms up its engine
+        alone, filling it, while the others start their processes; then they load
+        the model and warm up from its programs while the first compiles the
+        embeddings' programs, which they load in turn once it is done (concurrent
+        cold warm-ups would each compile every program, competing for the same
+        cores; a model load beside the first's engine warm-up would compile its own
+        programs, on cores that warm-up already keeps busy); without a cache, all
+        start at once."""
         names = [f"ray-{next(_numbers)}" for _ in range(n)]
-        actors = [self._actor_class.remote(names[0], self.spec, self.config)]
-        after = [actors[0].ready.remote()] if self.spec.compile_cache is not None else []
-        # in a list, so Ray passes the ref instead of waiting for it before __init__
-        actors += [self._actor_class.remote(name, self.spec, self.config, after)
-                   for name in names[1:]]
+        cached = self.spec.compile_cache is not None
+        first = self._actor_class.remote(names[0], self.spec, self.config)
+        first_warm = first.warm_embeddings.remote()
+        # refs in a list, so Ray passes them instead of waiting before the call
+        others = [self._actor_class.remote(name, self.spec, self.config,
+                                           [first.ready.remote()] if cached else [])
+                  for name in names[1:]]
+        ray.get([first_warm] + [actor.warm_embeddings.remote([first_warm] if cached else [])
+                                for actor in others])
         return [RayInstance(name, actor, on_outputs, on_death)
-                for name, actor in zip(names, actors)]
+                for name, actor in zip(names, [first] + others)]
 
     def terminate(self, instance: RayInstance) -> None:
         instance.stop()

@@ -109,10 +109,73 @@ def test_a_later_actor_waits_for_the_first_before_loading_the_model(monkeypatch,
     assert events == [str(tmp_path), ["first-ready"], "load"]
 
 
+def test_launch_orders_the_actors_start_up_phases(monkeypatch):
+    """`RayLauncher.launch_many` with a cache: the later actors load after the
+    first's ``ready`` (its engine warmed up), their embedding warm-ups wait for the
+    first's, and the launch returns only once every actor's has finished; without
+    a cache nothing waits. Actors are stand-ins recording what they are given."""
+    from sluice.scheduler import ray_instance
+
+    calls: list[tuple] = []
+
+    class Method:
+        def __init__(self, actor, name):
+            self.actor, self.name = actor, name
+
+        def remote(self, *args):
+            calls.append((self.actor, self.name, *args))
+            return f"{self.actor}.{self.name}"
+
+    class Actor:
+        def __init__(self, name, after=()):
+            self.name = name
+            calls.append((name, "init", *after))
+
+        def __getattr__(self, method):
+            return Method(self.name, method)
+
+    class ActorClass:
+        def remote(self, name, spec, config, after=()):
+            return Actor(name, after)
+
+    monkeypatch.setattr(ray_instance, "RayInstance", lambda name, actor, *_: name)
+    monkeypatch.setattr(ray_instance.ray, "get", lambda refs: calls.append(("get", *refs)))
+    for cache in ("/cache", None):
+        calls.clear()
+        launcher = ray_instance.RayLauncher(ModelSpec("tiny", compile_cache=cache),
+                                            EngineConfig(**ENGINE))
+        launcher._actor_class = ActorClass()
+        names = launcher.launch_many(3, None, None)
+        a, b, c = names
+        if cache:
+            starts = [(a, "ready"), (b, "init", f"{a}.ready"),
+                      (a, "ready"), (c, "init", f"{a}.ready")]
+        else:
+            starts = [(b, "init"), (c, "init")]
+        after = [f"{a}.warm_embeddings"] if cache else []
+        assert calls == [
+            (a, "init"), (a, "warm_embeddings"), *starts,
+            (b, "warm_embeddings", after), (c, "warm_embeddings", after),
+            ("get", f"{a}.warm_embeddings", f"{b}.warm_embeddings", f"{c}.warm_embeddings")]
+
+
 def _cache_dir(actor) -> str:
     """The persistent compilation cache directory JAX uses in ``actor``'s process."""
     return ray.get(actor.__ray_call__.remote(
         lambda self: __import__("jax").config.jax_compilation_cache_dir))
+
+
+def _compile_kept(actor, salt: int) -> None:
+    """Compile, in ``actor``'s process, a program new to the cache (``salt``: a
+    constant in it, distinct per call), kept however short its compile (the
+    minimum compile time set to 0 there)."""
+    def compile_new(self, salt):
+        import jax
+        import numpy as np
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.jit(lambda x: x * 7 + salt)(np.ones(3, np.float32))
+
+    ray.get(actor.__ray_call__.remote(compile_new, salt))
 
 
 @pytest.mark.slow
@@ -126,10 +189,15 @@ def test_ray_instances_migrate_and_survive_a_crash(tiny, tmp_path):
             for i in range(3)]
     try:
         # The driver's intake has the tokenizer and config, not the weights; both
-        # actors use the compilation cache the driver chose, and wrote to it.
+        # actors use the compilation cache the driver chose, and write to it (a
+        # compile of any length, here: whether this config's own were long enough
+        # to be kept depends on the machine's speed).
         assert not cluster.intake.model.loaded
         assert [_cache_dir(i.actor) for i in cluster.instances.values()] == [str(cache)] * 2
-        assert any(cache.iterdir())
+        for salt, instance in enumerate(cluster.instances.values()):
+            entries = len(list(cache.iterdir()))
+            _compile_kept(instance.actor, salt)
+            assert len(list(cache.iterdir())) > entries
         want = reference(tiny, jobs)
         for rid, prompt, params in jobs:
             cluster.submit(rid, prompt, params, col.sink)

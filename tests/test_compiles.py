@@ -38,6 +38,41 @@ def test_counter_attributes_compiles_to_warmup_and_serving():
     assert new == {("warmup", "jit(<lambda>)"): 1, ("serving", "jit(<lambda>)"): 1}
 
 
+def test_compile_ahead_compiles_on_worker_threads_as_warmup_and_calls_find_them():
+    compiles.install()
+    f = jax.jit(lambda x: x * 5 - 2)
+    inputs = [np.ones(n, np.float32) for n in (7, 11, 13)]
+    before = compiles.counts()
+    compiles.compile_ahead([lambda x=x: f.lower(x) for x in inputs], "test")
+    for x in inputs:  # jit's call path reuses the executables: no compile
+        np.testing.assert_allclose(f(x), x * 5 - 2)
+    new = {k: v - before.get(k, 0) for k, v in compiles.counts().items()
+           if v != before.get(k, 0)}
+    assert new == {("warmup", "jit(<lambda>)"): 3}
+
+
+def test_compile_ahead_raises_a_compile_error():
+    class Broken:
+        def compile(self):
+            raise RuntimeError("bad program")
+
+    with pytest.raises(RuntimeError, match="bad program"):
+        compiles.compile_ahead([Broken], "test")
+
+
+def test_compile_threads_is_half_the_cpus_unless_set(monkeypatch):
+    monkeypatch.delenv("SLUICE_COMPILE_THREADS", raising=False)
+    for cpus, threads in ((1, 1), (2, 1), (3, 1), (16, 8), (64, 8)):
+        monkeypatch.setattr(compiles.os, "sched_getaffinity", lambda _, c=cpus: set(range(c)))
+        assert compiles.compile_threads() == threads
+    monkeypatch.setenv("SLUICE_COMPILE_THREADS", "3")
+    assert compiles.compile_threads() == 3
+    for bad in ("0", "-1", "two"):
+        monkeypatch.setenv("SLUICE_COMPILE_THREADS", bad)
+        with pytest.raises(ValueError, match="SLUICE_COMPILE_THREADS"):
+            compiles.compile_threads()
+
+
 class Served(ThreadedServer):
     """A warmed-up engine behind `OpenAIServer`, served by uvicorn on a thread."""
 
