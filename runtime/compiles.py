@@ -92,18 +92,16 @@ def warming_up() -> Iterator[None]:
 
 
 def compile_threads() -> int:
-    """Threads for warm-up compiles: ``$SLUICE_COMPILE_THREADS``, else half the CPUs
-    this process may run on (not the host's: a container's quota), at least 1 and
-    at most 8. Half, because XLA:CPU spreads each compile over the cores itself:
-    on 2 cores one compile thread kept 1.75 of them busy, and two spent 10-20
-    CPU-s more on tiny's warm-up for no shorter wall time (and a slower cold
-    ``--instances 2 --ray`` start: 54.9-55.8 s vs 58.4-62.7 s, 3 runs each)."""
+    """Threads for warm-up compiles: ``$SLUICE_COMPILE_THREADS``, else the CPUs this
+    process may run on (not the host's: a container's quota), at most 8 (Ray
+    actors sharing a host set it to their share:
+    `sluice.scheduler.ray_instance.local_compile_threads`)."""
     env = os.environ.get("SLUICE_COMPILE_THREADS")
     if env is not None:
         if not env.isdigit() or int(env) < 1:
             raise ValueError(f"SLUICE_COMPILE_THREADS: must be a positive integer, got {env!r}")
         return int(env)
-    return max(1, min(MAX_COMPILE_THREADS, len(os.sched_getaffinity(0)) // 2))
+    return max(1, min(MAX_COMPILE_THREADS, len(os.sched_getaffinity(0))))
 
 
 def compile_ahead(programs: Sequence[Callable[[], jax.stages.Lowered]], desc: str) -> None:

@@ -71,14 +71,17 @@ _numbers = itertools.count()
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """How an actor loads the model (`load_model` arguments) and where it keeps its
+    """How an actor loads the model (`load_model` arguments), where it keeps its
     compiled programs (``compile_cache``: a persistent compilation cache directory
-    shared by the actors, or None for none); picklable."""
+    shared by the actors, or None for none) and on how many threads its warm-up
+    compiles (``compile_threads``: its ``$SLUICE_COMPILE_THREADS``; None: the
+    default, `compiles.compile_threads`); picklable."""
 
     model: str | Path
     dtype: str | None = None
     seed: int = 0
     compile_cache: str | None = None
+    compile_threads: int | None = None
 
 
 class EngineActor:
@@ -95,6 +98,8 @@ class EngineActor:
         compiles.install()  # this process's compiles, from the model load on
         if spec.compile_cache is not None:  # before anything compiles
             enable_compile_cache(spec.compile_cache)
+        if spec.compile_threads is not None:
+            os.environ["SLUICE_COMPILE_THREADS"] = str(spec.compile_threads)
         ray.get(list(after))
         self.model = load_model(spec.model, dtype=spec.dtype, seed=spec.seed, progress=False)
         self._cv = threading.Condition()
@@ -320,6 +325,21 @@ def start_ray(address: str | None = None, dashboard: bool = False) -> None:
              f"at http://{web}" if web else "off (--ray-dashboard starts it)")
 
 
+def local_compile_threads(spec: ModelSpec, num_instances: int) -> ModelSpec:
+    """``spec`` for ``num_instances`` actors on this host: unless the spec or
+    ``$SLUICE_COMPILE_THREADS`` says otherwise, each actor's warm-up compiles on its
+    share of this process's CPUs. XLA:CPU spreads a compile over the cores itself:
+    on 2 cores, one compile thread per actor made a cold ``--instances 2`` start
+    54.7-58.9 s instead of 66.4 s with two, the first actor's compiles 78-84
+    instead of 101 CPU-s (`bench/startup.py --ray`; bench/RESULTS.md). A single
+    engine keeps one per CPU: SmolLM2's warm-up took 41-44 s with two threads on
+    2 cores, 44-52 s with one (`bench/warmup_breakdown.py`)."""
+    if spec.compile_threads is not None or "SLUICE_COMPILE_THREADS" in os.environ:
+        return spec
+    share = len(os.sched_getaffinity(0)) // num_instances
+    return dataclasses.replace(spec, compile_threads=max(1, share))
+
+
 def ray_cluster(spec: ModelSpec, config: EngineConfig, num_instances: int,
                 cluster_config: ClusterConfig | None = None, address: str | None = None,
                 num_gpus: float = 0.0) -> Cluster:
@@ -328,6 +348,7 @@ def ray_cluster(spec: ModelSpec, config: EngineConfig, num_instances: int,
     if num_instances < 1:
         raise ValueError(f"instances: must be >= 1, got {num_instances}")
     start_ray(address)
+    spec = local_compile_threads(spec, num_instances) if address is None else spec
     model = load_model(spec.model, dtype=spec.dtype, seed=spec.seed, progress=False,
                        weights=False)
     intake = make_intake(model, config)  # validates the config before any actor starts

@@ -5,6 +5,8 @@ compute embeddings, so the driver never holds the weights."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import ray
@@ -107,6 +109,36 @@ def test_a_later_actor_waits_for_the_first_before_loading_the_model(monkeypatch,
     with pytest.raises(Stop):
         ray_instance.EngineActor("ray-x", spec, EngineConfig(**ENGINE), ["first-ready"])
     assert events == [str(tmp_path), ["first-ready"], "load"]
+
+
+def test_local_actors_compile_on_their_share_of_the_cpus(monkeypatch):
+    """Actors on this host split its CPUs for their warm-up compiles (unless the
+    spec or ``$SLUICE_COMPILE_THREADS`` says otherwise), and an actor applies its
+    spec's count to its own process before anything compiles."""
+    from sluice.scheduler import ray_instance
+
+    monkeypatch.delenv("SLUICE_COMPILE_THREADS", raising=False)
+    monkeypatch.setattr(ray_instance.os, "sched_getaffinity", lambda _: set(range(4)))
+    spec = ModelSpec("tiny")
+    assert [ray_instance.local_compile_threads(spec, n).compile_threads
+            for n in (1, 2, 3, 8)] == [4, 2, 1, 1]
+    assert ray_instance.local_compile_threads(
+        ModelSpec("tiny", compile_threads=3), 2).compile_threads == 3
+    monkeypatch.setenv("SLUICE_COMPILE_THREADS", "5")
+    assert ray_instance.local_compile_threads(spec, 2).compile_threads is None
+
+    class Stop(Exception):
+        pass
+
+    def load(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(ray_instance, "load_model", load)
+    with pytest.raises(Stop):
+        ray_instance.EngineActor("ray-x", ModelSpec("tiny", compile_threads=1),
+                                 EngineConfig(**ENGINE))
+    assert os.environ["SLUICE_COMPILE_THREADS"] == "1"
+    assert compiles.compile_threads() == 1
 
 
 def test_launch_orders_the_actors_start_up_phases(monkeypatch):

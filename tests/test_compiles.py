@@ -60,9 +60,9 @@ def test_compile_ahead_raises_a_compile_error():
         compiles.compile_ahead([Broken], "test")
 
 
-def test_compile_threads_is_half_the_cpus_unless_set(monkeypatch):
+def test_compile_threads_is_the_cpus_unless_set(monkeypatch):
     monkeypatch.delenv("SLUICE_COMPILE_THREADS", raising=False)
-    for cpus, threads in ((1, 1), (2, 1), (3, 1), (16, 8), (64, 8)):
+    for cpus, threads in ((1, 1), (2, 2), (3, 3), (16, 8), (64, 8)):
         monkeypatch.setattr(compiles.os, "sched_getaffinity", lambda _, c=cpus: set(range(c)))
         assert compiles.compile_threads() == threads
     monkeypatch.setenv("SLUICE_COMPILE_THREADS", "3")
