@@ -329,11 +329,11 @@ def local_compile_threads(spec: ModelSpec, num_instances: int) -> ModelSpec:
     """``spec`` for ``num_instances`` actors on this host: unless the spec or
     ``$SLUICE_COMPILE_THREADS`` says otherwise, each actor's warm-up compiles on its
     share of this process's CPUs. XLA:CPU spreads a compile over the cores itself:
-    on 2 cores, one compile thread per actor made a cold ``--instances 2`` start
-    54.7-58.9 s instead of 66.4 s with two, the first actor's compiles 78-84
-    instead of 101 CPU-s (`bench/startup.py --ray`; bench/RESULTS.md). A single
-    engine keeps one per CPU: SmolLM2's warm-up took 41-44 s with two threads on
-    2 cores, 44-52 s with one (`bench/warmup_breakdown.py`)."""
+    on 2 cores, a cold ``--instances 2`` start with one compile thread per actor
+    took 54.9-55.8 s against 58.4-62.7 s with two (3 runs each, interleaved; the
+    `bench/startup.py --ray` runs are in bench/RESULTS.md). A single engine keeps
+    one per CPU: SmolLM2's warm-up took 41-44 s with two threads on 2 cores,
+    44-52 s with one (`bench/warmup_breakdown.py`, 2 runs each)."""
     if spec.compile_threads is not None or "SLUICE_COMPILE_THREADS" in os.environ:
         return spec
     share = len(os.sched_getaffinity(0)) // num_instances
