@@ -55,7 +55,8 @@ count), so it cannot thrash.
 With ``num_speculative_tokens`` (`sluice.runtime.spec_decode`), decodes of
 requests that may draft (greedy or sampled; not structured outputs) take an
 n-gram draft as extra tokens of their row, from what the budget and blocks leave
-once every other row is scheduled, and `update_from_output` keeps the verified
+once every other row is scheduled (while its drafts are expected to pay:
+`spec_decode.DraftOutlook`), and `update_from_output` keeps the verified
 run (the rejection rule; ``spec_stats`` counts drafts and accepted tokens) and
 releases the blocks reserved for the rejected rest.
 """
@@ -70,7 +71,7 @@ import numpy as np
 
 from sluice.runtime.kv_manager import KVCacheManager, blocks_to_start
 from sluice.runtime.request import Request, RequestStatus, TokenLogprobs
-from sluice.runtime.spec_decode import SpecDecodeStats, may_draft, propose
+from sluice.runtime.spec_decode import DraftOutlook, SpecDecodeStats, draft_for, may_draft
 from sluice.runtime.swap import SwapCopy, SwapExecutor
 from sluice.scheduler.policies import FCFSPolicy, Policy
 
@@ -142,6 +143,7 @@ class LocalScheduler:
         self.kv = kv
         self.num_speculative_tokens = num_speculative_tokens  # draft tokens per row; 0: off
         self.spec_stats = SpecDecodeStats()  # drafts verified so far
+        self.draft_outlooks: dict[str, DraftOutlook] = {}  # whether a request's drafts pay
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_prefill_seqs = max_prefill_seqs
@@ -194,6 +196,7 @@ class LocalScheduler:
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
+        self.draft_outlooks.pop(request_id, None)
         (self.running if req.status is RequestStatus.RUNNING else self.waiting).remove(req)
         self.kv.free(request_id)
         self.kv.drop_host(request_id)
@@ -205,6 +208,7 @@ class LocalScheduler:
         host copies (ids in this instance's swap space) are dropped."""
         self.running.remove(request)
         del self.requests[request.request_id]
+        self.draft_outlooks.pop(request.request_id, None)
         self.kv.drop_host(request.request_id)
 
     def attach(self, request: Request, index: int | None = None,
@@ -293,6 +297,7 @@ class LocalScheduler:
         while accepted < len(row.draft) and tokens[accepted] == row.draft[accepted]:
             accepted += 1
         self.spec_stats.record(len(row.draft), accepted)
+        self.draft_outlooks[req.request_id].observe(accepted)
         for j in range(accepted + 1):
             self._append(req, tuple(a[j] for a in targets), now)
             if req.is_finished:
@@ -316,6 +321,7 @@ class LocalScheduler:
     def _finish(self, request: Request) -> None:
         self.running.remove(request)
         del self.requests[request.request_id]
+        self.draft_outlooks.pop(request.request_id, None)
         self.kv.save_conversation(request)
         self.kv.free(request.request_id)
 
@@ -392,7 +398,8 @@ class LocalScheduler:
             if not req.is_decode(n) or not may_draft(req):
                 continue
             room = min(k, budget, req.max_tokens - len(req.output_token_ids) - 1)
-            draft = propose(req.all_token_ids, room)
+            outlook = self.draft_outlooks.setdefault(req.request_id, DraftOutlook.first(room))
+            draft = draft_for(req, room, outlook)
             if not draft or not self.kv.allocate(req.request_id, req.num_tokens + len(draft)):
                 continue
             drafts[req.request_id] = draft

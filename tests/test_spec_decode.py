@@ -17,8 +17,8 @@ from sluice.runtime import SamplingParams
 from sluice.runtime.engine import EngineConfig, LLMEngine
 from sluice.runtime.kv_cache import blocks_for
 from sluice.runtime.metrics import ServerMetrics
-from sluice.runtime.spec_decode import propose
-from sluice.scheduler import local
+from sluice.runtime import spec_decode
+from sluice.runtime.spec_decode import DraftOutlook, propose
 
 BLOCK = 32 * 1024  # bytes of one tiny-model KV block (16 tokens), as in test_preemption
 K = 4
@@ -157,7 +157,7 @@ def test_rejected_drafts_release_their_blocks_at_once(tiny, monkeypatch):
         good = min(done % 4, len(right) - 1)
         return right[:good] + [(t + 1) % vocab for t in right[good:]]
 
-    monkeypatch.setattr(local, "propose", propose)
+    monkeypatch.setattr(spec_decode, "propose", propose)
     spec = engine_for(tiny, K)
     bm = spec.block_manager
     for rid, (ids, params) in requests.items():
@@ -181,6 +181,59 @@ def test_rejected_drafts_release_their_blocks_at_once(tiny, monkeypatch):
     assert bm.num_free_blocks == bm.num_blocks
 
 
+def test_outlook_learns_from_drafts_and_from_proposals_not_drafted():
+    outlook = DraftOutlook(4.0)
+    for _ in range(4):  # drafts with nothing accepted: 4 -> 2.8 -> 1.96 -> 1.37 -> 0.96
+        assert outlook.worth_drafting()
+        outlook.observe(0)
+    assert not outlook.worth_drafting()
+    outlook.shadow = (2, [7, 8, 9])  # proposed when 2 tokens were out
+    outlook.settle_shadow([1, 2, 7])  # so far so good: nothing to observe yet
+    assert outlook.shadow is not None and not outlook.worth_drafting()
+    outlook.settle_shadow([1, 2, 7, 8, 9])  # all 3 would have been accepted
+    assert outlook.shadow is None and outlook.worth_drafting()
+    outlook.shadow = (5, [4, 4])
+    before = outlook.expected
+    outlook.settle_shadow([1, 2, 7, 8, 9, 3])  # the first already wrong: 0 kept
+    assert outlook.shadow is None and outlook.expected == pytest.approx(0.7 * before)
+
+
+def test_a_request_whose_drafts_fail_stops_drafting_and_resumes_when_they_would_pay(
+        tiny, monkeypatch):
+    """Drafts that are always wrong for the first 24 tokens, then right: the
+    request stops drafting after a few rejected drafts (the step stays a plain
+    decode), keeps checking its proposals against what it generates, and drafts
+    again once they match; outputs equal plain decoding's, every block returns."""
+    prompt = np.random.default_rng(5).integers(0, 250, 20).tolist()
+    requests = {"r": (prompt, greedy(64))}
+    plain = run(engine_for(tiny, 0), requests)
+    right = plain["r"][0]
+    vocab = tiny.config.vocab_size
+
+    def propose(ids: list[int], k: int) -> list[int]:
+        done = len(ids) - len(prompt)
+        draft = right[done:done + k]
+        return draft if done >= 24 else [(t + 1) % vocab for t in draft]
+
+    monkeypatch.setattr(spec_decode, "propose", propose)
+    spec = engine_for(tiny, K)
+    spec.add_request("r", {"prompt_token_ids": prompt}, greedy(64))
+    drafts_at: list[int] = []  # output length at each step that drafted
+    done: dict = {}
+    while spec.has_unfinished_requests():
+        before = spec.scheduler.spec_stats.num_drafts
+        out_len = len(spec.scheduler.requests["r"].output_token_ids)
+        done.update({o.request_id: o for o in spec.step() if o.finished})
+        if spec.scheduler.spec_stats.num_drafts > before:
+            drafts_at.append(out_len)
+    early = [n for n in drafts_at if n < 24]
+    assert 1 <= len(early) <= 5  # stopped after a few failed drafts, not at every step
+    assert any(n >= 24 for n in drafts_at)  # and drafted again once they would pay
+    assert spec.scheduler.spec_stats.num_accepted_tokens > 0
+    assert summary(done) == plain
+    assert spec.block_manager.num_free_blocks == spec.block_manager.num_blocks
+
+
 def test_sampled_outputs_are_distributed_as_plain_sampling(tiny, monkeypatch):
     """The rejection rule, on a 2-token support (top_k=2, with penalties over the
     output so far, draft tokens included): drafts of the most common plain
@@ -200,7 +253,7 @@ def test_sampled_outputs_are_distributed_as_plain_sampling(tiny, monkeypatch):
     plain = summary(run_to_finish(engine_for(tiny, 0), sampled(0)))
     counts = [collections.Counter(t[j] for t, _ in plain.values()) for j in range(4)]
     common = [c.most_common(1)[0][0] for c in counts]  # the draft at every position
-    monkeypatch.setattr(local, "propose", lambda ids, k: common[len(ids) - len(prompt):][:k])
+    monkeypatch.setattr(spec_decode, "propose", lambda ids, k: common[len(ids) - len(prompt):][:k])
     spec = engine_for(tiny, K)
     assert summary(run_to_finish(spec, sampled(0))) == plain
     other = summary(run_to_finish(spec, sampled(n)))
