@@ -40,8 +40,10 @@ estimate of the draft tokens its drafts get accepted, and the request drafts onl
 while that is at least `MIN_EXPECTED_ACCEPTED`. The estimate keeps learning while the request does not
 draft: its proposal is still made (on the host, no step work) and compared with
 the tokens the request goes on to generate, so a request that starts quoting
-later drafts again. Free-form chat at 8 requests was 0.74x of plain decoding
-without it (15% of draft tokens accepted; `bench/spec_decode.py`).
+later drafts again. And a step of decodes only takes drafts only if their
+expected accepted tokens pay for making it a mixed step (`drafts_pay`). Free-form
+chat at 8 requests was 0.74x of plain decoding without either (15% of draft
+tokens accepted; `bench/spec_decode.py`).
 
 What drafts (`may_draft`): greedy and sampled requests, with penalties, with
 logprobs (each accepted token carries the log-probs of its own position, as plain
@@ -68,6 +70,11 @@ MAX_SPECULATIVE_TOKENS = 16  # EngineConfig.num_speculative_tokens' upper bound
 # answers (2.4-2.7 per draft) gained 1.2-2x (bench/spec_decode.py, k = 4).
 MIN_EXPECTED_ACCEPTED = 1.0
 OUTLOOK_WEIGHT = 0.3  # the newest observation's weight in the running estimate
+# A decode-only step that takes drafts runs as a mixed step (its decode group
+# padded to the mixed shapes' bucket, the drafted rows in the prompt group); its
+# cost relative to the plain step, assumed: free-form chat at 8 requests, drafting
+# in most steps, took 1.38x the plain steps' time per step (bench/spec_decode.py).
+MIXED_STEP_COST = 2.0
 
 
 @dataclasses.dataclass
@@ -89,6 +96,12 @@ class DraftOutlook:
     def observe(self, accepted: int) -> None:
         """One draft (or shadow proposal) of which ``accepted`` tokens were kept."""
         self.expected += OUTLOOK_WEIGHT * (accepted - self.expected)
+
+    def hold(self, output_len: int, draft: list[int]) -> None:
+        """A draft proposed but not taken (`drafts_pay` said no): it becomes the
+        shadow, checked against the tokens generated after ``output_len``."""
+        if self.shadow is None:
+            self.shadow = (output_len, draft)
 
     def worth_drafting(self) -> bool:
         return self.expected >= MIN_EXPECTED_ACCEPTED
@@ -127,6 +140,15 @@ def propose(token_ids: Sequence[int], k: int) -> list[int]:
 def may_draft(req: Request) -> bool:
     """Whether the request's next tokens may be drafted (module docstring)."""
     return req.params.structured_outputs is None and req.grammar is None
+
+
+def drafts_pay(drafts: Sequence[tuple[list[int], DraftOutlook]], decode_rows: int) -> bool:
+    """Whether ``drafts`` (each with its request's outlook) should turn a step of
+    ``decode_rows`` decodes into a mixed step: the tokens they are expected to get
+    accepted must make up for its cost, `MIXED_STEP_COST` times the plain step's,
+    i.e. come to ``decode_rows * (MIXED_STEP_COST - 1)`` at least."""
+    expected = sum(min(o.expected, len(d)) for d, o in drafts)
+    return bool(drafts) and expected >= decode_rows * (MIXED_STEP_COST - 1)
 
 
 def draft_for(req: Request, room: int, outlook: DraftOutlook) -> list[int]:

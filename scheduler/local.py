@@ -71,7 +71,8 @@ import numpy as np
 
 from sluice.runtime.kv_manager import KVCacheManager, blocks_to_start
 from sluice.runtime.request import Request, RequestStatus, TokenLogprobs
-from sluice.runtime.spec_decode import DraftOutlook, SpecDecodeStats, draft_for, may_draft
+from sluice.runtime.spec_decode import (DraftOutlook, SpecDecodeStats, draft_for,
+                                         drafts_pay, may_draft)
 from sluice.runtime.swap import SwapCopy, SwapExecutor
 from sluice.scheduler.policies import FCFSPolicy, Policy
 
@@ -382,8 +383,10 @@ class LocalScheduler:
         """Speculative decoding (`sluice.runtime.spec_decode`): give scheduled
         decodes of requests that may draft their n-gram draft as extra tokens,
         with what the step's token budget and prompt-chunk cap leave once every
-        other row is scheduled (a drafted row runs in the prompt group) and only
-        where its KV blocks are free without preempting anyone. Not in a step
+        other row is scheduled (a drafted row runs in the prompt group), only
+        where its KV blocks are free without preempting anyone, and, in a step
+        of decodes only, only if the drafts pay for making it a mixed step
+        (`spec_decode.drafts_pay`). Not in a step
         that scores a prompt (its program samples one row per chunk). Returns
         the drafts by request id (``scheduled`` is updated in place)."""
         k = self.num_speculative_tokens
@@ -391,21 +394,27 @@ class LocalScheduler:
             return {}
         budget = self.max_num_batched_tokens - sum(n for _, n in scheduled)
         prefills = sum(not r.is_decode(n) for r, n in scheduled)
-        drafts: dict[str, list[int]] = {}
+        proposed: list[tuple[int, list[int], DraftOutlook]] = []
         for i, (req, n) in enumerate(scheduled):
-            if budget <= 0 or prefills >= self.max_prefill_seqs:
+            if budget <= 0 or prefills + len(proposed) >= self.max_prefill_seqs:
                 break
             if not req.is_decode(n) or not may_draft(req):
                 continue
             room = min(k, budget, req.max_tokens - len(req.output_token_ids) - 1)
             outlook = self.draft_outlooks.setdefault(req.request_id, DraftOutlook.first(room))
-            draft = draft_for(req, room, outlook)
-            if not draft or not self.kv.allocate(req.request_id, req.num_tokens + len(draft)):
-                continue
-            drafts[req.request_id] = draft
-            scheduled[i] = (req, n + len(draft))
-            budget -= len(draft)
-            prefills += 1
+            if draft := draft_for(req, room, outlook):
+                proposed.append((i, draft, outlook))
+                budget -= len(draft)
+        if not prefills and not drafts_pay([(d, o) for _, d, o in proposed], len(scheduled)):
+            for i, draft, outlook in proposed:  # a plain decode step: they wait and learn
+                outlook.hold(len(scheduled[i][0].output_token_ids), draft)
+            return {}
+        drafts: dict[str, list[int]] = {}
+        for i, draft, _ in proposed:
+            req, n = scheduled[i]
+            if self.kv.allocate(req.request_id, req.num_tokens + len(draft)):
+                drafts[req.request_id] = draft
+                scheduled[i] = (req, n + len(draft))
         return drafts
 
     def _output(self, scheduled: list[tuple[Request, int]], preempted: list[Request],

@@ -64,12 +64,14 @@ def test_num_speculative_tokens_is_validated(tiny, bad):
                                      num_speculative_tokens=bad))
 
 
-def test_outputs_match_plain_decoding(tiny):
+def test_outputs_match_plain_decoding(tiny, monkeypatch):
     """Self-quoting and random prompts, varied max_tokens, greedy and seeded sampled
     requests (top-k, top-p, logprobs) in the same steps: spec on gives
     the tokens, log-probs and finish reasons of spec off, drafts are accepted and
     rejected, every step's shape is one `warmup` compiles, no block leaks, and
-    /metrics counts the drafts."""
+    /metrics counts the drafts. (Any expected gain pays for a mixed step here, so
+    that every kind of request drafts: what is under test is the drafted rows.)"""
+    monkeypatch.setattr(spec_decode, "MIXED_STEP_COST", 1.0)
     rng = np.random.default_rng(0)
     requests = {f"rep{i}": (repeating(rng), greedy(7 + 5 * i)) for i in range(4)}
     requests |= {f"rand{i}": (rng.integers(0, 250, 30).tolist(), greedy(20)) for i in range(3)}
@@ -196,6 +198,22 @@ def test_outlook_learns_from_drafts_and_from_proposals_not_drafted():
     before = outlook.expected
     outlook.settle_shadow([1, 2, 7, 8, 9, 3])  # the first already wrong: 0 kept
     assert outlook.shadow is None and outlook.expected == pytest.approx(0.7 * before)
+
+
+def test_drafts_pay_for_a_mixed_step_only_with_enough_expected_tokens():
+    """A decode-only step takes drafts when their expected accepted tokens (each at
+    most its draft's length) make up for a mixed step: one token per decode row
+    at the assumed cost of 2; a draft not taken becomes the outlook's shadow."""
+    assert spec_decode.MIXED_STEP_COST == 2.0
+    sure, unsure = DraftOutlook(3.0), DraftOutlook(1.2)
+    assert spec_decode.drafts_pay([([1, 2, 3, 4], sure)], 3)
+    assert not spec_decode.drafts_pay([([1, 2, 3, 4], sure)], 4)
+    assert spec_decode.drafts_pay([([1, 2, 3, 4], sure), ([5, 6], unsure)], 4)
+    assert not spec_decode.drafts_pay([([1], sure)], 2)  # 1 token at most, not 3
+    assert not spec_decode.drafts_pay([], 0)
+    unsure.hold(7, [5, 6])
+    unsure.hold(8, [9])  # one shadow at a time: the first stays
+    assert unsure.shadow == (7, [5, 6])
 
 
 def test_a_request_whose_drafts_fail_stops_drafting_and_resumes_when_they_would_pay(
