@@ -34,16 +34,16 @@ kept with probability p(x), so drafts pay off for greedy and low-temperature
 requests, much less at high temperatures.
 
 Drafting pays only where drafts are accepted: a drafted row runs in the prompt
-group, so an all-decode step that takes one becomes a mixed step, several times
-as costly on CPU. The scheduler keeps a `DraftOutlook` per request, a running
-estimate of the draft tokens its drafts get accepted, and the request drafts only
-while that is at least `MIN_EXPECTED_ACCEPTED`. The estimate keeps learning while the request does not
-draft: its proposal is still made (on the host, no step work) and compared with
-the tokens the request goes on to generate, so a request that starts quoting
-later drafts again. And a step of decodes only takes drafts only if their
-expected accepted tokens pay for making it a mixed step (`drafts_pay`). Free-form
-chat at 8 requests was 0.74x of plain decoding without either (15% of draft
-tokens accepted; `bench/spec_decode.py`).
+group, so an all-decode step that takes one becomes a mixed step, costlier by
+far on CPU. The scheduler keeps a `DraftOutlook` per request, a running estimate
+of the draft tokens its drafts get accepted, and the request drafts only while
+that is at least `MIN_EXPECTED_ACCEPTED`. The estimate keeps learning while the
+request does not draft: its proposal is still made (on the host, no step work)
+and compared with the tokens the request goes on to generate, so a request that
+starts quoting later drafts again. And a step of decodes only takes drafts only
+if their expected accepted tokens pay for making it a mixed step (`drafts_pay`).
+Free-form chat at 8 requests was 0.74x of plain decoding without either, 0.99x
+with both (15% of draft tokens accepted; `bench/spec_decode.py`).
 
 What drafts (`may_draft`): greedy and sampled requests, with penalties, with
 logprobs (each accepted token carries the log-probs of its own position, as plain
@@ -72,8 +72,9 @@ MIN_EXPECTED_ACCEPTED = 1.0
 OUTLOOK_WEIGHT = 0.3  # the newest observation's weight in the running estimate
 # A decode-only step that takes drafts runs as a mixed step (its decode group
 # padded to the mixed shapes' bucket, the drafted rows in the prompt group); its
-# cost relative to the plain step, assumed: free-form chat at 8 requests, drafting
-# in most steps, took 1.38x the plain steps' time per step (bench/spec_decode.py).
+# cost relative to the plain step. Assumed, not measured per shape: the value
+# that stops free-form chat at 8 requests drafting and keeps quoting answers
+# drafting (bench/spec_decode.py; bench/RESULTS.md has the runs).
 MIXED_STEP_COST = 2.0
 
 
