@@ -131,10 +131,14 @@ class IncrementalDetokenizer:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
 
     def _context_start(self, prompt: list[int]) -> int:
-        """Where the prompt context starts: a few tokens back, not inside a character."""
+        """Where the prompt context starts: a few tokens back, not inside a character,
+        and not at tokens that decode to nothing (skipped special tokens): after
+        those, a SentencePiece ``▁`` piece would decode as if it came first and lose
+        its space, which a full decode gives it after the text before them."""
         start = max(0, len(prompt) - PROMPT_CONTEXT_TOKENS)
         lowest = max(0, len(prompt) - MAX_PROMPT_CONTEXT_TOKENS)
-        while start > lowest and self._decode(prompt[start:]).startswith(REPLACEMENT):
+        while start > lowest and (
+                not (text := self._decode(prompt[start:])) or text.startswith(REPLACEMENT)):
             start -= 1
         return start
 

@@ -197,6 +197,17 @@ def test_empty_stop_string_is_rejected():
         IncrementalDetokenizer(BYTES, [BOS], stop=["END", ""])
 
 
+def test_a_word_after_prompt_specials_keeps_its_space():
+    """A prompt ending in special tokens (skipped by the decode): the first output
+    word follows the prompt's text, as in a full decode ("Hello Hello"), not the
+    specials (which would decode it first, without its space). Found by the
+    property below."""
+    tok = SP["llama"]
+    prompt, out = ids_of(tok, ["▁Hello"] + ["<unk>"] * 5), ids_of(tok, ["▁Hello"])
+    d = IncrementalDetokenizer(tok, prompt)
+    assert "".join(stream(d, out)) == continuation(tok, prompt, out) == " Hello"
+
+
 # ---- properties ---------------------------------------------------------------------------
 
 @settings(max_examples=300, deadline=None)
