@@ -36,6 +36,7 @@ import numpy as np
 
 from sluice.runtime.attention import AttentionMetadata, get_backend
 from sluice.runtime.config import ModelConfig
+from sluice.runtime.devices import default_device
 from sluice.runtime.rope import apply_rope, inverse_frequencies
 
 Params = dict
@@ -94,24 +95,27 @@ def checkpoint_shapes(cfg: ModelConfig) -> Params:
 
 def init_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32) -> Params:
     """Seeded random weights (normal, std 0.02; norms one; biases small), drawn per
-    checkpoint leaf and then fused (`FUSED`)."""
+    checkpoint leaf and then fused (`FUSED`), committed to the default device as a
+    checkpoint's are (`checkpoint.to_device`).
+
+    Drawn with numpy on the host: drawing with ``jax.random`` ran a program per leaf
+    shape, and compiling them took ~4 CPU-s of every start of ``tiny`` (one Ray actor
+    waited for another's to reach the compilation cache)."""
+    rng = np.random.default_rng(seed)
     shapes = checkpoint_shapes(cfg)
     leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
     paths = [jax.tree_util.keystr(p) for p, _ in
              jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    out = []
-    for path, shape, key in zip(paths, leaves, keys):
-        if "norm" in path:
-            out.append(jnp.ones(shape, dtype))
-        else:
-            out.append((0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
+    out = [np.ones(shape, np.float32) if "norm" in path
+           else 0.02 * rng.standard_normal(shape, np.float32)
+           for path, shape in zip(paths, leaves)]
     params = jax.tree_util.tree_unflatten(treedef, out)
     layers = params["layers"]
     for fused, parts in FUSED.items():
         if parts[0] in layers:
-            layers[fused] = jnp.concatenate([layers.pop(p) for p in parts], axis=-1)
-    return params
+            layers[fused] = np.concatenate([layers.pop(p) for p in parts], axis=-1)
+    return jax.device_put(jax.tree_util.tree_map(lambda a: a.astype(dtype), params),
+                          default_device())
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

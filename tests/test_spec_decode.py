@@ -321,7 +321,9 @@ def test_outputs_survive_live_migration_with_drafts(tiny):
     (`LLMEngine.migration`: pre-copy while it keeps drafting, suspend, adopt,
     release) and keeps drafting there: its output and a sampled neighbour's equal
     plain decoding's; every block is back on both engines."""
-    rng = np.random.default_rng(3)
+    # Whether the gate keeps drafting depends on how often tiny's random weights
+    # accept drafts: these prompts (seed 2) draft on both sides; seeds 1 and 3 do not.
+    rng = np.random.default_rng(2)
     requests = {"g": (repeating(rng), greedy(40)),
                 "s": (repeating(rng), SamplingParams(temperature=1.0, top_k=3, seed=8,
                                                      max_tokens=40, ignore_eos=True))}
