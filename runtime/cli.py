@@ -209,6 +209,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
                 async_swap=not args.no_async_swap,
                 kv_reuse=not args.no_kv_reuse,
                 attention_backend=args.attention_backend, warmup=not args.no_warmup,
+                # a server answers once a covering set of step programs is compiled
+                defer_warmup=args.command == "serve",
                 num_speculative_tokens=args.num_speculative_tokens)
 
 

@@ -21,7 +21,9 @@ instance), so the driver's counts cover every process that serves.
 `compile_ahead(programs, desc)` is the warm-ups' way to compile: it lowers each
 program on the calling thread and compiles it, without running it, on
 `compile_threads()` threads (XLA compiles without the GIL), counted as
-``warmup``; jit's call path then finds the executables.
+``warmup``; jit's call path then finds the executables. `after_ready(work)`
+runs warm-up work that may wait until the process serves (on a thread of its
+own, counted as ``warmup``, started by `mark_ready`).
 
 `install()` (idempotent) registers a ``jax.monitoring`` listener on JAX's
 backend-compile event, which jax 0.10.2 through 0.12 record once per executable
@@ -62,6 +64,7 @@ _counts: collections.Counter[tuple[str, str]] = collections.Counter()
 _remote: dict[str, dict[tuple[str, str], int]] = {}  # source -> its latest totals
 _local = threading.local()  # .warmup: depth of nested warming_up() on this thread
 _state = {"installed": False, "ready": False}
+_after_ready: list[Callable[[], None]] = []  # work waiting for `mark_ready`
 # Warm-ups compile at most this many programs at once (``$SLUICE_COMPILE_THREADS``
 # overrides): each holds its module and the compiler's working memory.
 MAX_COMPILE_THREADS = 8
@@ -77,8 +80,36 @@ def install() -> None:
 
 
 def mark_ready() -> None:
-    """From now on, compiles outside `warming_up()` are ``serving`` ones."""
-    _state["ready"] = True
+    """From now on, compiles outside `warming_up()` are ``serving`` ones; starts
+    the work `after_ready` holds."""
+    with _lock:
+        _state["ready"] = True
+        waiting = list(_after_ready)
+        _after_ready.clear()
+    for work in waiting:
+        _start(work)
+
+
+def after_ready(work: Callable[[], None]) -> None:
+    """Run ``work`` on a daemon thread, counted as warm-up, once the process is
+    ready (at once if it is): compiles that may wait until the server answers
+    (a model runner's deferred step programs, `ModelRunner.warmup`)."""
+    with _lock:
+        if not _state["ready"]:
+            _after_ready.append(work)
+            return
+    _start(work)
+
+
+def _start(work: Callable[[], None]) -> None:
+    def run() -> None:
+        with warming_up():
+            try:
+                work()
+            except Exception:  # the process serves on without it: say so
+                log.exception("deferred warm-up failed")
+
+    threading.Thread(target=run, name="sluice-deferred-warmup", daemon=True).start()
 
 
 @contextlib.contextmanager
@@ -104,13 +135,15 @@ def compile_threads() -> int:
     return max(1, min(MAX_COMPILE_THREADS, len(os.sched_getaffinity(0))))
 
 
-def compile_ahead(programs: Sequence[Callable[[], jax.stages.Lowered]], desc: str) -> None:
+def compile_ahead(programs: Sequence[Callable[[], jax.stages.Lowered]], desc: str,
+                  progress: bool = True) -> None:
     """Compile every program without running it: each callable lowers one (on this
     thread, in order) and `compile_threads()` threads compile them meanwhile,
     counted as ``warmup``; returns once all are compiled (a compile's error is
-    raised here). ``desc`` labels the progress bar."""
+    raised here). ``desc`` labels the progress bar (none without ``progress``)."""
     with concurrent.futures.ThreadPoolExecutor(compile_threads()) as pool, \
-            tqdm(total=len(programs), desc=desc, unit="program") as bar:
+            tqdm(total=len(programs), desc=desc, unit="program",
+                 disable=not progress) as bar:
         done = []
         for lower in programs:
             done.append(pool.submit(_compile_warm, lower()))

@@ -85,6 +85,9 @@ class EngineConfig:
     kv_reuse: bool = True  # finished conversations' KV stays in the swap space (multi-turn reuse)
     attention_backend: str = "pallas"  # kernels on GPU/TPU, the chunked pure-JAX path on CPU
     warmup: bool = True
+    # with warmup: compile a covering set of the step programs before the engine is
+    # built and the rest once the process is ready (`ModelRunner.warmup`); the server's
+    defer_warmup: bool = False
     seed: int | None = None  # draws seeds for unseeded requests; None = nondeterministic
     device: jax.Device | None = None  # the device the engine runs on; None = the default
     # n-gram speculative decoding (sluice.runtime.spec_decode): draft tokens per
@@ -151,7 +154,7 @@ class LLMEngine:
         self.dead: str | None = None  # why the engine cannot step any more (`EngineDeadError`)
         self.num_failed_requests = 0  # requests failed alone by a step (`_isolate`)
         if config.warmup:
-            self.runner.warmup()
+            self.runner.warmup(defer=config.defer_warmup)
 
     @property
     def block_manager(self) -> BlockManager:

@@ -3,8 +3,10 @@
 A step's requests split into two row groups: decode rows (one new token that
 completes the sequence) first, then prompt chunks. Each step is padded to one
 `StepShape` from a small, enumerable set (`ModelRunner.shapes`), so the number
-of compiled programs is bounded and known; `warmup` compiles them all. The KV pool is donated into
-every call, so the step never copies it.
+of compiled programs is bounded and known; `warmup` compiles them all (a
+server's: a covering set before it answers, the rest once it serves, steps padded
+to a compiled cover meanwhile). The KV pool is donated into every call, so the
+step never copies it.
 
 Interface: ``execute(batch, during=None, token_masks=None) -> (token_ids,
 logprobs, top_ids, top_logprobs, prompt_logprobs, draft_targets)`` numpy arrays, one row per entry of ``batch``
@@ -38,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import threading
 from typing import Callable
 
 import jax
@@ -206,6 +209,10 @@ class ModelRunner:
             self.page_buckets = (max_pages,)
         self.max_model_len = max_model_len
         self._mask_words = mask_words(model.config.vocab_size)
+        # (shape, scoring) whose programs a deferred warm-up has yet to compile
+        self._deferred: set[tuple[StepShape, bool]] = set()
+        self.refined = threading.Event()  # set while no program is deferred (`warmup`)
+        self.refined.set()
         self._all_allowed: dict[int, jax.Array] = {}  # sample rows -> all-ones token mask
 
     def shapes(self) -> list[StepShape]:
@@ -216,13 +223,28 @@ class ModelRunner:
         return decode + mixed
 
     def shape_for(self, decode: list[StepRow], prefill: list[StepRow]) -> StepShape:
+        """The step's shape: its buckets', or while that program is still deferred
+        (`warmup`), the smallest compiled one that holds the step."""
         pages = bucket(max(len(r.block_table) for r in decode + prefill), self.page_buckets)
         if not prefill:
             n = bucket(len(decode), self.seq_buckets)
-            return StepShape(n, 0, 0, 0, n, pages)
-        return self._mixed_shape(bucket(len(decode), self.mixed_decode_buckets),
-                                 bucket(sum(r.num_new_tokens for r in prefill),
-                                        self.token_buckets), pages)
+            return self._compiled(StepShape(n, 0, 0, 0, n, pages), False)
+        return self._compiled(self._mixed_shape(bucket(len(decode), self.mixed_decode_buckets),
+                                                bucket(sum(r.num_new_tokens for r in prefill),
+                                                       self.token_buckets), pages), False)
+
+    def _compiled(self, shape: StepShape, scoring: bool) -> StepShape:
+        """``shape``, or while its program is deferred, the smallest shape of the
+        same kind (decode-only or mixed, scoring or not) whose program is compiled
+        and is at least as large in every dimension: padding holds the step."""
+        if (shape, scoring) not in self._deferred:
+            return shape
+        fields = dataclasses.astuple(shape)
+        covers = [s for s in (self.scoring_shapes() if scoring else self.shapes())
+                  if (s, scoring) not in self._deferred
+                  and bool(s.prefill_tokens) == bool(shape.prefill_tokens)
+                  and all(a >= b for a, b in zip(dataclasses.astuple(s), fields))]
+        return min(covers, key=lambda s: (s.decode_seqs + s.prefill_tokens, s.pages))
 
     def _mixed_shape(self, decode_seqs: int, tokens: int, pages: int) -> StepShape:
         """The shape of a step with prompt chunks of up to ``tokens`` rows in all,
@@ -236,29 +258,68 @@ class ModelRunner:
         return StepShape(decode_seqs, seqs, tokens, q,
                          decode_seqs + self.max_prefill_seqs * chunk_rows, pages)
 
-    def warmup(self) -> None:
+    def warmup(self, defer: bool = False) -> None:
         """Compile every step shape (padding-only inputs: the pool is untouched), the
         scoring variant of the `scoring_shapes` (prompt log-probs), and
         the sampler for its row count (one program serves every sampling feature),
         plus the fixed-size block copy of live migration. Whether later compiles
         are ``serving`` ones is the server's decision (`sluice.runtime.compiles`:
         it marks the process ready once every instance has warmed up), not this
-        runner's: another instance may still be starting."""
-        with compiles.warming_up():
-            self._warmup()
+        runner's: another instance may still be starting.
 
-    def _warmup(self) -> None:
-        self.copy_in([], self.gather([], COPY_CHUNK_BLOCKS), COPY_CHUNK_BLOCKS)  # copies nothing
+        With ``defer``, only a covering set compiles now (`_first_shapes`: every
+        other decode bucket from the largest down, the mixed shapes with a full
+        decode group, their scoring shapes); the rest compile on a thread of their
+        own once the process is ready (`compiles.after_ready`), each taken into
+        use as it is compiled (`refined` is set when all are). Until then a step
+        runs padded to a compiled shape that holds it (`shape_for`): a server
+        answers sooner (on 2 cores, a Ray instance's 29 programs took ~40 s), its
+        first steps slower, never compiling."""
         steps = [(shape, False) for shape in self.shapes()]
         steps += [(shape, True) for shape in self.scoring_shapes()]
-        # Compiled, not run: a padding step's forward costs what a real one does
-        # (most of a warm start). Their inputs are made on the host: `jnp.zeros`
-        # would compile a program per shape (42 for tiny).
+        first = self._first_shapes() if defer else set(steps)
+        with compiles.warming_up():
+            self.copy_in([], self.gather([], COPY_CHUNK_BLOCKS), COPY_CHUNK_BLOCKS)  # copies nothing
+            self._compile([step for step in steps if step in first], set(), True)
+        later = [step for step in steps if step not in first]
+        if not later:
+            return
+        self._deferred.update(later)
+        self.refined.clear()
+        done_rows = {shape.sample_rows for shape, _ in first}
+        compiles.after_ready(lambda: self._refine(later, done_rows))
+
+    def _first_shapes(self) -> set[tuple[StepShape, bool]]:
+        """The steps a deferred warm-up compiles first: each other step has a
+        compiled cover among them (`_compiled`)."""
+        decode = set(self.seq_buckets[::-1][::2])
+        full = self.mixed_decode_buckets[-1]
+        plain = [s for s in self.shapes()
+                 if (s.decode_seqs == full if s.prefill_tokens else s.decode_seqs in decode)]
+        return ({(s, False) for s in plain}
+                | {(s, True) for s in self.scoring_shapes() if s.decode_seqs == full})
+
+    def _refine(self, steps: list[tuple[StepShape, bool]], done_rows: set[int]) -> None:
+        """Compile the deferred ``steps`` one by one (with the sampler for a row
+        count not compiled yet), each taken into use as soon as it is."""
+        for step in steps:
+            self._compile([step], done_rows, False)
+            done_rows.add(step[0].sample_rows)
+            self._deferred.discard(step)
+        self.refined.set()
+
+    def _compile(self, steps: list[tuple[StepShape, bool]], done_rows: set[int],
+                 progress: bool) -> None:
+        """Compile the step programs of ``steps`` (shape, scoring) and the sampler
+        for each row count among them not in ``done_rows``. Compiled, not run: a
+        padding step's forward costs what a real one does (most of a warm start).
+        Their inputs are made on the host: `jnp.zeros` would compile a program per
+        shape (42 for tiny)."""
         programs = [functools.partial(self._lower_step, shape, scoring)
                     for shape, scoring in steps]
         programs += [functools.partial(self._lower_sample, rows)
-                     for rows in sorted({shape.sample_rows for shape, _ in steps})]
-        compiles.compile_ahead(programs, "compiling step programs")
+                     for rows in sorted({shape.sample_rows for shape, _ in steps} - done_rows)]
+        compiles.compile_ahead(programs, "compiling step programs", progress)
 
     def _lower_sample(self, rows: int) -> jax.stages.Lowered:
         """The sampler's program for ``rows`` rows, lowered with inputs placed as a
@@ -414,7 +475,8 @@ class ModelRunner:
         """The step's scoring shape (`scoring_shapes`), or None if no chunk scores."""
         if not any(r.request.needs_prompt_logprobs for r in prefill):
             return None
-        return self._widest_mixed(bucket(len(decode), self.mixed_decode_buckets))
+        return self._compiled(self._widest_mixed(bucket(len(decode), self.mixed_decode_buckets)),
+                              True)
 
     def _prompt_targets(self, decode: list[StepRow], prefill: list[StepRow],
                         shape: StepShape | None

@@ -149,7 +149,7 @@ def test_readiness_is_the_servers_and_later_instances_start_warming_up(tiny, mon
     from sluice.runtime.model_runner import ModelRunner
     from sluice.scheduler.async_cluster import LocalLauncher
     # the step programs' compiles are not the point here: only what warm-up decides
-    monkeypatch.setattr(ModelRunner, "_warmup", lambda self: None)
+    monkeypatch.setattr(ModelRunner, "warmup", lambda self, defer=False: None)
     compiles.install()
     ready = compiles._state["ready"]
     compiles._state["ready"] = False
@@ -241,3 +241,55 @@ def test_speculative_warmup_compiles_each_step_program_once(tiny):
     new = {k: v - before.get(k, 0) for k, v in compiles.counts().items()
            if v != before.get(k, 0)}
     assert new == {}, f"compiled after warm-up: {new}"
+
+
+def test_deferred_warmup_steps_on_compiled_covers_then_refines(tiny, monkeypatch):
+    """A server's warm-up (``defer_warmup``) compiles a covering set first: until the
+    process is ready and the rest compile, a 1-row decode runs on the 2-row program and
+    a prompt alone on the mixed program with a full decode group, compiling nothing,
+    with the tokens the exact programs give once `mark_ready` has compiled them (as
+    warm-up) and put them in use."""
+    from conftest import run_to_finish
+    from sluice.runtime.sampling_params import SamplingParams
+
+    compiles.install()
+    monkeypatch.setitem(compiles._state, "ready", False)
+    monkeypatch.setattr(compiles, "_after_ready", [])
+    engine = LLMEngine(tiny, EngineConfig(max_model_len=64, max_num_seqs=8,
+                                          max_num_batched_tokens=32, seed=0,
+                                          defer_warmup=True))
+    runner = engine.runner
+    assert not runner.refined.is_set()
+    # decode buckets 1, 2, 4, 8: 8 and 2 first; prompt steps without a decode group later
+    assert {s.decode_seqs for s, _ in runner._deferred} == {0, 1, 4}
+    rng = np.random.default_rng(0)
+    requests = {"a": (rng.integers(1, 250, 20).tolist(),
+                      SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))}
+    before = compiles.counts()
+    covered = run_to_finish(engine, requests)
+    assert compiles.counts() == before  # padded onto compiled programs: no compile
+    assert runner.shape_for([], [_row(engine, 20)]).decode_seqs == 8
+    assert runner.shape_for([_row(engine, 20)], []).decode_seqs == 2
+
+    compiles.mark_ready()  # the server's lifespan: the deferred programs compile now
+    assert runner.refined.wait(timeout=600)
+    assert not runner._deferred
+    new = {k for k, v in compiles.counts().items() if v != before.get(k, 0)}
+    assert {reason for reason, _ in new} <= {"warmup"}, new
+    assert runner.shape_for([], [_row(engine, 20)]).decode_seqs == 0
+    assert runner.shape_for([_row(engine, 20)], []).decode_seqs == 1
+    after = compiles.counts()
+    exact = run_to_finish(engine, {"b": requests["a"]})
+    assert compiles.counts() == after
+    assert exact["b"].outputs[0].token_ids == covered["a"].outputs[0].token_ids
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def _row(engine: LLMEngine, n: int):
+    """A prompt chunk of ``n`` tokens, for asking the runner which shape it takes."""
+    from sluice.runtime.model_runner import StepRow
+    from sluice.runtime.sampling_params import SamplingParams
+
+    group = engine.intake.prepare("probe", {"prompt_token_ids": list(range(1, n + 1))},
+                                  SamplingParams(temperature=0))
+    return StepRow(group.requests[0], n, [0, 1])
