@@ -210,7 +210,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
                 kv_reuse=not args.no_kv_reuse,
                 attention_backend=args.attention_backend, warmup=not args.no_warmup,
                 # a server answers once a covering set of step programs is compiled
-                defer_warmup=args.command == "serve",
+                defer_warmup=args.command == "serve" and not args.full_warmup,
                 num_speculative_tokens=args.num_speculative_tokens)
 
 
@@ -284,6 +284,10 @@ def configure_serve(srv: argparse.ArgumentParser) -> None:
     _add_model_args(srv)
     _add_engine_args(srv)
     g = srv.add_argument_group("server")
+    g.add_argument("--full-warmup", action="store_true",
+                   help="compile every step program before answering (default: a covering "
+                        "set first, the rest in the background, steps padded to a compiled "
+                        "shape meanwhile: a sooner start)")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1, this machine only)")
     g.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one "

@@ -361,3 +361,18 @@ def test_serve_ray_passes_the_compile_cache_choice_to_the_actors(monkeypatch, tm
         with pytest.raises(Intercepted):
             cli._make_cluster(args, StreamLimits())
     assert [s.compile_cache for s in specs] == [str(tmp_path / "jax"), None]
+
+
+def test_serve_defers_part_of_the_warmup_unless_asked_for_all():
+    """``sluice serve`` answers once a covering set of step programs is compiled
+    (`EngineConfig.defer_warmup`); ``--full-warmup`` compiles every one first, and
+    the offline commands always do."""
+    from sluice.runtime import cli
+
+    def defer(argv: list[str]) -> bool:
+        args = cli.build_parser([argv[0]]).parse_args(argv)
+        return cli._engine_kwargs(args)["defer_warmup"]
+
+    assert defer(["serve"]) is True
+    assert defer(["serve", "--full-warmup"]) is False
+    assert defer(["generate", "--prompt", "hi"]) is False
