@@ -13,7 +13,7 @@ per-question differences (rival minus this one, paired, so the questions' own di
 cancels) have a mean at least ``BOUND_Z`` standard errors above zero, or are all zero.
 More questions would not lift it onto the Pareto front. Its profile is kept, marked
 ``stopped_early``, with quality = the rival's quality less that mean difference (a paired
-estimate: the first questions may be easier or harder than the rest).
+estimate: the first questions may be easier or harder than the rest), at least 0.
 
 ``measure_all(pipeline, configs, questions, store)`` measures every configuration not
 already in the ``ProfileStore``, after ``warm_up`` (the embedder's shapes a query uses:
@@ -124,8 +124,9 @@ def measure(pipeline: RagPipeline, config: PipelineConfig,
                     progress.update(len(questions) - len(f1s))
                 break
     # Stopped early, the questions so far may be easier or harder than the rest: its quality
-    # is the rival's (measured on all of them) less the paired difference seen so far.
-    quality = (dominated[0].profile.quality - dominated[1] if dominated
+    # is the rival's (measured on all of them) less the paired difference seen so far, at
+    # least 0 (a rival far ahead on the first questions would otherwise push it below 0).
+    quality = (max(0.0, dominated[0].profile.quality - dominated[1]) if dominated
                else float(np.mean(f1s)))
     profile = Profile(config, quality, float(np.percentile(latencies, 95)),
                       float(np.mean(costs)), float(np.mean(latencies)), float(np.mean(ems)),
