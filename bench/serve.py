@@ -315,7 +315,8 @@ def _engine_kw(args) -> dict[str, Any]:
 def start_server(args) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "sluice.runtime.cli", "serve", "--model", args.model,
            "--port", "0", "--max-num-seqs", str(args.max_num_seqs),
-           "--max-model-len", str(args.max_model_len)]
+           "--max-model-len", str(args.max_model_len),
+           "--full-warmup"]  # as the in-process engine: no compile in the background
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

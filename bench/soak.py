@@ -89,7 +89,7 @@ def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
            "SLUICE_CACHE_DIR": os.environ.get("SLUICE_CACHE_DIR", "/tmp/sluice-soak-cache")}
     cmd = [sys.executable, "-m", "sluice.runtime.cli", "serve", "--model", "tiny", "--port", "0",
            "--max-model-len", "512", "--max-waiting", "48", "--kv-cache-memory", str(KV_GIB),
-           "--max-num-seqs", "16", "--max-num-batched-tokens", "256",
+           "--max-num-seqs", "16", "--max-num-batched-tokens", "256", "--full-warmup",
            "--block-size", str(BLOCK_SIZE), "--stream-stall-timeout", "5",
            "--header-timeout", "5", "--body-timeout", "5", "--log-level", "warning",
            "--access-log", "off", *extra]

@@ -135,15 +135,13 @@ def compile_threads() -> int:
     return max(1, min(MAX_COMPILE_THREADS, len(os.sched_getaffinity(0))))
 
 
-def compile_ahead(programs: Sequence[Callable[[], jax.stages.Lowered]], desc: str,
-                  progress: bool = True) -> None:
+def compile_ahead(programs: Sequence[Callable[[], jax.stages.Lowered]], desc: str) -> None:
     """Compile every program without running it: each callable lowers one (on this
     thread, in order) and `compile_threads()` threads compile them meanwhile,
     counted as ``warmup``; returns once all are compiled (a compile's error is
-    raised here). ``desc`` labels the progress bar (none without ``progress``)."""
+    raised here). ``desc`` labels the progress bar."""
     with concurrent.futures.ThreadPoolExecutor(compile_threads()) as pool, \
-            tqdm(total=len(programs), desc=desc, unit="program",
-                 disable=not progress) as bar:
+            tqdm(total=len(programs), desc=desc, unit="program") as bar:
         done = []
         for lower in programs:
             done.append(pool.submit(_compile_warm, lower()))

@@ -86,7 +86,9 @@ class EngineConfig:
     attention_backend: str = "pallas"  # kernels on GPU/TPU, the chunked pure-JAX path on CPU
     warmup: bool = True
     # with warmup: compile a covering set of the step programs before the engine is
-    # built and the rest once the process is ready (`ModelRunner.warmup`); the server's
+    # built and the rest once the process is marked ready (`compiles.mark_ready`, which
+    # a server does; without it steps stay padded to the covering set), see
+    # `ModelRunner.warmup`; `sluice serve` sets it
     defer_warmup: bool = False
     seed: int | None = None  # draws seeds for unseeded requests; None = nondeterministic
     device: jax.Device | None = None  # the device the engine runs on; None = the default

@@ -14,7 +14,8 @@ logprobs, top_ids, top_logprobs, prompt_logprobs, draft_targets)`` numpy arrays,
 ``prompt_logprobs`` is an object array, None but for the prompt chunks of
 requests that need prompt log-probs: ``(first prompt position, [TokenLogprobs])``.
 Only a step holding such a chunk computes logits at every row, in a program of
-its own padded to the widest mixed shape (`scoring_shapes`: few, all warmed up),
+its own padded to the widest mixed shape (`scoring_shapes`: few, all warmed up,
+a server's with a full decode group first),
 so other steps pay nothing; ``draft_targets`` likewise: None but for drafted
 rows (speculative decoding, `sluice.runtime.spec_decode`), the sampler's token
 and log-probs at each of their positions (each sampled at the step index and
@@ -280,7 +281,7 @@ class ModelRunner:
         first = self._first_shapes() if defer else set(steps)
         with compiles.warming_up():
             self.copy_in([], self.gather([], COPY_CHUNK_BLOCKS), COPY_CHUNK_BLOCKS)  # copies nothing
-            self._compile([step for step in steps if step in first], set(), True)
+            self._compile([step for step in steps if step in first], set())
         later = [step for step in steps if step not in first]
         if not later:
             return
@@ -303,15 +304,17 @@ class ModelRunner:
         """Compile the deferred ``steps`` one by one (with the sampler for a row
         count not compiled yet), each taken into use as soon as it is."""
         for step in steps:
-            self._compile([step], done_rows, False)
+            self._compile([step], done_rows, background=True)
             done_rows.add(step[0].sample_rows)
             self._deferred.discard(step)
         self.refined.set()
 
     def _compile(self, steps: list[tuple[StepShape, bool]], done_rows: set[int],
-                 progress: bool) -> None:
+                 background: bool = False) -> None:
         """Compile the step programs of ``steps`` (shape, scoring) and the sampler
-        for each row count among them not in ``done_rows``. Compiled, not run: a
+        for each row count among them not in ``done_rows``: on the compile pool
+        (`compiles.compile_ahead`), or ``background``, one after another on this
+        (daemon) thread, which nothing waits for at exit. Compiled, not run: a
         padding step's forward costs what a real one does (most of a warm start).
         Their inputs are made on the host: `jnp.zeros` would compile a program per
         shape (42 for tiny)."""
@@ -319,7 +322,11 @@ class ModelRunner:
                     for shape, scoring in steps]
         programs += [functools.partial(self._lower_sample, rows)
                      for rows in sorted({shape.sample_rows for shape, _ in steps} - done_rows)]
-        compiles.compile_ahead(programs, "compiling step programs", progress)
+        if background:
+            for lower in programs:
+                lower().compile()
+        else:
+            compiles.compile_ahead(programs, "compiling step programs")
 
     def _lower_sample(self, rows: int) -> jax.stages.Lowered:
         """The sampler's program for ``rows`` rows, lowered with inputs placed as a
