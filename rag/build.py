@@ -45,7 +45,7 @@ from sluice.rag.service import (CLASSES_FILE, PROFILES_FILE, derive_classes, loa
 from sluice.rag.sla import Planner, Profile, QueryClass
 from sluice.rag.synthetic import METHOD as GENERATED, generate_questions
 
-DEFAULT_PROFILE_QUESTIONS = 12
+DEFAULT_PROFILE_QUESTIONS = 30
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """``sluice rag build-index``: ingest documents, build the retrieval index, measure profiles.
 
     sluice rag build-index --documents DOCS --out rag-index \\
-        [--chunk-words 180] [--chunk-overlap 30] [--profile-questions 12] [--model tiny] \\
+        [--chunk-words 180] [--chunk-overlap 30] [--profile-questions 30] [--model tiny] \\
         [--no-progress]
 
 ``DOCS`` is a folder (searched recursively for .txt, .md, .html, .pdf, .jsonl and SQuAD .json

@@ -22,7 +22,8 @@ from sluice.rag.embedder import Embedder
 from sluice.rag.http import rag_part
 from sluice.rag.corpus import load_documents
 from sluice.rag.service import CLASSES_FILE, PROFILES_FILE, RagService, load_classes
-from sluice.rag.synthetic import generate_questions
+from sluice.rag.synthetic import CONTEXT_WORDS, KEEP_CONTENT, generate_questions, question_from
+from sluice.rag.text import STOP_WORDS, content_terms
 from sluice.runtime import AsyncEngine, load_model
 from sluice.runtime.engine import EngineConfig, LLMEngine
 from sluice.runtime.server import OpenAIServer, ServerConfig
@@ -83,6 +84,31 @@ def test_generated_questions_label_their_passage_and_span(docs: Path) -> None:
         assert q.question.endswith("?") and q.answers[0] in texts[q.passage_id]
         assert q.answers[0] not in q.question  # the span was replaced by a wh-phrase
     assert generate_questions(corpus, QUESTIONS) == questions  # deterministic
+    # more than one per passage when asked: each passage's next sentence with a span
+    more = generate_questions(corpus, 2 * len(DOCS))
+    assert len(more) > len(DOCS) and len({q.id for q in more}) == len(more)
+    assert more[:len(DOCS)] == generate_questions(corpus, len(DOCS))
+
+
+def test_generated_questions_reword_as_people_do() -> None:
+    """A question keeps every stop word of its clause but only about ``KEEP_CONTENT``
+    of its content words, which ones fixed by the sentence's place: SQuAD's questions
+    share 56% of their content words with the answer's sentence, echo questions all."""
+    sentence = ("The committee of the Royal Geographical Society awarded its golden medal "
+                "to Henry Morton Stanley in 1873 for his expedition across central Africa.")
+    words = sentence.split()
+    at = words.index("1873")
+    clause = " ".join(words[at - CONTEXT_WORDS:at] + words[at + 1:at + 1 + CONTEXT_WORDS])
+    stop = {w for w in clause.lower().split() if w in STOP_WORDS}
+    kept = []
+    for where in range(300):
+        question, answer = question_from(sentence, f"p{where}|0")
+        assert answer == "1873" and question == question_from(sentence, f"p{where}|0")[0]
+        assert stop <= {w.strip(".,?").lower() for w in question.split()}
+        kept.append(len(content_terms(question) - content_terms("what year")))
+    share = sum(kept) / (len(kept) * len(content_terms(clause)))
+    assert abs(share - KEEP_CONTENT) < 0.08, share
+    assert len(set(kept)) > 1  # which words stay differs from sentence to sentence
 
 
 def _server(index_dir: Path) -> OpenAIServer:
@@ -236,6 +262,17 @@ def test_a_clearly_dominated_configuration_stops_early() -> None:
     worse_rival = profiling.measure(_FakePipeline("Lyon", 0.1, 1e-8), CONFIGS[0], questions)
     m = profiling.measure(better, CONFIGS[1], questions, [worse_rival])  # slower but better
     assert not m.profile.stopped_early and better.calls == 20
+
+    # a rival right on the first questions only, far ahead of one always wrong there:
+    # the paired estimate (0.3 - 1.0) would be below 0, a quality no F1 has
+    early = _FakePipeline("Paris", 0.1, 1e-8)
+    early.run_sync = lambda q, c: type("R", (), {
+        "answer": "Paris" if int(q.split()[1][:-1]) < 6 else "Lyon", "latency_s": 0.1,
+        "cost_usd": 1e-8})()
+    rival = profiling.measure(early, CONFIGS[0], questions)
+    assert rival.profile.quality == pytest.approx(0.3)
+    m = profiling.measure(_FakePipeline("Lyon", 0.5, 1e-8), CONFIGS[1], questions, [rival])
+    assert m.profile.stopped_early and m.profile.quality == 0.0
 
 
 def test_generative_citations_are_the_numbered_passages() -> None:
