@@ -39,7 +39,10 @@ Parts:
    rankings (goal >= 0.8), for the build's own profiles and for a larger sample of
    ``--docs-questions``; and the extractive EM/F1 on the labelled sample of every
    configuration (with ``--quick``: of ``BEFORE_AFTER``) with today's answerer and with the
-   one before issue 23 (sub-spans, no lexical term), measured in the same run.
+   one before issue 23 (sub-spans, no lexical term), measured in the same run. With it, the
+   noise of the agreement (``rank_noise``: the labelled ranking's split-half rho, and a
+   bootstrap of rho) and how much each question set echoes its answer's sentence
+   (``content_overlap``).
 
 Writes ``bench/results/rag.json``, ``bench/results/rag_pareto.png`` and
 ``bench/results/rag_slo.png``; the plain-documents part writes
@@ -77,6 +80,7 @@ from sluice.rag.build import build_index  # noqa: E402
 from sluice.rag.capacity import Capacity  # noqa: E402
 from sluice.rag.profiling import default_configs, measure_all, sample_questions  # noqa: E402
 from sluice.rag.synthetic import generate_questions  # noqa: E402
+from sluice.rag.text import content_terms, sentences  # noqa: E402
 from sluice.rag.config import EXTRACTIVE, PipelineConfig  # noqa: E402
 from sluice.rag.corpus import LabelledQuestion, load_squad  # noqa: E402
 from sluice.rag.cost import MINILM, CostModel, ModelTier, spec_from_config  # noqa: E402
@@ -399,6 +403,51 @@ def rho(a: dict[str, float], b: dict[str, float]) -> float:
     return float(spearmanr([a[n] for n in names], [b[n] for n in names]).statistic)
 
 
+NOISE_DRAWS = 200
+
+
+def rank_noise(unlabelled: list[Measurement], labelled: list[Measurement],
+               seed: int = 0) -> dict:
+    """How much of the rank agreement the question samples allow: the labelled ranking
+    against itself over random halves of its questions (split-half rho), and rho of the
+    two rankings with both question sets resampled (bootstrap); 5/50/95th percentiles."""
+    rng = np.random.default_rng(seed)
+    u = {m.profile.config.name: m.f1s for m in unlabelled}
+    lab = {m.profile.config.name: m.f1s for m in labelled}
+    names = sorted(lab)
+    U, L = np.array([u[n] for n in names]), np.array([lab[n] for n in names])
+    halves, boot = [], []
+    for _ in range(NOISE_DRAWS):
+        perm = rng.permutation(L.shape[1])
+        half = L.shape[1] // 2
+        halves.append(spearmanr(L[:, perm[:half]].mean(1), L[:, perm[half:]].mean(1)).statistic)
+        boot.append(spearmanr(U[:, rng.integers(0, U.shape[1], U.shape[1])].mean(1),
+                              L[:, rng.integers(0, L.shape[1], L.shape[1])].mean(1)).statistic)
+    return {"draws": NOISE_DRAWS,
+            "labelled_split_half_rho_5_50_95": _percentiles(halves),
+            "bootstrap_rho_5_50_95": _percentiles(boot)}
+
+
+def _percentiles(values: list[float]) -> list[float]:
+    return [round(float(x), 3) for x in np.percentile(values, [5, 50, 95])]
+
+
+def content_overlap(questions: list[LabelledQuestion], corpus) -> dict[str, float]:
+    """How much questions echo their source: the mean count of a question's content words
+    (``content_terms``) and of those in the first sentence of its passage that holds its
+    answer, and the share."""
+    texts = {p.id: p.text for p in corpus.passages}
+    terms, shared = [], []
+    for q in questions:
+        where = [s for s in sentences(texts[q.passage_id]) if q.answers[0] in s]
+        if where:
+            words = content_terms(q.question)
+            terms.append(len(words))
+            shared.append(len(words & content_terms(where[0])))
+    return {"content_words": float(np.mean(terms)), "in_sentence": float(np.mean(shared)),
+            "share": float(np.sum(shared) / np.sum(terms))}
+
+
 BEFORE_AFTER = ("bm25-k1-1xextractive", "dense-k3-1xextractive", "hybrid-k5-rr-1xextractive")
 
 
@@ -423,9 +472,9 @@ def documents_run(n_questions: int, quick: bool = False) -> dict:
     generated = generate_questions(index.corpus, n_questions)
     print(f"unlabelled estimate: {len(generated)} generated questions x {len(configs)} "
           "configurations ...", flush=True)
-    unlabelled = {m.profile.config.name: m.profile.quality
-                  for m in measure_all(pipeline, configs, generated, method="generated",
-                                       progress=True, early_stop=False)}
+    generated_m = measure_all(pipeline, configs, generated, method="generated",
+                              progress=True, early_stop=False)
+    unlabelled = {m.profile.config.name: m.profile.quality for m in generated_m}
     squad_index = RetrievalIndex.build(corpus, embedder, progress=True)
     labelled_q = sample_questions(corpus.answerable(), n_questions)
     squad = RagPipeline(squad_index, CostModel({EXTRACTIVE: ModelTier(EXTRACTIVE, MINILM)}))
@@ -434,7 +483,13 @@ def documents_run(n_questions: int, quick: bool = False) -> dict:
     after = {m.profile.config.name: m for m in measure_all(squad, configs, labelled_q,
                                                            progress=True, early_stop=False)}
     agreement = rho(unlabelled, {n: m.f1 for n, m in after.items()})
-    print(f"  Spearman unlabelled vs labelled: {agreement:.3f}", flush=True)
+    noise = rank_noise(generated_m, list(after.values()))
+    overlap = {"labelled": content_overlap(labelled_q, corpus),
+               "generated": content_overlap(generated, index.corpus),
+               "echo": content_overlap(generate_questions(index.corpus, n_questions, keep=1.0),
+                                       index.corpus)}
+    print(f"  Spearman unlabelled vs labelled: {agreement:.3f}; noise {noise}; content "
+          f"words in the answer's sentence {overlap}", flush=True)
     squad.extractive = ExtractiveAnswerer("subspans", lexical_weight=0.0)
     compared = [c for c in configs if c.name in BEFORE_AFTER] if quick else configs
     print(f"... and the answerer before issue 23 (sub-spans, no lexical term) on "
@@ -463,6 +518,8 @@ def documents_run(n_questions: int, quick: bool = False) -> dict:
         "spearman_build_profiles_vs_labelled": rho(
             {n: r["quality"] for n, r in built.items()}, labelled),
         "spearman_goal": 0.8,
+        "rank_noise": noise,
+        "content_overlap_with_answer_sentence": overlap,
         "before_after_configurations": sorted(before),
         "extractive_mean_f1": {"before": float(np.mean([m.f1 for m in before.values()])),
                                "after": float(np.mean([after[n].f1 for n in before]))},

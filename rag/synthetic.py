@@ -7,18 +7,20 @@ open the sentence. The span is the answer; the question is the words around it (
 wh-phrase ("what year" for a year, "how many" for another number, "what" otherwise) and a
 question mark: "Rollo founded Normandy in 911." -> "Rollo founded Normandy in what year?".
 
-People reword what they ask: in the SQuAD subset, 56% of a question's content words
-(``sluice.rag.text.content_terms``) are in its answer's sentence (473 answerable
-questions; the clause kept whole, 97%). So each content word of the clause is kept with
-probability ``KEEP_CONTENT`` (decided by a hash of the passage, the sentence and the word's
-position: deterministic), stop words always: "In 1967, Manuel Blum developed an axiomatic
-complexity theory based on his axioms ..." -> "In what year Manuel an axiomatic complexity
-theory based?". Echo questions
-made retrieval trivial (every retriever found the sentence, so k and the retriever hardly
-mattered) and their F1 was twice real questions'; with words dropped, the mean F1 over the
-default configurations is close to the labelled one (0.33 vs 0.31) and the ranking agrees better
-(Spearman's rho with the labelled ranking of the 27 default configurations 0.58 -> 0.70;
-`bench/rag.py --documents-run`, where ``bench/RESULTS.md`` gives the run and its noise).
+People reword what they ask: a SQuAD question carries 3.5 content words of its answer's
+sentence (of its 6.4 ``sluice.rag.text.content_terms``), a question keeping its whole
+clause 5.4 (of 6.8). So each content word of the clause is kept with probability
+``KEEP_CONTENT`` (decided by a hash of the passage, the sentence and the word's position:
+deterministic), stop words always, which leaves 3.0: "In 1967, Manuel Blum developed an
+axiomatic complexity theory based on his axioms ..." -> "In what year Manuel an axiomatic
+complexity theory based?". 0.56 is the share of a SQuAD question's content words found in
+the sentence (0.55 by the same count); the count carried would give 0.64, an untested
+rate. Echo questions made retrieval trivial (every retriever found the sentence, so k and
+the retriever hardly mattered) and their F1 was twice real questions'; with words dropped,
+the mean F1 over the default configurations is close to the labelled one (0.33 vs 0.31) and
+the ranking agrees better (Spearman's rho with the labelled ranking of the 27 default
+configurations 0.58 -> 0.70). All of these are `bench/rag.py --documents-run` figures;
+``bench/RESULTS.md`` gives the runs and their noise.
 
 The source passage and the span are the label, so a configuration's quality is the same
 token F1 as on labelled data, against the span (``sluice.rag.text.f1``), and its retrieval
@@ -75,19 +77,21 @@ def _spans(words: list[str]) -> list[tuple[int, int, str]]:
     return numbers + names
 
 
-def _kept(word: str, where: str) -> bool:
+def _kept(word: str, where: str, keep: float) -> bool:
     """Whether the clause keeps ``word``: stop words always, content words with
-    probability ``KEEP_CONTENT``, by a hash of ``word`` and ``where`` (its place)."""
+    probability ``keep``, by a hash of ``word`` and ``where`` (its place)."""
     key = _clean(word).lower()
     if not key or key in STOP_WORDS:
         return True
     digest = hashlib.sha256(f"{where}|{key}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") < KEEP_CONTENT * 2 ** 32
+    return int.from_bytes(digest[:4], "big") < keep * 2 ** 32
 
 
-def question_from(sentence: str, where: str = "") -> tuple[str, str] | None:
+def question_from(sentence: str, where: str,
+                  keep: float = KEEP_CONTENT) -> tuple[str, str] | None:
     """(question, answer span) from one sentence, or None when it has no usable span;
-    ``where`` names the sentence (its passage and index), seeding which words stay."""
+    ``where`` names the sentence (its passage and index), seeding which words stay;
+    ``keep``: the chance a content word stays (1: the echo question)."""
     words = sentence_words(sentence)
     if len(words) < 6:
         return None
@@ -97,30 +101,32 @@ def question_from(sentence: str, where: str = "") -> tuple[str, str] | None:
         answer = " ".join(words[start:end]).strip(_EDGE)
         if not answer or len(before) + len(after) < 4:
             continue
-        kept = ([w for i, w in enumerate(before) if _kept(w, f"{where}|b{i}")] + [wh]
-                + [w for i, w in enumerate(after) if _kept(w, f"{where}|a{i}")])
+        kept = ([w for i, w in enumerate(before) if _kept(w, f"{where}|b{i}", keep)] + [wh]
+                + [w for i, w in enumerate(after) if _kept(w, f"{where}|a{i}", keep)])
         text = " ".join(kept).rstrip(_EDGE + " ")
         return text[0].upper() + text[1:] + "?", answer
     return None
 
 
-def passage_questions(passage: Passage) -> Iterator[LabelledQuestion]:
+def passage_questions(passage: Passage,
+                      keep: float = KEEP_CONTENT) -> Iterator[LabelledQuestion]:
     """A question from each of the passage's sentences that has a span, in order."""
     for i, sentence in enumerate(sentences(passage.text)):
-        made = question_from(sentence, f"{passage.id}|{i}")
+        made = question_from(sentence, f"{passage.id}|{i}", keep)
         if made:
             question, answer = made
             yield LabelledQuestion(f"{METHOD}:{passage.id}:{i}", question, passage.id,
                                    (answer,), True)
 
 
-def generate_questions(corpus: Corpus, n: int) -> list[LabelledQuestion]:
+def generate_questions(corpus: Corpus, n: int,
+                       keep: float = KEEP_CONTENT) -> list[LabelledQuestion]:
     if n < 1:
         raise ValueError(f"--profile-questions: must be >= 1, got {n}")
     passages = sorted(corpus.passages, key=lambda p: p.id)
     step = max(1, len(passages) // n)
     order = passages[::step] + [p for i, p in enumerate(passages) if i % step]
-    streams = [passage_questions(p) for p in order]  # generators: nothing made yet
+    streams = [passage_questions(p, keep) for p in order]  # generators: nothing made yet
     out: list[LabelledQuestion] = []
     while streams and len(out) < n:  # a round: the next question of each passage
         alive = []

@@ -238,8 +238,8 @@ class ModelRunner:
         """``shape``, or while its program is deferred, the smallest shape of the
         same kind (decode-only or mixed, scoring or not) whose program is compiled
         and is at least as large in every dimension: padding holds the step."""
-        if (shape, scoring) not in self._deferred:
-            return shape
+        if not self._deferred or (shape, scoring) not in self._deferred:
+            return shape  # every step once the deferred programs are in
         fields = dataclasses.astuple(shape)
         covers = [s for s in (self.scoring_shapes() if scoring else self.shapes())
                   if (s, scoring) not in self._deferred

@@ -92,8 +92,9 @@ def test_generated_questions_label_their_passage_and_span(docs: Path) -> None:
 
 def test_generated_questions_reword_as_people_do() -> None:
     """A question keeps every stop word of its clause but only about ``KEEP_CONTENT``
-    of its content words, which ones fixed by the sentence's place: SQuAD's questions
-    share 56% of their content words with the answer's sentence, echo questions all."""
+    of its content words, which ones fixed by the sentence's place (a SQuAD question
+    carries about half of its sentence's content words); ``keep=1`` keeps the clause
+    whole, the echo question."""
     sentence = ("The committee of the Royal Geographical Society awarded its golden medal "
                 "to Henry Morton Stanley in 1873 for his expedition across central Africa.")
     words = sentence.split()
@@ -109,6 +110,9 @@ def test_generated_questions_reword_as_people_do() -> None:
     share = sum(kept) / (len(kept) * len(content_terms(clause)))
     assert abs(share - KEEP_CONTENT) < 0.08, share
     assert len(set(kept)) > 1  # which words stay differs from sentence to sentence
+    echo, _ = question_from(sentence, "p0|0", keep=1.0)
+    assert echo == ("Its golden medal to Henry Morton Stanley in what year for his "
+                    "expedition across central Africa?")
 
 
 def _server(index_dir: Path) -> OpenAIServer:
