@@ -11,7 +11,7 @@ People reword what they ask: a SQuAD question carries 3.5 content words of its a
 sentence (of its 6.4 ``sluice.rag.text.content_terms``), a question keeping its whole
 clause 5.4 (of 6.8). So each content word of the clause is kept with probability
 ``KEEP_CONTENT`` (decided by a hash of the passage, the sentence and the word's position:
-deterministic), stop words always, which leaves 3.0: "In 1967, Manuel Blum developed an
+deterministic), stop words always, which leaves 3.1: "In 1967, Manuel Blum developed an
 axiomatic complexity theory based on his axioms ..." -> "In what year Manuel an axiomatic
 complexity theory based?". 0.56 is the share of a SQuAD question's content words found in
 the sentence (0.55 by the same count); the count carried would give 0.64, an untested
