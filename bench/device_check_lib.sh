@@ -89,7 +89,7 @@ device_steps() {  # the roofline's target (h100, h200, v5e, v6e)
   run_py throughput bench/throughput.py $QUICK
   keep bench/out/throughput.json bench/out/throughput.png
   if [[ -n ${MODEL_DIR:-} ]]; then
-    run_py throughput-real "$VENV/bin/sluice" bench throughput --model "$MODEL_DIR" \
+    run_py throughput-real "$(dirname "$PY")/sluice" bench throughput --model "$MODEL_DIR" \
       --num-prompts 256 --input-len 512 --output-len 256
   fi
   # The roofline compiles for the same chip without using it (compile_tests/offline.py
