@@ -7,6 +7,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sluice.runtime import LLM, SamplingParams, load_model
@@ -54,3 +55,16 @@ def test_throughput_decode_timer_times_the_steps():
     llm = LLM("tiny", max_model_len=128, warmup=False)
     result = throughput.decode_steps(llm, [[1, 2, 3]] * 2, 4)
     assert result["num_steps"] == 4 and result["num_full_decode_steps"] == 3
+
+
+def test_rag_rank_agreement_with_retriever_offsets_matched():
+    """The documents run's diagnostic: an estimate that is the labelled quality plus a
+    per-retriever offset ranks perfectly once the offsets are matched, not before."""
+    rag = _bench("rag")
+    configs = rag.default_configs()
+    order = np.random.default_rng(0).permutation(len(configs))
+    labelled = {c.name: 0.3 + 0.005 * int(i) for c, i in zip(configs, order)}  # no ties
+    offset = {"bm25": 0.05, "dense": -0.04, "hybrid": 0.0}
+    unlabelled = {c.name: labelled[c.name] + offset[c.retriever] for c in configs}
+    assert rag.rho(unlabelled, labelled) < 0.9
+    assert rag.rho_retriever_matched(unlabelled, labelled, configs) == pytest.approx(1.0)
