@@ -5,16 +5,18 @@
 # python3 (3.12, x86_64) already holds jax 0.11.2 with CUDA, torch, transformers,
 # numpy, scipy, tokenizers, safetensors, orbax, jinja2, tqdm, prometheus-client,
 # pytest and hypothesis (as the device tool's KINDS.md lists them), so only the rest
-# travels: `run(carry=[".whl"], command="bench/gpu_device_check.sh --quick")`,
-# and bench/gpu_device_check.sh installs them with --no-index. Ray (70 MB, used
-# by no device step) stays behind; the wheels come to about 7 MB.
+# travels, and bench/gpu_device_check.sh installs them with --no-index. Ray (70 MB,
+# used by no device step) stays behind; the wheels come to about 7 MB. The device
+# tool returns at most 8 files and the check writes about 15, so pack them:
+#   run(carry=[".whl"], command="OUT=/tmp/gpu-check bench/gpu_device_check.sh
+#       --quick; tar -czf $OUT/gpu-check.tgz -C /tmp gpu-check")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=.whl
 PLATFORMS=(manylinux_2_31_x86_64 manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64
            manylinux2014_x86_64 manylinux1_x86_64)
-# name==version, one version each (two of one name stop the whole install there):
-# The versions `make test` runs on here (.venv), so the device runs tested code.
+# The versions .venv runs `make test` on, so the device runs tested code; one of
+# each name (two versions of one stop the whole install there).
 WHEELS=(gguf==0.19.0 starlette==1.10.0 uvicorn==0.55.0 pydantic==2.14.4
         pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
         bm25s==0.3.16 PyStemmer==3.1.0 pypdf==7.1.1 llguidance==1.9.1)
