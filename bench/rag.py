@@ -496,13 +496,14 @@ def documents_run(n_questions: int, quick: bool = False) -> dict:
           "today's extractive answerer ...", flush=True)
     after = {m.profile.config.name: m for m in measure_all(squad, configs, labelled_q,
                                                            progress=True, early_stop=False)}
-    agreement = rho(unlabelled, {n: m.f1 for n, m in after.items()})
+    labelled = {n: m.f1 for n, m in after.items()}
+    agreement = rho(unlabelled, labelled)
     noise = rank_noise(generated_m, list(after.values()))
     overlap = {"labelled": content_overlap(labelled_q, corpus),
                "generated": content_overlap(generated, index.corpus),
                "echo": content_overlap(generate_questions(index.corpus, n_questions, keep=1.0),
                                        index.corpus)}
-    matched = rho_retriever_matched(unlabelled, {n: m.f1 for n, m in after.items()}, configs)
+    matched = rho_retriever_matched(unlabelled, labelled, configs)
     recall = {"labelled": retrieval_metrics(squad_index, labelled_q),
               "generated": retrieval_metrics(index, generated)}
     print(f"  Spearman unlabelled vs labelled: {agreement:.3f} ({matched:.3f} with the "
@@ -514,7 +515,6 @@ def documents_run(n_questions: int, quick: bool = False) -> dict:
           f"{len(compared)} configurations", flush=True)
     before = {m.profile.config.name: m for m in measure_all(squad, compared, labelled_q,
                                                             progress=True, early_stop=False)}
-    labelled = {n: m.f1 for n, m in after.items()}
     rows = [{"config": n, "labelled_f1": labelled[n], "labelled_em": after[n].exact_match,
              "before_f1": before[n].f1 if n in before else None,
              "before_em": before[n].exact_match if n in before else None,
@@ -532,7 +532,7 @@ def documents_run(n_questions: int, quick: bool = False) -> dict:
         "quality_method": "generated questions (template cloze from passage sentences; the "
                           "source passage and span are the labels)",
         "questions": {"generated": len(generated), "labelled": len(labelled_q)},
-        "spearman_unlabelled_vs_labelled": rho(unlabelled, labelled),
+        "spearman_unlabelled_vs_labelled": agreement,
         "spearman_build_profiles_vs_labelled": rho(
             {n: r["quality"] for n, r in built.items()}, labelled),
         "spearman_goal": 0.8,

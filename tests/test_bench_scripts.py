@@ -68,3 +68,12 @@ def test_rag_rank_agreement_with_retriever_offsets_matched():
     unlabelled = {c.name: labelled[c.name] + offset[c.retriever] for c in configs}
     assert rag.rho(unlabelled, labelled) < 0.9
     assert rag.rho_retriever_matched(unlabelled, labelled, configs) == pytest.approx(1.0)
+    # Offsets matched, what is left is the order within each retriever: reversed there,
+    # the agreement must fall below what the offsets alone cost.
+    reversed_within = {}
+    for retriever in offset:
+        names = [c.name for c in configs if c.retriever == retriever]
+        values = sorted(unlabelled[n] for n in names)
+        ranked = sorted(names, key=labelled.get)
+        reversed_within.update(zip(ranked, reversed(values)))
+    assert rag.rho_retriever_matched(reversed_within, labelled, configs) < 0
